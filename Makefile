@@ -1,0 +1,59 @@
+# One-command entry points. `make train` and `make test` set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.mm_moe_installed
+# The CPU wheel that machines without a GPU use (a plain `torch` would pull a CUDA build).
+TORCH_CPU := torch==2.13.0
+NPROC ?= 2
+ARGS ?=
+
+.PHONY: setup train train-tiny test test-fast lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@# Reuse a torch that is already installed (e.g. an NVIDIA PyTorch image) through the
+	@# system site-packages; otherwise create an isolated venv and install torch into it.
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "[setup] found torch in $(PYTHON); creating $(VENV) on top of it"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	$(PIP) install -q --upgrade pip setuptools wheel
+	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
+	  echo "[setup] leaving existing torch $$($(PY) -c 'import torch; print(torch.__version__)') alone"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "[setup] GPU found: installing the default (CUDA) torch"; $(PIP) install -q torch; \
+	else \
+	  echo "[setup] no GPU and no torch: installing the CPU wheel $(TORCH_CPU)"; $(PIP) install -q $(TORCH_CPU); \
+	fi
+	@# DeepSpeed ships only an sdist whose build imports torch: build it against ours.
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.16"
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+train: setup
+	$(PY) -m mm_moe.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -x --timeout=900 tests $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs outputs .pytest_cache

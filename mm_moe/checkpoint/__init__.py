@@ -1,0 +1,1 @@
+"""Checkpoints: atomic step directories, the `latest` pointer, resume."""

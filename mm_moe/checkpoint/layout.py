@@ -1,0 +1,122 @@
+"""On-disk layout: one directory per step, written under a temporary name and renamed into
+place, and a `latest` pointer updated only after the rename.
+
+    <dir>/step_00000010/{meta.json, model.pt, optimizer.pt, rng.pt, config.yaml}
+    <dir>/latest            -> "step_00000010"
+
+A directory named step_* is complete by construction (rename is atomic); a crash leaves at most
+a `.tmp-step_*` directory, which is ignored and cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+LATEST = "latest"
+META = "meta.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def new_tmp_dir(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(root: Path, tmp: Path, step: int) -> Path:
+    """Rename a fully written tmp directory into place, then move the `latest` pointer."""
+    fsync_tree(tmp)
+    final = root / step_dir_name(step)
+    trash = None
+    if final.exists():  # the same step saved again (e.g. after a rollback): replace it
+        trash = root / f".old-{final.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    pointer_tmp = root / f".{LATEST}.tmp"
+    pointer_tmp.write_text(final.name + "\n")
+    with open(pointer_tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(pointer_tmp, root / LATEST)
+    _fsync_dir(root)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def complete_steps(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    steps = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and (p / META).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_step_dir(root: Path) -> Path | None:
+    """The checkpoint `latest` points at; falls back to the newest complete step directory
+    when the pointer is missing or names something that is not there."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if _STEP_RE.match(target.name) and (target / META).is_file():
+            return target
+    steps = complete_steps(root)
+    return root / step_dir_name(steps[-1]) if steps else None
+
+
+def prune(root: Path, keep_last: int) -> None:
+    for tmp in root.glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    for step in complete_steps(root)[:-keep_last]:
+        shutil.rmtree(root / step_dir_name(step), ignore_errors=True)
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The step directory to resume from, or None for a fresh start."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_step_dir(root)
+    path = Path(resume)
+    if (path / META).is_file():
+        return path
+    if path.is_dir():
+        found = latest_step_dir(path)
+        if found is not None:
+            return found
+    raise ValueError(
+        f"checkpoint.resume={resume!r}: no complete checkpoint there (expected a step_XXXXXXXX "
+        f"directory holding {META}, or a directory with a '{LATEST}' pointer); "
+        "valid values are none, auto or such a path"
+    )

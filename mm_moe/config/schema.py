@@ -1,0 +1,38 @@
+"""The root schema every composed Hydra config is validated against.
+
+Each group's dataclass lives beside the component it builds; this file only assembles them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mm_moe.checkpoint.config import CheckpointConfig
+from mm_moe.data.config import DataConfig
+from mm_moe.model.config import ModelConfig
+from mm_moe.parallel.config import ParallelConfig
+from mm_moe.trainer.config import TrainerConfig
+from mm_moe.trainer.logging_config import LoggingConfig
+from mm_moe.trainer.optim import OptimConfig
+
+GROUPS = ("model", "data", "optim", "parallel", "trainer", "checkpoint", "logging")
+
+
+@dataclass
+class TrainConfig:
+    # The experiment's name (wandb run name, default run directory).
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint.dir:
+            self.checkpoint.dir = f"{self.trainer.run_dir}/checkpoints"
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds "
+                             f"model.max_seq_len={self.model.max_seq_len}")

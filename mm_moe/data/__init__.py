@@ -1,0 +1,1 @@
+"""Data: sources of token sequences, packing, and the resumable per-rank loader."""

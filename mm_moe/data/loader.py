@@ -1,0 +1,45 @@
+"""Deals each optimizer step's global batch out to ranks and micro-batches.
+
+The global batch at step s is rows [s*G, (s+1)*G) of the source, whatever the world size:
+rank r takes the contiguous block [r*G/W, (r+1)*G/W) and cuts it into micro-batches.
+The loader's state is just the next step, so a checkpoint resumes at any world size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mm_moe.data.batch import Batch
+
+
+class StepLoader:
+    def __init__(self, source, rank: int, dp_world_size: int, micro_batch_size: int,
+                 global_batch_size: int):
+        assert global_batch_size % (dp_world_size * micro_batch_size) == 0
+        self.source, self.vocab = source, source.vocab
+        self.rank, self.dp_world_size = rank, dp_world_size
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.step = 0
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        per_rank = self.global_batch_size // self.dp_world_size
+        first = step * self.global_batch_size + self.rank * per_rank
+        batches = []
+        for start in range(first, first + per_rank, self.micro_batch_size):
+            rows = [self.source.row(i) for i in range(start, start + self.micro_batch_size)]
+            tokens, modality, doc, pos = (np.stack(a) for a in zip(*rows))
+            valid = tokens != self.vocab.pad
+            batches.append(Batch.from_tokens(tokens, modality, doc, pos, valid))
+        return batches
+
+    def next(self) -> list[Batch]:
+        """This rank's micro-batches for the next optimizer step."""
+        batches = self.micro_batches(self.step)
+        self.step += 1
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])

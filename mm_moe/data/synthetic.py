@@ -1,0 +1,96 @@
+"""`synthetic_patterns`: an in-process token source with structure both modalities can learn.
+
+An interim source for tiny experiments and tests, until webdataset shards are available.
+Every packed row is a pure function of (seed, row index), so the stream is deterministic and
+independent of world size. The rows are documents of
+- text from a fixed random "language": every word has two possible successors, so a model
+  can learn bigram statistics down to ln 2 nats per token;
+- images: a square grid of codes following a linear pattern code[i, j] = (a*i + b*j + c) mod K,
+  preceded by a caption whose two words name (a, b), so a model can learn text->image
+  conditioning and the 2-D pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mm_moe.modality import IMAGE, TEXT
+from mm_moe.tokenization.vocab import Vocab
+
+_LANGUAGE_SEED = 1234  # fixed: the "language" does not change with the training seed
+_SLOPES = (1, 2, 3, 5)
+
+
+@dataclass
+class SyntheticPatternsConfig:
+    text_vocab_size: int = 256
+    image_codebook_size: int = 64
+    # Images are image_side x image_side codes.
+    image_side: int = 6
+    mean_text_len: int = 24
+    # Probability that a document contains an image.
+    image_prob: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.text_vocab_size < 2 * len(_SLOPES) + 2:
+            raise ValueError(f"data.synthetic.text_vocab_size must be >= {2 * len(_SLOPES) + 2}")
+        if self.image_codebook_size < 2 or self.image_side < 1 or self.mean_text_len < 1:
+            raise ValueError("data.synthetic sizes must be positive")
+        if not 0.0 <= self.image_prob <= 1.0:
+            raise ValueError(f"data.synthetic.image_prob={self.image_prob} must be in [0, 1]")
+
+
+class SyntheticPatterns:
+    def __init__(self, cfg: SyntheticPatternsConfig, seq_len: int, seed: int):
+        self.cfg, self.seq_len, self.seed = cfg, seq_len, seed
+        self.vocab = Vocab.from_sizes(cfg.text_vocab_size, cfg.image_codebook_size)
+        lang = np.random.default_rng(_LANGUAGE_SEED)
+        self.successors_V2 = lang.integers(0, cfg.text_vocab_size, size=(cfg.text_vocab_size, 2))
+        # The caption words naming the slopes a and b.
+        self.slope_words = lang.choice(cfg.text_vocab_size, size=(2, len(_SLOPES)), replace=False)
+
+    def _text(self, rng: np.random.Generator) -> list[int]:
+        length = 1 + int(rng.geometric(1 / self.cfg.mean_text_len))
+        words = [int(rng.integers(self.cfg.text_vocab_size))]
+        choices = rng.integers(0, 2, size=length - 1)
+        for c in choices:
+            words.append(int(self.successors_V2[words[-1], c]))
+        return words
+
+    def _image(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        side, k = self.cfg.image_side, self.cfg.image_codebook_size
+        ia, ib = rng.integers(len(_SLOPES), size=2)
+        c = int(rng.integers(k))
+        i_SS, j_SS = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+        codes = ((_SLOPES[ia] * i_SS + _SLOPES[ib] * j_SS + c) % k).ravel() + self.vocab.image_offset
+        caption = [int(self.slope_words[0, ia]), int(self.slope_words[1, ib])]
+        image = [self.vocab.boi, *codes.tolist(), self.vocab.eoi]
+        modality = [TEXT] + [IMAGE] * len(codes) + [TEXT]
+        return caption + image, [TEXT] * len(caption) + modality
+
+    def _document(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        tokens, modality = [self.vocab.bos], [TEXT]
+        if rng.random() < self.cfg.image_prob:
+            t, m = self._image(rng)
+            tokens += t
+            modality += m
+        text = self._text(rng)
+        return tokens + text + [self.vocab.eos], modality + [TEXT] * (len(text) + 1)
+
+    def row(self, index: int) -> tuple[np.ndarray, ...]:
+        """Packed row `index`: tokens, modality, doc and position ids of length seq_len + 1."""
+        rng = np.random.default_rng([self.seed, index])
+        length = self.seq_len + 1
+        tokens, modality, doc, pos = [], [], [], []
+        d = 0
+        while len(tokens) < length:
+            t, m = self._document(rng)
+            tokens += t
+            modality += m
+            doc += [d] * len(t)
+            pos += range(len(t))
+            d += 1
+        arrays = (tokens, modality, doc, pos)
+        return tuple(np.asarray(a[:length], dtype=np.int64) for a in arrays)

@@ -1,0 +1,70 @@
+"""The early-fusion decoder: one causal transformer over text ids, image codes and specials.
+
+Shape legend: B batch, S sequence, d model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mm_moe.model.attention import document_causal_mask
+from mm_moe.model.block import TransformerBlock
+from mm_moe.model.norms import RMSNorm
+from mm_moe.model.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    # Auxiliary losses (already weighted) that the block layers return with their output.
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class EarlyFusionDecoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm weights keep their ones
+            # Output projections of each residual branch scaled down with depth (GPT-2 / OLMo).
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("w_o.weight",
+                                                                            "w_down.weight")) else 1
+            nn.init.trunc_normal_(p, std=std * scale, a=-3 * std, b=3 * std)
+
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        modality_ids_BS: torch.Tensor | None = None,
+        doc_ids_BS: torch.Tensor | None = None,
+        position_ids_BS: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        B, S = input_ids_BS.shape
+        if modality_ids_BS is None:  # all text
+            modality_ids_BS = torch.zeros_like(input_ids_BS)
+        if position_ids_BS is None:
+            position_ids_BS = torch.arange(S, device=input_ids_BS.device).expand(B, S)
+        mask_B1SS = None
+        if doc_ids_BS is not None and self.cfg.document_masking:
+            mask_B1SS = document_causal_mask(doc_ids_BS)
+        h_BSd = self.embed(input_ids_BS)
+        for layer in self.layers:
+            h_BSd = layer(h_BSd, modality_ids_BS, position_ids_BS, mask_B1SS)
+        logits_BSV = self.lm_head(self.norm(h_BSd))
+        return ModelOutput(logits=logits_BSV)

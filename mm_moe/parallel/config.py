@@ -1,0 +1,31 @@
+"""Parallelism configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ParallelConfig:
+    # ZeRO optimizer-state (1) and gradient (2) sharding over the data-parallel group.
+    zero_stage: Literal[0, 1, 2] = 0
+    # Collective backend; auto = nccl on GPU, gloo on CPU.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    expert_parallel_size: int = 1
+    # Not implemented yet; kept so configs and process-group layouts keep their place.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Timeout of every collective, so a lost rank ends the job instead of hanging it.
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        if self.expert_parallel_size < 1:
+            raise ValueError(
+                f"parallel.expert_parallel_size={self.expert_parallel_size} must be >= 1"
+            )
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) != 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} is not supported yet; use 1")
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s={self.timeout_s} must be positive")

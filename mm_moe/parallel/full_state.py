@@ -1,0 +1,132 @@
+"""Whole (unsharded) model and optimizer state, gathered from and scattered to ZeRO shards.
+
+Checkpoints hold every tensor whole, keyed by parameter name, so they load at any world size
+and any ZeRO stage. Under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) each rank owns a slice of
+the fp32 master weights and Adam moments: DeepSpeed's tensor-fragment API assembles a whole
+tensor with one all-reduce per parameter and writes back only the local slice.
+
+Every function here is collective: all ranks call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _is_sharded(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "_hp_mapping")
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _optimizer_step(engine) -> int:
+    for state in _base_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _relink_optimizer_fragments(engine) -> None:
+    """Point every parameter's fragment at the current flat Adam state.
+
+    DeepSpeed 0.19 links the fragments once, right after stepping the first parameter group,
+    before later groups have any state; with several groups (decay / no decay) the later
+    groups' moments are then unreachable through the fragment API. Linking again fixes it.
+    """
+    zero_opt = engine.optimizer
+    if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+        zero_opt._hp_optimizer_states_linked = False
+        zero_opt._lazy_init_hp_params_optimizer_state()
+
+
+def gather_model(engine) -> dict[str, torch.Tensor]:
+    """fp32 master weights (or the module's own when unsharded), on CPU."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if _is_sharded(p) else p.detach().float()
+        out[name] = full.detach().cpu().clone()
+    for name, buf in engine.module.named_buffers():
+        if name in engine.module.state_dict():
+            out[name] = buf.detach().cpu().clone()
+    return out
+
+
+def gather_optimizer(engine) -> dict:
+    """Adam moments of every parameter, whole, plus the step count; empty before any step."""
+    step = _optimizer_step(engine)
+    if step == 0:
+        return {}
+    _relink_optimizer_fragments(engine)
+    base = _base_optimizer(engine)
+    moments = {}
+    for name, p in engine.module.named_parameters():
+        if _is_sharded(p):
+            moments[name] = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone()
+                             for k in ADAM_KEYS}
+        else:
+            moments[name] = {k: base.state[p][k].detach().float().cpu().clone() for k in ADAM_KEYS}
+    return {"step": step, "moments": moments}
+
+
+def _check_names(saved: dict, engine, what: str, path: str) -> None:
+    names = {n for n, _ in engine.module.named_parameters()}
+    missing, unexpected = names - set(saved), set(saved) - names - set(engine.module.state_dict())
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} in {path} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; was it saved from another model config?"
+        )
+
+
+@torch.no_grad()
+def load_model(engine, state: dict[str, torch.Tensor], path: str = "checkpoint") -> None:
+    _check_names(state, engine, "model state", path)
+    for name, p in engine.module.named_parameters():
+        value = state[name]
+        if value.shape != p.shape:
+            raise ValueError(f"{path}: parameter {name} has shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(p.shape)}")
+        p.data.copy_(value.to(p.device, p.dtype))
+        if _is_sharded(p):
+            safe_set_full_fp32_param(p, value.to(p.device, torch.float32))
+    params = dict(engine.module.named_parameters())
+    for name, buf in engine.module.named_buffers():
+        if name in state and name not in params:
+            buf.copy_(state[name].to(buf.device, buf.dtype))
+
+
+def _init_base_state(engine, step: int) -> None:
+    """Create Adam state (zeros, given step) so moments can be written before the first step."""
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for p in group["params"]:
+            base.state[p] = {"step": torch.tensor(float(step)),
+                             **{k: torch.zeros_like(p, dtype=torch.float32) for k in ADAM_KEYS}}
+    _relink_optimizer_fragments(engine)
+
+
+@torch.no_grad()
+def load_optimizer(engine, state: dict, path: str = "checkpoint") -> None:
+    if not state:
+        return
+    _check_names(state["moments"], engine, "optimizer state", path)
+    _init_base_state(engine, state["step"])
+    base = _base_optimizer(engine)
+    for name, p in engine.module.named_parameters():
+        for k in ADAM_KEYS:
+            value = state["moments"][name][k]
+            if _is_sharded(p):
+                safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), k)
+            else:
+                base.state[p][k] = value.to(p.device, torch.float32).clone()

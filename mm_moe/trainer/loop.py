@@ -1,0 +1,148 @@
+"""The training run: build every part from the validated config, resume, loop, checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from mm_moe.checkpoint import layout
+from mm_moe.checkpoint import state as ckpt_state
+from mm_moe.checkpoint.rng import seed_all
+from mm_moe.config.schema import TrainConfig
+from mm_moe.config.validate import to_dict
+from mm_moe.parallel.distributed import DistInfo, barrier, init_distributed
+from mm_moe.parallel.engine import build_engine, deepspeed_config
+from mm_moe.trainer.metrics import MetricsLogger
+from mm_moe.trainer.step import train_step
+
+log = logging.getLogger("mm_moe")
+
+# Dense bf16 peak FLOP/s per device, for MFU.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def _peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    if cfg.trainer.peak_flops:
+        return cfg.trainer.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in _PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    return 0.0
+
+
+def _check_fresh_start(cfg: TrainConfig, ckpt_root: Path) -> None:
+    steps = layout.complete_steps(ckpt_root)
+    if steps and not cfg.checkpoint.overwrite:
+        raise ValueError(
+            f"checkpoint.dir={ckpt_root} already holds checkpoints (latest step {steps[-1]}). "
+            "Pass checkpoint.resume=auto to continue that run, checkpoint.overwrite=true to "
+            "start over and replace them, or choose another trainer.run_dir"
+        )
+
+
+def _wandb_init(cfg: TrainConfig, run_dir: Path, config_dict: dict, run_id: str | None):
+    if cfg.logging.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    return {
+        "project": cfg.logging.wandb.project,
+        "entity": cfg.logging.wandb.entity,
+        "name": cfg.logging.wandb.name or cfg.name,
+        "tags": cfg.logging.wandb.tags,
+        "mode": cfg.logging.wandb.mode,
+        "dir": str(run_dir),
+        "config": config_dict,
+        "id": run_id or wandb.util.generate_id(),
+        "resume": "allow",
+    }
+
+
+def run(cfg: TrainConfig) -> list[dict]:
+    """Train; returns the logged metrics (rank 0's view, identical on every rank)."""
+    dist_info: DistInfo = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s,
+                                           cfg.trainer.device)
+    if cfg.trainer.cpu_threads:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
+    dp_world = dist_info.world_size
+    cfg.trainer.grad_accumulation_steps(dp_world)  # validates divisibility
+    use_bf16 = cfg.trainer.precision == "bf16" or (
+        cfg.trainer.precision == "auto" and dist_info.device.type == "cuda")
+    if use_bf16 and dist_info.device.type != "cuda":
+        raise ValueError("trainer.precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
+
+    run_dir = Path(cfg.trainer.run_dir)
+    ckpt_root = Path(cfg.checkpoint.dir)
+    resume_dir = layout.resolve_resume(cfg.checkpoint.resume, ckpt_root)
+    if cfg.checkpoint.resume == "none":
+        _check_fresh_start(cfg, ckpt_root)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    seed_all(cfg.trainer.seed)  # same initial weights on every rank
+    loader = cfg.data.build(cfg.trainer.seed, dist_info.rank, dp_world,
+                            cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size)
+    model_cfg = cfg.model.with_vocab(loader.vocab.size)
+    model = model_cfg.build().to(dist_info.device)
+    optimizer = cfg.optim.build(model)
+    scheduler = cfg.optim.build_schedule(optimizer, cfg.trainer.max_steps)
+    ds_config = deepspeed_config(
+        global_batch_size=cfg.trainer.global_batch_size,
+        micro_batch_size=cfg.trainer.micro_batch_size, dp_world_size=dp_world,
+        zero_stage=cfg.parallel.zero_stage, grad_clip=cfg.optim.grad_clip, bf16=use_bf16)
+    engine = build_engine(model, optimizer, scheduler, ds_config)
+    # Seed per rank after init so any randomness in training differs across ranks.
+    seed_all(cfg.trainer.seed * 100_003 + dist_info.rank)
+
+    config_dict = to_dict(cfg)
+    config_dict["model"]["vocab_size"] = model_cfg.vocab_size
+    start_step, wandb_id = 0, None
+    if resume_dir is not None:
+        meta = ckpt_state.load(resume_dir, engine, scheduler, loader, dist_info.rank, dp_world)
+        start_step, wandb_id = meta["step"], meta.get("wandb_id")
+        log.info("resumed from %s at step %d", resume_dir, start_step)
+
+    params = model_cfg.num_params()
+    flops = model_cfg.flops_per_token(cfg.data.seq_len)
+    if dist_info.is_main:
+        log.info("model: %.2fM parameters (%.2fM embedding), %.3g training FLOPs/token; "
+                 "world size %d, ZeRO-%d, grad accumulation %d, %s, %s",
+                 params["total"] / 1e6, params["embedding"] / 1e6, flops["text"], dp_world,
+                 cfg.parallel.zero_stage, cfg.trainer.grad_accumulation_steps(dp_world),
+                 "bf16" if use_bf16 else "fp32", dist_info.device)
+    wandb_init = _wandb_init(cfg, run_dir, config_dict, wandb_id) if dist_info.is_main else None
+    metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.trainer.max_steps, start_step,
+                            cfg.logging, wandb_init)
+    wandb_id = wandb_init["id"] if wandb_init else None
+    peak = _peak_flops(cfg, dist_info.device)
+    tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
+    mean_flops = sum(flops.values()) / len(flops)
+
+    history = []
+    for step in range(start_step + 1, cfg.trainer.max_steps + 1):
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        stats = train_step(engine, loader.next(), model_cfg.z_loss, dp_world, dist_info.device)
+        if dist_info.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - t0
+        record = {"step": step, **stats, "lr": lr,
+                  "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time}
+        if peak:
+            record["mfu"] = mean_flops * record["tokens_per_s"] / (peak * dp_world)
+        history.append(record)
+        if step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
+            metrics.log(record)
+        interval = cfg.checkpoint.interval
+        if interval and (step % interval == 0 or step == cfg.trainer.max_steps):
+            ckpt_state.save(ckpt_root, step, engine, scheduler, loader, config_dict,
+                            dist_info.rank, dp_world, cfg.checkpoint.keep_last,
+                            extra={"wandb_id": wandb_id})
+    metrics.close()
+    return history

@@ -1,0 +1,87 @@
+"""Metrics sinks: metrics.jsonl (one JSON object per logged step), wandb, and the console.
+
+Only rank 0 writes. On resume the jsonl is cut back to the resumed step, so a resumed run's
+file reads like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+log = logging.getLogger("mm_moe")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int,
+                 logging_cfg, wandb_init: dict | None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self.wandb_run = None
+        self.bar = None
+        if not enabled:
+            return
+        self._truncate(start_step)
+        self.file = open(self.path, "a", buffering=1)
+        progress = logging_cfg.progress
+        if progress == "bar" or (progress == "auto" and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True,
+                            desc="train", file=sys.stderr)
+        if wandb_init is not None:
+            import wandb
+
+            self.wandb_run = wandb.init(**wandb_init)
+
+    def _truncate(self, start_step: int) -> None:
+        if not self.path.exists():
+            return
+        if start_step == 0:
+            self.path.unlink()
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= start_step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in metrics.items()}
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=metrics["step"])
+        short = (f"step {metrics['step']} loss {metrics['loss']:.4f} "
+                 f"text {metrics['loss_text']:.4f} image {metrics['loss_image']:.4f} "
+                 f"lr {metrics['lr']:.2e} gnorm {metrics['grad_norm']:.3f} "
+                 f"tok/s {metrics['tokens_per_s']:.0f}")
+        if self.bar is not None:
+            self.bar.update(metrics["step"] - self.bar.n)
+            self.bar.set_postfix_str(short.split(" ", 2)[2])
+        else:
+            log.info(short)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

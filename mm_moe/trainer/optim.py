@@ -1,0 +1,62 @@
+"""AdamW with a linear-warmup then cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    # The cosine decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    # Steps of the cosine after warmup; 0 decays over the rest of trainer.max_steps.
+    decay_steps: int = 0
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # Global grad-norm clipping; 0 turns it off.
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0")
+
+    def build(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW; norm weights and other 1-D parameters get no weight decay."""
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
+                                 betas=tuple(self.betas), eps=self.eps)
+
+    def lr_factor(self, step: int, max_steps: int) -> float:
+        """Multiplier of `lr` for optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay = self.decay_steps or max(1, max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
+
+    def build_schedule(self, optimizer, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.lr_factor(step, max_steps)
+        )

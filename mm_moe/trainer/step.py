@@ -1,0 +1,83 @@
+"""One optimizer step over this rank's micro-batches, with exact global-batch loss accounting.
+
+The objective is the mean over every loss-bearing token of the whole global batch, not a mean of
+micro-batch means: each micro-batch contributes sum(token losses) / N_global, where N_global is
+all-reduced once at the start of the step. DeepSpeed averages gradients over data-parallel ranks,
+so the per-rank objective is multiplied by the data-parallel size to undo that average.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mm_moe.data.batch import Batch
+from mm_moe.modality import MODALITIES, NUM_MODALITIES
+from mm_moe.parallel.distributed import all_reduce_sum
+from mm_moe.parallel.engine import last_grad_norm, unsharded_grad_norm
+
+
+def per_token_losses(logits_BSV: torch.Tensor, targets_BS: torch.Tensor,
+                     z_loss: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy per token in fp32, and logsumexp^2 (the z-loss term) when asked for."""
+    logits_BSV = logits_BSV.float()
+    ce_BS = F.cross_entropy(logits_BSV.flatten(0, 1), targets_BS.flatten(),
+                            reduction="none").view_as(targets_BS)
+    z_BS = torch.logsumexp(logits_BSV, dim=-1).pow(2) if z_loss > 0 else None
+    return ce_BS, z_BS
+
+
+def loss_token_counts(batches: list[Batch], device: torch.device) -> torch.Tensor:
+    """[M] loss-bearing target tokens per modality in these micro-batches."""
+    counts_M = torch.zeros(NUM_MODALITIES, dtype=torch.float64, device=device)
+    for b in batches:
+        mods = b.target_modality_ids_BS[b.loss_mask_BS]
+        counts_M += torch.bincount(mods, minlength=NUM_MODALITIES).to(device, torch.float64)
+    return counts_M
+
+
+def train_step(engine, batches: list[Batch], z_loss: float, dp_world_size: int,
+               device: torch.device) -> dict:
+    counts_M = all_reduce_sum(loss_token_counts(batches, device))
+    n_global = max(float(counts_M.sum()), 1.0)
+    num_micro = len(batches)
+    # [ce per modality..., z-loss sum, aux-loss sum]
+    sums = torch.zeros(NUM_MODALITIES + 2, dtype=torch.float64, device=device)
+    grad_norm = None
+    for i, b in enumerate(batches):
+        b = b.to(device)
+        out = engine(b.input_ids_BS, b.modality_ids_BS, b.doc_ids_BS, b.position_ids_BS)
+        ce_BS, z_BS = per_token_losses(out.logits, b.target_ids_BS, z_loss)
+        mask_BS = b.loss_mask_BS.to(ce_BS.dtype)
+        objective = (ce_BS * mask_BS).sum()
+        if z_BS is not None:
+            z_sum = (z_BS * mask_BS).sum()
+            objective = objective + z_loss * z_sum
+            sums[NUM_MODALITIES] += z_sum.detach().double()
+        objective = objective * (dp_world_size / n_global)
+        if out.aux_losses:
+            # Aux losses are per-micro-batch means: average them over all micro-batches.
+            aux = sum(out.aux_losses.values())
+            objective = objective + aux / num_micro
+            sums[NUM_MODALITIES + 1] += aux.detach().double()
+        with torch.no_grad():
+            for m in range(NUM_MODALITIES):
+                sel_BS = mask_BS * (b.target_modality_ids_BS == m)
+                sums[m] += (ce_BS.detach() * sel_BS).sum().double()
+        engine.backward(objective, scale_wrt_gas=False)
+        if i == num_micro - 1:
+            grad_norm = unsharded_grad_norm(engine)
+        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+    sums = all_reduce_sum(sums)
+    stats = {"loss": float(sums[:NUM_MODALITIES].sum()) / n_global,
+             "grad_norm": grad_norm if grad_norm is not None else last_grad_norm(engine),
+             "tokens_loss": int(n_global)}
+    for m, name in enumerate(MODALITIES):
+        count = float(counts_M[m])
+        stats[f"loss_{name}"] = float(sums[m]) / count if count else float("nan")
+        stats[f"tokens_{name}"] = int(count)
+    if z_loss > 0:
+        stats["z_loss"] = float(sums[NUM_MODALITIES]) / n_global
+    if float(sums[NUM_MODALITIES + 1]):
+        stats["aux_loss"] = float(sums[NUM_MODALITIES + 1]) / (num_micro * dp_world_size)
+    return stats
