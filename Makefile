@@ -10,7 +10,7 @@ TORCH_CPU := torch==2.13.0
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup train train-tiny test test-fast lint format bench clean
+.PHONY: setup train test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -38,14 +38,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 
+# The main job: the tiny early-fusion model on $(NPROC) CPU processes (or GPUs) with ZeRO-2.
+# A fresh run each time (checkpoint.overwrite=true); pass more overrides with ARGS="...".
 train: setup
-	$(PY) -m mm_moe.train $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mm_moe.train \
+	  experiment=tiny_dense parallel.zero_stage=2 checkpoint.overwrite=true $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -x --timeout=900 tests $(ARGS)
+	$(PY) -m pytest -q --timeout=900 tests $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests $(ARGS)
+	$(PY) -m pytest -q tests/unit $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -26,7 +26,9 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level) if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S", stream=sys.stdout, force=True,
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
     )
 
 

@@ -102,6 +102,15 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(root / step_dir_name(step), ignore_errors=True)
 
 
+def remove_all(root: Path) -> None:
+    """Delete every checkpoint in `root` (a fresh run with checkpoint.overwrite=true)."""
+    if (root / LATEST).exists():
+        (root / LATEST).unlink()
+    for p in root.glob("step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    prune(root, keep_last=0)
+
+
 def resolve_resume(resume: str, root: Path) -> Path | None:
     """The step directory to resume from, or None for a fresh start."""
     if resume == "none":

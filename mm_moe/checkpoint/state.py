@@ -31,8 +31,18 @@ def _gather_to_main(obj, world_size: int, rank: int) -> list | None:
     return out
 
 
-def save(root: Path, step: int, engine, scheduler, loader, config: dict, rank: int,
-         world_size: int, keep_last: int, extra: dict | None = None) -> Path:
+def save(
+    root: Path,
+    step: int,
+    engine,
+    scheduler,
+    loader,
+    config: dict,
+    rank: int,
+    world_size: int,
+    keep_last: int,
+    extra: dict | None = None,
+) -> Path:
     """Collective: every rank calls it; rank 0 writes. Returns the step directory."""
     model_state = full_state.gather_model(engine)
     optim_state = full_state.gather_optimizer(engine)
@@ -74,8 +84,10 @@ def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) 
     """Collective under ZeRO. Restores everything `save` wrote; returns the meta dict."""
     meta = json.loads((step_dir / layout.META).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{step_dir}: checkpoint format {meta.get('format_version')} is not "
-                         f"supported (expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"{step_dir}: checkpoint format {meta.get('format_version')} is not "
+            f"supported (expected {FORMAT_VERSION})"
+        )
     full_state.load_model(engine, _load_tensors(step_dir / "model.pt"), str(step_dir))
     full_state.load_optimizer(engine, _load_tensors(step_dir / "optimizer.pt"), str(step_dir))
     scheduler.load_state_dict(meta["scheduler"])
@@ -88,8 +100,11 @@ def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) 
         rng.restore(rng_states[rank])
     else:
         # Per-rank RNG streams cannot be mapped to another world size; reseed deterministically.
-        log.warning("checkpoint saved at world size %d, resuming at %d: RNG states reseeded",
-                    meta["world_size"], world_size)
+        log.warning(
+            "checkpoint saved at world size %d, resuming at %d: RNG states reseeded",
+            meta["world_size"],
+            world_size,
+        )
         rng.seed_all(meta["step"] * 1_000_003 + rank)
     engine.global_steps = meta["step"]
     return meta

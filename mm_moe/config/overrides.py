@@ -9,8 +9,20 @@ from __future__ import annotations
 from mm_moe.config.validate import ConfigError, _close, valid_keys
 
 # Hydra flags that take the next argument as their value.
-_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
-                     "--cfg", "-c", "--package", "-p", "--info", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--info",
+    "--experimental-rerun",
+}
 
 
 def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...]) -> None:

@@ -34,5 +34,7 @@ class TrainConfig:
         if not self.checkpoint.dir:
             self.checkpoint.dir = f"{self.trainer.run_dir}/checkpoints"
         if self.data.seq_len > self.model.max_seq_len:
-            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds "
-                             f"model.max_seq_len={self.model.max_seq_len}")
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )

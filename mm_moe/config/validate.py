@@ -73,7 +73,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         key_tp, val_tp = get_args(tp) or (Any, Any)
-        return {_convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return {
+            _convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()
+        }
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -23,8 +23,14 @@ class Batch:
     position_ids_BS: torch.Tensor  # position inside the document (RoPE)
 
     @classmethod
-    def from_tokens(cls, tokens_BT: np.ndarray, modality_BT: np.ndarray, doc_BT: np.ndarray,
-                    position_BT: np.ndarray, valid_BT: np.ndarray) -> Batch:
+    def from_tokens(
+        cls,
+        tokens_BT: np.ndarray,
+        modality_BT: np.ndarray,
+        doc_BT: np.ndarray,
+        position_BT: np.ndarray,
+        valid_BT: np.ndarray,
+    ) -> Batch:
         """Build a batch from rows of S+1 packed tokens (T = S + 1)."""
         same_doc_BS = doc_BT[:, 1:] == doc_BT[:, :-1]
         loss_mask_BS = same_doc_BS & valid_BT[:, 1:] & valid_BT[:, :-1]
@@ -40,5 +46,6 @@ class Batch:
         )
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True)
-                        for f in fields(self)})
+        return Batch(
+            **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
+        )

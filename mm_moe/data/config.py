@@ -20,8 +20,14 @@ class DataConfig:
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len} must be at least 2")
 
-    def build(self, seed: int, rank: int, dp_world_size: int, micro_batch_size: int,
-              global_batch_size: int):
+    def build(
+        self,
+        seed: int,
+        rank: int,
+        dp_world_size: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+    ):
         from mm_moe.data.loader import StepLoader
         from mm_moe.data.synthetic import SyntheticPatterns
 

@@ -13,8 +13,9 @@ from mm_moe.data.batch import Batch
 
 
 class StepLoader:
-    def __init__(self, source, rank: int, dp_world_size: int, micro_batch_size: int,
-                 global_batch_size: int):
+    def __init__(
+        self, source, rank: int, dp_world_size: int, micro_batch_size: int, global_batch_size: int
+    ):
         assert global_batch_size % (dp_world_size * micro_batch_size) == 0
         self.source, self.vocab = source, source.vocab
         self.rank, self.dp_world_size = rank, dp_world_size

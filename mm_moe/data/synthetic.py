@@ -64,7 +64,8 @@ class SyntheticPatterns:
         ia, ib = rng.integers(len(_SLOPES), size=2)
         c = int(rng.integers(k))
         i_SS, j_SS = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-        codes = ((_SLOPES[ia] * i_SS + _SLOPES[ib] * j_SS + c) % k).ravel() + self.vocab.image_offset
+        codes_SS = (_SLOPES[ia] * i_SS + _SLOPES[ib] * j_SS + c) % k
+        codes = codes_SS.ravel() + self.vocab.image_offset
         caption = [int(self.slope_words[0, ia]), int(self.slope_words[1, ib])]
         image = [self.vocab.boi, *codes.tolist(), self.vocab.eoi]
         modality = [TEXT] + [IMAGE] * len(codes) + [TEXT]

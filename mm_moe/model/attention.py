@@ -40,7 +40,8 @@ class Attention(nn.Module):
         mask_B1SS: torch.Tensor | None,
     ) -> torch.Tensor:
         B, S, _ = x_BSd.shape
-        q_BHSD = self.q_norm(self.w_q(x_BSd).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)
+        q_BHSD = self.q_norm(self.w_q(x_BSd).view(B, S, self.n_heads, self.head_dim))
+        q_BHSD = q_BHSD.transpose(1, 2)
         k_BKSD = self.k_norm(self.w_k(x_BSd).view(B, S, self.n_kv_heads, self.head_dim))
         k_BKSD = k_BKSD.transpose(1, 2)
         v_BKSD = self.w_v(x_BSd).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)

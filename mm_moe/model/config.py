@@ -86,13 +86,14 @@ class ModelConfig:
         return EarlyFusionDecoder(self)
 
     # ---- counting (analytic, checked against the built model in tests) ----
-    def _block_params(self) -> int:
+    def _block_matmul_params(self) -> int:
         d, hd = self.d_model, self.head_dim
         attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
-        qk = 2 * hd if self.qk_norm else 0
-        ffn = 3 * d * self.ffn_dim
-        norms = 2 * d
-        return attn + qk + ffn + norms
+        return attn + 3 * d * self.ffn_dim
+
+    def _block_params(self) -> int:
+        norms = 2 * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
+        return self._block_matmul_params() + norms
 
     def num_params(self) -> dict:
         """Total and active (per-token) parameters, overall and per modality.
@@ -117,7 +118,7 @@ class ModelConfig:
         2 * 2 * seq_len/2 * d per layer on average over positions.
         """
         d = self.d_model
-        matmul = self.n_layers * (self._block_params() - 2 * d) + self.vocab_size * d
+        matmul = self.n_layers * self._block_matmul_params() + self.vocab_size * d
         attention = 2 * self.n_layers * seq_len * self.n_heads * self.head_dim
         forward = 2 * matmul + attention
         return {m: 3 * forward for m in MODALITIES}

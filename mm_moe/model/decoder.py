@@ -44,8 +44,11 @@ class EarlyFusionDecoder(nn.Module):
             if p.dim() < 2:
                 continue  # norm weights keep their ones
             # Output projections of each residual branch scaled down with depth (GPT-2 / OLMo).
-            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("w_o.weight",
-                                                                            "w_down.weight")) else 1
+            scale = (
+                1 / math.sqrt(2 * self.cfg.n_layers)
+                if name.endswith(("w_o.weight", "w_down.weight"))
+                else 1
+            )
             nn.init.trunc_normal_(p, std=std * scale, a=-3 * std, b=3 * std)
 
     def forward(

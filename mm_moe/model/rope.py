@@ -10,7 +10,8 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        inv_freq_D2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        exponents_D2 = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+        inv_freq_D2 = 1.0 / theta**exponents_D2
         angles_PD2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq_D2)
         # Not saved in checkpoints: derived from the config.
         self.register_buffer("cos_PD2", angles_PD2.cos().float(), persistent=False)

@@ -26,6 +26,7 @@ class ParallelConfig:
             )
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) != 1:
-                raise ValueError(f"parallel.{name}={getattr(self, name)} is not supported yet; use 1")
+                value = getattr(self, name)
+                raise ValueError(f"parallel.{name}={value} is not supported yet; use 1")
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s={self.timeout_s} must be positive")

@@ -33,8 +33,13 @@ def _free_port() -> int:
 def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> DistInfo:
     """Start (or join) the default process group; one plain process gets a world of one."""
     if "RANK" not in os.environ:  # not launched by torchrun: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
@@ -51,8 +56,9 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
 

@@ -7,8 +7,15 @@ import logging
 import torch
 
 
-def deepspeed_config(*, global_batch_size: int, micro_batch_size: int, dp_world_size: int,
-                     zero_stage: int, grad_clip: float, bf16: bool) -> dict:
+def deepspeed_config(
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_world_size: int,
+    zero_stage: int,
+    grad_clip: float,
+    bf16: bool,
+) -> dict:
     gas = global_batch_size // (micro_batch_size * dp_world_size)
     assert gas * micro_batch_size * dp_world_size == global_batch_size
     return {
@@ -35,8 +42,9 @@ def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, ds_config: dic
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=lr_scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
+    )
     return engine
 
 
@@ -49,8 +57,9 @@ def unsharded_grad_norm(engine) -> float | None:
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    )
 
 
 def last_grad_norm(engine) -> float:

@@ -72,8 +72,9 @@ def gather_optimizer(engine) -> dict:
     moments = {}
     for name, p in engine.module.named_parameters():
         if _is_sharded(p):
-            moments[name] = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone()
-                             for k in ADAM_KEYS}
+            moments[name] = {
+                k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in ADAM_KEYS
+            }
         else:
             moments[name] = {k: base.state[p][k].detach().float().cpu().clone() for k in ADAM_KEYS}
     return {"step": step, "moments": moments}
@@ -95,8 +96,10 @@ def load_model(engine, state: dict[str, torch.Tensor], path: str = "checkpoint")
     for name, p in engine.module.named_parameters():
         value = state[name]
         if value.shape != p.shape:
-            raise ValueError(f"{path}: parameter {name} has shape {tuple(value.shape)}, "
-                             f"the model expects {tuple(p.shape)}")
+            raise ValueError(
+                f"{path}: parameter {name} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(p.shape)}"
+            )
         p.data.copy_(value.to(p.device, p.dtype))
         if _is_sharded(p):
             safe_set_full_fp32_param(p, value.to(p.device, torch.float32))
@@ -111,8 +114,10 @@ def _init_base_state(engine, step: int) -> None:
     base = _base_optimizer(engine)
     for group in base.param_groups:
         for p in group["params"]:
-            base.state[p] = {"step": torch.tensor(float(step)),
-                             **{k: torch.zeros_like(p, dtype=torch.float32) for k in ADAM_KEYS}}
+            base.state[p] = {
+                "step": torch.tensor(float(step)),
+                **{k: torch.zeros_like(p, dtype=torch.float32) for k in ADAM_KEYS},
+            }
     _relink_optimizer_fragments(engine)
 
 

@@ -24,24 +24,39 @@ class Vocab:
     size: int
 
     def __post_init__(self) -> None:
-        specials = {"bos": self.bos, "eos": self.eos, "pad": self.pad, "boi": self.boi,
-                    "eoi": self.eoi}
+        specials = {
+            "bos": self.bos,
+            "eos": self.eos,
+            "pad": self.pad,
+            "boi": self.boi,
+            "eoi": self.eoi,
+        }
         image_ids = range(self.image_offset, self.image_offset + self.image_size)
         if len(set(specials.values())) != len(specials):
             raise ValueError(f"special token ids must be distinct, got {specials}")
         for name, idx in specials.items():
             if not 0 <= idx < self.size or idx in image_ids:
-                raise ValueError(f"special token {name}={idx} must lie in [0, {self.size}) "
-                                 "outside the image codes")
+                raise ValueError(
+                    f"special token {name}={idx} must lie in [0, {self.size}) "
+                    "outside the image codes"
+                )
         if self.image_offset < self.text_size or self.image_offset + self.image_size > self.size:
             raise ValueError("image codes must follow the text ids and fit in the vocabulary")
 
     @classmethod
     def from_sizes(cls, text_size: int, image_size: int) -> Vocab:
         """Text ids first, then the five special tokens, then the image codebook."""
-        return cls(text_size=text_size, image_offset=text_size + 5, image_size=image_size,
-                   bos=text_size, eos=text_size + 1, pad=text_size + 2, boi=text_size + 3,
-                   eoi=text_size + 4, size=text_size + 5 + image_size)
+        return cls(
+            text_size=text_size,
+            image_offset=text_size + 5,
+            image_size=image_size,
+            bos=text_size,
+            eos=text_size + 1,
+            pad=text_size + 2,
+            boi=text_size + 3,
+            eoi=text_size + 4,
+            size=text_size + 5 + image_size,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:

@@ -35,9 +35,15 @@ def _peak_flops(cfg: TrainConfig, device: torch.device) -> float:
     return 0.0
 
 
-def _check_fresh_start(cfg: TrainConfig, ckpt_root: Path) -> None:
+def _check_fresh_start(cfg: TrainConfig, ckpt_root: Path, is_main: bool) -> None:
     steps = layout.complete_steps(ckpt_root)
-    if steps and not cfg.checkpoint.overwrite:
+    if steps and cfg.checkpoint.overwrite:
+        if is_main:
+            log.warning(
+                "checkpoint.overwrite=true: removing %d checkpoints in %s", len(steps), ckpt_root
+            )
+            layout.remove_all(ckpt_root)
+    elif steps:
         raise ValueError(
             f"checkpoint.dir={ckpt_root} already holds checkpoints (latest step {steps[-1]}). "
             "Pass checkpoint.resume=auto to continue that run, checkpoint.overwrite=true to "
@@ -48,7 +54,7 @@ def _check_fresh_start(cfg: TrainConfig, ckpt_root: Path) -> None:
 def _wandb_init(cfg: TrainConfig, run_dir: Path, config_dict: dict, run_id: str | None):
     if cfg.logging.wandb.mode == "disabled":
         return None
-    import wandb
+    import secrets
 
     return {
         "project": cfg.logging.wandb.project,
@@ -58,21 +64,23 @@ def _wandb_init(cfg: TrainConfig, run_dir: Path, config_dict: dict, run_id: str 
         "mode": cfg.logging.wandb.mode,
         "dir": str(run_dir),
         "config": config_dict,
-        "id": run_id or wandb.util.generate_id(),
+        "id": run_id or secrets.token_hex(4),
         "resume": "allow",
     }
 
 
 def run(cfg: TrainConfig) -> list[dict]:
     """Train; returns the logged metrics (rank 0's view, identical on every rank)."""
-    dist_info: DistInfo = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s,
-                                           cfg.trainer.device)
+    dist_info: DistInfo = init_distributed(
+        cfg.parallel.backend, cfg.parallel.timeout_s, cfg.trainer.device
+    )
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     dp_world = dist_info.world_size
     cfg.trainer.grad_accumulation_steps(dp_world)  # validates divisibility
     use_bf16 = cfg.trainer.precision == "bf16" or (
-        cfg.trainer.precision == "auto" and dist_info.device.type == "cuda")
+        cfg.trainer.precision == "auto" and dist_info.device.type == "cuda"
+    )
     if use_bf16 and dist_info.device.type != "cuda":
         raise ValueError("trainer.precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
 
@@ -80,22 +88,31 @@ def run(cfg: TrainConfig) -> list[dict]:
     ckpt_root = Path(cfg.checkpoint.dir)
     resume_dir = layout.resolve_resume(cfg.checkpoint.resume, ckpt_root)
     if cfg.checkpoint.resume == "none":
-        _check_fresh_start(cfg, ckpt_root)
+        _check_fresh_start(cfg, ckpt_root, dist_info.is_main)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
 
     seed_all(cfg.trainer.seed)  # same initial weights on every rank
-    loader = cfg.data.build(cfg.trainer.seed, dist_info.rank, dp_world,
-                            cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size)
+    loader = cfg.data.build(
+        cfg.trainer.seed,
+        dist_info.rank,
+        dp_world,
+        cfg.trainer.micro_batch_size,
+        cfg.trainer.global_batch_size,
+    )
     model_cfg = cfg.model.with_vocab(loader.vocab.size)
     model = model_cfg.build().to(dist_info.device)
     optimizer = cfg.optim.build(model)
     scheduler = cfg.optim.build_schedule(optimizer, cfg.trainer.max_steps)
     ds_config = deepspeed_config(
         global_batch_size=cfg.trainer.global_batch_size,
-        micro_batch_size=cfg.trainer.micro_batch_size, dp_world_size=dp_world,
-        zero_stage=cfg.parallel.zero_stage, grad_clip=cfg.optim.grad_clip, bf16=use_bf16)
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        dp_world_size=dp_world,
+        zero_stage=cfg.parallel.zero_stage,
+        grad_clip=cfg.optim.grad_clip,
+        bf16=use_bf16,
+    )
     engine = build_engine(model, optimizer, scheduler, ds_config)
     # Seed per rank after init so any randomness in training differs across ranks.
     seed_all(cfg.trainer.seed * 100_003 + dist_info.rank)
@@ -111,14 +128,22 @@ def run(cfg: TrainConfig) -> list[dict]:
     params = model_cfg.num_params()
     flops = model_cfg.flops_per_token(cfg.data.seq_len)
     if dist_info.is_main:
-        log.info("model: %.2fM parameters (%.2fM embedding), %.3g training FLOPs/token; "
-                 "world size %d, ZeRO-%d, grad accumulation %d, %s, %s",
-                 params["total"] / 1e6, params["embedding"] / 1e6, flops["text"], dp_world,
-                 cfg.parallel.zero_stage, cfg.trainer.grad_accumulation_steps(dp_world),
-                 "bf16" if use_bf16 else "fp32", dist_info.device)
+        log.info(
+            "model: %.2fM parameters (%.2fM embedding), %.3g training FLOPs/token; "
+            "world size %d, ZeRO-%d, grad accumulation %d, %s, %s",
+            params["total"] / 1e6,
+            params["embedding"] / 1e6,
+            flops["text"],
+            dp_world,
+            cfg.parallel.zero_stage,
+            cfg.trainer.grad_accumulation_steps(dp_world),
+            "bf16" if use_bf16 else "fp32",
+            dist_info.device,
+        )
     wandb_init = _wandb_init(cfg, run_dir, config_dict, wandb_id) if dist_info.is_main else None
-    metrics = MetricsLogger(run_dir, dist_info.is_main, cfg.trainer.max_steps, start_step,
-                            cfg.logging, wandb_init)
+    metrics = MetricsLogger(
+        run_dir, dist_info.is_main, cfg.trainer.max_steps, start_step, cfg.logging, wandb_init
+    )
     wandb_id = wandb_init["id"] if wandb_init else None
     peak = _peak_flops(cfg, dist_info.device)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
@@ -132,8 +157,13 @@ def run(cfg: TrainConfig) -> list[dict]:
         if dist_info.device.type == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
-        record = {"step": step, **stats, "lr": lr,
-                  "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time}
+        record = {
+            "step": step,
+            **stats,
+            "lr": lr,
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_step / step_time,
+        }
         if peak:
             record["mfu"] = mean_flops * record["tokens_per_s"] / (peak * dp_world)
         history.append(record)
@@ -141,8 +171,38 @@ def run(cfg: TrainConfig) -> list[dict]:
             metrics.log(record)
         interval = cfg.checkpoint.interval
         if interval and (step % interval == 0 or step == cfg.trainer.max_steps):
-            ckpt_state.save(ckpt_root, step, engine, scheduler, loader, config_dict,
-                            dist_info.rank, dp_world, cfg.checkpoint.keep_last,
-                            extra={"wandb_id": wandb_id})
+            ckpt_state.save(
+                ckpt_root,
+                step,
+                engine,
+                scheduler,
+                loader,
+                config_dict,
+                dist_info.rank,
+                dp_world,
+                cfg.checkpoint.keep_last,
+                extra={"wandb_id": wandb_id},
+            )
     metrics.close()
+    if dist_info.is_main and history:
+        _summary(
+            history, run_dir, ckpt_root if cfg.checkpoint.interval else None, cfg.logging.wandb.mode
+        )
     return history
+
+
+def _summary(history: list[dict], run_dir: Path, ckpt_root: Path | None, wandb_mode: str):
+    first, last = history[0], history[-1]
+    tok_s = sum(r["tokens_per_s"] for r in history) / len(history)
+    lines = [
+        f"done: {last['step']} steps; loss {first['loss']:.3f} -> {last['loss']:.3f} "
+        f"(text {first['loss_text']:.3f} -> {last['loss_text']:.3f}, "
+        f"image {first['loss_image']:.3f} -> {last['loss_image']:.3f}); {tok_s:.0f} tokens/s",
+        f"metrics: {run_dir / 'metrics.jsonl'}",
+    ]
+    if ckpt_root is not None:
+        lines.append(f"checkpoints: {ckpt_root} (latest: {layout.latest_step_dir(ckpt_root)})")
+    if wandb_mode != "disabled":
+        lines.append(f"wandb ({wandb_mode}): {run_dir / 'wandb'}")
+    for line in lines:
+        log.info(line)

@@ -24,8 +24,15 @@ def _clean(value):
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int,
-                 logging_cfg, wandb_init: dict | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        max_steps: int,
+        start_step: int,
+        logging_cfg,
+        wandb_init: dict | None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self.wandb_run = None
@@ -33,13 +40,18 @@ class MetricsLogger:
         if not enabled:
             return
         self._truncate(start_step)
-        self.file = open(self.path, "a", buffering=1)
+        self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run
         progress = logging_cfg.progress
         if progress == "bar" or (progress == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True,
-                            desc="train", file=sys.stderr)
+            self.bar = tqdm(
+                total=max_steps,
+                initial=start_step,
+                dynamic_ncols=True,
+                desc="train",
+                file=sys.stderr,
+            )
         if wandb_init is not None:
             import wandb
 
@@ -67,10 +79,12 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=metrics["step"])
-        short = (f"step {metrics['step']} loss {metrics['loss']:.4f} "
-                 f"text {metrics['loss_text']:.4f} image {metrics['loss_image']:.4f} "
-                 f"lr {metrics['lr']:.2e} gnorm {metrics['grad_norm']:.3f} "
-                 f"tok/s {metrics['tokens_per_s']:.0f}")
+        short = (
+            f"step {metrics['step']} loss {metrics['loss']:.4f} "
+            f"text {metrics['loss_text']:.4f} image {metrics['loss_image']:.4f} "
+            f"lr {metrics['lr']:.2e} gnorm {metrics['grad_norm']:.3f} "
+            f"tok/s {metrics['tokens_per_s']:.0f}"
+        )
         if self.bar is not None:
             self.bar.update(metrics["step"] - self.bar.n)
             self.bar.set_postfix_str(short.split(" ", 2)[2])

@@ -42,10 +42,13 @@ class OptimConfig:
         for p in model.parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
-                                 betas=tuple(self.betas), eps=self.eps)
+        groups = [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.lr, betas=tuple(self.betas), eps=self.eps
+        )
 
     def lr_factor(self, step: int, max_steps: int) -> float:
         """Multiplier of `lr` for optimizer step `step` (0-based)."""

@@ -17,12 +17,14 @@ from mm_moe.parallel.distributed import all_reduce_sum
 from mm_moe.parallel.engine import last_grad_norm, unsharded_grad_norm
 
 
-def per_token_losses(logits_BSV: torch.Tensor, targets_BS: torch.Tensor,
-                     z_loss: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def per_token_losses(
+    logits_BSV: torch.Tensor, targets_BS: torch.Tensor, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cross-entropy per token in fp32, and logsumexp^2 (the z-loss term) when asked for."""
     logits_BSV = logits_BSV.float()
-    ce_BS = F.cross_entropy(logits_BSV.flatten(0, 1), targets_BS.flatten(),
-                            reduction="none").view_as(targets_BS)
+    ce_BS = F.cross_entropy(
+        logits_BSV.flatten(0, 1), targets_BS.flatten(), reduction="none"
+    ).view_as(targets_BS)
     z_BS = torch.logsumexp(logits_BSV, dim=-1).pow(2) if z_loss > 0 else None
     return ce_BS, z_BS
 
@@ -36,8 +38,9 @@ def loss_token_counts(batches: list[Batch], device: torch.device) -> torch.Tenso
     return counts_M
 
 
-def train_step(engine, batches: list[Batch], z_loss: float, dp_world_size: int,
-               device: torch.device) -> dict:
+def train_step(
+    engine, batches: list[Batch], z_loss: float, dp_world_size: int, device: torch.device
+) -> dict:
     counts_M = all_reduce_sum(loss_token_counts(batches, device))
     n_global = max(float(counts_M.sum()), 1.0)
     num_micro = len(batches)
@@ -69,9 +72,11 @@ def train_step(engine, batches: list[Batch], z_loss: float, dp_world_size: int,
             grad_norm = unsharded_grad_norm(engine)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
     sums = all_reduce_sum(sums)
-    stats = {"loss": float(sums[:NUM_MODALITIES].sum()) / n_global,
-             "grad_norm": grad_norm if grad_norm is not None else last_grad_norm(engine),
-             "tokens_loss": int(n_global)}
+    stats = {
+        "loss": float(sums[:NUM_MODALITIES].sum()) / n_global,
+        "grad_norm": grad_norm if grad_norm is not None else last_grad_norm(engine),
+        "tokens_loss": int(n_global),
+    }
     for m, name in enumerate(MODALITIES):
         count = float(counts_M[m])
         stats[f"loss_{name}"] = float(sums[m]) / count if count else float("nan")

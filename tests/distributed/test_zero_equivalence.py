@@ -1,0 +1,60 @@
+"""Data parallelism under torchrun with ZeRO equals one process with gradient accumulation
+over the same global batch; checkpoints move between world sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import losses, train
+
+STEPS = 8
+REL_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, micro-batch 2: four accumulation steps per global batch of 8."""
+    run_dir = tmp_path_factory.mktemp("single")
+    train(
+        run_dir, f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "checkpoint.interval=4"
+    )
+    return losses(run_dir)
+
+
+def _assert_close(got: dict, want: dict, steps) -> None:
+    for step in steps:
+        rel = abs(got[step] - want[step]) / abs(want[step])
+        assert rel <= REL_TOL, (step, got[step], want[step], rel)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 1])
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, single, zero_stage):
+    run_dir = tmp_path / "run"
+    train(
+        run_dir,
+        f"trainer.max_steps={STEPS}",
+        "trainer.micro_batch_size=2",
+        f"parallel.zero_stage={zero_stage}",
+        "checkpoint.interval=4",
+        nproc=2,
+    )
+    _assert_close(losses(run_dir), single, range(1, STEPS + 1))
+
+
+def test_checkpoint_from_two_ranks_zero2_resumes_on_one(tmp_path, single):
+    run_dir = tmp_path / "run"
+    train(
+        run_dir,
+        "trainer.max_steps=4",
+        "trainer.micro_batch_size=2",
+        "parallel.zero_stage=2",
+        "checkpoint.interval=4",
+        nproc=2,
+    )
+    train(
+        run_dir,
+        f"trainer.max_steps={STEPS}",
+        "trainer.micro_batch_size=4",
+        "checkpoint.resume=auto",
+    )
+    _assert_close(losses(run_dir), single, range(5, STEPS + 1))

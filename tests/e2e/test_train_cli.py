@@ -1,0 +1,86 @@
+"""The training command end to end: it trains, logs, validates its config."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.helpers import PYTHON, REPO, _env, metrics, train
+
+REQUIRED = {
+    "step",
+    "loss",
+    "loss_text",
+    "loss_image",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "step_time_s",
+}
+
+
+def test_tiny_dense_loss_falls_and_metrics_are_written(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, "trainer.max_steps=20", "logging.wandb.mode=offline")
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    for r in rows:
+        assert r.keys() >= REQUIRED, REQUIRED - r.keys()
+    first, last = rows[0], rows[-1]
+    # Both modalities learn: the synthetic source has structure in text and images.
+    assert last["loss"] < first["loss"] - 1.0
+    assert last["loss_text"] < first["loss_text"] - 0.5
+    assert last["loss_image"] < first["loss_image"] - 0.5
+    assert (run_dir / "wandb").is_dir() and any((run_dir / "wandb").glob("offline-run-*"))
+    assert "step 20 loss" in proc.stdout  # plain lines when not on a terminal
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "mm_moe.train", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_unknown_key_on_command_line_names_it():
+    proc = _run_cli("trainer.max_stepz=5")
+    assert proc.returncode != 0
+    assert "trainer.max_stepz" in proc.stderr and "max_steps" in proc.stderr
+
+
+def test_bad_value_names_key_and_choices(tmp_path):
+    proc = _run_cli("parallel.zero_stage=3", f"trainer.run_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "parallel.zero_stage=3" in proc.stderr and "0, 1, 2" in proc.stderr
+
+
+def test_unknown_key_in_user_yaml_names_it(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ntrainer:\n  max_steps: 3\n  log_intervl: 1\n"
+    )
+    proc = _run_cli(
+        "--config-dir", str(tmp_path), "experiment=mine", f"trainer.run_dir={tmp_path / 'run'}"
+    )
+    assert proc.returncode == 2
+    assert "trainer.log_intervl" in proc.stderr and "log_interval" in proc.stderr
+
+
+def test_batch_sizes_that_do_not_divide_fail_clearly(tmp_path):
+    proc = _run_cli(
+        "trainer.global_batch_size=6", "trainer.micro_batch_size=4", f"trainer.run_dir={tmp_path}"
+    )
+    assert proc.returncode == 2
+    assert "trainer.global_batch_size=6" in proc.stderr
+
+
+def test_fresh_run_refuses_to_clobber_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, "trainer.max_steps=2", "checkpoint.interval=2")
+    proc = train(run_dir, "trainer.max_steps=2", "checkpoint.interval=2", check=False)
+    assert proc.returncode == 2
+    assert "checkpoint.resume=auto" in proc.stderr
+    train(run_dir, "trainer.max_steps=2", "checkpoint.interval=2", "checkpoint.overwrite=true")

@@ -1,0 +1,70 @@
+"""Run the real training entry point in subprocesses and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
+
+# A small, fast, deterministic job: fp32 on CPU, wandb off unless a test turns it on.
+TINY = [
+    "experiment=tiny_dense",
+    "logging.wandb.mode=disabled",
+    "logging.progress=lines",
+    "trainer.log_interval=1",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=4",
+    "trainer.cpu_threads=1",
+    "data.seq_len=64",
+    "optim.warmup_steps=3",
+    "optim.decay_steps=20",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def train(
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 1,
+    check: bool = True,
+    launcher: list[str] | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    """`python -m mm_moe.train` (or torchrun with nproc > 1) on the tiny job."""
+    args = [*TINY, f"trainer.run_dir={run_dir}", *overrides]
+    if launcher is not None:
+        cmd = [*launcher, *args]
+    elif nproc > 1:
+        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "mm_moe.train", *args]
+    else:
+        cmd = [PYTHON, "-m", "mm_moe.train", *args]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir)}
