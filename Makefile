@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	  echo "[setup] no GPU and no torch: installing the CPU wheel $(TORCH_CPU)"; $(PIP) install -q $(TORCH_CPU); \
 	fi
 	@# DeepSpeed ships only an sdist whose build imports torch: build it against ours.
-	$(PIP) install -q --no-build-isolation "deepspeed>=0.16"
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.18,<0.20"
 	$(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 

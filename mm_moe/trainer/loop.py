@@ -13,7 +13,7 @@ from mm_moe.checkpoint import state as ckpt_state
 from mm_moe.checkpoint.rng import seed_all
 from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
-from mm_moe.parallel.distributed import DistInfo, barrier, init_distributed
+from mm_moe.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mm_moe.parallel.engine import build_engine, deepspeed_config
 from mm_moe.trainer.metrics import MetricsLogger
 from mm_moe.trainer.step import train_step
@@ -67,6 +67,22 @@ def _wandb_init(cfg: TrainConfig, run_dir: Path, config_dict: dict, run_id: str 
         "id": run_id or secrets.token_hex(4),
         "resume": "allow",
     }
+
+
+def _data_counters(loader, device: torch.device) -> dict:
+    """The loader's running counters (e.g. `data/skipped_<reason>`), summed over ranks.
+
+    Loaders expose `counters() -> dict[str, int]` with the same keys on every rank."""
+    if not hasattr(loader, "counters"):
+        return {}
+    local = loader.counters()
+    keys = sorted(local)
+    if not keys:
+        return {}
+    totals = all_reduce_sum(
+        torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
+    )
+    return {k: int(v) for k, v in zip(keys, totals.tolist())}
 
 
 def run(cfg: TrainConfig) -> list[dict]:
@@ -164,6 +180,7 @@ def run(cfg: TrainConfig) -> list[dict]:
             "step_time_s": step_time,
             "tokens_per_s": tokens_per_step / step_time,
         }
+        record.update(_data_counters(loader, dist_info.device))
         if peak:
             record["mfu"] = mean_flops * record["tokens_per_s"] / (peak * dp_world)
         history.append(record)
