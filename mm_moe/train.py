@@ -67,7 +67,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     try:
-        check_overrides(sys.argv[1:], TrainConfig, ENTRY_GROUPS)
+        sys.argv[1:] = check_overrides(sys.argv[1:], TrainConfig, ENTRY_GROUPS)
     except ConfigError as exc:
         _fail(str(exc))
     _hydra_main()

@@ -25,10 +25,14 @@ _FLAGS_WITH_VALUE = {
 }
 
 
-def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...]) -> None:
-    """Raise ConfigError for an override whose key is not in `schema`."""
-    skip_next = False
+def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...]) -> list[str]:
+    """Raise ConfigError for an override whose key is not in `schema`.
+
+    Returns argv with every checked key override in Hydra's `++key=value` form (add or
+    override), so a schema key that a preset's YAML leaves out can still be set."""
+    out, skip_next = [], False
     for arg in argv:
+        out.append(arg)
         if skip_next:
             skip_next = False
             continue
@@ -44,8 +48,9 @@ def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...]) -> N
             continue  # a config-group choice such as experiment=tiny_dense
         *parents, leaf = key.split(".")
         options = valid_keys(schema, parents)
-        if options is None:
-            continue  # a free-form mapping: any key goes
+        if options is None:  # a free-form mapping (e.g. moe.experts_per_modality): any key goes
+            out[-1] = "++" + arg
+            continue
         if leaf not in options:
             where = f"under '{'.'.join(parents)}'" if parents else "at the top level"
             hint = _close(leaf, options)
@@ -53,3 +58,5 @@ def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...]) -> N
                 f"unknown config key '{key}'.{hint} Valid keys {where}: "
                 f"{', '.join(sorted(options)) or '(none: not a mapping)'}"
             )
+        out[-1] = "++" + arg
+    return out

@@ -10,12 +10,24 @@ from dataclasses import dataclass, field
 from mm_moe.checkpoint.config import CheckpointConfig
 from mm_moe.data.config import DataConfig
 from mm_moe.model.config import ModelConfig
+from mm_moe.model.moe.config import MoEConfig
 from mm_moe.parallel.config import ParallelConfig
+from mm_moe.tokenization.config import TokenizerConfig
 from mm_moe.trainer.config import TrainerConfig
 from mm_moe.trainer.logging_config import LoggingConfig
 from mm_moe.trainer.optim import OptimConfig
 
-GROUPS = ("model", "data", "optim", "parallel", "trainer", "checkpoint", "logging")
+GROUPS = (
+    "model",
+    "moe",
+    "data",
+    "tokenizer",
+    "optim",
+    "parallel",
+    "trainer",
+    "checkpoint",
+    "logging",
+)
 
 
 @dataclass
@@ -23,7 +35,9 @@ class TrainConfig:
     # The experiment's name (wandb run name, default run directory).
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -31,8 +45,10 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        self.data.use_tokenizer(self.tokenizer)
         if not self.checkpoint.dir:
             self.checkpoint.dir = f"{self.trainer.run_dir}/checkpoints"
+        self.model.check_moe(self.moe)
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds "

@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with QK-norm, RoPE and document masking.
+"""Grouped-query self-attention with QK-norm, RoPE and document masking; projections and
+QK-norms optionally untied per modality (MoT), attention itself global.
 
 Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim.
 """
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm_moe.model.norms import RMSNorm
+from mm_moe.modality import NUM_MODALITIES
+from mm_moe.model.modality_ops import Linear, ModalityLinear, ModalityNorm, Norm
 from mm_moe.model.rope import RotaryEmbedding
 
 
@@ -25,28 +27,44 @@ class Attention(nn.Module):
     def __init__(self, cfg, rope: RotaryEmbedding):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.w_q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.w_k = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.w_v = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.w_o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        d, hd = cfg.d_model, cfg.head_dim
+
+        def proj(i, o):
+            return (
+                ModalityLinear(i, o, NUM_MODALITIES) if "attention" in cfg.untie else Linear(i, o)
+            )
+
+        self.w_q = proj(d, cfg.n_heads * hd)
+        self.w_k = proj(d, cfg.n_kv_heads * hd)
+        self.w_v = proj(d, cfg.n_kv_heads * hd)
+        self.w_o = proj(cfg.n_heads * hd, d)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            untied = "norms" in cfg.untie
+            self.q_norm = (
+                ModalityNorm(hd, NUM_MODALITIES, cfg.norm_eps) if untied else Norm(hd, cfg.norm_eps)
+            )
+            self.k_norm = (
+                ModalityNorm(hd, NUM_MODALITIES, cfg.norm_eps) if untied else Norm(hd, cfg.norm_eps)
+            )
         self.rope = rope
 
     def forward(
         self,
         x_BSd: torch.Tensor,
+        modality_BS: torch.Tensor,
         position_ids_BS: torch.Tensor,
         mask_B1SS: torch.Tensor | None,
     ) -> torch.Tensor:
         B, S, _ = x_BSd.shape
-        q_BHSD = self.q_norm(self.w_q(x_BSd).view(B, S, self.n_heads, self.head_dim))
-        q_BHSD = q_BHSD.transpose(1, 2)
-        k_BKSD = self.k_norm(self.w_k(x_BSd).view(B, S, self.n_kv_heads, self.head_dim))
-        k_BKSD = k_BKSD.transpose(1, 2)
-        v_BKSD = self.w_v(x_BSd).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSD = self.rope(q_BHSD, position_ids_BS)
-        k_BKSD = self.rope(k_BKSD, position_ids_BS)
+        q_BSHD = self.w_q(x_BSd, modality_BS).view(B, S, self.n_heads, self.head_dim)
+        k_BSKD = self.w_k(x_BSd, modality_BS).view(B, S, self.n_kv_heads, self.head_dim)
+        v_BSKD = self.w_v(x_BSd, modality_BS).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHD, k_BSKD = self.q_norm(q_BSHD, modality_BS), self.k_norm(k_BSKD, modality_BS)
+        q_BHSD = self.rope(q_BSHD.transpose(1, 2), position_ids_BS)
+        k_BKSD = self.rope(k_BSKD.transpose(1, 2), position_ids_BS)
+        v_BKSD = v_BSKD.transpose(1, 2)
         repeat = self.n_heads // self.n_kv_heads
         if repeat > 1:
             k_BKSD = k_BKSD.repeat_interleave(repeat, dim=1)
@@ -55,4 +73,4 @@ class Attention(nn.Module):
             out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BKSD, v_BKSD, is_causal=True)
         else:
             out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BKSD, v_BKSD, attn_mask=mask_B1SS)
-        return self.w_o(out_BHSD.transpose(1, 2).reshape(B, S, -1))
+        return self.w_o(out_BHSD.transpose(1, 2).reshape(B, S, -1), modality_BS)

@@ -1,29 +1,55 @@
-"""One transformer block: attention and FFN, each on the residual stream."""
+"""One transformer block: attention and FFN, each on the residual stream.
+
+The FFN is a dense SwiGLU, one SwiGLU per modality (MoT, model.untie=[ffn]), or an MoE layer
+(MoMa / mixed); norms are optionally per modality (model.untie=[norms]).
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.attention import Attention
+from mm_moe.model.context import ForwardContext
 from mm_moe.model.mlp import SwiGLU
-from mm_moe.model.norms import RMSNorm
+from mm_moe.model.modality_ops import ModalityFFN, ModalityNorm, Norm
+from mm_moe.model.moe.layer import MoELayer
 from mm_moe.model.rope import RotaryEmbedding
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg, rope: RotaryEmbedding):
+    def __init__(self, cfg, rope: RotaryEmbedding, moe=None, layer_index: int = 0):
         super().__init__()
         self.post_norm = cfg.norm_placement == "post"
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, rope)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x_BSd, modality_ids_BS, position_ids_BS, mask_B1SS):
-        # modality_ids_BS is unused by the dense block; MoE and MoT blocks route on it.
-        del modality_ids_BS
+        def norm():
+            if "norms" in cfg.untie:
+                return ModalityNorm(cfg.d_model, NUM_MODALITIES, cfg.norm_eps)
+            return Norm(cfg.d_model, cfg.norm_eps)
+
+        self.attn_norm = norm()
+        self.attn = Attention(cfg, rope)
+        self.ffn_norm = norm()
+        if moe is not None:
+            self.ffn = MoELayer(moe, cfg.d_model, cfg.ffn_dim, layer_index)
+        elif "ffn" in cfg.untie:
+            self.ffn = ModalityFFN(cfg.d_model, cfg.ffn_dim, NUM_MODALITIES)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def _ffn(self, x_BSd: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if isinstance(self.ffn, MoELayer):
+            return self.ffn(x_BSd, ctx)
+        if isinstance(self.ffn, ModalityFFN):
+            return self.ffn(x_BSd, ctx.modality_ids_BS)
+        return self.ffn(x_BSd)
+
+    def forward(self, x_BSd: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        mod = ctx.modality_ids_BS
+        attn = lambda h: self.attn(h, mod, ctx.position_ids_BS, ctx.mask_B1SS)
         if self.post_norm:
-            h_BSd = x_BSd + self.attn_norm(self.attn(x_BSd, position_ids_BS, mask_B1SS))
-            return h_BSd + self.ffn_norm(self.ffn(h_BSd))
-        h_BSd = x_BSd + self.attn(self.attn_norm(x_BSd), position_ids_BS, mask_B1SS)
-        return h_BSd + self.ffn(self.ffn_norm(h_BSd))
+            h_BSd = x_BSd + self.attn_norm(attn(x_BSd), mod)
+            return h_BSd + self.ffn_norm(self._ffn(h_BSd, ctx), mod)
+        h_BSd = x_BSd + attn(self.attn_norm(x_BSd, mod))
+        return h_BSd + self._ffn(self.ffn_norm(h_BSd, mod), ctx)

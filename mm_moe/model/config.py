@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from mm_moe.modality import MODALITIES
+from mm_moe.modality import MODALITIES, NUM_MODALITIES
+from mm_moe.model.mod import MoDConfig
+from mm_moe.model.moe.config import MoEConfig
 
 
 @dataclass
@@ -35,6 +37,11 @@ class ModelConfig:
     # Block-diagonal causal attention over documents packed into one sequence.
     document_masking: bool = True
     init_std: float = 0.02
+    # Mixture-of-Transformers: parts with one copy per modality (ffn, attention projections,
+    # norms); self-attention stays global.
+    untie: list[Literal["ffn", "attention", "norms"]] = field(default_factory=list)
+    # Mixture-of-depths on chosen layers.
+    mod: MoDConfig = field(default_factory=MoDConfig)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
@@ -56,6 +63,9 @@ class ModelConfig:
             )
         if self.vocab_size < 0 or self.ffn_hidden < 0 or self.z_loss < 0:
             raise ValueError("model.vocab_size, model.ffn_hidden and model.z_loss must be >= 0")
+        bad = [i for i in self.mod.layers if i >= self.n_layers]
+        if bad:
+            raise ValueError(f"model.mod.layers {bad} exceed model.n_layers={self.n_layers}")
 
     @property
     def head_dim(self) -> int:
@@ -75,50 +85,114 @@ class ModelConfig:
                 f"model.vocab_size={self.vocab_size} is smaller than the data's vocabulary "
                 f"({data_vocab_size} ids); set model.vocab_size=0 to take it from the data"
             )
-        from dataclasses import replace
-
         return replace(self, vocab_size=self.vocab_size or data_vocab_size)
 
-    def build(self):
+    def check_moe(self, moe: MoEConfig) -> None:
+        bad = [i for i in (moe.layers if moe.layers != "all" else []) if i >= self.n_layers]
+        if bad:
+            raise ValueError(f"moe.layers {bad} exceed model.n_layers={self.n_layers}")
+        if moe.enabled and self.ffn_dim % moe.granularity:
+            raise ValueError(
+                f"moe.granularity={moe.granularity} must divide the FFN hidden size "
+                f"{self.ffn_dim} (model.ffn_hidden)"
+            )
+        if moe.enabled and "ffn" in self.untie and moe.experts_per_modality.get("mixed"):
+            raise ValueError(
+                "model.untie=[ffn] with moe.experts_per_modality={mixed: N} is "
+                "contradictory; MoMa groups already untie the FFN per modality"
+            )
+
+    def build(self, moe: MoEConfig | None = None):
         from mm_moe.model.decoder import EarlyFusionDecoder
 
         assert self.vocab_size > 0, "resolve vocab_size with with_vocab() before build()"
-        return EarlyFusionDecoder(self)
+        moe = moe or MoEConfig()
+        self.check_moe(moe)
+        return EarlyFusionDecoder(self, moe)
 
-    # ---- counting (analytic, checked against the built model in tests) ----
-    def _block_matmul_params(self) -> int:
+    # ---- counting (analytic; tests check it against the built model) ----
+    def _attention_params(self) -> int:
         d, hd = self.d_model, self.head_dim
-        attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
-        return attn + 3 * d * self.ffn_dim
+        return d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
 
-    def _block_params(self) -> int:
-        norms = 2 * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
-        return self._block_matmul_params() + norms
+    def _layer_counts(self, index: int, moe: MoEConfig) -> dict:
+        """Parameters of one block: total, active per token of each modality, and the active
+        matmul parameters per modality (for FLOPs)."""
+        d, f, M = self.d_model, self.ffn_dim, NUM_MODALITIES
+        copies = lambda part: M if part in self.untie else 1
+        attn = self._attention_params()
+        norms = 2 * d + (2 * self.head_dim if self.qk_norm else 0)
+        total = attn * copies("attention") + norms * copies("norms")
+        active = {m: attn + norms for m in MODALITIES}
+        matmul = {m: attn for m in MODALITIES}
+        if moe.is_moe_layer(index):
+            h = f // moe.granularity
+            expert = 3 * d * h
+            shared = moe.shared_experts * expert
+            for _, modalities, n in moe.groups():
+                aux = (
+                    (
+                        d * moe.aux_router_hidden
+                        + moe.aux_router_hidden
+                        + moe.aux_router_hidden * n
+                        + n
+                    )
+                    if moe.router == "expert_choice"
+                    else 0
+                )
+                total += d * n + n * expert + (shared if shared else 0) + aux
+                for mi in modalities:
+                    m = MODALITIES[mi]
+                    ffn_active = d * n + moe.expected_experts_per_token() * expert + shared
+                    active[m] += ffn_active + aux
+                    matmul[m] += ffn_active
+        else:
+            ffn = 3 * d * f
+            total += ffn * copies("ffn")
+            for m in MODALITIES:
+                active[m] += ffn
+                matmul[m] += ffn
+        if index in self.mod.layers:
+            hid = self.mod.aux_router_hidden
+            router = d + d * hid + hid + hid + 1
+            c = self.mod.capacity
+            total += router
+            for m in MODALITIES:
+                active[m] = c * active[m] + router
+                matmul[m] = c * matmul[m] + d
+        return {"total": total, "active": active, "matmul": matmul}
 
-    def num_params(self) -> dict:
-        """Total and active (per-token) parameters, overall and per modality.
-
-        A dense model activates every parameter for every token; MoE configs override the
-        per-modality active counts.
-        """
+    def num_params(self, moe: MoEConfig | None = None) -> dict:
+        """Total parameters, and parameters active per token of each modality (expected over
+        routing: expert-choice capacity, mixture-of-depths capacity)."""
+        moe = moe or MoEConfig()
         embed = self.vocab_size * self.d_model
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
-        total = embed + head + self.n_layers * self._block_params() + self.d_model
+        outer = embed + head + self.d_model
+        layers = [self._layer_counts(i, moe) for i in range(self.n_layers)]
         return {
-            "total": total,
+            "total": outer + sum(layer["total"] for layer in layers),
             "embedding": embed,
-            "active": {m: total for m in MODALITIES},
+            "active": {m: outer + sum(layer["active"][m] for layer in layers) for m in MODALITIES},
         }
 
-    def flops_per_token(self, seq_len: int) -> dict:
+    def flops_per_token(self, seq_len: int, moe: MoEConfig | None = None) -> dict:
         """Training FLOPs per token (forward + backward = 3x forward), per modality.
 
         Forward: 2 FLOPs per multiply-accumulate of every active matmul weight (the embedding
-        lookup is free, the output layer is not) plus causal attention scores and values:
-        2 * 2 * seq_len/2 * d per layer on average over positions.
+        lookup is free, the output layer is not) plus causal attention scores and values,
+        2 * 2 * seq_len/2 * d per layer on average over positions. A mixture-of-depths layer
+        processes a capacity fraction of tokens, attending over a capacity fraction of them.
         """
-        d = self.d_model
-        matmul = self.n_layers * self._block_matmul_params() + self.vocab_size * d
-        attention = 2 * self.n_layers * seq_len * self.n_heads * self.head_dim
-        forward = 2 * matmul + attention
-        return {m: 3 * forward for m in MODALITIES}
+        moe = moe or MoEConfig()
+        d_attn = self.n_heads * self.head_dim
+        out = {}
+        for m in MODALITIES:
+            matmul = self.vocab_size * self.d_model
+            attention = 0.0
+            for i in range(self.n_layers):
+                matmul += self._layer_counts(i, moe)["matmul"][m]
+                c = self.mod.capacity if i in self.mod.layers else 1.0
+                attention += 2 * seq_len * d_attn * c * c
+            out[m] = 3 * (2 * matmul + attention)
+        return out

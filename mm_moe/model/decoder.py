@@ -13,6 +13,8 @@ from torch import nn
 
 from mm_moe.model.attention import document_causal_mask
 from mm_moe.model.block import TransformerBlock
+from mm_moe.model.context import ForwardContext
+from mm_moe.model.mod import MoDBlock
 from mm_moe.model.norms import RMSNorm
 from mm_moe.model.rope import RotaryEmbedding
 
@@ -22,15 +24,23 @@ class ModelOutput:
     logits: torch.Tensor
     # Auxiliary losses (already weighted) that the block layers return with their output.
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Detached routing statistics per layer and modality (expert load, dropped fraction...).
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class EarlyFusionDecoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, moe):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.moe_cfg = cfg, moe
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers))
+        layers = []
+        for i in range(cfg.n_layers):
+            block = TransformerBlock(cfg, self.rope, moe if moe.is_moe_layer(i) else None, i)
+            if i in cfg.mod.layers:
+                block = MoDBlock(block, cfg.mod, cfg.d_model, i)
+            layers.append(block)
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -57,17 +67,28 @@ class EarlyFusionDecoder(nn.Module):
         modality_ids_BS: torch.Tensor | None = None,
         doc_ids_BS: torch.Tensor | None = None,
         position_ids_BS: torch.Tensor | None = None,
+        token_mask_BS: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """token_mask_BS: tokens that compete for expert capacity and MoD slots (the loss
+        mask in training; None is all tokens)."""
         B, S = input_ids_BS.shape
         if modality_ids_BS is None:  # all text
             modality_ids_BS = torch.zeros_like(input_ids_BS)
         if position_ids_BS is None:
             position_ids_BS = torch.arange(S, device=input_ids_BS.device).expand(B, S)
-        mask_B1SS = None
-        if doc_ids_BS is not None and self.cfg.document_masking:
-            mask_B1SS = document_causal_mask(doc_ids_BS)
+        if not self.cfg.document_masking:
+            doc_ids_BS = None
+        ctx = ForwardContext(
+            modality_ids_BS=modality_ids_BS,
+            position_ids_BS=position_ids_BS,
+            doc_ids_BS=doc_ids_BS,
+            mask_B1SS=document_causal_mask(doc_ids_BS) if doc_ids_BS is not None else None,
+            valid_BS=token_mask_BS.bool()
+            if token_mask_BS is not None
+            else torch.ones_like(input_ids_BS, dtype=torch.bool),
+        )
         h_BSd = self.embed(input_ids_BS)
         for layer in self.layers:
-            h_BSd = layer(h_BSd, modality_ids_BS, position_ids_BS, mask_B1SS)
+            h_BSd = layer(h_BSd, ctx)
         logits_BSV = self.lm_head(self.norm(h_BSd))
-        return ModelOutput(logits=logits_BSV)
+        return ModelOutput(logits=logits_BSV, aux_losses=ctx.aux_losses, stats=ctx.stats)

@@ -118,7 +118,7 @@ def run(cfg: TrainConfig) -> list[dict]:
         cfg.trainer.global_batch_size,
     )
     model_cfg = cfg.model.with_vocab(loader.vocab.size)
-    model = model_cfg.build().to(dist_info.device)
+    model = model_cfg.build(cfg.moe).to(dist_info.device)
     optimizer = cfg.optim.build(model)
     scheduler = cfg.optim.build_schedule(optimizer, cfg.trainer.max_steps)
     ds_config = deepspeed_config(
@@ -141,14 +141,17 @@ def run(cfg: TrainConfig) -> list[dict]:
         start_step, wandb_id = meta["step"], meta.get("wandb_id")
         log.info("resumed from %s at step %d", resume_dir, start_step)
 
-    params = model_cfg.num_params()
-    flops = model_cfg.flops_per_token(cfg.data.seq_len)
+    params = model_cfg.num_params(cfg.moe)
+    flops = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
     if dist_info.is_main:
         log.info(
-            "model: %.2fM parameters (%.2fM embedding), %.3g training FLOPs/token; "
+            "model: %.2fM parameters (%.2fM embedding; active text %.2fM, image %.2fM), "
+            "%.3g training FLOPs/token; "
             "world size %d, ZeRO-%d, grad accumulation %d, %s, %s",
             params["total"] / 1e6,
             params["embedding"] / 1e6,
+            params["active"]["text"] / 1e6,
+            params["active"]["image"] / 1e6,
             flops["text"],
             dp_world,
             cfg.parallel.zero_stage,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mm_moe.data.batch import Batch
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
+from mm_moe.model.moe.balance import update_expert_biases
 from mm_moe.parallel.distributed import all_reduce_sum
 from mm_moe.parallel.engine import last_grad_norm, unsharded_grad_norm
 
@@ -47,9 +48,14 @@ def train_step(
     # [ce per modality..., z-loss sum, aux-loss sum]
     sums = torch.zeros(NUM_MODALITIES + 2, dtype=torch.float64, device=device)
     grad_norm = None
+    stat_sums: dict[str, torch.Tensor] = {}
     for i, b in enumerate(batches):
         b = b.to(device)
-        out = engine(b.input_ids_BS, b.modality_ids_BS, b.doc_ids_BS, b.position_ids_BS)
+        out = engine(
+            b.input_ids_BS, b.modality_ids_BS, b.doc_ids_BS, b.position_ids_BS, b.loss_mask_BS
+        )
+        for name, value in out.stats.items():
+            stat_sums[name] = stat_sums[name] + value if name in stat_sums else value.clone()
         ce_BS, z_BS = per_token_losses(out.logits, b.target_ids_BS, z_loss)
         mask_BS = b.loss_mask_BS.to(ce_BS.dtype)
         objective = (ce_BS * mask_BS).sum()
@@ -63,6 +69,10 @@ def train_step(
             aux = sum(out.aux_losses.values())
             objective = objective + aux / num_micro
             sums[NUM_MODALITIES + 1] += aux.detach().double()
+            for name, value in out.aux_losses.items():
+                key = f"aux/{name}"
+                value = value.detach().float()
+                stat_sums[key] = stat_sums[key] + value if key in stat_sums else value
         with torch.no_grad():
             for m in range(NUM_MODALITIES):
                 sel_BS = mask_BS * (b.target_modality_ids_BS == m)
@@ -71,6 +81,7 @@ def train_step(
         if i == num_micro - 1:
             grad_norm = unsharded_grad_norm(engine)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+    update_expert_biases(engine.module, all_reduce_sum)
     sums = all_reduce_sum(sums)
     stats = {
         "loss": float(sums[:NUM_MODALITIES].sum()) / n_global,
@@ -85,4 +96,26 @@ def train_step(
         stats["z_loss"] = float(sums[NUM_MODALITIES]) / n_global
     if float(sums[NUM_MODALITIES + 1]):
         stats["aux_loss"] = float(sums[NUM_MODALITIES + 1]) / (num_micro * dp_world_size)
+    stats.update(_mean_stats(stat_sums, num_micro * dp_world_size, device))
     return stats
+
+
+def _mean_stats(stat_sums: dict[str, torch.Tensor], count: int, device) -> dict[str, float]:
+    """Routing statistics averaged over micro-batches and ranks; vector stats (per-expert load)
+    become one metric per element. Every rank has the same keys: they follow from the config."""
+    if not stat_sums:
+        return {}
+    names = sorted(stat_sums)
+    flat = torch.cat([stat_sums[n].reshape(-1).to(device, torch.float64) for n in names])
+    flat = all_reduce_sum(flat) / count
+    out, i = {}, 0
+    for name in names:
+        n = stat_sums[name].numel()
+        values = flat[i : i + n].tolist()
+        i += n
+        if stat_sums[name].dim() == 0:
+            out[name] = values[0]
+        else:
+            for e, v in enumerate(values):
+                out[f"{name}_e{e}"] = v
+    return out

@@ -58,3 +58,18 @@ def test_checkpoint_from_two_ranks_zero2_resumes_on_one(tmp_path, single):
         "checkpoint.resume=auto",
     )
     _assert_close(losses(run_dir), single, range(5, STEPS + 1))
+
+
+def test_moma_two_ranks_equal_one_rank(tmp_path):
+    """Expert-choice routing looks only at each micro-batch, so data parallelism with the
+    same micro-batches gives the same numbers as accumulation on one rank."""
+    common = (
+        "experiment=tiny_moma",
+        "trainer.max_steps=4",
+        "trainer.micro_batch_size=2",
+        "trainer.global_batch_size=8",
+        "trainer.log_interval=1",
+    )
+    train(tmp_path / "one", *common)
+    train(tmp_path / "two", *common, "parallel.zero_stage=2", nproc=2)
+    _assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 5))

@@ -101,3 +101,20 @@ def test_dense_1b_preset_is_about_one_billion():
         cfg = build_config(compose("train", overrides=["experiment=dense_1b"]))
     total = cfg.model.num_params()["total"]
     assert 0.9e9 < total < 1.1e9, total
+
+
+def test_checked_overrides_become_add_or_override():
+    argv = [
+        "experiment=tiny_moma",
+        "model.untie=[ffn]",
+        "moe.experts_per_modality.text=2",
+        "+custom=1",
+        "-m",
+    ]
+    assert check_overrides(argv, TrainConfig, ENTRY) == [
+        "experiment=tiny_moma",
+        "++model.untie=[ffn]",
+        "++moe.experts_per_modality.text=2",
+        "+custom=1",
+        "-m",
+    ]

@@ -28,7 +28,7 @@ def _naive_attention(attn, x_BSd, pos_BS, doc_BS):
     H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q = attn.q_norm(attn.w_q(x_BSd).view(B, S, H, D)).transpose(1, 2)
     k = attn.k_norm(attn.w_k(x_BSd).view(B, S, K, D)).transpose(1, 2)
-    v = attn.w_v(x_BSd).view(B, S, K, D).transpose(1, 2)
+    v = attn.w_v(x_BSd).view(B, S, K, D).transpose(1, 2)  # dense: modality ids not needed
     q, k = attn.rope(q, pos_BS), attn.rope(k, pos_BS)
     out = torch.zeros(B, H, S, D)
     for b in range(B):
@@ -49,7 +49,7 @@ def test_attention_matches_naive_reference_with_documents():
     doc = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
     pos = torch.cat([torch.arange(4), torch.arange(6)]).expand(2, 10).clone()
     pos[1] = torch.arange(10)
-    got = attn(x, pos, document_causal_mask(doc))
+    got = attn(x, torch.zeros_like(doc), pos, document_causal_mask(doc))
     want = _naive_attention(attn, x, pos, doc)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -1,0 +1,112 @@
+"""MoE configuration (the top-level `moe` config group).
+
+`experts_per_modality` chooses the variant:
+- `{}`: no MoE (dense FFN, or per-modality FFNs with model.untie=[ffn]);
+- `{text: 4, image: 4}`: MoMa, one expert group per modality; a token is routed only among its
+  own modality's experts;
+- `{mixed: 8}`: one group shared by all modalities (the standard MoE baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mm_moe.modality import MODALITIES
+
+MIXED = "mixed"
+
+
+@dataclass
+class MoEConfig:
+    experts_per_modality: dict[str, int] = field(default_factory=dict)
+    # Which layers are MoE: "all", or a list of layer indices (dense and MoE layers interleave).
+    layers: list[int] | Literal["all"] = "all"
+    # expert_choice: each expert takes its top-C tokens of its group (MoMa, not causal: needs
+    # the auxiliary routers at inference). token_choice: each token takes its top-k experts.
+    router: Literal["expert_choice", "token_choice"] = "expert_choice"
+    score: Literal["sigmoid", "softmax"] = "sigmoid"
+    # Experts per token (token_choice); the expected experts per token for expert_choice is
+    # capacity_factor * top_k. Both scale with granularity.
+    top_k: int = 1
+    # expert_choice: C = capacity_factor * top_k * tokens in group / experts in group.
+    # token_choice: 0 is dropless; > 0 drops tokens past capacity_factor * top_k * T / E.
+    capacity_factor: float = 1.0
+    # Renormalize the selected gates of a token to sum to 1 (token_choice).
+    renormalize: bool = True
+    # Fine-grained experts: expert hidden = dense hidden / granularity; the number of experts
+    # and top_k are multiplied by it, so active FLOPs stay those of the dense FFN.
+    granularity: int = 1
+    # Always-on shared experts per group (DeepSeekMoE), each of the fine-grained expert size.
+    shared_experts: int = 0
+    # Gumbel (logistic) noise on router logits for selection, in training only; 0 is off.
+    router_noise: float = 0.0
+    # Loss coefficients; 0 turns a loss off.
+    load_balance_coef: float = 0.0
+    router_z_coef: float = 0.0
+    # LIMoE: minimise per-token entropy (local), maximise entropy of the mean routing (global).
+    entropy_local_coef: float = 0.0
+    entropy_global_coef: float = 0.0
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added for selection only and
+    # moved by this rate towards equal load after each optimizer step; 0 is off.
+    bias_update_rate: float = 0.0
+    # Causal inference for expert_choice (MoMa 2.4): per-expert auxiliary routers predict the
+    # selection from the token alone, trained with BCE on stop-gradient inputs.
+    aux_router_hidden: int = 64
+    aux_router_coef: float = 1.0
+    # Expert GEMM: auto picks torch._grouped_mm on CUDA, a loop over experts on CPU.
+    gemm: Literal["auto", "grouped_mm", "loop"] = "auto"
+
+    def __post_init__(self) -> None:
+        epm = self.experts_per_modality
+        if epm:
+            keys = set(epm)
+            if keys != {MIXED} and keys != set(MODALITIES):
+                raise ValueError(
+                    f"moe.experts_per_modality={epm}: give every modality "
+                    f"({', '.join(MODALITIES)}) a count, or one '{MIXED}' group"
+                )
+            if any(n < 1 for n in epm.values()):
+                raise ValueError(f"moe.experts_per_modality={epm}: counts must be >= 1")
+        if self.top_k < 1 or self.granularity < 1 or self.shared_experts < 0:
+            raise ValueError("moe.top_k and moe.granularity must be >= 1, shared_experts >= 0")
+        if self.router == "token_choice":
+            for name, n in epm.items():
+                if self.top_k > n:
+                    raise ValueError(
+                        f"moe.top_k={self.top_k} exceeds the {n} experts of group '{name}'"
+                    )
+        if self.capacity_factor < 0 or (
+            self.router == "expert_choice" and self.capacity_factor <= 0
+        ):
+            raise ValueError(
+                f"moe.capacity_factor={self.capacity_factor} must be > 0 for expert_choice "
+                "(>= 0 for token_choice, where 0 is dropless)"
+            )
+        if self.aux_router_hidden < 1 or self.router_noise < 0 or self.bias_update_rate < 0:
+            raise ValueError("moe.aux_router_hidden >= 1, router_noise and bias_update_rate >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.experts_per_modality)
+
+    def groups(self) -> list[tuple[str, tuple[int, ...], int]]:
+        """(name, modality ids it serves, number of experts) per group, in a fixed order."""
+        g = self.granularity
+        if MIXED in self.experts_per_modality:
+            n = self.experts_per_modality[MIXED] * g
+            return [(MIXED, tuple(range(len(MODALITIES))), n)]
+        return [(m, (i,), self.experts_per_modality[m] * g) for i, m in enumerate(MODALITIES)]
+
+    @property
+    def k(self) -> int:
+        """Experts per token after granularity scaling."""
+        return self.top_k * self.granularity
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.enabled and (self.layers == "all" or index in self.layers)
+
+    def expected_experts_per_token(self) -> float:
+        if self.router == "expert_choice":
+            return self.capacity_factor * self.k
+        return float(self.k)

@@ -1,0 +1,108 @@
+"""Routing: which (token, expert) pairs are computed, and with which gate.
+
+Shape legend: T tokens of one group, E experts of the group, K experts per token, C tokens per
+expert, N selected (token, expert) pairs. All router math is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Routing:
+    token_idx_N: torch.Tensor  # index into the group's tokens
+    expert_idx_N: torch.Tensor  # expert within the group
+    gate_N: torch.Tensor  # fp32 weight of the expert's output
+    # [T, E] bool: the selection before capacity dropping (for balance losses / aux routers)
+    chosen_TE: torch.Tensor
+    dropped_fraction: torch.Tensor  # scalar
+
+
+def scores_from_logits(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
+    return torch.sigmoid(logits_TE) if score == "sigmoid" else torch.softmax(logits_TE, dim=-1)
+
+
+def logistic_noise_like(x: torch.Tensor) -> torch.Tensor:
+    """Difference of two Gumbels: Gumbel-sigmoid noise for the logits."""
+    u = torch.rand_like(x).clamp_(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int) -> int:
+    """Tokens each expert takes under expert choice: capacity_factor * k * T / E, at most T."""
+    return min(num_tokens, int(capacity_factor * k * num_tokens / num_experts))
+
+
+def expert_choice(scores_TE: torch.Tensor, select_TE: torch.Tensor, capacity: int) -> Routing:
+    """Each expert takes its top-`capacity` tokens by `select_TE`; gates are `scores_TE`."""
+    T, E = scores_TE.shape
+    _, token_idx_EC = torch.topk(select_TE.t(), capacity, dim=1, sorted=False)
+    expert_idx_EC = torch.arange(E, device=scores_TE.device).unsqueeze(1).expand(E, capacity)
+    gate_EC = scores_TE.t().gather(1, token_idx_EC)
+    chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
+    chosen_TE[token_idx_EC.reshape(-1), expert_idx_EC.reshape(-1)] = True
+    unprocessed = (~chosen_TE.any(1)).float().mean() if T else scores_TE.new_zeros(())
+    return Routing(
+        token_idx_EC.reshape(-1),
+        expert_idx_EC.reshape(-1),
+        gate_EC.reshape(-1),
+        chosen_TE,
+        unprocessed,
+    )
+
+
+def from_mask(scores_TE: torch.Tensor, chosen_TE: torch.Tensor) -> Routing:
+    """Routing for an explicit selection mask (auxiliary-router inference)."""
+    token_idx_N, expert_idx_N = chosen_TE.nonzero(as_tuple=True)
+    unprocessed = (~chosen_TE.any(1)).float().mean() if len(chosen_TE) else scores_TE.new_zeros(())
+    return Routing(
+        token_idx_N, expert_idx_N, scores_TE[token_idx_N, expert_idx_N], chosen_TE, unprocessed
+    )
+
+
+def token_choice(
+    scores_TE: torch.Tensor,
+    select_TE: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    capacity: int | None,
+) -> Routing:
+    """Each token takes its top-k experts by `select_TE`; beyond `capacity` tokens per expert,
+    later tokens are dropped (first come, first served). capacity None is dropless."""
+    T, E = scores_TE.shape
+    _, expert_idx_TK = torch.topk(select_TE, k, dim=1)
+    gate_TK = scores_TE.gather(1, expert_idx_TK)
+    if renormalize:
+        gate_TK = gate_TK / gate_TK.sum(1, keepdim=True).clamp_min(1e-20)
+    chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
+    chosen_TE.scatter_(1, expert_idx_TK, True)
+    token_idx_N = torch.arange(T, device=scores_TE.device).repeat_interleave(k)
+    expert_idx_N, gate_N = expert_idx_TK.reshape(-1), gate_TK.reshape(-1)
+    dropped = scores_TE.new_zeros(())
+    if capacity is not None and T:
+        # Position of each pair among its expert's pairs, in token order (stable sort).
+        order_N = torch.argsort(expert_idx_N, stable=True)
+        counts_E = torch.bincount(expert_idx_N, minlength=E)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_sorted = (
+            torch.arange(len(order_N), device=order_N.device) - starts_E[expert_idx_N[order_N]]
+        )
+        rank_N = torch.empty_like(rank_sorted)
+        rank_N[order_N] = rank_sorted
+        keep_N = rank_N < capacity
+        dropped = 1.0 - keep_N.float().mean()
+        token_idx_N, expert_idx_N, gate_N = (
+            token_idx_N[keep_N],
+            expert_idx_N[keep_N],
+            gate_N[keep_N],
+        )
+    return Routing(token_idx_N, expert_idx_N, gate_N, chosen_TE, dropped)
+
+
+def token_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int) -> int:
+    """Token-choice capacity per expert: ceil(capacity_factor * k * T / E)."""
+    return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))

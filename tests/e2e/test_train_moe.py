@@ -1,0 +1,34 @@
+"""The MoE variants through the real training command."""
+
+from __future__ import annotations
+
+from tests.helpers import metrics, train
+
+
+def test_tiny_moma_trains_and_logs_expert_load(tmp_path):
+    train(tmp_path, "experiment=tiny_moma", "trainer.max_steps=30", "trainer.log_interval=10")
+    rows = metrics(tmp_path)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    last = rows[-1]
+    for layer in range(4):
+        for group in ("text", "image"):
+            loads = [last[f"moe/l{layer}/{group}/load_e{e}"] for e in range(4)]
+            assert abs(sum(loads) - 1) < 1e-6
+            assert f"moe/l{layer}/{group}/dropped" in last
+            assert 0.5 < last[f"moe/l{layer}/{group}/aux_router_acc"] <= 1
+    assert last["aux/moe/aux_router_bce"] > 0
+
+
+def test_mot_mod_token_choice_trains(tmp_path):
+    train(
+        tmp_path,
+        "experiment=tiny_moma",
+        "moe=moma_4t4i_tc",
+        "trainer.max_steps=6",
+        "model.untie=[attention,norms]",
+        "model.mod.layers=[1,3]",
+        "model.mod.capacity=0.5",
+    )
+    rows = metrics(tmp_path)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert "mod/l1/aux_router_acc" in rows[-1] and "aux/moe/load_balance" in rows[-1]

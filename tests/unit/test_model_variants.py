@@ -1,0 +1,159 @@
+"""MoT, MoD and MoE inside the decoder: exactness, causality at inference, counting."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mm_moe.model.config import ModelConfig
+from mm_moe.model.mod import MoDConfig
+from mm_moe.model.moe.config import MoEConfig
+
+BASE = ModelConfig(
+    vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64
+)
+MOMA_EC = MoEConfig(experts_per_modality={"text": 2, "image": 2})
+MIXED_TC = MoEConfig(
+    experts_per_modality={"mixed": 4},
+    router="token_choice",
+    top_k=2,
+    score="softmax",
+    capacity_factor=0.0,
+)
+VARIANTS = {
+    "dense": (BASE, None),
+    "moma_ec": (BASE, MOMA_EC),
+    "mixed_tc": (BASE, MIXED_TC),
+    "moma_ec_granular_shared_some_layers": (
+        BASE,
+        replace(MOMA_EC, granularity=2, shared_experts=1, layers=[0, 2]),
+    ),
+    "mot": (replace(BASE, untie=["ffn", "attention", "norms"]), None),
+    "mot_moma": (replace(BASE, untie=["attention", "norms"]), MOMA_EC),
+    "mod": (replace(BASE, mod=MoDConfig(layers=[1], capacity=0.5)), None),
+    "moma_mod": (replace(BASE, mod=MoDConfig(layers=[0, 2], capacity=0.25)), MOMA_EC),
+    "post_norm_moma": (replace(BASE, norm_placement="post", tie_embeddings=True), MOMA_EC),
+}
+
+
+def _batch(seed=0, B=2, S=20):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 61, (B, S), generator=g)
+    modality = (torch.rand(B, S, generator=g) < 0.5).long()
+    return ids, modality
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_num_params_total_matches_built_model(name):
+    cfg, moe = VARIANTS[name]
+    model = cfg.build(moe)
+    assert cfg.num_params(moe)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_active_params_and_flops_of_moma_equal_dense_at_capacity_one():
+    dense = BASE.num_params()
+    moma = BASE.num_params(MOMA_EC)
+    routers_and_aux = moma["active"]["text"] - dense["active"]["text"]
+    # Capacity factor 1: one expert of the dense FFN's size per token, plus router costs.
+    hid = MOMA_EC.aux_router_hidden
+    per_layer = 32 * 2 + (32 * hid + hid + hid * 2 + 2)
+    assert routers_and_aux == BASE.n_layers * per_layer
+    assert moma["total"] > 2 * dense["total"]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_eval_output_at_t_ignores_tokens_after_t(name):
+    cfg, moe = VARIANTS[name]
+    torch.manual_seed(0)
+    model = cfg.build(moe).eval()
+    ids, modality = _batch()
+    changed, changed_mod = ids.clone(), modality.clone()
+    changed[:, 11:] = torch.randint(0, 61, (2, 9))
+    changed_mod[:, 11:] = 1 - changed_mod[:, 11:]
+    with torch.no_grad():
+        a = model(ids, modality).logits
+        b = model(changed, changed_mod).logits
+    torch.testing.assert_close(a[:, :11], b[:, :11], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_trains(name):
+    cfg, moe = VARIANTS[name]
+    torch.manual_seed(0)
+    model = cfg.build(moe).train()
+    ids, modality = _batch()
+    out = model(ids, modality)
+    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids.flatten())
+    (loss + sum(out.aux_losses.values(), torch.zeros(()))).backward()
+    assert torch.isfinite(loss)
+    used = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()]
+    assert len(used) > 0.8 * len(list(model.parameters()))
+
+
+def test_mot_with_identical_copies_equals_dense():
+    torch.manual_seed(0)
+    dense = BASE.build().eval()
+    mot_cfg = replace(BASE, untie=["ffn", "attention", "norms"])
+    mot = mot_cfg.build().eval()
+    dense_state = dense.state_dict()
+    new_state = {}
+    for key, value in mot.state_dict().items():
+        if ".ffn.experts." in key:  # layers.i.ffn.experts.m.w_x.weight <- layers.i.ffn.w_x.weight
+            prefix, rest = key.split(".ffn.experts.")
+            src = dense_state[f"{prefix}.ffn.{rest.split('.', 1)[1]}"]
+        elif key in dense_state:
+            src = dense_state[key]
+        else:
+            raise AssertionError(key)
+        new_state[key] = src.expand_as(value).clone()
+    mot.load_state_dict(new_state)
+    ids, modality = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mot(ids, modality).logits, dense(ids).logits, atol=1e-6, rtol=1e-6
+        )
+
+
+def test_mod_processes_capacity_fraction_and_skips_padding():
+    cfg = replace(BASE, mod=MoDConfig(layers=[1], capacity=0.25))
+    torch.manual_seed(0)
+    model = cfg.build().train()
+    ids, modality = _batch(S=20)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, :8] = False  # padding never takes a slot
+    out = model(ids, modality, token_mask_BS=mask)
+    # 25% of 20 positions = 5 slots per row, among 12 valid tokens.
+    assert out.stats["mod/l1/selected"].item() == pytest.approx(5 / 12)
+
+
+def test_moe_stats_have_load_per_expert_and_aux_router_accuracy():
+    torch.manual_seed(0)
+    model = BASE.build(MOMA_EC).train()
+    ids, modality = _batch()
+    stats = model(ids, modality).stats
+    for layer in range(BASE.n_layers):
+        for group in ("text", "image"):
+            assert stats[f"moe/l{layer}/{group}/load"].shape == (2,)
+            assert 0 <= stats[f"moe/l{layer}/{group}/aux_router_acc"] <= 1
+            assert 0 <= stats[f"moe/l{layer}/{group}/dropped"] < 1
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        (dict(experts_per_modality={"text": 2}), "moe.experts_per_modality"),
+        (dict(experts_per_modality={"text": 2, "image": 0}), "moe.experts_per_modality"),
+        (dict(experts_per_modality={"mixed": 2}, router="token_choice", top_k=3), "moe.top_k"),
+        (dict(capacity_factor=0.0), "moe.capacity_factor"),
+    ],
+)
+def test_bad_moe_config_names_the_key(bad, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        MoEConfig(**{"experts_per_modality": {"mixed": 2}, **bad})
+
+
+def test_granularity_must_divide_ffn():
+    with pytest.raises(ValueError, match="moe.granularity"):
+        BASE.build(replace(MOMA_EC, granularity=3))

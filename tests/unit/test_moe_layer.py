@@ -1,0 +1,250 @@
+"""The MoE layer against a naive per-token reference, forward and gradients."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm_moe.modality import IMAGE, TEXT
+from mm_moe.model.context import ForwardContext
+from mm_moe.model.moe.config import MoEConfig
+from mm_moe.model.moe.layer import MoELayer
+
+D, HIDDEN = 16, 32
+
+
+def _ctx(modality_BS, valid_BS=None):
+    B, S = modality_BS.shape
+    return ForwardContext(
+        modality_ids_BS=modality_BS,
+        position_ids_BS=torch.arange(S).expand(B, S),
+        doc_ids_BS=None,
+        mask_B1SS=None,
+        valid_BS=torch.ones(B, S, dtype=torch.bool) if valid_BS is None else valid_BS,
+    )
+
+
+def _expert(layer, e, x_d):
+    ex = layer.experts
+    return (F.silu(x_d @ ex.w_gate[e]) * (x_d @ ex.w_up[e])) @ ex.w_down[e]
+
+
+def _naive(layer: MoELayer, x_BSd, modality_BS, valid_BS, training: bool):
+    """Selection and combination with Python loops over experts and tokens."""
+    cfg = layer.cfg
+    B, S, d = x_BSd.shape
+    x_Td, mod_T, valid_T = x_BSd.reshape(-1, d), modality_BS.reshape(-1), valid_BS.reshape(-1)
+    out = [torch.zeros(d) for _ in range(B * S)]
+    for name, modalities, E in layer.group_specs:
+        tokens = [t for t in range(B * S) if valid_T[t] and int(mod_T[t]) in modalities]
+        off = layer.offsets[name]
+        w = layer.routers[name].weight
+        logits = {t: (w @ x_Td[t]).float() for t in tokens}
+        scores = {
+            t: torch.sigmoid(v) if cfg.score == "sigmoid" else torch.softmax(v, 0)
+            for t, v in logits.items()
+        }
+        pairs = []  # (token, expert, gate)
+        if cfg.router == "expert_choice":
+            if training:
+                cap = min(len(tokens), int(cfg.capacity_factor * cfg.k * len(tokens) / E))
+                for e in range(E):
+                    ranked = sorted(tokens, key=lambda t: -scores[t][e].item())[:cap]
+                    pairs += [(t, e, scores[t][e]) for t in ranked]
+            else:
+                aux = layer.aux_routers[name]
+                for t in tokens:
+                    pred = aux(x_Td[t : t + 1])[0]
+                    pairs += [(t, e, scores[t][e]) for e in range(E) if pred[e] > 0]
+        else:
+            cap = None
+            if training and cfg.capacity_factor > 0:
+                cap = math.ceil(cfg.capacity_factor * cfg.k * len(tokens) / E)
+            taken = [0] * E
+            for t in tokens:
+                top = sorted(range(E), key=lambda e: -scores[t][e].item())[: cfg.k]
+                gates = [scores[t][e] for e in top]
+                if cfg.renormalize:
+                    total = sum(gates)
+                    gates = [g / total for g in gates]
+                for e, g in zip(top, gates):
+                    if cap is None or taken[e] < cap:
+                        pairs.append((t, e, g))
+                    taken[e] += 1
+        for t, e, g in pairs:
+            out[t] = out[t] + g * _expert(layer, off + e, x_Td[t])
+        if name in layer.shared:
+            for t in tokens:
+                out[t] = out[t] + layer.shared[name](x_Td[t : t + 1])[0]
+    return torch.stack(out).view(B, S, d)
+
+
+CASES = {
+    "ec_sigmoid_moma": MoEConfig(experts_per_modality={"text": 3, "image": 2}),
+    "ec_softmax_mixed": MoEConfig(
+        experts_per_modality={"mixed": 4}, score="softmax", capacity_factor=1.5
+    ),
+    "ec_granular_shared": MoEConfig(
+        experts_per_modality={"text": 2, "image": 2}, granularity=2, shared_experts=1
+    ),
+    "tc_softmax_top2": MoEConfig(
+        experts_per_modality={"text": 4, "image": 3},
+        router="token_choice",
+        score="softmax",
+        top_k=2,
+        capacity_factor=0.0,
+    ),
+    "tc_sigmoid_raw_mixed": MoEConfig(
+        experts_per_modality={"mixed": 5},
+        router="token_choice",
+        top_k=2,
+        renormalize=False,
+        capacity_factor=0.0,
+    ),
+    "tc_capacity": MoEConfig(
+        experts_per_modality={"text": 3, "image": 3},
+        router="token_choice",
+        score="softmax",
+        top_k=2,
+        capacity_factor=0.5,
+    ),
+    "tc_grouped_mm": MoEConfig(
+        experts_per_modality={"text": 3, "image": 2},
+        router="token_choice",
+        score="softmax",
+        top_k=2,
+        capacity_factor=0.0,
+        gemm="grouped_mm",
+    ),
+    "ec_grouped_mm": MoEConfig(experts_per_modality={"text": 3, "image": 2}, gemm="grouped_mm"),
+}
+
+
+def _inputs(seed=0, B=2, S=12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, D, generator=g)
+    modality = (torch.rand(B, S, generator=g) < 0.4).long()  # ~40% image
+    valid = torch.rand(B, S, generator=g) > 0.15  # some padding
+    return x, modality, valid
+
+
+def _layer(cfg, seed=0):
+    torch.manual_seed(seed)
+    layer = MoELayer(cfg, D, HIDDEN, layer_index=0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_equals_naive_reference_forward_and_backward(name, training):
+    cfg = CASES[name]
+    layer = _layer(cfg)
+    layer.train(training)
+    ref_layer = copy.deepcopy(layer)
+    x, modality, valid = _inputs()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(x1, _ctx(modality, valid))
+    want = _naive(ref_layer, x2, modality, valid, training)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    (want * grad_out).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    for (n, p), q in zip(layer.named_parameters(), ref_layer.parameters()):
+        if p.grad is None:
+            assert q.grad is None or not q.grad.any(), n
+        else:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=n)
+    # Padding never reaches an expert: its output is exactly zero.
+    assert not out[~valid].any()
+
+
+def test_text_only_batch_gives_image_experts_no_gradient():
+    cfg = CASES["ec_sigmoid_moma"]
+    layer = _layer(cfg)
+    x, _, _ = _inputs()
+    modality = torch.full(x.shape[:2], TEXT)
+    layer(x, _ctx(modality)).pow(2).sum().backward()
+    img = slice(layer.offsets["image"], layer.offsets["image"] + 2)
+    txt = slice(0, layer.offsets["image"])
+    for w in (layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down):
+        assert not w.grad[img].any() and w.grad[txt].abs().sum() > 0
+    assert (
+        layer.routers["image"].weight.grad is None or not layer.routers["image"].weight.grad.any()
+    )
+    assert layer.routers["text"].weight.grad.abs().sum() > 0
+
+
+def test_image_only_batch_gives_text_experts_no_gradient():
+    cfg = replace(CASES["tc_softmax_top2"])
+    layer = _layer(cfg)
+    x, _, _ = _inputs(1)
+    layer(x, _ctx(torch.full(x.shape[:2], IMAGE))).pow(2).sum().backward()
+    txt = slice(0, layer.offsets["image"])
+    for w in (layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down):
+        assert not w.grad[txt].any()
+
+
+class _RecordingDispatcher:
+    def __init__(self):
+        self.counts = None
+
+    def __call__(self, x_Nd, counts_E, experts):
+        self.counts = counts_E.tolist()
+        return experts(x_Nd, counts_E)
+
+
+def test_expert_choice_capacity_counts_only_valid_tokens():
+    cfg = MoEConfig(experts_per_modality={"text": 4, "image": 2}, capacity_factor=1.0)
+    layer = _layer(cfg)
+    layer.dispatcher = rec = _RecordingDispatcher()
+    x, modality, valid = _inputs(2, B=3, S=16)
+    layer(x, _ctx(modality, valid))
+    n_text = int(((modality == TEXT) & valid).sum())
+    n_image = int(((modality == IMAGE) & valid).sum())
+    # C = capacity_factor * tokens of the group / experts of the group; padding excluded.
+    assert rec.counts == [n_text // 4] * 4 + [n_image // 2] * 2
+    layer(x, _ctx(modality))  # all valid: the groups, and so the capacities, grow
+    assert (
+        rec.counts
+        == [int((modality == TEXT).sum()) // 4] * 4 + [int((modality == IMAGE).sum()) // 2] * 2
+    )
+
+
+def test_token_choice_capacity_drops_later_tokens():
+    from mm_moe.model.moe import router
+
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.2, 0.8]])
+    routing = router.token_choice(scores, scores, k=1, renormalize=False, capacity=2)
+    # Expert 0 is everyone's first choice but holds only two: token 2 is dropped.
+    assert sorted(zip(routing.token_idx_N.tolist(), routing.expert_idx_N.tolist())) == [
+        (0, 0),
+        (1, 0),
+        (3, 1),
+    ]
+    assert routing.dropped_fraction.item() == pytest.approx(0.25)
+
+
+def test_expert_choice_capacity_formula():
+    from mm_moe.model.moe import router
+
+    assert router.expert_capacity(num_tokens=10, num_experts=4, capacity_factor=1.0, k=1) == 2
+    assert router.expert_capacity(10, 4, 2.0, 1) == 5
+    assert router.expert_capacity(10, 2, 4.0, 1) == 10  # never more than the group
+
+
+def test_zero_token_group_is_fine():
+    layer = _layer(CASES["ec_sigmoid_moma"])
+    x, _, _ = _inputs()
+    ctx = _ctx(torch.full(x.shape[:2], TEXT), torch.zeros(x.shape[:2], dtype=torch.bool))
+    out = layer(x, ctx)
+    assert not out.any()
+    assert ctx.stats["moe/l0/image/load"].tolist() == [0.0, 0.0]
