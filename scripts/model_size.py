@@ -1,6 +1,9 @@
-"""Print parameters and training FLOPs per token of every model preset (or the given ones).
+"""Print total and active parameters and training FLOPs per token of every model preset.
 
-.venv/bin/python scripts/model_size.py [PRESET ...] [--seq-len N]
+    .venv/bin/python scripts/model_size.py [PRESET ...] [--seq-len N]
+
+Presets are configs/model/*.yaml (some select an MoE config too); counts are analytic
+(tests check them against built models).
 """
 
 from __future__ import annotations
@@ -8,38 +11,35 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
+from hydra import compose, initialize_config_dir
 
-from mm_moe.config import from_dict
-from mm_moe.model.config import ModelConfig
+from mm_moe.train import CONFIG_DIR, build_config
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
+DATA_VOCAB = 65536 + 5 + 8192  # for presets whose vocab_size is 0 (taken from the data)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", help="names in configs/model (default: all)")
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=65536 + 5 + 8192,
-        help="for presets with vocab_size 0 (taken from the data)",
-    )
     args = parser.parse_args()
-    names = args.presets or sorted(p.stem for p in PRESETS.glob("*.yaml"))
-    print(f"{'preset':<16}{'total':>12}{'embedding':>12}{'FLOPs/token':>14}  (seq {args.seq_len})")
-    for name in names:
-        cfg = from_dict(
-            ModelConfig, yaml.safe_load((PRESETS / f"{name}.yaml").read_text()), prefix="model"
-        )
-        cfg = cfg.with_vocab(args.vocab_size)
-        params = cfg.num_params()
-        flops = cfg.flops_per_token(args.seq_len)["text"]
-        print(
-            f"{name:<16}{params['total'] / 1e6:>11.1f}M{params['embedding'] / 1e6:>11.1f}M"
-            f"{flops:>14.3g}"
-        )
+    names = args.presets or sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+    print(
+        f"{'preset':<22}{'total':>10}{'active text':>13}{'active image':>14}"
+        f"{'GFLOPs/tok text':>17}{'image':>8}  (training, seq {args.seq_len})"
+    )
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        for name in names:
+            cfg = build_config(compose("train", overrides=[f"model={name}"]))
+            model = cfg.model.with_vocab(DATA_VOCAB)
+            params = model.num_params(cfg.moe)
+            flops = model.flops_per_token(args.seq_len, cfg.moe)
+            print(
+                f"{name:<22}{params['total'] / 1e6:>9.0f}M"
+                f"{params['active']['text'] / 1e6:>12.0f}M"
+                f"{params['active']['image'] / 1e6:>13.0f}M"
+                f"{flops['text'] / 1e9:>17.2f}{flops['image'] / 1e9:>8.2f}"
+            )
 
 
 if __name__ == "__main__":

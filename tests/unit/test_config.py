@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from mm_moe.config import ConfigError, TrainConfig, from_dict, to_dict
@@ -88,12 +90,18 @@ def test_override_prescan(argv, ok):
             check_overrides(argv, TrainConfig, ENTRY)
 
 
-@pytest.mark.parametrize("experiment", ["tiny_dense", "dense_1b"])
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = build_config(compose("train", overrides=[f"experiment={experiment}"]))
     assert cfg.name == experiment
     assert cfg.checkpoint.dir == f"runs/{experiment}/checkpoints"
+    if experiment == "tiny_moma":
+        assert cfg.moe.experts_per_modality == {"text": 4, "image": 4}
 
 
 def test_dense_1b_preset_is_about_one_billion():
@@ -118,3 +126,13 @@ def test_checked_overrides_become_add_or_override():
         "+custom=1",
         "-m",
     ]
+
+
+@pytest.mark.parametrize("preset", MODELS)
+def test_every_model_preset_counts_its_parameters_exactly(preset):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = build_config(compose("train", overrides=[f"model={preset}"]))
+    model_cfg = cfg.model.with_vocab(1000)
+    with torch.device("meta"):  # shapes only: the 1.4B presets cost no memory
+        model = model_cfg.build(cfg.moe)
+    assert model_cfg.num_params(cfg.moe)["total"] == sum(p.numel() for p in model.parameters())

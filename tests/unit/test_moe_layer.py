@@ -31,7 +31,8 @@ def _ctx(modality_BS, valid_BS=None):
 
 def _expert(layer, e, x_d):
     ex = layer.experts
-    return (F.silu(x_d @ ex.w_gate[e]) * (x_d @ ex.w_up[e])) @ ex.w_down[e]
+    gate, up = (x_d @ ex.w_gate_up[e]).chunk(2)
+    return (F.silu(gate) * up) @ ex.w_down[e]
 
 
 def _naive(layer: MoELayer, x_BSd, modality_BS, valid_BS, training: bool):
@@ -175,7 +176,7 @@ def test_text_only_batch_gives_image_experts_no_gradient():
     layer(x, _ctx(modality)).pow(2).sum().backward()
     img = slice(layer.offsets["image"], layer.offsets["image"] + 2)
     txt = slice(0, layer.offsets["image"])
-    for w in (layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down):
+    for w in (layer.experts.w_gate_up, layer.experts.w_down):
         assert not w.grad[img].any() and w.grad[txt].abs().sum() > 0
     assert (
         layer.routers["image"].weight.grad is None or not layer.routers["image"].weight.grad.any()
@@ -189,7 +190,7 @@ def test_image_only_batch_gives_text_experts_no_gradient():
     x, _, _ = _inputs(1)
     layer(x, _ctx(torch.full(x.shape[:2], IMAGE))).pow(2).sum().backward()
     txt = slice(0, layer.offsets["image"])
-    for w in (layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down):
+    for w in (layer.experts.w_gate_up, layer.experts.w_down):
         assert not w.grad[txt].any()
 
 

@@ -30,31 +30,66 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16
-    return False  # the CPU kernel exists but is no faster than the loop
+    return False  # the CPU kernel exists but is no faster than the fused loop below
 
 
-def grouped_matmul(
-    x_Nd: torch.Tensor, w_Edh: torch.Tensor, counts_E: torch.Tensor, use_grouped_mm: bool
-) -> torch.Tensor:
-    """Row block e of x (counts_E[e] rows) times w[e]."""
-    if use_grouped_mm:
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x_Nd, w_Edh, offs=offs_E))
-    splits = counts_E.tolist()
-    outs = [xe @ w_Edh[e] for e, xe in enumerate(torch.split(x_Nd, splits)) if splits[e]]
-    if not outs:
-        return x_Nd.new_zeros(0, w_Edh.shape[2])
-    return torch.cat(outs)
+def _grouped_mm(x_Nd: torch.Tensor, w_Edh: torch.Tensor, counts_E: torch.Tensor):
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    return _ContiguousGrad.apply(torch._grouped_mm(x_Nd, w_Edh, offs=offs_E))
+
+
+def _swiglu_grad(gu_Mh2: torch.Tensor, grad_a_Mh: torch.Tensor) -> torch.Tensor:
+    """d(silu(g) * u) / d[g, u] times the incoming gradient, from the saved [g | u]."""
+    g, u = gu_Mh2.chunk(2, dim=1)
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    return torch.cat([grad_a_Mh * u * sig * (1 + g * (1 - sig)), grad_a_Mh * silu], dim=1)
+
+
+class _LoopedSwiGLU(torch.autograd.Function):
+    """Experts as a loop of GEMMs over contiguous row blocks, written into preallocated
+    outputs (no split/cat in the autograd graph), with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x_Nd, w_gate_up_Ed2h, w_down_Ehd, bounds):
+        out_Nd = x_Nd.new_empty(x_Nd.shape[0], w_down_Ehd.shape[2])
+        gu_N2h = x_Nd.new_empty(x_Nd.shape[0], w_gate_up_Ed2h.shape[2])
+        for e, (lo, hi) in enumerate(bounds):
+            if hi > lo:
+                torch.mm(x_Nd[lo:hi], w_gate_up_Ed2h[e], out=gu_N2h[lo:hi])
+                g, u = gu_N2h[lo:hi].chunk(2, dim=1)
+                torch.mm(F.silu(g) * u, w_down_Ehd[e], out=out_Nd[lo:hi])
+        ctx.save_for_backward(x_Nd, w_gate_up_Ed2h, w_down_Ehd, gu_N2h)
+        ctx.bounds = bounds
+        return out_Nd
+
+    @staticmethod
+    def backward(ctx, grad_Nd):
+        x_Nd, w_gu, w_down, gu_N2h = ctx.saved_tensors
+        grad_Nd = grad_Nd.contiguous()
+        grad_x = torch.zeros_like(x_Nd)
+        grad_gu = torch.zeros_like(w_gu)
+        grad_down = torch.zeros_like(w_down)
+        for e, (lo, hi) in enumerate(ctx.bounds):
+            if hi <= lo:
+                continue
+            g, u = gu_N2h[lo:hi].chunk(2, dim=1)
+            a_Mh = F.silu(g) * u
+            torch.mm(a_Mh.t(), grad_Nd[lo:hi], out=grad_down[e])
+            d_gu = _swiglu_grad(gu_N2h[lo:hi], grad_Nd[lo:hi] @ w_down[e].t())
+            torch.mm(x_Nd[lo:hi].t(), d_gu, out=grad_gu[e])
+            torch.mm(d_gu, w_gu[e].t(), out=grad_x[lo:hi])
+        return grad_x, grad_gu, grad_down, None
 
 
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, hidden: int, gemm: str = "auto"):
         super().__init__()
         self.num_experts, self.hidden, self.gemm = num_experts, hidden, gemm
-        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w_up = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        # Gate and up projections side by side: one GEMM per expert instead of two.
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-        for w in (self.w_gate, self.w_up, self.w_down):
+        for w in (self.w_gate_up, self.w_down):
             nn.init.normal_(w, std=1 / math.sqrt(w.shape[1]))
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
@@ -63,7 +98,9 @@ class GroupedExperts(nn.Module):
         return self.gemm == "grouped_mm"
 
     def forward(self, x_Nd: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        grouped = self._use_grouped_mm(x_Nd)
-        gate_Nh = grouped_matmul(x_Nd, self.w_gate, counts_E, grouped)
-        up_Nh = grouped_matmul(x_Nd, self.w_up, counts_E, grouped)
-        return grouped_matmul(F.silu(gate_Nh) * up_Nh, self.w_down, counts_E, grouped)
+        if self._use_grouped_mm(x_Nd):
+            gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, counts_E).chunk(2, dim=1)
+            return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, counts_E)
+        ends = torch.cumsum(counts_E, 0).tolist()
+        bounds = list(zip([0, *ends[:-1]], ends))
+        return _LoopedSwiGLU.apply(x_Nd, self.w_gate_up, self.w_down, bounds)

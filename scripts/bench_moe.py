@@ -1,0 +1,181 @@
+"""Forward+backward time of the MoE layer vs a dense SwiGLU with equal active FLOPs and vs
+DeepSpeed's MoE layer (top-k, capacity factor 1.25), measured in one run.
+
+    .venv/bin/python scripts/bench_moe.py [--json] [--iters 10]
+
+Prints one JSON object per case with --json (fields: case, num_experts, top_k, tokens, hidden,
+ours_ms, dense_ms, deepspeed_ms, ratio_vs_dense, speedup_vs_deepspeed), else a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mm_moe.model.context import ForwardContext
+from mm_moe.model.mlp import SwiGLU
+from mm_moe.model.moe.config import MoEConfig
+from mm_moe.model.moe.layer import MoELayer
+
+
+@dataclass
+class Case:
+    name: str
+    moe: MoEConfig
+    tokens: int = 4096
+    hidden: int = 256  # model width d
+    ffn: int = 512  # dense FFN hidden that the experts are cut from (f)
+    image_fraction: float = 0.5
+    baseline: MoEConfig | None = None  # the ungrouped layer with the same E and k
+
+
+def _cases() -> list[Case]:
+    tc = dict(router="token_choice", score="softmax", capacity_factor=0.0)
+    return [
+        Case("E8_k2", MoEConfig(experts_per_modality={"mixed": 8}, top_k=2, **tc)),
+        Case(
+            "moma_4t4i_k2",
+            MoEConfig(experts_per_modality={"text": 4, "image": 4}, top_k=2, **tc),
+            baseline=MoEConfig(experts_per_modality={"mixed": 8}, top_k=2, **tc),
+        ),
+        Case(
+            "moma_4t4i_expert_choice",
+            MoEConfig(experts_per_modality={"text": 4, "image": 4}, capacity_factor=2.0),
+            baseline=MoEConfig(experts_per_modality={"mixed": 8}, capacity_factor=2.0),
+        ),
+        Case(
+            "fine_grained_E32_k4",
+            MoEConfig(experts_per_modality={"mixed": 8}, granularity=4, top_k=1, **tc),
+        ),
+    ]
+
+
+def _time_ms(fns: dict, iters: int) -> dict[str, float]:
+    """Median milliseconds of each function, run round-robin so that a change in machine load
+    affects every contender alike."""
+    for fn in fns.values():
+        fn()
+        fn()
+    samples = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _fwd_bwd(module_call, x):
+    def run():
+        x.grad = None
+        out = module_call(x)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def _ours(case: Case, moe: MoEConfig, x, modality):
+    layer = MoELayer(moe, case.hidden, case.ffn, layer_index=0)
+    B = 1
+
+    def call(inp):
+        ctx = ForwardContext(
+            modality_ids_BS=modality.view(B, -1),
+            position_ids_BS=torch.zeros_like(modality).view(B, -1),
+            doc_ids_BS=None,
+            mask_B1SS=None,
+            valid_BS=torch.ones_like(modality, dtype=torch.bool).view(B, -1),
+        )
+        return layer(inp.view(B, -1, case.hidden), ctx)
+
+    return call
+
+
+def _deepspeed_layer(case: Case, num_experts: int, k: int, expert_hidden: int):
+    from deepspeed.moe.layer import MoE
+
+    layer = MoE(
+        hidden_size=case.hidden,
+        expert=SwiGLU(case.hidden, expert_hidden),
+        num_experts=num_experts,
+        ep_size=1,
+        k=k,
+        capacity_factor=1.25,
+        eval_capacity_factor=1.25,
+        min_capacity=4,
+        drop_tokens=True,
+    )
+    return lambda inp: layer(inp.view(1, -1, case.hidden))[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.utils.logger.setLevel("WARNING")
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's MoE creates its groups
+    torch.manual_seed(0)
+    rows = []
+    for case in _cases():
+        moe = case.moe
+        x = torch.randn(case.tokens, case.hidden, requires_grad=True)
+        modality = (torch.rand(case.tokens) < case.image_fraction).long()
+        num_experts = sum(n for _, _, n in moe.groups())
+        expert_hidden = case.ffn // moe.granularity
+        active_hidden = int(moe.expected_experts_per_token() * expert_hidden)
+        dense = SwiGLU(case.hidden, active_hidden)
+        fns = {
+            "ours": _fwd_bwd(_ours(case, moe, x, modality), x),
+            "dense": _fwd_bwd(dense, x),
+        }
+        ds_k = round(moe.expected_experts_per_token())
+        if ds_k <= 2:  # DeepSpeed's gate supports k = 1 or 2
+            ds = _deepspeed_layer(case, num_experts, ds_k, expert_hidden)
+            fns["deepspeed"] = _fwd_bwd(ds, x)
+        if case.baseline is not None:
+            fns["ungrouped"] = _fwd_bwd(_ours(case, case.baseline, x, modality), x)
+        ms = _time_ms(fns, args.iters)
+        row = {
+            "case": case.name,
+            "num_experts": num_experts,
+            "top_k": moe.k,
+            "tokens": case.tokens,
+            "hidden": case.hidden,
+            "ours_ms": ms["ours"],
+            "dense_ms": ms["dense"],
+            "deepspeed_ms": ms.get("deepspeed"),
+            "ratio_vs_dense": ms["ours"] / ms["dense"],
+            "speedup_vs_deepspeed": ms["deepspeed"] / ms["ours"] if "deepspeed" in ms else None,
+        }
+        if "ungrouped" in ms:
+            row["ungrouped_ms"] = ms["ungrouped"]
+            row["ratio_vs_ungrouped"] = ms["ours"] / ms["ungrouped"]
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    if not args.json:
+        for row in rows:
+            print(
+                "  ".join(
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
