@@ -10,7 +10,7 @@ TORCH_CPU := torch==2.13.0
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup train test test-fast lint format clean
+.PHONY: setup train test test-slurm test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q --timeout=900 tests $(ARGS)
+
+# The launcher test under a real single-node Slurm (installs Debian's slurm packages; root).
+test-slurm: setup
+	$(PY) -m pytest -q -m slurm tests/slurm $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit $(ARGS)

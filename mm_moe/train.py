@@ -44,8 +44,25 @@ def build_config(cfg: DictConfig) -> TrainConfig:
     return from_dict(TrainConfig, container)
 
 
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweep_run_dir(cfg: DictConfig) -> None:
+    """In a multirun, give each job its own run directory unless the user chose one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    if _is_multirun() and not any("trainer.run_dir=" in o for o in hydra_cfg.overrides.task):
+        cfg.trainer.run_dir = hydra_cfg.runtime.output_dir
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    _sweep_run_dir(cfg)
     try:
         train_cfg = build_config(cfg)
     except ConfigError as exc:
@@ -60,9 +77,12 @@ def _hydra_main(cfg: DictConfig) -> None:
             raise
         _fail(str(exc))
     finally:
-        from mm_moe.parallel.distributed import shutdown
+        # Sequential multirun jobs share this process (and DeepSpeed's communicator): keep the
+        # process group for the next job; it ends with the process.
+        if not _is_multirun():
+            from mm_moe.parallel.distributed import shutdown
 
-        shutdown()
+            shutdown()
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from mm_moe.config.validate import to_dict
 from mm_moe.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mm_moe.parallel.engine import build_engine, deepspeed_config
 from mm_moe.trainer.metrics import MetricsLogger
+from mm_moe.trainer.preemption import PreemptionFlag
 from mm_moe.trainer.step import train_step
 
 log = logging.getLogger("mm_moe")
@@ -169,6 +170,7 @@ def run(cfg: TrainConfig) -> list[dict]:
     mean_flops = sum(flops.values()) / len(flops)
 
     history = []
+    preemption = PreemptionFlag()
     for step in range(start_step + 1, cfg.trainer.max_steps + 1):
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
@@ -190,7 +192,8 @@ def run(cfg: TrainConfig) -> list[dict]:
         if step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
             metrics.log(record)
         interval = cfg.checkpoint.interval
-        if interval and (step % interval == 0 or step == cfg.trainer.max_steps):
+        preempted = preemption.agreed(all_reduce_sum, dist_info.device)
+        if preempted or (interval and (step % interval == 0 or step == cfg.trainer.max_steps)):
             ckpt_state.save(
                 ckpt_root,
                 step,
@@ -203,6 +206,14 @@ def run(cfg: TrainConfig) -> list[dict]:
                 cfg.checkpoint.keep_last,
                 extra={"wandb_id": wandb_id},
             )
+        if preempted:
+            log.warning(
+                "%s received: checkpoint of step %d written, exiting",
+                preemption.signal_name or "a preemption signal on another rank",
+                step,
+            )
+            break
+    preemption.restore_defaults()
     metrics.close()
     if dist_info.is_main and history:
         _summary(

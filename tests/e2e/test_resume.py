@@ -60,3 +60,41 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path, straight):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
     assert not (root / ".tmp-step_00000010").exists()  # cleaned up by the next save
     assert (root / "latest").read_text().strip() == f"step_{STEPS:08d}"
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, straight):
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import TINY, _env
+
+    run_dir = tmp_path / "run"
+    cmd = [
+        PYTHON,
+        "-m",
+        "mm_moe.train",
+        *TINY,
+        f"trainer.run_dir={run_dir}",
+        "trainer.max_steps=100000",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics_file = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    saved = layout.latest_step_dir(run_dir / "checkpoints")
+    assert saved is not None and "SIGTERM received" in out
+    stopped_at = int(saved.name.split("_")[1])
+    assert 3 <= stopped_at < STEPS, stopped_at
+    train(run_dir, f"trainer.max_steps={STEPS}", "checkpoint.resume=auto")
+    resumed = losses(run_dir)
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == straight[step], (step, resumed[step], straight[step])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.helpers import PYTHON, REPO, _env, metrics, train
 
 REQUIRED = {
@@ -84,3 +86,19 @@ def test_fresh_run_refuses_to_clobber_checkpoints(tmp_path):
     assert proc.returncode == 2
     assert "checkpoint.resume=auto" in proc.stderr
     train(run_dir, "trainer.max_steps=2", "checkpoint.interval=2", "checkpoint.overwrite=true")
+
+
+def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path):
+    proc = _run_cli(
+        "-m",
+        "experiment=tiny_dense",
+        "trainer.max_steps=2",
+        "logging.wandb.mode=disabled",
+        "optim.lr=1e-3,2e-3",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = metrics(tmp_path / "0")
+    second = metrics(tmp_path / "1")
+    # Step 2 of a 10-step warmup: 2/10 of each sweep point's learning rate.
+    assert [first[-1]["lr"], second[-1]["lr"]] == pytest.approx([2e-4, 4e-4])

@@ -1,0 +1,169 @@
+"""Plan a job before launching it: parameters, FLOPs, memory per GPU and all-to-all volume.
+
+    python -m mm_moe.plan experiment=moma_4t4i_1.4b cluster.nodes=8 cluster.gpus_per_node=8
+
+Takes the training command's overrides plus `cluster.*` (nodes, gpus_per_node,
+gpu_memory_gb, bytes_per_param). Estimates assume bf16 weights and gradients, fp32 master
+weights and Adam moments, ZeRO partitioning of optimizer state (stage >= 1) and gradients
+(stage 2) over the data-parallel group for dense parameters and over the expert-data-parallel
+group for expert parameters, and activation memory of 34 bytes per token, layer and width unit
+(Korthikanti et al. 2022 with fused attention, no recomputation).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from hydra import compose, initialize_config_dir
+
+from mm_moe.config import ConfigError, TrainConfig, from_dict
+from mm_moe.config.overrides import check_overrides
+
+
+@dataclass
+class ClusterConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    # Vocabulary size assumed when the model takes it from the data (model.vocab_size=0).
+    data_vocab_size: int = 65536 + 5 + 8192
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1 or self.gpu_memory_gb <= 0:
+            raise ValueError(
+                "cluster.nodes and cluster.gpus_per_node must be >= 1, cluster.gpu_memory_gb > 0"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def _expert_params(cfg: TrainConfig, model) -> int:
+    moe = cfg.moe
+    if not moe.enabled:
+        return 0
+    h = model.ffn_dim // moe.granularity
+    per_layer = sum(n for _, _, n in moe.groups()) * 3 * model.d_model * h
+    return per_layer * sum(moe.is_moe_layer(i) for i in range(model.n_layers))
+
+
+def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
+    model = cfg.model.with_vocab(cluster.data_vocab_size)
+    params = model.num_params(cfg.moe)
+    seq = cfg.data.seq_len
+    flops = model.flops_per_token(seq, cfg.moe)
+    world, ep, zero = cluster.world_size, cfg.parallel.expert_parallel_size, cfg.parallel.zero_stage
+    warnings = []
+    if world % ep:
+        warnings.append(
+            f"parallel.expert_parallel_size={ep} does not divide the world size {world}"
+        )
+    for name, _, n in cfg.moe.groups() if cfg.moe.enabled else []:
+        if n % ep:
+            warnings.append(f"group '{name}' has {n} experts, not divisible by EP={ep}")
+    per_step = cfg.trainer.micro_batch_size * world
+    if cfg.trainer.global_batch_size % per_step:
+        warnings.append(
+            f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not a "
+            f"multiple of micro_batch_size x world size = {per_step}"
+        )
+    expert = _expert_params(cfg, model)
+    dense = params["total"] - expert
+    edp = max(1, world // ep)
+    shard = lambda stage_needed, n, group: n / group if zero >= stage_needed else n
+    gib = 2**30
+    mem = {
+        "params_gib": (2 * dense + 2 * expert / ep) / gib,
+        "grads_gib": (2 * shard(2, dense, world) + 2 * shard(2, expert / ep, edp)) / gib,
+        "optimizer_gib": (12 * shard(1, dense, world) + 12 * shard(1, expert / ep, edp)) / gib,
+    }
+    tokens_micro = cfg.trainer.micro_batch_size * seq
+    mem["activations_gib"] = 34 * tokens_micro * model.d_model * model.n_layers / gib
+    mem["total_gib"] = sum(mem.values())
+    if mem["total_gib"] > cluster.gpu_memory_gb:
+        warnings.append(
+            f"estimated {mem['total_gib']:.1f} GiB per GPU exceeds "
+            f"cluster.gpu_memory_gb={cluster.gpu_memory_gb}"
+        )
+    tokens_step = cfg.trainer.global_batch_size * seq
+    moe_layers = sum(cfg.moe.is_moe_layer(i) for i in range(model.n_layers))
+    # Each routed copy of a token crosses the network twice (dispatch, combine) forward and
+    # twice backward, in bf16, when its expert lives on another rank.
+    a2a = (
+        (
+            tokens_step
+            / world
+            * moe_layers
+            * cfg.moe.expected_experts_per_token()
+            * model.d_model
+            * 2
+            * 4
+            * (ep - 1)
+            / ep
+        )
+        if cfg.moe.enabled
+        else 0.0
+    )
+    return {
+        "world_size": world,
+        "params_total": params["total"],
+        "params_expert": expert,
+        "params_active": params["active"],
+        "flops_per_token": flops,
+        "tokens_per_step": tokens_step,
+        "memory_per_gpu": mem,
+        "all_to_all_gib_per_gpu_per_step": a2a / gib,
+        "warnings": warnings,
+    }
+
+
+def _print(name: str, p: dict) -> None:
+    print(f"plan for {name} on {p['world_size']} GPUs")
+    print(
+        f"  parameters: {p['params_total'] / 1e9:.3f}B total "
+        f"({p['params_expert'] / 1e9:.3f}B in experts); active per token: "
+        + ", ".join(f"{m} {v / 1e9:.3f}B" for m, v in p["params_active"].items())
+    )
+    print(
+        "  training FLOPs per token: "
+        + ", ".join(f"{m} {v / 1e9:.2f} GFLOP" for m, v in p["flops_per_token"].items())
+    )
+    print(f"  tokens per step: {p['tokens_per_step']:,}")
+    print(
+        "  memory per GPU: "
+        + ", ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in p["memory_per_gpu"].items())
+    )
+    print(f"  all-to-all per GPU per step: {p['all_to_all_gib_per_gpu_per_step']:.2f} GiB")
+    for w in p["warnings"]:
+        print(f"  WARNING: {w}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from mm_moe.train import CONFIG_DIR, ENTRY_GROUPS, build_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cluster_args = {}
+    rest = []
+    for arg in argv:
+        if arg.startswith("cluster.") and "=" in arg:
+            key, value = arg.split("=", 1)
+            cluster_args[key.split(".", 1)[1]] = float(value) if "." in value else int(value)
+        else:
+            rest.append(arg)
+    try:
+        cluster = from_dict(ClusterConfig, cluster_args, prefix="cluster")
+        overrides = check_overrides(rest, TrainConfig, ENTRY_GROUPS)
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            cfg = build_config(compose("train", overrides=overrides))
+    except ConfigError as exc:
+        print(f"mm_moe.plan: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    result = plan(cfg, cluster)
+    _print(cfg.name if cfg.name != "default" else "the default config", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
