@@ -1,4 +1,4 @@
-"""Data configuration."""
+"""Data configuration (the `data` config group)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,74 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mm_moe.data.synthetic import SyntheticPatternsConfig
+from mm_moe.tokenization.config import TokenizerConfig
+
+
+@dataclass
+class SourceConfig:
+    # Shards: a brace pattern (/data/pairs-{000000..000099}.tar), a path, a directory (every
+    # *.tar in it), a glob, or `pipe:COMMAND` (e.g. pipe:curl -s URL): runs COMMAND in a shell,
+    # so data configs must come from trusted hands. Or a list of those.
+    urls: str | list[str]
+    # pairs | interleaved | text | tokens (docs/data.md describes each).
+    format: Literal["pairs", "interleaved", "text", "tokens"]
+    # Sources are mixed by weight, document by document.
+    weight: float = 1.0
 
 
 @dataclass
 class DataConfig:
-    # Which source feeds training. `synthetic_patterns` is the in-process interim source.
-    source: Literal["synthetic_patterns"] = "synthetic_patterns"
+    # synthetic_patterns: the in-process source (no files). webdataset: tar shards (`sources`).
+    source: Literal["synthetic_patterns", "webdataset"] = "synthetic_patterns"
     # Tokens per packed training sequence.
     seq_len: int = 128
     synthetic: SyntheticPatternsConfig = field(default_factory=SyntheticPatternsConfig)
 
+    # ---- webdataset ----
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Logical streams, each over a fixed set of shards. trainer.global_batch_size must be a
+    # multiple; choose a multiple of every data-parallel size you may run at.
+    num_streams: int = 8
+    # Dataloader worker processes per rank (0: read in the training process).
+    num_workers: int = 2
+    # skip: drop a bad sample and count it under data/skipped_<reason>; raise: fail, naming
+    # the shard and the key.
+    on_error: Literal["skip", "raise"] = "skip"
+    # Order of image-text pairs: random (caption first with probability caption_first_prob),
+    # caption_first or image_first.
+    pair_order: Literal["random", "caption_first", "image_first"] = "random"
+    caption_first_prob: float = 0.5
+    # Images with a shorter side below this (pixels) are skipped (data/skipped_small_image).
+    min_image_side: int = 16
+    # Images whose longer side exceeds this multiple of the shorter are skipped.
+    max_aspect_ratio: float = 4.0
+
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len} must be at least 2")
+        if self.source == "webdataset" and not self.sources:
+            raise ValueError(
+                "data.source=webdataset needs data.sources: a list of {urls, format, weight}"
+            )
+        for i, src in enumerate(self.sources):
+            if not src.weight > 0:
+                raise ValueError(f"data.sources[{i}].weight={src.weight} must be positive")
+            if not src.urls:
+                raise ValueError(f"data.sources[{i}].urls is empty")
+        if self.num_streams < 1:
+            raise ValueError(f"data.num_streams={self.num_streams} must be at least 1")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        if not 0.0 <= self.caption_first_prob <= 1.0:
+            raise ValueError(f"data.caption_first_prob={self.caption_first_prob} must be in [0, 1]")
+        if self.min_image_side < 1:
+            raise ValueError(f"data.min_image_side={self.min_image_side} must be positive")
+        if not self.max_aspect_ratio >= 1.0:
+            raise ValueError(f"data.max_aspect_ratio={self.max_aspect_ratio} must be >= 1")
+
+    def use_tokenizer(self, tokenizer: TokenizerConfig) -> None:
+        """Set by TrainConfig: the run's `tokenizer` group, which the webdataset source uses."""
+        self._tokenizer = tokenizer
 
     def build(
         self,
@@ -27,9 +82,56 @@ class DataConfig:
         dp_world_size: int,
         micro_batch_size: int,
         global_batch_size: int,
+        tokenizer: TokenizerConfig | None = None,
     ):
-        from mm_moe.data.loader import StepLoader
-        from mm_moe.data.synthetic import SyntheticPatterns
+        if self.source == "synthetic_patterns":
+            from mm_moe.data.loader import StepLoader
+            from mm_moe.data.synthetic import SyntheticPatterns
 
-        source = SyntheticPatterns(self.synthetic, self.seq_len, seed)
-        return StepLoader(source, rank, dp_world_size, micro_batch_size, global_batch_size)
+            source = SyntheticPatterns(self.synthetic, self.seq_len, seed)
+            return StepLoader(source, rank, dp_world_size, micro_batch_size, global_batch_size)
+
+        from mm_moe.data.shards import check_tokens_vocab
+        from mm_moe.data.webdataset_loader import WebDatasetLoader
+
+        tokenizer = tokenizer or getattr(self, "_tokenizer", None) or TokenizerConfig()
+        vocab = tokenizer.build().vocab
+        spec = self.pipeline_spec(seed, tokenizer)
+        for src in spec.sources:
+            if src.format == "tokens":
+                check_tokens_vocab(list(src.shards), tokenizer, vocab, f"data.sources[{src.index}]")
+        return WebDatasetLoader(
+            spec,
+            vocab,
+            self.num_workers,
+            rank,
+            dp_world_size,
+            micro_batch_size,
+            global_batch_size,
+        )
+
+    def pipeline_spec(self, seed: int, tokenizer: TokenizerConfig):
+        """The picklable description of the webdataset pipeline (shards expanded here)."""
+        from mm_moe.data.documents import DecodeOptions
+        from mm_moe.data.shards import expand_urls
+        from mm_moe.data.stream import PipelineSpec, SourceSpec
+
+        if seed < 0:
+            raise ValueError(f"trainer.seed={seed} must be >= 0 for the webdataset source")
+        sources = tuple(
+            SourceSpec(
+                i, tuple(expand_urls(src.urls, f"data.sources[{i}].urls")), src.format, src.weight
+            )
+            for i, src in enumerate(self.sources)
+        )
+        return PipelineSpec(
+            sources=sources,
+            num_streams=self.num_streams,
+            seed=seed,
+            row_len=self.seq_len + 1,
+            on_error=self.on_error,
+            decode=DecodeOptions(
+                self.min_image_side, self.max_aspect_ratio, self.pair_order, self.caption_first_prob
+            ),
+            tokenizer=tokenizer,
+        )

@@ -1,0 +1,1 @@
+"""Shard builders: the logic behind the runnable jobs in data_pipelines/."""

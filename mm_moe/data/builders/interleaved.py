@@ -1,0 +1,125 @@
+"""Interleaved documents from a JSONL file, one document per line.
+
+Input line (image paths relative to `image_root`, by default the JSONL's folder):
+  {"content": [{"type": "text", "text": "..."}, {"type": "image", "path": "img/a.jpg"}, ...]}
+or OBELICS-style parallel lists: {"texts": ["...", null], "images": [null, "img/a.jpg"]}.
+Output sample `KEY`: `KEY.json` = {"content": [..., {"type": "image", "member": "0.jpg"}]} and
+the images as members `KEY.0.jpg`, `KEY.1.png`, ... (original bytes). Documents with a missing
+image file or a malformed line are reported and left out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mm_moe.data.builders.cli import parse
+from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
+from mm_moe.data.decode import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildInterleavedConfig:
+    input: str  # the JSONL file
+    output: str
+    image_root: str = ""  # where relative image paths start; default: the JSONL's folder
+    prefix: str = "interleaved"
+    shard_size: int = 1000
+    shuffle: bool = True  # needs the lines in memory; shuffle=false streams the file
+    seed: int = 0
+    overwrite: bool = False
+
+
+def _entries(doc: dict) -> list[tuple[str, str]]:
+    if isinstance(doc.get("content"), list):
+        out = []
+        for entry in doc["content"]:
+            kind = entry.get("type")
+            value = entry.get("text") if kind == "text" else entry.get("path")
+            if kind not in ("text", "image") or not isinstance(value, str):
+                raise ValueError(f"bad entry {entry!r}")
+            out.append((kind, value))
+        return out
+    texts, images = doc.get("texts"), doc.get("images")
+    if isinstance(texts, list) and isinstance(images, list) and len(texts) == len(images):
+        return [("text", t) if t is not None else ("image", i) for t, i in zip(texts, images)]
+    raise ValueError("expected 'content' or equal-length 'texts' and 'images'")
+
+
+def to_sample(key: str, line: str, image_root: Path) -> dict:
+    """One JSONL line as a webdataset sample; ValueError/OSError when it cannot be used."""
+    doc = json.loads(line)
+    sample: dict = {"__key__": key}
+    content = []
+    for kind, value in _entries(doc):
+        if kind == "text":
+            content.append({"type": "text", "text": value})
+            continue
+        path = Path(value) if Path(value).is_absolute() else image_root / value
+        ext = path.suffix.lower().lstrip(".")
+        if ext not in IMAGE_EXTENSIONS:
+            raise ValueError(f"image {value}: extension must be one of {IMAGE_EXTENSIONS}")
+        member = f"{len(content)}.{ext}"
+        sample[member] = path.read_bytes()
+        content.append({"type": "image", "member": member})
+    if not content:
+        raise ValueError("empty document")
+    meta = {k: v for k, v in doc.items() if k not in ("content", "texts", "images")}
+    sample["json"] = {"content": content, **({"meta": meta} if meta else {})}
+    return sample
+
+
+def build(cfg: BuildInterleavedConfig) -> str:
+    src = Path(cfg.input)
+    if not src.is_file():
+        raise ValueError(f"input={cfg.input} is not a file")
+    image_root = Path(cfg.image_root) if cfg.image_root else src.parent
+    with open(src, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()] if cfg.shuffle else None
+    if lines is not None:
+        order = np.random.default_rng(cfg.seed).permutation(len(lines))
+        lines = [lines[i] for i in order]
+    out = prepare_output(cfg.output, cfg.overwrite)
+    left_out = []
+
+    def streamed():
+        with open(src, encoding="utf-8") as f:
+            yield from f
+
+    def samples():
+        source = lines if lines is not None else streamed()
+        n = 0
+        for number, line in enumerate(source):
+            if not line.strip():
+                continue
+            try:
+                yield to_sample(f"{n:09d}", line, image_root)
+                n += 1
+            except (ValueError, OSError, AttributeError) as exc:
+                left_out.append(f"document {number}: {exc}")
+
+    count = write_shards(samples(), out, cfg.prefix, cfg.shard_size, lines and len(lines), "docs")
+    if left_out:
+        log.warning("%d documents left out, e.g. %s", len(left_out), left_out[0])
+    if not count:
+        raise ValueError(f"input={cfg.input}: no usable document")
+    return shard_pattern(out, cfg.prefix, count, cfg.shard_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg = parse(
+        BuildInterleavedConfig, sys.argv[1:] if argv is None else argv, "build_interleaved.py"
+    )
+    try:
+        pattern = build(cfg)
+    except ValueError as exc:
+        sys.exit(f"build_interleaved.py: error: {exc}")
+    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: interleaved}})")

@@ -1,0 +1,95 @@
+"""Image-text pairs from a folder: every image with a caption file of the same stem.
+
+`photos/cat.jpg` + `photos/cat.txt` becomes sample `000000012` with members `.jpg` (the original
+bytes), `.txt` (the caption) and `.json` (`{"path": "photos/cat.jpg"}`), as img2dataset writes
+them. Images in other formats Pillow reads (bmp, gif, tiff) are re-encoded as PNG; images without
+a caption are reported and left out.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mm_moe.data.builders.cli import parse
+from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
+from mm_moe.data.decode import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+_CONVERTED = (".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class BuildPairsConfig:
+    input: str  # a folder searched recursively for images with same-stem .txt captions
+    output: str  # the shard folder (must be empty unless overwrite=true)
+    prefix: str = "pairs"
+    shard_size: int = 1000  # samples per shard
+    shuffle: bool = True  # shuffle once here: the reader streams shards in order
+    seed: int = 0
+    overwrite: bool = False
+
+
+def find_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """(image, caption) paths in sorted order, and the images that have no caption."""
+    pairs, orphans = [], []
+    suffixes = {f".{e}" for e in IMAGE_EXTENSIONS} | set(_CONVERTED)
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes):
+        caption = image.with_suffix(".txt")
+        if caption.is_file():
+            pairs.append((image, caption))
+        else:
+            orphans.append(image)
+    return pairs, orphans
+
+
+def _sample(key: str, image: Path, caption: Path, root: Path) -> dict:
+    ext = image.suffix.lower().lstrip(".")
+    data = image.read_bytes()
+    if f".{ext}" in _CONVERTED:
+        out = io.BytesIO()
+        with Image.open(io.BytesIO(data)) as img:
+            img.save(out, format="PNG")
+        ext, data = "png", out.getvalue()
+    return {
+        "__key__": key,
+        ext: data,
+        "txt": caption.read_text(encoding="utf-8", errors="replace").strip(),
+        "json": {"path": str(image.relative_to(root))},
+    }
+
+
+def build(cfg: BuildPairsConfig) -> str:
+    root = Path(cfg.input)
+    if not root.is_dir():
+        raise ValueError(f"input={cfg.input} is not a folder")
+    pairs, orphans = find_pairs(root)
+    if orphans:
+        log.warning(
+            "%d images have no caption file and are left out, e.g. %s", len(orphans), orphans[0]
+        )
+    if not pairs:
+        raise ValueError(f"input={cfg.input} holds no image with a same-stem .txt caption")
+    out = prepare_output(cfg.output, cfg.overwrite)
+    if cfg.shuffle:
+        order = np.random.default_rng(cfg.seed).permutation(len(pairs))
+        pairs = [pairs[i] for i in order]
+    samples = (_sample(f"{i:09d}", img, cap, root) for i, (img, cap) in enumerate(pairs))
+    count = write_shards(samples, out, cfg.prefix, cfg.shard_size, len(pairs), "pairs")
+    return shard_pattern(out, cfg.prefix, count, cfg.shard_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg = parse(BuildPairsConfig, sys.argv[1:] if argv is None else argv, "build_pairs.py")
+    try:
+        pattern = build(cfg)
+    except ValueError as exc:
+        sys.exit(f"build_pairs.py: error: {exc}")
+    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: pairs}})")

@@ -1,0 +1,122 @@
+"""Offline tokenization: shards of pairs, interleaved or text to `tokens` shards.
+
+Input shard i becomes output shard `<prefix>-<i>.tar` with the same keys, each sample holding
+`KEY.tokens.npy` (int32 unified-vocabulary ids of the whole document, bos to eos) and
+`KEY.modality.npy` (uint8), so a large run spends no CPU on decoding and tokenizing. The
+tokenization is the training pipeline's own (mm_moe.data.documents), bad samples are skipped
+and counted the same way. `vocab.yaml` and `tokenizer.yaml` next to the shards record the
+vocabulary and the tokenizer config: the loader refuses local tokens shards whose files differ
+from the run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import webdataset as wds
+import yaml
+from tqdm import tqdm
+
+from mm_moe.config.validate import to_dict
+from mm_moe.data.builders.cli import parse
+from mm_moe.data.builders.writer import prepare_output, shard_pattern
+from mm_moe.data.defects import REASONS, SampleError
+from mm_moe.data.documents import DecodeOptions, DocumentBuilder
+from mm_moe.data.shards import expand_urls
+from mm_moe.data.tar_reader import iter_raw_samples
+from mm_moe.tokenization.config import TokenizerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretokenizeConfig:
+    input: str  # shards: brace pattern, folder, glob or pipe: url
+    format: Literal["pairs", "interleaved", "text"]
+    output: str
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pair_order: Literal["random", "caption_first", "image_first"] = "random"
+    caption_first_prob: float = 0.5
+    min_image_side: int = 16
+    max_aspect_ratio: float = 4.0
+    prefix: str = "tokens"
+    processes: int = 1  # shards tokenized in parallel
+    seed: int = 0  # pair order of shard i is drawn from (seed, i)
+    overwrite: bool = False
+
+
+def pretokenize_shard(index: int, url: str, cfg: PretokenizeConfig, out: Path) -> dict[str, int]:
+    """Tokenize one shard; returns {"documents": n, reason: skipped, ...}."""
+    options = DecodeOptions(
+        cfg.min_image_side, cfg.max_aspect_ratio, cfg.pair_order, cfg.caption_first_prob
+    )
+    builder = DocumentBuilder(cfg.tokenizer.build(), options)
+    rng = np.random.default_rng([cfg.seed, index])
+    counts = dict.fromkeys(["documents", *REASONS], 0)
+    pattern = str(out / f"{cfg.prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=1 << 62, start_shard=index, verbose=0) as sink:
+        try:
+            for raw in iter_raw_samples(url):
+                try:
+                    if raw.defect is not None:
+                        raise SampleError(raw.defect, "key seen earlier in the shard")
+                    doc = builder.build(cfg.format, raw, rng)
+                except SampleError as error:
+                    counts[error.reason] += 1
+                    continue
+                sink.write(
+                    {"__key__": raw.key, "tokens.npy": doc.tokens, "modality.npy": doc.modality}
+                )
+                counts["documents"] += 1
+        except SampleError as error:  # truncated or unreadable: keep what was read
+            counts[error.reason] += 1
+    return counts
+
+
+def build(cfg: PretokenizeConfig) -> str:
+    shards = expand_urls(cfg.input, "input")
+    out = prepare_output(cfg.output, cfg.overwrite)
+    cfg.tokenizer.build().vocab.save(out / "vocab.yaml")
+    (out / "tokenizer.yaml").write_text(yaml.safe_dump(to_dict(cfg.tokenizer), sort_keys=False))
+    work = partial(_run_one, cfg=cfg, out=out)
+    totals = dict.fromkeys(["documents", *REASONS], 0)
+    with Pool(cfg.processes) if cfg.processes > 1 else _Serial() as pool:
+        for counts in tqdm(pool.imap(work, enumerate(shards)), total=len(shards), desc="shards"):
+            for k, v in counts.items():
+                totals[k] += v
+    skipped = {k: v for k, v in totals.items() if k != "documents" and v}
+    log.info("%d documents written; skipped: %s", totals["documents"], skipped or "none")
+    return shard_pattern(out, cfg.prefix, len(shards), 1)
+
+
+def _run_one(item: tuple[int, str], cfg: PretokenizeConfig, out: Path) -> dict[str, int]:
+    index, url = item
+    return pretokenize_shard(index, url, cfg, out)
+
+
+class _Serial:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items):
+        return map(fn, items)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg = parse(PretokenizeConfig, sys.argv[1:] if argv is None else argv, "pretokenize.py")
+    try:
+        pattern = build(cfg)
+    except ValueError as exc:
+        sys.exit(f"pretokenize.py: error: {exc}")
+    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: tokens}})")

@@ -1,0 +1,77 @@
+"""Text-only shards (`KEY.txt`) from text files.
+
+unit=file makes each file one document; unit=paragraph splits files at blank lines; unit=line
+makes every non-empty line a document. Files that are not UTF-8 are reported and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from mm_moe.data.builders.cli import parse
+from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildTextConfig:
+    input: str  # a text file, or a folder searched recursively for `glob`
+    output: str
+    glob: str = "*.txt"
+    unit: Literal["file", "paragraph", "line"] = "file"
+    prefix: str = "text"
+    shard_size: int = 1000
+    shuffle: bool = True
+    seed: int = 0
+    overwrite: bool = False
+
+
+def documents(path: Path, unit: str) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    if unit == "file":
+        parts = [text]
+    elif unit == "paragraph":
+        parts = re.split(r"\n\s*\n", text)
+    else:
+        parts = text.splitlines()
+    return [p.strip() for p in parts if p.strip()]
+
+
+def build(cfg: BuildTextConfig) -> str:
+    src = Path(cfg.input)
+    files = [src] if src.is_file() else sorted(p for p in src.rglob(cfg.glob) if p.is_file())
+    if not files:
+        raise ValueError(f"input={cfg.input} holds no files matching glob={cfg.glob}")
+    docs: list[str] = []
+    for path in files:
+        try:
+            docs += documents(path, cfg.unit)
+        except UnicodeDecodeError:
+            log.warning("%s is not UTF-8: left out", path)
+    if not docs:
+        raise ValueError(f"input={cfg.input}: no non-empty UTF-8 text")
+    out = prepare_output(cfg.output, cfg.overwrite)
+    if cfg.shuffle:
+        order = np.random.default_rng(cfg.seed).permutation(len(docs))
+        docs = [docs[i] for i in order]
+    samples = ({"__key__": f"{i:09d}", "txt": d} for i, d in enumerate(docs))
+    count = write_shards(samples, out, cfg.prefix, cfg.shard_size, len(docs), "documents")
+    return shard_pattern(out, cfg.prefix, count, cfg.shard_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg = parse(BuildTextConfig, sys.argv[1:] if argv is None else argv, "build_text.py")
+    try:
+        pattern = build(cfg)
+    except ValueError as exc:
+        sys.exit(f"build_text.py: error: {exc}")
+    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: text}})")

@@ -1,0 +1,59 @@
+"""Writing samples into shards with webdataset's ShardWriter, with a progress bar.
+
+Every job refuses an output directory that already holds files unless overwrite=true, and
+then removes only the kind of files it writes (*.tar, vocab.yaml, tokenizer.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def prepare_output(output: str, overwrite: bool) -> Path:
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output={output} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"output={output} is not empty; pass overwrite=true to replace its shards, "
+                "or choose another output"
+            )
+        for path in [*out.glob("*.tar"), out / "vocab.yaml", out / "tokenizer.yaml"]:
+            if path.is_file():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_shards(
+    samples: Iterable[dict],
+    out: Path,
+    prefix: str,
+    shard_size: int,
+    total: int | None = None,
+    desc: str = "samples",
+) -> int:
+    """Write `samples` to out/prefix-000000.tar, ...; returns how many were written."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be positive")
+    pattern = str(out / f"{prefix}-%06d.tar")
+    count = 0
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
+        for sample in tqdm(samples, total=total, desc=desc, unit=" samples"):
+            sink.write(sample)
+            count += 1
+    return count
+
+
+def shard_pattern(out: Path, prefix: str, count: int, shard_size: int) -> str:
+    """The brace pattern naming the shards written (for data.sources[].urls)."""
+    last = max((count - 1) // shard_size, 0)
+    return str(out / f"{prefix}-{{000000..{last:06d}}}.tar")

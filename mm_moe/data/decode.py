@@ -1,0 +1,56 @@
+"""Decoding of text and image members, with the checks that make a sample unusable.
+
+Each function returns a clean value or raises `SampleError` with the reason. Images are
+converted to RGB here (mm_moe/tokenization/image_preprocess.py holds that policy); odd modes
+(CMYK, RGBA, palette, 16-bit) are converted and used, never skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+from mm_moe.data.defects import SampleError
+from mm_moe.tokenization.image_preprocess import to_rgb
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_text(data: bytes, what: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        detail = f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})"
+        raise SampleError("bad_utf8", detail) from exc
+    text = text.strip()
+    if not text:
+        raise SampleError("empty_text", f"{what} is empty")
+    return text
+
+
+def decode_image(data: bytes, what: str, min_side: int, max_aspect_ratio: float) -> Image.Image:
+    """An RGB image, or SampleError: corrupt_image, small_image or aspect_ratio."""
+    # Pillow raises many exception types on hostile bytes; each one means "cannot decode".
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. palette transparency notes: handled by to_rgb
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # read from the header: cheap checks before decoding
+        except Exception as exc:  # noqa: BLE001
+            raise SampleError("corrupt_image", f"{what}: {exc.__class__.__name__}: {exc}") from exc
+        if min(width, height) < min_side:
+            raise SampleError(
+                "small_image", f"{what} is {width}x{height}, below data.min_image_side={min_side}"
+            )
+        if max(width, height) > max_aspect_ratio * min(width, height):
+            raise SampleError(
+                "aspect_ratio",
+                f"{what} is {width}x{height}, beyond data.max_aspect_ratio={max_aspect_ratio}",
+            )
+        try:
+            image.load()
+            return to_rgb(image)
+        except Exception as exc:  # noqa: BLE001
+            raise SampleError("corrupt_image", f"{what}: {exc.__class__.__name__}: {exc}") from exc

@@ -1,0 +1,106 @@
+"""Shard lists: expanding `data.sources[i].urls`, opening a shard, and dealing shards to streams.
+
+A stream reads *units*: a whole shard, or, when a source has fewer shards than there are
+streams, one of `parts` interleaved slices of a shard (samples with index % parts == part), so
+every stream has data of every source. The units are dealt to streams once, by a permutation
+seeded with (seed, source); each epoch a stream walks its own units in an order seeded with
+(seed, source, stream, epoch). Nothing here depends on world size or worker count.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import webdataset as wds
+from braceexpand import braceexpand
+
+_ASSIGN_TAG, _EPOCH_TAG = 0x5A5D, 0xE90C
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_urls(urls: str | list[str], key: str) -> list[str]:
+    """Brace patterns, local globs and directories (every *.tar inside) to a list of shards.
+
+    `key` names the config entry in error messages."""
+    entries = [urls] if isinstance(urls, str) else list(urls)
+    shards: list[str] = []
+    for entry in entries:
+        if not entry or not entry.strip():
+            raise ValueError(f"{key}: an empty shard pattern")
+        for url in braceexpand(entry):
+            if is_remote(url):
+                shards.append(url)
+            elif os.path.isdir(url):
+                found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                if not found:
+                    raise ValueError(f"{key}: directory {url} holds no *.tar shards")
+                shards += found
+            elif any(c in url for c in "*?["):
+                found = sorted(glob.glob(url))
+                if not found:
+                    raise ValueError(f"{key}: pattern {url} matches no files")
+                shards += found
+            elif not os.path.isfile(url):
+                raise ValueError(f"{key}: shard {url} does not exist")
+            else:
+                shards.append(url)
+    return shards
+
+
+def open_shard(url: str):
+    """A binary file object; `pipe:CMD` runs CMD in a shell (configs must be trusted)."""
+    return wds.gopen(url, "rb")
+
+
+@dataclass(frozen=True)
+class Unit:
+    shard: int  # index into the source's shard list
+    part: int
+    parts: int
+
+
+def assign_units(num_shards: int, num_streams: int, seed: int, source: int) -> list[list[Unit]]:
+    """The units of each stream, fixed for the whole run."""
+    assert num_shards > 0
+    parts = -(-num_streams // num_shards) if num_shards < num_streams else 1
+    units = [Unit(s, p, parts) for s in range(num_shards) for p in range(parts)]
+    order = np.random.default_rng([seed, source, _ASSIGN_TAG]).permutation(len(units))
+    return [[units[i] for i in order[j::num_streams]] for j in range(num_streams)]
+
+
+def epoch_order(num_units: int, seed: int, source: int, stream: int, epoch: int) -> list[int]:
+    """The order in which a stream walks its units in `epoch`."""
+    rng = np.random.default_rng([seed, source, stream, epoch, _EPOCH_TAG])
+    return rng.permutation(num_units).tolist()
+
+
+def check_tokens_vocab(shards: list[str], tokenizer, vocab, key: str) -> None:
+    """Refuse local tokens shards whose vocab.yaml or tokenizer.yaml (written by pretokenize)
+    differ from the run's tokenizer config and vocabulary."""
+    import yaml
+
+    from mm_moe.config.validate import to_dict
+    from mm_moe.tokenization.vocab import Vocab
+
+    for folder in sorted({os.path.dirname(s) for s in shards if not is_remote(s)}):
+        path = os.path.join(folder, "vocab.yaml")
+        if os.path.isfile(path) and (theirs := Vocab.load(path)) != vocab:
+            raise ValueError(
+                f"{key}: {path} ({theirs}) is not the vocabulary of the run's tokenizer "
+                f"({vocab}); pretokenize again with the same tokenizer settings"
+            )
+        path = os.path.join(folder, "tokenizer.yaml")
+        if os.path.isfile(path):
+            with open(path) as f:
+                theirs = yaml.safe_load(f)
+            if theirs != to_dict(tokenizer):
+                raise ValueError(
+                    f"{key}: {path} ({theirs}) is not the run's tokenizer config "
+                    f"({to_dict(tokenizer)}); pretokenize again with the same tokenizer settings"
+                )

@@ -1,0 +1,191 @@
+"""A logical stream: its shards of every source, mixed by weight, tokenized and packed.
+
+A stream is the unit of determinism. Its rows depend only on (sources, seed, stream id) and
+its position, which `state_dict()` captures exactly: per source the epoch, the position in that
+epoch's unit order and the raw-sample offset inside the current shard; the packing buffer; the
+RNG that mixes sources and orders pairs; and the skip counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mm_moe.data.defects import REASONS, DataError, SampleError
+from mm_moe.data.documents import DecodeOptions, Document, DocumentBuilder
+from mm_moe.data.packing import Packer
+from mm_moe.data.shards import Unit, assign_units, epoch_order
+from mm_moe.data.tar_reader import iter_raw_samples
+from mm_moe.tokenization.config import TokenizerConfig
+
+_RNG_TAG = 0x57EA
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    index: int
+    shards: tuple[str, ...]
+    format: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything a stream needs, picklable so that dataloader workers can rebuild it."""
+
+    sources: tuple[SourceSpec, ...]
+    num_streams: int
+    seed: int
+    row_len: int  # seq_len + 1
+    on_error: str  # skip | raise
+    decode: DecodeOptions
+    tokenizer: TokenizerConfig
+
+
+class SourceReader:
+    """One source as seen by one stream: its units, walked epoch after epoch."""
+
+    def __init__(self, source: SourceSpec, units: list[Unit], stream: int, spec: PipelineSpec):
+        self.source, self.units, self.stream, self.spec = source, units, stream, spec
+        self.epoch, self.position, self.offset, self.epoch_documents = 0, 0, 0, 0
+        self._order = epoch_order(len(units), spec.seed, source.index, stream, 0)
+        self._samples = None
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "offset": self.offset,
+            "epoch_documents": self.epoch_documents,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.offset, self.epoch_documents = int(state["offset"]), int(state["epoch_documents"])
+        assert 0 <= self.position < len(self.units)
+        self._order = epoch_order(
+            len(self.units), self.spec.seed, self.source.index, self.stream, self.epoch
+        )
+        self._samples = None
+
+    def _unit(self) -> Unit:
+        return self.units[self._order[self.position]]
+
+    def _url(self) -> str:
+        return self.source.shards[self._unit().shard]
+
+    def _next_unit(self) -> None:
+        self._samples = None
+        self.position, self.offset = self.position + 1, 0
+        if self.position < len(self.units):
+            return
+        if self.epoch_documents == 0:
+            shards = sorted({self.source.shards[u.shard] for u in self.units})
+            raise DataError(
+                f"data.sources[{self.source.index}]: stream {self.stream} read a whole epoch of "
+                f"its shards {shards[:3]}{' ...' if len(shards) > 3 else ''} without one usable "
+                "sample: the data/skipped_* counters (or data.on_error=raise) say why; or the "
+                "source has fewer samples than data.num_streams, which leaves streams empty"
+            )
+        self.epoch, self.position, self.epoch_documents = self.epoch + 1, 0, 0
+        self._order = epoch_order(
+            len(self.units), self.spec.seed, self.source.index, self.stream, self.epoch
+        )
+
+    def _defect(self, error: SampleError, counters: dict[str, int]) -> None:
+        counters[error.reason] += 1
+        if self.spec.on_error == "raise":
+            raise DataError(
+                f"data.on_error=raise: {error.reason} in shard {self._url()}, key {error.key!r} "
+                f"(data.sources[{self.source.index}], format {self.source.format}): {error.detail}"
+            )
+
+    def next_document(
+        self, builder: DocumentBuilder, rng: np.random.Generator, counters: dict[str, int]
+    ) -> Document:
+        while True:
+            if self._samples is None:
+                self._samples = iter_raw_samples(self._url())
+            unit = self._unit()
+            try:
+                raw = next(self._samples)
+            except StopIteration:
+                self._next_unit()
+                continue
+            except SampleError as error:
+                self._defect(error, counters)
+                self._next_unit()
+                continue
+            if raw.index < self.offset:
+                continue  # resuming: already consumed before the checkpoint
+            self.offset = raw.index + 1
+            if raw.index % unit.parts != unit.part:
+                continue  # another stream's slice of this shard
+            try:
+                if raw.defect is not None:
+                    raise SampleError(raw.defect, "key seen earlier in the shard", raw.key)
+                document = builder.build(self.source.format, raw, rng)
+            except SampleError as error:
+                error.key = raw.key
+                self._defect(error, counters)
+                continue
+            self.epoch_documents += 1
+            return document
+
+
+class Stream:
+    def __init__(self, stream_id: int, spec: PipelineSpec, builder: DocumentBuilder):
+        self.id, self.spec, self.builder = stream_id, spec, builder
+        self.readers = [
+            SourceReader(
+                src,
+                assign_units(len(src.shards), spec.num_streams, spec.seed, src.index)[stream_id],
+                stream_id,
+                spec,
+            )
+            for src in spec.sources
+        ]
+        weights = np.array([src.weight for src in spec.sources], dtype=np.float64)
+        self._cumulative = np.cumsum(weights / weights.sum())
+        self.rng = np.random.Generator(np.random.PCG64([spec.seed, stream_id, _RNG_TAG]))
+        self.packer = Packer(spec.row_len)
+        self.skipped = dict.fromkeys(REASONS, 0)
+        self.documents = 0
+
+    def _next_document(self) -> Document:
+        source = 0
+        if len(self.readers) > 1:
+            source = int(np.searchsorted(self._cumulative, self.rng.random(), side="right"))
+            source = min(source, len(self.readers) - 1)
+        document = self.readers[source].next_document(self.builder, self.rng, self.skipped)
+        self.documents += 1
+        return document
+
+    def rows(self, num_rows: int) -> dict[str, np.ndarray]:
+        """The next `num_rows` packed rows: tokens, modality, doc and position ids, [R, T]."""
+        out = []
+        for _ in range(num_rows):
+            while not self.packer.has_row():
+                self.packer.push(self._next_document())
+            out.append(self.packer.pop_row())
+        names = ("tokens", "modality", "doc", "position")
+        return {name: np.stack([row[i] for row in out]) for i, name in enumerate(names)}
+
+    def state_dict(self) -> dict:
+        return {
+            "sources": [reader.state_dict() for reader in self.readers],
+            "packer": self.packer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "skipped": dict(self.skipped),
+            "documents": self.documents,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        assert len(state["sources"]) == len(self.readers)
+        for reader, reader_state in zip(self.readers, state["sources"]):
+            reader.load_state_dict(reader_state)
+        self.packer.load_state_dict(state["packer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.skipped = {r: int(state["skipped"].get(r, 0)) for r in REASONS}
+        self.documents = int(state["documents"])

@@ -1,0 +1,117 @@
+"""Raw samples of one shard, in order, with the defects of the tar layout flagged.
+
+A raw sample is the run of adjacent tar members sharing a key (`KEY.jpg`, `KEY.txt`, ...;
+the key is everything before the first dot of the file name). Its `index` counts raw samples
+from the start of the shard: the loader's resume position is such an index, so reading must be
+deterministic, and every raw sample gets an index whether it turns out usable or not.
+
+Layout defects do not stop the shard:
+- a key met again later in the shard (members not adjacent), or a member repeated inside one
+  sample, flags that sample `split_key`;
+- a tar that breaks mid-way raises `SampleError("truncated_tar")` after the samples before the
+  break; the sample being read when it broke is dropped (it may be incomplete), unless the
+  broken member already belongs to the next key;
+- a shard that cannot be opened or read at all raises `SampleError("unreadable_shard")`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from webdataset.tariterators import base_plus_ext
+
+from mm_moe.data.defects import SampleError
+from mm_moe.data.shards import open_shard
+
+# webdataset's convention: names like __meta__ or __index__/ hold no samples.
+_META = re.compile(r"__[^/]*__($|/)")
+# What a broken or cut tar stream raises (gzip and pipes add their own).
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+@dataclass
+class RawSample:
+    key: str
+    index: int
+    members: dict[str, bytes] = field(default_factory=dict)
+    defect: str | None = None  # "split_key" when the tar layout is broken around this key
+
+
+class _BrokenMember(Exception):
+    """Reading the data of member `name` failed (its header was fine)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _members(url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular members, like webdataset's tar_file_iterator, but telling a
+    broken member (its name is known) from a broken header (nothing is known)."""
+    fileobj = open_shard(url)
+    completed = False
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as stream:
+            for info in stream:
+                if not info.isreg() or _META.match(info.name):
+                    continue
+                try:
+                    data = stream.extractfile(info).read()
+                except _TAR_ERRORS as exc:
+                    raise _BrokenMember(info.name) from exc
+                yield info.name, data
+                stream.members = []  # stream mode keeps every header otherwise
+        completed = True
+    finally:
+        if completed:
+            fileobj.close()  # a `pipe:` command's failure status raises here
+        else:
+            # Abandoned (or already failing): a pipe cut short exits with SIGPIPE; ignore it.
+            with contextlib.suppress(Exception):
+                fileobj.close()
+
+
+def iter_raw_samples(url: str) -> Iterator[RawSample]:
+    """Raw samples of the shard at `url`; see the module docstring for errors."""
+    seen: set[str] = set()
+    current: RawSample | None = None
+    index, members_read = 0, 0
+    try:
+        for name, data in _members(url):
+            members_read += 1
+            key, ext = base_plus_ext(name)
+            if key is None:
+                continue  # a member without an extension belongs to no sample
+            ext = ext.lower()
+            if current is not None and key == current.key:
+                if ext in current.members:
+                    current.defect = "split_key"
+                current.members[ext] = data
+                continue
+            if current is not None:
+                yield current
+            current = RawSample(key, index, {ext: data})
+            index += 1
+            if key in seen:
+                current.defect = "split_key"
+            seen.add(key)
+    except (*_TAR_ERRORS, _BrokenMember) as exc:
+        broken = exc.name if isinstance(exc, _BrokenMember) else None
+        cause = exc.__cause__ if broken else exc
+        if current is not None and broken and base_plus_ext(broken)[0] != current.key:
+            yield current  # the break is in the next sample: this one is complete
+            current = None
+        where = f"reading member {broken!r}" if broken else "reading a member header"
+        reason = "truncated_tar" if members_read or broken else "unreadable_shard"
+        raise SampleError(
+            reason,
+            f"{cause.__class__.__name__}: {cause} ({where}, {index} samples started)",
+            key=base_plus_ext(broken)[0] if broken else current.key if current else None,
+        ) from exc
+    if current is not None:
+        yield current

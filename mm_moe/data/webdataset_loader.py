@@ -1,0 +1,207 @@
+"""The step loader of the webdataset source: logical streams dealt out to ranks and workers.
+
+Step s's global batch of G rows is stream-major: with N = data.num_streams streams and
+k = G / N rows per stream, rows [j*k, (j+1)*k) are stream j's rows of that step. Rank r of W
+takes rows [r*G/W, (r+1)*G/W) and runs only the streams those rows come from (a stream that
+straddles two ranks is run by both: same result, twice the work, so choose N as a multiple of
+W). Dataloader workers split a rank's streams. None of this changes what the rows are, so the
+global batch depends only on sources, seed and s.
+
+The loader's state is every stream's state (stream.py). Only rank 0's state_dict() reaches the
+checkpoint, so after each step the ranks send rank 0 the states of the streams they own (a
+small gather_object); on load, every rank gets every stream's state and picks its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from mm_moe.data.batch import Batch
+from mm_moe.data.defects import REASONS, DataError, counter_key
+from mm_moe.data.stream import PipelineSpec
+from mm_moe.data.stream_dataset import StreamsDataset, identity
+from mm_moe.tokenization.vocab import Vocab
+
+log = logging.getLogger(__name__)
+STATE_KIND = "webdataset"
+STATE_VERSION = 1
+
+
+def fingerprint(spec: PipelineSpec) -> str:
+    """What a saved stream position is only valid for: sources, seed, number of streams."""
+    what = [
+        spec.seed,
+        spec.num_streams,
+        [[list(s.shards), s.format, s.weight] for s in spec.sources],
+    ]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
+class WebDatasetLoader:
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        vocab: Vocab,
+        num_workers: int,
+        rank: int,
+        dp_world_size: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+    ):
+        num_streams = spec.num_streams
+        if global_batch_size % num_streams:
+            raise ValueError(
+                f"trainer.global_batch_size={global_batch_size} must be a multiple of "
+                f"data.num_streams={num_streams} (each stream gives the same number of rows)"
+            )
+        assert global_batch_size % (dp_world_size * micro_batch_size) == 0
+        self.spec, self.vocab, self.num_workers = spec, vocab, num_workers
+        self.rank, self.dp_world_size = rank, dp_world_size
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.rows_per_stream = global_batch_size // num_streams
+        per_rank = global_batch_size // dp_world_size
+        self.rows = [
+            (i // self.rows_per_stream, i % self.rows_per_stream)
+            for i in range(rank * per_rank, (rank + 1) * per_rank)
+        ]
+        self.streams = sorted({j for j, _ in self.rows})
+        owner = lambda j: j * self.rows_per_stream // per_rank  # rank holding its first row
+        self.owned = [j for j in self.streams if owner(j) == rank]
+        shared = [
+            j
+            for j in range(num_streams)
+            if owner(j) != ((j + 1) * self.rows_per_stream - 1) // per_rank
+        ]
+        if shared and rank == 0:
+            log.warning(
+                "data.num_streams=%d over %d data-parallel ranks: %d streams are run by several "
+                "ranks (correct, but duplicated work); use a multiple of the rank count",
+                num_streams,
+                dp_world_size,
+                len(shared),
+            )
+        self.fingerprint = fingerprint(spec)
+        self.states: dict[int, dict | None] = dict.fromkeys(range(num_streams))
+        self.step = 0
+        self._iter = None
+        self._items_per_step = 0
+
+    # ---- producing steps ----
+    def _start(self) -> None:
+        dataset = StreamsDataset(
+            self.spec,
+            self.streams,
+            {j: self.states[j] for j in self.streams},
+            self.rows_per_stream,
+            self.step,
+        )
+        workers = min(self.num_workers, len(self.streams))
+        if workers == 0:
+            self._iter, self._items_per_step = iter(dataset), 1
+            return
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=workers, collate_fn=identity, prefetch_factor=2
+        )
+        self._iter, self._items_per_step = iter(loader), workers
+
+    def _step_rows(self) -> dict[int, tuple[dict, dict]]:
+        if self._iter is None:
+            self._start()
+        rows = {}
+        for _ in range(self._items_per_step):
+            step, payload = next(self._iter)
+            if step == "error":
+                self.close()
+                raise DataError(payload)
+            assert step == self.step, (step, self.step)
+            rows.update(payload)
+        assert sorted(rows) == self.streams
+        return rows
+
+    def next(self) -> list[Batch]:
+        """This rank's micro-batches for the next optimizer step."""
+        rows = self._step_rows()
+        for j, (_, state) in rows.items():
+            self.states[j] = state
+        take = lambda name: np.stack([rows[j][0][name][r] for j, r in self.rows])
+        tokens, modality, doc, position = (
+            take(n) for n in ("tokens", "modality", "doc", "position")
+        )
+        batches = []
+        for start in range(0, len(self.rows), self.micro_batch_size):
+            part = slice(start, start + self.micro_batch_size)
+            batches.append(
+                Batch.from_tokens(
+                    tokens[part].astype(np.int64),
+                    modality[part],
+                    doc[part],
+                    position[part],
+                    tokens[part] != self.vocab.pad,
+                )
+            )
+        self.step += 1
+        self._gather_to_rank0()
+        return batches
+
+    def _gather_to_rank0(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        mine = {j: self.states[j] for j in self.owned}
+        everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, everyone, dst=0)
+        if everyone is not None:
+            for states in everyone:
+                self.states.update(states)
+
+    def close(self) -> None:
+        self._iter = None  # a DataLoader iterator shuts its workers down when released
+
+    # ---- state and counters ----
+    def counters(self) -> dict[str, int]:
+        """Skips and documents of the streams this rank owns (the loop sums over ranks)."""
+        totals = {counter_key(r): 0 for r in REASONS}
+        totals["data/documents"] = 0
+        for j in self.owned:
+            state = self.states[j]
+            if state is not None:
+                for reason in REASONS:
+                    totals[counter_key(reason)] += state["skipped"][reason]
+                totals["data/documents"] += state["documents"]
+        return totals
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": STATE_KIND,
+            "version": STATE_VERSION,
+            "step": self.step,
+            "num_streams": self.spec.num_streams,
+            "fingerprint": self.fingerprint,
+            "streams": {str(j): state for j, state in self.states.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != STATE_KIND:
+            raise ValueError(
+                "the checkpoint's data position is not from the webdataset source "
+                f"(it holds {sorted(state)}); resume with the data.source it was trained on"
+            )
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"data state version {state['version']} is not {STATE_VERSION}")
+        if (
+            state["num_streams"] != self.spec.num_streams
+            or state["fingerprint"] != self.fingerprint
+        ):
+            raise ValueError(
+                "the checkpoint's data position was saved for other data.sources, "
+                f"data.num_streams (it had {state['num_streams']}) or trainer.seed; resuming "
+                "exactly needs the same ones"
+            )
+        self.states = {j: state["streams"][str(j)] for j in range(self.spec.num_streams)}
+        self.step = int(state["step"])
+        self.close()

@@ -1,0 +1,55 @@
+"""The one interface data, model and sampling use to turn text and images into token ids.
+
+Implementations live beside this file: the deterministic stand-ins of `stand_ins.py` now, the
+trained sentencepiece and VQ tokenizers later. Anything that satisfies these protocols plugs in
+through `TokenizerConfig.build()` (mm_moe/tokenization/config.py).
+
+Ids from `TextTokenizer.encode` are in [0, vocab_size); codes from `ImageTokenizer.encode` are
+in [0, codebook_size). `Vocab` places both in the unified vocabulary (image codes shifted by
+`vocab.image_offset`), next to bos/eos/pad/boi/eoi.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from mm_moe.tokenization.vocab import Vocab
+
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@runtime_checkable
+class ImageTokenizer(Protocol):
+    codebook_size: int
+    tokens_per_image: int
+
+    def encode(self, image: Image.Image) -> np.ndarray:
+        """[tokens_per_image] codes in [0, codebook_size), raster order. The image may have any
+        size and mode; implementations apply `image_preprocess.preprocess` themselves."""
+        ...
+
+    def decode(self, codes: np.ndarray) -> Image.Image: ...
+
+
+@dataclass(frozen=True)
+class Tokenizers:
+    """Both tokenizers and the unified vocabulary they define, built together so they agree."""
+
+    text: TextTokenizer
+    image: ImageTokenizer
+    vocab: Vocab
+
+    def __post_init__(self) -> None:
+        assert self.vocab.text_size >= self.text.vocab_size
+        assert self.vocab.image_size == self.image.codebook_size

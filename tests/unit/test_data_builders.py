@@ -1,0 +1,166 @@
+"""The shard builders of data_pipelines/: folder of pairs, interleaved JSONL, text files, and
+offline pre-tokenization (whose shards must feed training exactly like on-the-fly tokenization)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from PIL import Image
+
+from mm_moe.data.builders.interleaved import BuildInterleavedConfig
+from mm_moe.data.builders.interleaved import build as build_interleaved
+from mm_moe.data.builders.pairs import BuildPairsConfig
+from mm_moe.data.builders.pairs import build as build_pairs
+from mm_moe.data.builders.pretokenize import PretokenizeConfig
+from mm_moe.data.builders.pretokenize import build as pretokenize
+from mm_moe.data.builders.text import BuildTextConfig
+from mm_moe.data.builders.text import build as build_text
+from mm_moe.data.config import DataConfig, SourceConfig
+from mm_moe.data.documents import DocumentBuilder
+from mm_moe.data.shards import expand_urls
+from mm_moe.data.stream import Stream
+from mm_moe.data.tar_reader import iter_raw_samples
+from mm_moe.tokenization.config import TokenizerConfig
+from tests.data_shards import caption, image_bytes
+from tests.helpers import PYTHON, REPO, _env
+
+TOKENIZER = TokenizerConfig(image_size=16, grid=4, levels=4)
+
+
+def _samples(pattern: str) -> list:
+    return [s for url in expand_urls(pattern, "test") for s in iter_raw_samples(url)]
+
+
+def _photo_folder(root, count=7):
+    (root / "sub").mkdir(parents=True)
+    for i in range(count):
+        folder = root / "sub" if i % 2 else root
+        ext = ["png", "jpg", "bmp"][i % 3]
+        Image.open(__import__("io").BytesIO(image_bytes(i))).save(folder / f"img{i}.{ext}")
+        (folder / f"img{i}.txt").write_text(caption(i) + "\n")
+    Image.open(__import__("io").BytesIO(image_bytes(99))).save(root / "orphan.png")
+    return root
+
+
+def test_pairs_from_a_folder_and_refusing_a_non_empty_output(tmp_path):
+    src = _photo_folder(tmp_path / "photos")
+    out = tmp_path / "shards"
+    cfg = BuildPairsConfig(input=str(src), output=str(out), shard_size=3)
+    pattern = build_pairs(cfg)
+    samples = _samples(pattern)
+    assert len(samples) == 7 and len(expand_urls(pattern, "t")) == 3
+    assert {s.members["txt"].decode() for s in samples} == {caption(i) for i in range(7)}
+    assert all({"txt", "json"} < set(s.members) for s in samples)
+    assert sum("png" in s.members for s in samples) == 5  # bmp re-encoded as png
+    paths = {json.loads(s.members["json"])["path"] for s in samples}
+    assert "sub/img1.jpg" in paths and "orphan.png" not in paths
+    with pytest.raises(ValueError, match="is not empty; pass overwrite=true"):
+        build_pairs(cfg)
+    cfg.overwrite, cfg.shard_size = True, 10
+    assert len(expand_urls(build_pairs(cfg), "t")) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["pairs-000000.tar"]
+
+
+def test_interleaved_from_jsonl(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.png").write_bytes(image_bytes(i))
+    docs = [
+        {
+            "content": [
+                {"type": "text", "text": "first"},
+                {"type": "image", "path": "img/0.png"},
+                {"type": "text", "text": "then"},
+                {"type": "image", "path": "img/1.png"},
+            ],
+            "url": "https://example.org/a",
+        },
+        {"texts": [None, "caption after"], "images": ["img/2.png", None]},
+        {"content": [{"type": "image", "path": "img/missing.png"}]},
+    ]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    pattern = build_interleaved(
+        BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "out"), shuffle=False)
+    )
+    cfg = DataConfig(
+        source="webdataset", num_streams=1, sources=[SourceConfig(pattern, "interleaved")]
+    )
+    spec = cfg.pipeline_spec(0, TOKENIZER)
+    stream = Stream(0, spec, DocumentBuilder(TOKENIZER.build(), spec.decode))
+    vocab = TOKENIZER.build().vocab
+    first, second = stream._next_document().tokens, stream._next_document().tokens
+    assert int((first == vocab.boi).sum()) == 2 and int((second == vocab.boi).sum()) == 1
+    assert second[1] == vocab.boi  # the image came first
+    assert bytes(t for t in first.tolist() if t < 256) == b"firstthen"
+    assert len(_samples(pattern)) == 2  # the document with a missing image was left out
+    meta = json.loads(_samples(pattern)[0].members["json"])["meta"]
+    assert meta == {"url": "https://example.org/a"}
+
+
+def test_text_files_by_paragraph(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("one\nstill one\n\n\ntwo\n")
+    (tmp_path / "in" / "b.txt").write_text("three")
+    (tmp_path / "in" / "c.txt").write_bytes(b"\xff\xfe not utf-8")
+    pattern = build_text(
+        BuildTextConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), unit="paragraph")
+    )
+    got = sorted(s.members["txt"].decode() for s in _samples(pattern))
+    assert got == ["one\nstill one", "three", "two"]
+
+
+def test_pretokenized_shards_feed_exactly_the_same_rows(tmp_path):
+    src = _photo_folder(tmp_path / "photos", count=9)
+    pairs = build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "p"), shard_size=2))
+    tokens = pretokenize(
+        PretokenizeConfig(
+            input=pairs,
+            format="pairs",
+            output=str(tmp_path / "t"),
+            tokenizer=TOKENIZER,
+            pair_order="caption_first",
+            processes=2,
+        )
+    )
+    assert (tmp_path / "t" / "vocab.yaml").is_file()
+
+    def rows(pattern, fmt):
+        cfg = DataConfig(
+            source="webdataset",
+            seq_len=20,
+            num_streams=2,
+            num_workers=0,
+            pair_order="caption_first",
+            sources=[SourceConfig(pattern, fmt)],
+        )
+        loader = cfg.build(1, 0, 1, 4, 4, tokenizer=TOKENIZER)
+        return [torch.cat([b.input_ids_BS for b in loader.next()]) for _ in range(6)]
+
+    for a, b in zip(rows(pairs, "pairs"), rows(tokens, "tokens")):
+        assert torch.equal(a, b)
+    other = DataConfig(source="webdataset", sources=[SourceConfig(tokens, "tokens")])
+    with pytest.raises(ValueError, match="vocab.yaml .* is not the vocabulary"):
+        other.build(0, 0, 1, 8, 8, tokenizer=TokenizerConfig(image_size=16, levels=5))
+    with pytest.raises(ValueError, match="tokenizer.yaml .* is not the run's tokenizer"):
+        other.build(0, 0, 1, 8, 8, tokenizer=TokenizerConfig(image_size=16, grid=8))
+
+
+def test_builder_scripts_run_and_name_bad_keys(tmp_path):
+    (tmp_path / "in.txt").write_text("hello\nworld\n")
+    run = lambda *args: subprocess.run(
+        [PYTHON, str(REPO / "data_pipelines" / "build_text.py"), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    ok = run(f"input={tmp_path / 'in.txt'}", f"output={tmp_path / 'out'}", "unit=line")
+    assert ok.returncode == 0, ok.stderr
+    assert "format: text" in ok.stdout and (tmp_path / "out" / "text-000000.tar").is_file()
+    typo = run(f"input={tmp_path / 'in.txt'}", f"output={tmp_path / 'o2'}", "shard_sise=3")
+    assert typo.returncode == 2 and "shard_sise" in typo.stderr and "shard_size" in typo.stderr

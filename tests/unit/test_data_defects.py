@@ -1,0 +1,258 @@
+"""Bad data: every planted defect is skipped and counted under its reason, the good samples
+around it are used (odd image modes converted, not skipped), and on_error=raise fails naming
+the shard and the key."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mm_moe.data.config import DataConfig, SourceConfig
+from mm_moe.data.defects import REASONS, DataError, counter_key
+from mm_moe.data.documents import DocumentBuilder
+from mm_moe.data.stream import Stream
+from mm_moe.tokenization.config import TokenizerConfig
+from tests.data_shards import image_bytes, write_raw_tar
+
+TOKENIZER = TokenizerConfig(image_size=16, grid=4, levels=4)
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _odd_modes() -> dict[str, tuple[str, bytes]]:
+    rgb = Image.open(io.BytesIO(image_bytes(5)))
+    cmyk = io.BytesIO()
+    rgb.convert("CMYK").save(cmyk, format="JPEG")
+    wide = np.random.default_rng(0).integers(0, 65536, (16, 16), dtype=np.uint16)
+    return {
+        "cmyk": ("jpg", cmyk.getvalue()),
+        "rgba": ("png", _png(rgb.convert("RGBA"))),
+        "palette": ("png", _png(rgb.convert("P"))),
+        "grey16": ("png", _png(Image.fromarray(wide))),
+    }
+
+
+def _truncated_jpeg() -> bytes:
+    data = image_bytes(9, size=(32, 32), fmt="JPEG")
+    return data[: len(data) // 2]
+
+
+# (members in tar order, expected counts): each good sample's caption starts with "good".
+PAIRS_MEMBERS = [
+    ("g0.png", image_bytes(0)),
+    ("g0.txt", b"good zero"),
+    ("c1.jpg", b"\xff\xd8 not really a jpeg"),
+    ("c1.txt", b"bad corrupt"),
+    ("c2.jpg", _truncated_jpeg()),
+    ("c2.txt", b"bad truncated image"),
+    ("m1.png", image_bytes(1)),  # no caption
+    ("m2.txt", b"bad no image"),
+    ("e1.png", image_bytes(2)),
+    ("e1.txt", b"  \n "),
+    ("u1.png", image_bytes(3)),
+    ("u1.txt", b"bad \xff\xfe latin"),
+    ("s1.png", image_bytes(4)),  # split key: s1.txt comes after g6
+    ("g6.png", image_bytes(6)),
+    ("g6.txt", b"good six"),
+    ("s1.txt", b"bad split"),
+    ("t1.png", image_bytes(7, size=(4, 4))),
+    ("t1.txt", b"bad tiny"),
+    ("w1.png", image_bytes(8, size=(80, 16))),
+    ("w1.txt", b"bad wide"),
+    *[
+        m
+        for name, (ext, data) in _odd_modes().items()
+        for m in [(f"{name}.{ext}", data), (f"{name}.txt", f"good {name}".encode())]
+    ],
+    ("g7.png", image_bytes(10)),
+    ("g7.txt", b"good seven"),
+]
+PAIRS_EXPECTED = {
+    "corrupt_image": 2,
+    "missing_text": 2,
+    "missing_image": 1,
+    "empty_text": 1,
+    "bad_utf8": 1,
+    "split_key": 1,
+    "small_image": 1,
+    "aspect_ratio": 1,
+}
+GOOD_CAPTIONS = [
+    b"good zero",
+    b"good six",
+    *[f"good {n}".encode() for n in _odd_modes()],
+    b"good seven",
+]
+
+
+def _stream(urls: str, fmt: str, on_error: str = "skip") -> Stream:
+    cfg = DataConfig(
+        source="webdataset", sources=[SourceConfig(urls, fmt)], num_streams=1, on_error=on_error
+    )
+    spec = cfg.pipeline_spec(0, TOKENIZER)
+    return Stream(0, spec, DocumentBuilder(TOKENIZER.build(), spec.decode))
+
+
+def _texts(docs) -> list[bytes]:
+    return [bytes(int(t) for t in d.tokens if t < 256) for d in docs]
+
+
+def test_every_pairs_defect_is_counted_and_good_samples_are_used(tmp_path):
+    write_raw_tar(tmp_path / "pairs.tar", PAIRS_MEMBERS)
+    stream = _stream(str(tmp_path / "pairs.tar"), "pairs")
+    docs = [stream._next_document() for _ in GOOD_CAPTIONS]  # the whole first epoch
+    assert sorted(_texts(docs)) == sorted(GOOD_CAPTIONS)
+    assert stream.skipped == {r: PAIRS_EXPECTED.get(r, 0) for r in REASONS}
+    vocab = TOKENIZER.build().vocab
+    assert all(int((d.tokens == vocab.boi).sum()) == 1 for d in docs)  # every image used
+
+
+def _tar_bytes(members) -> bytes:
+    path = io.BytesIO()
+    with tarfile.open(fileobj=path, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path.getvalue()
+
+
+def test_truncated_tar_keeps_what_came_before_and_unreadable_shard_is_counted(tmp_path):
+    members = [(f"t{i}.txt", f"text number {i} ".encode() * 20) for i in range(5)]
+    whole = _tar_bytes(members)
+    cut = whole.index(b"text number 3") + 100  # inside t3's data
+    (tmp_path / "a-0.tar").write_bytes(whole[:cut])
+    (tmp_path / "a-1.tar").write_bytes(b"this is not a tar file at all" * 40)
+    stream = _stream(str(tmp_path / "a-{0..1}.tar"), "text")
+    # The break is in t3's data, so t2 is complete and used; t3 and t4 are lost.
+    docs = [stream._next_document() for _ in range(4)]  # the fourth comes from epoch 1
+    assert [t[:13] for t in _texts(docs)] == [b"text number %d" % i for i in (0, 1, 2, 0)]
+    assert stream.skipped["truncated_tar"] == 1 and stream.skipped["unreadable_shard"] == 1
+
+
+def test_interleaved_and_tokens_defects(tmp_path):
+    good = {"content": [{"type": "text", "text": "good doc"}, {"type": "image", "member": "0.png"}]}
+    obelics = {"texts": ["good obelics", None], "images": [None, "0.png"]}
+    missing = {"content": [{"type": "image", "member": "1.png"}]}
+    write_raw_tar(
+        tmp_path / "il.tar",
+        [
+            ("d0.json", b"{not json"),
+            ("d1.json", json.dumps(missing).encode()),
+            ("d1.0.png", image_bytes(0)),
+            ("d2.json", json.dumps({"content": [{"type": "video"}]}).encode()),
+            ("d3.0.png", image_bytes(1)),  # no json at all
+            ("d4.json", json.dumps({"content": []}).encode()),
+            ("d5.json", json.dumps(good).encode()),
+            ("d5.0.png", image_bytes(2)),
+            ("d6.json", json.dumps(obelics).encode()),
+            ("d6.0.png", image_bytes(3)),
+        ],
+    )
+    stream = _stream(str(tmp_path / "il.tar"), "interleaved")
+    docs = [stream._next_document() for _ in range(2)]
+    assert _texts(docs) == [b"good doc", b"good obelics"]
+    assert {k: v for k, v in stream.skipped.items() if v} == {
+        "bad_json": 2,
+        "missing_image": 1,
+        "missing_text": 1,
+        "empty_text": 1,
+    }
+
+    def npy(array) -> bytes:
+        out = io.BytesIO()
+        np.save(out, array)
+        return out.getvalue()
+
+    vocab = TOKENIZER.build().vocab
+    ok = np.array([vocab.bos, 65, vocab.boi, vocab.image_offset, vocab.eoi, vocab.eos], np.int32)
+    ok_mod = np.array([0, 0, 0, 1, 0, 0], np.uint8)
+    write_raw_tar(
+        tmp_path / "tok.tar",
+        [
+            ("k0.tokens.npy", npy(ok)),  # no modality
+            ("k1.tokens.npy", npy(ok + 1000)),
+            ("k1.modality.npy", npy(ok_mod)),  # out of vocab
+            ("k2.tokens.npy", npy(ok)),
+            ("k2.modality.npy", npy(ok_mod[::-1].copy())),  # mismatch
+            ("k3.tokens.npy", b"garbage"),
+            ("k3.modality.npy", npy(ok_mod)),
+            ("k4.tokens.npy", npy(ok)),
+            ("k4.modality.npy", npy(ok_mod)),
+        ],
+    )
+    stream = _stream(str(tmp_path / "tok.tar"), "tokens")
+    assert stream._next_document().tokens.tolist() == ok.tolist()
+    assert {k: v for k, v in stream.skipped.items() if v} == {"bad_tokens": 4}
+
+
+def test_loader_counters_report_every_reason(tmp_path):
+    write_raw_tar(tmp_path / "pairs.tar", PAIRS_MEMBERS)
+    cfg = DataConfig(
+        source="webdataset",
+        seq_len=32,
+        num_streams=1,
+        num_workers=1,
+        sources=[SourceConfig(str(tmp_path / "pairs.tar"), "pairs")],
+    )
+    loader = cfg.build(0, 0, 1, 2, 2, tokenizer=TOKENIZER)
+    for _ in range(6):
+        loader.next()
+    counters = loader.counters()
+    assert set(counters) == {counter_key(r) for r in REASONS} | {"data/documents"}
+    assert all(counters[counter_key(r)] >= n for r, n in PAIRS_EXPECTED.items())
+
+
+@pytest.mark.parametrize(
+    "members, key",
+    [
+        (PAIRS_MEMBERS[:6], "c1"),
+        ([("g0.png", image_bytes(0)), ("g0.txt", b"fine"), ("m1.png", image_bytes(1))], "m1"),
+        (PAIRS_MEMBERS[:2] + [("s1.png", image_bytes(4))] + PAIRS_MEMBERS[13:16], "s1"),
+    ],
+)
+def test_on_error_raise_names_shard_and_key(tmp_path, members, key):
+    write_raw_tar(tmp_path / "bad-7.tar", members)
+    cfg = DataConfig(
+        source="webdataset",
+        seq_len=32,
+        num_streams=1,
+        num_workers=1,
+        on_error="raise",
+        sources=[SourceConfig(str(tmp_path / "bad-7.tar"), "pairs")],
+    )
+    loader = cfg.build(0, 0, 1, 2, 2, tokenizer=TOKENIZER)
+    with pytest.raises(DataError) as err:
+        for _ in range(4):
+            loader.next()
+    assert str(tmp_path / "bad-7.tar") in str(err.value) and f"key '{key}'" in str(err.value)
+
+
+def test_on_error_raise_on_a_truncated_tar(tmp_path):
+    whole = _tar_bytes([(f"t{i}.txt", f"words of t{i} ".encode() * 30) for i in range(4)])
+    (tmp_path / "cut.tar").write_bytes(whole[: whole.index(b"words of t2") + 50])
+    stream = _stream(str(tmp_path / "cut.tar"), "text", on_error="raise")
+    with pytest.raises(DataError, match=r"truncated_tar in shard .*cut.tar, key 't2'"):
+        for _ in range(5):
+            stream._next_document()
+
+
+def test_pipe_urls_stream_the_same_samples_and_a_failing_command_is_counted(tmp_path):
+    write_raw_tar(tmp_path / "good.tar", PAIRS_MEMBERS[:2] + PAIRS_MEMBERS[-2:])
+    local = _stream(str(tmp_path / "good.tar"), "pairs")
+    piped = _stream(f"pipe:cat {tmp_path / 'good.tar'}", "pairs")
+    for _ in range(3):
+        assert np.array_equal(local._next_document().tokens, piped._next_document().tokens)
+    urls = [f"pipe:cat {tmp_path / 'missing.tar'}", str(tmp_path / "good.tar")]
+    stream = _stream(urls, "pairs")
+    [stream._next_document() for _ in range(4)]  # two epochs of the good shard
+    assert stream.skipped["unreadable_shard"] >= 1

@@ -1,0 +1,179 @@
+"""Elastic determinism of the webdataset loader: the global batch of step s depends only on
+sources, seed and s; a saved state resumes with exactly the next batch, at any world size,
+worker count and micro-batch size, also across epoch boundaries."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+
+from mm_moe.data.batch import Batch
+from mm_moe.data.config import DataConfig, SourceConfig
+from mm_moe.tokenization.config import TokenizerConfig
+from tests.data_shards import interleaved, pairs, texts, write_shards
+
+SEED, GLOBAL = 3, 8
+TOKENIZER = TokenizerConfig(image_size=16, grid=4, levels=4)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return [
+        SourceConfig(write_shards(root / "pairs", pairs(15), 5), "pairs", 2.0),
+        SourceConfig(write_shards(root / "text", texts(12), 6), "text", 1.0),
+        SourceConfig(write_shards(root / "il", interleaved(6), 3), "interleaved", 1.0),
+    ]
+
+
+def _loader(sources, rank=0, world=1, micro=GLOBAL, workers=0, streams=4, seq_len=24):
+    cfg = DataConfig(
+        source="webdataset",
+        seq_len=seq_len,
+        sources=sources,
+        num_streams=streams,
+        num_workers=workers,
+    )
+    return cfg.build(SEED, rank, world, micro, GLOBAL, tokenizer=TOKENIZER)
+
+
+def _cat(batches: list[Batch]) -> dict[str, torch.Tensor]:
+    return {f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)}
+
+
+def _assert_equal(a: dict, b: dict, step) -> None:
+    for name in a:
+        assert torch.equal(a[name], b[name]), (step, name)
+
+
+def _run(loader, steps: int) -> list[dict]:
+    return [_cat(loader.next()) for _ in range(steps)]
+
+
+def _json(state: dict) -> dict:
+    return json.loads(json.dumps(state))  # what meta.json stores
+
+
+def test_next_8_batches_after_resume_equal_the_uninterrupted_stream(sources):
+    straight = _run(_loader(sources), 12)
+    first = _loader(sources, workers=2)
+    assert all(
+        _assert_equal(a, b, s) is None for s, (a, b) in enumerate(zip(_run(first, 4), straight))
+    )
+    state = _json(first.state_dict())
+    resumed = _loader(sources, workers=1, micro=2)
+    resumed.load_state_dict(state)
+    for step, batch in enumerate(_run(resumed, 8), start=4):
+        _assert_equal(batch, straight[step], step)
+    assert resumed.counters() == _loader_after(sources, 12).counters()
+
+
+def _loader_after(sources, steps):
+    loader = _loader(sources)
+    _run(loader, steps)
+    return loader
+
+
+def test_global_batch_is_independent_of_world_size_workers_and_micro_batch(sources):
+    straight = _run(_loader(sources), 5)
+    for world, streams in [(2, 4), (4, 2)]:  # (4, 2): two ranks share each stream
+        ranks = [
+            _loader(sources, r, world, micro=1, workers=2, streams=streams) for r in range(world)
+        ]
+        reference = straight if streams == 4 else _run(_loader(sources, streams=2), 5)
+        for step in range(5):
+            parts = [_cat(rank.next()) for rank in ranks]
+            joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            _assert_equal(joined, reference[step], (world, step))
+
+
+def test_states_from_two_ranks_resume_on_one(sources):
+    straight = _run(_loader(sources), 10)
+    ranks = [_loader(sources, r, 2, micro=2) for r in range(2)]
+    for _ in range(3):
+        for rank in ranks:
+            rank.next()
+    # Without torch.distributed the ranks cannot send rank 0 their states: merge them here
+    # the way the per-step gather does.
+    merged = ranks[0].state_dict()
+    for j in ranks[1].owned:
+        merged["streams"][str(j)] = ranks[1].states[j]
+    one = _loader(sources, micro=4)
+    one.load_state_dict(_json(merged))
+    for step, batch in enumerate(_run(one, 7), start=3):
+        _assert_equal(batch, straight[step], step)
+    totals = {k: ranks[0].counters()[k] + ranks[1].counters()[k] for k in one.counters()}
+    assert totals == _loader_after(sources, 3).counters()
+
+
+def test_resume_at_an_epoch_boundary(tmp_path):
+    # Every document is exactly one row (bos + 13 bytes + eos = seq_len + 1), one stream, three
+    # shards of 2: an epoch is 6 rows = 3 steps of 2 rows, so steps 3, 6, ... end an epoch.
+    samples = [{"__key__": f"k{i}", "txt": f"document {i:04d}"} for i in range(6)]
+    pattern = write_shards(tmp_path, samples, per_shard=2)
+    src = [SourceConfig(pattern, "text")]
+    make = lambda: DataConfig(
+        source="webdataset", seq_len=14, sources=src, num_streams=1, num_workers=0
+    ).build(SEED, 0, 1, 2, 2, tokenizer=TOKENIZER)
+    straight = _run(make(), 14)
+    rows = torch.cat([b["input_ids_BS"] for b in straight])
+    docs = [int(bytes(r[10:14].tolist()).decode()) for r in rows]
+    # Each epoch (6 rows) holds every document once; the shard order is reshuffled by epoch.
+    epochs = [docs[6 * e : 6 * e + 6] for e in range(4)]
+    assert all(sorted(e) == list(range(6)) for e in epochs), epochs
+    assert len({tuple(e) for e in epochs}) > 1, epochs
+    loader = make()
+    for stop in range(1, 13):
+        loader.next()
+        state = _json(loader.state_dict())
+        reader = state["streams"]["0"]["sources"][0]
+        if stop % 3 == 0:  # the last sample of the epoch consumed: next read starts epoch+1
+            assert (reader["epoch"], reader["position"], reader["offset"]) == (stop // 3 - 1, 2, 2)
+        resumed = make()
+        resumed.load_state_dict(state)
+        for step, batch in enumerate(_run(resumed, 2), start=stop):
+            _assert_equal(batch, straight[step], step)
+
+
+def test_sources_are_mixed_by_weight_and_pair_order_is_configurable(sources):
+    from mm_moe.data.documents import DocumentBuilder
+    from mm_moe.data.stream import Stream
+
+    cfg = DataConfig(source="webdataset", sources=sources, pair_order="random", num_streams=4)
+    spec = cfg.pipeline_spec(SEED, TOKENIZER)
+    stream = Stream(0, spec, DocumentBuilder(TOKENIZER.build(), spec.decode))
+    vocab = TOKENIZER.build().vocab
+    kinds = {"pairs": 0, "text": 0, "interleaved": 0}
+    caption_first = 0
+    for _ in range(400):
+        doc = stream._next_document().tokens
+        boi = int((doc == vocab.boi).sum())
+        kind = "text" if boi == 0 else "pairs" if boi == 1 else "interleaved"
+        kinds[kind] += 1
+        caption_first += kind == "pairs" and doc[1] != vocab.boi
+    assert abs(kinds["pairs"] / 400 - 0.5) < 0.08, kinds
+    assert abs(kinds["text"] / 400 - 0.25) < 0.08, kinds
+    assert 0.35 < caption_first / kinds["pairs"] < 0.65
+    for order, want in [("caption_first", True), ("image_first", False)]:
+        cfg = DataConfig(source="webdataset", sources=sources[:1], pair_order=order)
+        spec = cfg.pipeline_spec(SEED, TOKENIZER)
+        stream = Stream(0, spec, DocumentBuilder(TOKENIZER.build(), spec.decode))
+        assert all((stream._next_document().tokens[1] != vocab.boi) == want for _ in range(10))
+
+
+def test_mismatched_resume_and_batch_layout_fail_clearly(sources):
+    loader = _loader(sources)
+    loader.next()
+    with pytest.raises(ValueError, match="data.num_streams"):
+        _loader(sources, streams=2).load_state_dict(_json(loader.state_dict()))
+    with pytest.raises(ValueError, match="webdataset source"):
+        _loader(sources).load_state_dict({"step": 3})
+    with pytest.raises(ValueError, match="multiple of data.num_streams=3"):
+        _loader(sources, streams=3)
+    with pytest.raises(ValueError, match=r"data.sources\[0\].urls: shard .* does not exist"):
+        _loader([SourceConfig("/nonexistent/a-{0..3}.tar", "pairs")])
+    assert np.isfinite(json.dumps(loader.state_dict()).__len__())
