@@ -10,7 +10,7 @@ TORCH_CPU := torch==2.13.0
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup train test test-slurm test-fast lint format clean
+.PHONY: setup demo-assets train test test-slurm test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -35,14 +35,34 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	@# DeepSpeed ships only an sdist whose build imports torch: build it against ours.
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.18,<0.20"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,demo]"
 	@touch $(STAMP)
 
-# The main job: the tiny early-fusion model on $(NPROC) CPU processes (or GPUs) with ZeRO-2.
-# A fresh run each time (checkpoint.overwrite=true); pass more overrides with ARGS="...".
-train: setup
+DEMO_CORPUS := data/demo/corpus.json
+DEMO_TOKENIZERS := tokenizers/demo/vq.pt
+EP ?= 1
+
+# The demo corpus (real data that packages ship) and the tokenizers trained on it: built once,
+# cached after that (delete data/demo or tokenizers/demo to rebuild).
+$(DEMO_CORPUS): | $(STAMP)
+	$(PY) data_pipelines/build_demo_corpus.py output=data/demo overwrite=true
+
+$(DEMO_TOKENIZERS): $(DEMO_CORPUS)
+	$(PY) -m mm_moe.tokenization.train_text \
+	  "sources=[data/demo/text,data/demo/pairs,data/demo/interleaved]" \
+	  output=tokenizers/demo vocab_size=2048
+	$(PY) -m mm_moe.tokenization.train_image "sources=[data/demo/pairs]" \
+	  "heldout=[data/demo/heldout]" output=tokenizers/demo
+
+demo-assets: $(DEMO_TOKENIZERS)
+
+# The main job: the tiny MoMa on the demo corpus, expert parallel over $(NPROC) CPU processes
+# (or GPUs), then samples, captions and a summary. A fresh run each time; more overrides
+# with ARGS="...".
+train: setup demo-assets
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mm_moe.train \
-	  experiment=tiny_dense parallel.zero_stage=2 checkpoint.overwrite=true $(ARGS)
+	  experiment=demo parallel.expert_parallel_size=$(EP) checkpoint.overwrite=true $(ARGS)
+	$(PY) scripts/demo_report.py runs/demo
 
 test: setup
 	$(PY) -m pytest -q --timeout=900 tests $(ARGS)

@@ -54,8 +54,10 @@ class MoEConfig:
     # selection from the token alone, trained with BCE on stop-gradient inputs.
     aux_router_hidden: int = 64
     aux_router_coef: float = 1.0
-    # Expert GEMM: auto picks torch._grouped_mm on CUDA, a loop over experts on CPU.
-    gemm: Literal["auto", "grouped_mm", "loop"] = "auto"
+    # Expert GEMM: auto picks torch._grouped_mm with bf16 on Hopper GPUs, else batched GEMMs
+    # over rows padded to the busiest expert (when that at most doubles the work), else a
+    # loop of GEMMs over experts.
+    gemm: Literal["auto", "grouped_mm", "padded", "loop"] = "auto"
 
     def __post_init__(self) -> None:
         epm = self.experts_per_modality

@@ -1,0 +1,97 @@
+"""Autoregressive sampling over the unified vocabulary, text and images alike.
+
+The model runs in eval mode, so expert-choice and mixture-of-depths use their causal auxiliary
+routers. Text mode samples text ids (and boi to start an image, eos to stop); after boi, image
+mode samples exactly `tokens_per_image` image codes, then eoi is forced and text mode resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mm_moe.modality import IMAGE, TEXT
+from mm_moe.tokenization.vocab import Vocab
+
+
+@dataclass
+class SampleConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    # Sample among the k most likely allowed tokens; 0 samples from all of them.
+    top_k: int = 0
+    seed: int = 0
+
+
+def allowed_masks(vocab: Vocab, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[V] bool masks of the ids text mode and image mode may sample."""
+    ids = torch.arange(vocab.size, device=device)
+    image = (ids >= vocab.image_offset) & (ids < vocab.image_offset + vocab.image_size)
+    text = ~image & (ids != vocab.pad) & (ids != vocab.bos) & (ids != vocab.eoi)
+    return text, image
+
+
+def modality_of(ids: list[int], vocab: Vocab) -> list[int]:
+    lo, hi = vocab.image_offset, vocab.image_offset + vocab.image_size
+    return [IMAGE if lo <= i < hi else TEXT for i in ids]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    vocab: Vocab,
+    prompt: list[int],
+    tokens_per_image: int,
+    cfg: SampleConfig,
+    stop_after_image: bool = False,
+) -> list[int]:
+    """Continue `prompt` (ids in the unified vocabulary); returns only the new ids."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    text_ok, image_ok = allowed_masks(vocab, device)
+    ids = list(prompt)
+    # Codes still to sample for the current image (None: text mode).
+    remaining = tokens_per_image if ids and ids[-1] == vocab.boi else None
+    new: list[int] = []
+    while len(new) < cfg.max_new_tokens:
+        if remaining == 0:
+            nxt = vocab.eoi
+            remaining = None
+        else:
+            x = torch.tensor([ids], device=device)
+            m = torch.tensor([modality_of(ids, vocab)], device=device)
+            logits = model(x, m).logits[0, -1].float()
+            allowed = image_ok if remaining is not None else text_ok
+            logits = logits.masked_fill(~allowed, float("-inf")) / max(cfg.temperature, 1e-5)
+            if cfg.top_k:
+                kth = torch.topk(logits, min(cfg.top_k, int(allowed.sum()))).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, -1).cpu()
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+            if remaining is not None:
+                remaining -= 1
+            elif nxt == vocab.boi:
+                remaining = tokens_per_image
+        ids.append(nxt)
+        new.append(nxt)
+        if nxt == vocab.eos or (stop_after_image and nxt == vocab.eoi):
+            break
+    return new
+
+
+def split_output(new: list[int], vocab: Vocab) -> list[tuple[str, list[int]]]:
+    """[("text", ids) | ("image", codes)] segments of generated ids (specials dropped)."""
+    segments: list[tuple[str, list[int]]] = []
+    lo, hi = vocab.image_offset, vocab.image_offset + vocab.image_size
+    for i in new:
+        kind = "image" if lo <= i < hi else "text"
+        if i in (vocab.boi, vocab.eoi, vocab.bos, vocab.eos, vocab.pad):
+            if i == vocab.boi:
+                segments.append(("image", []))
+            continue
+        if not segments or segments[-1][0] != kind:
+            segments.append((kind, []))
+        segments[-1][1].append(i - lo if kind == "image" else i)
+    return [(k, v) for k, v in segments if v]

@@ -1,0 +1,75 @@
+"""The trained VQ image tokenizer behind the ImageTokenizer interface, and its artifacts.
+
+tokenizers/<name>/vq.pt        model weights (tensors only: loads with weights_only=True)
+tokenizers/<name>/vq.yaml      the VQConfig it was built with
+tokenizers/<name>/metrics.json held-out PSNR and codebook usage, measured after training
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from mm_moe.tokenization.image_preprocess import preprocess
+from mm_moe.tokenization.vq.model import VQVAE, VQConfig
+
+WEIGHTS, CONFIG, METRICS = "vq.pt", "vq.yaml", "metrics.json"
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """[3, R, R] in [-1, 1], by the project's preprocessing policy."""
+    rgb = np.asarray(preprocess(image, resolution), dtype=np.float32)
+    return torch.from_numpy(rgb).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def tensor_to_image(x_CHW: torch.Tensor) -> Image.Image:
+    rgb = ((x_CHW.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(rgb)
+
+
+def save(model: VQVAE, out_dir: Path, metrics: dict) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out_dir / WEIGHTS)
+    (out_dir / CONFIG).write_text(yaml.safe_dump(asdict(model.cfg), sort_keys=False))
+    (out_dir / METRICS).write_text(json.dumps(metrics, indent=1))
+
+
+def load_model(path: str | Path) -> VQVAE:
+    path = Path(path)
+    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
+        raise ValueError(
+            f"no VQ tokenizer in {path} (expected {WEIGHTS} and {CONFIG}); train "
+            "one with `python -m mm_moe.tokenization.train_image`"
+        )
+    model = VQVAE(VQConfig(**yaml.safe_load((path / CONFIG).read_text())))
+    model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class VQImageTokenizer:
+    def __init__(self, path: str | Path):
+        self.model = load_model(path)
+        self.codebook_size = self.model.cfg.codebook_size
+        self.tokens_per_image = self.model.cfg.tokens_per_image
+        self.resolution = self.model.cfg.resolution
+
+    def encode(self, image: Image.Image) -> np.ndarray:
+        x = image_to_tensor(image, self.resolution).unsqueeze(0)
+        return self.model.encode(x)[0].numpy()
+
+    def encode_batch(self, images: list[Image.Image]) -> np.ndarray:
+        x = torch.stack([image_to_tensor(im, self.resolution) for im in images])
+        return self.model.encode(x).numpy()
+
+    def decode(self, codes: np.ndarray) -> Image.Image:
+        codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.long).view(1, -1)
+        if codes_t.shape[1] != self.tokens_per_image:
+            raise ValueError(f"expected {self.tokens_per_image} codes, got {codes_t.shape[1]}")
+        return tensor_to_image(self.model.decode(codes_t)[0])

@@ -1,0 +1,142 @@
+"""After `make train`: sample images from caption prompts, caption held-out images, score
+zero-shot digit classification by caption likelihood, and print a summary of the run.
+
+    .venv/bin/python scripts/demo_report.py runs/demo [--heldout data/demo/heldout]
+
+Writes RUN_DIR/samples/digits.png (a grid: one column per digit 0-9), the single samples,
+and RUN_DIR/samples/captions.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import mm_moe
+from mm_moe.data.demo_corpus import WORDS
+from mm_moe.sampling import SampleConfig, generate, modality_of, split_output
+
+
+def _heldout(path: str, n: int):
+    from mm_moe.data.shards import expand_urls
+    from mm_moe.data.tar_reader import iter_raw_samples
+
+    out = []
+    for shard in expand_urls(path, "heldout"):
+        for s in iter_raw_samples(shard):
+            if "png" in s.members and "cls" in s.members:
+                out.append(
+                    (
+                        Image.open(__import__("io").BytesIO(s.members["png"])),
+                        int(s.members["cls"].decode()),
+                    )
+                )
+            if len(out) >= n:
+                return out
+    return out
+
+
+@torch.no_grad()
+def caption_logprob(model, vocab, prefix: list[int], caption: list[int]) -> float:
+    ids = prefix + caption
+    x = torch.tensor([ids])
+    m = torch.tensor([modality_of(ids, vocab)])
+    logp = torch.log_softmax(model(x, m).logits[0].float(), -1)
+    start = len(prefix)
+    return float(sum(logp[start - 1 + i, t] for i, t in enumerate(caption)))
+
+
+def zero_shot_accuracy(model, tok, images: list[tuple[Image.Image, int]]) -> float:
+    """Pick, for each image, the digit whose caption the model finds most likely after it."""
+    vocab = tok.vocab
+    captions = [tok.text.encode(f"a handwritten digit {d}") for d in range(10)]
+    correct = 0
+    for image, label in images:
+        codes = tok.image.encode(image)
+        prefix = [vocab.bos, vocab.boi, *(int(c) + vocab.image_offset for c in codes), vocab.eoi]
+        scores = [caption_logprob(model, vocab, prefix, c) for c in captions]
+        correct += int(np.argmax(scores) == label)
+    return correct / max(1, len(images))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--heldout", default="data/demo/heldout")
+    parser.add_argument("--per-digit", type=int, default=3)
+    parser.add_argument("--zero-shot", type=int, default=200)
+    args = parser.parse_args()
+    run_dir = Path(args.run_dir)
+    model = mm_moe.load_pretrained(run_dir)
+    tok = model.train_config.tokenizer.build()
+    vocab, tpi = tok.vocab, tok.image.tokens_per_image
+    out = run_dir / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+
+    tiles = []
+    for d in range(10):
+        prompt = [vocab.bos, *tok.text.encode(f"a handwritten digit {d}"), vocab.boi]
+        column = []
+        for i in range(args.per_digit):
+            new = generate(
+                model,
+                vocab,
+                prompt,
+                tpi,
+                SampleConfig(tpi + 1, 1.0, 0, seed=i),
+                stop_after_image=True,
+            )
+            codes = [v for k, v in split_output(new, vocab) if k == "image"][0]
+            img = tok.image.decode(codes)
+            img.save(out / f"digit_{d}_{i}.png")
+            column.append(img)
+        tiles.append(column)
+    side = tiles[0][0].size[0]
+    grid = Image.new("RGB", (side * 10, side * args.per_digit), "white")
+    for d, column in enumerate(tiles):
+        for i, img in enumerate(column):
+            grid.paste(img, (d * side, i * side))
+    grid = grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST)
+    grid.save(out / "digits.png")
+
+    heldout = _heldout(args.heldout, max(args.zero_shot, 10))
+    lines = []
+    for i, (image, label) in enumerate(heldout[:10]):
+        codes = tok.image.encode(image)
+        prompt = [vocab.bos, vocab.boi, *(int(c) + vocab.image_offset for c in codes), vocab.eoi]
+        new = generate(model, vocab, prompt, tpi, SampleConfig(16, 0.7, 0, seed=i))
+        text = "".join(tok.text.decode(v) for k, v in split_output(new, vocab) if k == "text")
+        lines.append(f"held-out {i} (a {WORDS[label]}): {text!r}")
+    (out / "captions.txt").write_text("\n".join(lines) + "\n")
+    accuracy = zero_shot_accuracy(model, tok, heldout[: args.zero_shot])
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    print("\n=== mm_moe demo ===")
+    print(
+        f"steps {last['step']}: loss text {first['loss_text']:.3f} -> {last['loss_text']:.3f}, "
+        f"image {first['loss_image']:.3f} -> {last['loss_image']:.3f}; "
+        f"{np.mean([r['tokens_per_s'] for r in rows[1:] or rows]):.0f} tokens/s"
+    )
+    print(
+        f"zero-shot digit classification of {len(heldout[: args.zero_shot])} held-out images "
+        f"by caption likelihood: {100 * accuracy:.1f}% (chance 10%)"
+    )
+    print("\n".join(lines[:5]))
+    print(f"samples: {out / 'digits.png'} (columns: digits 0-9), {out / 'captions.txt'}")
+    print(
+        f"metrics: {run_dir / 'metrics.jsonl'}; wandb (offline): {run_dir / 'wandb'}; "
+        f"checkpoints: {run_dir / 'checkpoints'}"
+    )
+    (out / "report.json").write_text(
+        json.dumps({"zero_shot_accuracy": accuracy, "captions": lines}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()

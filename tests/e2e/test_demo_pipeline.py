@@ -1,0 +1,97 @@
+"""The demo pipeline end to end at toy size: corpus shards from packaged data -> trained
+sentencepiece and VQ tokenizers -> MoMa training on the shards -> sampling an image and a
+caption from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from PIL import Image
+
+from tests.helpers import PYTHON, REPO, _env, metrics
+
+
+def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
+    from mm_moe.data.builders import demo as build_demo_corpus
+
+    corpus = tmp_path / "demo"
+    counts = build_demo_corpus.build(
+        build_demo_corpus.DemoCorpusConfig(
+            output=str(corpus), heldout=40, crops_per_photo=1, interleaved_docs=12, shard_size=400
+        )
+    )
+    assert counts["heldout"] == 40 and counts["interleaved"] == 12 and counts["pairs"] > 6000
+    assert json.loads((corpus / "corpus.json").read_text()) == counts
+
+    from mm_moe.tokenization import train_image, train_text
+    from mm_moe.tokenization.vq.model import VQConfig
+
+    tok = tmp_path / "tok"
+    train_text.train(
+        train_text.TrainTextConfig(
+            output=str(tok), sources=[str(corpus / "text"), str(corpus / "pairs")], vocab_size=400
+        )
+    )
+    report = train_image.train(
+        train_image.TrainImageConfig(
+            output=str(tok),
+            sources=[str(corpus / "pairs")],
+            heldout=[str(corpus / "heldout")],
+            vq=VQConfig(codebook_size=32, code_dim=8, channels=16),
+            steps=10,
+            batch_size=16,
+            max_images=200,
+        )
+    )
+    assert report["heldout"]["images"] == 40
+    assert {"text.model", "vq.pt", "vq.yaml", "metrics.json"} <= {p.name for p in tok.iterdir()}
+
+    run_dir = tmp_path / "run"
+    sources = (
+        f"data.sources=[{{urls:{corpus}/pairs,format:pairs,weight:3}},"
+        f"{{urls:{corpus}/interleaved,format:interleaved,weight:1}},"
+        f"{{urls:{corpus}/text,format:text,weight:1}}]"
+    )
+    cmd = [
+        PYTHON,
+        "-m",
+        "mm_moe.train",
+        "experiment=demo",
+        sources,
+        f"tokenizer.path={tok}",
+        f"trainer.run_dir={run_dir}",
+        "trainer.max_steps=3",
+        "trainer.log_interval=1",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4",
+        "data.num_workers=0",
+        "data.seq_len=64",
+        "logging.wandb.mode=disabled",
+        "checkpoint.interval=3",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = metrics(run_dir)
+    assert len(rows) == 3 and rows[-1]["tokens_image"] > 0 and rows[-1]["tokens_text"] > 0
+    assert "moe/l0/image/load_e0" in rows[-1]
+
+    from mm_moe.generate import GenerateConfig, run
+
+    images = run(
+        GenerateConfig(
+            checkpoint=str(run_dir),
+            prompt="a handwritten digit 3",
+            mode="image",
+            n=1,
+            out=str(tmp_path / "samples"),
+        )
+    )
+    png = Image.open(images[0]["images"][0])
+    assert png.size == (28, 28)
+    caption = run(
+        GenerateConfig(
+            checkpoint=str(run_dir), image=images[0]["images"][0], mode="text", max_new_tokens=8
+        )
+    )
+    assert isinstance(caption[0]["text"], str) and not caption[0]["images"]

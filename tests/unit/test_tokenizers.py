@@ -1,0 +1,128 @@
+"""The trained tokenizers: exact text round trips, VQ reconstruction quality, vocabulary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mm_moe.tokenization.config import TokenizerConfig, unified_vocab
+from mm_moe.tokenization.sentencepiece_text import SentencePieceTextTokenizer, train_sentencepiece
+from mm_moe.tokenization.vocab import Vocab
+
+ROUND_TRIP = [
+    "a handwritten digit 7",
+    "Hello,  world!\n\n\tIndented   text with trailing spaces   ",
+    "ünïcödé — 漢字 и кириллица 🙂🚀",
+    "control \x01\x7f chars and a NUL-free tail",
+    "    leading spaces",
+    "",
+    "x" * 3000,
+]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    from pydoc_data.topics import topics
+
+    texts = [topics[k] for k in sorted(topics)][:200]
+    return train_sentencepiece(texts, tmp_path_factory.mktemp("sp"), vocab_size=600)
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_sentencepiece_round_trips_exactly(sp_model, text):
+    tok = SentencePieceTextTokenizer(sp_model)
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_sentencepiece_training_is_deterministic(sp_model, tmp_path):
+    from pydoc_data.topics import topics
+
+    again = train_sentencepiece([topics[k] for k in sorted(topics)][:200], tmp_path, 600)
+    assert again.read_bytes() == sp_model.read_bytes()
+
+
+def test_unified_vocabulary_layout(sp_model, tmp_path):
+    tok = SentencePieceTextTokenizer(sp_model)
+    vocab = unified_vocab(tok, codebook_size=256)
+    specials = [vocab.bos, vocab.eos, vocab.pad, vocab.boi, vocab.eoi]
+    assert len(set(specials)) == 5 and max(specials) < tok.vocab_size
+    assert vocab.image_offset == tok.vocab_size and vocab.size == tok.vocab_size + 256
+    assert tok.sp.id_to_piece(vocab.boi) == "<boi>" and tok.sp.id_to_piece(vocab.eoi) == "<eoi>"
+    # Text never produces image ids, and the specials are not produced by plain text.
+    ids = tok.encode("<boi> is just text here")
+    assert max(ids) < vocab.image_offset
+    vocab.save(tmp_path / "vocab.yaml")
+    assert Vocab.load(tmp_path / "vocab.yaml") == vocab
+    with pytest.raises(ValueError, match="special token"):
+        Vocab(**{**vocab.__dict__, "eoi": vocab.image_offset + 3})
+
+
+def test_tokenizer_config_needs_a_path():
+    with pytest.raises(ValueError, match="tokenizer.path"):
+        TokenizerConfig(text="sentencepiece", image="vq")
+
+
+@pytest.fixture(scope="module")
+def trained_vq(tmp_path_factory):
+    from mm_moe.data.demo_corpus import mnist
+    from mm_moe.tokenization.vq.model import VQConfig
+    from mm_moe.tokenization.vq.tokenizer import save
+    from mm_moe.tokenization.vq.train import evaluate, images_to_tensor, train_vq
+
+    x, _ = mnist()
+    order = np.random.default_rng(0).permutation(len(x))
+    images = [Image.fromarray(x[i]) for i in order[:1300]]
+    train_x = images_to_tensor(images[:1000], 28)
+    held_x = images_to_tensor(images[1000:], 28)
+    cfg = VQConfig(resolution=28, downsample=4, codebook_size=128, code_dim=16, channels=32)
+    torch.set_num_threads(2)
+    model = train_vq(train_x, cfg, steps=150, batch_size=32, lr=3e-3, seed=0)
+    metrics = {"heldout": evaluate(model, held_x)}
+    out = tmp_path_factory.mktemp("vq")
+    save(model, out, metrics)
+    return out, images[1000:], metrics
+
+
+# Floors for this 150-step test run on 1,000 digits (make train's tokenizer, trained longer on
+# the whole corpus, reaches more; see README).
+PSNR_FLOOR_DB = 17.0
+USAGE_FLOOR = 0.5
+
+
+def test_vq_heldout_psnr_and_codebook_usage(trained_vq):
+    _, _, metrics = trained_vq
+    assert metrics["heldout"]["psnr_db"] > PSNR_FLOOR_DB, metrics
+    assert metrics["heldout"]["codebook_usage"] > USAGE_FLOOR, metrics
+
+
+def test_vq_tokenizer_encodes_and_decodes(trained_vq):
+    from mm_moe.tokenization.vq.model import psnr
+    from mm_moe.tokenization.vq.tokenizer import VQImageTokenizer, image_to_tensor
+
+    path, held, _ = trained_vq
+    tok = VQImageTokenizer(path)
+    assert tok.tokens_per_image == 49 and tok.codebook_size == 128
+    image = held[0]
+    codes = tok.encode(image)
+    assert codes.shape == (49,) and codes.min() >= 0 and codes.max() < 128
+    assert np.array_equal(codes, tok.encode(image))  # deterministic
+    recon = tok.decode(codes)
+    assert recon.size == (28, 28) and recon.mode == "RGB"
+    assert psnr(image_to_tensor(recon, 28), image_to_tensor(image, 28)) > PSNR_FLOOR_DB - 3
+    # Any size and mode goes through the preprocessing policy first.
+    assert tok.encode(image.convert("RGBA").resize((56, 70))).shape == (49,)
+    with pytest.raises(ValueError, match="49 codes"):
+        tok.decode(codes[:10])
+
+
+def test_missing_artifacts_fail_clearly(tmp_path):
+    from mm_moe.tokenization.vq.tokenizer import VQImageTokenizer
+
+    with pytest.raises(ValueError, match="train_image"):
+        VQImageTokenizer(tmp_path)
+    with pytest.raises(ValueError, match="train_text"):
+        SentencePieceTextTokenizer(tmp_path / "text.model")
