@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml Makefile
 
 DEMO_CORPUS := data/demo/corpus.json
 DEMO_TOKENIZERS := tokenizers/demo/vq.pt
-EP ?= 1
+EP ?= $(NPROC)
 
 # The demo corpus (real data that packages ship) and the tokenizers trained on it: built once,
 # cached after that (delete data/demo or tokenizers/demo to rebuild).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,5 +75,8 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    mpu = sys.modules.get("megatron.core.parallel_state")  # imported only for expert parallelism
+    if mpu is not None and mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -45,21 +45,26 @@ def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, ds_config: dic
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
     )
+    from mm_moe.parallel.expert_parallel import expert_parallel_of, fix_engine
+
+    ep = expert_parallel_of(model)
+    if ep is not None:
+        fix_engine(engine, ep)
     return engine
 
 
 def unsharded_grad_norm(engine) -> float | None:
     """Global grad norm before clipping when gradients are whole on every rank (ZeRO-0 in
     fp32, where DeepSpeed clips without keeping the norm); None when the ZeRO/bf16 optimizer
-    computes it. Call after the last backward of a step, before `engine.step()`."""
+    computes it. Under expert parallelism every expert counts once. Call after the last
+    backward of a step, before `engine.step()`."""
     if hasattr(engine.optimizer, "_global_grad_norm"):
         return None
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    )
+    if getattr(engine, "clips_with_expert_parallel_norm", False) and engine.gradient_clipping():
+        return None  # the clipping computes it (expert_parallel.fix_engine)
+    from mm_moe.parallel.expert_parallel import grad_norm
+
+    return float(grad_norm(engine.module))
 
 
 def last_grad_norm(engine) -> float:

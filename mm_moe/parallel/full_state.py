@@ -1,9 +1,13 @@
 """Whole (unsharded) model and optimizer state, gathered from and scattered to ZeRO shards.
 
-Checkpoints hold every tensor whole, keyed by parameter name, so they load at any world size
-and any ZeRO stage. Under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) each rank owns a slice of
-the fp32 master weights and Adam moments: DeepSpeed's tensor-fragment API assembles a whole
-tensor with one all-reduce per parameter and writes back only the local slice.
+Checkpoints hold every tensor whole, keyed by parameter name, so they load at any world size,
+ZeRO stage and expert-parallel size. Under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) each rank
+owns a slice of the fp32 master weights and Adam moments: DeepSpeed's tensor-fragment API
+assembles a whole tensor with one all-reduce per parameter (over the expert-data-parallel group
+for expert parameters) and writes back only the local slice. Under expert parallelism a rank
+holds only its experts: gathering puts the stacked experts of every rank, in global expert id
+order, on rank 0 only (the writer; other ranks get no entry for them); loading takes the whole
+global stack and keeps this rank's rows.
 
 Every function here is collective: all ranks call it, in the same order.
 """
@@ -11,6 +15,7 @@ Every function here is collective: all ranks call it, in the same order.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -18,7 +23,30 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
+from mm_moe.parallel.expert_parallel import ExpertParallelMoELayer, sharded_experts
+
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _gather_experts(local: torch.Tensor, layer: ExpertParallelMoELayer) -> torch.Tensor | None:
+    """This rank's expert rows -> every expert in global id order, on rank 0; None elsewhere."""
+    ep = layer.expert_parallel
+    if 0 not in dist.get_process_group_ranks(ep.ep_group):
+        return None  # only rank 0's expert-parallel group holds what rank 0 writes
+    is_dst = dist.get_rank() == 0
+    parts = [torch.empty_like(local) for _ in range(ep.ep_size)] if is_dst else None
+    dist.gather(local.contiguous(), parts, dst=0, group=ep.ep_group)
+    if not is_dst:
+        return None
+    whole = local.new_empty((layer.placement.num_experts, *local.shape[1:]))
+    for r, part in enumerate(parts):
+        whole[layer.placement.local_experts(r)] = part
+    return whole
+
+
+def _local_experts(whole: torch.Tensor, layer: ExpertParallelMoELayer) -> torch.Tensor:
+    ids = layer.placement.local_experts(layer.expert_parallel.ep_rank)
+    return whole[ids]
 
 
 def _is_sharded(param: torch.nn.Parameter) -> bool:
@@ -53,8 +81,13 @@ def _relink_optimizer_fragments(engine) -> None:
 def gather_model(engine) -> dict[str, torch.Tensor]:
     """fp32 master weights (or the module's own when unsharded), on CPU."""
     out = {}
+    experts = sharded_experts(engine.module)
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p) if _is_sharded(p) else p.detach().float()
+        if name in experts:
+            full = _gather_experts(full, experts[name])
+            if full is None:
+                continue
         out[name] = full.detach().cpu().clone()
     for name, buf in engine.module.named_buffers():
         if name in engine.module.state_dict():
@@ -69,14 +102,19 @@ def gather_optimizer(engine) -> dict:
         return {}
     _relink_optimizer_fragments(engine)
     base = _base_optimizer(engine)
+    experts = sharded_experts(engine.module)
     moments = {}
     for name, p in engine.module.named_parameters():
-        if _is_sharded(p):
-            moments[name] = {
-                k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in ADAM_KEYS
-            }
-        else:
-            moments[name] = {k: base.state[p][k].detach().float().cpu().clone() for k in ADAM_KEYS}
+        per_key = {}
+        for k in ADAM_KEYS:
+            full = safe_get_full_optimizer_state(p, k) if _is_sharded(p) else base.state[p][k]
+            if name in experts:
+                full = _gather_experts(full.float(), experts[name])
+                if full is None:
+                    continue
+            per_key[k] = full.detach().float().cpu().clone()
+        if per_key:
+            moments[name] = per_key
     return {"step": step, "moments": moments}
 
 
@@ -93,8 +131,11 @@ def _check_names(saved: dict, engine, what: str, path: str) -> None:
 @torch.no_grad()
 def load_model(engine, state: dict[str, torch.Tensor], path: str = "checkpoint") -> None:
     _check_names(state, engine, "model state", path)
+    experts = sharded_experts(engine.module)
     for name, p in engine.module.named_parameters():
         value = state[name]
+        if name in experts:
+            value = _local_experts(value, experts[name])
         if value.shape != p.shape:
             raise ValueError(
                 f"{path}: parameter {name} has shape {tuple(value.shape)}, "
@@ -128,9 +169,17 @@ def load_optimizer(engine, state: dict, path: str = "checkpoint") -> None:
     _check_names(state["moments"], engine, "optimizer state", path)
     _init_base_state(engine, state["step"])
     base = _base_optimizer(engine)
+    experts = sharded_experts(engine.module)
     for name, p in engine.module.named_parameters():
         for k in ADAM_KEYS:
             value = state["moments"][name][k]
+            if name in experts:
+                value = _local_experts(value, experts[name])
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"{path}: optimizer state {k} of {name} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(p.shape)}"
+                )
             if _is_sharded(p):
                 safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), k)
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
 from mm_moe.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from mm_moe.parallel.engine import build_engine, deepspeed_config
+from mm_moe.parallel.expert_parallel import (
+    check_expert_parallel,
+    parallelize,
+    split_moe_param_groups,
+)
 from mm_moe.trainer.metrics import MetricsLogger
 from mm_moe.trainer.preemption import PreemptionFlag
 from mm_moe.trainer.step import train_step
@@ -88,6 +94,7 @@ def _data_counters(loader, device: torch.device) -> dict:
 
 def run(cfg: TrainConfig) -> list[dict]:
     """Train; returns the logged metrics (rank 0's view, identical on every rank)."""
+    check_expert_parallel(cfg.parallel, cfg.moe, int(os.environ.get("WORLD_SIZE", 1)))
     dist_info: DistInfo = init_distributed(
         cfg.parallel.backend, cfg.parallel.timeout_s, cfg.trainer.device
     )
@@ -120,7 +127,11 @@ def run(cfg: TrainConfig) -> list[dict]:
     )
     model_cfg = cfg.model.with_vocab(loader.vocab.size)
     model = model_cfg.build(cfg.moe).to(dist_info.device)
+    # Expert parallelism: shard the experts, exchange tokens by all-to-all (None at EP=1).
+    expert_parallel = parallelize(model, cfg.parallel, dist_info.device)
     optimizer = cfg.optim.build(model)
+    if expert_parallel is not None:
+        split_moe_param_groups(optimizer)
     scheduler = cfg.optim.build_schedule(optimizer, cfg.trainer.max_steps)
     ds_config = deepspeed_config(
         global_batch_size=cfg.trainer.global_batch_size,
@@ -148,13 +159,14 @@ def run(cfg: TrainConfig) -> list[dict]:
         log.info(
             "model: %.2fM parameters (%.2fM embedding; active text %.2fM, image %.2fM), "
             "%.3g training FLOPs/token; "
-            "world size %d, ZeRO-%d, grad accumulation %d, %s, %s",
+            "world size %d, expert parallel %d, ZeRO-%d, grad accumulation %d, %s, %s",
             params["total"] / 1e6,
             params["embedding"] / 1e6,
             params["active"]["text"] / 1e6,
             params["active"]["image"] / 1e6,
             flops["text"],
             dp_world,
+            cfg.parallel.expert_parallel_size,
             cfg.parallel.zero_stage,
             cfg.trainer.grad_accumulation_steps(dp_world),
             "bf16" if use_bf16 else "fp32",

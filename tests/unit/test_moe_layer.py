@@ -123,10 +123,22 @@ CASES = {
         gemm="grouped_mm",
     ),
     "ec_grouped_mm": MoEConfig(experts_per_modality={"text": 3, "image": 2}, gemm="grouped_mm"),
-    "tc_padded": MoEConfig(experts_per_modality={"text": 3, "image": 2}, router="token_choice",
-                           score="softmax", top_k=2, capacity_factor=0.0, gemm="padded"),
-    "tc_loop": MoEConfig(experts_per_modality={"mixed": 4}, router="token_choice",
-                         score="softmax", top_k=2, capacity_factor=0.0, gemm="loop"),
+    "tc_padded": MoEConfig(
+        experts_per_modality={"text": 3, "image": 2},
+        router="token_choice",
+        score="softmax",
+        top_k=2,
+        capacity_factor=0.0,
+        gemm="padded",
+    ),
+    "tc_loop": MoEConfig(
+        experts_per_modality={"mixed": 4},
+        router="token_choice",
+        score="softmax",
+        top_k=2,
+        capacity_factor=0.0,
+        gemm="loop",
+    ),
 }
 
 

@@ -22,7 +22,15 @@ from mm_moe.model.moe.experts import GroupedExperts
 
 
 class LocalDispatcher:
-    """Runs the sorted rows through this process's experts (no expert parallelism)."""
+    """Runs the sorted rows through this process's experts (no expert parallelism).
+
+    A dispatcher chooses the order of the rows it receives: rows are sorted by
+    `slot_of_expert[global expert id]` and `counts_E` counts rows per slot. None is the
+    identity (global id order); an expert-parallel dispatcher (mm_moe/parallel) orders them by
+    owner rank, then local expert.
+    """
+
+    slot_of_expert: torch.Tensor | None = None
 
     def __call__(self, x_Nd: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts):
         return experts(x_Nd, counts_E)
@@ -146,8 +154,12 @@ class MoELayer(nn.Module):
                 if shared_out_Td is None:
                     shared_out_Td = torch.zeros_like(x_Td)
                 shared_out_Td = shared_out_Td.index_add(0, group_tokens, self.shared[name](x_group))
+        expert_idx_N = torch.cat(expert_idx)
+        slot_of_expert = getattr(self.dispatcher, "slot_of_expert", None)
+        if slot_of_expert is not None:
+            expert_idx_N = slot_of_expert[expert_idx_N]
         perm = sort_by_expert(
-            torch.cat(token_idx), torch.cat(expert_idx), torch.cat(gates), self.num_experts
+            torch.cat(token_idx), expert_idx_N, torch.cat(gates), self.num_experts
         )
         y_Nd = self.dispatcher(permute(x_Td, perm), perm.counts_E, self.experts)
         out_Td = unpermute(y_Nd, perm, B * S)

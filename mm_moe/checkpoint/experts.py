@@ -1,0 +1,75 @@
+"""Experts on disk: one entry per expert under its global identity (layer, modality group,
+expert index), so a checkpoint loads at any expert-parallel size.
+
+In memory an MoE layer stacks its experts (`<layer>.experts.w_gate_up` [E, d, 2h],
+`<layer>.experts.w_down` [E, h, d], global id order: `MoEConfig.groups()` order, text then
+image, or one `mixed` group). On disk (format 2) each stack is split into
+
+    <layer>.experts.<group>.<index>.w_gate_up    [d, 2h]
+    <layer>.experts.<group>.<index>.w_down       [h, d]
+
+e.g. `layers.3.ffn.experts.image.1.w_gate_up`, in model.pt, and with the same keys for the Adam
+moments in optimizer.pt. Everything else keeps its parameter name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mm_moe.model.moe.layer import MoELayer
+
+EXPERT_PARAMS = ("w_gate_up", "w_down")
+
+
+def expert_keys(model: nn.Module) -> dict[str, list[str]]:
+    """{stacked parameter name: the per-expert keys of its rows, in global id order}."""
+    out = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, MoELayer):
+            for w in EXPERT_PARAMS:
+                out[f"{prefix}.experts.{w}"] = [
+                    f"{prefix}.experts.{group}.{i}.{w}"
+                    for group, _, n in m.group_specs
+                    for i in range(n)
+                ]
+    return out
+
+
+def _map_tensors(value, fn):
+    """Apply fn to a tensor, or to each tensor of a {name: tensor} dict (Adam moments)."""
+    if isinstance(value, dict):
+        return {k: fn(v) for k, v in value.items()}
+    return fn(value)
+
+
+def split_experts(state: dict, keys: dict[str, list[str]]) -> dict:
+    """Stacked expert entries -> one entry per expert; other entries unchanged."""
+    out = {}
+    for name, value in state.items():
+        if name not in keys:
+            out[name] = value
+            continue
+        for e, key in enumerate(keys[name]):
+            out[key] = _map_tensors(value, lambda t, e=e: t[e].clone())
+    return out
+
+
+def stack_experts(state: dict, keys: dict[str, list[str]], path: str) -> dict:
+    """One entry per expert -> stacked entries (the inverse of `split_experts`)."""
+    out = dict(state)
+    for name, per_expert in keys.items():
+        missing = [k for k in per_expert if k not in out]
+        if missing:
+            if name in out:  # already stacked
+                continue
+            raise ValueError(
+                f"{path}: no entry for experts {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+                "was it saved with other moe.experts_per_modality / moe.granularity?"
+            )
+        values = [out.pop(k) for k in per_expert]
+        if isinstance(values[0], dict):
+            out[name] = {k: torch.stack([v[k] for v in values]) for k in values[0]}
+        else:
+            out[name] = torch.stack(values)
+    return out

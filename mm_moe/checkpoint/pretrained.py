@@ -1,0 +1,52 @@
+"""`mm_moe.load_pretrained(path)`: a trained model from a checkpoint, for inference.
+
+`path` may be a step directory (step_XXXXXXXX/), a checkpoint directory with a `latest`
+pointer, or a run directory holding checkpoints/. The model comes back in eval mode (causal
+auxiliary routers for expert choice and mixture-of-depths), with its training config attached
+as `model.train_config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from mm_moe.checkpoint import layout
+
+
+def find_step_dir(path: str | Path) -> Path:
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / layout.META).is_file():
+            return candidate
+        if candidate.is_dir():
+            found = layout.latest_step_dir(candidate)
+            if found is not None:
+                return found
+    raise ValueError(
+        f"no checkpoint at {path}: expected a step_XXXXXXXX directory, a "
+        f"checkpoint directory with '{layout.LATEST}', or a run directory"
+    )
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+    from mm_moe.checkpoint import experts
+    from mm_moe.checkpoint.state import _load_tensors
+    from mm_moe.config import TrainConfig, from_dict
+
+    step_dir = find_step_dir(path)
+    cfg = from_dict(TrainConfig, yaml.safe_load((step_dir / "config.yaml").read_text()))
+    model = cfg.model.build(cfg.moe)
+    state = _load_tensors(step_dir / "model.pt")
+    state = experts.stack_experts(state, experts.expert_keys(model), str(step_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    rope = {n for n in missing if "rope" in n}  # derived buffers are not saved
+    if set(missing) - rope or unexpected:
+        raise ValueError(
+            f"{step_dir}/model.pt does not match its config: missing "
+            f"{sorted(set(missing) - rope)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.train_config = cfg
+    return model.to(device).eval()
