@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -31,8 +32,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_env(environ: dict) -> dict:
+    """torch.distributed's variables from Slurm's, for launches with one Slurm task per process
+    and no torchrun (srun, Hydra's submitit launcher); empty when they do not apply."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    if int(environ.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    nodelist = environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        hosts = []
+    master = hosts[0] if hosts else environ.get("SLURMD_NODENAME", "127.0.0.1")
+    job = int(environ.get("SLURM_JOB_ID", "0") or 0)
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": environ["SLURM_NTASKS"],
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": environ.get("MASTER_ADDR", master),
+        "MASTER_PORT": environ.get("MASTER_PORT", str(20000 + job % 20000)),
+    }
+
+
+def adopt_slurm_env() -> None:
+    os.environ.update(slurm_env(dict(os.environ)))
+
+
 def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> DistInfo:
     """Start (or join) the default process group; one plain process gets a world of one."""
+    adopt_slurm_env()
     if "RANK" not in os.environ:  # not launched by torchrun: a world of one
         os.environ.update(
             RANK="0",

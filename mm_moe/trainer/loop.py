@@ -14,7 +14,13 @@ from mm_moe.checkpoint import state as ckpt_state
 from mm_moe.checkpoint.rng import seed_all
 from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
-from mm_moe.parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from mm_moe.parallel.distributed import (
+    DistInfo,
+    adopt_slurm_env,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+)
 from mm_moe.parallel.engine import build_engine, deepspeed_config
 from mm_moe.parallel.expert_parallel import (
     check_expert_parallel,
@@ -94,6 +100,7 @@ def _data_counters(loader, device: torch.device) -> dict:
 
 def run(cfg: TrainConfig) -> list[dict]:
     """Train; returns the logged metrics (rank 0's view, identical on every rank)."""
+    adopt_slurm_env()  # one Slurm task per process (submitit): before the world-size checks
     check_expert_parallel(cfg.parallel, cfg.moe, int(os.environ.get("WORLD_SIZE", 1)))
     dist_info: DistInfo = init_distributed(
         cfg.parallel.backend, cfg.parallel.timeout_s, cfg.trainer.device
