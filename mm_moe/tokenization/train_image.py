@@ -36,7 +36,7 @@ class TrainImageConfig:
     # Held-out shards for PSNR and codebook usage (never trained on).
     heldout: list[str] = field(default_factory=list)
     vq: VQConfig = field(default_factory=VQConfig)
-    steps: int = 1500
+    steps: int = 500
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
