@@ -54,9 +54,9 @@ class MoEConfig:
     # selection from the token alone, trained with BCE on stop-gradient inputs.
     aux_router_hidden: int = 64
     aux_router_coef: float = 1.0
-    # Expert GEMM: auto picks torch._grouped_mm with bf16 on Hopper GPUs, else a loop of GEMMs
-    # over experts with a hand-written backward; padded runs batched GEMMs over rows padded to
-    # the busiest expert.
+    # Expert GEMM: auto picks torch._grouped_mm with bf16 on Hopper GPUs, else batched GEMMs
+    # over rows padded to the busiest expert (when that at most doubles the work), else a
+    # loop of GEMMs over experts.
     gemm: Literal["auto", "grouped_mm", "padded", "loop"] = "auto"
 
     def __post_init__(self) -> None:

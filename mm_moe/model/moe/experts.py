@@ -30,7 +30,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16
-    return False  # the CPU kernel exists but is no faster than the GEMM loop below
+    return False  # the CPU kernel exists but is no faster than the batched GEMMs below
 
 
 def _grouped_mm(x_Nd: torch.Tensor, w_Edh: torch.Tensor, counts_E: torch.Tensor):
@@ -85,9 +85,7 @@ class _LoopedSwiGLU(torch.autograd.Function):
 def _padded_swiglu(x_Nd, w_gate_up_Ed2h, w_down_Ehd, counts_E: torch.Tensor, max_count: int):
     """Experts as two batched GEMMs over rows padded to the busiest expert's count: one BLAS
     call each way instead of one per expert (the win for many small experts), at the cost
-    of computing on padding. Opt-in (moe.gemm=padded): on this 2-core CPU the loop was faster
-    (E8 k2: 1.08x vs 1.33x dense; E32 k4: 1.41x vs 1.57x) unless other processes compete for
-    the cores."""
+    of computing on padding (bounded by the caller's imbalance check)."""
     E, N = counts_E.numel(), x_Nd.shape[0]
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     expert_N = torch.repeat_interleave(torch.arange(E, device=x_Nd.device), counts_E)
@@ -100,6 +98,9 @@ def _padded_swiglu(x_Nd, w_gate_up_Ed2h, w_down_Ehd, counts_E: torch.Tensor, max
 
 
 class GroupedExperts(nn.Module):
+    # auto pads to the busiest expert while that costs at most this much extra compute.
+    MAX_PADDING = 2.0
+
     def __init__(self, num_experts: int, d_model: int, hidden: int, gemm: str = "auto"):
         super().__init__()
         self.num_experts, self.hidden, self.gemm = num_experts, hidden, gemm
@@ -118,10 +119,13 @@ class GroupedExperts(nn.Module):
         if self._use_grouped_mm(x_Nd):
             gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, counts_E).chunk(2, dim=1)
             return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, counts_E)
-        if self.gemm == "padded":
-            max_count = int(counts_E.max()) if counts_E.numel() else 0
-            if max_count > 0:
-                return _padded_swiglu(x_Nd, self.w_gate_up, self.w_down, counts_E, max_count)
+        counts = counts_E.tolist()
+        max_count = max(counts) if counts else 0
+        padded = self.gemm == "padded" or (
+            self.gemm == "auto" and max_count * len(counts) <= self.MAX_PADDING * len(x_Nd)
+        )
+        if padded and max_count > 0:
+            return _padded_swiglu(x_Nd, self.w_gate_up, self.w_down, counts_E, max_count)
         ends = torch.cumsum(counts_E, 0).tolist()
         bounds = list(zip([0, *ends[:-1]], ends))
         return _LoopedSwiGLU.apply(x_Nd, self.w_gate_up, self.w_down, bounds)
