@@ -10,6 +10,7 @@ and RUN_DIR/samples/captions.txt.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def _heldout(path: str, n: int):
             if "png" in s.members and "cls" in s.members:
                 out.append(
                     (
-                        Image.open(__import__("io").BytesIO(s.members["png"])),
+                        Image.open(io.BytesIO(s.members["png"])),
                         int(s.members["cls"].decode()),
                     )
                 )

@@ -128,19 +128,23 @@ def _check_names(saved: dict, engine, what: str, path: str) -> None:
         )
 
 
+def _local_value(value, name: str, p, experts: dict, what: str, path: str) -> torch.Tensor:
+    """The saved whole tensor cut to this rank's experts, checked against the parameter."""
+    if name in experts:
+        value = _local_experts(value, experts[name])
+    if value.shape != p.shape:
+        raise ValueError(
+            f"{path}: {what} has shape {tuple(value.shape)}, the model expects {tuple(p.shape)}"
+        )
+    return value
+
+
 @torch.no_grad()
 def load_model(engine, state: dict[str, torch.Tensor], path: str = "checkpoint") -> None:
     _check_names(state, engine, "model state", path)
     experts = sharded_experts(engine.module)
     for name, p in engine.module.named_parameters():
-        value = state[name]
-        if name in experts:
-            value = _local_experts(value, experts[name])
-        if value.shape != p.shape:
-            raise ValueError(
-                f"{path}: parameter {name} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(p.shape)}"
-            )
+        value = _local_value(state[name], name, p, experts, f"parameter {name}", path)
         p.data.copy_(value.to(p.device, p.dtype))
         if _is_sharded(p):
             safe_set_full_fp32_param(p, value.to(p.device, torch.float32))
@@ -172,14 +176,8 @@ def load_optimizer(engine, state: dict, path: str = "checkpoint") -> None:
     experts = sharded_experts(engine.module)
     for name, p in engine.module.named_parameters():
         for k in ADAM_KEYS:
-            value = state["moments"][name][k]
-            if name in experts:
-                value = _local_experts(value, experts[name])
-            if value.shape != p.shape:
-                raise ValueError(
-                    f"{path}: optimizer state {k} of {name} has shape {tuple(value.shape)}, "
-                    f"the model expects {tuple(p.shape)}"
-                )
+            what = f"optimizer state {k} of {name}"
+            value = _local_value(state["moments"][name][k], name, p, experts, what, path)
             if _is_sharded(p):
                 safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), k)
             else:
