@@ -141,6 +141,13 @@ class MoELayer(nn.Module):
         modality_T = ctx.modality_ids_BS.reshape(-1)
         valid_T = ctx.valid_BS.reshape(-1)
         token_idx, expert_idx, gates = [], [], []
+        # Dropless token choice gives every routed token exactly k pairs, in token-major order.
+        fanout = (
+            self.cfg.k
+            if self.cfg.router == "token_choice"
+            and not (self.training and self.cfg.capacity_factor > 0)
+            else 0
+        )
         shared_out_Td = None
         for name, modalities, _ in self.group_specs:
             in_group_T = valid_T & torch.isin(modality_T, modality_T.new_tensor(modalities))
@@ -158,8 +165,13 @@ class MoELayer(nn.Module):
         slot_of_expert = getattr(self.dispatcher, "slot_of_expert", None)
         if slot_of_expert is not None:
             expert_idx_N = slot_of_expert[expert_idx_N]
+        token_idx_N = torch.cat(token_idx)
+        slot_N = None
+        if fanout:
+            pair_N = torch.arange(len(token_idx_N), device=token_idx_N.device)
+            slot_N = token_idx_N * fanout + pair_N % fanout
         perm = sort_by_expert(
-            torch.cat(token_idx), expert_idx_N, torch.cat(gates), self.num_experts
+            token_idx_N, expert_idx_N, torch.cat(gates), self.num_experts, slot_N, fanout
         )
         y_Nd = self.dispatcher(permute(x_Td, perm), perm.counts_E, self.experts)
         out_Td = unpermute(y_Nd, perm, B * S)
