@@ -1,9 +1,10 @@
 """`mm_moe.load_pretrained(path)`: a trained model from a checkpoint, for inference.
 
 `path` may be a step directory (step_XXXXXXXX/), a checkpoint directory with a `latest`
-pointer, or a run directory holding checkpoints/. The model comes back in eval mode (causal
-auxiliary routers for expert choice and mixture-of-depths), with its training config attached
-as `model.train_config`.
+pointer, a run directory holding checkpoints/, or a weights-only checkpoint written by
+`python -m mm_moe.upcycle` (experts are stored one entry each, so any expert-parallel size).
+The model comes back in eval mode (causal auxiliary routers for expert choice and
+mixture-of-depths), with its training config attached as `model.train_config`.
 """
 
 from __future__ import annotations
@@ -43,10 +44,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     state = experts.stack_experts(state, experts.expert_keys(model), str(step_dir))
     missing, unexpected = model.load_state_dict(state, strict=False)
     rope = {n for n in missing if "rope" in n}  # derived buffers are not saved
-    if set(missing) - rope or unexpected:
+    # Tied weights are saved once, under their first name (lm_head.weight is embed.weight).
+    aliases = set(dict(model.named_parameters(remove_duplicate=False))) - set(
+        dict(model.named_parameters())
+    )
+    missing = set(missing) - rope - aliases
+    if missing or unexpected:
         raise ValueError(
             f"{step_dir}/model.pt does not match its config: missing "
-            f"{sorted(set(missing) - rope)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.train_config = cfg
     return model.to(device).eval()

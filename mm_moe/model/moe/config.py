@@ -31,7 +31,8 @@ class MoEConfig:
     top_k: int = 1
     # expert_choice: C = capacity_factor * top_k * tokens in group / experts in group.
     # token_choice: 0 is dropless; > 0 drops tokens past capacity_factor * top_k * T / E.
-    capacity_factor: float = 1.0
+    # Unset (null): 1.0 for expert_choice, dropless (0) for token_choice.
+    capacity_factor: float | None = None
     # Renormalize the selected gates of a token to sum to 1 (token_choice).
     renormalize: bool = True
     # Fine-grained experts: expert hidden = dense hidden / granularity; the number of experts
@@ -60,6 +61,8 @@ class MoEConfig:
     gemm: Literal["auto", "grouped_mm", "padded", "loop"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.capacity_factor is None:
+            self.capacity_factor = 1.0 if self.router == "expert_choice" else 0.0
         epm = self.experts_per_modality
         if epm:
             keys = set(epm)

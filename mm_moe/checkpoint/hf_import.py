@@ -1,0 +1,206 @@
+"""Hugging Face Llama-family checkpoints -> this project's dense model, with the same function.
+
+A source folder holds `config.json` and either `model.safetensors` or shards
+`model-0000x-of-0000y.safetensors` listed in `model.safetensors.index.json`. Supported: Llama
+(and Mistral without a sliding window): grouped-query attention, tied or untied embeddings,
+RoPE configured either way transformers has written it (`rope_theta` + `rope_scaling` before
+v5, `rope_parameters` since). Anything that would change the function silently (other RoPE
+scalings, biases, another activation, a head_dim that is not hidden/heads) is refused.
+
+Why the mapping is exact: both models compute RMSNorm in fp32, rotate query/key halves the same
+way (mm_moe/model/rope.py is Llama's `rotate_half` layout, so q/k rows need no permutation),
+share key/value heads with the same grouping (head h reads kv head h // (H / K)), scale scores
+by head_dim^-1/2 and apply SwiGLU as down(silu(gate(x)) * up(x)). Llama has no QK-norm, so the
+imported model uses model.qk_norm=false.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SUPPORTED_TYPES = ("llama", "mistral")
+
+
+def _refuse(path: Path, message: str) -> None:
+    raise ValueError(f"{path}: {message}")
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise ValueError(
+            f"source={folder}: no {CONFIG} there (source_format=hf expects a Hugging Face "
+            f"folder with {CONFIG} and {SINGLE} or sharded safetensors with {INDEX})"
+        )
+    return json.loads(path.read_text())
+
+
+def _rope_theta(hf: dict, path: Path) -> float:
+    """RoPE base from either config style; only unscaled ('default') RoPE is exact here."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        # transformers >= 5: one dict (or one per layer type, which Llama does not use).
+        if "rope_theta" not in params and all(isinstance(v, dict) for v in params.values()):
+            _refuse(path, f"per-layer-type rope_parameters {sorted(params)} are not supported")
+        kind = params.get("rope_type", params.get("type", "default"))
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    else:
+        scaling = hf.get("rope_scaling") or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        theta = hf.get("rope_theta", 10000.0)
+    if kind != "default":
+        _refuse(
+            path,
+            f"RoPE scaling {kind!r} is not supported (only unscaled RoPE, rope_type 'default', "
+            "maps exactly onto mm_moe/model/rope.py)",
+        )
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        _refuse(path, f"partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
+    return float(theta)
+
+
+def model_fields(hf: dict, folder: str | Path) -> dict:
+    """ModelConfig fields that reproduce the Hugging Face model (vocab_size included)."""
+    path = Path(folder) / CONFIG
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED_TYPES:
+        _refuse(
+            path,
+            f"model_type={kind!r} is not supported; Llama-family types: "
+            f"{', '.join(SUPPORTED_TYPES)} (architectures {hf.get('architectures')})",
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            _refuse(path, f"{flag}=true is not supported (this project's layers have no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        _refuse(path, f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
+    if kind == "mistral" and hf.get("sliding_window") is not None:
+        _refuse(path, f"sliding_window={hf['sliding_window']} is not supported (global attention)")
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or d // heads
+    if head_dim * heads != d:
+        _refuse(
+            path,
+            f"head_dim={head_dim} with {heads} heads does not equal hidden_size={d}; this "
+            "project's attention uses head_dim = hidden_size / num_attention_heads",
+        )
+    return {
+        "vocab_size": hf["vocab_size"],
+        "d_model": d,
+        "n_layers": hf["num_hidden_layers"],
+        "n_heads": heads,
+        "n_kv_heads": hf.get("num_key_value_heads") or heads,
+        "ffn_hidden": hf["intermediate_size"],
+        "rope_theta": _rope_theta(hf, path),
+        "max_seq_len": hf.get("max_position_embeddings", 4096),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "qk_norm": False,
+        "norm_placement": "pre",
+        # transformers' Llama and Mistral configs default to untied embeddings.
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "untie": [],
+    }
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    if (folder / INDEX).is_file():
+        weight_map = json.loads((folder / INDEX).read_text()).get("weight_map")
+        if not weight_map:
+            _refuse(folder / INDEX, "no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            _refuse(folder / INDEX, f"lists shards that are not there: {missing[:3]}")
+        return files
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    raise ValueError(
+        f"source={folder}: neither {SINGLE} nor {INDEX} there (only safetensors checkpoints "
+        "are read: they cannot run code when loaded)"
+    )
+
+
+def load_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by its Hugging Face name, in fp32."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in _shard_files(Path(folder)):
+        try:
+            tensors = load_file(str(f))
+        except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
+            raise ValueError(f"cannot read {f}: {exc.__class__.__name__}: {exc}") from exc
+        out.update({k: v.float() for k, v in tensors.items()})
+    return out
+
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn.w_q.weight",
+    "self_attn.k_proj.weight": "attn.w_k.weight",
+    "self_attn.v_proj.weight": "attn.w_v.weight",
+    "self_attn.o_proj.weight": "attn.w_o.weight",
+    "mlp.gate_proj.weight": "ffn.w_gate.weight",
+    "mlp.up_proj.weight": "ffn.w_up.weight",
+    "mlp.down_proj.weight": "ffn.w_down.weight",
+}
+
+
+def to_dense_state(hf_state: dict[str, torch.Tensor], fields: dict, folder) -> dict:
+    """Hugging Face names -> this project's dense model names (same layouts: [out, in])."""
+    where = Path(folder)
+    state = {}
+    for name, tensor in hf_state.items():
+        key = name.removeprefix("model.")
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # derived from the config (older transformers saved it)
+        if key == "embed_tokens.weight":
+            state["embed.weight"] = tensor
+        elif key in ("norm.weight", "lm_head.weight"):
+            state[key] = tensor
+        elif key.startswith("layers."):
+            _, index, rest = key.split(".", 2)
+            if rest not in _LAYER_NAMES:
+                _refuse(where, f"unexpected tensor {name!r} for a Llama-family model")
+            state[f"layers.{index}.{_LAYER_NAMES[rest]}"] = tensor
+        else:
+            _refuse(where, f"unexpected tensor {name!r} for a Llama-family model")
+    if fields["tie_embeddings"]:
+        state.pop("lm_head.weight", None)  # transformers ties it to the embedding
+    if "embed.weight" in state and state["embed.weight"].shape[0] != fields["vocab_size"]:
+        _refuse(
+            where,
+            f"embed_tokens has {state['embed.weight'].shape[0]} rows but config.json says "
+            f"vocab_size={fields['vocab_size']}",
+        )
+    return state
+
+
+def import_dense(folder: str | Path):
+    """(ModelConfig, EarlyFusionDecoder in eval mode) with the Hugging Face model's weights."""
+    from mm_moe.model.config import ModelConfig
+
+    fields = model_fields(read_config(folder), folder)
+    cfg = ModelConfig(**fields)
+    model = cfg.build()
+    state = to_dense_state(load_tensors(folder), fields, folder)
+    if cfg.tie_embeddings and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape that does not match config.json
+        raise ValueError(f"source={folder}: {exc}") from exc
+    missing = [n for n in missing if "rope" not in n]
+    if missing or unexpected:
+        raise ValueError(
+            f"source={folder}: the checkpoint does not match its config.json: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return cfg, model.eval()

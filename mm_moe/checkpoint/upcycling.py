@@ -1,0 +1,216 @@
+"""Upcycle a dense checkpoint into a checkpoint of the target model and write it.
+
+The written directory is a weights-only checkpoint of this project:
+
+    <out>/model.pt      every parameter once, experts one entry each (format 2)
+    <out>/config.yaml   the target's resolved training config
+    <out>/meta.json     step 0, `weights_only: true`, where it came from (written last)
+    <out>/experiment/upcycled.yaml
+                        a Hydra overlay with the target's model, moe and vocabulary, so that
+                        `--config-dir <out> experiment=upcycled checkpoint.resume=<out>` trains it
+
+`checkpoint.resume=<out>` starts from it with a fresh optimizer, LR schedule and data position,
+at any expert-parallel size; `mm_moe.load_pretrained(<out>)` loads it for inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from mm_moe.checkpoint import experts, hf_import, layout
+from mm_moe.checkpoint.upcycle_config import UpcycleConfig
+from mm_moe.checkpoint.upcycle_ops import UpcycleOptions, build_state
+from mm_moe.config.schema import TrainConfig
+from mm_moe.config.validate import to_dict
+from mm_moe.model.config import ModelConfig
+from mm_moe.tokenization.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+OVERLAY = Path("experiment") / "upcycled.yaml"
+# Fields that fix the shapes the dense weights are copied into: the target must keep them.
+ARCH_FIELDS = (
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_dim",
+    "qk_norm",
+    "norm_placement",
+    "tie_embeddings",
+)
+# Fields that change the function but not the shapes: allowed, with a warning.
+FUNCTION_FIELDS = ("rope_theta", "norm_eps")
+
+
+def saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters once each (tied weights under their first name) and persistent buffers."""
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    persistent = model.state_dict()
+    for n, b in model.named_buffers():
+        if n in persistent:
+            state[n] = b.detach()
+    return state
+
+
+def load_source(source: str, source_format: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The dense source's ModelConfig (vocab resolved) and its weights by this project's names."""
+    if source_format == "hf":
+        cfg, model = hf_import.import_dense(source)
+        return cfg, saved_state(model)
+    from mm_moe.checkpoint.pretrained import load_pretrained
+
+    model = load_pretrained(source)
+    cfg = model.cfg
+    if model.moe_cfg.enabled or cfg.untie or cfg.mod.layers:
+        raise ValueError(
+            f"source={source} is not a dense checkpoint (moe.experts_per_modality="
+            f"{model.moe_cfg.experts_per_modality}, model.untie={cfg.untie}, "
+            f"model.mod.layers={cfg.mod.layers}); upcycling starts from a dense model"
+        )
+    return cfg, saved_state(model)
+
+
+def data_vocab(cfg: TrainConfig) -> Vocab:
+    """The vocabulary the target will train on (the data source's, as training builds it)."""
+    if cfg.data.source == "synthetic_patterns":
+        from mm_moe.data.synthetic import SyntheticPatterns
+
+        return SyntheticPatterns(cfg.data.synthetic, cfg.data.seq_len, 0).vocab
+    return cfg.tokenizer.build().vocab
+
+
+def resolve_target(
+    target: TrainConfig, source_cfg: ModelConfig, source_format: str, vocab: Vocab
+) -> None:
+    """Check the target against the source and size its vocabulary (in place).
+
+    The target keeps every source id's row; ids beyond the source's vocabulary (image codes and
+    special tokens of an imported Hugging Face model) get new rows."""
+    for name in ARCH_FIELDS:
+        want, got = getattr(source_cfg, name), getattr(target.model, name)
+        if want != got:
+            raise ValueError(
+                f"model.{name}={got} differs from the source checkpoint's {want}: upcycling "
+                "copies the dense weights, so the target keeps the source's shapes"
+            )
+    for name in FUNCTION_FIELDS:
+        if getattr(source_cfg, name) != getattr(target.model, name):
+            log.warning(
+                "model.%s=%s differs from the source's %s: the upcycled model computes another "
+                "function",
+                name,
+                getattr(target.model, name),
+                getattr(source_cfg, name),
+            )
+    src_vocab = source_cfg.vocab_size
+    if source_format == "hf":
+        first_image = vocab.image_offset
+        if first_image < src_vocab:
+            raise ValueError(
+                f"the data's vocabulary puts image codes at ids [{first_image}, "
+                f"{first_image + vocab.image_size}), inside the Hugging Face vocabulary "
+                f"[0, {src_vocab}): imported text ids keep their values, so image codes need "
+                f"new rows. Use a text vocabulary of {src_vocab} ids (the Hugging Face "
+                f"tokenizer's; with the synthetic source data.synthetic.text_vocab_size="
+                f"{src_vocab})"
+            )
+        if vocab.text_size != src_vocab:
+            log.warning(
+                "the data's text vocabulary has %d ids, the Hugging Face model %d: is the data "
+                "tokenized with the model's tokenizer?",
+                vocab.text_size,
+                src_vocab,
+            )
+    target.model.vocab_size = max(target.model.vocab_size, src_vocab, vocab.size)
+
+
+def _check_out(out: Path, source: str, overwrite: bool) -> None:
+    resolved = out.resolve()
+    forbidden = {Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve()}
+    if resolved in forbidden or Path(source).resolve().is_relative_to(resolved):
+        raise ValueError(f"out={out} would replace the source or a top-level directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"out={out} is not empty; pass overwrite=true to replace it, or choose another out"
+        )
+
+
+def _overlay(cfg_dict: dict) -> str:
+    """Hydra experiment overlay: the target's model, moe and vocabulary-defining config."""
+    overlay = {
+        "name": "upcycled",
+        "model": cfg_dict["model"],
+        "moe": cfg_dict["moe"],
+        "tokenizer": cfg_dict["tokenizer"],
+    }
+    if cfg_dict["data"]["source"] == "synthetic_patterns":
+        syn = cfg_dict["data"]["synthetic"]
+        overlay["data"] = {
+            "synthetic": {k: syn[k] for k in ("text_vocab_size", "image_codebook_size")}
+        }
+    header = (
+        "# @package _global_\n"
+        "# Written by mm_moe.upcycle: the upcycled model and the vocabulary it was sized for.\n"
+        "# python -m mm_moe.train --config-dir <this checkpoint> experiment=upcycled "
+        "checkpoint.resume=<this checkpoint>\n"
+    )
+    return header + yaml.safe_dump(overlay, sort_keys=False)
+
+
+def write(
+    ucfg: UpcycleConfig,
+    target: TrainConfig,
+    src_state: dict[str, torch.Tensor],
+) -> tuple[Path, list[str]]:
+    """Build the target from `src_state` and write it to `ucfg.out`; returns (out, names of
+    parameters that keep a fresh initialisation)."""
+    out = Path(ucfg.out)
+    _check_out(out, ucfg.source, ucfg.overwrite)
+    torch.manual_seed(ucfg.seed)  # the target's fresh parameters (aux routers, MoD routers)
+    model = target.model.build(target.moe)
+    gen = torch.Generator().manual_seed(ucfg.seed + 1)
+    opts = UpcycleOptions(
+        drop_ratio=ucfg.drop_ratio,
+        router_init_std=ucfg.router_init_std,
+        expert_noise=ucfg.expert_noise,
+        new_rows_noise=ucfg.new_rows_noise,
+    )
+    state, fresh = build_state(src_state, model, opts, gen)
+    cfg_dict = to_dict(target)
+    cfg_dict["checkpoint"]["resume"] = "none"
+    meta = {
+        # state.FORMAT_VERSION (state.py is not imported here: it pulls in DeepSpeed).
+        "format_version": 2,
+        "step": 0,
+        "weights_only": True,
+        "world_size": 1,
+        "expert_parallel_size": 1,
+        "upcycled_from": {
+            "source": str(Path(ucfg.source).resolve()),
+            **{k: v for k, v in to_dict(ucfg).items() if k not in ("source", "out")},
+        },
+        "fresh_parameters": fresh,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / OVERLAY.parent).mkdir(parents=True)
+    torch.save(experts.split_experts(state, experts.expert_keys(model)), tmp / "model.pt")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    (tmp / OVERLAY).write_text(_overlay(cfg_dict))
+    # meta.json last: a directory holding it is a complete checkpoint.
+    (tmp / layout.META).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out, fresh

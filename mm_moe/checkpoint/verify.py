@@ -1,0 +1,147 @@
+"""`verify=true`: the source's and the upcycled model's logits on the same text-only input.
+
+The reference is the source itself: transformers' model for a Hugging Face folder (this
+project's dense import when transformers is not installed), `load_pretrained` for a native
+checkpoint. The result is loaded back from the written checkpoint, so the check covers the file
+format too. Logits are compared over the source's vocabulary (new rows have no counterpart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mm_moe.checkpoint.upcycle_config import UpcycleConfig
+from mm_moe.config.schema import TrainConfig
+from mm_moe.model.config import ModelConfig
+
+# fp32, relative to the largest reference logit when that exceeds 1.
+TOLERANCE = 1e-5
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    max_abs_logit: float
+    reference: str
+    tokens: tuple[int, int]
+    # Why the function is not expected to be preserved (empty: it is).
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.max_abs_diff <= TOLERANCE * max(1.0, self.max_abs_logit)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.reasons) or self.within_tolerance
+
+    def lines(self) -> list[str]:
+        B, S = self.tokens
+        out = [
+            f"verify: reference {self.reference}, {B}x{S} text-only tokens, fp32",
+            f"verify: max |logit difference| = {self.max_abs_diff:.3g} "
+            f"(largest |logit| {self.max_abs_logit:.3g}, tolerance {TOLERANCE:g})",
+        ]
+        if not self.reasons:
+            verdict = "function preserved" if self.within_tolerance else "FAILED: expected exact"
+            out.append(f"verify: {verdict}")
+        else:
+            out.append("verify: not function-preserving by construction, as expected:")
+            out += [f"  - {r}" for r in self.reasons]
+        return out
+
+
+def _reference(source: str, source_format: str, ids_BS: torch.Tensor):
+    if source_format == "native":
+        from mm_moe.checkpoint.pretrained import load_pretrained
+
+        return load_pretrained(source)(ids_BS).logits, "the native dense source"
+    try:
+        import transformers
+    except ImportError:
+        from mm_moe.checkpoint.hf_import import import_dense
+
+        _, model = import_dense(source)
+        return model(ids_BS).logits, "the dense import (transformers is not installed)"
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(source).float().eval()
+    return model(ids_BS).logits, f"transformers {type(model).__name__}"
+
+
+def expected_differences(
+    target: TrainConfig, ucfg: UpcycleConfig, source_cfg: ModelConfig
+) -> list[str]:
+    """Why this upcycling is not function-preserving (static reasons; empty: it should be)."""
+    moe, reasons = target.moe, []
+    if moe.enabled and moe.router == "expert_choice":
+        reasons.append(
+            "moe.router=expert_choice: each expert picks its own tokens (top-C in training; in "
+            "eval mode the auxiliary routers, untrained after upcycling, decide), so a token "
+            "is processed by no expert or by several, and expert outputs are weighted by raw "
+            f"{moe.score} scores that need not sum to 1"
+        )
+    elif moe.enabled and not moe.renormalize:
+        reasons.append(
+            "moe.renormalize=false: a token's expert outputs are weighted by its top-k scores, "
+            "which sum to less than 1"
+        )
+    if moe.enabled and moe.granularity > 1 and ucfg.router_init_std == 0:
+        reasons.append(
+            "router_init_std=0 with moe.granularity>1: every score ties, so top-k need not "
+            "select whole copies of the FFN"
+        )
+    if moe.enabled and ucfg.drop_ratio > 0:
+        reasons.append(
+            f"drop_ratio={ucfg.drop_ratio}: Drop-Upcycling re-initialized that fraction of "
+            "each expert's hidden units"
+        )
+    if moe.enabled and ucfg.expert_noise > 0:
+        reasons.append(f"expert_noise={ucfg.expert_noise}: noise was added to the expert copies")
+    if target.model.mod.layers:
+        reasons.append(
+            f"model.mod.layers={target.model.mod.layers}: mixture-of-depths lets tokens skip "
+            "those blocks (in eval mode the untrained auxiliary routers choose)"
+        )
+    for name in ("rope_theta", "norm_eps"):
+        if getattr(source_cfg, name) != getattr(target.model, name):
+            reasons.append(f"model.{name} differs from the source's")
+    return reasons
+
+
+def _unprocessed(stats: dict[str, torch.Tensor]) -> str:
+    parts = [
+        f"{k.removeprefix('moe/').removesuffix('/dropped')} {float(v):.2f}"
+        for k, v in stats.items()
+        if k.startswith("moe/") and k.endswith("/dropped") and "/image/" not in k
+    ]
+    return ", ".join(parts)
+
+
+@torch.no_grad()
+def verify(
+    ucfg: UpcycleConfig, target: TrainConfig, source_cfg: ModelConfig, num_text_ids: int
+) -> VerifyResult:
+    """Logits of the source and of the checkpoint written to `ucfg.out`, on random text ids in
+    [0, num_text_ids)."""
+    from mm_moe.checkpoint.pretrained import load_pretrained
+
+    seq_len = min(ucfg.verify_seq_len, source_cfg.max_seq_len, target.model.max_seq_len)
+    gen = torch.Generator().manual_seed(ucfg.seed)
+    ids_BS = torch.randint(0, num_text_ids, (ucfg.verify_batch_size, seq_len), generator=gen)
+    ref_BSV, reference = _reference(ucfg.source, ucfg.source_format, ids_BS)
+    result = load_pretrained(ucfg.out)(ids_BS)  # modality_ids=None: all text
+    V = source_cfg.vocab_size
+    diff = (result.logits[..., :V].float() - ref_BSV[..., :V].float()).abs().max().item()
+    reasons = expected_differences(target, ucfg, source_cfg)
+    if target.moe.enabled and target.moe.router == "expert_choice":
+        reasons.append(f"tokens processed by no expert, per layer: {_unprocessed(result.stats)}")
+    return VerifyResult(
+        max_abs_diff=diff,
+        max_abs_logit=ref_BSV[..., :V].abs().max().item(),
+        reference=reference,
+        tokens=tuple(ids_BS.shape),
+        reasons=reasons,
+    )

@@ -1,0 +1,179 @@
+"""Upcycling entry point: `python -m mm_moe.upcycle source=PATH source_format=native|hf out=PATH
+[upcycle options] [training-config overrides]`.
+
+Arguments use Hydra's override grammar (`untie=[attention,norms]`,
+`moe.experts_per_modality.text=4`, `moe=moma_4t4i_tc`). Keys of `configs/upcycle.yaml` are the
+upcycling options (schema: UpcycleConfig); every other key is a training-config key, checked
+against the same schemas training uses. The target config starts from the source's own
+config.yaml (native) or from configs/train.yaml's defaults with the architecture of the
+Hugging Face config.json (hf); group choices replace a group, then dotted keys apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from mm_moe.checkpoint.upcycle_config import UpcycleConfig
+from mm_moe.config import ConfigError, TrainConfig, from_dict
+from mm_moe.config.overrides import check_overrides
+from mm_moe.config.schema import GROUPS
+from mm_moe.config.validate import _close, valid_keys
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ENTRY_GROUPS = (*GROUPS, "experiment")
+log = logging.getLogger("mm_moe")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"mm_moe.upcycle: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def split_args(argv: list[str]) -> tuple[dict, list[str], list[tuple[str, object]]]:
+    """(upcycle options, group choices as `group=name`, dotted training overrides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(argv)
+    except HydraException as exc:
+        raise ConfigError(str(exc)) from exc
+    upcycle_keys = valid_keys(UpcycleConfig, [])
+    options, choices, train = {}, [], []
+    for arg, o in zip(argv, parsed):
+        key = o.key_or_group
+        if o.is_delete() or o.package or o.is_sweep_override():
+            raise ConfigError(f"{arg!r}: only key=value overrides are supported here")
+        if key in upcycle_keys:
+            options[key] = o.value()
+        elif key in ENTRY_GROUPS and isinstance(o.value(), str):
+            choices.append(f"{key}={o.value()}")
+        elif "." in key or key in valid_keys(TrainConfig, []):
+            check_overrides([arg.lstrip("+")], TrainConfig, ENTRY_GROUPS)
+            train.append((key, o.value()))
+        else:
+            options_all = sorted({*upcycle_keys, *valid_keys(TrainConfig, [])})
+            raise ConfigError(
+                f"unknown key '{key}'.{_close(key, options_all)} Upcycling options: "
+                f"{', '.join(sorted(upcycle_keys))}; or a training-config key "
+                f"({', '.join(ENTRY_GROUPS)}, dotted: moe.top_k=2)"
+            )
+    return options, choices, train
+
+
+def _compose(choices: list[str]) -> dict:
+    """configs/train.yaml with these group choices, resolved."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    if GlobalHydra.instance().is_initialized():  # called again in one process (tests)
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name="train", overrides=choices)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> TrainConfig:
+    """The target's training config: the base (see module doc), group choices, overrides."""
+    from omegaconf import OmegaConf
+
+    from mm_moe.checkpoint import hf_import
+    from mm_moe.checkpoint.pretrained import find_step_dir
+
+    if ucfg.source_format == "hf":
+        base = _compose(choices)
+        fields = hf_import.model_fields(hf_import.read_config(ucfg.source), ucfg.source)
+        base["model"].update(fields)
+    else:
+        step_dir = find_step_dir(ucfg.source)
+        base = yaml.safe_load((step_dir / "config.yaml").read_text())
+        if any(c.startswith("experiment=") for c in choices):
+            raise ConfigError(
+                "experiment=... applies to source_format=hf only; with a native source the "
+                "target starts from the source's config: give model.* / moe.* keys or groups"
+            )
+        if choices:
+            composed = _compose(choices)
+            for choice in choices:
+                group = choice.split("=", 1)[0]
+                base[group] = composed[group]
+    conf = OmegaConf.create(base)
+    for key, value in train:
+        OmegaConf.update(conf, key, value, merge=False, force_add=True)
+    if ucfg.untie is not None:
+        given = dict(train).get("model.untie")
+        if given is not None and sorted(given) != sorted(ucfg.untie):
+            raise ConfigError(f"untie={ucfg.untie} and model.untie={given} disagree")
+        conf.model.untie = list(ucfg.untie)
+    container = OmegaConf.to_container(conf, resolve=True)
+    container["checkpoint"]["resume"] = "none"
+    return from_dict(TrainConfig, container)
+
+
+def run(argv: list[str]) -> int:
+    from mm_moe.checkpoint import upcycling
+    from mm_moe.checkpoint.verify import verify
+
+    options, choices, train = split_args(argv)
+    defaults = yaml.safe_load((CONFIG_DIR / "upcycle.yaml").read_text())
+    ucfg = from_dict(UpcycleConfig, {**defaults, **options})
+    target = target_config(ucfg, choices, train)
+    source_cfg, source_state = upcycling.load_source(ucfg.source, ucfg.source_format)
+    vocab = upcycling.data_vocab(target)
+    upcycling.resolve_target(target, source_cfg, ucfg.source_format, vocab)
+    out, fresh = upcycling.write(ucfg, target, source_state)
+
+    params = target.model.num_params(target.moe)
+    groups = target.moe.experts_per_modality or "none (dense)"
+    log.info(
+        "upcycled %s (%s, %.2fM parameters) -> %s: %.2fM parameters, experts %s%s, untie %s, "
+        "vocabulary %d -> %d",
+        ucfg.source,
+        ucfg.source_format,
+        source_cfg.num_params()["total"] / 1e6,
+        out,
+        params["total"] / 1e6,
+        groups,
+        f" x granularity {target.moe.granularity}" if target.moe.granularity > 1 else "",
+        target.model.untie or "none",
+        source_cfg.vocab_size,
+        target.model.vocab_size,
+    )
+    if fresh:
+        # One entry per module kind: layers.*.ffn.aux_routers.text, not every tensor.
+        modules = (re.sub(r"(\.net\.\d+)?\.(weight|bias)$", "", n) for n in fresh)
+        patterns = dict.fromkeys(re.sub(r"^layers\.\d+\.", "layers.*.", n) for n in modules)
+        log.info("freshly initialized (no dense counterpart): %s", ", ".join(patterns))
+    log.info(
+        "train it: python -m mm_moe.train --config-dir %s experiment=upcycled checkpoint.resume=%s",
+        out,
+        out,
+    )
+    if not ucfg.verify:
+        return 0
+    result = verify(ucfg, target, source_cfg, min(source_cfg.vocab_size, vocab.text_size))
+    for line in result.lines():
+        print(line, flush=True)
+    return 0 if result.passed else 1
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    try:
+        code = run(sys.argv[1:])
+    except ValueError as exc:  # ConfigError included: a user mistake, named
+        if os.environ.get("MM_MOE_TRACEBACK"):
+            raise
+        _fail(str(exc))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

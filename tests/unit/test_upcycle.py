@@ -1,0 +1,286 @@
+"""Hugging Face import and upcycling, against a tiny transformers Llama built here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mm_moe import load_pretrained  # noqa: E402
+from mm_moe.checkpoint import hf_import  # noqa: E402
+from mm_moe.checkpoint.upcycle_ops import upcycle_experts  # noqa: E402
+from mm_moe.config import ConfigError  # noqa: E402
+from mm_moe.upcycle import run  # noqa: E402
+
+HF_VOCAB = 300
+# The synthetic data with the Hugging Face model's text ids: specials and image codes after.
+DATA_VOCAB = [f"data.synthetic.text_vocab_size={HF_VOCAB}"]
+TC_TOP2 = [
+    "moe.experts_per_modality.text=4",
+    "moe.experts_per_modality.image=4",
+    "moe.router=token_choice",
+    "moe.top_k=2",
+]
+
+
+def make_hf_llama(path, tie=False, shard=None, seed=0, **overrides):
+    """A tiny LlamaForCausalLM (GQA: 4 heads, 2 kv heads) with random norms, saved."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=HF_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        initializer_range=0.1,  # logits of order 10: differences are not hidden by small scale
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    return path, make_hf_llama(path)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, HF_VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _ours(path, ids):
+    model = load_pretrained(path)
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    with torch.no_grad():
+        return model, model(ids).logits  # modality_ids=None: all text
+
+
+def _old_style_config(path, theta):
+    """Rewrite config.json the way transformers < 5 wrote it (rope_theta + rope_scaling)."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=theta, rope_scaling=None)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("variant", ["single", "sharded", "tied", "rope_theta_style"])
+def test_dense_import_equals_transformers(tmp_path, ids, variant):
+    src = tmp_path / "hf"
+    if variant == "rope_theta_style":
+        ref = make_hf_llama(src, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+        _old_style_config(src, 5e5)
+    else:
+        ref = make_hf_llama(
+            src, tie=variant == "tied", shard="40KB" if variant == "sharded" else None
+        )
+    if variant == "sharded":
+        assert (src / hf_import.INDEX).is_file() and not (src / hf_import.SINGLE).exists()
+    cfg, model = hf_import.import_dense(src)
+    assert cfg.tie_embeddings == (variant == "tied")
+    assert cfg.rope_theta == (5e5 if variant == "rope_theta_style" else 1e4)
+    expected = _hf_logits(ref, ids)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - expected).abs().max() <= 1e-5
+    assert expected.abs().max() > 1  # the comparison is not between near-zero numbers
+
+    # The same through the command: a dense checkpoint of this project, vocabulary extended.
+    out = tmp_path / "dense"
+    assert run([f"source={src}", "source_format=hf", f"out={out}", *DATA_VOCAB]) == 0
+    loaded, logits = _ours(out, ids)
+    assert loaded.cfg.vocab_size == HF_VOCAB + 5 + 64  # specials and image codes appended
+    assert (logits[..., :HF_VOCAB] - expected).abs().max() <= 1e-5
+    # Text ids keep their rows; new rows start near the mean row.
+    emb = ref.model.embed_tokens.weight
+    assert torch.equal(loaded.embed.weight[:HF_VOCAB], emb)
+    new = loaded.embed.weight[HF_VOCAB:]
+    assert (new.mean(0) - emb.mean(0)).abs().max() < 0.1 * emb.std(0).max()
+    assert (loaded.lm_head.weight is loaded.embed.weight) == (variant == "tied")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [*TC_TOP2, "untie=[attention,norms]"],  # sparse upcycling + MoT copies
+        [*TC_TOP2, "moe.granularity=2", "moe.score=softmax"],  # granular, virtual groups
+        [
+            "moe.experts_per_modality.mixed=4",
+            "moe.router=token_choice",
+            "moe.top_k=1",
+            "moe.granularity=4",
+            "moe.shared_experts=1",
+            "model.untie=[norms]",
+        ],
+        ["untie=[attention,norms,ffn]"],  # MoT without MoE
+    ],
+    ids=["sparse_mot", "granular", "granular_shared_mixed", "mot_dense"],
+)
+def test_upcycled_logits_equal_source(tmp_path, hf, ids, variant, capsys):
+    src, ref = hf
+    out = tmp_path / "up"
+    code = run(
+        [f"source={src}", "source_format=hf", f"out={out}", "verify=true", *DATA_VOCAB, *variant]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "verify: function preserved" in printed and "transformers LlamaForCausalLM" in printed
+    _, logits = _ours(out, ids)
+    assert (logits[..., :HF_VOCAB] - _hf_logits(ref, ids)).abs().max() <= 1e-5
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["weights_only"] and meta["step"] == 0
+
+
+def test_native_source_upcycles_exactly(tmp_path, hf, ids, capsys):
+    src, ref = hf
+    dense = tmp_path / "dense"
+    assert run([f"source={src}", "source_format=hf", f"out={dense}", *DATA_VOCAB]) == 0
+    out = tmp_path / "moe"
+    code = run([f"source={dense}", f"out={out}", "verify=true", *TC_TOP2, "untie=[attention]"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "function preserved" in printed and "native dense source" in printed
+    model, logits = _ours(out, ids)
+    assert model.moe_cfg.experts_per_modality == {"text": 4, "image": 4}
+    assert (logits[..., :HF_VOCAB] - _hf_logits(ref, ids)).abs().max() <= 1e-5
+
+
+def test_expert_choice_verify_reports_why(tmp_path, hf, capsys):
+    src, _ = hf
+    out = tmp_path / "ec"
+    code = run(
+        [
+            f"source={src}",
+            "source_format=hf",
+            f"out={out}",
+            "verify=true",
+            "moe=moma_4t4i_ec",
+            *DATA_VOCAB,
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "not function-preserving by construction" in printed
+    assert "moe.router=expert_choice" in printed and "tokens processed by no expert" in printed
+    diff = float(printed.split("max |logit difference| = ")[1].split()[0])
+    assert diff > 1e-5
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_drop_upcycling_changes_exact_fraction_per_expert(granularity):
+    gen = torch.Generator().manual_seed(0)
+    f, d, copies, r = 96, 32, 4, 0.5
+    w_gate, w_up, w_down = (torch.randn(f, d), torch.randn(f, d), torch.randn(d, f))
+    gu, down = upcycle_experts(w_gate, w_up, w_down, copies, granularity, gen, drop_ratio=r)
+    h, scale = f // granularity, math.sqrt(granularity)
+    assert gu.shape == (copies * granularity, d, 2 * h) and down.shape == (
+        copies * granularity,
+        h,
+        d,
+    )
+    changed = []
+    for e in range(copies * granularity):
+        shard = slice((e % granularity) * h, (e % granularity + 1) * h)
+        same_gate = (gu[e, :, :h].t() == w_gate[shard]).all(1)
+        same_up = (gu[e, :, h:].t() == w_up[shard] * scale).all(1)
+        same_down = (down[e] == w_down[:, shard].t() * scale).all(1)
+        kept = same_gate & same_up & same_down
+        # A hidden unit is either kept whole (gate row, up row, down column) or redrawn whole.
+        assert torch.equal(kept, same_gate) and torch.equal(kept, same_down)
+        assert int((~kept).sum()) == math.ceil(r * h)
+        changed.append(frozenset((~kept).nonzero().flatten().tolist()))
+    assert len(set(changed)) == len(changed)  # a different subset in every expert
+    # Redrawn values follow the source matrix's statistics.
+    redrawn = torch.cat([gu[e, :, :h].t()[list(changed[e])] for e in range(len(changed))])
+    assert abs(redrawn.std().item() - w_gate.std().item()) < 0.1
+
+
+def test_drop_ratio_through_the_command(tmp_path, hf):
+    src, _ = hf
+    out = tmp_path / "drop"
+    args = [f"source={src}", "source_format=hf", f"out={out}", "drop_ratio=0.5", *DATA_VOCAB]
+    assert run([*args, *TC_TOP2]) == 0
+    state = torch.load(out / "model.pt", weights_only=True)
+    w_gate = hf[1].model.layers[0].mlp.gate_proj.weight.detach()
+    for group in ("text", "image"):
+        for i in range(4):
+            gu = state[f"layers.0.ffn.experts.{group}.{i}.w_gate_up"]
+            kept = (gu[:, :128].t() == w_gate).all(1)
+            assert int((~kept).sum()) == 64
+
+
+def test_bad_input_is_named(tmp_path, hf):
+    src, _ = hf
+    base = [f"source={src}", "source_format=hf", *DATA_VOCAB]
+    out = tmp_path / "x"
+    with pytest.raises(ValueError, match="data.synthetic.text_vocab_size=300"):
+        run([f"source={src}", "source_format=hf", f"out={out}"])  # image codes at 261..
+    with pytest.raises(ValueError, match="model.d_model"):
+        run([*base, f"out={out}", "model.d_model=128"])
+    with pytest.raises(ConfigError, match="drop_ratio"):
+        run([*base, f"out={out}", "drop_rato=0.5"])
+    with pytest.raises(ConfigError, match="top_kk"):
+        run([*base, f"out={out}", "moe.top_kk=2"])
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ValueError, match="overwrite=true"):
+        run([*base, f"out={out}"])
+    assert run([*base, f"out={out}", "overwrite=true"]) == 0 and not (out / "keep").exists()
+
+    for change, match in [
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"model_type": "gpt2"}, "model_type"),
+    ]:
+        bad = tmp_path / f"bad_{next(iter(change))}"
+        bad.mkdir()
+        cfg = json.loads((src / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ValueError, match=f"config.json.*{match}"):
+            hf_import.model_fields(json.loads((bad / "config.json").read_text()), bad)
+
+
+def test_resume_names_architecture_differences(tmp_path, hf):
+    from mm_moe.checkpoint.state import _check_same_architecture
+    from mm_moe.model.config import ModelConfig
+
+    src, _ = hf
+    out = tmp_path / "up"
+    assert run([f"source={src}", "source_format=hf", f"out={out}", *DATA_VOCAB, *TC_TOP2]) == 0
+    _check_same_architecture(out, load_pretrained(out))  # the checkpoint's own model: fine
+    other = ModelConfig(vocab_size=369, d_model=128, n_layers=2).build()
+    with pytest.raises(ValueError, match=r"model\.d_model.*experiment=upcycled"):
+        _check_same_architecture(out, other)
+
+
+def test_router_virtual_groups_and_expert_noise():
+    from mm_moe.checkpoint.upcycle_ops import virtual_group_router
+
+    gen = torch.Generator().manual_seed(0)
+    router = virtual_group_router(copies=3, granularity=2, d=8, std=0.02, gen=gen)
+    assert torch.equal(router[0], router[1]) and not torch.equal(router[1], router[2])
+    assert 0.01 < router.std().item() < 0.03
+    w = (torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16))
+    exact, _ = upcycle_experts(*w, 2, 1, gen)
+    assert torch.equal(exact[0], exact[1])
+    noisy, _ = upcycle_experts(*w, 2, 1, gen, noise=0.01)
+    assert not torch.equal(noisy[0], noisy[1])
+    assert (noisy[0] - exact[0]).abs().max() < 0.1
