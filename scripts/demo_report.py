@@ -10,59 +10,17 @@ and RUN_DIR/samples/captions.txt.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 import mm_moe
 from mm_moe.data.demo_corpus import WORDS
-from mm_moe.sampling import SampleConfig, generate, modality_of, split_output
-
-
-def _heldout(path: str, n: int):
-    from mm_moe.data.shards import expand_urls
-    from mm_moe.data.tar_reader import iter_raw_samples
-
-    out = []
-    for shard in expand_urls(path, "heldout"):
-        for s in iter_raw_samples(shard):
-            if "png" in s.members and "cls" in s.members:
-                out.append(
-                    (
-                        Image.open(io.BytesIO(s.members["png"])),
-                        int(s.members["cls"].decode()),
-                    )
-                )
-            if len(out) >= n:
-                return out
-    return out
-
-
-@torch.no_grad()
-def caption_logprob(model, vocab, prefix: list[int], caption: list[int]) -> float:
-    ids = prefix + caption
-    x = torch.tensor([ids])
-    m = torch.tensor([modality_of(ids, vocab)])
-    logp = torch.log_softmax(model(x, m).logits[0].float(), -1)
-    start = len(prefix)
-    return float(sum(logp[start - 1 + i, t] for i, t in enumerate(caption)))
-
-
-def zero_shot_accuracy(model, tok, images: list[tuple[Image.Image, int]]) -> float:
-    """Pick, for each image, the digit whose caption the model finds most likely after it."""
-    vocab = tok.vocab
-    captions = [tok.text.encode(f"a handwritten digit {d}") for d in range(10)]
-    correct = 0
-    for image, label in images:
-        codes = tok.image.encode(image)
-        prefix = [vocab.bos, vocab.boi, *(int(c) + vocab.image_offset for c in codes), vocab.eoi]
-        scores = [caption_logprob(model, vocab, prefix, c) for c in captions]
-        correct += int(np.argmax(scores) == label)
-    return correct / max(1, len(images))
+from mm_moe.eval.labelled import labelled_images
+from mm_moe.eval.text_to_image import save_grid
+from mm_moe.eval.zero_shot import image_prefix, zero_shot_classify
+from mm_moe.sampling import SampleConfig, generate, split_output
 
 
 def main() -> None:
@@ -97,24 +55,20 @@ def main() -> None:
             img.save(out / f"digit_{d}_{i}.png")
             column.append(img)
         tiles.append(column)
-    side = tiles[0][0].size[0]
-    grid = Image.new("RGB", (side * 10, side * args.per_digit), "white")
-    for d, column in enumerate(tiles):
-        for i, img in enumerate(column):
-            grid.paste(img, (d * side, i * side))
-    grid = grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST)
-    grid.save(out / "digits.png")
+    save_grid(tiles, out / "digits.png")
 
-    heldout = _heldout(args.heldout, max(args.zero_shot, 10))
+    heldout = labelled_images(args.heldout, max(args.zero_shot, 10), "--heldout", 10)
     lines = []
     for i, (image, label) in enumerate(heldout[:10]):
-        codes = tok.image.encode(image)
-        prompt = [vocab.bos, vocab.boi, *(int(c) + vocab.image_offset for c in codes), vocab.eoi]
+        prompt = image_prefix(tok, image)
         new = generate(model, vocab, prompt, tpi, SampleConfig(16, 0.7, 0, seed=i))
         text = "".join(tok.text.decode(v) for k, v in split_output(new, vocab) if k == "text")
         lines.append(f"held-out {i} (a {WORDS[label]}): {text!r}")
     (out / "captions.txt").write_text("\n".join(lines) + "\n")
-    accuracy = zero_shot_accuracy(model, tok, heldout[: args.zero_shot])
+    digits = [str(d) for d in range(10)]
+    accuracy = zero_shot_classify(
+        model, tok, heldout[: args.zero_shot], digits, ["a handwritten digit {label}"]
+    )["accuracy"]
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from mm_moe.checkpoint.config import CheckpointConfig
 from mm_moe.data.config import DataConfig
+from mm_moe.eval.config import EvalConfig
 from mm_moe.model.config import ModelConfig
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.parallel.config import ParallelConfig
@@ -27,6 +28,7 @@ GROUPS = (
     "trainer",
     "checkpoint",
     "logging",
+    "eval",
 )
 
 
@@ -43,12 +45,14 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         self.data.use_tokenizer(self.tokenizer)
         if not self.checkpoint.dir:
             self.checkpoint.dir = f"{self.trainer.run_dir}/checkpoints"
         self.model.check_moe(self.moe)
+        self.eval.check_data(self.data.source)
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds "

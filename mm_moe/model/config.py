@@ -110,21 +110,19 @@ class ModelConfig:
         self.check_moe(moe)
         return EarlyFusionDecoder(self, moe)
 
-    # ---- counting (analytic; tests check it against the built model) ----
+    # ---- counting (analytic; tests check it against the built model and a FLOP counter) ----
     def _attention_params(self) -> int:
         d, hd = self.d_model, self.head_dim
         return d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
 
     def _layer_counts(self, index: int, moe: MoEConfig) -> dict:
-        """Parameters of one block: total, active per token of each modality, and the active
-        matmul parameters per modality (for FLOPs)."""
+        """Parameters of one block: total, and active per token of each modality."""
         d, f, M = self.d_model, self.ffn_dim, NUM_MODALITIES
         copies = lambda part: M if part in self.untie else 1
         attn = self._attention_params()
         norms = 2 * d + (2 * self.head_dim if self.qk_norm else 0)
         total = attn * copies("attention") + norms * copies("norms")
         active = {m: attn + norms for m in MODALITIES}
-        matmul = {m: attn for m in MODALITIES}
         if moe.is_moe_layer(index):
             h = f // moe.granularity
             expert = 3 * d * h
@@ -145,13 +143,11 @@ class ModelConfig:
                     m = MODALITIES[mi]
                     ffn_active = d * n + moe.expected_experts_per_token() * expert + shared
                     active[m] += ffn_active + aux
-                    matmul[m] += ffn_active
         else:
             ffn = 3 * d * f
             total += ffn * copies("ffn")
             for m in MODALITIES:
                 active[m] += ffn
-                matmul[m] += ffn
         if index in self.mod.layers:
             hid = self.mod.aux_router_hidden
             router = d + d * hid + hid + hid + 1
@@ -159,8 +155,7 @@ class ModelConfig:
             total += router
             for m in MODALITIES:
                 active[m] = c * active[m] + router
-                matmul[m] = c * matmul[m] + d
-        return {"total": total, "active": active, "matmul": matmul}
+        return {"total": total, "active": active}
 
     def num_params(self, moe: MoEConfig | None = None) -> dict:
         """Total parameters, and parameters active per token of each modality (expected over
@@ -176,23 +171,14 @@ class ModelConfig:
             "active": {m: outer + sum(layer["active"][m] for layer in layers) for m in MODALITIES},
         }
 
-    def flops_per_token(self, seq_len: int, moe: MoEConfig | None = None) -> dict:
-        """Training FLOPs per token (forward + backward = 3x forward), per modality.
+    def flops_per_token(
+        self, seq_len: int, moe: MoEConfig | None = None, attention: str = "causal"
+    ) -> dict:
+        """Training FLOPs per token (forward + backward), per modality: every matmul of the
+        attention (projections and, over `seq_len`, causal scores and values), the active
+        experts, shared experts, routers and auxiliary routers, mixture-of-depths capacity and
+        the output layer. mm_moe/eval/flops.py documents the count; `flops_breakdown` there
+        gives forward and backward by part."""
+        from mm_moe.eval.flops import training_flops_per_token
 
-        Forward: 2 FLOPs per multiply-accumulate of every active matmul weight (the embedding
-        lookup is free, the output layer is not) plus causal attention scores and values,
-        2 * 2 * seq_len/2 * d per layer on average over positions. A mixture-of-depths layer
-        processes a capacity fraction of tokens, attending over a capacity fraction of them.
-        """
-        moe = moe or MoEConfig()
-        d_attn = self.n_heads * self.head_dim
-        out = {}
-        for m in MODALITIES:
-            matmul = self.vocab_size * self.d_model
-            attention = 0.0
-            for i in range(self.n_layers):
-                matmul += self._layer_counts(i, moe)["matmul"][m]
-                c = self.mod.capacity if i in self.mod.layers else 1.0
-                attention += 2 * seq_len * d_attn * c * c
-            out[m] = 3 * (2 * matmul + attention)
-        return out
+        return training_flops_per_token(self, moe or MoEConfig(), seq_len, attention)

@@ -126,7 +126,8 @@ def test_flops_per_token_is_six_n_plus_attention():
         if p.dim() == 2 and not n.startswith("embed")
     )
     seq = 32
-    attention = 3 * 2 * cfg.n_layers * seq * cfg.d_model
+    # causal: position i attends to i + 1 keys, (seq + 1) / 2 on average
+    attention = 3 * 2 * cfg.n_layers * (seq + 1) * cfg.d_model
     assert cfg.flops_per_token(seq)["text"] == 6 * n_matmul + attention
 
 

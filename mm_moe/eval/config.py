@@ -1,0 +1,116 @@
+"""Evaluation configuration (the `eval` config group).
+
+    eval.interval=100                       # held-out loss every 100 steps (0: off)
+    eval.sources=[{urls: data/demo/heldout, format: pairs}]
+
+The zero-shot and text->image settings make both evaluations usable on a user's own labelled
+shards: samples with an image member (png/jpg/webp) and a `cls` member holding the class index;
+`labels[cls]` names the class inside the caption `templates`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mm_moe.data.config import SourceConfig
+
+DIGITS = [str(d) for d in range(10)]
+
+
+@dataclass
+class ZeroShotConfig:
+    # Labelled shards (image + `cls`); empty: the held-out images of eval.sources.
+    urls: str | list[str] = ""
+    # Class names, indexed by `cls`.
+    labels: list[str] = field(default_factory=lambda: list(DIGITS))
+    # Caption templates with a `{label}` field; a class scores the mean log-likelihood of its
+    # captions over the templates.
+    templates: list[str] = field(default_factory=lambda: ["a handwritten digit {label}"])
+    # Held-out images scored (the first ones of the shards, in order).
+    num_samples: int = 200
+    # Images scored per forward pass (each with one row per class and template).
+    batch_images: int = 8
+
+
+@dataclass
+class TextToImageConfig:
+    # Images generated per class, from the caption made with templates[0].
+    samples_per_label: int = 10
+    temperature: float = 1.0
+    top_k: int = 0
+    # The judge: a small classifier trained on real labelled images (the zero-shot shards if
+    # empty), seen through the image tokenizer (encoded and decoded, like generated images);
+    # cached under cache_dir.
+    classifier_urls: str | list[str] = ""
+    classifier_steps: int = 300
+    cache_dir: str = "runs/eval_cache"
+    # Columns of the saved PNG grid per class (0: none).
+    grid_samples: int = 3
+
+
+@dataclass
+class EvalConfig:
+    # Held-out loss every `interval` optimizer steps, and after the last; 0 turns it off.
+    interval: int = 0
+    # Held-out shards in the form of data.sources ({urls, format, weight}); empty with the
+    # synthetic source: fresh synthetic rows from `seed`.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Micro-batches per rank per evaluation (the same rows each time).
+    num_batches: int = 4
+    # Rows per micro-batch; 0 takes trainer.micro_batch_size.
+    micro_batch_size: int = 0
+    # Data seed of the held-out rows (fixed: every evaluation scores the same rows).
+    seed: int = 1234
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    text_to_image: TextToImageConfig = field(default_factory=TextToImageConfig)
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ValueError(f"eval.interval={self.interval} must be >= 0 (0 turns it off)")
+        if self.num_batches < 1 or self.micro_batch_size < 0:
+            raise ValueError("eval.num_batches must be >= 1 and eval.micro_batch_size >= 0")
+        if self.seed < 0:
+            raise ValueError(f"eval.seed={self.seed} must be >= 0")
+        for i, src in enumerate(self.sources):
+            if not src.urls:
+                raise ValueError(f"eval.sources[{i}].urls is empty")
+            if not src.weight > 0:
+                raise ValueError(f"eval.sources[{i}].weight={src.weight} must be positive")
+        zs, t2i = self.zero_shot, self.text_to_image
+        if not zs.labels:
+            raise ValueError("eval.zero_shot.labels must name at least one class")
+        bad = [t for t in zs.templates if "{label}" not in t]
+        if not zs.templates or bad:
+            raise ValueError(
+                f"eval.zero_shot.templates must be non-empty and each hold '{{label}}'; bad: {bad}"
+            )
+        if zs.num_samples < 1 or zs.batch_images < 1:
+            raise ValueError("eval.zero_shot.num_samples and batch_images must be >= 1")
+        if t2i.samples_per_label < 1 or t2i.classifier_steps < 1 or t2i.grid_samples < 0:
+            raise ValueError(
+                "eval.text_to_image.samples_per_label and classifier_steps must be >= 1, "
+                "grid_samples >= 0"
+            )
+        if t2i.temperature <= 0 or t2i.top_k < 0:
+            raise ValueError("eval.text_to_image.temperature must be > 0 and top_k >= 0")
+
+    def check_data(self, data_source: str) -> None:
+        """Held-out rows need shards unless the training data is synthetic."""
+        if self.interval and not self.sources and data_source != "synthetic_patterns":
+            raise ValueError(
+                f"eval.interval={self.interval} needs eval.sources (held-out shards, e.g. "
+                "[{urls: data/demo/heldout, format: pairs}]) with data.source=" + data_source
+            )
+
+    def labelled_urls(self) -> str | list[str]:
+        """Shards the zero-shot evaluation reads: eval.zero_shot.urls, else eval.sources."""
+        if self.zero_shot.urls:
+            return self.zero_shot.urls
+        if self.sources:
+            return [
+                u for s in self.sources for u in ([s.urls] if isinstance(s.urls, str) else s.urls)
+            ]
+        raise ValueError(
+            "the zero-shot evaluation needs labelled shards: set eval.zero_shot.urls (or "
+            "eval.sources) to shards whose samples hold an image and a `cls` member"
+        )

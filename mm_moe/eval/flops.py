@@ -1,0 +1,138 @@
+"""Exact training FLOPs per token, per modality, from the config alone.
+
+Convention (Kaplan / Chinchilla / PaLM MFU): 2 FLOPs per multiply-accumulate of every matmul;
+elementwise work (norms, RoPE, softmax, SiLU, gating, losses) and the embedding lookup are not
+counted. What is counted, per token of a modality and per layer:
+
+- attention projections q, k, v, o (grouped-query: k and v have n_kv_heads heads);
+- attention itself, QK^T and AV: 2 x n_heads x head_dim MACs per key the token attends to;
+  `attention="causal"` counts (S + 1) / 2 keys on average over the S positions of a row (the
+  work a causal kernel does), `"full"` counts all S (a masked dense kernel, e.g. SDPA with a
+  document mask on CPU); document masking is not subtracted (packed rows pay for it);
+- the FFN: dense SwiGLU (3 d f), or the MoE layer: the router of the token's group (d x E),
+  `expected_experts_per_token` experts (3 d h each; expert choice with capacity factor c
+  takes c x top_k x granularity per token on average over the group), shared experts, and
+  the expert-choice auxiliary routers (d x a + a x E);
+- mixture-of-depths layers: every token pays the MoD router (d) and its auxiliary router
+  (d x a + a); the block's work is paid by a `capacity` fraction of the tokens, and they
+  attend only among the selected tokens (capacity x S keys);
+- the output layer (d x V).
+
+Backward = 2 x forward for every matmul on the gradient path (input and weight gradients),
+except the auxiliary routers, whose input is detached: their first matmul needs only the
+weight gradient (1x), the second both (2x). Untied (MoT) parts do not change per-token work.
+
+A mixed expert group serves both modalities, and expert choice may give one modality more
+experts per token than the other; the counts here use the group's average for both.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from mm_moe.modality import MODALITIES
+
+
+def _block_macs(cfg, moe, index: int, keys: float) -> dict[str, dict[str, float]]:
+    """Forward MACs of one block for one token of each modality, by part, with the token
+    attending to `keys` keys; and the part of them whose backward is 1x (detached inputs)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    proj = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    scores = 2 * cfg.n_heads * hd * keys
+    out = {}
+    for mi, m in enumerate(MODALITIES):
+        parts = {"attention_proj": proj, "attention_scores": scores}
+        if moe.is_moe_layer(index):
+            h = cfg.ffn_dim // moe.granularity
+            (name, _, n) = next(g for g in moe.groups() if mi in g[1])
+            parts["router"] = d * n
+            parts["experts"] = moe.expected_experts_per_token() * 3 * d * h
+            parts["shared_experts"] = moe.shared_experts * 3 * d * h
+            if moe.router == "expert_choice":
+                a = moe.aux_router_hidden
+                parts["aux_router_in"] = d * a  # detached input: weight gradient only
+                parts["aux_router_out"] = a * n
+        else:
+            parts["ffn"] = 3 * d * cfg.ffn_dim
+        out[m] = parts
+    return out
+
+
+def flops_breakdown(
+    cfg, moe, seq_len: int, attention: Literal["causal", "full"] = "causal"
+) -> dict[str, dict[str, float]]:
+    """Per modality: forward and backward FLOPs per token by part, and their totals.
+
+    `cfg` is a ModelConfig with its vocab_size resolved, `moe` an MoEConfig."""
+    if attention not in ("causal", "full"):
+        raise ValueError(f"attention={attention!r} must be 'causal' or 'full'")
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+    keys_of = lambda s: (s + 1) / 2 if attention == "causal" else s
+    fwd = {m: {} for m in MODALITIES}
+    bwd = {m: {} for m in MODALITIES}
+
+    def add(m: str, part: str, macs: float, backward_factor: float) -> None:
+        fwd[m][part] = fwd[m].get(part, 0.0) + 2 * macs
+        bwd[m][part] = bwd[m].get(part, 0.0) + 2 * macs * backward_factor
+
+    for i in range(cfg.n_layers):
+        mod = i in cfg.mod.layers
+        c = cfg.mod.capacity if mod else 1.0
+        # Training MoD takes max(1, int(capacity x S)) tokens of each row.
+        selected = max(1, int(c * seq_len)) if mod else seq_len
+        frac = selected / seq_len
+        block = _block_macs(cfg, moe, i, keys_of(selected))
+        for m in MODALITIES:
+            for part, macs in block[m].items():
+                add(m, part, frac * macs, 1.0 if part == "aux_router_in" else 2.0)
+            if mod:
+                a = cfg.mod.aux_router_hidden
+                add(m, "mod_router", cfg.d_model, 2.0)
+                add(m, "aux_router_in", cfg.d_model * a, 1.0)
+                add(m, "aux_router_out", a, 2.0)
+    for m in MODALITIES:
+        add(m, "lm_head", cfg.d_model * cfg.vocab_size, 2.0)
+    out = {}
+    for m in MODALITIES:
+        f, b = sum(fwd[m].values()), sum(bwd[m].values())
+        out[m] = {
+            "forward": f,
+            "backward": b,
+            "total": f + b,
+            "forward_parts": fwd[m],
+            "backward_parts": bwd[m],
+        }
+    return out
+
+
+def training_flops_per_token(
+    cfg, moe, seq_len: int, attention: Literal["causal", "full"] = "causal"
+) -> dict[str, float]:
+    """Forward + backward FLOPs per token of each modality."""
+    return {m: v["total"] for m, v in flops_breakdown(cfg, moe, seq_len, attention).items()}
+
+
+class FlopsMeter:
+    """Cumulative training FLOPs of a run: per modality, tokens x FLOPs per token.
+
+    Tokens are the loss-bearing tokens of each modality in the global batch (what
+    trainer/step.py counts); the state is two numbers per modality, saved with checkpoints.
+    """
+
+    def __init__(self, per_token: dict[str, float], state: dict | None = None):
+        self.per_token = per_token
+        self.totals = {m: 0.0 for m in MODALITIES}
+        if state:
+            self.totals.update({m: float(state.get(m, 0.0)) for m in MODALITIES})
+
+    def update(self, stats: dict) -> dict[str, float]:
+        """Add one step (train_step's `tokens_<modality>`); returns the metrics to log."""
+        for m in MODALITIES:
+            self.totals[m] += stats.get(f"tokens_{m}", 0) * self.per_token[m]
+        out = {f"flops_cumulative_{m}": v for m, v in self.totals.items()}
+        out["flops_cumulative"] = sum(self.totals.values())
+        return out
+
+    def state_dict(self) -> dict:
+        return dict(self.totals)

@@ -1,0 +1,172 @@
+"""Held-out loss and perplexity per modality, with inference routing and training routing.
+
+Expert choice and mixture-of-depths select over the whole batch in training; at inference the
+causal auxiliary routers decide (model.eval()). The held-out loss is measured both ways, so the
+price of causal routing is visible: `eval/loss_<m>` (inference routing, what generation gets)
+and `eval/train_routing/loss_<m>`, with `eval/routing_gap_<m>` = their difference.
+
+Every rank scores its own held-out rows, and the sums are all-reduced. Under expert parallelism
+the experts are sharded and each forward exchanges tokens by all-to-all, so every rank must run
+the same number of forwards in lockstep: all ranks call `HeldoutEval.__call__` together.
+
+Shape legend: B rows, S positions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from mm_moe.data.batch import Batch
+from mm_moe.eval.config import EvalConfig
+from mm_moe.modality import MODALITIES, NUM_MODALITIES
+from mm_moe.model.mod import MoDBlock
+from mm_moe.model.moe.layer import MoELayer
+from mm_moe.parallel.distributed import all_reduce_sum
+from mm_moe.trainer.step import per_token_losses
+
+
+def heldout_batches(
+    cfg: EvalConfig,
+    data,
+    tokenizer,
+    rank: int,
+    dp_world_size: int,
+    micro_batch_size: int,
+) -> list[Batch]:
+    """This rank's held-out micro-batches: the same rows at every evaluation.
+
+    Read once, in the training process (no workers), from eval.sources with the training
+    data's packing and decoding; with the synthetic source and no eval.sources, fresh
+    synthetic rows from eval.seed."""
+    micro = cfg.micro_batch_size or micro_batch_size
+    overrides = {"num_workers": 0, "num_streams": dp_world_size}
+    if cfg.sources:
+        overrides.update(source="webdataset", sources=list(cfg.sources))
+    held = replace(data, **overrides)
+    # Reading must not move the training RNGs (a resumed run reads again after restoring them).
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        loader = held.build(
+            cfg.seed, rank, dp_world_size, micro, micro * dp_world_size * cfg.num_batches, tokenizer
+        )
+        batches = loader.next()
+        if hasattr(loader, "close"):
+            loader.close()
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    return batches
+
+
+def has_routing(model: torch.nn.Module) -> bool:
+    """Whether training and inference route differently (MoE or mixture-of-depths layers)."""
+    return any(isinstance(m, (MoELayer, MoDBlock)) for m in model.modules())
+
+
+@torch.no_grad()
+def _score(model, batches: list[Batch], device) -> tuple[torch.Tensor, dict[str, float]]:
+    """[2M] summed cross-entropy and token counts per modality over the batches (all ranks),
+    and the routing statistics averaged over batches and ranks."""
+    sums = torch.zeros(2 * NUM_MODALITIES, dtype=torch.float64, device=device)
+    stat_sums: dict[str, torch.Tensor] = {}
+    for b in batches:
+        b = b.to(device)
+        out = model(
+            b.input_ids_BS, b.modality_ids_BS, b.doc_ids_BS, b.position_ids_BS, b.loss_mask_BS
+        )
+        ce_BS, _ = per_token_losses(out.logits, b.target_ids_BS, 0.0)
+        for m in range(NUM_MODALITIES):
+            sel_BS = b.loss_mask_BS & (b.target_modality_ids_BS == m)
+            sums[m] += ce_BS[sel_BS].sum().double()
+            sums[NUM_MODALITIES + m] += sel_BS.sum()
+        for name, value in out.stats.items():
+            if value.dim() == 0:
+                stat_sums[name] = stat_sums.get(name, 0.0) + value.to(device, torch.float64)
+    sums = all_reduce_sum(sums)
+    names = sorted(stat_sums)  # the same keys on every rank: they follow from the config
+    stats = {}
+    if names:
+        flat = torch.stack([stat_sums[n] for n in names])
+        flat = all_reduce_sum(flat) / (len(batches) * _world())
+        stats = dict(zip(names, flat.tolist()))
+    return sums, stats
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _per_modality(prefix: str, sums: torch.Tensor) -> dict[str, float]:
+    out = {}
+    total, count = 0.0, 0.0
+    for m, name in enumerate(MODALITIES):
+        s, n = float(sums[m]), float(sums[NUM_MODALITIES + m])
+        total, count = total + s, count + n
+        loss = s / n if n else float("nan")
+        out[f"{prefix}loss_{name}"] = loss
+        out[f"{prefix}ppl_{name}"] = math.exp(min(loss, 50.0)) if n else float("nan")
+    out[f"{prefix}loss"] = total / count if count else float("nan")
+    return out
+
+
+def _mean_of(stats: dict[str, float], suffix: str) -> float | None:
+    values = [v for k, v in stats.items() if k.endswith(suffix)]
+    return sum(values) / len(values) if values else None
+
+
+class HeldoutEval:
+    """Scores a model on fixed held-out micro-batches; call on every rank together."""
+
+    def __init__(self, batches: list[Batch], device: torch.device):
+        self.batches, self.device = batches, device
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        # Training-mode forwards must leave training untouched: no RNG draws (router noise)
+        # and no buffer updates (the aux-loss-free balancing load counter).
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                model.eval()
+                sums, stats = _score(model, self.batches, self.device)
+                out = _per_modality("eval/", sums)
+                out.update(
+                    {
+                        f"eval/tokens_{m}": int(sums[NUM_MODALITIES + i])
+                        for i, m in enumerate(MODALITIES)
+                    }
+                )
+                unprocessed = _mean_of(stats, "/dropped")
+                if unprocessed is not None:
+                    out["eval/unprocessed"] = unprocessed  # tokens no expert took (aux routers)
+                selected = _mean_of(stats, "/selected")
+                if selected is not None:
+                    out["eval/mod_selected"] = selected
+                if has_routing(model):
+                    model.train()
+                    sums, stats = _score(model, self.batches, self.device)
+                    train = _per_modality("eval/train_routing/", sums)
+                    acc = _mean_of(stats, "/aux_router_acc")
+                    if acc is not None:
+                        train["eval/train_routing/aux_router_acc"] = acc
+                else:  # dense: both routings are the same computation
+                    train = {k.replace("eval/", "eval/train_routing/"): v for k, v in out.items()}
+                    train = {k: v for k, v in train.items() if "tokens" not in k}
+                out.update(train)
+                for m in MODALITIES:
+                    out[f"eval/routing_gap_{m}"] = (
+                        out[f"eval/loss_{m}"] - out[f"eval/train_routing/loss_{m}"]
+                    )
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(buffers[n])
+            model.train(was_training)
+        return out

@@ -1,0 +1,110 @@
+"""Text->image evaluation: generate images from class captions, decode them with the image
+tokenizer, and let a classifier trained on real images (judge.py) say which class they show.
+
+Generation is batched: every prompt of one length samples its image codes together (the model
+runs in eval mode with causal routing, so rows do not interact). No KV cache: each new code is
+one forward over the whole prefix, which is cheap at demo sizes.
+
+Shape legend: R rows (prompts), S positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mm_moe.sampling import allowed_masks, modality_of
+
+
+@torch.no_grad()
+def sample_image_codes(
+    model, tok, prompts: list[list[int]], temperature: float, top_k: int, seed: int
+) -> list[list[int]]:
+    """Image codes (in [0, codebook)) that follow each prompt (which ends with boi)."""
+    vocab, tpi = tok.vocab, tok.image.tokens_per_image
+    device = next(model.parameters()).device
+    model.eval()
+    _, image_ok_V = allowed_masks(vocab, device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out: list[list[int] | None] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        assert p and p[-1] == vocab.boi, "text->image prompts end with boi"
+        by_len.setdefault(len(p), []).append(i)
+    for length in sorted(by_len):
+        rows = by_len[length]
+        ids_RS = torch.tensor([prompts[i] for i in rows], device=device)
+        mod_RS = torch.tensor([modality_of(prompts[i], vocab) for i in rows], device=device)
+        for _ in range(tpi):
+            logits_RV = model(ids_RS, mod_RS).logits[:, -1].float()
+            logits_RV = logits_RV.masked_fill(~image_ok_V, float("-inf")) / temperature
+            if top_k:
+                kth_R1 = torch.topk(logits_RV, min(top_k, int(image_ok_V.sum())), -1).values[:, -1:]
+                logits_RV = logits_RV.masked_fill(logits_RV < kth_R1, float("-inf"))
+            probs_RV = torch.softmax(logits_RV, -1).cpu()
+            nxt_R = torch.multinomial(probs_RV, 1, generator=gen).to(device)
+            ids_RS = torch.cat([ids_RS, nxt_R], 1)
+            mod_RS = torch.cat([mod_RS, torch.ones_like(nxt_R)], 1)  # image modality
+        for r, i in enumerate(rows):
+            out[i] = [int(c) - vocab.image_offset for c in ids_RS[r, length:].tolist()]
+    return out  # type: ignore[return-value]
+
+
+def caption_prompt(tok, caption: str) -> list[int]:
+    vocab = tok.vocab
+    return [vocab.bos, *tok.text.encode(caption), vocab.boi]
+
+
+def save_grid(columns: list[list[Image.Image]], path: Path, scale: int = 4) -> None:
+    """One column per class, one row per sample, upscaled for viewing."""
+    rows = max(len(c) for c in columns)
+    w, h = columns[0][0].size
+    grid = Image.new("RGB", (w * len(columns), h * rows), "white")
+    for j, column in enumerate(columns):
+        for i, image in enumerate(column):
+            grid.paste(image.convert("RGB"), (j * w, i * h))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def text_to_image_eval(
+    model,
+    tok,
+    judge,
+    labels: list[str],
+    template: str,
+    samples_per_label: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    grid_path: Path | None = None,
+    grid_samples: int = 3,
+) -> dict:
+    """Generate `samples_per_label` images per class and score them with the judge."""
+    prompts, intended = [], []
+    for c, label in enumerate(labels):
+        for _ in range(samples_per_label):
+            prompts.append(caption_prompt(tok, template.format(label=label)))
+            intended.append(c)
+    codes = sample_image_codes(model, tok, prompts, temperature, top_k, seed)
+    images = [tok.image.decode(c) for c in codes]
+    predicted = judge.predict(images)
+    correct = sum(int(p == t) for p, t in zip(predicted, intended))
+    result = {
+        "accuracy": correct / len(images),
+        "num_images": len(images),
+        "chance": 1 / len(labels),
+        "predicted": predicted,
+        "intended": intended,
+    }
+    if grid_path is not None and grid_samples:
+        columns = [
+            [im for im, t in zip(images, intended) if t == c][:grid_samples]
+            for c in range(len(labels))
+        ]
+        save_grid(columns, Path(grid_path))
+        result["grid"] = str(grid_path)
+    return result

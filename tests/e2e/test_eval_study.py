@@ -1,0 +1,105 @@
+"""Evaluation during training (expert parallel: every rank evaluates in lockstep), cumulative
+FLOPs across a resume, and scripts/study_moma.py end to end on tiny settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, _env, metrics, train
+
+EVAL = [
+    "experiment=tiny_moma",
+    "eval.interval=2",
+    "eval.num_batches=2",
+    "eval.micro_batch_size=2",
+    "parallel.expert_parallel_size=2",
+    "checkpoint.interval=2",
+]
+
+
+def test_eval_during_training_expert_parallel_and_flops_resume(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(full, *EVAL, "trainer.max_steps=4", nproc=2)
+    rows = {r["step"]: r for r in metrics(full)}
+    for step in (2, 4):
+        for m in ("text", "image"):
+            loss = rows[step][f"eval/loss_{m}"]
+            assert math.isfinite(loss)
+            assert rows[step][f"eval/ppl_{m}"] == pytest.approx(math.exp(loss))
+            assert math.isfinite(rows[step][f"eval/train_routing/loss_{m}"])
+    assert "eval/loss_text" not in rows[1] and "eval/loss_text" not in rows[3]
+    # cumulative FLOPs: loss-bearing tokens of each modality x FLOPs per token, summed
+    for m in ("text", "image"):
+        per_token = rows[1][f"flops_cumulative_{m}"] / rows[1][f"tokens_{m}"]
+        total = sum(rows[s][f"tokens_{m}"] for s in (1, 2, 3, 4)) * per_token
+        assert rows[4][f"flops_cumulative_{m}"] == pytest.approx(total)
+
+    # stop after step 2, resume to 4: the same FLOPs count and held-out losses
+    train(part, *EVAL, "trainer.max_steps=2", nproc=2)
+    train(part, *EVAL, "trainer.max_steps=4", "checkpoint.resume=auto", nproc=2)
+    resumed = {r["step"]: r for r in metrics(part)}
+    assert resumed[4]["flops_cumulative"] == rows[4]["flops_cumulative"]
+    for key in ("eval/loss_text", "eval/loss_image", "eval/train_routing/loss_image"):
+        assert resumed[4][key] == pytest.approx(rows[4][key], rel=1e-5)
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("study_moma", REPO / "scripts" / "study_moma.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_savings_interpolation():
+    study = _study_module()
+    curve = [
+        {"flops_cumulative_text": 10.0, "eval/loss_text": 4.0},
+        {"flops_cumulative_text": 100.0, "eval/loss_text": 3.0},
+        {"flops_cumulative_text": 1000.0, "eval/loss_text": 3.5},  # noisy: running minimum
+        {"flops_cumulative_text": 10000.0, "eval/loss_text": 2.0},
+    ]
+    assert study.flops_needed(curve, "text", 3.0) == (pytest.approx(100.0), "")
+    assert study.flops_needed(curve, "text", 3.5)[0] == pytest.approx(math.sqrt(10 * 100))
+    assert study.flops_needed(curve, "text", 2.5)[0] == pytest.approx(math.sqrt(1e3 * 1e4))
+    assert study.flops_needed(curve, "text", 1.0) == (10000.0, ">")
+    assert study.flops_needed(curve, "text", 5.0) == (10.0, "<")
+
+
+def test_study_script_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    cmd = [
+        sys.executable,
+        "scripts/study_moma.py",
+        f"--out={out}",
+        "--tiny",
+        "--steps=2",
+        "--dense-steps=4",
+        "--eval-interval=2",
+        "--seeds=1",
+        "--models=dense,moma",
+        "--zero-shot=10",
+        "--t2i-per-label=1",
+        f"--override=eval.text_to_image.cache_dir={tmp_path / 'cache'}",
+        "--override=eval.text_to_image.classifier_steps=20",
+    ]
+    if not (REPO / "data" / "demo" / "heldout").is_dir():
+        pytest.skip("demo corpus not built (make train builds it)")
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (out / "study.md").read_text()
+    assert "| dense |" in table and "| MoMa 4t4i |" in table
+    assert (out / "loss_vs_flops.png").stat().st_size > 1000
+    study = _study_module()
+    import csv
+
+    lines = (out / "study.csv").read_text().splitlines()
+    rows = {r["model"]: r for r in csv.DictReader(lines)}
+    # dense seed 0 is a prefix of the long dense run (same data, init and schedule)
+    assert float(rows["dense"]["savings_text_mean"]) == pytest.approx(1.0)
+    assert float(rows["dense"]["savings_image_mean"]) == pytest.approx(1.0)
+    assert set(rows) == {"dense", "moma"} and study.MODALITIES == ("text", "image")

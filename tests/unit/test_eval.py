@@ -1,0 +1,138 @@
+"""Held-out evaluation (inference vs training routing), the multimodal evaluations, config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_moe.config import ConfigError, TrainConfig, from_dict
+from mm_moe.data.config import DataConfig, SourceConfig
+from mm_moe.eval.config import EvalConfig
+from mm_moe.eval.heldout import HeldoutEval, heldout_batches
+from mm_moe.model.config import ModelConfig
+from mm_moe.model.moe.config import MoEConfig
+from mm_moe.tokenization.config import TokenizerConfig
+from mm_moe.trainer.step import per_token_losses
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_TOK = REPO / "tokenizers" / "demo" / "vq.pt"
+HELDOUT = REPO / "data" / "demo" / "heldout"
+needs_demo = pytest.mark.skipif(
+    not (DEMO_TOK.exists() and HELDOUT.exists()), reason="demo corpus/tokenizers not built"
+)
+TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64)
+
+
+def _synthetic_batches(micro=4, num_batches=2):
+    cfg = EvalConfig(interval=1, num_batches=num_batches, micro_batch_size=micro)
+    data = DataConfig(seq_len=32)
+    return heldout_batches(cfg, data, TokenizerConfig(), 0, 1, micro)
+
+
+def test_heldout_matches_reference_and_leaves_training_untouched():
+    batches = _synthetic_batches()
+    moe = MoEConfig(
+        experts_per_modality={"text": 2, "image": 2}, router_noise=1.0, bias_update_rate=0.01
+    )
+    model = TINY.with_vocab(batches[0].input_ids_BS.max().item() + 1).build(moe).train()
+    model.layers[0].ffn.load_accum.fill_(3.0)
+    rng = torch.get_rng_state()
+    out = HeldoutEval(batches, torch.device("cpu"))(model)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert torch.all(model.layers[0].ffn.load_accum == 3.0)
+    # reference: mean cross-entropy per target modality, eval mode (aux routers)
+    model.eval()
+    sums, counts = [0.0, 0.0], [0, 0]
+    with torch.no_grad():
+        for b in batches:
+            logits = model(
+                b.input_ids_BS, b.modality_ids_BS, b.doc_ids_BS, b.position_ids_BS, b.loss_mask_BS
+            ).logits
+            ce, _ = per_token_losses(logits, b.target_ids_BS, 0.0)
+            for m in (0, 1):
+                sel = b.loss_mask_BS & (b.target_modality_ids_BS == m)
+                sums[m] += float(ce[sel].sum())
+                counts[m] += int(sel.sum())
+    assert out["eval/loss_text"] == pytest.approx(sums[0] / counts[0], rel=1e-6)
+    assert out["eval/loss_image"] == pytest.approx(sums[1] / counts[1], rel=1e-6)
+    assert out["eval/ppl_image"] == pytest.approx(math.exp(out["eval/loss_image"]))
+    gap = out["eval/loss_text"] - out["eval/train_routing/loss_text"]
+    assert out["eval/routing_gap_text"] == pytest.approx(gap)
+    assert gap != 0.0  # expert choice over the batch vs the untrained aux routers
+    assert 0.0 <= out["eval/train_routing/aux_router_acc"] <= 1.0
+
+
+def test_heldout_dense_has_no_gap_and_fixed_rows():
+    a, b = _synthetic_batches(), _synthetic_batches()
+    assert all(torch.equal(x.input_ids_BS, y.input_ids_BS) for x, y in zip(a, b))
+    model = TINY.with_vocab(int(a[0].input_ids_BS.max()) + 1).build()
+    out = HeldoutEval(a, torch.device("cpu"))(model)
+    assert out["eval/routing_gap_text"] == 0.0 and out["eval/routing_gap_image"] == 0.0
+
+
+def test_eval_config_errors():
+    with pytest.raises(ValueError, match=r"\{label\}"):
+        EvalConfig(zero_shot=replace(EvalConfig().zero_shot, templates=["a digit"]))
+    with pytest.raises(ValueError, match="eval.interval"):
+        EvalConfig(interval=-1)
+    bad = {
+        "data": {"source": "webdataset", "sources": [{"urls": "x", "format": "pairs"}]},
+        "eval": {"interval": 5},
+    }
+    with pytest.raises(ConfigError, match="eval.sources"):
+        from_dict(TrainConfig, bad)
+    with pytest.raises(ConfigError, match="eval.intervall"):
+        from_dict(TrainConfig, {"eval": {"intervall": 5}})
+
+
+@needs_demo
+def test_zero_shot_is_chance_for_an_untrained_model(tmp_path):
+    """An untrained model classifies 250 held-out digits at chance: within 3 binomial standard
+    deviations of 10%."""
+    from mm_moe.eval.labelled import labelled_images
+    from mm_moe.eval.zero_shot import zero_shot_classify
+
+    tok_cfg = TokenizerConfig(text="sentencepiece", image="vq", path=str(DEMO_TOK.parent))
+    tok = tok_cfg.build()
+    torch.manual_seed(0)
+    model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
+    images = labelled_images(str(HELDOUT), 250, "heldout", 10)
+    labels = [str(d) for d in range(10)]
+    r = zero_shot_classify(model, tok, images, labels, ["a handwritten digit {label}"], 25)
+    n = r["num_images"]
+    assert n == 250
+    band = 3 * math.sqrt(0.1 * 0.9 / n)
+    assert abs(r["accuracy"] - 0.1) <= band, r["accuracy"]
+
+
+@needs_demo
+def test_text_to_image_and_judge(tmp_path):
+    from mm_moe.eval.multimodal import multimodal_evals
+
+    tok_cfg = TokenizerConfig(text="sentencepiece", image="vq", path=str(DEMO_TOK.parent))
+    tok = tok_cfg.build()
+    model = TINY.with_vocab(tok.vocab.size).build()
+    cfg = EvalConfig(sources=[SourceConfig(str(HELDOUT), "pairs")])
+    cfg = replace(
+        cfg,
+        zero_shot=replace(cfg.zero_shot, num_samples=10),
+        text_to_image=replace(
+            cfg.text_to_image,
+            samples_per_label=2,
+            classifier_steps=60,
+            cache_dir=str(tmp_path / "cache"),
+            grid_samples=2,
+        ),
+    )
+    r = multimodal_evals(model, tok, tok_cfg, cfg, tmp_path)
+    assert r["judge_accuracy"] > 0.5  # a real classifier of real digits
+    assert r["text_to_image"]["num_images"] == 20
+    assert 0.0 <= r["text_to_image"]["accuracy"] <= 1.0
+    assert (tmp_path / "text_to_image.png").is_file()
+    assert list((tmp_path / "cache").glob("judge_*.pt"))  # cached: the second call loads it
+    again = multimodal_evals(model, tok, tok_cfg, cfg, tmp_path)
+    assert again["judge_accuracy"] == r["judge_accuracy"]
