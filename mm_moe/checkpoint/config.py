@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -18,6 +19,13 @@ class CheckpointConfig:
     keep_last: int = 0
     # A fresh run (resume=none) refuses a `dir` that already holds checkpoints unless this is true.
     overwrite: bool = False
+    # The key is `checkpoint.async` (a Python keyword, hence the field name): training blocks
+    # only while the state is copied to CPU memory; a background thread writes it, and the next
+    # save (or the end of the run) waits for it.
+    async_save: bool = field(default=False, metadata={"key": "async"})
+    # A failed write (full disk, I/O error) never touches the previous checkpoint; stop ends the
+    # run with the error, continue logs it, counts it (`checkpoint/write_errors`) and trains on.
+    on_write_error: Literal["stop", "continue"] = "stop"
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_last < 0:

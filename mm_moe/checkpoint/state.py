@@ -12,8 +12,11 @@ parallelism) still loads.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ import yaml
 from mm_moe.checkpoint import experts, layout, rng
 from mm_moe.parallel import full_state
 from mm_moe.parallel.distributed import barrier
+from mm_moe.trainer.scrub import scrub
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -37,6 +41,97 @@ def _gather_to_main(obj, world_size: int, rank: int) -> list | None:
     return out
 
 
+@dataclass
+class StagedCheckpoint:
+    """A checkpoint in CPU memory on rank 0, ready for `write` (maybe in a background thread):
+    nothing in it aliases live training state, so training may go on at once."""
+
+    step: int
+    model: dict
+    optimizer: dict
+    rng: list
+    config_yaml: str
+    meta_json: str
+
+
+def stage(
+    step: int,
+    engine,
+    scheduler,
+    loader,
+    config: dict,
+    rank: int,
+    world_size: int,
+    extra: dict | None = None,
+) -> StagedCheckpoint | None:
+    """Collective: copy the whole training state to CPU memory on rank 0 (None elsewhere)."""
+    model_state = full_state.gather_model(engine)  # fresh CPU copies (`.cpu().clone()`)
+    optim_state = full_state.gather_optimizer(engine)
+    rng_states = _gather_to_main(rng.capture(), world_size, rank)
+    if rank != 0:
+        return None
+    keys = experts.expert_keys(engine.module)
+    model_state = experts.split_experts(model_state, keys)
+    if optim_state:
+        optim_state["moments"] = experts.split_experts(optim_state["moments"], keys)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "world_size": world_size,
+        "expert_parallel_size": _expert_parallel_size(engine),
+        "scheduler": scheduler.state_dict(),
+        "data": loader.state_dict(),
+        **(extra or {}),
+    }
+    # Serialised now: the scheduler's and loader's dicts move on with training.
+    return StagedCheckpoint(
+        step,
+        model_state,
+        optim_state,
+        rng_states,
+        yaml.safe_dump(scrub(config), sort_keys=False),
+        json.dumps(scrub(meta), indent=1),
+    )
+
+
+def write(staged: StagedCheckpoint, root: Path, keep_last: int, faults=None) -> Path:
+    """Rank 0: write under a temporary name, then publish (rename, move `latest`). On any
+    error the temporary directory is removed and the previous checkpoint is untouched; the
+    OSError names the file that failed."""
+    tmp = layout.new_tmp_dir(root, staged.step)
+    try:
+        files = {
+            "model.pt": staged.model,
+            "optimizer.pt": staged.optimizer,
+            "rng.pt": {"ranks": staged.rng},
+            "config.yaml": staged.config_yaml,
+            # meta.json is written last: a step directory with it is complete.
+            layout.META: staged.meta_json,
+        }
+        for name, obj in files.items():
+            path = tmp / name
+            try:
+                if faults is not None:
+                    faults.check_write(staged.step, path)
+                if isinstance(obj, str):
+                    path.write_text(obj)
+                else:
+                    torch.save(obj, path)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+            except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError
+                raise OSError(errno.EIO, str(exc), str(path)) from exc
+        final = layout.publish(root, tmp, staged.step)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        layout.prune(root, keep_last)
+    except OSError as exc:  # the checkpoint is complete; old ones go at the next save
+        log.warning("checkpoint.keep_last: could not remove old checkpoints in %s: %s", root, exc)
+    return final
+
+
 def save(
     root: Path,
     step: int,
@@ -49,36 +144,13 @@ def save(
     keep_last: int,
     extra: dict | None = None,
 ) -> Path:
-    """Collective: every rank calls it; rank 0 writes. Returns the step directory."""
-    model_state = full_state.gather_model(engine)
-    optim_state = full_state.gather_optimizer(engine)
-    rng_states = _gather_to_main(rng.capture(), world_size, rank)
-    final = root / layout.step_dir_name(step)
-    if rank == 0:
-        keys = experts.expert_keys(engine.module)
-        model_state = experts.split_experts(model_state, keys)
-        if optim_state:
-            optim_state["moments"] = experts.split_experts(optim_state["moments"], keys)
-        tmp = layout.new_tmp_dir(root, step)
-        torch.save(model_state, tmp / "model.pt")
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save({"ranks": rng_states}, tmp / "rng.pt")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "world_size": world_size,
-            "expert_parallel_size": _expert_parallel_size(engine),
-            "scheduler": scheduler.state_dict(),
-            "data": loader.state_dict(),
-            **(extra or {}),
-        }
-        # meta.json is written last: a step directory with it is complete.
-        (tmp / layout.META).write_text(json.dumps(meta, indent=1))
-        layout.publish(root, tmp, step)
-        layout.prune(root, keep_last)
+    """Collective and synchronous: every rank calls it; rank 0 writes. Returns the step
+    directory. (The training loop saves through checkpoint.async_save.Checkpointer.)"""
+    staged = stage(step, engine, scheduler, loader, config, rank, world_size, extra)
+    if staged is not None:
+        write(staged, root, keep_last)
     barrier()
-    return final
+    return root / layout.step_dir_name(step)
 
 
 def _load_tensors(path: Path):
@@ -117,6 +189,75 @@ def _load_scheduler(scheduler, state: dict, path: str) -> None:
     scheduler.load_state_dict(state)
 
 
+# Model and MoE fields that decide which tensors a model has, and their shapes.
+_ARCH_FIELDS = {
+    "model": (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "ffn_dim",
+        "qk_norm",
+        "tie_embeddings",
+        "untie",
+    ),
+    "moe": ("experts_per_modality", "layers", "router", "granularity", "shared_experts"),
+}
+
+
+def _check_same_architecture(step_dir: Path, module) -> None:
+    """Name the config keys in which a weights-only checkpoint's model differs from this
+    run's (rather than listing missing tensors): such a checkpoint (mm_moe.upcycle) usually
+    has another architecture than the run's defaults."""
+    from mm_moe.config import TrainConfig, from_dict
+
+    saved = from_dict(TrainConfig, yaml.safe_load((step_dir / "config.yaml").read_text()))
+    run = {"model": module.cfg, "moe": module.moe_cfg}
+    diffs = [
+        f"{group}.{name}: checkpoint {getattr(getattr(saved, group), name)!r}, "
+        f"this run {getattr(run[group], name)!r}"
+        for group, names in _ARCH_FIELDS.items()
+        for name in names
+        if getattr(getattr(saved, group), name) != getattr(run[group], name)
+    ]
+    if saved.model.mod.layers != module.cfg.mod.layers:
+        diffs.append(
+            f"model.mod.layers: checkpoint {saved.model.mod.layers}, this run "
+            f"{module.cfg.mod.layers}"
+        )
+    if diffs:
+        overlay = step_dir / "experiment" / "upcycled.yaml"
+        hint = (
+            f" Train with the checkpoint's model: --config-dir {step_dir} experiment=upcycled"
+            if overlay.is_file()
+            else " Pass the model.* and moe.* values it was written with."
+        )
+        raise ValueError(
+            f"checkpoint.resume={step_dir}: its model differs from this run's: "
+            + "; ".join(diffs)
+            + "."
+            + hint
+        )
+
+
+def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
+    """A checkpoint with model weights but no optimizer, schedule, RNG or data state (an
+    upcycled or imported model): load the weights at any expert-parallel size and start
+    training from step 0 with this run's fresh optimizer, LR schedule and data position."""
+    _check_same_architecture(step_dir, engine.module)
+    keys = experts.expert_keys(engine.module)
+    model_state = experts.stack_experts(_load_tensors(step_dir / "model.pt"), keys, str(step_dir))
+    full_state.load_model(engine, model_state, str(step_dir))
+    log.info(
+        "loaded the weights-only checkpoint %s: fresh optimizer, LR schedule and data "
+        "position, starting at step 0",
+        step_dir,
+    )
+    engine.global_steps = 0
+    return {**meta, "step": 0}
+
+
 def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) -> dict:
     """Collective under ZeRO. Restores everything `save` wrote; returns the meta dict."""
     meta = json.loads((step_dir / layout.META).read_text())
@@ -125,6 +266,8 @@ def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) 
             f"{step_dir}: checkpoint format {meta.get('format_version')} is not "
             f"supported (this version reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
+    if meta.get("weights_only"):
+        return _load_weights_only(step_dir, meta, engine)
     keys = experts.expert_keys(engine.module)
     model_state = experts.stack_experts(_load_tensors(step_dir / "model.pt"), keys, str(step_dir))
     full_state.load_model(engine, model_state, str(step_dir))

@@ -104,10 +104,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise AssertionError(f"unsupported schema type {tp!r} at {key}")
 
 
+def config_key(f: dataclasses.Field) -> str:
+    """A field's key in YAML and on the command line: its name, or `metadata["key"]` where
+    the key is a Python keyword (`checkpoint.async` is the field `async_save`)."""
+    return f.metadata.get("key", f.name)
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {config_key(f): f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         name = unknown[0]
@@ -120,7 +126,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         full = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _convert(value, hints[name], full)
+        field_name = fields[name].name
+        kwargs[field_name] = _convert(value, hints[field_name], full)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -133,7 +140,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Plain nested dict of a config dataclass (for saving and logging)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {config_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -146,8 +153,9 @@ def valid_keys(cls: type, path: list[str]) -> list[str] | None:
     (a free-form dict) so no key check applies there."""
     hints = typing.get_type_hints(cls)
     if not path:
-        return [f.name for f in dataclasses.fields(cls)]
+        return [config_key(f) for f in dataclasses.fields(cls)]
     head, *rest = path
+    head = next((f.name for f in dataclasses.fields(cls) if config_key(f) == head), head)
     if head not in hints:
         return []
     tp = hints[head]

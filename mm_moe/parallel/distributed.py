@@ -1,12 +1,28 @@
-"""Process-group start-up, under torchrun/slurm or as a single plain process."""
+"""Process-group start-up, under torchrun/slurm or as a single plain process, and liveness:
+a lost rank ends the job with an error that names it instead of hanging it.
+
+Every collective has `parallel.timeout_s`. On top of that each rank heartbeats through the
+rendezvous store (a counter, once a second, from a thread: `Liveness`). When a collective fails
+(gloo reports a dead peer at once), `names_lost_ranks` looks at the heartbeats and raises
+`RankLostError` naming the ranks that stopped. When nothing fails but a rank's heartbeat stops
+for `lost_after` seconds (half the timeout, 10 to 60 s; a rank stuck in a collective that waits
+on it, e.g. an all-to-all, raises nothing), the monitor ends the process itself, naming it.
+Rank 0 watches every rank, the others watch rank 0 and rank 0's verdict, so the store sees
+O(ranks) operations a second. A rank that ends normally or with its own error marks itself
+first, so it is never taken for lost.
+"""
 
 from __future__ import annotations
 
 import datetime
+import functools
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -88,10 +104,46 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            _init_restarted_attempt(backend, timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group
+    global _LIVENESS
+    if _LIVENESS is None and dist.get_world_size() > 1:
+        try:
+            _LIVENESS = Liveness(dist.get_rank(), dist.get_world_size(), timeout_s)
+        except (RuntimeError, OSError, KeyError) as exc:  # the collective timeout still holds
+            log.warning("no rank heartbeats (cannot reach the rendezvous store): %s", exc)
+        # Every rank's first heartbeat is in the store before anyone reads (and a rank without
+        # one is never read: all_reduce says whether every rank has one).
+        ok = torch.tensor([0.0 if _LIVENESS is None else 1.0], device=dev)
+        dist.all_reduce(ok)
+        if int(ok.item()) != dist.get_world_size() and _LIVENESS is not None:
+            _LIVENESS.mark_exit(ok=True)
+            _LIVENESS = None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+def _init_restarted_attempt(backend: str, timeout: datetime.timedelta) -> None:
+    """A torchrun restart (--max-restarts): torchrun --standalone keeps its store across
+    attempts, and torch's env:// rendezvous does not prefix the group's keys by attempt there,
+    so a new gloo group would read the dead attempt's addresses and fail to connect. Give each
+    attempt its own key prefix."""
+    restart = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"mm_moe/attempt_{restart}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -106,8 +158,179 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    global _LIVENESS
+    if _LIVENESS is not None:
+        _LIVENESS.mark_exit(ok=sys.exc_info()[0] is None)
+        _LIVENESS = None
     mpu = sys.modules.get("megatron.core.parallel_state")  # imported only for expert parallelism
     if mpu is not None and mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+log = logging.getLogger("mm_moe")
+EXIT_RANK_LOST = 1
+
+
+class RankLostError(RuntimeError):
+    """A rank died or stopped responding; the message names it."""
+
+
+class Liveness:
+    """Heartbeats of every rank through the rendezvous store (see the module docstring)."""
+
+    interval_s = 1.0
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float):
+        self.rank, self.world_size = rank, world_size
+        self.lost_after_s = min(max(timeout_s / 2, 10.0), 60.0)
+        self.address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        # A torchrun restart starts a new attempt in the same (agent's) store.
+        self.prefix = f"mm_moe/liveness/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=10),
+            wait_for_workers=False,
+        )
+        self.lock = threading.Lock()  # the monitor thread and the main thread share the client
+        self.beats = 0
+        self.lost: list[int] | None = None
+        self.main_is_handling = False
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="mm_moe-liveness", daemon=True)
+        self._thread.start()
+
+    def _key(self, what: str, rank: int) -> str:
+        return f"{self.prefix}{what}/{rank}"
+
+    def _beat(self) -> None:
+        self.beats += 1
+        with self.lock:
+            self.store.set(self._key("beat", self.rank), str(self.beats))
+
+    def _read(self, ranks: list[int]) -> list[bytes]:
+        with self.lock:
+            return self.store.multi_get([self._key("beat", r) for r in ranks])
+
+    def _exited(self, rank: int) -> str | None:
+        with self.lock:
+            key = self._key("exit", rank)
+            return self.store.get(key).decode() if self.store.check([key]) else None
+
+    def _watched(self) -> list[int]:
+        ranks = range(self.world_size) if self.rank == 0 else [0]
+        return [r for r in ranks if r != self.rank]
+
+    def _run(self) -> None:
+        watched, seen = self._watched(), {}
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+                now = time.monotonic()
+                stale = []
+                for r, value in zip(watched, self._read(watched)):
+                    if seen.get(r, (None,))[0] != value:
+                        seen[r] = (value, now)
+                    elif now - seen[r][1] > self.lost_after_s and self._exited(r) is None:
+                        stale.append(r)
+                verdict = self.prefix + "lost"
+                if stale and self.rank == 0:
+                    with self.lock:
+                        self.store.set(verdict, ",".join(map(str, stale)))
+                elif not stale and self.rank != 0:
+                    with self.lock:
+                        if self.store.check([verdict]):
+                            stale = [int(r) for r in self.store.get(verdict).decode().split(",")]
+            except Exception:  # noqa: BLE001 - the store's host is gone: the main thread's
+                continue  # next collective fails, and names_lost_ranks says so
+            if stale:
+                self._declare(stale)
+                return
+
+    def _declare(self, lost: list[int]) -> None:
+        """No heartbeat from `lost` for lost_after_s: this rank cannot go on. The main thread
+        may be blocked in a collective waiting on them; give it a moment to fail by itself
+        (then names_lost_ranks raises), else end the process here."""
+        self.lost = lost
+        message = self._lost_message(lost, self.lost_after_s)
+        log.error("%s; exiting", message)
+        time.sleep(2 * self.interval_s)
+        if self.main_is_handling:
+            return
+        print(f"mm_moe: {message}; exiting with status {EXIT_RANK_LOST}", file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(EXIT_RANK_LOST)
+
+    def _lost_message(self, lost: list[int], silent_s: float) -> str:
+        ranks = ", ".join(map(str, lost))
+        return f"lost rank {ranks}: no heartbeat for {silent_s:.0f} s (the process died or hangs)"
+
+    def diagnose(self) -> str | None:
+        """After a collective failed on this rank: which ranks are gone? Watches every
+        rank's heartbeat for a few intervals; None when all are alive and running."""
+        self.main_is_handling = True
+        others = [r for r in range(self.world_size) if r != self.rank]
+        try:
+            first, start = self._read(others), time.monotonic()
+            while self.lost is None and time.monotonic() - start < 3 * self.interval_s + 0.5:
+                time.sleep(0.25)
+            if self.lost is not None:
+                return self._lost_message(self.lost, self.lost_after_s)
+            silent = [r for r, a, b in zip(others, first, self._read(others)) if a == b]
+            exits = {r: self._exited(r) for r in silent}
+        except Exception as exc:  # noqa: BLE001
+            host = "the torchrun agent" if os.environ.get("TORCHELASTIC_RUN_ID") else "rank 0"
+            return (
+                f"lost contact with the rendezvous store at {self.address}, hosted by {host}: "
+                f"{host} is gone ({exc.__class__.__name__})"
+            )
+        parts = []
+        lost = [r for r in silent if exits[r] is None]
+        if lost:
+            parts.append(self._lost_message(lost, time.monotonic() - start))
+        failed = [r for r in silent if exits[r] == "error"]
+        if failed:
+            parts.append(f"rank {', '.join(map(str, failed))} stopped with an error (see its log)")
+        return "; ".join(parts) or None
+
+    def mark_exit(self, ok: bool) -> None:
+        """This rank ends (normally or by its own error): never take it for lost."""
+        self._stop.set()
+        try:
+            with self.lock:
+                self.store.set(self._key("exit", self.rank), "ok" if ok else "error")
+        except Exception:  # noqa: BLE001 - the store may be gone already; nothing to tell
+            pass
+
+
+_LIVENESS: Liveness | None = None  # one per process, like the default process group
+
+
+def names_lost_ranks(fn):
+    """Decorate the training entry: a failure of a collective because a rank died (or stopped
+    with an error) becomes a RankLostError naming that rank."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            live = _LIVENESS
+            # ValueError: this rank's own user error; `agreed`: every rank raises it together.
+            if live is None or isinstance(exc, ValueError) or getattr(exc, "agreed", False):
+                raise
+            verdict = live.diagnose()
+            live.mark_exit(ok=False)
+            if verdict is None:
+                raise
+            raise RankLostError(
+                f"{verdict}. Rank {live.rank} stops too; under torchrun --max-restarts=N with "
+                "checkpoint.resume=auto the job restarts from the last complete checkpoint"
+            ) from exc
+
+    return wrapper

@@ -73,3 +73,54 @@ def last_grad_norm(engine) -> float:
     if norm is None:
         return float("nan")
     return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def local_grads_finite(engine) -> bool:
+    """Whether the gradients this rank holds at the accumulation boundary (after the last
+    backward, before `engine.step()`) are all finite: its ZeRO-1/2 partition of the reduced
+    gradients, the bf16 optimizer's fp32 accumulators, or the whole reduced `.grad`s (ZeRO-0).
+    A non-finite value on any rank reaches at least one rank's share after the reduction."""
+    opt = engine.optimizer
+    if hasattr(opt, "has_overflow_partitioned_grads_serial"):  # ZeRO-1/2
+        return not bool(opt.has_overflow_partitioned_grads_serial().item())
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    grads += list(getattr(opt, "fp32_groups_gradient_flat_partition", []))  # bf16 optimizer
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def skip_optimizer_step(engine) -> None:
+    """End the accumulation boundary without an update: call `engine.step()` with the optimizer
+    reporting an overflow, DeepSpeed's own way to drop a step (its fp16 loss scaling). The
+    gradients are discarded, parameters and optimizer state (Adam moments and step count) stay
+    as they are, the LR scheduler is not stepped; DeepSpeed counts the step in
+    `engine.skipped_steps` and advances `global_steps` and its micro-step counter as usual.
+    Every rank must call it at the same step (the decision is agreed by an all-reduce)."""
+    opt = engine.optimizer
+    if hasattr(opt, "has_overflow") and hasattr(opt, "check_grad_overflow"):  # ZeRO-1/2
+        # The ZeRO optimizer's overflow path frees its gradient partitions and returns.
+        patches = {"check_grad_overflow": True, "has_overflow": lambda *a, **k: True}
+    elif hasattr(opt, "clear_hp_grads"):  # DeepSpeed's bf16 optimizer (ZeRO-0 in bf16)
+
+        def drop(closure=None):
+            opt.clear_hp_grads()
+            opt.clear_lp_grads()
+            opt.overflow = True
+
+        patches = {"step": drop}
+    else:  # the client's torch optimizer (ZeRO-0 in fp32): the engine zeroes the grads
+        patches = {"step": lambda closure=None: None, "overflow": True}
+    saved = {k: opt.__dict__[k] for k in patches if k in opt.__dict__}
+    skipped_before = engine.skipped_steps
+    opt.__dict__.update(patches)
+    try:
+        assert engine.is_gradient_accumulation_boundary()
+        engine.step()
+    finally:
+        for k in patches:
+            if k in saved:
+                opt.__dict__[k] = saved[k]
+            else:
+                del opt.__dict__[k]
+    assert engine.skipped_steps == skipped_before + 1 and not engine.was_step_applied()

@@ -1,9 +1,37 @@
-"""Trainer configuration: steps, batch sizes, precision, where the run writes."""
+"""Trainer configuration: steps, batch sizes, precision, where the run writes, and what a bad
+step (non-finite values, a loss spike) does."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+
+@dataclass
+class SpikeConfig:
+    """Loss-spike detection: the z-score of a step's loss against the losses of the last
+    `window` applied steps."""
+
+    # Applied steps the statistics look back over; 0 turns detection off.
+    window: int = 100
+    # A loss more than `zscore` standard deviations above the window's mean is a spike.
+    zscore: float = 6.0
+    # Losses the window must hold before detection starts.
+    min_steps: int = 20
+    # log: report it; skip: drop the step's update (like a non-finite step); rollback: reload
+    # the last checkpoint and continue with the batches after the offending one (PaLM, OLMo).
+    action: Literal["log", "skip", "rollback"] = "log"
+
+    def __post_init__(self) -> None:
+        if self.window < 0:
+            raise ValueError(f"trainer.spike.window={self.window} must be >= 0 (0: off)")
+        if self.zscore <= 0:
+            raise ValueError(f"trainer.spike.zscore={self.zscore} must be positive")
+        if self.window and not 2 <= self.min_steps <= self.window:
+            raise ValueError(
+                f"trainer.spike.min_steps={self.min_steps} must be between 2 and "
+                f"trainer.spike.window={self.window}"
+            )
 
 
 @dataclass
@@ -25,6 +53,13 @@ class TrainerConfig:
     peak_flops: float = 0.0
     # Per-process CPU threads for torch; 0 leaves torch's default.
     cpu_threads: int = 0
+    # A NaN or inf in the loss or the gradients of any rank (agreed by all ranks before the
+    # optimizer step): skip leaves parameters, optimizer state and LR schedule unchanged and
+    # counts the step in `skipped_steps`; stop ends the run with an error.
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    # Skipped steps in a row (non-finite or spike) after which the run stops.
+    max_consecutive_skips: int = 10
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "log_interval", "global_batch_size", "micro_batch_size"):
@@ -37,6 +72,10 @@ class TrainerConfig:
             )
         if not self.run_dir:
             raise ValueError("trainer.run_dir must not be empty")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(
+                f"trainer.max_consecutive_skips={self.max_consecutive_skips} must be >= 0"
+            )
 
     def grad_accumulation_steps(self, dp_world_size: int) -> int:
         per_step = self.micro_batch_size * dp_world_size

@@ -11,15 +11,19 @@ import torch
 
 from mm_moe.checkpoint import layout
 from mm_moe.checkpoint import state as ckpt_state
+from mm_moe.checkpoint.async_save import Checkpointer
 from mm_moe.checkpoint.rng import seed_all
 from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
+from mm_moe.eval.flops import FlopsMeter
+from mm_moe.eval.heldout import HeldoutEval, heldout_batches
 from mm_moe.parallel.distributed import (
     DistInfo,
     adopt_slurm_env,
     all_reduce_sum,
     barrier,
     init_distributed,
+    names_lost_ranks,
 )
 from mm_moe.parallel.engine import build_engine, deepspeed_config
 from mm_moe.parallel.expert_parallel import (
@@ -27,8 +31,11 @@ from mm_moe.parallel.expert_parallel import (
     parallelize,
     split_moe_param_groups,
 )
+from mm_moe.trainer.guard import StepGuard
 from mm_moe.trainer.metrics import MetricsLogger
 from mm_moe.trainer.preemption import PreemptionFlag
+from mm_moe.trainer.rollback import rollback
+from mm_moe.trainer.scrub import install_log_scrubber, scrub
 from mm_moe.trainer.step import train_step
 
 log = logging.getLogger("mm_moe")
@@ -98,8 +105,10 @@ def _data_counters(loader, device: torch.device) -> dict:
     return {k: int(v) for k, v in zip(keys, totals.tolist())}
 
 
+@names_lost_ranks
 def run(cfg: TrainConfig) -> list[dict]:
     """Train; returns the logged metrics (rank 0's view, identical on every rank)."""
+    install_log_scrubber()
     adopt_slurm_env()  # one Slurm task per process (submitit): before the world-size checks
     check_expert_parallel(cfg.parallel, cfg.moe, int(os.environ.get("WORLD_SIZE", 1)))
     dist_info: DistInfo = init_distributed(
@@ -152,12 +161,16 @@ def run(cfg: TrainConfig) -> list[dict]:
     # Seed per rank after init so any randomness in training differs across ranks.
     seed_all(cfg.trainer.seed * 100_003 + dist_info.rank)
 
-    config_dict = to_dict(cfg)
+    config_dict = scrub(to_dict(cfg))  # secrets never reach the saved config or wandb
     config_dict["model"]["vocab_size"] = model_cfg.vocab_size
-    start_step, wandb_id = 0, None
+    start_step, wandb_id, flops_state = 0, None, None
+    guard = StepGuard(cfg.trainer)  # non-finite steps and loss spikes
+    checkpointer = Checkpointer(cfg.checkpoint, dist_info.device)
     if resume_dir is not None:
         meta = ckpt_state.load(resume_dir, engine, scheduler, loader, dist_info.rank, dp_world)
         start_step, wandb_id = meta["step"], meta.get("wandb_id")
+        guard.load_state_dict(meta)
+        flops_state = meta.get("flops_cumulative")
         log.info("resumed from %s at step %d", resume_dir, start_step)
 
     params = model_cfg.num_params(cfg.moe)
@@ -187,13 +200,30 @@ def run(cfg: TrainConfig) -> list[dict]:
     peak = _peak_flops(cfg, dist_info.device)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     mean_flops = sum(flops.values()) / len(flops)
+    flops_meter = FlopsMeter(flops, flops_state)
+    heldout = None
+    if cfg.eval.interval:  # every rank: under expert parallelism eval forwards are collective
+        heldout = HeldoutEval(
+            heldout_batches(
+                cfg.eval,
+                cfg.data,
+                cfg.tokenizer,
+                dist_info.rank,
+                dp_world,
+                cfg.trainer.micro_batch_size,
+            ),
+            dist_info.device,
+        )
 
     history = []
     preemption = PreemptionFlag()
     for step in range(start_step + 1, cfg.trainer.max_steps + 1):
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        stats = train_step(engine, loader.next(), model_cfg.z_loss, dp_world, dist_info.device)
+        batches = guard.next_batches(loader, step)
+        stats = train_step(
+            engine, batches, model_cfg.z_loss, dp_world, dist_info.device, guard=guard, step=step
+        )
         if dist_info.device.type == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
@@ -205,15 +235,25 @@ def run(cfg: TrainConfig) -> list[dict]:
             "tokens_per_s": tokens_per_step / step_time,
         }
         record.update(_data_counters(loader, dist_info.device))
+        record.update(guard.counters(), **checkpointer.counters())
+        record.update(flops_meter.update(stats))
+        evaluated = heldout is not None and (
+            step % cfg.eval.interval == 0 or step == cfg.trainer.max_steps
+        )
+        if evaluated:
+            record.update(heldout(engine.module))
         if peak:
             record["mfu"] = mean_flops * record["tokens_per_s"] / (peak * dp_world)
         history.append(record)
-        if step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
+        if evaluated or step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
             metrics.log(record)
+        if guard.last_action == "rollback":
+            parts = (engine, scheduler, loader, dist_info.rank, dp_world)
+            rollback(guard, checkpointer, ckpt_root, step, *parts)
         interval = cfg.checkpoint.interval
         preempted = preemption.agreed(all_reduce_sum, dist_info.device)
         if preempted or (interval and (step % interval == 0 or step == cfg.trainer.max_steps)):
-            ckpt_state.save(
+            checkpointer.save(
                 ckpt_root,
                 step,
                 engine,
@@ -223,7 +263,11 @@ def run(cfg: TrainConfig) -> list[dict]:
                 dist_info.rank,
                 dp_world,
                 cfg.checkpoint.keep_last,
-                extra={"wandb_id": wandb_id},
+                extra={
+                    "wandb_id": wandb_id,
+                    "flops_cumulative": flops_meter.state_dict(),
+                    **guard.state_dict(),
+                },
             )
         if preempted:
             log.warning(
@@ -232,6 +276,7 @@ def run(cfg: TrainConfig) -> list[dict]:
                 step,
             )
             break
+    checkpointer.close()  # an asynchronous write in flight ends (and its error shows) here
     preemption.restore_defaults()
     metrics.close()
     if dist_info.is_main and history:

@@ -1,7 +1,7 @@
 """Metrics sinks: metrics.jsonl (one JSON object per logged step), wandb, and the console.
 
 Only rank 0 writes. On resume the jsonl is cut back to the resumed step, so a resumed run's
-file reads like an uninterrupted one.
+file reads like an uninterrupted one. Secret-looking values are masked (trainer/scrub.py).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import logging
 import math
 import sys
 from pathlib import Path
+
+from mm_moe.trainer.scrub import scrub
 
 log = logging.getLogger("mm_moe")
 
@@ -55,7 +57,12 @@ class MetricsLogger:
         if wandb_init is not None:
             import wandb
 
-            self.wandb_run = wandb.init(**wandb_init)
+            # wandb records the command line (its run metadata): mask secrets there too.
+            argv, sys.argv = sys.argv, scrub(sys.argv)
+            try:
+                self.wandb_run = wandb.init(**scrub(wandb_init))
+            finally:
+                sys.argv = argv
 
     def _truncate(self, start_step: int) -> None:
         if not self.path.exists():
@@ -75,6 +82,7 @@ class MetricsLogger:
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
+        metrics = scrub(metrics)
         record = {k: _clean(v) for k, v in metrics.items()}
         self.file.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:

@@ -1,0 +1,93 @@
+"""How long training blocks on a checkpoint: asynchronous (checkpoint.async=true: stage to CPU
+memory, write in the background) against synchronous, measured in one run.
+
+    python scripts/bench_checkpoint.py [d_model=256] [n_layers=8] [repeats=3] [dir=/tmp/...]
+
+One process, the real DeepSpeed engine (ZeRO-0, fp32, CPU), a dense model of tens of MB plus its
+Adam moments. Prints the checkpoint size, the median blocking time of each mode and their ratio.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _args() -> dict:
+    args = {"d_model": 256, "n_layers": 8, "repeats": 3, "dir": ""}
+    for arg in sys.argv[1:]:
+        key, _, value = arg.partition("=")
+        if key not in args:
+            raise SystemExit(f"unknown argument {key!r}; valid: {', '.join(args)}")
+        args[key] = type(args[key])(value)
+    return args
+
+
+def main() -> None:
+    from mm_moe.checkpoint.async_save import Checkpointer
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.parallel.distributed import init_distributed, shutdown
+    from mm_moe.parallel.engine import build_engine, deepspeed_config
+    from mm_moe.trainer.step import train_step
+
+    args = _args()
+    dist_info = init_distributed("gloo", 600, "cpu")
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "model": {"d_model": args["d_model"], "n_layers": args["n_layers"], "n_heads": 4},
+            "data": {"seq_len": 64},
+            "trainer": {"global_batch_size": 2, "micro_batch_size": 2},
+        },
+    )
+    loader = cfg.data.build(0, 0, 1, 2, 2)
+    model = cfg.model.with_vocab(loader.vocab.size).build(cfg.moe)
+    optimizer = cfg.optim.build(model)
+    scheduler = cfg.optim.build_schedule(optimizer, 100)
+    ds = deepspeed_config(
+        global_batch_size=2,
+        micro_batch_size=2,
+        dp_world_size=1,
+        zero_stage=0,
+        grad_clip=1.0,
+        bf16=False,
+    )
+    engine = build_engine(model, optimizer, scheduler, ds)
+    train_step(engine, loader.next(), 0.0, 1, dist_info.device)  # Adam moments exist
+
+    root = Path(args["dir"] or tempfile.mkdtemp(prefix="bench_checkpoint_"))
+    blocking = {}
+    for mode in ("sync", "async"):
+        cfg.checkpoint.async_save = mode == "async"
+        checkpointer = Checkpointer(cfg.checkpoint, dist_info.device)
+        times = []
+        for i in range(args["repeats"]):
+            step = 1000 * (mode == "async") + i + 1
+            t0 = time.perf_counter()
+            checkpointer.save(root, step, engine, scheduler, loader, {}, 0, 1, keep_last=1)
+            times.append(time.perf_counter() - t0)
+            checkpointer.wait()  # not timed: the background write, before the next save
+        blocking[mode] = statistics.median(times)
+    size = sum(f.stat().st_size for f in root.glob("step_*/*"))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"model: {n_params / 1e6:.1f}M parameters; checkpoint {size / 1e6:.0f} MB "
+        f"(model + Adam moments)"
+    )
+    print(f"sync save (blocks for the whole write): {blocking['sync'] * 1e3:.0f} ms")
+    print(f"async save (blocks while staging to CPU memory): {blocking['async'] * 1e3:.0f} ms")
+    print(f"async blocking / sync save: {blocking['async'] / blocking['sync']:.3f}")
+    if not args["dir"]:
+        shutil.rmtree(root)
+    shutdown()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

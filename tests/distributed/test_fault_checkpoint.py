@@ -1,0 +1,157 @@
+"""Asynchronous checkpoints hold the state of the moment they were taken, and a failed write
+names its path and leaves the previous checkpoint loadable (2 ranks, gloo, ZeRO-2, fp32)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.multiprocess import run_distributed
+
+
+def _parts(zero_stage: int):
+    """The real training pieces of a tiny dense run, as the loop builds them."""
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.parallel.engine import build_engine, deepspeed_config
+
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
+            "data": {"seq_len": 32},
+            "trainer": {"global_batch_size": 4, "micro_batch_size": 1},
+            "parallel": {"zero_stage": zero_stage},
+        },
+    )
+    torch.manual_seed(0)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    loader = cfg.data.build(0, rank, world, 1, 4)
+    model = cfg.model.with_vocab(loader.vocab.size).build(cfg.moe)
+    optimizer = cfg.optim.build(model)
+    scheduler = cfg.optim.build_schedule(optimizer, 10)
+    ds = deepspeed_config(
+        global_batch_size=4,
+        micro_batch_size=1,
+        dp_world_size=world,
+        zero_stage=zero_stage,
+        grad_clip=1.0,
+        bf16=False,
+    )
+    return cfg, build_engine(model, optimizer, scheduler, ds), scheduler, loader
+
+
+def _step(engine, loader):
+    from mm_moe.trainer.step import train_step
+
+    train_step(engine, loader.next(), 0.0, torch.distributed.get_world_size(), torch.device("cpu"))
+
+
+def _snapshot(engine) -> tuple[dict, dict]:
+    from mm_moe.parallel import full_state
+
+    return full_state.gather_model(engine), full_state.gather_optimizer(engine)
+
+
+def _assert_saved(step_dir: Path, model: dict, optim: dict) -> None:
+    saved_model = torch.load(step_dir / "model.pt", weights_only=True)
+    saved_optim = torch.load(step_dir / "optimizer.pt", weights_only=True)
+    assert saved_model.keys() == model.keys()
+    for name, value in model.items():
+        assert torch.equal(saved_model[name], value), name
+    assert saved_optim["step"] == optim["step"]
+    for name, moments in optim["moments"].items():
+        for k, value in moments.items():
+            assert torch.equal(saved_optim["moments"][name][k], value), (name, k)
+
+
+def _check_async_save(rank: int, world: int, root: str) -> None:
+    from mm_moe.checkpoint import layout, state
+    from mm_moe.checkpoint.async_save import Checkpointer
+
+    root = Path(root)
+    cfg, engine, scheduler, loader = _parts(zero_stage=2)
+    cfg.checkpoint.async_save = True
+    _step(engine, loader)
+    at_save = _snapshot(engine)
+
+    real_write = state.write
+
+    def slow_write(*args, **kwargs):  # a slow disk: the write outlasts the next step
+        time.sleep(1.5)
+        return real_write(*args, **kwargs)
+
+    state.write = slow_write
+    checkpointer = Checkpointer(cfg.checkpoint, torch.device("cpu"))
+    t0 = time.perf_counter()
+    checkpointer.save(root, 1, engine, scheduler, loader, {"x": 1}, rank, world, 0)
+    blocked = time.perf_counter() - t0
+    assert blocked < 1.0, blocked  # training went on while the write was in flight
+    assert not (root / "step_00000001").exists()
+    _step(engine, loader)  # parameters and moments change at once
+    after = _snapshot(engine)
+    checkpointer.wait()
+    state.write = real_write
+    if rank == 0:
+        assert layout.latest_step_dir(root) == root / "step_00000001"
+        _assert_saved(root / "step_00000001", *at_save)
+        assert not torch.equal(after[0]["norm.weight"], at_save[0]["norm.weight"])
+
+
+def _check_write_error(rank: int, world: int, root: str) -> None:
+    from mm_moe.checkpoint import layout
+    from mm_moe.checkpoint import state as ckpt_state
+    from mm_moe.checkpoint.async_save import Checkpointer, CheckpointWriteError
+    from mm_moe.trainer.faults import FaultInjector, parse
+
+    root = Path(root)
+    cfg, engine, scheduler, loader = _parts(zero_stage=2)
+    for async_save in (False, True):
+        cfg.checkpoint.async_save = async_save
+        checkpointer = Checkpointer(cfg.checkpoint, torch.device("cpu"))
+        checkpointer.faults = FaultInjector(parse("write_error:step=2"))
+        _step(engine, loader)
+        good = _snapshot(engine)
+        checkpointer.save(root, 1, engine, scheduler, loader, {}, rank, world, 0)
+        _step(engine, loader)
+        with pytest.raises(CheckpointWriteError) as err:
+            checkpointer.save(root, 2, engine, scheduler, loader, {}, rank, world, 0)
+            checkpointer.wait()  # an asynchronous write's error shows at the next save/at exit
+        if rank == 0:
+            message = str(err.value)
+            assert "No space left on device" in message, message
+            assert str(root / ".tmp-step_00000002" / "model.pt") in message, message
+            assert "step_00000001 is intact" in message, message
+        assert layout.latest_step_dir(root) == root / "step_00000001"
+        assert not (root / ".tmp-step_00000002").exists()
+    # The previous checkpoint loads, with the state it was saved with.
+    ckpt_state.load(root / "step_00000001", engine, scheduler, loader, rank, world)
+    loaded = _snapshot(engine)
+    for name, value in good[0].items():
+        assert torch.equal(loaded[0][name], value), name
+
+    # on_write_error=continue: counted, logged, training goes on.
+    cfg.checkpoint.on_write_error = "continue"
+    checkpointer = Checkpointer(cfg.checkpoint, torch.device("cpu"))
+    checkpointer.faults = FaultInjector(parse("write_error:step=2"))
+    checkpointer.save(root, 2, engine, scheduler, loader, {}, rank, world, 0)
+    checkpointer.wait()
+    assert checkpointer.counters() == {"checkpoint/write_errors": 1}
+    _step(engine, loader)
+    checkpointer.save(root, 3, engine, scheduler, loader, {}, rank, world, 0)
+    checkpointer.wait()
+    assert layout.latest_step_dir(root) == root / "step_00000003"
+
+
+def _check_both(rank: int, world: int, root: str) -> None:
+    _check_async_save(rank, world, f"{root}/async")
+    _check_write_error(rank, world, f"{root}/write_error")
+
+
+def test_async_save_holds_save_time_state_and_failed_write_keeps_previous(tmp_path):
+    """One pair of processes for both checks: starting DeepSpeed is most of the cost."""
+    run_distributed(_check_both, str(tmp_path), world_size=2)

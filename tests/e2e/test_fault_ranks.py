@@ -1,0 +1,128 @@
+"""A dead or hung rank ends the job within parallel.timeout_s with an error naming it (also in
+the middle of an expert-parallel all-to-all), and torchrun --max-restarts resumes the job from
+its last complete checkpoint with the same losses as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from tests.helpers import PYTHON, REPO, TINY, TORCHRUN, _env, losses, train
+
+TIMEOUT_S = 20
+# Expert parallelism over both ranks: rank 0 waits for rank 1 inside the MoE all-to-all.
+EP = (
+    "experiment=tiny_moma",
+    "trainer.micro_batch_size=2",
+    "trainer.max_steps=6",
+    "parallel.expert_parallel_size=2",
+    f"parallel.timeout_s={TIMEOUT_S}",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(run_dir, fault: str) -> list[subprocess.Popen]:
+    """Two ranks started like srun does (no torchrun agent to tear the others down)."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = _env()
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            MM_MOE_FAULT_INJECT=fault,
+        )
+        cmd = [PYTHON, "-m", "mm_moe.train", *TINY, f"trainer.run_dir={run_dir}", *EP]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    return procs
+
+
+def _wait_for_rank0(procs, rank1_gone) -> tuple[int, str, float]:
+    """Rank 0's exit status, output, and seconds from rank 1's failure to rank 0's exit."""
+    deadline = time.time() + 300
+    while not rank1_gone(procs[1]) and time.time() < deadline:
+        if procs[0].poll() is not None:
+            break
+        time.sleep(0.05)
+    failed_at = time.time()
+    out, _ = procs[0].communicate(timeout=120)
+    return procs[0].returncode, out, time.time() - failed_at
+
+
+def test_sigkill_of_rank1_ends_rank0_naming_it(tmp_path):
+    procs = _launch_two(tmp_path / "run", "kill:rank=1:step=3")
+    try:
+        code, out, waited = _wait_for_rank0(procs, lambda p: p.poll() is not None)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert code != 0, out[-3000:]
+    assert "RankLostError: lost rank 1" in out, out[-3000:]
+    assert "all_to_all" in out  # it was waiting inside the MoE token exchange
+    assert waited < TIMEOUT_S, waited
+
+
+def _stopped(proc) -> bool:
+    with open(f"/proc/{proc.pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_hung_rank1_ends_rank0_within_timeout(tmp_path):
+    """A stopped process keeps its sockets open: no collective fails, the heartbeat says it."""
+    procs = _launch_two(tmp_path / "run", "hang:rank=1:step=3")
+    try:
+        code, out, waited = _wait_for_rank0(procs, _stopped)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert code != 0, out[-3000:]
+    assert "lost rank 1: no heartbeat" in out, out[-3000:]
+    assert waited < TIMEOUT_S, waited
+
+
+def test_torchrun_restarts_from_last_checkpoint_with_same_losses(tmp_path):
+    common = (
+        "trainer.max_steps=8",
+        "trainer.micro_batch_size=2",
+        "parallel.zero_stage=2",
+        f"parallel.timeout_s={TIMEOUT_S}",
+        "checkpoint.interval=2",
+        "checkpoint.async=true",
+    )
+    train(tmp_path / "straight", *common, nproc=2)
+    marker = tmp_path / "killed-once"
+    restarting = [
+        "env",
+        f"MM_MOE_FAULT_INJECT=kill:rank=1:step=5:once={marker}",
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "-m",
+        "mm_moe.train",
+    ]
+    run_dir = tmp_path / "restarted"
+    proc = train(run_dir, *common, "checkpoint.resume=auto", launcher=restarting)
+    assert marker.exists()  # rank 1 was killed once, and the job still completed
+    out = proc.stdout + proc.stderr
+    assert "lost rank 1" in out and "resumed from" in out, out[-4000:]
+    assert losses(run_dir) == losses(tmp_path / "straight")
+    assert os.path.exists(run_dir / "checkpoints" / "step_00000008" / "meta.json")
