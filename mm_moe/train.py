@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -32,9 +33,10 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """Exit with `code`: 2 for configuration and input mistakes, 1 for failures in training."""
     print(f"mm_moe.train: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def build_config(cfg: DictConfig) -> TrainConfig:
@@ -68,14 +70,26 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     _setup_logging(train_cfg.logging.level)
+    from mm_moe.checkpoint.async_save import CheckpointWriteError
+    from mm_moe.trainer.guard import TrainingHalted
     from mm_moe.trainer.loop import run
+    from mm_moe.trainer.scrub import scrub_text
 
     try:
         run(train_cfg)
-    except ValueError as exc:
+    except ValueError as exc:  # a user mistake found at run time (a path, a shard, a size)
         if os.environ.get("MM_MOE_TRACEBACK"):
             raise
-        _fail(str(exc))
+        _fail(scrub_text(str(exc)))
+    except (TrainingHalted, CheckpointWriteError) as exc:  # the message says it all
+        if os.environ.get("MM_MOE_TRACEBACK"):
+            raise
+        _fail(scrub_text(f"{exc.__class__.__name__}: {exc}"), code=1)
+    except Exception:  # noqa: BLE001 - Hydra would print the overrides, secrets included
+        if os.environ.get("MM_MOE_TRACEBACK"):
+            raise
+        # The traceback says where it failed (e.g. which collective waited on a lost rank).
+        _fail(scrub_text(traceback.format_exc()), code=1)
     finally:
         # Sequential multirun jobs share this process (and DeepSpeed's communicator): keep the
         # process group for the next job; it ends with the process.

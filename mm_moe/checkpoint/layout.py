@@ -70,6 +70,19 @@ def publish(root: Path, tmp: Path, step: int) -> Path:
     return final
 
 
+def read_tensors(path: Path):
+    """A checkpoint file, read without running code: tensors and plain values only."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(
+            f"cannot load {path}: {exc.__class__.__name__}: {exc}. Checkpoint files must hold "
+            "only tensors and plain values (they are read with weights_only=True)"
+        ) from exc
+
+
 def complete_steps(root: Path) -> list[int]:
     if not root.is_dir():
         return []

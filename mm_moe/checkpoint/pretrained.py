@@ -34,13 +34,12 @@ def find_step_dir(path: str | Path) -> Path:
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     from mm_moe.checkpoint import experts
-    from mm_moe.checkpoint.state import _load_tensors
     from mm_moe.config import TrainConfig, from_dict
 
     step_dir = find_step_dir(path)
     cfg = from_dict(TrainConfig, yaml.safe_load((step_dir / "config.yaml").read_text()))
     model = cfg.model.build(cfg.moe)
-    state = _load_tensors(step_dir / "model.pt")
+    state = layout.read_tensors(step_dir / "model.pt")
     state = experts.stack_experts(state, experts.expert_keys(model), str(step_dir))
     missing, unexpected = model.load_state_dict(state, strict=False)
     rope = {n for n in missing if "rope" in n}  # derived buffers are not saved

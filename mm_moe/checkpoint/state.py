@@ -153,16 +153,6 @@ def save(
     return root / layout.step_dir_name(step)
 
 
-def _load_tensors(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(
-            f"cannot load {path}: {exc.__class__.__name__}: {exc}. Checkpoint files must hold "
-            "only tensors and plain values (they are read with weights_only=True)"
-        ) from exc
-
-
 def _expert_parallel_size(engine) -> int:
     from mm_moe.parallel.expert_parallel import expert_parallel_of
 
@@ -247,7 +237,9 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     training from step 0 with this run's fresh optimizer, LR schedule and data position."""
     _check_same_architecture(step_dir, engine.module)
     keys = experts.expert_keys(engine.module)
-    model_state = experts.stack_experts(_load_tensors(step_dir / "model.pt"), keys, str(step_dir))
+    model_state = experts.stack_experts(
+        layout.read_tensors(step_dir / "model.pt"), keys, str(step_dir)
+    )
     full_state.load_model(engine, model_state, str(step_dir))
     log.info(
         "loaded the weights-only checkpoint %s: fresh optimizer, LR schedule and data "
@@ -269,9 +261,11 @@ def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) 
     if meta.get("weights_only"):
         return _load_weights_only(step_dir, meta, engine)
     keys = experts.expert_keys(engine.module)
-    model_state = experts.stack_experts(_load_tensors(step_dir / "model.pt"), keys, str(step_dir))
+    model_state = experts.stack_experts(
+        layout.read_tensors(step_dir / "model.pt"), keys, str(step_dir)
+    )
     full_state.load_model(engine, model_state, str(step_dir))
-    optim_state = _load_tensors(step_dir / "optimizer.pt")
+    optim_state = layout.read_tensors(step_dir / "optimizer.pt")
     if optim_state:
         optim_state["moments"] = experts.stack_experts(optim_state["moments"], keys, str(step_dir))
     full_state.load_optimizer(engine, optim_state, str(step_dir))
@@ -280,7 +274,7 @@ def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) 
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
     loader.load_state_dict(meta["data"])
-    rng_states = _load_tensors(step_dir / "rng.pt")["ranks"]
+    rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     if meta["world_size"] == world_size:
         rng.restore(rng_states[rank])
     else:

@@ -127,7 +127,9 @@ def run(cfg: TrainConfig) -> list[dict]:
     run_dir = Path(cfg.trainer.run_dir)
     ckpt_root = Path(cfg.checkpoint.dir)
     resume_dir = layout.resolve_resume(cfg.checkpoint.resume, ckpt_root)
-    if cfg.checkpoint.resume == "none":
+    # Starting from nothing, or from another run's (or an upcycled) checkpoint, begins a new
+    # line of checkpoints in checkpoint.dir: never on top of an existing one unasked.
+    if resume_dir is None or ckpt_root.resolve() not in resume_dir.resolve().parents:
         _check_fresh_start(cfg, ckpt_root, dist_info.is_main)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

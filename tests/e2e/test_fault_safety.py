@@ -64,6 +64,22 @@ def test_secrets_reach_no_file_and_no_log(tmp_path):
     assert "name: run-***" in config
 
 
+def test_failed_run_prints_no_secret(tmp_path):
+    """Hydra prints a failed job's overrides; the entry point reports failures itself, masked."""
+    token = "hf_FaIlEdRuNsEcReT98765"
+    launcher = ["env", f"HF_TOKEN={token}", PYTHON, "-m", "mm_moe.train"]
+    proc = train(
+        tmp_path / "run",
+        "data.source=webdataset",
+        f"data.sources=[{{urls: {tmp_path}/missing-{token}, format: text}}]",
+        launcher=launcher,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "mm_moe.train: error:" in proc.stderr and "missing-***" in proc.stderr
+    assert token not in proc.stdout + proc.stderr
+
+
 def test_scrub_masks_secret_values_anywhere():
     from mm_moe.trainer.scrub import scrub, secret_values
 

@@ -86,6 +86,12 @@ def test_fresh_run_refuses_to_clobber_checkpoints(tmp_path):
     assert proc.returncode == 2
     assert "checkpoint.resume=auto" in proc.stderr
     train(run_dir, "trainer.max_steps=2", "checkpoint.interval=2", "checkpoint.overwrite=true")
+    # Starting from another run's checkpoint begins a new line here: refused just the same.
+    other = tmp_path / "other"
+    train(other, "trainer.max_steps=1", "checkpoint.interval=1")
+    resume = f"checkpoint.resume={other}/checkpoints"
+    proc = train(run_dir, "trainer.max_steps=2", "checkpoint.interval=2", resume, check=False)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
 
 def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path):
