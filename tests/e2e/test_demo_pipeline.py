@@ -60,6 +60,8 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
         "experiment=demo",
         sources,
         f"tokenizer.path={tok}",
+        f"eval.sources=[{{urls:{corpus}/heldout,format:pairs}}]",
+        "eval.interval=3",
         f"trainer.run_dir={run_dir}",
         "trainer.max_steps=3",
         "trainer.log_interval=1",
@@ -75,6 +77,7 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
     rows = metrics(run_dir)
     assert len(rows) == 3 and rows[-1]["tokens_image"] > 0 and rows[-1]["tokens_text"] > 0
     assert "moe/l0/image/load_e0" in rows[-1]
+    assert rows[-1]["eval/loss_image"] > 0 and rows[-1]["eval/loss_text"] > 0
 
     from mm_moe.generate import GenerateConfig, run
 
