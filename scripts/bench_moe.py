@@ -128,6 +128,9 @@ def main() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.utils.logger.setLevel("WARNING")
+    from mm_moe.parallel.distributed import skip_deepspeed_shm_build
+
+    skip_deepspeed_shm_build()
     deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's MoE creates its groups
     torch.manual_seed(0)
     rows = []

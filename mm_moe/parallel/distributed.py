@@ -104,6 +104,7 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
     if not dist.is_initialized():
         import deepspeed
 
+        skip_deepspeed_shm_build()
         timeout = datetime.timedelta(seconds=timeout_s)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             _init_restarted_attempt(backend, timeout)
@@ -122,6 +123,19 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
             _LIVENESS.mark_exit(ok=True)
             _LIVENESS = None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce for CPUs on
+    start-up: a C++ build on the first run, under a file lock in ~/.cache/torch_extensions
+    that a process killed mid-build leaves behind, so that every later start waits on it
+    forever. Only DeepSpeed's inference all-reduce uses that op, so it is marked unavailable."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _init_restarted_attempt(backend: str, timeout: datetime.timedelta) -> None:

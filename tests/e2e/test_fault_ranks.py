@@ -126,3 +126,14 @@ def test_torchrun_restarts_from_last_checkpoint_with_same_losses(tmp_path):
     assert "lost rank 1" in out and "resumed from" in out, out[-4000:]
     assert losses(run_dir) == losses(tmp_path / "straight")
     assert os.path.exists(run_dir / "checkpoints" / "step_00000008" / "meta.json")
+
+
+def test_start_up_does_not_wait_on_a_stale_extension_build_lock(tmp_path):
+    """A process killed while DeepSpeed JIT-built its CPU shared-memory op leaves a lock file;
+    torch waits on it forever. Training does not build (or wait for) that op."""
+    ext = tmp_path / "torch_extensions"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    launcher = ["env", f"TORCH_EXTENSIONS_DIR={ext}", PYTHON, "-m", "mm_moe.train"]
+    train(tmp_path / "run", "trainer.max_steps=1", launcher=launcher, timeout=120)
+    assert losses(tmp_path / "run")
