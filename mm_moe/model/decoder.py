@@ -15,6 +15,7 @@ from mm_moe.model.attention import document_causal_mask
 from mm_moe.model.block import TransformerBlock
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mod import MoDBlock
+from mm_moe.model.modality_ops import ModalityNorm
 from mm_moe.model.norms import RMSNorm
 from mm_moe.model.rope import RotaryEmbedding
 
@@ -50,13 +51,21 @@ class EarlyFusionDecoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
+        # Norm weights keep their ones, per-modality copies ([M, dim]) included.
+        norms = {
+            id(p)
+            for m in self.modules()
+            if isinstance(m, (RMSNorm, ModalityNorm))
+            for p in m.parameters()
+        }
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # norm weights keep their ones
-            # Output projections of each residual branch scaled down with depth (GPT-2 / OLMo).
+            if p.dim() < 2 or id(p) in norms:
+                continue
+            # Output projections of each residual branch scaled down with depth (GPT-2 / OLMo):
+            # dense, per-modality and stacked expert ones alike, so variants start comparable.
             scale = (
                 1 / math.sqrt(2 * self.cfg.n_layers)
-                if name.endswith(("w_o.weight", "w_down.weight"))
+                if name.endswith(("w_o.weight", "w_down.weight", "experts.w_down"))
                 else 1
             )
             nn.init.trunc_normal_(p, std=std * scale, a=-3 * std, b=3 * std)

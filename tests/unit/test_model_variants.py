@@ -157,3 +157,33 @@ def test_bad_moe_config_names_the_key(bad, key):
 def test_granularity_must_divide_ffn():
     with pytest.raises(ValueError, match="moe.granularity"):
         BASE.build(replace(MOMA_EC, granularity=3))
+
+
+def test_initialization_is_the_same_for_dense_mot_and_experts():
+    """Norm weights start at one (per-modality copies too), and every residual branch's output
+    projection (dense, per-modality, stacked experts) has the depth-scaled std."""
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.model.modality_ops import ModalityNorm
+    from mm_moe.model.moe.config import MoEConfig
+    from mm_moe.model.norms import RMSNorm
+
+    base = dict(vocab_size=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2)
+    moe = MoEConfig(experts_per_modality={"text": 4, "image": 4})
+    variants = {
+        "mot": ModelConfig(**base, untie=["ffn", "attention", "norms"]).build(MoEConfig()),
+        "moma": ModelConfig(**base).build(moe),
+        "dense": ModelConfig(**base).build(MoEConfig()),
+    }
+    want = 0.02 / (2 * base["n_layers"]) ** 0.5
+    for name, model in variants.items():
+        for module in model.modules():
+            if isinstance(module, (RMSNorm, ModalityNorm)):
+                assert torch.equal(module.weight, torch.ones_like(module.weight)), name
+        outs = [
+            p
+            for n, p in model.named_parameters()
+            if n.endswith(("w_o.weight", "w_down.weight", "experts.w_down"))
+        ]
+        assert outs, name
+        for p in outs:
+            assert abs(p.std().item() - want) < 0.15 * want, (name, p.shape, p.std().item())
