@@ -320,6 +320,11 @@ class Liveness:
                 self.store.set(self._key("exit", self.rank), "ok" if ok else "error")
         except Exception:  # noqa: BLE001 - the store may be gone already; nothing to tell
             pass
+        # A daemon thread still inside a C++ store call when the interpreter finalizes is
+        # force-unwound, which aborts the process ("terminate called without an active
+        # exception") after a successful run: let it leave its loop first.
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=3 * self.interval_s)
 
 
 _LIVENESS: Liveness | None = None  # one per process, like the default process group
