@@ -57,7 +57,8 @@ class Checkpointer:
         keep_last: int,
         extra: dict | None = None,
     ) -> Path:
-        """Collective, like `state.save`; returns the step directory (being written when async)."""
+        """Collective: every rank calls it (state.stage), rank 0 writes (state.write). Returns
+        the step directory (still being written when async)."""
         self.wait()
         staged = state.stage(step, engine, scheduler, loader, config, rank, world_size, extra)
         if self.cfg.async_save:

@@ -25,7 +25,6 @@ import yaml
 
 from mm_moe.checkpoint import experts, layout, rng
 from mm_moe.parallel import full_state
-from mm_moe.parallel.distributed import barrier
 from mm_moe.trainer.scrub import scrub
 
 log = logging.getLogger(__name__)
@@ -130,27 +129,6 @@ def write(staged: StagedCheckpoint, root: Path, keep_last: int, faults=None) -> 
     except OSError as exc:  # the checkpoint is complete; old ones go at the next save
         log.warning("checkpoint.keep_last: could not remove old checkpoints in %s: %s", root, exc)
     return final
-
-
-def save(
-    root: Path,
-    step: int,
-    engine,
-    scheduler,
-    loader,
-    config: dict,
-    rank: int,
-    world_size: int,
-    keep_last: int,
-    extra: dict | None = None,
-) -> Path:
-    """Collective and synchronous: every rank calls it; rank 0 writes. Returns the step
-    directory. (The training loop saves through checkpoint.async_save.Checkpointer.)"""
-    staged = stage(step, engine, scheduler, loader, config, rank, world_size, extra)
-    if staged is not None:
-        write(staged, root, keep_last)
-    barrier()
-    return root / layout.step_dir_name(step)
 
 
 def _expert_parallel_size(engine) -> int:
