@@ -90,16 +90,11 @@ def _score(model, batches: list[Batch], device) -> tuple[torch.Tensor, dict[str,
     names = sorted(stat_sums)  # the same keys on every rank: they follow from the config
     stats = {}
     if names:
-        flat = torch.stack([stat_sums[n] for n in names])
-        flat = all_reduce_sum(flat) / (len(batches) * _world())
-        stats = dict(zip(names, flat.tolist()))
+        # The batch count rides in the same all-reduce: the sum over ranks is the divisor.
+        count = torch.tensor([len(batches)], dtype=torch.float64, device=device)
+        flat = all_reduce_sum(torch.cat([torch.stack([stat_sums[n] for n in names]), count]))
+        stats = dict(zip(names, (flat[:-1] / flat[-1]).tolist()))
     return sums, stats
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _per_modality(prefix: str, sums: torch.Tensor) -> dict[str, float]:
