@@ -159,14 +159,11 @@ def _layer(cfg, seed=0):
     return layer
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("training", [True, False])
-def test_layer_equals_naive_reference_forward_and_backward(name, training):
-    cfg = CASES[name]
+def _assert_equals_naive(cfg: MoEConfig, training: bool, x, modality, valid):
+    """Output, input gradient and parameter gradients of the layer vs the naive loop."""
     layer = _layer(cfg)
     layer.train(training)
     ref_layer = copy.deepcopy(layer)
-    x, modality, valid = _inputs()
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = layer(x1, _ctx(modality, valid))
     want = _naive(ref_layer, x2, modality, valid, training)
@@ -180,8 +177,24 @@ def test_layer_equals_naive_reference_forward_and_backward(name, training):
             assert q.grad is None or not q.grad.any(), n
         else:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=n)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_equals_naive_reference_forward_and_backward(name, training):
+    x, modality, valid = _inputs()
+    out = _assert_equals_naive(CASES[name], training, x, modality, valid)
     # Padding never reaches an expert: its output is exactly zero.
     assert not out[~valid].any()
+
+
+@pytest.mark.parametrize("name", ["tc_loop", "ec_softmax_mixed", "tc_shared_mixed"])
+def test_layer_without_padding_equals_naive_reference(name):
+    """A group that holds every token skips the gather (and its backward the scatter)."""
+    cfg = CASES.get(name) or replace(CASES["tc_loop"], shared_experts=1, granularity=2)
+    x, modality, valid = _inputs(3)
+    _assert_equals_naive(cfg, True, x, modality, torch.ones_like(valid))
 
 
 def test_text_only_batch_gives_image_experts_no_gradient():

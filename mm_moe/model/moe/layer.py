@@ -152,15 +152,19 @@ class MoELayer(nn.Module):
         for name, modalities, _ in self.group_specs:
             in_group_T = valid_T & torch.isin(modality_T, modality_T.new_tensor(modalities))
             group_tokens = in_group_T.nonzero(as_tuple=True)[0]
-            x_group = x_Td.index_select(0, group_tokens)
+            # A group holding every token (one mixed group, a single-modality batch) needs
+            # no gather, and its backward no scatter.
+            whole = len(group_tokens) == len(x_Td)
+            x_group = x_Td if whole else x_Td.index_select(0, group_tokens)
             routing = self._route(name, x_group, ctx)
-            token_idx.append(group_tokens[routing.token_idx_N])
+            token_idx.append(routing.token_idx_N if whole else group_tokens[routing.token_idx_N])
             expert_idx.append(routing.expert_idx_N + self.offsets[name])
             gates.append(routing.gate_N)
             if name in self.shared:
-                if shared_out_Td is None:
-                    shared_out_Td = torch.zeros_like(x_Td)
-                shared_out_Td = shared_out_Td.index_add(0, group_tokens, self.shared[name](x_group))
+                shared_Td = self.shared[name](x_group)
+                if not whole:
+                    shared_Td = x_Td.new_zeros(x_Td.shape).index_add(0, group_tokens, shared_Td)
+                shared_out_Td = shared_Td if shared_out_Td is None else shared_out_Td + shared_Td
         expert_idx_N = torch.cat(expert_idx)
         slot_of_expert = getattr(self.dispatcher, "slot_of_expert", None)
         if slot_of_expert is not None:
@@ -171,7 +175,7 @@ class MoELayer(nn.Module):
             pair_N = torch.arange(len(token_idx_N), device=token_idx_N.device)
             slot_N = token_idx_N * fanout + pair_N % fanout
         perm = sort_by_expert(
-            token_idx_N, expert_idx_N, torch.cat(gates), self.num_experts, slot_N, fanout
+            token_idx_N, expert_idx_N, torch.cat(gates), self.num_experts, slot_N, B * S, fanout
         )
         y_Nd = self.dispatcher(permute(x_Td, perm), perm.counts_E, self.experts)
         out_Td = unpermute(y_Nd, perm, B * S)
