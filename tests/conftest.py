@@ -1,5 +1,50 @@
 import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Tests run offline and quietly; wandb is switched on explicitly where a test checks it.
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """(tokenizer dir, held-out shards with labels): the repository's demo build when
+    `make train` has made it, else a small one built here from the same packaged data (the
+    test machine's case), so the evaluations that need real digits always run.
+    MM_MOE_TEST_BUILD_DEMO=1 forces the small build."""
+    tok, heldout = REPO / "tokenizers" / "demo", REPO / "data" / "demo" / "heldout"
+    if (tok / "vq.pt").exists() and heldout.exists() and not os.environ.get(
+        "MM_MOE_TEST_BUILD_DEMO"
+    ):
+        return tok, heldout
+    from mm_moe.data.builders import demo as build_demo_corpus
+    from mm_moe.tokenization import train_image, train_text
+    from mm_moe.tokenization.vq.model import VQConfig
+
+    root = tmp_path_factory.mktemp("demo_assets")
+    corpus, tok = root / "demo", root / "tok"
+    build_demo_corpus.build(
+        build_demo_corpus.DemoCorpusConfig(
+            output=str(corpus), heldout=250, crops_per_photo=1, interleaved_docs=12
+        )
+    )
+    train_text.train(
+        train_text.TrainTextConfig(
+            output=str(tok), sources=[str(corpus / "text"), str(corpus / "pairs")], vocab_size=400
+        )
+    )
+    train_image.train(
+        train_image.TrainImageConfig(
+            output=str(tok),
+            sources=[str(corpus / "pairs")],
+            vq=VQConfig(codebook_size=64, code_dim=8, channels=16),
+            steps=60,
+            batch_size=32,
+            max_images=1000,
+        )
+    )
+    return tok, corpus / "heldout"

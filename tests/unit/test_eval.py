@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +17,6 @@ from mm_moe.model.moe.config import MoEConfig
 from mm_moe.tokenization.config import TokenizerConfig
 from mm_moe.trainer.step import per_token_losses
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_TOK = REPO / "tokenizers" / "demo" / "vq.pt"
-HELDOUT = REPO / "data" / "demo" / "heldout"
-needs_demo = pytest.mark.skipif(
-    not (DEMO_TOK.exists() and HELDOUT.exists()), reason="demo corpus/tokenizers not built"
-)
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64)
 
 
@@ -89,18 +82,18 @@ def test_eval_config_errors():
         from_dict(TrainConfig, {"eval": {"intervall": 5}})
 
 
-@needs_demo
-def test_zero_shot_is_chance_for_an_untrained_model(tmp_path):
+def test_zero_shot_is_chance_for_an_untrained_model(demo_assets):
     """An untrained model classifies 250 held-out digits at chance: within 3 binomial standard
     deviations of 10%."""
     from mm_moe.eval.labelled import labelled_images
     from mm_moe.eval.zero_shot import zero_shot_classify
 
-    tok_cfg = TokenizerConfig(text="sentencepiece", image="vq", path=str(DEMO_TOK.parent))
+    tok_dir, heldout = demo_assets
+    tok_cfg = TokenizerConfig(text="sentencepiece", image="vq", path=str(tok_dir))
     tok = tok_cfg.build()
     torch.manual_seed(0)
     model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
-    images = labelled_images(str(HELDOUT), 250, "heldout", 10)
+    images = labelled_images(str(heldout), 250, "heldout", 10)
     labels = [str(d) for d in range(10)]
     r = zero_shot_classify(model, tok, images, labels, ["a handwritten digit {label}"], 25)
     n = r["num_images"]
@@ -109,14 +102,14 @@ def test_zero_shot_is_chance_for_an_untrained_model(tmp_path):
     assert abs(r["accuracy"] - 0.1) <= band, r["accuracy"]
 
 
-@needs_demo
-def test_text_to_image_and_judge(tmp_path):
+def test_text_to_image_and_judge(tmp_path, demo_assets):
     from mm_moe.eval.multimodal import multimodal_evals
 
-    tok_cfg = TokenizerConfig(text="sentencepiece", image="vq", path=str(DEMO_TOK.parent))
+    tok_dir, heldout = demo_assets
+    tok_cfg = TokenizerConfig(text="sentencepiece", image="vq", path=str(tok_dir))
     tok = tok_cfg.build()
     model = TINY.with_vocab(tok.vocab.size).build()
-    cfg = EvalConfig(sources=[SourceConfig(str(HELDOUT), "pairs")])
+    cfg = EvalConfig(sources=[SourceConfig(str(heldout), "pairs")])
     cfg = replace(
         cfg,
         zero_shot=replace(cfg.zero_shot, num_samples=10),
