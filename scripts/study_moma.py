@@ -318,6 +318,7 @@ def plot(path: Path, curves: dict, labels: dict, dense_curve: list[dict]) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, m in zip(axes, MODALITIES):
@@ -329,6 +330,7 @@ def plot(path: Path, curves: dict, labels: dict, dense_curve: list[dict]) -> Non
             y = [statistics.fmean(c[i][f"eval/loss_{m}"] for c in runs) for i in range(n)]
             ax.plot(x, y, marker="o", markersize=2, label=labels[name])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels overlapped
         ax.set_xlabel(f"cumulative training FLOPs on {m} tokens")
         ax.set_ylabel(f"held-out {m} loss (inference routing)")
         ax.set_title(m)

@@ -17,8 +17,10 @@ def demo_assets(tmp_path_factory):
     test machine's case), so the evaluations that need real digits always run.
     MM_MOE_TEST_BUILD_DEMO=1 forces the small build."""
     tok, heldout = REPO / "tokenizers" / "demo", REPO / "data" / "demo" / "heldout"
-    if (tok / "vq.pt").exists() and heldout.exists() and not os.environ.get(
-        "MM_MOE_TEST_BUILD_DEMO"
+    if (
+        (tok / "vq.pt").exists()
+        and heldout.exists()
+        and not os.environ.get("MM_MOE_TEST_BUILD_DEMO")
     ):
         return tok, heldout
     from mm_moe.data.builders import demo as build_demo_corpus

@@ -70,9 +70,15 @@ def _measured(cfg: ModelConfig, moe: MoEConfig, B: int, S: int) -> tuple[float, 
         (loss + sum(out.aux_losses.values())).backward()
     tokens = {"text": B * S // 2, "image": B * S // 2}
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    # The count leaves out gating (the gate-weighted sums combining expert outputs), like
-    # other elementwise work; every GEMM torch sees must be one the count has.
-    assert "aten.bmm" not in by_op
+    # The count leaves out gating, like other elementwise work: dropless token choice sums the
+    # gate-weighted expert outputs in the forward and takes the gates' gradient as row-wise
+    # [1, d] x [d, 1] dots in the backward (k per token and layer). It is checked to be
+    # exactly that, then set aside.
+    gating = by_op.pop("aten.bmm", 0)
+    if moe.enabled and moe.router == "token_choice":
+        assert gating == 2 * cfg.n_layers * B * S * moe.k * cfg.d_model
+    else:
+        assert gating == 0
     return sum(by_op.values()), tokens
 
 

@@ -94,7 +94,9 @@ class _CombineSlots(torch.autograd.Function):
         grad_rows_Nd = grad_Td.index_select(0, token_idx_N)
         grad_gate_N = None
         if ctx.needs_input_grad[1]:
-            grad_gate_N = torch.linalg.vecdot(grad_rows_Nd, y_Nd).to(gate_N.dtype)
+            # Row-wise dots as [1, d] x [d, 1] products: no [N, d] temporary (vecdot makes one).
+            dot_N11 = torch.bmm(grad_rows_Nd.unsqueeze(1), y_Nd.unsqueeze(2))
+            grad_gate_N = dot_N11.view(-1).to(gate_N.dtype)
         grad_rows_Nd.mul_(gate_N.unsqueeze(1).to(grad_rows_Nd.dtype))
         return grad_rows_Nd, grad_gate_N, None, None, None
 
