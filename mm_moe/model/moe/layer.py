@@ -162,9 +162,14 @@ class MoELayer(nn.Module):
             gates.append(routing.gate_N)
             if name in self.shared:
                 shared_Td = self.shared[name](x_group)
-                if not whole:
-                    shared_Td = x_Td.new_zeros(x_Td.shape).index_add(0, group_tokens, shared_Td)
-                shared_out_Td = shared_Td if shared_out_Td is None else shared_out_Td + shared_Td
+                if whole and shared_out_Td is None:
+                    shared_out_Td = shared_Td
+                elif whole:
+                    shared_out_Td = shared_out_Td + shared_Td
+                else:
+                    if shared_out_Td is None:
+                        shared_out_Td = torch.zeros_like(x_Td)
+                    shared_out_Td = shared_out_Td.index_add(0, group_tokens, shared_Td)
         expert_idx_N = torch.cat(expert_idx)
         slot_of_expert = getattr(self.dispatcher, "slot_of_expert", None)
         if slot_of_expert is not None:
