@@ -7,7 +7,9 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.mm_moe_installed
 # The CPU wheel that machines without a GPU use (a plain `torch` would pull a CUDA build).
 TORCH_CPU := torch==2.13.0
-NPROC ?= 2
+# Processes of `make train`: one per GPU where there are GPUs, else 2 CPU processes.
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); \
+  if [ "$${n:-0}" -gt 0 ]; then echo $$n; else echo 2; fi)
 ARGS ?=
 
 .PHONY: setup demo-assets train test test-slurm test-fast lint format clean
@@ -40,7 +42,8 @@ $(STAMP): pyproject.toml Makefile
 
 DEMO_CORPUS := data/demo/corpus.json
 DEMO_TOKENIZERS := tokenizers/demo/vq.pt
-EP ?= $(NPROC)
+# Expert-parallel size; 0 takes the largest that divides NPROC and the experts per group.
+EP ?= 0
 
 # The demo corpus (real data that packages ship) and the tokenizers trained on it: built once,
 # cached after that (delete data/demo or tokenizers/demo to rebuild).
@@ -58,7 +61,7 @@ demo-assets: $(DEMO_TOKENIZERS)
 
 # The main job: the tiny MoMa on the demo corpus, expert parallel over $(NPROC) CPU processes
 # (or GPUs), then samples, captions and a summary. A fresh run each time; more overrides
-# with ARGS="...".
+# with ARGS="...". The micro-batch is the global batch / NPROC (experiment=demo).
 train: setup demo-assets
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mm_moe.train \
 	  experiment=demo parallel.expert_parallel_size=$(EP) checkpoint.overwrite=true $(ARGS)

@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.config.overrides import check_overrides
+from mm_moe.errors import UserError
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1 or self.gpu_memory_gb <= 0:
-            raise ValueError(
+            raise UserError(
                 "cluster.nodes and cluster.gpus_per_node must be >= 1, cluster.gpu_memory_gb > 0"
             )
 
@@ -50,6 +51,7 @@ def _expert_params(cfg: TrainConfig, model) -> int:
 
 
 def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
+    cfg = cfg.for_world(cluster.world_size)
     model = cfg.model.with_vocab(cluster.data_vocab_size)
     params = model.num_params(cfg.moe)
     seq = cfg.data.seq_len

@@ -9,16 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mm_moe.cli import CONFIG_DIR, failure
 from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.config.overrides import check_overrides
 from mm_moe.config.schema import GROUPS
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ENTRY_GROUPS = (*GROUPS, "experiment")
 
 
@@ -70,26 +69,14 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     _setup_logging(train_cfg.logging.level)
-    from mm_moe.checkpoint.async_save import CheckpointWriteError
-    from mm_moe.trainer.guard import TrainingHalted
     from mm_moe.trainer.loop import run
-    from mm_moe.trainer.scrub import scrub_text
 
     try:
         run(train_cfg)
-    except ValueError as exc:  # a user mistake found at run time (a path, a shard, a size)
+    except Exception as exc:  # noqa: BLE001 - Hydra would print the overrides, secrets included
         if os.environ.get("MM_MOE_TRACEBACK"):
             raise
-        _fail(scrub_text(str(exc)))
-    except (TrainingHalted, CheckpointWriteError) as exc:  # the message says it all
-        if os.environ.get("MM_MOE_TRACEBACK"):
-            raise
-        _fail(scrub_text(f"{exc.__class__.__name__}: {exc}"), code=1)
-    except Exception:  # noqa: BLE001 - Hydra would print the overrides, secrets included
-        if os.environ.get("MM_MOE_TRACEBACK"):
-            raise
-        # The traceback says where it failed (e.g. which collective waited on a lost rank).
-        _fail(scrub_text(traceback.format_exc()), code=1)
+        sys.exit(failure("mm_moe.train", exc))
     finally:
         # Sequential multirun jobs share this process (and DeepSpeed's communicator): keep the
         # process group for the next job; it ends with the process.

@@ -20,12 +20,14 @@ from pathlib import Path
 import yaml
 
 from mm_moe.checkpoint.upcycle_config import UpcycleConfig
+from mm_moe.cli import CONFIG_DIR as _CONFIG_DIR
 from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.config.overrides import check_overrides
 from mm_moe.config.schema import GROUPS
 from mm_moe.config.validate import _close, valid_keys
+from mm_moe.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(_CONFIG_DIR)
 ENTRY_GROUPS = (*GROUPS, "experiment")
 log = logging.getLogger("mm_moe")
 
@@ -161,14 +163,14 @@ def run(argv: list[str]) -> int:
     result = verify(ucfg, target, source_cfg, min(source_cfg.vocab_size, vocab.text_size))
     for line in result.lines():
         print(line, flush=True)
-    return 0 if result.passed else 1
+    return 1 if result.status == "FAILED" else 0
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     try:
         code = run(sys.argv[1:])
-    except ValueError as exc:  # ConfigError included: a user mistake, named
+    except UserError as exc:  # ConfigError included: a user mistake, named
         if os.environ.get("MM_MOE_TRACEBACK"):
             raise
         _fail(str(exc))

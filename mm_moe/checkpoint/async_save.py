@@ -32,6 +32,8 @@ log = logging.getLogger("mm_moe")
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (checkpoint.on_write_error=stop); every rank raises it."""
 
+    brief = True  # the message says it all: no traceback
+
     agreed = True
 
 

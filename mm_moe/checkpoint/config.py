@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mm_moe.errors import UserError
+
 
 @dataclass
 class CheckpointConfig:
@@ -29,6 +31,6 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_last < 0:
-            raise ValueError("checkpoint.interval and checkpoint.keep_last must be >= 0")
+            raise UserError("checkpoint.interval and checkpoint.keep_last must be >= 0")
         if not self.resume:
-            raise ValueError("checkpoint.resume must be none, auto or a checkpoint path")
+            raise UserError("checkpoint.resume must be none, auto or a checkpoint path")

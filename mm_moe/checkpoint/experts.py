@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mm_moe.errors import UserError
 from mm_moe.model.moe.layer import MoELayer
 
 EXPERT_PARAMS = ("w_gate_up", "w_down")
@@ -63,7 +64,7 @@ def stack_experts(state: dict, keys: dict[str, list[str]], path: str) -> dict:
         if missing:
             if name in out:  # already stacked
                 continue
-            raise ValueError(
+            raise UserError(
                 f"{path}: no entry for experts {missing[:3]}{'...' if len(missing) > 3 else ''}; "
                 "was it saved with other moe.experts_per_modality / moe.granularity?"
             )

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from mm_moe.errors import UserError
+
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -28,13 +30,13 @@ SUPPORTED_TYPES = ("llama", "mistral")
 
 
 def _refuse(path: Path, message: str) -> None:
-    raise ValueError(f"{path}: {message}")
+    raise UserError(f"{path}: {message}")
 
 
 def read_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"source={folder}: no {CONFIG} there (source_format=hf expects a Hugging Face "
             f"folder with {CONFIG} and {SINGLE} or sharded safetensors with {INDEX})"
         )
@@ -120,7 +122,7 @@ def _shard_files(folder: Path) -> list[Path]:
         return files
     if (folder / SINGLE).is_file():
         return [folder / SINGLE]
-    raise ValueError(
+    raise UserError(
         f"source={folder}: neither {SINGLE} nor {INDEX} there (only safetensors checkpoints "
         "are read: they cannot run code when loaded)"
     )
@@ -135,7 +137,7 @@ def load_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
         try:
             tensors = load_file(str(f))
         except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
-            raise ValueError(f"cannot read {f}: {exc.__class__.__name__}: {exc}") from exc
+            raise UserError(f"cannot read {f}: {exc.__class__.__name__}: {exc}") from exc
         out.update({k: v.float() for k, v in tensors.items()})
     return out
 
@@ -196,10 +198,10 @@ def import_dense(folder: str | Path):
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a shape that does not match config.json
-        raise ValueError(f"source={folder}: {exc}") from exc
+        raise UserError(f"source={folder}: {exc}") from exc
     missing = [n for n in missing if "rope" not in n]
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"source={folder}: the checkpoint does not match its config.json: missing "
             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )

@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from mm_moe.errors import UserError
+
 LATEST = "latest"
 META = "meta.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -77,7 +79,7 @@ def read_tensors(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(
+        raise UserError(
             f"cannot load {path}: {exc.__class__.__name__}: {exc}. Checkpoint files must hold "
             "only tensors and plain values (they are read with weights_only=True)"
         ) from exc
@@ -137,7 +139,7 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         found = latest_step_dir(path)
         if found is not None:
             return found
-    raise ValueError(
+    raise UserError(
         f"checkpoint.resume={resume!r}: no complete checkpoint there (expected a step_XXXXXXXX "
         f"directory holding {META}, or a directory with a '{LATEST}' pointer); "
         "valid values are none, auto or such a path"

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from mm_moe.checkpoint import layout
+from mm_moe.errors import UserError
 
 
 def find_step_dir(path: str | Path) -> Path:
@@ -26,14 +27,14 @@ def find_step_dir(path: str | Path) -> Path:
             found = layout.latest_step_dir(candidate)
             if found is not None:
                 return found
-    raise ValueError(
+    raise UserError(
         f"no checkpoint at {path}: expected a step_XXXXXXXX directory, a "
         f"checkpoint directory with '{layout.LATEST}', or a run directory"
     )
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    from mm_moe.checkpoint import experts
+    from mm_moe.checkpoint import compat, experts
     from mm_moe.config import TrainConfig, from_dict
 
     step_dir = find_step_dir(path)
@@ -41,6 +42,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     model = cfg.model.build(cfg.moe)
     state = layout.read_tensors(step_dir / "model.pt")
     state = experts.stack_experts(state, experts.expert_keys(model), str(step_dir))
+    state = compat.upgrade_model_state(state, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     rope = {n for n in missing if "rope" in n}  # derived buffers are not saved
     # Tied weights are saved once, under their first name (lm_head.weight is embed.weight).
@@ -49,7 +51,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     )
     missing = set(missing) - rope - aliases
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{step_dir}/model.pt does not match its config: missing "
             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mm_moe.checkpoint import experts, layout, rng
+from mm_moe.checkpoint import compat, experts, layout, rng
+from mm_moe.errors import UserError
 from mm_moe.parallel import full_state
 from mm_moe.trainer.scrub import scrub
 
@@ -149,7 +150,7 @@ def _load_scheduler(scheduler, state: dict, path: str) -> None:
         if values is None or len(values) == n:
             continue
         if len({json.dumps(v) for v in values}) != 1:
-            raise ValueError(
+            raise UserError(
                 f"{path}: the LR schedule has {len(values)} parameter groups with different "
                 f"learning rates; this run has {n} groups"
             )
@@ -201,7 +202,7 @@ def _check_same_architecture(step_dir: Path, module) -> None:
             if overlay.is_file()
             else " Pass the model.* and moe.* values it was written with."
         )
-        raise ValueError(
+        raise UserError(
             f"checkpoint.resume={step_dir}: its model differs from this run's: "
             + "; ".join(diffs)
             + "."
@@ -218,6 +219,7 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     model_state = experts.stack_experts(
         layout.read_tensors(step_dir / "model.pt"), keys, str(step_dir)
     )
+    model_state = compat.upgrade_model_state(model_state, engine.module)
     full_state.load_model(engine, model_state, str(step_dir))
     log.info(
         "loaded the weights-only checkpoint %s: fresh optimizer, LR schedule and data "
@@ -232,7 +234,7 @@ def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) 
     """Collective under ZeRO. Restores everything `save` wrote; returns the meta dict."""
     meta = json.loads((step_dir / layout.META).read_text())
     if meta.get("format_version") not in READABLE_VERSIONS:
-        raise ValueError(
+        raise UserError(
             f"{step_dir}: checkpoint format {meta.get('format_version')} is not "
             f"supported (this version reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
@@ -242,10 +244,12 @@ def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) 
     model_state = experts.stack_experts(
         layout.read_tensors(step_dir / "model.pt"), keys, str(step_dir)
     )
+    model_state = compat.upgrade_model_state(model_state, engine.module)
     full_state.load_model(engine, model_state, str(step_dir))
     optim_state = layout.read_tensors(step_dir / "optimizer.pt")
     if optim_state:
-        optim_state["moments"] = experts.stack_experts(optim_state["moments"], keys, str(step_dir))
+        moments = experts.stack_experts(optim_state["moments"], keys, str(step_dir))
+        optim_state["moments"] = compat.upgrade_moments(moments, engine.module)
     full_state.load_optimizer(engine, optim_state, str(step_dir))
     _load_scheduler(scheduler, meta["scheduler"], str(step_dir))
     # The optimizer reads its lr from param_groups, which the schedule set before the save.

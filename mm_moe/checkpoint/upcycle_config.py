@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mm_moe.errors import UserError
+
 UNTIE = Literal["ffn", "attention", "norms"]
 
 
@@ -45,13 +47,13 @@ class UpcycleConfig:
 
     def __post_init__(self) -> None:
         if not self.source:
-            raise ValueError("source=PATH is required: the dense checkpoint to upcycle")
+            raise UserError("source=PATH is required: the dense checkpoint to upcycle")
         if not self.out:
-            raise ValueError("out=PATH is required: the directory to write the checkpoint to")
+            raise UserError("out=PATH is required: the directory to write the checkpoint to")
         if not 0.0 <= self.drop_ratio < 1.0:
-            raise ValueError(f"drop_ratio={self.drop_ratio} must be in [0, 1)")
+            raise UserError(f"drop_ratio={self.drop_ratio} must be in [0, 1)")
         for name in ("router_init_std", "expert_noise", "new_rows_noise"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+                raise UserError(f"{name}={getattr(self, name)} must be >= 0")
         if self.verify_batch_size < 1 or self.verify_seq_len < 1:
-            raise ValueError("verify_batch_size and verify_seq_len must be >= 1")
+            raise UserError("verify_batch_size and verify_seq_len must be >= 1")

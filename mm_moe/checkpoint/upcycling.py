@@ -29,6 +29,7 @@ from mm_moe.checkpoint.upcycle_config import UpcycleConfig
 from mm_moe.checkpoint.upcycle_ops import UpcycleOptions, build_state
 from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
+from mm_moe.errors import UserError
 from mm_moe.model.config import ModelConfig
 from mm_moe.tokenization.vocab import Vocab
 
@@ -70,7 +71,7 @@ def load_source(source: str, source_format: str) -> tuple[ModelConfig, dict[str,
     model = load_pretrained(source)
     cfg = model.cfg
     if model.moe_cfg.enabled or cfg.untie or cfg.mod.layers:
-        raise ValueError(
+        raise UserError(
             f"source={source} is not a dense checkpoint (moe.experts_per_modality="
             f"{model.moe_cfg.experts_per_modality}, model.untie={cfg.untie}, "
             f"model.mod.layers={cfg.mod.layers}); upcycling starts from a dense model"
@@ -97,7 +98,7 @@ def resolve_target(
     for name in ARCH_FIELDS:
         want, got = getattr(source_cfg, name), getattr(target.model, name)
         if want != got:
-            raise ValueError(
+            raise UserError(
                 f"model.{name}={got} differs from the source checkpoint's {want}: upcycling "
                 "copies the dense weights, so the target keeps the source's shapes"
             )
@@ -114,7 +115,7 @@ def resolve_target(
     if source_format == "hf":
         first_image = vocab.image_offset
         if first_image < src_vocab:
-            raise ValueError(
+            raise UserError(
                 f"the data's vocabulary puts image codes at ids [{first_image}, "
                 f"{first_image + vocab.image_size}), inside the Hugging Face vocabulary "
                 f"[0, {src_vocab}): imported text ids keep their values, so image codes need "
@@ -136,11 +137,11 @@ def _check_out(out: Path, source: str, overwrite: bool) -> None:
     resolved = out.resolve()
     forbidden = {Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve()}
     if resolved in forbidden or Path(source).resolve().is_relative_to(resolved):
-        raise ValueError(f"out={out} would replace the source or a top-level directory")
+        raise UserError(f"out={out} would replace the source or a top-level directory")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out={out} exists and is not a directory")
+        raise UserError(f"out={out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
+        raise UserError(
             f"out={out} is not empty; pass overwrite=true to replace it, or choose another out"
         )
 

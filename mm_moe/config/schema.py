@@ -5,10 +5,11 @@ Each group's dataclass lives beside the component it builds; this file only asse
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mm_moe.checkpoint.config import CheckpointConfig
 from mm_moe.data.config import DataConfig
+from mm_moe.errors import UserError
 from mm_moe.eval.config import EvalConfig
 from mm_moe.model.config import ModelConfig
 from mm_moe.model.moe.config import MoEConfig
@@ -54,7 +55,17 @@ class TrainConfig:
         self.model.check_moe(self.moe)
         self.eval.check_data(self.data.source)
         if self.data.seq_len > self.model.max_seq_len:
-            raise ValueError(
+            raise UserError(
                 f"data.seq_len={self.data.seq_len} exceeds "
                 f"model.max_seq_len={self.model.max_seq_len}"
             )
+
+    def for_world(self, world_size: int) -> TrainConfig:
+        """This config with the sizes that follow the number of processes resolved:
+        `trainer.micro_batch_size=0` (global batch / ranks) and
+        `parallel.expert_parallel_size=0` (the largest that divides the world size and every
+        expert group)."""
+        trainer = replace(self.trainer, micro_batch_size=self.trainer.micro_batch_for(world_size))
+        ep = self.parallel.expert_parallel_size or self.moe.largest_expert_parallel_size(world_size)
+        parallel = replace(self.parallel, expert_parallel_size=ep)
+        return replace(self, trainer=trainer, parallel=parallel)

@@ -12,8 +12,10 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from mm_moe.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user mistake in the configuration; the message names the key."""
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mm_moe.data.synthetic import SyntheticPatternsConfig
+from mm_moe.errors import UserError
 from mm_moe.tokenization.config import TokenizerConfig
 
 
@@ -50,26 +51,26 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
-            raise ValueError(f"data.seq_len={self.seq_len} must be at least 2")
+            raise UserError(f"data.seq_len={self.seq_len} must be at least 2")
         if self.source == "webdataset" and not self.sources:
-            raise ValueError(
+            raise UserError(
                 "data.source=webdataset needs data.sources: a list of {urls, format, weight}"
             )
         for i, src in enumerate(self.sources):
             if not src.weight > 0:
-                raise ValueError(f"data.sources[{i}].weight={src.weight} must be positive")
+                raise UserError(f"data.sources[{i}].weight={src.weight} must be positive")
             if not src.urls:
-                raise ValueError(f"data.sources[{i}].urls is empty")
+                raise UserError(f"data.sources[{i}].urls is empty")
         if self.num_streams < 1:
-            raise ValueError(f"data.num_streams={self.num_streams} must be at least 1")
+            raise UserError(f"data.num_streams={self.num_streams} must be at least 1")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+            raise UserError(f"data.num_workers={self.num_workers} must be >= 0")
         if not 0.0 <= self.caption_first_prob <= 1.0:
-            raise ValueError(f"data.caption_first_prob={self.caption_first_prob} must be in [0, 1]")
+            raise UserError(f"data.caption_first_prob={self.caption_first_prob} must be in [0, 1]")
         if self.min_image_side < 1:
-            raise ValueError(f"data.min_image_side={self.min_image_side} must be positive")
+            raise UserError(f"data.min_image_side={self.min_image_side} must be positive")
         if not self.max_aspect_ratio >= 1.0:
-            raise ValueError(f"data.max_aspect_ratio={self.max_aspect_ratio} must be >= 1")
+            raise UserError(f"data.max_aspect_ratio={self.max_aspect_ratio} must be >= 1")
 
     def use_tokenizer(self, tokenizer: TokenizerConfig) -> None:
         """Set by TrainConfig: the run's `tokenizer` group, which the webdataset source uses."""
@@ -117,7 +118,7 @@ class DataConfig:
         from mm_moe.data.stream import PipelineSpec, SourceSpec
 
         if seed < 0:
-            raise ValueError(f"trainer.seed={seed} must be >= 0 for the webdataset source")
+            raise UserError(f"trainer.seed={seed} must be >= 0 for the webdataset source")
         sources = tuple(
             SourceSpec(
                 i, tuple(expand_urls(src.urls, f"data.sources[{i}].urls")), src.format, src.weight

@@ -6,6 +6,8 @@ was skipped), so the keys are the same on every rank and in every run.
 
 from __future__ import annotations
 
+from mm_moe.errors import UserError
+
 REASONS = (
     "corrupt_image",  # an image member that Pillow cannot decode (or only partly)
     "missing_image",  # a pairs sample without an image, or an interleaved entry naming no member
@@ -35,5 +37,5 @@ class SampleError(Exception):
         self.reason, self.detail, self.key = reason, detail, key
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data under data.on_error=raise, or a source that yields nothing usable."""

@@ -17,6 +17,8 @@ import numpy as np
 import webdataset as wds
 from braceexpand import braceexpand
 
+from mm_moe.errors import UserError
+
 _ASSIGN_TAG, _EPOCH_TAG = 0x5A5D, 0xE90C
 
 
@@ -32,22 +34,22 @@ def expand_urls(urls: str | list[str], key: str) -> list[str]:
     shards: list[str] = []
     for entry in entries:
         if not entry or not entry.strip():
-            raise ValueError(f"{key}: an empty shard pattern")
+            raise UserError(f"{key}: an empty shard pattern")
         for url in braceexpand(entry):
             if is_remote(url):
                 shards.append(url)
             elif os.path.isdir(url):
                 found = sorted(glob.glob(os.path.join(url, "*.tar")))
                 if not found:
-                    raise ValueError(f"{key}: directory {url} holds no *.tar shards")
+                    raise UserError(f"{key}: directory {url} holds no *.tar shards")
                 shards += found
             elif any(c in url for c in "*?["):
                 found = sorted(glob.glob(url))
                 if not found:
-                    raise ValueError(f"{key}: pattern {url} matches no files")
+                    raise UserError(f"{key}: pattern {url} matches no files")
                 shards += found
             elif not os.path.isfile(url):
-                raise ValueError(f"{key}: shard {url} does not exist")
+                raise UserError(f"{key}: shard {url} does not exist")
             else:
                 shards.append(url)
     return shards
@@ -65,11 +67,16 @@ class Unit:
     parts: int
 
 
-def assign_units(num_shards: int, num_streams: int, seed: int, source: int) -> list[list[Unit]]:
-    """The units of each stream, fixed for the whole run."""
+def source_units(num_shards: int, num_streams: int) -> list[Unit]:
+    """Every unit of a source, in shard order: together they hold each sample once."""
     assert num_shards > 0
     parts = -(-num_streams // num_shards) if num_shards < num_streams else 1
-    units = [Unit(s, p, parts) for s in range(num_shards) for p in range(parts)]
+    return [Unit(s, p, parts) for s in range(num_shards) for p in range(parts)]
+
+
+def assign_units(num_shards: int, num_streams: int, seed: int, source: int) -> list[list[Unit]]:
+    """The units of each stream, fixed for the whole run."""
+    units = source_units(num_shards, num_streams)
     order = np.random.default_rng([seed, source, _ASSIGN_TAG]).permutation(len(units))
     return [[units[i] for i in order[j::num_streams]] for j in range(num_streams)]
 
@@ -91,7 +98,7 @@ def check_tokens_vocab(shards: list[str], tokenizer, vocab, key: str) -> None:
     for folder in sorted({os.path.dirname(s) for s in shards if not is_remote(s)}):
         path = os.path.join(folder, "vocab.yaml")
         if os.path.isfile(path) and (theirs := Vocab.load(path)) != vocab:
-            raise ValueError(
+            raise UserError(
                 f"{key}: {path} ({theirs}) is not the vocabulary of the run's tokenizer "
                 f"({vocab}); pretokenize again with the same tokenizer settings"
             )
@@ -100,7 +107,7 @@ def check_tokens_vocab(shards: list[str], tokenizer, vocab, key: str) -> None:
             with open(path) as f:
                 theirs = yaml.safe_load(f)
             if theirs != to_dict(tokenizer):
-                raise ValueError(
+                raise UserError(
                     f"{key}: {path} ({theirs}) is not the run's tokenizer config "
                     f"({to_dict(tokenizer)}); pretokenize again with the same tokenizer settings"
                 )

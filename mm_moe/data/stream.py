@@ -8,6 +8,7 @@ RNG that mixes sources and orders pairs; and the skip counters.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,11 +16,12 @@ import numpy as np
 from mm_moe.data.defects import REASONS, DataError, SampleError
 from mm_moe.data.documents import DecodeOptions, Document, DocumentBuilder
 from mm_moe.data.packing import Packer
-from mm_moe.data.shards import Unit, assign_units, epoch_order
+from mm_moe.data.shards import Unit, assign_units, epoch_order, source_units
 from mm_moe.data.tar_reader import iter_raw_samples
 from mm_moe.tokenization.config import TokenizerConfig
 
 _RNG_TAG = 0x57EA
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,37 @@ class PipelineSpec:
 
 
 class SourceReader:
-    """One source as seen by one stream: its units, walked epoch after epoch."""
+    """One source as seen by one stream: its units, walked epoch after epoch.
 
-    def __init__(self, source: SourceSpec, units: list[Unit], stream: int, spec: PipelineSpec):
-        self.source, self.units, self.stream, self.spec = source, units, stream, spec
+    A stream whose own units yield no usable sample in a whole epoch (its slices of a small
+    source hold only bad samples, or the source has fewer samples than data.num_streams)
+    borrows: from then on it walks every unit of the source, in its own seeded order. That
+    depends only on (sources, seed, stream), so the global batch of a step and resuming stay
+    exact at any world size. Only a source with no usable sample at all stops the run."""
+
+    def __init__(
+        self,
+        source: SourceSpec,
+        units: list[Unit],
+        all_units: list[Unit],
+        stream: int,
+        spec: PipelineSpec,
+    ):
+        self.source, self.own_units, self.all_units = source, units, all_units
+        self.stream, self.spec = stream, spec
         self.epoch, self.position, self.offset, self.epoch_documents = 0, 0, 0, 0
-        self._order = epoch_order(len(units), spec.seed, source.index, stream, 0)
+        self.borrowing = not units  # more streams than units: nothing of its own to read
+        self._order = self._epoch_order()
         self._samples = None
+
+    @property
+    def units(self) -> list[Unit]:
+        return self.all_units if self.borrowing else self.own_units
+
+    def _epoch_order(self) -> list[int]:
+        return epoch_order(
+            len(self.units), self.spec.seed, self.source.index, self.stream, self.epoch
+        )
 
     def state_dict(self) -> dict:
         return {
@@ -58,15 +84,15 @@ class SourceReader:
             "position": self.position,
             "offset": self.offset,
             "epoch_documents": self.epoch_documents,
+            "borrowing": self.borrowing,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.offset, self.epoch_documents = int(state["offset"]), int(state["epoch_documents"])
+        self.borrowing = bool(state.get("borrowing", not self.own_units))
         assert 0 <= self.position < len(self.units)
-        self._order = epoch_order(
-            len(self.units), self.spec.seed, self.source.index, self.stream, self.epoch
-        )
+        self._order = self._epoch_order()
         self._samples = None
 
     def _unit(self) -> Unit:
@@ -80,18 +106,24 @@ class SourceReader:
         self.position, self.offset = self.position + 1, 0
         if self.position < len(self.units):
             return
-        if self.epoch_documents == 0:
-            shards = sorted({self.source.shards[u.shard] for u in self.units})
+        if self.epoch_documents == 0 and self.borrowing:
+            shards = list(self.source.shards)
             raise DataError(
-                f"data.sources[{self.source.index}]: stream {self.stream} read a whole epoch of "
-                f"its shards {shards[:3]}{' ...' if len(shards) > 3 else ''} without one usable "
-                "sample: the data/skipped_* counters (or data.on_error=raise) say why; or the "
-                "source has fewer samples than data.num_streams, which leaves streams empty"
+                f"data.sources[{self.source.index}] ({self.source.format}): a whole epoch of "
+                f"its shards {shards[:3]}{' ...' if len(shards) > 3 else ''} without one "
+                "usable sample: the data/skipped_* counters (or data.on_error=raise) say why"
             )
+        if self.epoch_documents == 0:
+            log.warning(
+                "data.sources[%d]: stream %d found no usable sample in its %d slice(s) of the "
+                "shards; it reads from the whole source from now on",
+                self.source.index,
+                self.stream,
+                len(self.own_units),
+            )
+            self.borrowing = True
         self.epoch, self.position, self.epoch_documents = self.epoch + 1, 0, 0
-        self._order = epoch_order(
-            len(self.units), self.spec.seed, self.source.index, self.stream, self.epoch
-        )
+        self._order = self._epoch_order()
 
     def _defect(self, error: SampleError, counters: dict[str, int]) -> None:
         counters[error.reason] += 1
@@ -141,6 +173,7 @@ class Stream:
             SourceReader(
                 src,
                 assign_units(len(src.shards), spec.num_streams, spec.seed, src.index)[stream_id],
+                source_units(len(src.shards), spec.num_streams),
                 stream_id,
                 spec,
             )

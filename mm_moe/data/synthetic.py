@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mm_moe.errors import UserError
 from mm_moe.modality import IMAGE, TEXT
 from mm_moe.tokenization.vocab import Vocab
 
@@ -35,11 +36,11 @@ class SyntheticPatternsConfig:
 
     def __post_init__(self) -> None:
         if self.text_vocab_size < 2 * len(_SLOPES) + 2:
-            raise ValueError(f"data.synthetic.text_vocab_size must be >= {2 * len(_SLOPES) + 2}")
+            raise UserError(f"data.synthetic.text_vocab_size must be >= {2 * len(_SLOPES) + 2}")
         if self.image_codebook_size < 2 or self.image_side < 1 or self.mean_text_len < 1:
-            raise ValueError("data.synthetic sizes must be positive")
+            raise UserError("data.synthetic sizes must be positive")
         if not 0.0 <= self.image_prob <= 1.0:
-            raise ValueError(f"data.synthetic.image_prob={self.image_prob} must be in [0, 1]")
+            raise UserError(f"data.synthetic.image_prob={self.image_prob} must be in [0, 1]")
 
 
 class SyntheticPatterns:

@@ -26,6 +26,7 @@ from mm_moe.data.batch import Batch
 from mm_moe.data.defects import REASONS, DataError, counter_key
 from mm_moe.data.stream import PipelineSpec
 from mm_moe.data.stream_dataset import StreamsDataset, identity
+from mm_moe.errors import UserError
 from mm_moe.tokenization.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class WebDatasetLoader:
     ):
         num_streams = spec.num_streams
         if global_batch_size % num_streams:
-            raise ValueError(
+            raise UserError(
                 f"trainer.global_batch_size={global_batch_size} must be a multiple of "
                 f"data.num_streams={num_streams} (each stream gives the same number of rows)"
             )
@@ -187,17 +188,17 @@ class WebDatasetLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != STATE_KIND:
-            raise ValueError(
+            raise UserError(
                 "the checkpoint's data position is not from the webdataset source "
                 f"(it holds {sorted(state)}); resume with the data.source it was trained on"
             )
         if state["version"] != STATE_VERSION:
-            raise ValueError(f"data state version {state['version']} is not {STATE_VERSION}")
+            raise UserError(f"data state version {state['version']} is not {STATE_VERSION}")
         if (
             state["num_streams"] != self.spec.num_streams
             or state["fingerprint"] != self.fingerprint
         ):
-            raise ValueError(
+            raise UserError(
                 "the checkpoint's data position was saved for other data.sources, "
                 f"data.num_streams (it had {state['num_streams']}) or trainer.seed; resuming "
                 "exactly needs the same ones"

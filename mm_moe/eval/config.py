@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mm_moe.data.config import SourceConfig
+from mm_moe.errors import UserError
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -66,38 +67,38 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.interval < 0:
-            raise ValueError(f"eval.interval={self.interval} must be >= 0 (0 turns it off)")
+            raise UserError(f"eval.interval={self.interval} must be >= 0 (0 turns it off)")
         if self.num_batches < 1 or self.micro_batch_size < 0:
-            raise ValueError("eval.num_batches must be >= 1 and eval.micro_batch_size >= 0")
+            raise UserError("eval.num_batches must be >= 1 and eval.micro_batch_size >= 0")
         if self.seed < 0:
-            raise ValueError(f"eval.seed={self.seed} must be >= 0")
+            raise UserError(f"eval.seed={self.seed} must be >= 0")
         for i, src in enumerate(self.sources):
             if not src.urls:
-                raise ValueError(f"eval.sources[{i}].urls is empty")
+                raise UserError(f"eval.sources[{i}].urls is empty")
             if not src.weight > 0:
-                raise ValueError(f"eval.sources[{i}].weight={src.weight} must be positive")
+                raise UserError(f"eval.sources[{i}].weight={src.weight} must be positive")
         zs, t2i = self.zero_shot, self.text_to_image
         if not zs.labels:
-            raise ValueError("eval.zero_shot.labels must name at least one class")
+            raise UserError("eval.zero_shot.labels must name at least one class")
         bad = [t for t in zs.templates if "{label}" not in t]
         if not zs.templates or bad:
-            raise ValueError(
+            raise UserError(
                 f"eval.zero_shot.templates must be non-empty and each hold '{{label}}'; bad: {bad}"
             )
         if zs.num_samples < 1 or zs.batch_images < 1:
-            raise ValueError("eval.zero_shot.num_samples and batch_images must be >= 1")
+            raise UserError("eval.zero_shot.num_samples and batch_images must be >= 1")
         if t2i.samples_per_label < 1 or t2i.classifier_steps < 1 or t2i.grid_samples < 0:
-            raise ValueError(
+            raise UserError(
                 "eval.text_to_image.samples_per_label and classifier_steps must be >= 1, "
                 "grid_samples >= 0"
             )
         if t2i.temperature <= 0 or t2i.top_k < 0:
-            raise ValueError("eval.text_to_image.temperature must be > 0 and top_k >= 0")
+            raise UserError("eval.text_to_image.temperature must be > 0 and top_k >= 0")
 
     def check_data(self, data_source: str) -> None:
         """Held-out rows need shards unless the training data is synthetic."""
         if self.interval and not self.sources and data_source != "synthetic_patterns":
-            raise ValueError(
+            raise UserError(
                 f"eval.interval={self.interval} needs eval.sources (held-out shards, e.g. "
                 "[{urls: data/demo/heldout, format: pairs}]) with data.source=" + data_source
             )
@@ -110,7 +111,7 @@ class EvalConfig:
             return [
                 u for s in self.sources for u in ([s.urls] if isinstance(s.urls, str) else s.urls)
             ]
-        raise ValueError(
+        raise UserError(
             "the zero-shot evaluation needs labelled shards: set eval.zero_shot.urls (or "
             "eval.sources) to shards whose samples hold an image and a `cls` member"
         )

@@ -30,12 +30,16 @@ from __future__ import annotations
 
 from typing import Literal
 
+from mm_moe.errors import UserError
 from mm_moe.modality import MODALITIES
 
 
-def _block_macs(cfg, moe, index: int, keys: float) -> dict[str, dict[str, float]]:
+def _block_macs(
+    cfg, moe, index: int, keys: float, experts_per_token: dict | None = None
+) -> dict[str, dict[str, float]]:
     """Forward MACs of one block for one token of each modality, by part, with the token
-    attending to `keys` keys; and the part of them whose backward is 1x (detached inputs)."""
+    attending to `keys` keys. `experts_per_token[(layer, group)]`, where given, replaces the
+    configured expectation (the pairs a step actually computed)."""
     d, hd = cfg.d_model, cfg.head_dim
     proj = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     scores = 2 * cfg.n_heads * hd * keys
@@ -46,7 +50,8 @@ def _block_macs(cfg, moe, index: int, keys: float) -> dict[str, dict[str, float]
             h = cfg.ffn_dim // moe.granularity
             (name, _, n) = next(g for g in moe.groups() if mi in g[1])
             parts["router"] = d * n
-            parts["experts"] = moe.expected_experts_per_token() * 3 * d * h
+            ept = (experts_per_token or {}).get((index, name), moe.expected_experts_per_token())
+            parts["experts"] = ept * 3 * d * h
             parts["shared_experts"] = moe.shared_experts * 3 * d * h
             if moe.router == "expert_choice":
                 a = moe.aux_router_hidden
@@ -59,15 +64,20 @@ def _block_macs(cfg, moe, index: int, keys: float) -> dict[str, dict[str, float]
 
 
 def flops_breakdown(
-    cfg, moe, seq_len: int, attention: Literal["causal", "full"] = "causal"
+    cfg,
+    moe,
+    seq_len: int,
+    attention: Literal["causal", "full"] = "causal",
+    experts_per_token: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per modality: forward and backward FLOPs per token by part, and their totals.
 
-    `cfg` is a ModelConfig with its vocab_size resolved, `moe` an MoEConfig."""
+    `cfg` is a ModelConfig with its vocab_size resolved, `moe` an MoEConfig;
+    `experts_per_token` as in `_block_macs`."""
     if attention not in ("causal", "full"):
-        raise ValueError(f"attention={attention!r} must be 'causal' or 'full'")
+        raise UserError(f"attention={attention!r} must be 'causal' or 'full'")
     if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be positive")
+        raise UserError(f"seq_len={seq_len} must be positive")
     keys_of = lambda s: (s + 1) / 2 if attention == "causal" else s
     fwd = {m: {} for m in MODALITIES}
     bwd = {m: {} for m in MODALITIES}
@@ -82,7 +92,7 @@ def flops_breakdown(
         # Training MoD takes max(1, int(capacity x S)) tokens of each row.
         selected = max(1, int(c * seq_len)) if mod else seq_len
         frac = selected / seq_len
-        block = _block_macs(cfg, moe, i, keys_of(selected))
+        block = _block_macs(cfg, moe, i, keys_of(selected), experts_per_token)
         for m in MODALITIES:
             for part, macs in block[m].items():
                 add(m, part, frac * macs, 1.0 if part == "aux_router_in" else 2.0)
@@ -107,10 +117,28 @@ def flops_breakdown(
 
 
 def training_flops_per_token(
-    cfg, moe, seq_len: int, attention: Literal["causal", "full"] = "causal"
+    cfg,
+    moe,
+    seq_len: int,
+    attention: Literal["causal", "full"] = "causal",
+    experts_per_token: dict | None = None,
 ) -> dict[str, float]:
     """Forward + backward FLOPs per token of each modality."""
-    return {m: v["total"] for m, v in flops_breakdown(cfg, moe, seq_len, attention).items()}
+    parts = flops_breakdown(cfg, moe, seq_len, attention, experts_per_token)
+    return {m: v["total"] for m, v in parts.items()}
+
+
+def experts_per_token_of(stats: dict) -> dict[tuple[int, str], float]:
+    """{(layer, group): routed pairs / group tokens} from a step's routing statistics
+    (`moe/l<i>/<group>/pairs` and `/tokens`, averaged alike, so their ratio is exact)."""
+    out = {}
+    for key, pairs in stats.items():
+        if key.startswith("moe/l") and key.endswith("/pairs"):
+            layer, group = key[len("moe/l") : -len("/pairs")].split("/")
+            tokens = stats.get(key[: -len("pairs")] + "tokens", 0.0)
+            if tokens:
+                out[(int(layer), group)] = pairs / tokens
+    return out
 
 
 class FlopsMeter:
@@ -118,20 +146,32 @@ class FlopsMeter:
 
     Tokens are the loss-bearing tokens of each modality in the global batch (what
     trainer/step.py counts); the state is two numbers per modality, saved with checkpoints.
+    With `model` = (ModelConfig, MoEConfig, seq_len), the FLOPs per token of each step use the
+    experts per token the step actually computed (expert-choice capacity rounds down, and is
+    at least one token per expert), else the fixed `per_token`.
     """
 
-    def __init__(self, per_token: dict[str, float], state: dict | None = None):
-        self.per_token = per_token
+    def __init__(
+        self, per_token: dict[str, float], state: dict | None = None, model: tuple | None = None
+    ):
+        self.per_token, self.model = per_token, model
         self.totals = {m: 0.0 for m in MODALITIES}
         if state:
             self.totals.update({m: float(state.get(m, 0.0)) for m in MODALITIES})
 
     def update(self, stats: dict) -> dict[str, float]:
-        """Add one step (train_step's `tokens_<modality>`); returns the metrics to log."""
+        """Add one step (train_step's `tokens_<modality>` and routing statistics); returns
+        the metrics to log."""
+        per_token = self.per_token
+        used = experts_per_token_of(stats) if self.model is not None else {}
+        if used:
+            cfg, moe, seq_len = self.model
+            per_token = training_flops_per_token(cfg, moe, seq_len, experts_per_token=used)
         for m in MODALITIES:
-            self.totals[m] += stats.get(f"tokens_{m}", 0) * self.per_token[m]
+            self.totals[m] += stats.get(f"tokens_{m}", 0) * per_token[m]
         out = {f"flops_cumulative_{m}": v for m, v in self.totals.items()}
         out["flops_cumulative"] = sum(self.totals.values())
+        out.update({f"flops_per_token_{m}": v for m, v in per_token.items()})
         return out
 
     def state_dict(self) -> dict:

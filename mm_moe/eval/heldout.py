@@ -24,8 +24,6 @@ import torch
 from mm_moe.data.batch import Batch
 from mm_moe.eval.config import EvalConfig
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
-from mm_moe.model.mod import MoDBlock
-from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.distributed import all_reduce_sum
 from mm_moe.trainer.step import per_token_losses
 
@@ -60,11 +58,6 @@ def heldout_batches(
     random.setstate(py_state)
     np.random.set_state(np_state)
     return batches
-
-
-def has_routing(model: torch.nn.Module) -> bool:
-    """Whether training and inference route differently (MoE or mixture-of-depths layers)."""
-    return any(isinstance(m, (MoELayer, MoDBlock)) for m in model.modules())
 
 
 @torch.no_grad()
@@ -144,16 +137,15 @@ class HeldoutEval:
                 selected = _mean_of(stats, "/selected")
                 if selected is not None:
                     out["eval/mod_selected"] = selected
-                if has_routing(model):
-                    model.train()
-                    sums, stats = _score(model, self.batches, self.device)
-                    train = _per_modality("eval/train_routing/", sums)
-                    acc = _mean_of(stats, "/aux_router_acc")
-                    if acc is not None:
-                        train["eval/train_routing/aux_router_acc"] = acc
-                else:  # dense: both routings are the same computation
-                    train = {k.replace("eval/", "eval/train_routing/"): v for k, v in out.items()}
-                    train = {k: v for k, v in train.items() if "tokens" not in k}
+                # Scored for dense models too: a gap there means training-mode forwards
+                # differ from inference ones for another reason (which would be a defect).
+                model.train()
+                sums, stats = _score(model, self.batches, self.device)
+                train = _per_modality("eval/train_routing/", sums)
+                for name in ("aux_router_acc", "aux_router_baseline"):
+                    value = _mean_of(stats, f"/{name}")
+                    if value is not None:
+                        train[f"eval/train_routing/{name}"] = value
                 out.update(train)
                 for m in MODALITIES:
                     out[f"eval/routing_gap_{m}"] = (

@@ -7,6 +7,8 @@ import io
 
 from PIL import Image
 
+from mm_moe.errors import UserError
+
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 
 
@@ -25,7 +27,7 @@ def labelled_images(
                 continue
             label = int(sample.members["cls"].decode().strip())
             if not 0 <= label < num_classes:
-                raise ValueError(
+                raise UserError(
                     f"{key}: {shard} holds class {label}, but the config names {num_classes} "
                     "labels (eval.zero_shot.labels)"
                 )
@@ -35,5 +37,5 @@ def labelled_images(
             if len(out) >= limit:
                 return out
     if not out:
-        raise ValueError(f"{key}: no samples with an image and a `cls` member in {urls}")
+        raise UserError(f"{key}: no samples with an image and a `cls` member in {urls}")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from mm_moe.errors import UserError
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
 from mm_moe.model.mod import MoDConfig
 from mm_moe.model.moe.config import MoEConfig
@@ -46,26 +47,26 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
-            raise ValueError(
+            raise UserError(
                 f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
             )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise UserError(
                 f"model.n_heads={self.n_heads} must be a multiple of "
                 f"model.n_kv_heads={self.n_kv_heads} (grouped-query attention)"
             )
         if (self.d_model // self.n_heads) % 2:
-            raise ValueError(
+            raise UserError(
                 f"head dim model.d_model/model.n_heads={self.d_model // self.n_heads} "
                 "must be even for rotary embeddings"
             )
         if self.vocab_size < 0 or self.ffn_hidden < 0 or self.z_loss < 0:
-            raise ValueError("model.vocab_size, model.ffn_hidden and model.z_loss must be >= 0")
+            raise UserError("model.vocab_size, model.ffn_hidden and model.z_loss must be >= 0")
         bad = [i for i in self.mod.layers if i >= self.n_layers]
         if bad:
-            raise ValueError(f"model.mod.layers {bad} exceed model.n_layers={self.n_layers}")
+            raise UserError(f"model.mod.layers {bad} exceed model.n_layers={self.n_layers}")
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +82,7 @@ class ModelConfig:
     def with_vocab(self, data_vocab_size: int) -> ModelConfig:
         """This config with `vocab_size` resolved against the data's vocabulary."""
         if self.vocab_size and self.vocab_size < data_vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"model.vocab_size={self.vocab_size} is smaller than the data's vocabulary "
                 f"({data_vocab_size} ids); set model.vocab_size=0 to take it from the data"
             )
@@ -90,14 +91,14 @@ class ModelConfig:
     def check_moe(self, moe: MoEConfig) -> None:
         bad = [i for i in (moe.layers if moe.layers != "all" else []) if i >= self.n_layers]
         if bad:
-            raise ValueError(f"moe.layers {bad} exceed model.n_layers={self.n_layers}")
+            raise UserError(f"moe.layers {bad} exceed model.n_layers={self.n_layers}")
         if moe.enabled and self.ffn_dim % moe.granularity:
-            raise ValueError(
+            raise UserError(
                 f"moe.granularity={moe.granularity} must divide the FFN hidden size "
                 f"{self.ffn_dim} (model.ffn_hidden)"
             )
         if moe.enabled and "ffn" in self.untie and moe.experts_per_modality.get("mixed"):
-            raise ValueError(
+            raise UserError(
                 "model.untie=[ffn] with moe.experts_per_modality={mixed: N} is "
                 "contradictory; MoMa groups already untie the FFN per modality"
             )
@@ -163,7 +164,8 @@ class ModelConfig:
         moe = moe or MoEConfig()
         embed = self.vocab_size * self.d_model
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
-        outer = embed + head + self.d_model
+        final_norm = self.d_model * (NUM_MODALITIES if "norms" in self.untie else 1)
+        outer = embed + head + final_norm
         layers = [self._layer_counts(i, moe) for i in range(self.n_layers)]
         return {
             "total": outer + sum(layer["total"] for layer in layers),

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.attention import document_causal_mask
 from mm_moe.model.block import TransformerBlock
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mod import MoDBlock
-from mm_moe.model.modality_ops import ModalityNorm
+from mm_moe.model.modality_ops import ModalityNorm, Norm
 from mm_moe.model.norms import RMSNorm
 from mm_moe.model.rope import RotaryEmbedding
 
@@ -42,7 +43,13 @@ class EarlyFusionDecoder(nn.Module):
                 block = MoDBlock(block, cfg.mod, cfg.d_model, i)
             layers.append(block)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # Under model.untie=[norms] (MoT) the final norm is per modality too: `norm.weight`
+        # is [modalities, d] (checkpoint/compat.py loads older [d] ones).
+        self.norm = (
+            ModalityNorm(cfg.d_model, NUM_MODALITIES, cfg.norm_eps)
+            if "norms" in cfg.untie
+            else Norm(cfg.d_model, cfg.norm_eps)
+        )
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -99,5 +106,5 @@ class EarlyFusionDecoder(nn.Module):
         h_BSd = self.embed(input_ids_BS)
         for layer in self.layers:
             h_BSd = layer(h_BSd, ctx)
-        logits_BSV = self.lm_head(self.norm(h_BSd))
+        logits_BSV = self.lm_head(self.norm(h_BSd, modality_ids_BS))
         return ModelOutput(logits=logits_BSV, aux_losses=ctx.aux_losses, stats=ctx.stats)

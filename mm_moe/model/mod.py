@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mm_moe.errors import UserError
 from mm_moe.model.attention import document_causal_mask
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.moe.aux_router import AuxRouter
@@ -30,9 +31,9 @@ class MoDConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.capacity <= 1:
-            raise ValueError(f"model.mod.capacity={self.capacity} must be in (0, 1]")
+            raise UserError(f"model.mod.capacity={self.capacity} must be in (0, 1]")
         if any(i < 0 for i in self.layers):
-            raise ValueError(f"model.mod.layers={self.layers} must be layer indices >= 0")
+            raise UserError(f"model.mod.layers={self.layers} must be layer indices >= 0")
 
 
 class MoDBlock(nn.Module):
@@ -58,10 +59,13 @@ class MoDBlock(nn.Module):
         aux_logits_BS = self.aux_router(x_BSd.reshape(B * S, d)).view(B, S)
         valid_BS = ctx.valid_BS
         selected_BS = self._select(scores_BS, aux_logits_BS, valid_BS)
-        loss, acc = AuxRouter.loss_and_accuracy(aux_logits_BS[valid_BS], selected_BS[valid_BS])
+        loss, acc, baseline = AuxRouter.loss_and_accuracy(
+            aux_logits_BS[valid_BS], selected_BS[valid_BS]
+        )
         if self.training and self.cfg.aux_router_coef > 0:
             ctx.add_loss("mod/aux_router_bce", self.cfg.aux_router_coef * loss)
         ctx.add_stat(f"mod/l{self.layer_index}/aux_router_acc", acc)
+        ctx.add_stat(f"mod/l{self.layer_index}/aux_router_baseline", baseline)
         ctx.add_stat(
             f"mod/l{self.layer_index}/selected", selected_BS.sum() / valid_BS.sum().clamp_min(1)
         )

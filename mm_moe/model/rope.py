@@ -6,6 +6,8 @@ Shape legend: B batch, S sequence, H heads, D head dim.
 import torch
 from torch import nn
 
+from mm_moe.errors import UserError
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
@@ -19,7 +21,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x_BHSD: torch.Tensor, position_ids_BS: torch.Tensor) -> torch.Tensor:
         if int(position_ids_BS.max()) >= self.cos_PD2.shape[0]:
-            raise ValueError(
+            raise UserError(
                 f"position {int(position_ids_BS.max())} exceeds model.max_seq_len="
                 f"{self.cos_PD2.shape[0]}"
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mm_moe.errors import UserError
+
 
 @dataclass
 class ParallelConfig:
@@ -12,6 +14,8 @@ class ParallelConfig:
     zero_stage: Literal[0, 1, 2] = 0
     # Collective backend; auto = nccl on GPU, gloo on CPU.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Ranks that share one copy of the experts (all-to-all between them). 0: the largest size
+    # that divides the world size and every expert group's count.
     expert_parallel_size: int = 1
     # Not implemented yet; kept so configs and process-group layouts keep their place.
     tensor_parallel_size: int = 1
@@ -20,13 +24,14 @@ class ParallelConfig:
     timeout_s: int = 600
 
     def __post_init__(self) -> None:
-        if self.expert_parallel_size < 1:
-            raise ValueError(
-                f"parallel.expert_parallel_size={self.expert_parallel_size} must be >= 1"
+        if self.expert_parallel_size < 0:
+            raise UserError(
+                f"parallel.expert_parallel_size={self.expert_parallel_size} must be >= 1, "
+                "or 0 for the largest size that divides the world size and the expert counts"
             )
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) != 1:
                 value = getattr(self, name)
-                raise ValueError(f"parallel.{name}={value} is not supported yet; use 1")
+                raise UserError(f"parallel.{name}={value} is not supported yet; use 1")
         if self.timeout_s <= 0:
-            raise ValueError(f"parallel.timeout_s={self.timeout_s} must be positive")
+            raise UserError(f"parallel.timeout_s={self.timeout_s} must be positive")

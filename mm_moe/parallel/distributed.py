@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mm_moe.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -91,11 +93,17 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but CUDA is not available on this machine")
+        raise UserError("trainer.device=cuda but CUDA is not available on this machine")
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if backend == "nccl" and not use_cuda:
-        raise ValueError("parallel.backend=nccl needs CUDA; use parallel.backend=gloo on CPU")
+        raise UserError("parallel.backend=nccl needs CUDA; use parallel.backend=gloo on CPU")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise UserError(
+            f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()} "
+            "GPU(s); launch at most that many processes per node (torchrun --nproc_per_node, "
+            "make train NPROC=...), or train on CPU with trainer.device=cpu"
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -340,8 +348,8 @@ def names_lost_ranks(fn):
             return fn(*args, **kwargs)
         except Exception as exc:
             live = _LIVENESS
-            # ValueError: this rank's own user error; `agreed`: every rank raises it together.
-            if live is None or isinstance(exc, ValueError) or getattr(exc, "agreed", False):
+            # UserError: this rank's own user error; `agreed`: every rank raises it together.
+            if live is None or isinstance(exc, UserError) or getattr(exc, "agreed", False):
                 raise
             verdict = live.diagnose()
             live.mark_exit(ok=False)

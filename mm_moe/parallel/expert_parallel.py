@@ -35,6 +35,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param
 from torch import nn
 
+from mm_moe.errors import UserError
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.all_to_all import AllToAllDispatcher
@@ -54,13 +55,13 @@ def check_expert_parallel(parallel: ParallelConfig, moe: MoEConfig, world_size: 
     if ep == 1:
         return
     if not moe.enabled:
-        raise ValueError(
+        raise UserError(
             f"parallel.expert_parallel_size={ep} needs MoE layers, but "
             "moe.experts_per_modality is empty (moe=none); use parallel.expert_parallel_size=1"
         )
     model_parallel = ep * parallel.tensor_parallel_size * parallel.pipeline_parallel_size
     if world_size % model_parallel:
-        raise ValueError(
+        raise UserError(
             f"parallel.expert_parallel_size={ep} must divide the world size {world_size} "
             "(processes launched by torchrun: nodes x --nproc_per_node)"
         )
@@ -106,7 +107,7 @@ def init_expert_parallel(parallel: ParallelConfig) -> ExpertParallel:
 
     ep = parallel.expert_parallel_size
     if dist.get_world_size() % ep:
-        raise ValueError(
+        raise UserError(
             f"parallel.expert_parallel_size={ep} must divide the world size {dist.get_world_size()}"
         )
     sizes = (parallel.tensor_parallel_size, parallel.pipeline_parallel_size, ep)
@@ -175,7 +176,7 @@ class ExpertParallelMoELayer(MoELayer, DeepSpeedMoE):
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by DeepSpeed's engine on every MoE layer: the groups already exist."""
         if use_data_before_expert_parallel_:
-            raise ValueError(
+            raise UserError(
                 "DeepSpeed's use_data_before_expert_parallel_ changes the expert group layout; "
                 "mm_moe uses megatron-core's (consecutive expert-parallel ranks)"
             )

@@ -23,6 +23,7 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
+from mm_moe.errors import UserError
 from mm_moe.parallel.expert_parallel import ExpertParallelMoELayer, sharded_experts
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -122,7 +123,7 @@ def _check_names(saved: dict, engine, what: str, path: str) -> None:
     names = {n for n, _ in engine.module.named_parameters()}
     missing, unexpected = names - set(saved), set(saved) - names - set(engine.module.state_dict())
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{what} in {path} does not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}; was it saved from another model config?"
         )
@@ -133,7 +134,7 @@ def _local_value(value, name: str, p, experts: dict, what: str, path: str) -> to
     if name in experts:
         value = _local_experts(value, experts[name])
     if value.shape != p.shape:
-        raise ValueError(
+        raise UserError(
             f"{path}: {what} has shape {tuple(value.shape)}, the model expects {tuple(p.shape)}"
         )
     return value

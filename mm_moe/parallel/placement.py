@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mm_moe.errors import UserError
+
 
 @dataclass(frozen=True)
 class ExpertPlacement:
@@ -30,7 +32,7 @@ class ExpertPlacement:
     def __post_init__(self) -> None:
         for name, n in self.groups:
             if n % self.ep_size:
-                raise ValueError(
+                raise UserError(
                     f"parallel.expert_parallel_size={self.ep_size} must divide the {n} experts "
                     f"of group '{name}' (moe.experts_per_modality x moe.granularity)"
                 )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mm_moe.errors import UserError
 from mm_moe.tokenization.interface import Tokenizers
 from mm_moe.tokenization.vocab import Vocab
 
@@ -34,14 +35,14 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "grid", "levels"):
             if getattr(self, name) < 1:
-                raise ValueError(f"tokenizer.{name}={getattr(self, name)} must be positive")
+                raise UserError(f"tokenizer.{name}={getattr(self, name)} must be positive")
         if self.image_size % self.grid:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer.image_size={self.image_size} must be a multiple of "
                 f"tokenizer.grid={self.grid}"
             )
         if (self.text == "sentencepiece" or self.image == "vq") and not self.path:
-            raise ValueError(
+            raise UserError(
                 "tokenizer.path must name the folder of the trained tokenizers "
                 "(tokenizers/<name>/) when tokenizer.text=sentencepiece or tokenizer.image=vq"
             )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from mm_moe.errors import UserError
+
 BOI, EOI = "<boi>", "<eoi>"
 MODEL_FILE = "text.model"
 
@@ -60,7 +62,7 @@ class SentencePieceTextTokenizer:
     def __init__(self, model_path: str | Path):
         path = Path(model_path)
         if not path.is_file():
-            raise ValueError(
+            raise UserError(
                 f"sentencepiece model {path} not found; train it with "
                 "`python -m mm_moe.tokenization.train_text`"
             )
@@ -72,7 +74,7 @@ class SentencePieceTextTokenizer:
             min(self.pad, self.bos, self.eos, self.boi, self.eoi) < 0
             or self.boi == self.sp.unk_id()
         ):
-            raise ValueError(
+            raise UserError(
                 f"{path} lacks the special tokens (pad, bos, eos, {BOI}, {EOI}); "
                 "retrain it with mm_moe.tokenization.train_text"
             )

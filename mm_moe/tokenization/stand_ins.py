@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from mm_moe.errors import UserError
 from mm_moe.tokenization.image_preprocess import preprocess
 
 
@@ -28,7 +29,7 @@ class Utf8ByteTextTokenizer:
 class GridQuantizerImageTokenizer:
     def __init__(self, image_size: int, grid: int, levels: int):
         if image_size % grid:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer.image_size={image_size} must be a multiple of tokenizer.grid={grid}"
             )
         self.image_size, self.grid, self.levels = image_size, grid, levels

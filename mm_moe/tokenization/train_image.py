@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +21,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mm_moe.cli import CONFIG_DIR
 from mm_moe.config import ConfigError, from_dict
+from mm_moe.errors import UserError
 from mm_moe.tokenization.vq.model import VQConfig
 
 log = logging.getLogger("mm_moe")
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 
 
 @dataclass
@@ -46,9 +46,9 @@ class TrainImageConfig:
 
     def __post_init__(self) -> None:
         if not self.sources:
-            raise ValueError("sources=[SHARDS...] must name the images to train on")
+            raise UserError("sources=[SHARDS...] must name the images to train on")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("steps and batch_size must be >= 1, lr > 0")
+            raise UserError("steps and batch_size must be >= 1, lr > 0")
 
 
 def load_images(urls: list[str], resolution: int, limit: int = 0) -> torch.Tensor:
@@ -61,7 +61,7 @@ def load_images(urls: list[str], resolution: int, limit: int = 0) -> torch.Tenso
         if limit and len(images) >= limit:
             break
     if not images:
-        raise ValueError(f"no decodable images in {urls}")
+        raise UserError(f"no decodable images in {urls}")
     return images_to_tensor(images, resolution)
 
 

@@ -11,7 +11,6 @@ files (`files`), and writes OUTPUT/text.model. Configured with Hydra
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,11 @@ from typing import Literal
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mm_moe.cli import CONFIG_DIR
 from mm_moe.config import ConfigError, from_dict
+from mm_moe.errors import UserError
 
 log = logging.getLogger("mm_moe")
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 
 
 @dataclass
@@ -40,9 +40,9 @@ class TrainTextConfig:
 
     def __post_init__(self) -> None:
         if not self.sources and not self.files:
-            raise ValueError("give text to train on: sources=[SHARDS...] and/or files=[...]")
+            raise UserError("give text to train on: sources=[SHARDS...] and/or files=[...]")
         if self.vocab_size < 300:
-            raise ValueError(
+            raise UserError(
                 f"vocab_size={self.vocab_size} must be at least 300 "
                 "(256 byte-fallback pieces, specials, and merges)"
             )

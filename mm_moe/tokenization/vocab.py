@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from mm_moe.errors import UserError
+
 
 @dataclass(frozen=True)
 class Vocab:
@@ -33,15 +35,15 @@ class Vocab:
         }
         image_ids = range(self.image_offset, self.image_offset + self.image_size)
         if len(set(specials.values())) != len(specials):
-            raise ValueError(f"special token ids must be distinct, got {specials}")
+            raise UserError(f"special token ids must be distinct, got {specials}")
         for name, idx in specials.items():
             if not 0 <= idx < self.size or idx in image_ids:
-                raise ValueError(
+                raise UserError(
                     f"special token {name}={idx} must lie in [0, {self.size}) "
                     "outside the image codes"
                 )
         if self.image_offset < self.text_size or self.image_offset + self.image_size > self.size:
-            raise ValueError("image codes must follow the text ids and fit in the vocabulary")
+            raise UserError("image codes must follow the text ids and fit in the vocabulary")
 
     @classmethod
     def from_sizes(cls, text_size: int, image_size: int) -> Vocab:
@@ -63,7 +65,7 @@ class Vocab:
         try:
             return cls(**yaml.safe_load(Path(path).read_text()))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"invalid vocabulary file {path}: {exc}") from exc
+            raise UserError(f"invalid vocabulary file {path}: {exc}") from exc
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mm_moe.errors import UserError
+
 
 @dataclass
 class SpikeConfig:
@@ -24,11 +26,11 @@ class SpikeConfig:
 
     def __post_init__(self) -> None:
         if self.window < 0:
-            raise ValueError(f"trainer.spike.window={self.window} must be >= 0 (0: off)")
+            raise UserError(f"trainer.spike.window={self.window} must be >= 0 (0: off)")
         if self.zscore <= 0:
-            raise ValueError(f"trainer.spike.zscore={self.zscore} must be positive")
+            raise UserError(f"trainer.spike.zscore={self.zscore} must be positive")
         if self.window and not 2 <= self.min_steps <= self.window:
-            raise ValueError(
+            raise UserError(
                 f"trainer.spike.min_steps={self.min_steps} must be between 2 and "
                 f"trainer.spike.window={self.window}"
             )
@@ -45,6 +47,7 @@ class TrainerConfig:
     # Sequences per optimizer step, over all ranks.
     global_batch_size: int = 8
     # Sequences per rank per forward; accumulation = global / (micro * data-parallel ranks).
+    # 0: global / data-parallel ranks (no accumulation), whatever the number of processes.
     micro_batch_size: int = 8
     # auto: bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -62,25 +65,42 @@ class TrainerConfig:
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "log_interval", "global_batch_size", "micro_batch_size"):
+        for name in ("max_steps", "log_interval", "global_batch_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"trainer.{name}={getattr(self, name)} must be positive")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
+                raise UserError(f"trainer.{name}={getattr(self, name)} must be positive")
+        if self.micro_batch_size < 0:
+            raise UserError(
+                f"trainer.micro_batch_size={self.micro_batch_size} must be positive, or 0 to "
+                "take trainer.global_batch_size / data-parallel ranks"
+            )
+        if self.micro_batch_size and self.global_batch_size % self.micro_batch_size:
+            raise UserError(
                 f"trainer.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"trainer.micro_batch_size={self.micro_batch_size}"
             )
         if not self.run_dir:
-            raise ValueError("trainer.run_dir must not be empty")
+            raise UserError("trainer.run_dir must not be empty")
         if self.max_consecutive_skips < 0:
-            raise ValueError(
+            raise UserError(
                 f"trainer.max_consecutive_skips={self.max_consecutive_skips} must be >= 0"
             )
+
+    def micro_batch_for(self, dp_world_size: int) -> int:
+        """The micro-batch size at this data-parallel size (resolves 0)."""
+        if self.micro_batch_size:
+            return self.micro_batch_size
+        if self.global_batch_size % dp_world_size:
+            raise UserError(
+                f"trainer.micro_batch_size=0 takes trainer.global_batch_size / data-parallel "
+                f"ranks, but trainer.global_batch_size={self.global_batch_size} is not a "
+                f"multiple of the {dp_world_size} ranks; choose a global batch size that is"
+            )
+        return self.global_batch_size // dp_world_size
 
     def grad_accumulation_steps(self, dp_world_size: int) -> int:
         per_step = self.micro_batch_size * dp_world_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise UserError(
                 f"trainer.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"trainer.micro_batch_size={self.micro_batch_size} x {dp_world_size} "
                 "data-parallel ranks"

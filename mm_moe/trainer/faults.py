@@ -22,6 +22,8 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mm_moe.errors import UserError
+
 ENV = "MM_MOE_FAULT_INJECT"
 KINDS = ("nan", "spike", "kill", "hang", "write_error", "drop_batch")
 
@@ -44,10 +46,10 @@ def parse(spec: str) -> list[Fault]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, *fields = item.split(":")
         if kind not in KINDS:
-            raise ValueError(f"{ENV}: unknown fault {kind!r} in {item!r}; one of {KINDS}")
+            raise UserError(f"{ENV}: unknown fault {kind!r} in {item!r}; one of {KINDS}")
         opts = dict(f.split("=", 1) for f in fields)
         if "step" not in opts:
-            raise ValueError(f"{ENV}: {item!r} needs step=N (or step=A-B)")
+            raise UserError(f"{ENV}: {item!r} needs step=N (or step=A-B)")
         first, _, last = opts.pop("step").partition("-")
         rank = opts.pop("rank", None)
         faults.append(

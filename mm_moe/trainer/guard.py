@@ -27,6 +27,8 @@ COUNTERS = ("skipped_steps", "nonfinite_steps", "loss_spikes", "rollbacks")
 class TrainingHalted(RuntimeError):
     """The run cannot go on; raised on every rank at the same step."""
 
+    brief = True  # the message says it all: no traceback
+
     agreed = True  # every rank raises it together: no lost rank to look for
 
 

@@ -15,6 +15,7 @@ from mm_moe.checkpoint.async_save import Checkpointer
 from mm_moe.checkpoint.rng import seed_all
 from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
+from mm_moe.errors import UserError
 from mm_moe.eval.flops import FlopsMeter
 from mm_moe.eval.heldout import HeldoutEval, heldout_batches
 from mm_moe.parallel.distributed import (
@@ -64,7 +65,7 @@ def _check_fresh_start(cfg: TrainConfig, ckpt_root: Path, is_main: bool) -> None
             )
             layout.remove_all(ckpt_root)
     elif steps:
-        raise ValueError(
+        raise UserError(
             f"checkpoint.dir={ckpt_root} already holds checkpoints (latest step {steps[-1]}). "
             "Pass checkpoint.resume=auto to continue that run, checkpoint.overwrite=true to "
             "start over and replace them, or choose another trainer.run_dir"
@@ -110,6 +111,7 @@ def run(cfg: TrainConfig) -> list[dict]:
     """Train; returns the logged metrics (rank 0's view, identical on every rank)."""
     install_log_scrubber()
     adopt_slurm_env()  # one Slurm task per process (submitit): before the world-size checks
+    cfg = cfg.for_world(int(os.environ.get("WORLD_SIZE", 1)))
     check_expert_parallel(cfg.parallel, cfg.moe, int(os.environ.get("WORLD_SIZE", 1)))
     dist_info: DistInfo = init_distributed(
         cfg.parallel.backend, cfg.parallel.timeout_s, cfg.trainer.device
@@ -122,7 +124,7 @@ def run(cfg: TrainConfig) -> list[dict]:
         cfg.trainer.precision == "auto" and dist_info.device.type == "cuda"
     )
     if use_bf16 and dist_info.device.type != "cuda":
-        raise ValueError("trainer.precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
+        raise UserError("trainer.precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
 
     run_dir = Path(cfg.trainer.run_dir)
     ckpt_root = Path(cfg.checkpoint.dir)
@@ -202,7 +204,7 @@ def run(cfg: TrainConfig) -> list[dict]:
     peak = _peak_flops(cfg, dist_info.device)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     mean_flops = sum(flops.values()) / len(flops)
-    flops_meter = FlopsMeter(flops, flops_state)
+    flops_meter = FlopsMeter(flops, flops_state, (model_cfg, cfg.moe, cfg.data.seq_len))
     heldout = None
     if cfg.eval.interval:  # every rank: under expert parallelism eval forwards are collective
         heldout = HeldoutEval(

@@ -8,6 +8,10 @@ from typing import Literal
 
 import torch
 
+from mm_moe.errors import UserError
+from mm_moe.model.modality_ops import ModalityNorm
+from mm_moe.model.norms import RMSNorm
+
 
 @dataclass
 class OptimConfig:
@@ -26,22 +30,29 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
+            raise UserError(f"optim.lr={self.lr} must be positive")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+            raise UserError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.warmup_steps < 0 or self.decay_steps < 0:
-            raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
+            raise UserError("optim.warmup_steps and optim.decay_steps must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+            raise UserError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
-            raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0")
+            raise UserError("optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0")
 
     def build(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """AdamW; norm weights and other 1-D parameters get no weight decay."""
+        """AdamW; norm weights (per-modality [M, d] copies too) and other 1-D parameters get
+        no weight decay."""
+        norms = {
+            id(p)
+            for m in model.modules()
+            if isinstance(m, (RMSNorm, ModalityNorm))
+            for p in m.parameters()
+        }
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
+                (decay if p.dim() >= 2 and id(p) not in norms else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

@@ -33,10 +33,10 @@ def test_eval_during_training_expert_parallel_and_flops_resume(tmp_path):
             assert rows[step][f"eval/ppl_{m}"] == pytest.approx(math.exp(loss))
             assert math.isfinite(rows[step][f"eval/train_routing/loss_{m}"])
     assert "eval/loss_text" not in rows[1] and "eval/loss_text" not in rows[3]
-    # cumulative FLOPs: loss-bearing tokens of each modality x FLOPs per token, summed
+    # cumulative FLOPs: loss-bearing tokens of each modality x that step's FLOPs per token
+    # (with the expert-choice pairs the step computed), summed
     for m in ("text", "image"):
-        per_token = rows[1][f"flops_cumulative_{m}"] / rows[1][f"tokens_{m}"]
-        total = sum(rows[s][f"tokens_{m}"] for s in (1, 2, 3, 4)) * per_token
+        total = sum(rows[s][f"tokens_{m}"] * rows[s][f"flops_per_token_{m}"] for s in rows)
         assert rows[4][f"flops_cumulative_{m}"] == pytest.approx(total)
 
     # stop after step 2, resume to 4: the same FLOPs count and held-out losses
@@ -70,7 +70,13 @@ def test_savings_interpolation():
     assert study.flops_needed(curve, "text", 5.0) == (10.0, "<")
 
 
-def test_study_script_end_to_end(tmp_path):
+def test_study_script_end_to_end(tmp_path, demo_assets):
+    tok_dir, heldout = demo_assets
+    corpus = heldout.parent
+    data = ",".join(
+        f"{{urls:{corpus / name},format:{name},weight:1}}"
+        for name in ("pairs", "interleaved", "text")
+    )
     out = tmp_path / "study"
     cmd = [
         sys.executable,
@@ -86,9 +92,10 @@ def test_study_script_end_to_end(tmp_path):
         "--t2i-per-label=1",
         f"--override=eval.text_to_image.cache_dir={tmp_path / 'cache'}",
         "--override=eval.text_to_image.classifier_steps=20",
+        f"--override=tokenizer.path={tok_dir}",
+        f"--override=data.sources=[{data}]",
+        f"--override=eval.sources=[{{urls:{heldout},format:pairs,weight:1}}]",
     ]
-    if not (REPO / "data" / "demo" / "heldout").is_dir():
-        pytest.skip("demo corpus not built (make train builds it)")
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "study.md").read_text()

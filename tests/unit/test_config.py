@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +14,7 @@ from mm_moe.config import ConfigError, TrainConfig, from_dict, to_dict
 from mm_moe.config.overrides import check_overrides
 from mm_moe.config.schema import GROUPS
 from mm_moe.train import CONFIG_DIR, build_config
+from mm_moe.trainer.config import TrainerConfig
 
 ENTRY = (*GROUPS, "experiment")
 
@@ -136,3 +137,51 @@ def test_every_model_preset_counts_its_parameters_exactly(preset):
     with torch.device("meta"):  # shapes only: the 1.4B presets cost no memory
         model = model_cfg.build(cfg.moe)
     assert model_cfg.num_params(cfg.moe)["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("nproc, micro, ep", [(1, 16, 1), (2, 8, 2), (4, 4, 4), (8, 2, 4)])
+def test_make_train_sizes_follow_the_process_count(nproc, micro, ep):
+    """`make train NPROC=n`: the micro-batch is the global batch / n, the expert-parallel size
+    the largest that divides n and the 4 experts of each group (make train passes EP=0)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = build_config(
+            compose("train", overrides=["experiment=demo", "parallel.expert_parallel_size=0"])
+        )
+    resolved = cfg.for_world(nproc)
+    assert resolved.trainer.micro_batch_size == micro
+    assert resolved.trainer.grad_accumulation_steps(nproc) == 1
+    assert resolved.parallel.expert_parallel_size == ep
+    # an explicit EP is kept (make train EP=2)
+    pinned = replace(cfg, parallel=replace(cfg.parallel, expert_parallel_size=2))
+    assert pinned.for_world(nproc if nproc > 1 else 2).parallel.expert_parallel_size == 2
+
+
+def test_make_train_defaults_nproc_to_gpus_or_two_and_passes_auto_ep():
+    import subprocess
+
+    repo = Path(CONFIG_DIR).parent
+    dry = subprocess.run(
+        ["make", "-n", "-W", "setup", "train"], cwd=repo, capture_output=True, text=True
+    ).stdout
+    line = next(x for x in dry.splitlines() if "torchrun" in x)
+    gpus = torch.cuda.device_count()
+    assert f"--nproc_per_node={gpus or 2} " in line
+    assert "parallel.expert_parallel_size=0" in dry
+
+
+def test_micro_batch_zero_needs_a_global_batch_divisible_by_ranks():
+    cfg = TrainConfig(trainer=TrainerConfig(global_batch_size=6, micro_batch_size=0))
+    with pytest.raises(ValueError, match="not a multiple of the 4 ranks"):
+        cfg.for_world(4)
+    assert cfg.for_world(3).trainer.micro_batch_size == 2
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from mm_moe.parallel import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="local rank 1 has no GPU: this node has 1 GPU"):
+        distributed.init_distributed("auto", 60)

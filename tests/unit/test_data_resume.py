@@ -177,3 +177,55 @@ def test_mismatched_resume_and_batch_layout_fail_clearly(sources):
     with pytest.raises(ValueError, match=r"data.sources\[0\].urls: shard .* does not exist"):
         _loader([SourceConfig("/nonexistent/a-{0..3}.tar", "pairs")])
     assert np.isfinite(json.dumps(loader.state_dict()).__len__())
+
+
+def _small_source_with_a_bad_shard(root) -> list[SourceConfig]:
+    """3 img2dataset shards of 6 samples; the last holds one good sample among 5 corrupt
+    ones, so with 8 streams (3 slices a shard) two of its slices hold only bad samples."""
+    from tests.data_shards import write_raw_tar
+
+    good = [(s["__key__"], s["png"], s["txt"].encode()) for s in pairs(13)]
+    members = lambda items: [
+        m for key, png, txt in items for m in ((f"{key}.png", png), (f"{key}.txt", txt))
+    ]
+    write_raw_tar(root / "pairs-000000.tar", members(good[0:6]))
+    write_raw_tar(root / "pairs-000001.tar", members(good[6:12]))
+    bad = [(f"bad{i}", b"\x89PNG not an image", b"a caption") for i in range(5)]
+    write_raw_tar(root / "pairs-000002.tar", members([good[12], *bad]))
+    return [SourceConfig(str(root / "pairs-{000000..000002}.tar"), "pairs")]
+
+
+def test_streams_whose_slices_hold_only_bad_samples_borrow_from_the_source(tmp_path):
+    sources = _small_source_with_a_bad_shard(tmp_path)
+    make = lambda **kw: _loader(sources, streams=8, **kw)
+    straight = _run(make(), 10)
+    loader = make()
+    _run(loader, 10)
+    borrowing = [
+        j for j, state in loader.state_dict()["streams"].items() if state["sources"][0]["borrowing"]
+    ]
+    assert borrowing, "no stream met only bad slices: the test does not test borrowing"
+    assert loader.counters()["data/skipped_corrupt_image"] > 0
+    # Resume mid-run (also on two ranks): the same batches as the uninterrupted run.
+    for stop in (3, 6):
+        first = make(workers=1)
+        _run(first, stop)
+        resumed = make(micro=4)
+        resumed.load_state_dict(_json(first.state_dict()))
+        for step, batch in enumerate(_run(resumed, 10 - stop), start=stop):
+            _assert_equal(batch, straight[step], step)
+    ranks = [make(rank=r, world=2, micro=2) for r in range(2)]
+    for step in range(10):
+        parts = [_cat(rank.next()) for rank in ranks]
+        _assert_equal({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, straight[step], step)
+
+
+def test_a_source_without_one_usable_sample_fails_naming_it(tmp_path):
+    from mm_moe.data.defects import DataError
+    from tests.data_shards import write_raw_tar
+
+    members = [m for i in range(4) for m in ((f"b{i}.png", b"\x89PNG bad"), (f"b{i}.txt", b"a"))]
+    write_raw_tar(tmp_path / "only-bad.tar", members)
+    loader = _loader([SourceConfig(str(tmp_path / "only-bad.tar"), "pairs")], streams=8)
+    with pytest.raises(DataError, match=r"data.sources\[0\] \(pairs\): a whole epoch .*only-bad"):
+        loader.next()

@@ -28,15 +28,26 @@ def _synthetic_batches(micro=4, num_batches=2):
 
 def test_heldout_matches_reference_and_leaves_training_untouched():
     batches = _synthetic_batches()
-    moe = MoEConfig(
-        experts_per_modality={"text": 2, "image": 2}, router_noise=1.0, bias_update_rate=0.01
+    vocab = batches[0].input_ids_BS.max().item() + 1
+    # aux-loss-free balancing (token choice) counts loads in training-mode forwards
+    balanced = MoEConfig(
+        experts_per_modality={"text": 2, "image": 2},
+        router="token_choice",
+        router_noise=1.0,
+        bias_update_rate=0.01,
     )
-    model = TINY.with_vocab(batches[0].input_ids_BS.max().item() + 1).build(moe).train()
+    model = TINY.with_vocab(vocab).build(balanced).train()
     model.layers[0].ffn.load_accum.fill_(3.0)
+    rng = torch.get_rng_state()
+    HeldoutEval(batches, torch.device("cpu"))(model)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert torch.all(model.layers[0].ffn.load_accum == 3.0)
+
+    moe = MoEConfig(experts_per_modality={"text": 2, "image": 2}, router_noise=1.0)
+    model = TINY.with_vocab(vocab).build(moe).train()
     rng = torch.get_rng_state()
     out = HeldoutEval(batches, torch.device("cpu"))(model)
     assert model.training and torch.equal(torch.get_rng_state(), rng)
-    assert torch.all(model.layers[0].ffn.load_accum == 3.0)
     # reference: mean cross-entropy per target modality, eval mode (aux routers)
     model.eval()
     sums, counts = [0.0, 0.0], [0, 0]
@@ -65,6 +76,12 @@ def test_heldout_dense_has_no_gap_and_fixed_rows():
     model = TINY.with_vocab(int(a[0].input_ids_BS.max()) + 1).build()
     out = HeldoutEval(a, torch.device("cpu"))(model)
     assert out["eval/routing_gap_text"] == 0.0 and out["eval/routing_gap_image"] == 0.0
+    # Training routing is scored for dense models too: a training-mode forward that differs
+    # from the inference one shows up as a gap.
+    noisy = lambda module, args, out: out * 2.0 if module.training else out
+    model.lm_head.register_forward_hook(noisy)
+    out = HeldoutEval(a, torch.device("cpu"))(model)
+    assert out["eval/routing_gap_text"] != 0.0 and out["eval/routing_gap_image"] != 0.0
 
 
 def test_eval_config_errors():

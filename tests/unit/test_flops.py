@@ -116,7 +116,7 @@ def test_meter_accumulates_and_resumes():
     meter = FlopsMeter({"text": 10.0, "image": 100.0})
     meter.update({"tokens_text": 3, "tokens_image": 2})
     out = meter.update({"tokens_text": 1, "tokens_image": 1})
-    assert out == {
+    assert {k: v for k, v in out.items() if "cumulative" in k} == {
         "flops_cumulative_text": 40.0,
         "flops_cumulative_image": 300.0,
         "flops_cumulative": 340.0,

@@ -187,3 +187,55 @@ def test_initialization_is_the_same_for_dense_mot_and_experts():
         assert outs, name
         for p in outs:
             assert abs(p.std().item() - want) < 0.15 * want, (name, p.shape, p.std().item())
+
+
+def test_mot_unties_the_final_norm_and_older_checkpoints_load(tmp_path):
+    """MoT unties every norm but the embeddings': the final norm too (`norm.weight` is
+    [modalities, d]); a checkpoint that stored it shared ([d]) still loads, as copies."""
+    from mm_moe.checkpoint import layout
+    from mm_moe.checkpoint.pretrained import load_pretrained
+    from mm_moe.config import TrainConfig, to_dict
+    from mm_moe.data.config import DataConfig
+    from mm_moe.model.modality_ops import ModalityNorm
+
+    cfg = replace(BASE, untie=["attention", "norms"])
+    torch.manual_seed(0)
+    model = cfg.build().eval()
+    assert isinstance(model.norm, ModalityNorm) and model.norm.weight.shape == (2, 32)
+    ids, modality = _batch()
+    with torch.no_grad():
+        model.norm.weight[1].mul_(3.0)  # the image row alone changes image positions
+        before = model(ids, modality).logits
+        model.norm.weight[1].div_(3.0)
+        after = model(ids, modality).logits
+    image = modality.bool()
+    assert not torch.allclose(before[image], after[image])
+    torch.testing.assert_close(before[~image], after[~image])
+
+    # an older checkpoint: the same weights, final norm stored shared as [d]
+    import yaml
+
+    state = {k: v.clone() for k, v in model.state_dict().items() if "rope" not in k}
+    state["norm.weight"] = state["norm.weight"][0].clone()
+    step = tmp_path / layout.step_dir_name(1)
+    step.mkdir()
+    torch.save(state, step / "model.pt")
+    train_cfg = TrainConfig(model=cfg, data=DataConfig(seq_len=32))
+    (step / "config.yaml").write_text(yaml.safe_dump(to_dict(train_cfg)))
+    (step / layout.META).write_text('{"format_version": 2, "step": 1, "weights_only": true}')
+    loaded = load_pretrained(step)
+    assert torch.equal(loaded.norm.weight, model.norm.weight)  # both rows from the [d] copy
+    torch.testing.assert_close(loaded(ids, modality).logits, after)
+
+
+def test_norm_weights_get_no_weight_decay_per_modality_copies_included():
+    from mm_moe.model.modality_ops import ModalityNorm
+    from mm_moe.model.norms import RMSNorm
+    from mm_moe.trainer.optim import OptimConfig
+
+    model = replace(BASE, untie=["ffn", "attention", "norms"]).build()
+    opt = OptimConfig(weight_decay=0.1).build(model)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    norms = [m for m in model.modules() if isinstance(m, (RMSNorm, ModalityNorm))]
+    assert norms and not any(id(m.weight) in decayed for m in norms)
+    assert id(model.lm_head.weight) in decayed

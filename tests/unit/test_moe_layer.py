@@ -53,7 +53,8 @@ def _naive(layer: MoELayer, x_BSd, modality_BS, valid_BS, training: bool):
         pairs = []  # (token, expert, gate)
         if cfg.router == "expert_choice":
             if training:
-                cap = min(len(tokens), int(cfg.capacity_factor * cfg.k * len(tokens) / E))
+                per_expert = int(cfg.capacity_factor * cfg.k * len(tokens) / E)
+                cap = min(len(tokens), max(1, per_expert))
                 for e in range(E):
                     ranked = sorted(tokens, key=lambda t: -scores[t][e].item())[:cap]
                     pairs += [(t, e, scores[t][e]) for t in ranked]
@@ -269,6 +270,45 @@ def test_expert_choice_capacity_formula():
     assert router.expert_capacity(num_tokens=10, num_experts=4, capacity_factor=1.0, k=1) == 2
     assert router.expert_capacity(10, 4, 2.0, 1) == 5
     assert router.expert_capacity(10, 2, 4.0, 1) == 10  # never more than the group
+    assert router.expert_capacity(3, 4, 1.0, 1) == 1  # fewer tokens than experts: not 0
+    assert router.expert_capacity(0, 4, 1.0, 1) == 0
+
+
+def test_a_group_with_fewer_tokens_than_experts_is_processed_in_training():
+    """Two image tokens, two image experts at capacity factor 0.5 (C = int(0.5) = 0 before):
+    every expert takes one token, so no image token skips the FFN."""
+    layer = _layer(replace(CASES["ec_sigmoid_moma"], capacity_factor=0.5)).train()
+    x, _, _ = _inputs()
+    modality = torch.full(x.shape[:2], TEXT)
+    modality[0, :2] = IMAGE
+    ctx = _ctx(modality)
+    layer(x, ctx)
+    assert ctx.stats["moe/l0/image/pairs"].item() == 2.0  # one per expert
+    assert ctx.stats["moe/l0/image/tokens"].item() == 2.0
+    assert ctx.stats["moe/l0/image/dropped"].item() < 1.0
+
+
+def test_flops_meter_counts_the_pairs_actually_computed():
+    from mm_moe.eval.flops import FlopsMeter, training_flops_per_token
+    from mm_moe.model.config import ModelConfig
+
+    cfg, moe = (
+        ModelConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1),
+        CASES["ec_sigmoid_moma"],
+    )
+    expected = training_flops_per_token(cfg, moe, 8)
+    meter = FlopsMeter(expected, model=(cfg, moe, 8))
+    # 3 image tokens, 2 experts at capacity 1 each: 2/3 experts per token, not 1.
+    stats = {"tokens_text": 0, "tokens_image": 3}
+    stats.update({"moe/l0/image/pairs": 2.0, "moe/l0/image/tokens": 3.0})
+    stats.update({"moe/l0/text/pairs": 0.0, "moe/l0/text/tokens": 0.0})
+    out = meter.update(stats)
+    h = cfg.ffn_dim
+    # the experts' forward + backward (6 FLOPs per multiply-accumulate) shrink by 1/3 x 3dh
+    saved = 6 * (1 - 2 / 3) * 3 * cfg.d_model * h
+    assert out["flops_per_token_image"] == pytest.approx(expected["image"] - saved)
+    assert out["flops_per_token_text"] == expected["text"]  # no text tokens: the config's
+    assert out["flops_cumulative_image"] == pytest.approx(3 * (expected["image"] - saved))
 
 
 def test_zero_token_group_is_fine():

@@ -99,3 +99,13 @@ def test_bias_balancing_moves_towards_equal_load():
     assert len(seen) == 1  # loads are summed over ranks before the update
     torch.testing.assert_close(layer.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
     assert not layer.load_accum.any()
+
+
+@pytest.mark.parametrize("key", ["bias_update_rate", "load_balance_coef"])
+def test_token_choice_balancing_with_expert_choice_is_refused(key):
+    from mm_moe.config import ConfigError, TrainConfig, from_dict
+
+    moe = {"experts_per_modality": {"text": 2, "image": 2}, "router": "expert_choice", key: 0.01}
+    with pytest.raises(ConfigError, match=rf"moe.{key}=0.01 has no effect with .*expert_choice"):
+        from_dict(TrainConfig, {"moe": moe})
+    from_dict(TrainConfig, {"moe": {**moe, "router": "token_choice"}})  # fine there

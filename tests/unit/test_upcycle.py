@@ -178,7 +178,8 @@ def test_expert_choice_verify_reports_why(tmp_path, hf, capsys):
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "not function-preserving by construction" in printed
+    # a logit difference proves nothing here: never reported as passed
+    assert "verify: not checked" in printed and "function preserved" not in printed
     assert "moe.router=expert_choice" in printed and "tokens processed by no expert" in printed
     diff = float(printed.split("max |logit difference| = ")[1].split()[0])
     assert diff > 1e-5

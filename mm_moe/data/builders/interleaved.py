@@ -21,6 +21,7 @@ import numpy as np
 from mm_moe.data.builders.cli import parse
 from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
 from mm_moe.data.decode import IMAGE_EXTENSIONS
+from mm_moe.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,13 @@ def _entries(doc: dict) -> list[tuple[str, str]]:
             kind = entry.get("type")
             value = entry.get("text") if kind == "text" else entry.get("path")
             if kind not in ("text", "image") or not isinstance(value, str):
-                raise ValueError(f"bad entry {entry!r}")
+                raise UserError(f"bad entry {entry!r}")
             out.append((kind, value))
         return out
     texts, images = doc.get("texts"), doc.get("images")
     if isinstance(texts, list) and isinstance(images, list) and len(texts) == len(images):
         return [("text", t) if t is not None else ("image", i) for t, i in zip(texts, images)]
-    raise ValueError("expected 'content' or equal-length 'texts' and 'images'")
+    raise UserError("expected 'content' or equal-length 'texts' and 'images'")
 
 
 def to_sample(key: str, line: str, image_root: Path) -> dict:
@@ -65,12 +66,12 @@ def to_sample(key: str, line: str, image_root: Path) -> dict:
         path = Path(value) if Path(value).is_absolute() else image_root / value
         ext = path.suffix.lower().lstrip(".")
         if ext not in IMAGE_EXTENSIONS:
-            raise ValueError(f"image {value}: extension must be one of {IMAGE_EXTENSIONS}")
+            raise UserError(f"image {value}: extension must be one of {IMAGE_EXTENSIONS}")
         member = f"{len(content)}.{ext}"
         sample[member] = path.read_bytes()
         content.append({"type": "image", "member": member})
     if not content:
-        raise ValueError("empty document")
+        raise UserError("empty document")
     meta = {k: v for k, v in doc.items() if k not in ("content", "texts", "images")}
     sample["json"] = {"content": content, **({"meta": meta} if meta else {})}
     return sample
@@ -79,7 +80,7 @@ def to_sample(key: str, line: str, image_root: Path) -> dict:
 def build(cfg: BuildInterleavedConfig) -> str:
     src = Path(cfg.input)
     if not src.is_file():
-        raise ValueError(f"input={cfg.input} is not a file")
+        raise UserError(f"input={cfg.input} is not a file")
     image_root = Path(cfg.image_root) if cfg.image_root else src.parent
     with open(src, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()] if cfg.shuffle else None
@@ -109,7 +110,7 @@ def build(cfg: BuildInterleavedConfig) -> str:
     if left_out:
         log.warning("%d documents left out, e.g. %s", len(left_out), left_out[0])
     if not count:
-        raise ValueError(f"input={cfg.input}: no usable document")
+        raise UserError(f"input={cfg.input}: no usable document")
     return shard_pattern(out, cfg.prefix, count, cfg.shard_size)
 
 
@@ -120,6 +121,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         pattern = build(cfg)
-    except ValueError as exc:
+    except UserError as exc:
         sys.exit(f"build_interleaved.py: error: {exc}")
     print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: interleaved}})")

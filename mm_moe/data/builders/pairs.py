@@ -20,6 +20,7 @@ from PIL import Image
 from mm_moe.data.builders.cli import parse
 from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
 from mm_moe.data.decode import IMAGE_EXTENSIONS
+from mm_moe.errors import UserError
 
 log = logging.getLogger(__name__)
 _CONVERTED = (".bmp", ".gif", ".tif", ".tiff")
@@ -68,14 +69,14 @@ def _sample(key: str, image: Path, caption: Path, root: Path) -> dict:
 def build(cfg: BuildPairsConfig) -> str:
     root = Path(cfg.input)
     if not root.is_dir():
-        raise ValueError(f"input={cfg.input} is not a folder")
+        raise UserError(f"input={cfg.input} is not a folder")
     pairs, orphans = find_pairs(root)
     if orphans:
         log.warning(
             "%d images have no caption file and are left out, e.g. %s", len(orphans), orphans[0]
         )
     if not pairs:
-        raise ValueError(f"input={cfg.input} holds no image with a same-stem .txt caption")
+        raise UserError(f"input={cfg.input} holds no image with a same-stem .txt caption")
     out = prepare_output(cfg.output, cfg.overwrite)
     if cfg.shuffle:
         order = np.random.default_rng(cfg.seed).permutation(len(pairs))
@@ -90,6 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse(BuildPairsConfig, sys.argv[1:] if argv is None else argv, "build_pairs.py")
     try:
         pattern = build(cfg)
-    except ValueError as exc:
+    except UserError as exc:
         sys.exit(f"build_pairs.py: error: {exc}")
     print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: pairs}})")

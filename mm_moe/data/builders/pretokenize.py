@@ -31,6 +31,7 @@ from mm_moe.data.defects import REASONS, SampleError
 from mm_moe.data.documents import DecodeOptions, DocumentBuilder
 from mm_moe.data.shards import expand_urls
 from mm_moe.data.tar_reader import iter_raw_samples
+from mm_moe.errors import UserError
 from mm_moe.tokenization.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse(PretokenizeConfig, sys.argv[1:] if argv is None else argv, "pretokenize.py")
     try:
         pattern = build(cfg)
-    except ValueError as exc:
+    except UserError as exc:
         sys.exit(f"pretokenize.py: error: {exc}")
     print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: tokens}})")

@@ -17,6 +17,7 @@ import numpy as np
 
 from mm_moe.data.builders.cli import parse
 from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
+from mm_moe.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def build(cfg: BuildTextConfig) -> str:
     src = Path(cfg.input)
     files = [src] if src.is_file() else sorted(p for p in src.rglob(cfg.glob) if p.is_file())
     if not files:
-        raise ValueError(f"input={cfg.input} holds no files matching glob={cfg.glob}")
+        raise UserError(f"input={cfg.input} holds no files matching glob={cfg.glob}")
     docs: list[str] = []
     for path in files:
         try:
@@ -57,7 +58,7 @@ def build(cfg: BuildTextConfig) -> str:
         except UnicodeDecodeError:
             log.warning("%s is not UTF-8: left out", path)
     if not docs:
-        raise ValueError(f"input={cfg.input}: no non-empty UTF-8 text")
+        raise UserError(f"input={cfg.input}: no non-empty UTF-8 text")
     out = prepare_output(cfg.output, cfg.overwrite)
     if cfg.shuffle:
         order = np.random.default_rng(cfg.seed).permutation(len(docs))
@@ -72,6 +73,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse(BuildTextConfig, sys.argv[1:] if argv is None else argv, "build_text.py")
     try:
         pattern = build(cfg)
-    except ValueError as exc:
+    except UserError as exc:
         sys.exit(f"build_text.py: error: {exc}")
     print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: text}})")

@@ -13,16 +13,18 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from mm_moe.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
 def prepare_output(output: str, overwrite: bool) -> Path:
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output={output} exists and is not a directory")
+        raise UserError(f"output={output} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(
+            raise UserError(
                 f"output={output} is not empty; pass overwrite=true to replace its shards, "
                 "or choose another output"
             )
@@ -43,7 +45,7 @@ def write_shards(
 ) -> int:
     """Write `samples` to out/prefix-000000.tar, ...; returns how many were written."""
     if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size} must be positive")
+        raise UserError(f"shard_size={shard_size} must be positive")
     pattern = str(out / f"{prefix}-%06d.tar")
     count = 0
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mm_moe.errors import UserError
 from mm_moe.modality import MODALITIES
 
 MIXED = "mixed"
@@ -67,29 +69,45 @@ class MoEConfig:
         if epm:
             keys = set(epm)
             if keys != {MIXED} and keys != set(MODALITIES):
-                raise ValueError(
+                raise UserError(
                     f"moe.experts_per_modality={epm}: give every modality "
                     f"({', '.join(MODALITIES)}) a count, or one '{MIXED}' group"
                 )
             if any(n < 1 for n in epm.values()):
-                raise ValueError(f"moe.experts_per_modality={epm}: counts must be >= 1")
+                raise UserError(f"moe.experts_per_modality={epm}: counts must be >= 1")
         if self.top_k < 1 or self.granularity < 1 or self.shared_experts < 0:
-            raise ValueError("moe.top_k and moe.granularity must be >= 1, shared_experts >= 0")
+            raise UserError("moe.top_k and moe.granularity must be >= 1, shared_experts >= 0")
         if self.router == "token_choice":
             for name, n in epm.items():
                 if self.top_k > n:
-                    raise ValueError(
+                    raise UserError(
                         f"moe.top_k={self.top_k} exceeds the {n} experts of group '{name}'"
                     )
         if self.capacity_factor < 0 or (
             self.router == "expert_choice" and self.capacity_factor <= 0
         ):
-            raise ValueError(
+            raise UserError(
                 f"moe.capacity_factor={self.capacity_factor} must be > 0 for expert_choice "
                 "(>= 0 for token_choice, where 0 is dropless)"
             )
         if self.aux_router_hidden < 1 or self.router_noise < 0 or self.bias_update_rate < 0:
-            raise ValueError("moe.aux_router_hidden >= 1, router_noise and bias_update_rate >= 0")
+            raise UserError("moe.aux_router_hidden >= 1, router_noise and bias_update_rate >= 0")
+        if self.router == "expert_choice":
+            # Both balance token choice; expert choice is balanced by construction.
+            if self.bias_update_rate > 0:
+                raise UserError(
+                    f"moe.bias_update_rate={self.bias_update_rate} has no effect with "
+                    "moe.router=expert_choice: a per-expert bias shifts all of an expert's "
+                    "scores alike, so it never changes which tokens are its top-C. Set it to 0, "
+                    "or use moe.router=token_choice"
+                )
+            if self.load_balance_coef > 0:
+                raise UserError(
+                    f"moe.load_balance_coef={self.load_balance_coef} has no effect with "
+                    "moe.router=expert_choice: every expert takes exactly C tokens, so the "
+                    "Switch load-balance loss is a constant. Set it to 0, or use "
+                    "moe.router=token_choice"
+                )
 
     @property
     def enabled(self) -> bool:
@@ -110,6 +128,13 @@ class MoEConfig:
 
     def is_moe_layer(self, index: int) -> bool:
         return self.enabled and (self.layers == "all" or index in self.layers)
+
+    def largest_expert_parallel_size(self, world_size: int) -> int:
+        """The largest expert-parallel size that divides the world size and every group's
+        expert count (1 without MoE)."""
+        if not self.enabled:
+            return 1
+        return math.gcd(world_size, *(n for _, _, n in self.groups()))
 
     def expected_experts_per_token(self) -> float:
         if self.router == "expert_choice":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mm_moe.errors import UserError
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mlp import SwiGLU
 from mm_moe.model.moe import losses, router
@@ -40,7 +41,7 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, dense_hidden: int, layer_index: int):
         super().__init__()
         if dense_hidden % cfg.granularity:
-            raise ValueError(
+            raise UserError(
                 f"moe.granularity={cfg.granularity} must divide the FFN hidden size {dense_hidden}"
             )
         self.cfg, self.layer_index = cfg, layer_index
@@ -91,10 +92,13 @@ class MoELayer(nn.Module):
                 routing = router.expert_choice(scores_TE, select_TE, capacity)
             else:
                 routing = router.from_mask(scores_TE, aux_logits_TE > 0)
-            aux_loss, aux_acc = AuxRouter.loss_and_accuracy(aux_logits_TE, routing.chosen_TE)
+            aux_loss, aux_acc, baseline = AuxRouter.loss_and_accuracy(
+                aux_logits_TE, routing.chosen_TE
+            )
             if self.training and cfg.aux_router_coef > 0:
                 ctx.add_loss("moe/aux_router_bce", cfg.aux_router_coef * aux_loss)
             ctx.add_stat(f"{prefix}/aux_router_acc", aux_acc)
+            ctx.add_stat(f"{prefix}/aux_router_baseline", baseline)
         else:
             capacity = None
             if self.training and cfg.capacity_factor > 0:
@@ -132,6 +136,10 @@ class MoELayer(nn.Module):
             router_entropy = losses.local_entropy(probs_TE)
         # Vector stats are expanded to one metric per expert when logged.
         ctx.add_stat(f"{prefix}/load", load_E)
+        # Routed (token, expert) pairs and the group's tokens: their ratio is the experts per
+        # token actually computed (expert-choice capacity rounds), which FLOPs accounting uses.
+        ctx.add_stat(f"{prefix}/pairs", float(routing.token_idx_N.numel()))
+        ctx.add_stat(f"{prefix}/tokens", float(logits_TE.shape[0]))
         ctx.add_stat(f"{prefix}/dropped", routing.dropped_fraction)
         ctx.add_stat(f"{prefix}/router_entropy", router_entropy)
 

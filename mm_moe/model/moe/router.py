@@ -33,8 +33,10 @@ def logistic_noise_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int) -> int:
-    """Tokens each expert takes under expert choice: capacity_factor * k * T / E, at most T."""
-    return min(num_tokens, int(capacity_factor * k * num_tokens / num_experts))
+    """Tokens each expert takes under expert choice: capacity_factor * k * T / E rounded down,
+    at least 1 (a group with fewer tokens than experts still has every token processed, as
+    the auxiliary routers may route it at inference) and at most T."""
+    return min(num_tokens, max(1, int(capacity_factor * k * num_tokens / num_experts)))
 
 
 def expert_choice(scores_TE: torch.Tensor, select_TE: torch.Tensor, capacity: int) -> Routing:

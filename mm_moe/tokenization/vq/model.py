@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_moe.errors import UserError
+
 
 @dataclass
 class VQConfig:
@@ -28,13 +30,13 @@ class VQConfig:
 
     def __post_init__(self) -> None:
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
-            raise ValueError(f"downsample={self.downsample} must be a power of two")
+            raise UserError(f"downsample={self.downsample} must be a power of two")
         if self.resolution % self.downsample:
-            raise ValueError(
+            raise UserError(
                 f"resolution={self.resolution} must be a multiple of downsample={self.downsample}"
             )
         if self.codebook_size < 2 or self.code_dim < 1 or self.channels < 1:
-            raise ValueError("codebook_size >= 2, code_dim and channels >= 1")
+            raise UserError("codebook_size >= 2, code_dim and channels >= 1")
 
     @property
     def grid(self) -> int:

@@ -16,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
+from mm_moe.errors import UserError
 from mm_moe.tokenization.image_preprocess import preprocess
 from mm_moe.tokenization.vq.model import VQVAE, VQConfig
 
@@ -44,7 +45,7 @@ def save(model: VQVAE, out_dir: Path, metrics: dict) -> None:
 def load_model(path: str | Path) -> VQVAE:
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
-        raise ValueError(
+        raise UserError(
             f"no VQ tokenizer in {path} (expected {WEIGHTS} and {CONFIG}); train "
             "one with `python -m mm_moe.tokenization.train_image`"
         )
@@ -71,5 +72,5 @@ class VQImageTokenizer:
     def decode(self, codes: np.ndarray) -> Image.Image:
         codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.long).view(1, -1)
         if codes_t.shape[1] != self.tokens_per_image:
-            raise ValueError(f"expected {self.tokens_per_image} codes, got {codes_t.shape[1]}")
+            raise UserError(f"expected {self.tokens_per_image} codes, got {codes_t.shape[1]}")
         return tensor_to_image(self.model.decode(codes_t)[0])

@@ -1,0 +1,26 @@
+"""Every docs page the project cites exists: configs, code, data pipelines and the docs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CITED = re.compile(r"docs/[A-Za-z0-9_./-]+\.(?:md|png)")
+
+
+def test_every_cited_docs_page_exists():
+    sources = [REPO / "README.md"]
+    for folder in ("configs", "mm_moe", "data_pipelines", "docs", "scripts", "launch", "docker"):
+        sources += [p for p in (REPO / folder).rglob("*") if p.is_file()]
+    missing = {}
+    for path in sources:
+        if path.suffix not in (".py", ".md", ".yaml", ".sh", ".sbatch", "") or "__pycache__" in str(
+            path
+        ):
+            continue
+        for cited in CITED.findall(path.read_text(errors="ignore")):
+            target = (path.parent / cited) if path.parent.name == "docs" else REPO / cited
+            if not target.exists() and not (REPO / cited).exists():
+                missing.setdefault(cited, []).append(str(path.relative_to(REPO)))
+    assert not missing, missing
