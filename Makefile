@@ -12,7 +12,7 @@ NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); \
   if [ "$${n:-0}" -gt 0 ]; then echo $$n; else echo 2; fi)
 ARGS ?=
 
-.PHONY: setup demo-assets train test test-slurm test-fast lint format clean
+.PHONY: setup demo-assets train test test-slurm test-fast gpu-check lint format clean
 
 setup: $(STAMP)
 
@@ -73,6 +73,11 @@ test: setup
 # The launcher test under a real single-node Slurm (installs Debian's slurm packages; root).
 test-slurm: setup
 	$(PY) -m pytest -q -m slurm tests/slurm $(ARGS)
+
+# Validate a GPU machine: the gpu tests, the CUDA benchmarks and a 50-step 1.4B MoMa run, into
+# runs/gpu_check.json (under 8 minutes on one H100/H200). Without a GPU: one line, exit 0.
+gpu-check: setup
+	$(PY) scripts/gpu_check.py --out runs/gpu_check.json $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit $(ARGS)

@@ -6,21 +6,40 @@
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh experiment=dense_1b   # on node1
 #
 # Every argument is a Hydra override passed to mm_moe.train. The environment is passed through.
+# Knobs: NPROC_PER_NODE (default: the GPUs, or 2 CPU processes), PYTHON_BIN, MASTER_PORT
+# (default 29500), SHUTDOWN_TIMEOUT: seconds torchrun waits after SIGTERM before SIGKILL
+# (default 180, torchrun's own is 30): enough for the checkpoint a preempted run writes at
+# its next step boundary. DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-180}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$("$PYTHON_BIN" -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi
 
-if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
-  exec "$PYTHON_BIN" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" \
-    -m mm_moe.train "$@"
+# Recent torchrun takes --shutdown-timeout; older ones SIGKILL 30 s after SIGTERM.
+grace=()
+if "$PYTHON_BIN" -m torch.distributed.run --help 2>/dev/null | grep -q -- --shutdown-timeout; then
+  grace=(--shutdown-timeout="$SHUTDOWN_TIMEOUT")
+else
+  echo "[torchrun.sh] this torchrun has no --shutdown-timeout: workers get 30 s after SIGTERM" >&2
 fi
-exec "$PYTHON_BIN" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-  --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d \
-  --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}" \
-  -m mm_moe.train "$@"
+
+if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
+  cmd=("$PYTHON_BIN" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE")
+else
+  cmd=("$PYTHON_BIN" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
+       --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d
+       --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
+fi
+cmd+=("${grace[@]}" -m mm_moe.train "$@")
+if [[ -n "${DRY_RUN:-}" ]]; then
+  printf '%q ' "${cmd[@]}"
+  echo
+  exit 0
+fi
+exec "${cmd[@]}"

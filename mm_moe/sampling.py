@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mm_moe.errors import UserError
 from mm_moe.modality import IMAGE, TEXT
 from mm_moe.tokenization.vocab import Vocab
 
@@ -60,6 +61,11 @@ def generate(
             nxt = vocab.eoi
             remaining = None
         else:
+            if len(ids) > model.cfg.max_seq_len:
+                raise UserError(
+                    f"the prompt and {len(new)} sampled tokens ({len(ids)}) exceed "
+                    f"model.max_seq_len={model.cfg.max_seq_len}; sample fewer tokens"
+                )
             x = torch.tensor([ids], device=device)
             m = torch.tensor([modality_of(ids, vocab)], device=device)
             logits = model(x, m).logits[0, -1].float()

@@ -103,13 +103,7 @@ def _layer_step(layer, args, device):
     modality[:, S // 2 :] = 1
 
     def run():
-        ctx = ForwardContext(
-            modality_ids_BS=modality,
-            position_ids_BS=torch.arange(S, device=device).expand(B, S),
-            doc_ids_BS=None,
-            mask_B1SS=None,
-            valid_BS=torch.ones(B, S, dtype=torch.bool, device=device),
-        )
+        ctx = ForwardContext.for_layer(modality)
         layer(x.clone().requires_grad_(), ctx).sum().backward()
 
     return run

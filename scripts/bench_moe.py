@@ -1,7 +1,9 @@
 """Forward+backward time of the MoE layer vs a dense SwiGLU with equal active FLOPs and vs
 DeepSpeed's MoE layer (top-k, capacity factor 1.25), measured in one run.
 
-    .venv/bin/python scripts/bench_moe.py [--json] [--iters 10]
+    .venv/bin/python scripts/bench_moe.py [--json] [--iters 10] [--device cuda]
+
+On CUDA everything runs in bf16, and each row says which expert GEMM path ours took.
 
 Prints one JSON object per case with --json (fields: case, num_experts, top_k, tokens, hidden,
 ours_ms, dense_ms, deepspeed_ms, ratio_vs_dense, speedup_vs_deepspeed), else a table.
@@ -56,6 +58,11 @@ def _cases() -> list[Case]:
     ]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time_ms(fns: dict, iters: int) -> dict[str, float]:
     """Median milliseconds of each function, run round-robin so that a change in machine load
     affects every contender alike."""
@@ -65,8 +72,10 @@ def _time_ms(fns: dict, iters: int) -> dict[str, float]:
     samples = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}
 
@@ -81,23 +90,18 @@ def _fwd_bwd(module_call, x):
 
 
 def _ours(case: Case, moe: MoEConfig, x, modality):
-    layer = MoELayer(moe, case.hidden, case.ffn, layer_index=0)
+    layer = MoELayer(moe, case.hidden, case.ffn, layer_index=0).to(x.device, x.dtype)
     B = 1
 
     def call(inp):
-        ctx = ForwardContext(
-            modality_ids_BS=modality.view(B, -1),
-            position_ids_BS=torch.zeros_like(modality).view(B, -1),
-            doc_ids_BS=None,
-            mask_B1SS=None,
-            valid_BS=torch.ones_like(modality, dtype=torch.bool).view(B, -1),
-        )
+        ctx = ForwardContext.for_layer(modality.view(B, -1))
         return layer(inp.view(B, -1, case.hidden), ctx)
 
+    call.layer = layer
     return call
 
 
-def _deepspeed_layer(case: Case, num_experts: int, k: int, expert_hidden: int):
+def _deepspeed_layer(case: Case, num_experts: int, k: int, expert_hidden: int, device, dtype):
     from deepspeed.moe.layer import MoE
 
     layer = MoE(
@@ -110,7 +114,7 @@ def _deepspeed_layer(case: Case, num_experts: int, k: int, expert_hidden: int):
         eval_capacity_factor=1.25,
         min_capacity=4,
         drop_tokens=True,
-    )
+    ).to(device, dtype)
     return lambda inp: layer(inp.view(1, -1, case.hidden))[0]
 
 
@@ -118,7 +122,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     import deepspeed
 
@@ -131,24 +138,26 @@ def main() -> None:
     from mm_moe.parallel.distributed import skip_deepspeed_shm_build
 
     skip_deepspeed_shm_build()
-    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's MoE creates its groups
+    # DeepSpeed's MoE creates its groups
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(0)
     rows = []
     for case in _cases():
         moe = case.moe
-        x = torch.randn(case.tokens, case.hidden, requires_grad=True)
-        modality = (torch.rand(case.tokens) < case.image_fraction).long()
+        x = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
+        modality = (torch.rand(case.tokens, device=device) < case.image_fraction).long()
         num_experts = sum(n for _, _, n in moe.groups())
         expert_hidden = case.ffn // moe.granularity
         active_hidden = int(moe.expected_experts_per_token() * expert_hidden)
-        dense = SwiGLU(case.hidden, active_hidden)
+        dense = SwiGLU(case.hidden, active_hidden).to(device, dtype)
+        ours = _ours(case, moe, x, modality)
         fns = {
-            "ours": _fwd_bwd(_ours(case, moe, x, modality), x),
+            "ours": _fwd_bwd(ours, x),
             "dense": _fwd_bwd(dense, x),
         }
         ds_k = round(moe.expected_experts_per_token())
         if ds_k <= 2:  # DeepSpeed's gate supports k = 1 or 2
-            ds = _deepspeed_layer(case, num_experts, ds_k, expert_hidden)
+            ds = _deepspeed_layer(case, num_experts, ds_k, expert_hidden, device, dtype)
             fns["deepspeed"] = _fwd_bwd(ds, x)
         if case.baseline is not None:
             fns["ungrouped"] = _fwd_bwd(_ours(case, case.baseline, x, modality), x)
@@ -159,6 +168,8 @@ def main() -> None:
             "top_k": moe.k,
             "tokens": case.tokens,
             "hidden": case.hidden,
+            "device": device.type,
+            "gemm_path": ours.layer.experts.last_path,
             "ours_ms": ms["ours"],
             "dense_ms": ms["dense"],
             "deepspeed_ms": ms.get("deepspeed"),

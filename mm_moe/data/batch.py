@@ -21,6 +21,9 @@ class Batch:
     loss_mask_BS: torch.Tensor  # bool
     doc_ids_BS: torch.Tensor  # document index inside the packed row (attention masking)
     position_ids_BS: torch.Tensor  # position inside the document (RoPE)
+    # Every row holds one document: attention needs no document mask (the causal flash
+    # path). Known on the host where the batch is built, so the forward needs no sync.
+    one_document_per_row: bool = False
 
     @classmethod
     def from_tokens(
@@ -43,9 +46,21 @@ class Batch:
             loss_mask_BS=torch.from_numpy(np.ascontiguousarray(loss_mask_BS)),
             doc_ids_BS=as_long(doc_BT[:, :-1]),
             position_ids_BS=as_long(position_BT[:, :-1]),
+            one_document_per_row=bool((doc_BT[:, :-1] == doc_BT[:, :1]).all()),
         )
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            **{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)}
+        move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def model_inputs(self) -> tuple:
+        """The model's forward arguments: ids, modality ids, document ids (None when every
+        row holds one document), positions, and the loss mask as the token mask."""
+        doc_ids_BS = None if self.one_document_per_row else self.doc_ids_BS
+        return (
+            self.input_ids_BS,
+            self.modality_ids_BS,
+            doc_ids_BS,
+            self.position_ids_BS,
+            self.loss_mask_BS,
         )

@@ -68,9 +68,7 @@ def _score(model, batches: list[Batch], device) -> tuple[torch.Tensor, dict[str,
     stat_sums: dict[str, torch.Tensor] = {}
     for b in batches:
         b = b.to(device)
-        out = model(
-            b.input_ids_BS, b.modality_ids_BS, b.doc_ids_BS, b.position_ids_BS, b.loss_mask_BS
-        )
+        out = model(*b.model_inputs())
         ce_BS, _ = per_token_losses(out.logits, b.target_ids_BS, 0.0)
         for m in range(NUM_MODALITIES):
             sel_BS = b.loss_mask_BS & (b.target_modality_ids_BS == m)

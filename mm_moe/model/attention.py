@@ -1,26 +1,59 @@
 """Grouped-query self-attention with QK-norm, RoPE and document masking; projections and
 QK-norms optionally untied per modality (MoT), attention itself global.
 
+The kernel is chosen once per micro-batch by the mask (attention_mask.py): SDPA's causal
+(flash) path, SDPA with a dense document mask, or FlexAttention with a document BlockMask.
+Grouped-query attention never copies K and V per query head: both kernels take
+`enable_gqa=True`.
+
 Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mm_moe.modality import NUM_MODALITIES
-from mm_moe.model.modality_ops import Linear, ModalityLinear, ModalityNorm, Norm
+from mm_moe.model.attention_mask import AttentionMask, document_causal_mask
+from mm_moe.model.modality_ops import Linear, ModalityLinear, ModalityNorm, ModalityRows, Norm
 from mm_moe.model.rope import RotaryEmbedding
 
+__all__ = ["Attention", "document_causal_mask"]
 
-def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] boolean mask: position i sees j iff j <= i and both lie in one document."""
-    seq_len = doc_ids_BS.shape[1]
-    causal_SS = torch.ones(seq_len, seq_len, dtype=torch.bool, device=doc_ids_BS.device).tril()
-    same_doc_BSS = doc_ids_BS.unsqueeze(2) == doc_ids_BS.unsqueeze(1)
-    return (same_doc_BSS & causal_SS).unsqueeze(1)
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # FlexAttention is fast only compiled (eager runs an unfused reference); compiled once
+    # per process and shared by every layer, with static shapes, as torchtitan does (training
+    # shapes are fixed; torch 2.13's CPU kernel also fails to build with dynamic shapes).
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(
+    q_BHSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask: AttentionMask
+) -> torch.Tensor:
+    gqa = q_BHSD.shape[1] != k_BKSD.shape[1]
+    if mask.kind == "block":
+        S = q_BHSD.shape[2]
+        pad = lambda t: F.pad(t, (0, 0, 0, mask.block_length - S)) if mask.block_length > S else t
+        out_BHPD = _compiled_flex_attention()(
+            pad(q_BHSD), pad(k_BKSD), pad(v_BKSD), block_mask=mask.block, enable_gqa=gqa
+        )
+        return out_BHPD[:, :, :S]
+    return F.scaled_dot_product_attention(
+        q_BHSD,
+        k_BKSD,
+        v_BKSD,
+        attn_mask=mask.dense_B1SS,
+        is_causal=mask.kind == "causal",
+        enable_gqa=gqa,
+    )
 
 
 class Attention(nn.Module):
@@ -52,25 +85,17 @@ class Attention(nn.Module):
     def forward(
         self,
         x_BSd: torch.Tensor,
-        modality_BS: torch.Tensor,
+        rows: ModalityRows,
         position_ids_BS: torch.Tensor,
-        mask_B1SS: torch.Tensor | None,
+        mask: AttentionMask,
     ) -> torch.Tensor:
         B, S, _ = x_BSd.shape
-        q_BSHD = self.w_q(x_BSd, modality_BS).view(B, S, self.n_heads, self.head_dim)
-        k_BSKD = self.w_k(x_BSd, modality_BS).view(B, S, self.n_kv_heads, self.head_dim)
-        v_BSKD = self.w_v(x_BSd, modality_BS).view(B, S, self.n_kv_heads, self.head_dim)
+        q_BSHD = self.w_q(x_BSd, rows).view(B, S, self.n_heads, self.head_dim)
+        k_BSKD = self.w_k(x_BSd, rows).view(B, S, self.n_kv_heads, self.head_dim)
+        v_BSKD = self.w_v(x_BSd, rows).view(B, S, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q_BSHD, k_BSKD = self.q_norm(q_BSHD, modality_BS), self.k_norm(k_BSKD, modality_BS)
+            q_BSHD, k_BSKD = self.q_norm(q_BSHD, rows), self.k_norm(k_BSKD, rows)
         q_BHSD = self.rope(q_BSHD.transpose(1, 2), position_ids_BS)
         k_BKSD = self.rope(k_BSKD.transpose(1, 2), position_ids_BS)
-        v_BKSD = v_BSKD.transpose(1, 2)
-        repeat = self.n_heads // self.n_kv_heads
-        if repeat > 1:
-            k_BKSD = k_BKSD.repeat_interleave(repeat, dim=1)
-            v_BKSD = v_BKSD.repeat_interleave(repeat, dim=1)
-        if mask_B1SS is None:
-            out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BKSD, v_BKSD, is_causal=True)
-        else:
-            out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BKSD, v_BKSD, attn_mask=mask_B1SS)
-        return self.w_o(out_BHSD.transpose(1, 2).reshape(B, S, -1), modality_BS)
+        out_BHSD = attend(q_BHSD, k_BKSD, v_BSKD.transpose(1, 2), mask)
+        return self.w_o(out_BHSD.transpose(1, 2).reshape(B, S, -1), rows)

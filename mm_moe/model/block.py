@@ -42,14 +42,14 @@ class TransformerBlock(nn.Module):
         if isinstance(self.ffn, MoELayer):
             return self.ffn(x_BSd, ctx)
         if isinstance(self.ffn, ModalityFFN):
-            return self.ffn(x_BSd, ctx.modality_ids_BS)
+            return self.ffn(x_BSd, ctx.rows)
         return self.ffn(x_BSd)
 
     def forward(self, x_BSd: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        mod = ctx.modality_ids_BS
-        attn = lambda h: self.attn(h, mod, ctx.position_ids_BS, ctx.mask_B1SS)
+        rows = ctx.rows
+        attn = lambda h: self.attn(h, rows, ctx.position_ids_BS, ctx.attn_mask)
         if self.post_norm:
-            h_BSd = x_BSd + self.attn_norm(attn(x_BSd), mod)
-            return h_BSd + self.ffn_norm(self._ffn(h_BSd, ctx), mod)
-        h_BSd = x_BSd + attn(self.attn_norm(x_BSd, mod))
-        return h_BSd + self._ffn(self.ffn_norm(h_BSd, mod), ctx)
+            h_BSd = x_BSd + self.attn_norm(attn(x_BSd), rows)
+            return h_BSd + self.ffn_norm(self._ffn(h_BSd, ctx), rows)
+        h_BSd = x_BSd + attn(self.attn_norm(x_BSd, rows))
+        return h_BSd + self._ffn(self.ffn_norm(h_BSd, rows), ctx)

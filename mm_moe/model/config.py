@@ -37,6 +37,10 @@ class ModelConfig:
     z_loss: float = 0.0
     # Block-diagonal causal attention over documents packed into one sequence.
     document_masking: bool = True
+    # Attention kernel: flex (FlexAttention with a document BlockMask), sdpa (a dense
+    # document mask; the flash path when rows hold one document), auto (flex on CUDA, sdpa
+    # on CPU, where FlexAttention has no backward).
+    attention: Literal["auto", "flex", "sdpa"] = "auto"
     init_std: float = 0.02
     # Mixture-of-Transformers: parts with one copy per modality (ffn, attention projections,
     # norms); self-attention stays global.

@@ -12,15 +12,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mm_moe.model.attention_mask import AttentionMask, Backend
+from mm_moe.model.modality_ops import ModalityRows
+
 
 @dataclass
 class ForwardContext:
     modality_ids_BS: torch.Tensor
     position_ids_BS: torch.Tensor
     doc_ids_BS: torch.Tensor | None
-    mask_B1SS: torch.Tensor | None
+    # Which keys each query sees (built once, shared by every layer).
+    attn_mask: AttentionMask
     # Tokens that compete for expert capacity and MoD slots (false: padding, no loss).
     valid_BS: torch.Tensor
+    # Rows of each modality, for MoT's per-modality projections (computed once).
+    rows: ModalityRows | None = None
+    # sdpa | flex: how masks of sub-sequences (mixture-of-depths) are built.
+    backend: Backend = "sdpa"
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -29,3 +37,25 @@ class ForwardContext:
 
     def add_stat(self, name: str, value: torch.Tensor | float) -> None:
         self.stats[name] = torch.as_tensor(value).detach().float()
+
+    @classmethod
+    def for_layer(
+        cls, modality_ids_BS: torch.Tensor, valid_BS: torch.Tensor | None = None
+    ) -> ForwardContext:
+        """A context for running one layer on its own (tests, benchmarks): one document per
+        row, positions 0..S-1, every token valid unless `valid_BS` says otherwise."""
+        B, S = modality_ids_BS.shape
+        device = modality_ids_BS.device
+        return cls(
+            modality_ids_BS=modality_ids_BS,
+            position_ids_BS=torch.arange(S, device=device).expand(B, S),
+            doc_ids_BS=None,
+            attn_mask=AttentionMask("causal"),
+            valid_BS=torch.ones(B, S, dtype=torch.bool, device=device)
+            if valid_BS is None
+            else valid_BS,
+        )
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = ModalityRows(self.modality_ids_BS)

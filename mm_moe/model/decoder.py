@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mm_moe.errors import UserError
 from mm_moe.modality import NUM_MODALITIES
-from mm_moe.model.attention import document_causal_mask
+from mm_moe.model.attention_mask import AttentionMask, check_backend, resolve_backend
 from mm_moe.model.block import TransformerBlock
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mod import MoDBlock
-from mm_moe.model.modality_ops import ModalityNorm, Norm
+from mm_moe.model.modality_ops import ModalityNorm, ModalityRows, Norm
 from mm_moe.model.norms import RMSNorm
 from mm_moe.model.rope import RotaryEmbedding
 
@@ -85,26 +86,34 @@ class EarlyFusionDecoder(nn.Module):
         position_ids_BS: torch.Tensor | None = None,
         token_mask_BS: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """token_mask_BS: tokens that compete for expert capacity and MoD slots (the loss
-        mask in training; None is all tokens)."""
+        """doc_ids_BS: the document of each position in a packed row (None: one document per
+        row, plain causal attention). token_mask_BS: tokens that compete for expert capacity
+        and MoD slots (the loss mask in training; None is all tokens). Positions, when given,
+        must be below model.max_seq_len (not checked here: no host sync per forward)."""
         B, S = input_ids_BS.shape
         if modality_ids_BS is None:  # all text
             modality_ids_BS = torch.zeros_like(input_ids_BS)
         if position_ids_BS is None:
+            if self.cfg.max_seq_len < S:
+                raise UserError(f"{S} positions exceed model.max_seq_len={self.cfg.max_seq_len}")
             position_ids_BS = torch.arange(S, device=input_ids_BS.device).expand(B, S)
         if not self.cfg.document_masking:
             doc_ids_BS = None
+        backend = resolve_backend(self.cfg.attention, input_ids_BS.device)
+        check_backend(backend, input_ids_BS.device, torch.is_grad_enabled() and self.training)
         ctx = ForwardContext(
             modality_ids_BS=modality_ids_BS,
             position_ids_BS=position_ids_BS,
             doc_ids_BS=doc_ids_BS,
-            mask_B1SS=document_causal_mask(doc_ids_BS) if doc_ids_BS is not None else None,
+            attn_mask=AttentionMask.build(doc_ids_BS, backend),
             valid_BS=token_mask_BS.bool()
             if token_mask_BS is not None
             else torch.ones_like(input_ids_BS, dtype=torch.bool),
+            rows=ModalityRows.of(modality_ids_BS, NUM_MODALITIES, bool(self.cfg.untie)),
+            backend=backend,
         )
         h_BSd = self.embed(input_ids_BS)
         for layer in self.layers:
             h_BSd = layer(h_BSd, ctx)
-        logits_BSV = self.lm_head(self.norm(h_BSd, modality_ids_BS))
+        logits_BSV = self.lm_head(self.norm(h_BSd, ctx.rows))
         return ModelOutput(logits=logits_BSV, aux_losses=ctx.aux_losses, stats=ctx.stats)

@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mm_moe.errors import UserError
-from mm_moe.model.attention import document_causal_mask
+from mm_moe.modality import NUM_MODALITIES
+from mm_moe.model.attention_mask import AttentionMask
 from mm_moe.model.context import ForwardContext
+from mm_moe.model.modality_ops import ModalityRows
 from mm_moe.model.moe.aux_router import AuxRouter
 
 
@@ -55,7 +58,8 @@ class MoDBlock(nn.Module):
 
     def forward(self, x_BSd: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, S, d = x_BSd.shape
-        scores_BS = self.router(x_BSd).squeeze(-1).float()
+        # fp32 logits from fp32 copies: a bf16 product would tie the top-k over the sequence.
+        scores_BS = F.linear(x_BSd.float(), self.router.weight.float()).squeeze(-1)
         aux_logits_BS = self.aux_router(x_BSd.reshape(B * S, d)).view(B, S)
         valid_BS = ctx.valid_BS
         selected_BS = self._select(scores_BS, aux_logits_BS, valid_BS)
@@ -80,14 +84,17 @@ class MoDBlock(nn.Module):
         x_BKd = x_BSd.gather(1, idx_BK.unsqueeze(-1).expand(B, K, d))
         doc_BK = gather(ctx.doc_ids_BS) if ctx.doc_ids_BS is not None else torch.zeros_like(idx_BK)
         doc_BK = torch.where(slot_ok_BK, doc_BK, -1)  # invalid slots see only each other
+        modality_BK = gather(ctx.modality_ids_BS)
         sub = ForwardContext(
-            modality_ids_BS=gather(ctx.modality_ids_BS),
+            modality_ids_BS=modality_BK,
             position_ids_BS=gather(ctx.position_ids_BS),
             doc_ids_BS=doc_BK,
-            mask_B1SS=document_causal_mask(doc_BK),
+            attn_mask=AttentionMask.build(doc_BK, ctx.backend),
             valid_BS=slot_ok_BK & gather(valid_BS),
             aux_losses=ctx.aux_losses,
             stats=ctx.stats,
+            rows=ModalityRows.of(modality_BK, NUM_MODALITIES, ctx.rows.rows_M is not None),
+            backend=ctx.backend,
         )
         y_BKd = self.block(x_BKd, sub)
         gate_BK = torch.sigmoid(gather(scores_BS)) * slot_ok_BK

@@ -6,6 +6,8 @@ Shape legend: B batch, S sequence, T tokens, M modalities.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -13,33 +15,51 @@ from mm_moe.model.mlp import SwiGLU
 from mm_moe.model.norms import RMSNorm
 
 
+@dataclass
+class ModalityRows:
+    """Which of the flattened B*S tokens hold each modality: computed once per forward (one
+    host sync, for the split sizes) and shared by every per-modality op of every layer.
+    Without untied parts nothing needs the rows (`rows_M` None, no sync)."""
+
+    modality_ids_BS: torch.Tensor
+    rows_M: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def of(cls, modality_ids_BS: torch.Tensor, num_modalities: int, split: bool) -> ModalityRows:
+        if not split:
+            return cls(modality_ids_BS)
+        modality_T = modality_ids_BS.reshape(-1)
+        order_T = torch.argsort(modality_T, stable=True)
+        counts = torch.bincount(modality_T, minlength=num_modalities).tolist()
+        return cls(modality_ids_BS, tuple(order_T.split(counts)))
+
+
 class Linear(nn.Linear):
-    """nn.Linear that accepts (and ignores) modality ids, so tied and untied projections are
-    called the same way."""
+    """nn.Linear that accepts (and ignores) the modality rows, so tied and untied projections
+    are called the same way."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor, modality_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: ModalityRows | None = None) -> torch.Tensor:
         return super().forward(x)
 
 
 class Norm(RMSNorm):
-    def forward(self, x: torch.Tensor, modality_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: ModalityRows | None = None) -> torch.Tensor:
         return super().forward(x)
 
 
-def _by_modality(x: torch.Tensor, modality_BS: torch.Tensor, num_modalities: int, fn):
+def _by_modality(x: torch.Tensor, rows: ModalityRows, fn):
     """Apply fn(m, rows of modality m) to the rows of x ([B, S, ...]) of each modality."""
-    lead = modality_BS.shape
+    assert rows.rows_M is not None, "ModalityRows.of(..., split=True) for untied parts"
+    lead = rows.modality_ids_BS.shape
     x_T = x.reshape(lead.numel(), *x.shape[len(lead) :])
-    modality_T = modality_BS.reshape(-1)
     out = None
-    for m in range(num_modalities):
-        idx = (modality_T == m).nonzero(as_tuple=True)[0]
+    for m, idx in enumerate(rows.rows_M):
         y = fn(m, x_T.index_select(0, idx))
         if out is None:
-            out = y.new_zeros(x_T.shape[0], *y.shape[1:])
+            out = y.new_empty(x_T.shape[0], *y.shape[1:])
         out = out.index_copy(0, idx, y)
     return out.reshape(*lead, *out.shape[1:])
 
@@ -52,8 +72,8 @@ class ModalityLinear(nn.Module):
         for w in self.weight:
             nn.init.kaiming_uniform_(w, a=5**0.5)
 
-    def forward(self, x: torch.Tensor, modality_BS: torch.Tensor) -> torch.Tensor:
-        return _by_modality(x, modality_BS, len(self.weight), lambda m, r: r @ self.weight[m].t())
+    def forward(self, x: torch.Tensor, rows: ModalityRows) -> torch.Tensor:
+        return _by_modality(x, rows, lambda m, r: r @ self.weight[m].t())
 
 
 class ModalityNorm(nn.Module):
@@ -64,10 +84,10 @@ class ModalityNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_modalities, dim))
 
-    def forward(self, x: torch.Tensor, modality_BS: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: ModalityRows) -> torch.Tensor:
         x_fp32 = x.float()
         normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float()[modality_BS]  # [B, S, dim]
+        w = self.weight.float()[rows.modality_ids_BS]  # [B, S, dim]
         while w.dim() < normed.dim():  # per-head norms: [B, S, H, D]
             w = w.unsqueeze(-2)
         return (normed * w).type_as(x)
@@ -80,5 +100,5 @@ class ModalityFFN(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(num_modalities))
 
-    def forward(self, x_BSd: torch.Tensor, modality_BS: torch.Tensor) -> torch.Tensor:
-        return _by_modality(x_BSd, modality_BS, len(self.experts), lambda m, r: self.experts[m](r))
+    def forward(self, x_BSd: torch.Tensor, rows: ModalityRows) -> torch.Tensor:
+        return _by_modality(x_BSd, rows, lambda m, r: self.experts[m](r))

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+log = logging.getLogger("mm_moe")
+
 
 def deepspeed_config(
     *,
@@ -18,6 +20,16 @@ def deepspeed_config(
 ) -> dict:
     gas = global_batch_size // (micro_batch_size * dp_world_size)
     assert gas * micro_batch_size * dp_world_size == global_batch_size
+    if bf16 and zero_stage == 0:
+        # DeepSpeed 0.19's ZeRO-0 bf16 path (FP16_UnfusedOptimizer) keeps its fp32 master
+        # weights apart from the parameters and leaves expert gradients out of its clipping
+        # norm; its ZeRO-1 optimizer has neither problem and, at one rank per data-parallel
+        # group, shards nothing.
+        log.warning(
+            "trainer.precision=bf16 with parallel.zero_stage=0: using DeepSpeed's ZeRO-1 bf16 "
+            "optimizer (fp32 master weights, optimizer state sharded over data-parallel ranks)"
+        )
+        zero_stage = 1
     return {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,

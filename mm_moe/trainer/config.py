@@ -56,6 +56,9 @@ class TrainerConfig:
     peak_flops: float = 0.0
     # Per-process CPU threads for torch; 0 leaves torch's default.
     cpu_threads: int = 0
+    # torch.compile each decoder block (MoE and mixture-of-depths blocks: their attention;
+    # mm_moe/parallel/compile.py says why).
+    compile: bool = False
     # A NaN or inf in the loss or the gradients of any rank (agreed by all ranks before the
     # optimizer step): skip leaves parameters, optimizer state and LR schedule unchanged and
     # counts the step in `skipped_steps`; stop ends the run with an error.

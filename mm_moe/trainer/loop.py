@@ -18,6 +18,9 @@ from mm_moe.config.validate import to_dict
 from mm_moe.errors import UserError
 from mm_moe.eval.flops import FlopsMeter
 from mm_moe.eval.heldout import HeldoutEval, heldout_batches
+from mm_moe.model.attention_mask import check_backend, resolve_backend
+from mm_moe.model.moe.experts import gemm_paths
+from mm_moe.parallel.compile import compile_blocks
 from mm_moe.parallel.distributed import (
     DistInfo,
     adopt_slurm_env,
@@ -106,6 +109,20 @@ def _data_counters(loader, device: torch.device) -> dict:
     return {k: int(v) for k, v in zip(keys, totals.tolist())}
 
 
+def _kernels(model: torch.nn.Module, model_cfg, device: torch.device) -> dict[str, str]:
+    """The attention kernel and the expert GEMM path this run takes: logged once, and
+    recorded in the first row of metrics.jsonl."""
+    facts = {"attention": resolve_backend(model_cfg.attention, device)}
+    check_backend(facts["attention"], device, training=True)
+    gemm = gemm_paths(model, device)
+    if gemm:
+        facts["moe/gemm"] = ",".join(sorted(gemm))
+        for path, why in gemm.items():
+            log.info("expert GEMMs: %s (%s)", path, why)
+    log.info("attention: %s (model.attention=%s)", facts["attention"], model_cfg.attention)
+    return facts
+
+
 @names_lost_ranks
 def run(cfg: TrainConfig) -> list[dict]:
     """Train; returns the logged metrics (rank 0's view, identical on every rank)."""
@@ -123,8 +140,6 @@ def run(cfg: TrainConfig) -> list[dict]:
     use_bf16 = cfg.trainer.precision == "bf16" or (
         cfg.trainer.precision == "auto" and dist_info.device.type == "cuda"
     )
-    if use_bf16 and dist_info.device.type != "cuda":
-        raise UserError("trainer.precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
 
     run_dir = Path(cfg.trainer.run_dir)
     ckpt_root = Path(cfg.checkpoint.dir)
@@ -149,6 +164,8 @@ def run(cfg: TrainConfig) -> list[dict]:
     model = model_cfg.build(cfg.moe).to(dist_info.device)
     # Expert parallelism: shard the experts, exchange tokens by all-to-all (None at EP=1).
     expert_parallel = parallelize(model, cfg.parallel, dist_info.device)
+    if cfg.trainer.compile:
+        compile_blocks(model)
     optimizer = cfg.optim.build(model)
     if expert_parallel is not None:
         split_moe_param_groups(optimizer)
@@ -200,6 +217,7 @@ def run(cfg: TrainConfig) -> list[dict]:
     metrics = MetricsLogger(
         run_dir, dist_info.is_main, cfg.trainer.max_steps, start_step, cfg.logging, wandb_init
     )
+    metrics.first_row = _kernels(engine.module, model_cfg, dist_info.device)
     wandb_id = wandb_init["id"] if wandb_init else None
     peak = _peak_flops(cfg, dist_info.device)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len

@@ -37,6 +37,7 @@ class MetricsLogger:
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
+        self.first_row: dict = {}  # facts of the run (e.g. kernels chosen) for the first row
         self.wandb_run = None
         self.bar = None
         if not enabled:
@@ -83,9 +84,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         metrics = scrub(metrics)
-        record = {k: _clean(v) for k, v in metrics.items()}
+        facts, self.first_row = self.first_row, {}
+        record = {**{k: _clean(v) for k, v in metrics.items()}, **facts}
         self.file.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
+            if facts:
+                self.wandb_run.config.update(facts, allow_val_change=True)
             self.wandb_run.log(metrics, step=metrics["step"])
         short = (
             f"step {metrics['step']} loss {metrics['loss']:.4f} "

@@ -74,9 +74,7 @@ def train_step(
             faults.maybe_kill(step, rank)
             faults.maybe_hang(step, rank)
         b = b.to(device)
-        out = engine(
-            b.input_ids_BS, b.modality_ids_BS, b.doc_ids_BS, b.position_ids_BS, b.loss_mask_BS
-        )
+        out = engine(*b.model_inputs())
         for name, value in out.stats.items():
             stat_sums[name] = stat_sums[name] + value if name in stat_sums else value.clone()
         ce_BS, z_BS = per_token_losses(out.logits, b.target_ids_BS, z_loss)

@@ -72,13 +72,7 @@ def _check_dispatcher(rank: int, world: int, device: str = "cpu") -> None:
 
 
 def _ctx(modality_BS: torch.Tensor, valid_BS: torch.Tensor) -> ForwardContext:
-    return ForwardContext(
-        modality_ids_BS=modality_BS,
-        position_ids_BS=torch.arange(S, device=modality_BS.device).expand(B, S),
-        doc_ids_BS=None,
-        mask_B1SS=None,
-        valid_BS=valid_BS,
-    )
+    return ForwardContext.for_layer(modality_BS, valid_BS)
 
 
 def _check_layer(rank: int, world: int, cfg: MoEConfig, rank1: str, device: str = "cpu") -> None:

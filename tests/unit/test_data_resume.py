@@ -42,7 +42,8 @@ def _loader(sources, rank=0, world=1, micro=GLOBAL, workers=0, streams=4, seq_le
 
 
 def _cat(batches: list[Batch]) -> dict[str, torch.Tensor]:
-    return {f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)}
+    tensors = [f.name for f in fields(Batch) if f.name.endswith("_BS")]
+    return {name: torch.cat([getattr(b, name) for b in batches]) for name in tensors}
 
 
 def _assert_equal(a: dict, b: dict, step) -> None:

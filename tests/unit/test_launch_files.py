@@ -49,3 +49,43 @@ def test_slurm_task_environment_maps_to_torch_distributed():
     assert got["MASTER_PORT"] == str(20000 + 1234) and got["MASTER_ADDR"]
     assert slurm_env({**env, "RANK": "0"}) == {}  # torchrun already set it up
     assert slurm_env({**env, "SLURM_NTASKS": "1"}) == {}  # one task: torchrun inside
+
+
+def test_torchrun_launcher_gives_workers_time_to_checkpoint_after_sigterm():
+    import os
+
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON_BIN": sys.executable, "NPROC_PER_NODE": "2"}
+    run = lambda **extra: (
+        subprocess.run(
+            ["bash", str(REPO / "launch" / "torchrun.sh"), "experiment=tiny_dense"],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    # more than the 120 s signal lead of launch/slurm.sbatch (torchrun's own default is 30 s)
+    assert "--shutdown-timeout=180 " in run()
+    assert "--shutdown-timeout=600 " in run(SHUTDOWN_TIMEOUT="600")
+    multi = run(NNODES="2", NODE_RANK="1", MASTER_ADDR="node0")
+    assert "--rdzv-endpoint=node0:29500" in multi and "--shutdown-timeout=180" in multi
+    sbatch = (REPO / "launch" / "slurm.sbatch").read_text()
+    lead = int(sbatch.split("#SBATCH --signal=B:USR1@")[1].split()[0])
+    default = int(sbatch.split("SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-")[1].split("}")[0])
+    assert default > lead and '"${grace[@]}"' in sbatch
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: make gpu-check runs for real")
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), f"--out={out}"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1 and "no CUDA device" in proc.stdout
+    assert not out.exists()

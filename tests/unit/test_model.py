@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mm_moe.model.attention import document_causal_mask
+from mm_moe.model.attention_mask import AttentionMask
 from mm_moe.model.config import ModelConfig
+from mm_moe.model.modality_ops import ModalityRows
 
 CFG = ModelConfig(
     vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64
@@ -49,7 +50,8 @@ def test_attention_matches_naive_reference_with_documents():
     doc = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
     pos = torch.cat([torch.arange(4), torch.arange(6)]).expand(2, 10).clone()
     pos[1] = torch.arange(10)
-    got = attn(x, torch.zeros_like(doc), pos, document_causal_mask(doc))
+    rows = ModalityRows(torch.zeros_like(doc))
+    got = attn(x, rows, pos, AttentionMask.build(doc, "sdpa"))
     want = _naive_attention(attn, x, pos, doc)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

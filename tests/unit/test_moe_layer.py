@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mm_moe.modality import IMAGE, TEXT
 from mm_moe.model.context import ForwardContext
+from mm_moe.model.moe import router as router_mod
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.layer import MoELayer
 
@@ -19,14 +20,7 @@ D, HIDDEN = 16, 32
 
 
 def _ctx(modality_BS, valid_BS=None):
-    B, S = modality_BS.shape
-    return ForwardContext(
-        modality_ids_BS=modality_BS,
-        position_ids_BS=torch.arange(S).expand(B, S),
-        doc_ids_BS=None,
-        mask_B1SS=None,
-        valid_BS=torch.ones(B, S, dtype=torch.bool) if valid_BS is None else valid_BS,
-    )
+    return ForwardContext.for_layer(modality_BS, valid_BS)
 
 
 def _expert(layer, e, x_d):
@@ -318,3 +312,74 @@ def test_zero_token_group_is_fine():
     out = layer(x, ctx)
     assert not out.any()
     assert ctx.stats["moe/l0/image/load"].tolist() == [0.0, 0.0]
+
+
+def test_router_logits_are_fp32_from_fp32_copies_in_a_bf16_model():
+    """A bf16 model routes on fp32 logits computed from fp32 copies of its bf16 input and
+    weights: the expert-choice selection equals the fp32 model's on the same values (a bf16
+    product, cast after, rounds scores into ties and picks other tokens)."""
+    cfg = replace(CASES["ec_sigmoid_moma"], aux_router_coef=0.0)
+    torch.manual_seed(0)
+    d = 256  # long dot products: bf16 accumulation moves many scores across the top-C cut
+    layer = MoELayer(cfg, d, 64, layer_index=0).train()
+    with torch.no_grad():  # values that bf16 holds exactly, so both models see the same
+        for p in layer.parameters():
+            p.copy_(p.bfloat16().float())
+    layer_bf16 = copy.deepcopy(layer).bfloat16()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 256, d, generator=g).bfloat16()
+    modality = (torch.rand(4, 256, generator=g) < 0.4).long()
+    routes = {}
+    for name, model, inp in [("fp32", layer, x.float()), ("bf16", layer_bf16, x)]:
+        seen = {}
+        original = router_mod.expert_choice
+
+        def spy(scores_TE, select_TE, capacity, _seen=seen):
+            _seen.setdefault("dtypes", []).append(scores_TE.dtype)
+            routing = original(scores_TE, select_TE, capacity)
+            _seen.setdefault("chosen", []).append(routing.chosen_TE.clone())
+            return routing
+
+        router_mod.expert_choice = spy
+        try:
+            model(inp, _ctx(modality))
+        finally:
+            router_mod.expert_choice = original
+        routes[name] = seen
+    assert set(routes["bf16"]["dtypes"]) == {torch.float32}
+    for a, b in zip(routes["fp32"]["chosen"], routes["bf16"]["chosen"]):
+        assert torch.equal(a, b)
+
+
+def test_grouped_mm_path_is_guarded_and_runs_where_it_can():
+    from mm_moe.errors import UserError
+    from mm_moe.model.moe.experts import GroupedExperts, choose_gemm
+
+    cpu = torch.device("cpu")
+    assert choose_gemm("auto", cpu, torch.float32, 16, 32)[0] == "loop"
+    # forced grouped_mm on CPU runs torch._grouped_mm and equals the loop
+    x = torch.randn(10, 16)
+    counts = torch.tensor([3, 0, 7])
+    loop = GroupedExperts(3, 16, 32, "loop")
+    grouped = GroupedExperts(3, 16, 32, "grouped_mm")
+    grouped.load_state_dict(loop.state_dict())
+    torch.testing.assert_close(grouped(x, counts), loop(x, counts), atol=1e-5, rtol=1e-5)
+    assert grouped.last_path == "grouped_mm" and loop.last_path == "loop"
+    # rows not a multiple of 16 bytes: forced is a UserError naming the key and constraint
+    with pytest.raises(UserError, match=r"moe.gemm=grouped_mm cannot run .*multiples of 4"):
+        choose_gemm("grouped_mm", cpu, torch.float32, 16, 30)
+    with pytest.raises(UserError, match="multiples of 8 in torch.bfloat16"):
+        GroupedExperts(3, 12, 32, "grouped_mm").bfloat16()(x[:, :12].bfloat16(), counts)
+
+
+def test_grouped_mm_auto_on_gpus_by_capability_dtype_and_alignment(monkeypatch):
+    from mm_moe.model.moe.experts import choose_gemm
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert choose_gemm("auto", cuda, torch.bfloat16, 4096, 1408)[0] == "grouped_mm"
+    assert choose_gemm("auto", cuda, torch.float32, 4096, 1408)[0] == "padded"  # fp32
+    assert choose_gemm("auto", cuda, torch.bfloat16, 4096, 1410)[0] == "padded"  # alignment
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    path, why = choose_gemm("auto", cuda, torch.bfloat16, 4096, 1408)
+    assert path == "padded" and "Hopper" in why

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_moe.errors import UserError
+
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous: torch._grouped_mm's
@@ -25,12 +27,52 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+def grouped_mm_problem(
+    device: torch.device, dtype: torch.dtype, d_model: int, hidden: int
+) -> str | None:
+    """Why `torch._grouped_mm` cannot run the experts here; None when it can."""
     if not hasattr(torch, "_grouped_mm"):
-        return False
+        return f"torch {torch.__version__} has no torch._grouped_mm (torch >= 2.8 has it)"
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16
-    return False  # the CPU kernel exists but is no faster than the batched GEMMs below
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (9, 0):
+            return f"it needs a Hopper GPU (compute capability >= 9.0), this one has {capability}"
+        if dtype != torch.bfloat16:
+            return f"on CUDA it takes bf16 inputs, these are {dtype} (trainer.precision=bf16)"
+    elif device.type != "cpu":
+        return f"torch has no grouped GEMM kernel for {device.type}"
+    # Every row of the inputs, weights and outputs must start on a 16-byte boundary.
+    per_row = 16 // torch.empty((), dtype=dtype).element_size()
+    if d_model % per_row or hidden % per_row:
+        return (
+            f"rows must be multiples of 16 bytes: d_model={d_model} and the expert hidden "
+            f"size {hidden} must be multiples of {per_row} in {dtype}"
+        )
+    return None
+
+
+def choose_gemm(gemm: str, device: torch.device, dtype: torch.dtype, d_model: int, hidden: int):
+    """(path, why) for `moe.gemm` on this device and dtype: grouped_mm | padded | loop."""
+    problem = grouped_mm_problem(device, dtype, d_model, hidden)
+    if gemm == "grouped_mm":
+        if problem is not None:
+            raise UserError(
+                f"moe.gemm=grouped_mm cannot run on {device.type} in {dtype}: {problem}. "
+                "Use moe.gemm=auto (it falls back to padded or loop GEMMs)"
+            )
+        return "grouped_mm", "moe.gemm=grouped_mm"
+    if gemm != "auto":
+        return gemm, f"moe.gemm={gemm}"
+    if device.type == "cuda" and problem is None:
+        return "grouped_mm", "moe.gemm=auto: torch._grouped_mm on a Hopper GPU in bf16"
+    if device.type == "cuda":
+        return "padded", (
+            f"moe.gemm=auto: no torch._grouped_mm ({problem}); batched GEMMs over rows "
+            "padded to the busiest expert, a loop of GEMMs when that would more than double "
+            "the work"
+        )
+    # The CPU grouped kernel exists but is no faster than the loop, which does no padding.
+    return "loop", "moe.gemm=auto on CPU: a loop of GEMMs over experts"
 
 
 def _grouped_mm(x_Nd: torch.Tensor, w_Edh: torch.Tensor, counts_E: torch.Tensor):
@@ -127,32 +169,50 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, hidden: int, gemm: str = "auto"):
         super().__init__()
         self.num_experts, self.hidden, self.gemm = num_experts, hidden, gemm
+        self._paths: dict = {}
+        self.last_path: str | None = None  # the path the last forward took (tests, logs)
         # Gate and up projections side by side: one GEMM per expert instead of two.
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         for w in (self.w_gate_up, self.w_down):
             nn.init.normal_(w, std=1 / math.sqrt(w.shape[1]))
 
-    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
-        if self.gemm == "auto":
-            return grouped_mm_supported(x.device, x.dtype)
-        return self.gemm == "grouped_mm"
+    def path(self, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+        """(GEMM path, why) for inputs on this device and dtype; cached."""
+        key = (device, dtype)
+        if key not in self._paths:
+            _, hidden, d_model = self.w_down.shape
+            self._paths[key] = choose_gemm(self.gemm, device, dtype, d_model, hidden)
+        return self._paths[key]
 
     def forward(self, x_Nd: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if self._use_grouped_mm(x_Nd):
+        path, _ = self.path(x_Nd.device, x_Nd.dtype)
+        self.last_path = path
+        if path == "grouped_mm":
             gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, counts_E).chunk(2, dim=1)
             return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, counts_E)
         counts = counts_E.tolist()
         max_count = max(counts) if counts else 0
-        # On a GPU one batched GEMM beats a launch per expert; on a CPU the loop is faster
-        # (no work on padding, and the elementwise work already runs once over all rows).
-        padded = self.gemm == "padded" or (
-            self.gemm == "auto"
-            and x_Nd.device.type == "cuda"
-            and max_count * len(counts) <= self.MAX_PADDING * len(x_Nd)
+        # On a GPU one batched GEMM beats a launch per expert, unless padding to the busiest
+        # expert more than doubles the work; on a CPU the loop is faster (no work on padding,
+        # and the elementwise work already runs once over all rows).
+        padded = path == "padded" and (
+            self.gemm == "padded" or max_count * len(counts) <= self.MAX_PADDING * len(x_Nd)
         )
         if padded and max_count > 0:
             return _padded_swiglu(x_Nd, self.w_gate_up, self.w_down, counts_E, max_count)
         ends = torch.cumsum(counts_E, 0).tolist()
         bounds = list(zip([0, *ends[:-1]], ends))
         return _LoopedSwiGLU.apply(x_Nd, self.w_gate_up, self.w_down, bounds)
+
+
+def gemm_paths(model: nn.Module, device: torch.device) -> dict[str, str]:
+    """{GEMM path: why} that the model's expert layers take for their weights' dtype on
+    `device` (one entry when all agree). Raises the UserError of a forced path that cannot
+    run, before the first step."""
+    paths = {}
+    for m in model.modules():
+        if isinstance(m, GroupedExperts):
+            path, why = m.path(device, m.w_down.dtype)
+            paths[path] = why
+    return paths

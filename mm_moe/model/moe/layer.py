@@ -10,6 +10,7 @@ Shape legend: B batch, S sequence, T tokens, d width, E experts of a group, N se
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mm_moe.errors import UserError
@@ -74,7 +75,9 @@ class MoELayer(nn.Module):
     def _route(self, name: str, x_Td: torch.Tensor, ctx: ForwardContext) -> router.Routing:
         cfg = self.cfg
         E = self.routers[name].out_features
-        logits_TE = self.routers[name](x_Td).float()
+        # fp32 logits from fp32 copies of input and weight (not a bf16 product cast after):
+        # expert choice takes a top-C over these scores, and bf16 would tie them.
+        logits_TE = F.linear(x_Td.float(), self.routers[name].weight.float())
         scores_TE = router.scores_from_logits(logits_TE, cfg.score)
         select_TE = scores_TE
         if self.training and cfg.router_noise > 0:
