@@ -17,6 +17,7 @@ Without CUDA it says so in one line and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -75,10 +76,8 @@ def _json_lines(result: dict) -> list[dict]:
     rows = []
     for line in result.pop("tail", "").splitlines():
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
     result["rows"] = rows
     return rows
 

@@ -334,9 +334,9 @@ def test_router_logits_are_fp32_from_fp32_copies_in_a_bf16_model():
         seen = {}
         original = router_mod.expert_choice
 
-        def spy(scores_TE, select_TE, capacity, _seen=seen):
+        def spy(scores_TE, select_TE, capacity, _seen=seen, _original=original):
             _seen.setdefault("dtypes", []).append(scores_TE.dtype)
-            routing = original(scores_TE, select_TE, capacity)
+            routing = _original(scores_TE, select_TE, capacity)
             _seen.setdefault("chosen", []).append(routing.chosen_TE.clone())
             return routing
 
