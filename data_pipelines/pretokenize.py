@@ -4,7 +4,9 @@
 The logic lives in mm_moe/data/builders/pretokenize.py; `--help` lists the keys.
 """
 
-from mm_moe.data.builders.pretokenize import main
+from mm_moe.cli import run_job
+from mm_moe.data.builders.pretokenize import PretokenizeConfig, build
 
 if __name__ == "__main__":
-    main()
+    pattern = run_job("pretokenize.py", PretokenizeConfig, build)
+    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: tokens}})")

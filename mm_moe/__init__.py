@@ -3,7 +3,7 @@
 
 def load_pretrained(path, device="cpu"):
     """A trained model from a checkpoint (step, checkpoint or run directory), in eval mode."""
-    from mm_moe.checkpoint.pretrained import load_pretrained as _load
+    from mm_moe.api import load_pretrained as _load
 
     return _load(path, device)
 

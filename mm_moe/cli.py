@@ -1,5 +1,6 @@
-"""What every command-line entry point shares: where the configs are, and how a failure is
-reported (exit status 2 for the user's mistakes, 1 with a traceback for everything else).
+"""What every command-line entry point shares: where the configs are, composing and validating
+them, `key=value` arguments with `--help`, and how a failure is reported (exit status 2 for
+the user's mistakes with the message alone, 1 with a traceback for everything else).
 
 `configs/` lives at the top of the repository; a wheel ships a copy inside the package
 (`mm_moe/configs`, copied by setup.py's build step), so a non-editable install finds its
@@ -8,13 +9,25 @@ configs from any working directory.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
+import os
 import sys
 import traceback
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
+from mm_moe.config.overrides import check_overrides
+from mm_moe.config.schema import GROUPS, TrainConfig
+from mm_moe.config.validate import ConfigError, from_dict, type_name
 from mm_moe.errors import UserError
 
 _PACKAGE = Path(__file__).resolve().parent
+# The config groups of configs/train.yaml that a command line may choose.
+ENTRY_GROUPS = (*GROUPS, "experiment")
 
 
 def _config_dir() -> str:
@@ -30,11 +43,12 @@ def _config_dir() -> str:
 CONFIG_DIR = _config_dir()
 
 
+# ---- failures ----
 def failure(prog: str, exc: BaseException) -> int:
     """Print why `prog` stopped and return its exit status: 2 for a UserError (configuration
     or input: the message alone), 1 for anything else (with its traceback, unless the
     exception's own message says it all: `brief = True`). Secrets are masked."""
-    from mm_moe.trainer.scrub import scrub_text
+    from mm_moe.utils.scrub import scrub_text
 
     if isinstance(exc, UserError):
         text, code = str(exc), 2
@@ -44,3 +58,119 @@ def failure(prog: str, exc: BaseException) -> int:
         text, code = "".join(traceback.format_exception(exc)).rstrip(), 1
     print(f"{prog}: error: {scrub_text(text)}", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def exits_on_failure(prog: str) -> Iterator[None]:
+    """Run the body; an exception ends the process with `failure`'s status
+    (MM_MOE_TRACEBACK=1 lets it propagate, for debugging)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - reported by failure(), secrets masked
+        if os.environ.get("MM_MOE_TRACEBACK"):
+            raise
+        sys.exit(failure(prog, exc))
+
+
+def fail(prog: str, message: str, code: int = 2) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "%(message)s") -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=getattr(logging, level) if rank == 0 else logging.WARNING,
+        format=fmt,
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+# ---- Hydra configs ----
+def build_config(cfg, schema: type = TrainConfig) -> Any:
+    """The one place a composed DictConfig becomes dataclasses."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return from_dict(schema, container)
+
+
+def compose(overrides: list[str], config_name: str = "train", schema: type | None = TrainConfig):
+    """configs/<config_name>.yaml with `overrides`, validated against `schema` (keys are
+    checked before Hydra sees them, so a typo names the key and what is valid); with
+    `schema=None`, the resolved plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    if config_name == "train":
+        overrides = check_overrides(list(overrides), TrainConfig, ENTRY_GROUPS)
+    if GlobalHydra.instance().is_initialized():  # composed again in one process
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = hydra_compose(config_name, overrides=list(overrides))
+    if schema is None:
+        return OmegaConf.to_container(cfg, resolve=True)
+    return build_config(cfg, schema)
+
+
+def hydra_entry(prog: str, config_name: str, schema: type, run: Callable[[Any], None]) -> None:
+    """An entry point over configs/<config_name>.yaml with Hydra's command line (overrides,
+    --help, multirun): validates against `schema`, then runs."""
+    import hydra
+
+    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=config_name)
+    def _main(cfg) -> None:
+        setup_logging()
+        with exits_on_failure(prog):
+            run(build_config(cfg, schema))
+
+    _main()
+
+
+# ---- key=value arguments (jobs without Hydra's run directories) ----
+def usage(cls: type, prog: str) -> str:
+    hints = typing.get_type_hints(cls)
+    lines = [f"usage: {prog} key=value ...", "keys:"]
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f"(default: {f.default!r})"
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            shown = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            default = f"(default: {shown})"
+        else:
+            default = "(required)"
+        lines.append(f"  {f.name}: {type_name(hints[f.name])} {default}")
+    return "\n".join(lines)
+
+
+def parse_args(cls: type, argv: list[str], prog: str):
+    """The dataclass for `key=value` arguments; `--help` prints the keys; a wrong key or value
+    exits 2 naming it."""
+    from omegaconf import OmegaConf
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(cls, prog))
+        sys.exit(0)
+    bad = [a for a in argv if "=" not in a]
+    try:
+        if bad:
+            raise ConfigError(f"arguments must be key=value, got {bad[0]!r}")
+        values = OmegaConf.to_container(OmegaConf.from_dotlist(argv), resolve=True)
+        return from_dict(cls, values)
+    except ConfigError as exc:
+        fail(prog, f"{exc}\n{usage(cls, prog)}")
+
+
+def run_job(prog: str, cls: type, job: Callable[[Any], Any], argv: list[str] | None = None):
+    """A `key=value` job: parse into `cls`, run `job(cfg)`, report failures; returns what
+    the job returned."""
+    setup_logging(fmt="%(levelname)s %(message)s")
+    cfg = parse_args(cls, sys.argv[1:] if argv is None else argv, prog)
+    with exits_on_failure(prog):
+        return job(cfg)

@@ -16,7 +16,10 @@ from typing import Literal
 
 from PIL import Image
 
+from mm_moe.cli import exits_on_failure, parse_args
 from mm_moe.sampling import SampleConfig, generate, split_output
+
+PROG = "mm_moe.generate"
 
 
 @dataclass
@@ -47,9 +50,9 @@ def prompt_ids(tok, text: str, image: Image.Image | None, mode: str) -> list[int
 
 def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     """One dict per sample: {"text": str, "images": [PNG paths]}."""
-    import mm_moe
+    from mm_moe.api import load_pretrained
 
-    model = model if model is not None else mm_moe.load_pretrained(cfg.checkpoint)
+    model = model if model is not None else load_pretrained(cfg.checkpoint)
     tok = tokenizers if tokenizers is not None else model.train_config.tokenizer.build()
     image = Image.open(cfg.image) if cfg.image else None
     prompt = prompt_ids(tok, cfg.prompt, image, cfg.mode)
@@ -84,10 +87,10 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mm_moe.data.builders.cli import parse
-
-    cfg = parse(GenerateConfig, sys.argv[1:] if argv is None else argv, "mm_moe.generate")
-    for i, result in enumerate(run(cfg)):
+    cfg = parse_args(GenerateConfig, sys.argv[1:] if argv is None else argv, PROG)
+    with exits_on_failure(PROG):
+        results = run(cfg)
+    for i, result in enumerate(results):
         line = f"[{i}] {cfg.prompt}" + (f" <image {cfg.image}>" if cfg.image else "")
         print(f"{line} -> {result['text']!r}" + "".join(f" [{p}]" for p in result["images"]))
 

@@ -15,10 +15,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from hydra import compose, initialize_config_dir
-
-from mm_moe.config import ConfigError, TrainConfig, from_dict
-from mm_moe.config.overrides import check_overrides
+from mm_moe.cli import compose, exits_on_failure
+from mm_moe.config import TrainConfig, from_dict
 from mm_moe.errors import UserError
 
 
@@ -46,33 +44,37 @@ def _expert_params(cfg: TrainConfig, model) -> int:
     if not moe.enabled:
         return 0
     h = model.ffn_dim // moe.granularity
-    per_layer = sum(n for _, _, n in moe.groups()) * 3 * model.d_model * h
+    per_layer = sum(g.num_experts for g in moe.groups()) * 3 * model.d_model * h
     return per_layer * sum(moe.is_moe_layer(i) for i in range(model.n_layers))
 
 
-def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
-    cfg = cfg.for_world(cluster.world_size)
-    model = cfg.model.with_vocab(cluster.data_vocab_size)
-    params = model.num_params(cfg.moe)
-    seq = cfg.data.seq_len
-    flops = model.flops_per_token(seq, cfg.moe)
-    world, ep, zero = cluster.world_size, cfg.parallel.expert_parallel_size, cfg.parallel.zero_stage
+def _layout_warnings(cfg: TrainConfig, world: int, ep: int) -> list[str]:
     warnings = []
     if world % ep:
         warnings.append(
             f"parallel.expert_parallel_size={ep} does not divide the world size {world}"
         )
-    for name, _, n in cfg.moe.groups() if cfg.moe.enabled else []:
-        if n % ep:
-            warnings.append(f"group '{name}' has {n} experts, not divisible by EP={ep}")
+    for group in cfg.moe.groups() if cfg.moe.enabled else []:
+        if group.num_experts % ep:
+            warnings.append(
+                f"group '{group.name}' has {group.num_experts} experts, not divisible by EP={ep}"
+            )
     per_step = cfg.trainer.micro_batch_size * world
     if cfg.trainer.global_batch_size % per_step:
         warnings.append(
             f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not a "
             f"multiple of micro_batch_size x world size = {per_step}"
         )
+    return warnings
+
+
+def _memory_gib(cfg: TrainConfig, model, total_params: int, world: int, ep: int) -> dict:
+    """Per GPU: bf16 weights and gradients, fp32 master weights and Adam moments (ZeRO shards
+    optimizer state from stage 1, gradients from stage 2: dense over data-parallel ranks,
+    experts over expert-data-parallel ranks), and activations."""
+    zero = cfg.parallel.zero_stage
     expert = _expert_params(cfg, model)
-    dense = params["total"] - expert
+    dense = total_params - expert
     edp = max(1, world // ep)
     shard = lambda stage_needed, n, group: n / group if zero >= stage_needed else n
     gib = 2**30
@@ -81,42 +83,44 @@ def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
         "grads_gib": (2 * shard(2, dense, world) + 2 * shard(2, expert / ep, edp)) / gib,
         "optimizer_gib": (12 * shard(1, dense, world) + 12 * shard(1, expert / ep, edp)) / gib,
     }
-    tokens_micro = cfg.trainer.micro_batch_size * seq
+    tokens_micro = cfg.trainer.micro_batch_size * cfg.data.seq_len
     mem["activations_gib"] = 34 * tokens_micro * model.d_model * model.n_layers / gib
     mem["total_gib"] = sum(mem.values())
+    return mem
+
+
+def _all_to_all_gib(cfg: TrainConfig, model, world: int, ep: int) -> float:
+    """Each routed copy of a token crosses the network twice (dispatch, combine) forward and
+    twice backward, in bf16, when its expert lives on another rank."""
+    if not cfg.moe.enabled:
+        return 0.0
+    tokens_step = cfg.trainer.global_batch_size * cfg.data.seq_len
+    moe_layers = sum(cfg.moe.is_moe_layer(i) for i in range(model.n_layers))
+    copies = tokens_step / world * moe_layers * cfg.moe.expected_experts_per_token()
+    return copies * model.d_model * 2 * 4 * (ep - 1) / ep / 2**30
+
+
+def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
+    cfg = cfg.for_world(cluster.world_size)
+    model = cfg.model.with_vocab(cluster.data_vocab_size)
+    params = model.num_params(cfg.moe)
+    world, ep = cluster.world_size, cfg.parallel.expert_parallel_size
+    warnings = _layout_warnings(cfg, world, ep)
+    mem = _memory_gib(cfg, model, params["total"], world, ep)
     if mem["total_gib"] > cluster.gpu_memory_gb:
         warnings.append(
             f"estimated {mem['total_gib']:.1f} GiB per GPU exceeds "
             f"cluster.gpu_memory_gb={cluster.gpu_memory_gb}"
         )
-    tokens_step = cfg.trainer.global_batch_size * seq
-    moe_layers = sum(cfg.moe.is_moe_layer(i) for i in range(model.n_layers))
-    # Each routed copy of a token crosses the network twice (dispatch, combine) forward and
-    # twice backward, in bf16, when its expert lives on another rank.
-    a2a = (
-        (
-            tokens_step
-            / world
-            * moe_layers
-            * cfg.moe.expected_experts_per_token()
-            * model.d_model
-            * 2
-            * 4
-            * (ep - 1)
-            / ep
-        )
-        if cfg.moe.enabled
-        else 0.0
-    )
     return {
         "world_size": world,
         "params_total": params["total"],
-        "params_expert": expert,
+        "params_expert": _expert_params(cfg, model),
         "params_active": params["active"],
-        "flops_per_token": flops,
-        "tokens_per_step": tokens_step,
+        "flops_per_token": model.flops_per_token(cfg.data.seq_len, cfg.moe),
+        "tokens_per_step": cfg.trainer.global_batch_size * cfg.data.seq_len,
         "memory_per_gpu": mem,
-        "all_to_all_gib_per_gpu_per_step": a2a / gib,
+        "all_to_all_gib_per_gpu_per_step": _all_to_all_gib(cfg, model, world, ep),
         "warnings": warnings,
     }
 
@@ -143,8 +147,6 @@ def _print(name: str, p: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from mm_moe.train import CONFIG_DIR, ENTRY_GROUPS, build_config
-
     argv = list(sys.argv[1:] if argv is None else argv)
     cluster_args = {}
     rest = []
@@ -154,14 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
             cluster_args[key.split(".", 1)[1]] = float(value) if "." in value else int(value)
         else:
             rest.append(arg)
-    try:
+    with exits_on_failure("mm_moe.plan"):
         cluster = from_dict(ClusterConfig, cluster_args, prefix="cluster")
-        overrides = check_overrides(rest, TrainConfig, ENTRY_GROUPS)
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-            cfg = build_config(compose("train", overrides=overrides))
-    except ConfigError as exc:
-        print(f"mm_moe.plan: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        cfg = compose(rest)
     result = plan(cfg, cluster)
     _print(cfg.name if cfg.name != "default" else "the default config", result)
     return result

@@ -1,48 +1,30 @@
 """Training entry point: `python -m mm_moe.train [overrides]`, also under torchrun.
 
 Composes configs/train.yaml with Hydra, validates it once against mm_moe.config.TrainConfig,
-and hands plain dataclasses to the training loop.
+then builds the run (`build_training`) and fits it (`Trainer.fit`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mm_moe.cli import CONFIG_DIR, failure
-from mm_moe.config import ConfigError, TrainConfig, from_dict
+from mm_moe.cli import (
+    CONFIG_DIR,
+    ENTRY_GROUPS,
+    build_config,
+    exits_on_failure,
+    fail,
+    setup_logging,
+)
+from mm_moe.config import ConfigError, TrainConfig
 from mm_moe.config.overrides import check_overrides
-from mm_moe.config.schema import GROUPS
 
-ENTRY_GROUPS = (*GROUPS, "experiment")
-
-
-def _setup_logging(level: str) -> None:
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=getattr(logging, level) if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
-
-
-def _fail(message: str, code: int = 2) -> None:
-    """Exit with `code`: 2 for configuration and input mistakes, 1 for failures in training."""
-    print(f"mm_moe.train: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def build_config(cfg: DictConfig) -> TrainConfig:
-    """The one place a DictConfig becomes dataclasses."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
-    return from_dict(TrainConfig, container)
+PROG = "mm_moe.train"
+__all__ = ["CONFIG_DIR", "ENTRY_GROUPS", "build_config", "main"]
 
 
 def _is_multirun() -> bool:
@@ -67,16 +49,16 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         train_cfg = build_config(cfg)
     except ConfigError as exc:
-        _fail(str(exc))
-    _setup_logging(train_cfg.logging.level)
-    from mm_moe.trainer.loop import run
+        fail(PROG, str(exc))
+    rank = os.environ.get("RANK", 0)
+    setup_logging(
+        train_cfg.logging.level, f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+    )
+    from mm_moe.trainer.trainer import run
 
     try:
-        run(train_cfg)
-    except Exception as exc:  # noqa: BLE001 - Hydra would print the overrides, secrets included
-        if os.environ.get("MM_MOE_TRACEBACK"):
-            raise
-        sys.exit(failure("mm_moe.train", exc))
+        with exits_on_failure(PROG):
+            run(train_cfg)
     finally:
         # Sequential multirun jobs share this process (and DeepSpeed's communicator): keep the
         # process group for the next job; it ends with the process.
@@ -90,7 +72,7 @@ def main() -> None:
     try:
         sys.argv[1:] = check_overrides(sys.argv[1:], TrainConfig, ENTRY_GROUPS)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(PROG, str(exc))
     _hydra_main()
 
 

@@ -32,50 +32,41 @@ def _args() -> dict:
 def main() -> None:
     from mm_moe.checkpoint.async_save import Checkpointer
     from mm_moe.config import TrainConfig, from_dict
-    from mm_moe.parallel.distributed import init_distributed, shutdown
-    from mm_moe.parallel.engine import build_engine, deepspeed_config
+    from mm_moe.parallel.distributed import shutdown
+    from mm_moe.trainer.build import build_training
     from mm_moe.trainer.step import train_step
 
     args = _args()
-    dist_info = init_distributed("gloo", 600, "cpu")
+    root = Path(args["dir"] or tempfile.mkdtemp(prefix="bench_checkpoint_"))
     cfg = from_dict(
         TrainConfig,
         {
             "model": {"d_model": args["d_model"], "n_layers": args["n_layers"], "n_heads": 4},
             "data": {"seq_len": 64},
-            "trainer": {"global_batch_size": 2, "micro_batch_size": 2},
+            "trainer": {"global_batch_size": 2, "micro_batch_size": 2, "run_dir": str(root)},
+            "parallel": {"backend": "gloo"},
+            "logging": {"wandb": {"mode": "disabled"}},
         },
     )
-    loader = cfg.data.build(0, 0, 1, 2, 2)
-    model = cfg.model.with_vocab(loader.vocab.size).build(cfg.moe)
-    optimizer = cfg.optim.build(model)
-    scheduler = cfg.optim.build_schedule(optimizer, 100)
-    ds = deepspeed_config(
-        global_batch_size=2,
-        micro_batch_size=2,
-        dp_world_size=1,
-        zero_stage=0,
-        grad_clip=1.0,
-        bf16=False,
-    )
-    engine = build_engine(model, optimizer, scheduler, ds)
-    train_step(engine, loader.next(), 0.0, 1, dist_info.device)  # Adam moments exist
+    training = build_training(cfg)  # the run as training builds it: DeepSpeed, ZeRO-0, fp32
+    engine, device = training.engine, training.dist.device
+    train_step(engine, training.loader.next(), 0.0, 1, device)  # Adam moments exist
 
-    root = Path(args["dir"] or tempfile.mkdtemp(prefix="bench_checkpoint_"))
     blocking = {}
     for mode in ("sync", "async"):
-        cfg.checkpoint.async_save = mode == "async"
-        checkpointer = Checkpointer(cfg.checkpoint, dist_info.device)
+        training.cfg.checkpoint.async_save = mode == "async"
+        training.cfg.checkpoint.keep_last = 1
+        checkpointer = Checkpointer(training.cfg.checkpoint, device)
         times = []
         for i in range(args["repeats"]):
             step = 1000 * (mode == "async") + i + 1
             t0 = time.perf_counter()
-            checkpointer.save(root, step, engine, scheduler, loader, {}, 0, 1, keep_last=1)
+            checkpointer.save(training.state(step))
             times.append(time.perf_counter() - t0)
             checkpointer.wait()  # not timed: the background write, before the next save
         blocking[mode] = statistics.median(times)
-    size = sum(f.stat().st_size for f in root.glob("step_*/*"))
-    n_params = sum(p.numel() for p in model.parameters())
+    size = sum(f.stat().st_size for f in checkpointer.root.glob("step_*/*"))
+    n_params = sum(p.numel() for p in engine.module.parameters())
     print(
         f"model: {n_params / 1e6:.1f}M parameters; checkpoint {size / 1e6:.0f} MB "
         f"(model + Adam moments)"
@@ -83,6 +74,7 @@ def main() -> None:
     print(f"sync save (blocks for the whole write): {blocking['sync'] * 1e3:.0f} ms")
     print(f"async save (blocks while staging to CPU memory): {blocking['async'] * 1e3:.0f} ms")
     print(f"async blocking / sync save: {blocking['async'] / blocking['sync']:.3f}")
+    training.metrics.close()
     if not args["dir"]:
         shutil.rmtree(root)
     shutdown()

@@ -110,39 +110,38 @@ def _layer_step(layer, args, device):
 
 
 def _build(args, ep_size: int, device):
+    """The engine as training builds it (mm_moe.parallel.parallelize)."""
     from mm_moe.checkpoint.rng import seed_all
-    from mm_moe.model.config import ModelConfig
-    from mm_moe.model.moe.config import MoEConfig
-    from mm_moe.parallel.config import ParallelConfig
-    from mm_moe.parallel.engine import build_engine, deepspeed_config
-    from mm_moe.parallel.expert_parallel import parallelize, split_moe_param_groups
-    from mm_moe.trainer.optim import OptimConfig
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.parallel.distributed import DistInfo
+    from mm_moe.parallel.parallelize import parallelize
 
-    moe = MoEConfig(experts_per_modality={"text": args.experts, "image": args.experts})
-    model_cfg = ModelConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        n_layers=args.layers,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_hidden=args.ffn,
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "model": {
+                "vocab_size": args.vocab,
+                "d_model": args.d_model,
+                "n_layers": args.layers,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "ffn_hidden": args.ffn,
+            },
+            "moe": {"experts_per_modality": {"text": args.experts, "image": args.experts}},
+            "optim": {"lr": 1e-3, "warmup_steps": 0},
+            "parallel": {"expert_parallel_size": ep_size, "zero_stage": args.zero_stage},
+            "trainer": {
+                "global_batch_size": args.micro_batch * args.accumulation * WORLD,
+                "micro_batch_size": args.micro_batch,
+                "max_steps": 1000,
+                "precision": "bf16" if device.type == "cuda" else "fp32",
+            },
+        },
     )
     seed_all(0)
-    model = model_cfg.build(moe).to(device)
-    parallelize(model, ParallelConfig(expert_parallel_size=ep_size), device)
-    optim = OptimConfig(lr=1e-3, warmup_steps=0)
-    optimizer = optim.build(model)
-    if ep_size > 1:
-        split_moe_param_groups(optimizer)
-    ds_config = deepspeed_config(
-        global_batch_size=args.micro_batch * args.accumulation * WORLD,
-        micro_batch_size=args.micro_batch,
-        dp_world_size=WORLD,
-        zero_stage=args.zero_stage,
-        grad_clip=1.0,
-        bf16=device.type == "cuda",
-    )
-    return build_engine(model, optimizer, optim.build_schedule(optimizer, 1000), ds_config)
+    model = cfg.model.build(cfg.moe).to(device)
+    dist_info = DistInfo(int(os.environ["RANK"]), WORLD, 0, device, args.backend)
+    return parallelize(model, cfg, dist_info)
 
 
 def _timed(fn, device) -> float:

@@ -146,7 +146,7 @@ def main() -> None:
         moe = case.moe
         x = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
         modality = (torch.rand(case.tokens, device=device) < case.image_fraction).long()
-        num_experts = sum(n for _, _, n in moe.groups())
+        num_experts = sum(g.num_experts for g in moe.groups())
         expert_hidden = case.ffn // moe.granularity
         active_hidden = int(moe.expected_experts_per_token() * expert_hidden)
         dense = SwiGLU(case.hidden, active_hidden).to(device, dtype)

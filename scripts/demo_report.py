@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 import mm_moe
-from mm_moe.data.demo_corpus import WORDS
-from mm_moe.eval.labelled import labelled_images
-from mm_moe.eval.text_to_image import save_grid
-from mm_moe.eval.zero_shot import image_prefix, zero_shot_classify
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_pipelines/, the demo's
+from data_pipelines.demo_corpus import WORDS  # noqa: E402
+from mm_moe.eval.labelled import labelled_images  # noqa: E402
+from mm_moe.eval.text_to_image import save_grid  # noqa: E402
+from mm_moe.eval.zero_shot import image_prefix, zero_shot_classify  # noqa: E402
 from mm_moe.sampling import SampleConfig, generate, split_output
 
 

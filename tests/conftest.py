@@ -23,7 +23,7 @@ def demo_assets(tmp_path_factory):
         and not os.environ.get("MM_MOE_TEST_BUILD_DEMO")
     ):
         return tok, heldout
-    from mm_moe.data.builders import demo as build_demo_corpus
+    from data_pipelines import build_demo_corpus
     from mm_moe.tokenization import train_image, train_text
     from mm_moe.tokenization.vq.model import VQConfig
 

@@ -24,7 +24,6 @@ import torch
 from mm_moe.checkpoint import layout, state
 from mm_moe.checkpoint.config import CheckpointConfig
 from mm_moe.parallel.distributed import all_reduce_sum
-from mm_moe.trainer.faults import FaultInjector
 
 log = logging.getLogger("mm_moe")
 
@@ -33,55 +32,44 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (checkpoint.on_write_error=stop); every rank raises it."""
 
     brief = True  # the message says it all: no traceback
-
     agreed = True
 
 
 class Checkpointer:
+    """Saves `TrainState`s into `checkpoint.dir`, synchronously or in a background thread.
+    `save_file(obj, path)` writes one file (a test may replace it to fail on purpose)."""
+
     def __init__(self, cfg: CheckpointConfig, device: torch.device):
         self.cfg = cfg
+        self.root = Path(cfg.dir)
         self.device = device
-        self.faults = FaultInjector.from_env()
+        self.save_file = state.save_file
         self.write_errors = 0
         self._thread: threading.Thread | None = None
         self._failure: tuple[int, Path, BaseException] | None = None  # rank 0's last failure
 
-    def save(
-        self,
-        root: Path,
-        step: int,
-        engine,
-        scheduler,
-        loader,
-        config: dict,
-        rank: int,
-        world_size: int,
-        keep_last: int,
-        extra: dict | None = None,
-    ) -> Path:
+    def save(self, train_state: state.TrainState) -> Path:
         """Collective: every rank calls it (state.stage), rank 0 writes (state.write). Returns
         the step directory (still being written when async)."""
         self.wait()
-        staged = state.stage(step, engine, scheduler, loader, config, rank, world_size, extra)
+        staged = state.stage(train_state)
         if self.cfg.async_save:
             if staged is not None:
                 self._thread = threading.Thread(
-                    target=self._write,
-                    args=(staged, root, keep_last),
-                    name=f"mm_moe-checkpoint-{step}",
+                    target=self._write, args=(staged,), name=f"mm_moe-checkpoint-{staged.step}"
                 )
                 self._thread.start()
         else:
             if staged is not None:
-                self._write(staged, root, keep_last)
+                self._write(staged)
             self._agree()
-        return root / layout.step_dir_name(step)
+        return self.root / layout.step_dir_name(train_state.step)
 
-    def _write(self, staged: state.StagedCheckpoint, root: Path, keep_last: int) -> None:
+    def _write(self, staged: state.StagedCheckpoint) -> None:
         try:
-            state.write(staged, root, keep_last, self.faults)
+            state.write(staged, self.root, self.cfg.keep_last, self.save_file)
         except Exception as exc:  # noqa: BLE001 - any failure is reported on every rank
-            self._failure = (staged.step, root, exc)
+            self._failure = (staged.step, self.root, exc)
 
     def wait(self) -> None:
         """Collective: the write in flight is finished and its outcome agreed by all ranks."""

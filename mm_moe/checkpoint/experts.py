@@ -30,9 +30,9 @@ def expert_keys(model: nn.Module) -> dict[str, list[str]]:
         if isinstance(m, MoELayer):
             for w in EXPERT_PARAMS:
                 out[f"{prefix}.experts.{w}"] = [
-                    f"{prefix}.experts.{group}.{i}.{w}"
-                    for group, _, n in m.group_specs
-                    for i in range(n)
+                    f"{prefix}.experts.{group.name}.{i}.{w}"
+                    for group in m.group_specs
+                    for i in range(group.num_experts)
                 ]
     return out
 

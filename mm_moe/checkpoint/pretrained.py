@@ -1,10 +1,8 @@
-"""`mm_moe.load_pretrained(path)`: a trained model from a checkpoint, for inference.
+"""Model weights from a checkpoint directory, for inference (`mm_moe.load_pretrained`).
 
 `path` may be a step directory (step_XXXXXXXX/), a checkpoint directory with a `latest`
 pointer, a run directory holding checkpoints/, or a weights-only checkpoint written by
 `python -m mm_moe.upcycle` (experts are stored one entry each, so any expert-parallel size).
-The model comes back in eval mode (causal auxiliary routers for expert choice and
-mixture-of-depths), with its training config attached as `model.train_config`.
 """
 
 from __future__ import annotations
@@ -12,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
-from mm_moe.checkpoint import layout
+from mm_moe.checkpoint import compat, experts, layout
 from mm_moe.errors import UserError
 
 
@@ -33,18 +30,14 @@ def find_step_dir(path: str | Path) -> Path:
     )
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    from mm_moe.checkpoint import compat, experts
-    from mm_moe.config import TrainConfig, from_dict
-
-    step_dir = find_step_dir(path)
-    cfg = from_dict(TrainConfig, yaml.safe_load((step_dir / "config.yaml").read_text()))
-    model = cfg.model.build(cfg.moe)
+def load_weights(step_dir: Path, model: torch.nn.Module) -> None:
+    """The step's model weights into `model` (built from the step's config), every tensor
+    accounted for: derived buffers (RoPE) are not saved, tied weights are saved once."""
     state = layout.read_tensors(step_dir / "model.pt")
     state = experts.stack_experts(state, experts.expert_keys(model), str(step_dir))
     state = compat.upgrade_model_state(state, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    rope = {n for n in missing if "rope" in n}  # derived buffers are not saved
+    rope = {n for n in missing if "rope" in n}
     # Tied weights are saved once, under their first name (lm_head.weight is embed.weight).
     aliases = set(dict(model.named_parameters(remove_duplicate=False))) - set(
         dict(model.named_parameters())
@@ -55,5 +48,3 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
             f"{step_dir}/model.pt does not match its config: missing "
             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
-    model.train_config = cfg
-    return model.to(device).eval()

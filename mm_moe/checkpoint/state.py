@@ -16,8 +16,9 @@ import errno
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ import yaml
 from mm_moe.checkpoint import compat, experts, layout, rng
 from mm_moe.errors import UserError
 from mm_moe.parallel import full_state
-from mm_moe.trainer.scrub import scrub
+from mm_moe.utils.scrub import scrub
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -54,21 +55,29 @@ class StagedCheckpoint:
     meta_json: str
 
 
-def stage(
-    step: int,
-    engine,
-    scheduler,
-    loader,
-    config: dict,
-    rank: int,
-    world_size: int,
-    extra: dict | None = None,
-) -> StagedCheckpoint | None:
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds, as the training run has it at the end of `step`: the
+    engine (model, optimizer, `engine.lr_scheduler`), the loader's position, the resolved
+    config, and `extra` meta (e.g. the wandb run id, the guard's and the FLOPs meter's
+    state)."""
+
+    step: int
+    engine: object
+    loader: object
+    config: dict
+    rank: int
+    world_size: int
+    extra: dict = field(default_factory=dict)
+
+
+def stage(state: TrainState) -> StagedCheckpoint | None:
     """Collective: copy the whole training state to CPU memory on rank 0 (None elsewhere)."""
+    engine = state.engine
     model_state = full_state.gather_model(engine)  # fresh CPU copies (`.cpu().clone()`)
     optim_state = full_state.gather_optimizer(engine)
-    rng_states = _gather_to_main(rng.capture(), world_size, rank)
-    if rank != 0:
+    rng_states = _gather_to_main(rng.capture(), state.world_size, state.rank)
+    if state.rank != 0:
         return None
     keys = experts.expert_keys(engine.module)
     model_state = experts.split_experts(model_state, keys)
@@ -76,28 +85,36 @@ def stage(
         optim_state["moments"] = experts.split_experts(optim_state["moments"], keys)
     meta = {
         "format_version": FORMAT_VERSION,
-        "step": step,
-        "world_size": world_size,
+        "step": state.step,
+        "world_size": state.world_size,
         "expert_parallel_size": _expert_parallel_size(engine),
-        "scheduler": scheduler.state_dict(),
-        "data": loader.state_dict(),
-        **(extra or {}),
+        "scheduler": engine.lr_scheduler.state_dict(),
+        "data": state.loader.state_dict(),
+        **state.extra,
     }
     # Serialised now: the scheduler's and loader's dicts move on with training.
     return StagedCheckpoint(
-        step,
+        state.step,
         model_state,
         optim_state,
         rng_states,
-        yaml.safe_dump(scrub(config), sort_keys=False),
+        yaml.safe_dump(scrub(state.config), sort_keys=False),
         json.dumps(scrub(meta), indent=1),
     )
 
 
-def write(staged: StagedCheckpoint, root: Path, keep_last: int, faults=None) -> Path:
-    """Rank 0: write under a temporary name, then publish (rename, move `latest`). On any
-    error the temporary directory is removed and the previous checkpoint is untouched; the
-    OSError names the file that failed."""
+def save_file(obj, path: Path) -> None:
+    """One checkpoint file: text as is, anything else with torch.save."""
+    if isinstance(obj, str):
+        path.write_text(obj)
+    else:
+        torch.save(obj, path)
+
+
+def write(staged: StagedCheckpoint, root: Path, keep_last: int, save=save_file) -> Path:
+    """Rank 0: write under a temporary name (each file with `save(obj, path)`), then publish
+    (rename, move `latest`). On any error the temporary directory is removed and the previous
+    checkpoint is untouched; the OSError names the file that failed."""
     tmp = layout.new_tmp_dir(root, staged.step)
     try:
         files = {
@@ -111,12 +128,7 @@ def write(staged: StagedCheckpoint, root: Path, keep_last: int, faults=None) -> 
         for name, obj in files.items():
             path = tmp / name
             try:
-                if faults is not None:
-                    faults.check_write(staged.step, path)
-                if isinstance(obj, str):
-                    path.write_text(obj)
-                else:
-                    torch.save(obj, path)
+                save(obj, path)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
             except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError
@@ -179,9 +191,15 @@ def _check_same_architecture(step_dir: Path, module) -> None:
     """Name the config keys in which a weights-only checkpoint's model differs from this
     run's (rather than listing missing tensors): such a checkpoint (mm_moe.upcycle) usually
     has another architecture than the run's defaults."""
-    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.config.validate import from_dict
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.model.moe.config import MoEConfig
 
-    saved = from_dict(TrainConfig, yaml.safe_load((step_dir / "config.yaml").read_text()))
+    written = yaml.safe_load((step_dir / "config.yaml").read_text())
+    saved = SimpleNamespace(
+        model=from_dict(ModelConfig, written.get("model", {}), "model"),
+        moe=from_dict(MoEConfig, written.get("moe", {}), "moe"),
+    )
     run = {"model": module.cfg, "moe": module.moe_cfg}
     diffs = [
         f"{group}.{name}: checkpoint {getattr(getattr(saved, group), name)!r}, "
@@ -230,8 +248,10 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     return {**meta, "step": 0}
 
 
-def load(step_dir: Path, engine, scheduler, loader, rank: int, world_size: int) -> dict:
-    """Collective under ZeRO. Restores everything `save` wrote; returns the meta dict."""
+def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
+    """Collective under ZeRO. Restores everything `stage` captured (the LR schedule into
+    `engine.lr_scheduler`); returns the meta dict."""
+    scheduler = engine.lr_scheduler
     meta = json.loads((step_dir / layout.META).read_text())
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise UserError(

@@ -6,7 +6,7 @@ runs first and says both.
 
 from __future__ import annotations
 
-from mm_moe.config.validate import ConfigError, _close, valid_keys
+from mm_moe.config.validate import ConfigError, did_you_mean, valid_keys
 
 # Hydra flags that take the next argument as their value.
 _FLAGS_WITH_VALUE = {
@@ -53,7 +53,7 @@ def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...]) -> l
             continue
         if leaf not in options:
             where = f"under '{'.'.join(parents)}'" if parents else "at the top level"
-            hint = _close(leaf, options)
+            hint = did_you_mean(leaf, options)
             raise ConfigError(
                 f"unknown config key '{key}'.{hint} Valid keys {where}: "
                 f"{', '.join(sorted(options)) or '(none: not a mapping)'}"

@@ -19,20 +19,56 @@ class ConfigError(UserError):
     """A user mistake in the configuration; the message names the key."""
 
 
-def _close(name: str, options: list[str]) -> str:
+def did_you_mean(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1)
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
+        return " | ".join(type_name(a) for a in get_args(tp))
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+def _scalar(value: Any, tp: Any, key: str) -> Any:
+    """bool, int, float or str; YAML gives `1e-3` as a string, so floats parse strings."""
+    if tp is bool and isinstance(value, bool):
+        return value
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int and is_number and (isinstance(value, int) or value.is_integer()):
+        return int(value)
+    if tp is float and is_number:
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and (isinstance(value, str) or is_number):
+        return str(value)
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise ConfigError(f"{key}={value!r} is not valid; expected {expected[tp]}")
+
+
+def _union(value: Any, tp: Any, key: str) -> Any:
+    args = get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key} must not be null; expected {type_name(tp)}")
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}={value!r} is not valid; expected {type_name(tp)}")
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -47,20 +83,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             )
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key} must not be null; expected {_type_name(tp)}")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}={value!r} is not valid; expected {_type_name(tp)}")
+        return _union(value, tp, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
@@ -78,31 +101,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return {
             _convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()
         }
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} is not valid; expected true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r} is not valid; expected an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads `1e-3` as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} is not valid; expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}={value!r} is not valid; expected a string")
+    if tp in (bool, int, float, str):
+        return _scalar(value, tp, key)
     raise AssertionError(f"unsupported schema type {tp!r} at {key}")
 
 
@@ -122,7 +122,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         full = f"{prefix}.{name}" if prefix else str(name)
         where = f"under '{prefix}'" if prefix else "at the top level"
         raise ConfigError(
-            f"unknown config key '{full}'.{_close(str(name), list(fields))} "
+            f"unknown config key '{full}'.{did_you_mean(str(name), list(fields))} "
             f"Valid keys {where}: {', '.join(sorted(fields))}"
         )
     kwargs = {}

@@ -24,8 +24,10 @@ import torch
 from mm_moe.data.batch import Batch
 from mm_moe.eval.config import EvalConfig
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
-from mm_moe.parallel.distributed import all_reduce_sum
-from mm_moe.trainer.step import per_token_losses
+from mm_moe.model.losses import per_token_losses
+from mm_moe.parallel.distributed import all_reduce_sum_dict
+
+_SUMS, _COUNT = " sums", " count"  # keys no statistic has
 
 
 def heldout_batches(
@@ -77,15 +79,10 @@ def _score(model, batches: list[Batch], device) -> tuple[torch.Tensor, dict[str,
         for name, value in out.stats.items():
             if value.dim() == 0:
                 stat_sums[name] = stat_sums.get(name, 0.0) + value.to(device, torch.float64)
-    sums = all_reduce_sum(sums)
-    names = sorted(stat_sums)  # the same keys on every rank: they follow from the config
-    stats = {}
-    if names:
-        # The batch count rides in the same all-reduce: the sum over ranks is the divisor.
-        count = torch.tensor([len(batches)], dtype=torch.float64, device=device)
-        flat = all_reduce_sum(torch.cat([torch.stack([stat_sums[n] for n in names]), count]))
-        stats = dict(zip(names, (flat[:-1] / flat[-1]).tolist()))
-    return sums, stats
+    # The batch count rides in the same all-reduce: the sum over ranks is the divisor.
+    totals = all_reduce_sum_dict({**stat_sums, _SUMS: sums, _COUNT: len(batches)}, device)
+    sums, count = totals.pop(_SUMS), totals.pop(_COUNT)
+    return sums, {name: float(v / count) for name, v in totals.items()}
 
 
 def _per_modality(prefix: str, sums: torch.Tensor) -> dict[str, float]:

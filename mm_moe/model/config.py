@@ -132,7 +132,8 @@ class ModelConfig:
             h = f // moe.granularity
             expert = 3 * d * h
             shared = moe.shared_experts * expert
-            for _, modalities, n in moe.groups():
+            for group in moe.groups():
+                n = group.num_experts
                 aux = (
                     (
                         d * moe.aux_router_hidden
@@ -144,7 +145,7 @@ class ModelConfig:
                     else 0
                 )
                 total += d * n + n * expert + (shared if shared else 0) + aux
-                for mi in modalities:
+                for mi in group.modalities:
                     m = MODALITIES[mi]
                     ffn_active = d * n + moe.expected_experts_per_token() * expert + shared
                     active[m] += ffn_active + aux
@@ -183,8 +184,8 @@ class ModelConfig:
         """Training FLOPs per token (forward + backward), per modality: every matmul of the
         attention (projections and, over `seq_len`, causal scores and values), the active
         experts, shared experts, routers and auxiliary routers, mixture-of-depths capacity and
-        the output layer. mm_moe/eval/flops.py documents the count; `flops_breakdown` there
+        the output layer. mm_moe/model/flops.py documents the count; `flops_breakdown` there
         gives forward and backward by part."""
-        from mm_moe.eval.flops import training_flops_per_token
+        from mm_moe.model.flops import training_flops_per_token
 
         return training_flops_per_token(self, moe or MoEConfig(), seq_len, attention)

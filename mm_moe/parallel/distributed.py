@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mm_moe.errors import UserError
+from mm_moe.parallel.deepspeed_fixes import skip_shm_build
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
     if not dist.is_initialized():
         import deepspeed
 
-        skip_deepspeed_shm_build()
+        skip_shm_build()
         timeout = datetime.timedelta(seconds=timeout_s)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             _init_restarted_attempt(backend, timeout)
@@ -131,19 +132,6 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
             _LIVENESS.mark_exit(ok=True)
             _LIVENESS = None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
-
-
-def skip_deepspeed_shm_build() -> None:
-    """DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce for CPUs on
-    start-up: a C++ build on the first run, under a file lock in ~/.cache/torch_extensions
-    that a process killed mid-build leaves behind, so that every later start waits on it
-    forever. Only DeepSpeed's inference all-reduce uses that op, so it is marked unavailable."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _init_restarted_attempt(backend: str, timeout: datetime.timedelta) -> None:
@@ -172,6 +160,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_sum_dict(values: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each value (a tensor of any shape, or a number) summed over ranks, in one all-reduce
+    of fp64; every rank must hold the same keys (they follow from the config)."""
+    names = sorted(values)
+    parts = [torch.as_tensor(values[n]).to(device, torch.float64) for n in names]
+    flat = all_reduce_sum(torch.cat([p.reshape(-1) for p in parts])) if parts else None
+    out, i = {}, 0
+    for name, part in zip(names, parts):
+        out[name] = flat[i : i + part.numel()].view(part.shape)
+        i += part.numel()
+    return out
 
 
 def barrier() -> None:

@@ -24,6 +24,7 @@ from deepspeed.utils import (
 )
 
 from mm_moe.errors import UserError
+from mm_moe.parallel.deepspeed_fixes import relink_optimizer_fragments
 from mm_moe.parallel.expert_parallel import ExpertParallelMoELayer, sharded_experts
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -66,19 +67,6 @@ def _optimizer_step(engine) -> int:
     return 0
 
 
-def _relink_optimizer_fragments(engine) -> None:
-    """Point every parameter's fragment at the current flat Adam state.
-
-    DeepSpeed 0.19 links the fragments once, right after stepping the first parameter group,
-    before later groups have any state; with several groups (decay / no decay) the later
-    groups' moments are then unreachable through the fragment API. Linking again fixes it.
-    """
-    zero_opt = engine.optimizer
-    if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
-        zero_opt._hp_optimizer_states_linked = False
-        zero_opt._lazy_init_hp_params_optimizer_state()
-
-
 def gather_model(engine) -> dict[str, torch.Tensor]:
     """fp32 master weights (or the module's own when unsharded), on CPU."""
     out = {}
@@ -101,7 +89,7 @@ def gather_optimizer(engine) -> dict:
     step = _optimizer_step(engine)
     if step == 0:
         return {}
-    _relink_optimizer_fragments(engine)
+    relink_optimizer_fragments(engine)
     base = _base_optimizer(engine)
     experts = sharded_experts(engine.module)
     moments = {}
@@ -164,7 +152,7 @@ def _init_base_state(engine, step: int) -> None:
                 "step": torch.tensor(float(step)),
                 **{k: torch.zeros_like(p, dtype=torch.float32) for k in ADAM_KEYS},
             }
-    _relink_optimizer_fragments(engine)
+    relink_optimizer_fragments(engine)
 
 
 @torch.no_grad()

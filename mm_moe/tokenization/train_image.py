@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from mm_moe.cli import CONFIG_DIR
-from mm_moe.config import ConfigError, from_dict
+from mm_moe.cli import hydra_entry
 from mm_moe.errors import UserError
 from mm_moe.tokenization.vq.model import VQConfig
 
@@ -52,7 +48,7 @@ class TrainImageConfig:
 
 
 def load_images(urls: list[str], resolution: int, limit: int = 0) -> torch.Tensor:
-    from mm_moe.tokenization.corpus import iter_images
+    from mm_moe.data.corpus import iter_images
     from mm_moe.tokenization.vq.train import images_to_tensor
 
     images = []
@@ -96,16 +92,10 @@ def train(cfg: TrainImageConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train_image_tokenizer")
-def _main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    try:
-        metrics = train(from_dict(TrainImageConfig, OmegaConf.to_container(cfg, resolve=True)))
-    except (ConfigError, ValueError) as exc:
-        print(f"mm_moe.tokenization.train_image: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def _run(cfg: TrainImageConfig) -> None:
+    metrics = train(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if k != "config"}))
 
 
 if __name__ == "__main__":
-    _main()
+    hydra_entry("mm_moe.tokenization.train_image", "train_image_tokenizer", TrainImageConfig, _run)

@@ -11,16 +11,11 @@ files (`files`), and writes OUTPUT/text.model. Configured with Hydra
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from mm_moe.cli import CONFIG_DIR
-from mm_moe.config import ConfigError, from_dict
+from mm_moe.cli import hydra_entry
 from mm_moe.errors import UserError
 
 log = logging.getLogger("mm_moe")
@@ -49,7 +44,7 @@ class TrainTextConfig:
 
 
 def texts(cfg: TrainTextConfig):
-    from mm_moe.tokenization.corpus import iter_texts
+    from mm_moe.data.corpus import iter_texts
 
     total = 0
     streams = [iter_texts(cfg.sources)] if cfg.sources else []
@@ -70,15 +65,5 @@ def train(cfg: TrainTextConfig) -> Path:
     return path
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train_text_tokenizer")
-def _main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-    try:
-        train(from_dict(TrainTextConfig, OmegaConf.to_container(cfg, resolve=True)))
-    except (ConfigError, ValueError) as exc:
-        print(f"mm_moe.tokenization.train_text: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    _main()
+    hydra_entry("mm_moe.tokenization.train_text", "train_text_tokenizer", TrainTextConfig, train)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 
 from mm_moe.trainer.config import TrainerConfig
-from mm_moe.trainer.faults import FaultInjector
 from mm_moe.trainer.spikes import SpikeDetector
 
 log = logging.getLogger("mm_moe")
@@ -36,15 +35,9 @@ class StepGuard:
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
         self.spikes = SpikeDetector(cfg.spike)
-        self.faults = FaultInjector.from_env()
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.consecutive = 0
         self.last_action = "apply"
-
-    def next_batches(self, loader, step: int):
-        for _ in range(self.faults.batches_to_drop(step)):
-            loader.next()
-        return loader.next()
 
     def decide(self, step: int, loss: float, bad_ranks: list[int]) -> str:
         """The update of this step: "apply", "skip" or "rollback". May raise TrainingHalted."""

@@ -1,7 +1,7 @@
 """Metrics sinks: metrics.jsonl (one JSON object per logged step), wandb, and the console.
 
 Only rank 0 writes. On resume the jsonl is cut back to the resumed step, so a resumed run's
-file reads like an uninterrupted one. Secret-looking values are masked (trainer/scrub.py).
+file reads like an uninterrupted one. Secret-looking values are masked (utils/scrub.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from mm_moe.trainer.scrub import scrub
+from mm_moe.utils.scrub import scrub
 
 log = logging.getLogger("mm_moe")
 

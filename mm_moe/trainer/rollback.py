@@ -11,7 +11,6 @@ checkpoint's position.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from mm_moe.checkpoint import layout
 from mm_moe.checkpoint import state as ckpt_state
@@ -32,12 +31,11 @@ class _KeepPosition:
         return getattr(self.loader, name)
 
 
-def rollback(
-    guard, checkpointer, root: Path, step: int, engine, scheduler, loader, rank: int, world: int
-) -> int | None:
+def rollback(guard, checkpointer, step: int, engine, loader, rank: int, world: int) -> int | None:
     """Collective. Returns the step of the checkpoint rolled back to; None when there is none
     (the offending step's update was dropped all the same)."""
     checkpointer.wait()  # an async save in flight may be the checkpoint to return to
+    root = checkpointer.root
     steps = [s for s in layout.complete_steps(root) if s < step]
     if not steps:
         guard.counts["skipped_steps"] += 1
@@ -48,7 +46,7 @@ def rollback(
         )
         return None
     target = root / layout.step_dir_name(steps[-1])
-    ckpt_state.load(target, engine, scheduler, _KeepPosition(loader), rank, world)
+    ckpt_state.load(target, engine, _KeepPosition(loader), rank, world)
     engine.global_steps = step  # DeepSpeed's count follows the loop's, which goes on
     guard.counts["rollbacks"] += 1
     log.warning(

@@ -13,31 +13,15 @@ on every rank, whether the update is applied or dropped (non-finite values, loss
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mm_moe.data.batch import Batch
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
+from mm_moe.model.losses import per_token_losses
 from mm_moe.model.moe.balance import update_expert_biases
 from mm_moe.model.moe.layer import MoELayer
-from mm_moe.parallel.distributed import all_reduce_sum
-from mm_moe.parallel.engine import (
-    last_grad_norm,
-    local_grads_finite,
-    skip_optimizer_step,
-    unsharded_grad_norm,
-)
-
-
-def per_token_losses(
-    logits_BSV: torch.Tensor, targets_BS: torch.Tensor, z_loss: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cross-entropy per token in fp32, and logsumexp^2 (the z-loss term) when asked for."""
-    logits_BSV = logits_BSV.float()
-    ce_BS = F.cross_entropy(
-        logits_BSV.flatten(0, 1), targets_BS.flatten(), reduction="none"
-    ).view_as(targets_BS)
-    z_BS = torch.logsumexp(logits_BSV, dim=-1).pow(2) if z_loss > 0 else None
-    return ce_BS, z_BS
+from mm_moe.parallel.deepspeed_fixes import last_grad_norm, local_grads_finite, skip_optimizer_step
+from mm_moe.parallel.distributed import all_reduce_sum, all_reduce_sum_dict
+from mm_moe.parallel.parallelize import unsharded_grad_norm
 
 
 def loss_token_counts(batches: list[Batch], device: torch.device) -> torch.Tensor:
@@ -47,6 +31,56 @@ def loss_token_counts(batches: list[Batch], device: torch.device) -> torch.Tenso
         mods = b.target_modality_ids_BS[b.loss_mask_BS]
         counts_M += torch.bincount(mods, minlength=NUM_MODALITIES).to(device, torch.float64)
     return counts_M
+
+
+class _Sums:
+    """What one rank accumulates over its micro-batches: [ce per modality..., z-loss sum,
+    aux-loss sum] in fp64, and the routing statistics."""
+
+    def __init__(self, device: torch.device):
+        self.losses = torch.zeros(NUM_MODALITIES + 2, dtype=torch.float64, device=device)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def add_stat(self, name: str, value: torch.Tensor) -> None:
+        self.stats[name] = self.stats[name] + value if name in self.stats else value.clone()
+
+
+def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: float, num_micro: int):
+    """Forward and backward of one micro-batch; its objective is its share of the global
+    token mean (sum of token losses x `scale`) plus its aux losses / micro-batches."""
+    out = engine(*b.model_inputs())
+    for name, value in out.stats.items():
+        sums.add_stat(name, value)
+    ce_BS, z_BS = per_token_losses(out.logits, b.target_ids_BS, z_loss)
+    mask_BS = b.loss_mask_BS.to(ce_BS.dtype)
+    objective = (ce_BS * mask_BS).sum()
+    if z_BS is not None:
+        z_sum = (z_BS * mask_BS).sum()
+        objective = objective + z_loss * z_sum
+        sums.losses[NUM_MODALITIES] += z_sum.detach().double()
+    objective = objective * scale
+    if out.aux_losses:
+        # Aux losses are per-micro-batch means: average them over all micro-batches.
+        aux = sum(out.aux_losses.values())
+        objective = objective + aux / num_micro
+        sums.losses[NUM_MODALITIES + 1] += aux.detach().double()
+        for name, value in out.aux_losses.items():
+            sums.add_stat(f"aux/{name}", value.detach().float())
+    with torch.no_grad():
+        for m in range(NUM_MODALITIES):
+            sel_BS = mask_BS * (b.target_modality_ids_BS == m)
+            sums.losses[m] += (ce_BS.detach() * sel_BS).sum().double()
+    engine.backward(objective, scale_wrt_gas=False)
+
+
+def _agree(engine, losses: torch.Tensor, world: int, rank: int) -> tuple[torch.Tensor, list]:
+    """The boundary: one all-reduce carries the loss sums and, per rank, whether it saw a
+    non-finite loss or gradient, so every rank takes the same decision."""
+    bad_W = torch.zeros(world, dtype=torch.float64, device=losses.device)
+    bad_W[rank] = float(not (bool(torch.isfinite(losses).all()) and local_grads_finite(engine)))
+    reduced = all_reduce_sum(torch.cat([losses, bad_W]))
+    losses, bad_W = reduced[: losses.numel()], reduced[losses.numel() :]
+    return losses, [r for r in range(world) if bad_W[r] > 0]
 
 
 def train_step(
@@ -64,86 +98,34 @@ def train_step(
     counts_M = all_reduce_sum(loss_token_counts(batches, device))
     n_global = max(float(counts_M.sum()), 1.0)
     num_micro = len(batches)
-    # [ce per modality..., z-loss sum, aux-loss sum]
-    sums = torch.zeros(NUM_MODALITIES + 2, dtype=torch.float64, device=device)
-    grad_norm = None
-    stat_sums: dict[str, torch.Tensor] = {}
-    faults = guard.faults if guard is not None else None
+    sums = _Sums(device)
     for i, b in enumerate(batches):
-        if faults is not None and i == 0:
-            faults.maybe_kill(step, rank)
-            faults.maybe_hang(step, rank)
-        b = b.to(device)
-        out = engine(*b.model_inputs())
-        for name, value in out.stats.items():
-            stat_sums[name] = stat_sums[name] + value if name in stat_sums else value.clone()
-        ce_BS, z_BS = per_token_losses(out.logits, b.target_ids_BS, z_loss)
-        mask_BS = b.loss_mask_BS.to(ce_BS.dtype)
-        objective = (ce_BS * mask_BS).sum()
-        if z_BS is not None:
-            z_sum = (z_BS * mask_BS).sum()
-            objective = objective + z_loss * z_sum
-            sums[NUM_MODALITIES] += z_sum.detach().double()
-        objective = objective * (dp_world_size / n_global)
-        if faults is not None and i == 0:
-            factor = faults.loss_factor(step, rank)
-            if factor != 1.0:  # test-only injection: the logged loss sees it too
-                objective = objective * factor
-                ce_BS = ce_BS * factor
-        if out.aux_losses:
-            # Aux losses are per-micro-batch means: average them over all micro-batches.
-            aux = sum(out.aux_losses.values())
-            objective = objective + aux / num_micro
-            sums[NUM_MODALITIES + 1] += aux.detach().double()
-            for name, value in out.aux_losses.items():
-                key = f"aux/{name}"
-                value = value.detach().float()
-                stat_sums[key] = stat_sums[key] + value if key in stat_sums else value
-        with torch.no_grad():
-            for m in range(NUM_MODALITIES):
-                sel_BS = mask_BS * (b.target_modality_ids_BS == m)
-                sums[m] += (ce_BS.detach() * sel_BS).sum().double()
-        engine.backward(objective, scale_wrt_gas=False)
+        _micro_step(engine, b.to(device), sums, z_loss, dp_world_size / n_global, num_micro)
         if i < num_micro - 1:
             engine.step()  # not the accumulation boundary: DeepSpeed only counts micro-steps
-    # The boundary: one all-reduce carries the loss sums and, per rank, whether it saw a
-    # non-finite loss or gradient, so every rank takes the same decision.
-    world = dp_world_size if dp_world_size > 1 else 1
-    bad_W = torch.zeros(world, dtype=torch.float64, device=device)
-    bad_W[rank] = float(not (bool(torch.isfinite(sums).all()) and local_grads_finite(engine)))
-    reduced = all_reduce_sum(torch.cat([sums, bad_W]))
-    sums, bad_W = reduced[: sums.numel()], reduced[sums.numel() :]
-    loss = float(sums[:NUM_MODALITIES].sum()) / n_global
-    bad_ranks = [r for r in range(world) if bad_W[r] > 0]
+    losses, bad_ranks = _agree(engine, sums.losses, max(dp_world_size, 1), rank)
+    loss = float(losses[:NUM_MODALITIES].sum()) / n_global
     action = guard.decide(step, loss, bad_ranks) if guard is not None else "apply"
+    grad_norm = float("nan")
     if action == "apply":
-        grad_norm = unsharded_grad_norm(engine)
+        unsharded = unsharded_grad_norm(engine)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+        grad_norm = unsharded if unsharded is not None else last_grad_norm(engine)
         update_expert_biases(engine.module, all_reduce_sum)
     else:
         skip_optimizer_step(engine)
         _discard_expert_loads(engine.module)
-    stats = {
-        "loss": loss,
-        "grad_norm": _grad_norm(engine, grad_norm, action),
-        "tokens_loss": int(n_global),
-    }
+    stats = {"loss": loss, "grad_norm": grad_norm, "tokens_loss": int(n_global)}
     for m, name in enumerate(MODALITIES):
         count = float(counts_M[m])
-        stats[f"loss_{name}"] = float(sums[m]) / count if count else float("nan")
+        stats[f"loss_{name}"] = float(losses[m]) / count if count else float("nan")
         stats[f"tokens_{name}"] = int(count)
     if z_loss > 0:
-        stats["z_loss"] = float(sums[NUM_MODALITIES]) / n_global
-    if float(sums[NUM_MODALITIES + 1]):
-        stats["aux_loss"] = float(sums[NUM_MODALITIES + 1]) / (num_micro * dp_world_size)
-    stats.update(_mean_stats(stat_sums, num_micro * dp_world_size, device))
+        stats["z_loss"] = float(losses[NUM_MODALITIES]) / n_global
+    if float(losses[NUM_MODALITIES + 1]):
+        stats["aux_loss"] = float(losses[NUM_MODALITIES + 1]) / (num_micro * dp_world_size)
+    stats.update(_mean_stats(sums.stats, num_micro * dp_world_size, device))
     return stats
-
-
-def _grad_norm(engine, unsharded: float | None, action: str) -> float:
-    if action != "apply":
-        return float("nan")
-    return unsharded if unsharded is not None else last_grad_norm(engine)
 
 
 def _discard_expert_loads(model: torch.nn.Module) -> None:
@@ -155,20 +137,12 @@ def _discard_expert_loads(model: torch.nn.Module) -> None:
 
 def _mean_stats(stat_sums: dict[str, torch.Tensor], count: int, device) -> dict[str, float]:
     """Routing statistics averaged over micro-batches and ranks; vector stats (per-expert load)
-    become one metric per element. Every rank has the same keys: they follow from the config."""
-    if not stat_sums:
-        return {}
-    names = sorted(stat_sums)
-    flat = torch.cat([stat_sums[n].reshape(-1).to(device, torch.float64) for n in names])
-    flat = all_reduce_sum(flat) / count
-    out, i = {}, 0
-    for name in names:
-        n = stat_sums[name].numel()
-        values = flat[i : i + n].tolist()
-        i += n
-        if stat_sums[name].dim() == 0:
-            out[name] = values[0]
+    become one metric per element."""
+    out = {}
+    for name, total in all_reduce_sum_dict(stat_sums, device).items():
+        values = (total / count).tolist()
+        if total.dim() == 0:
+            out[name] = values
         else:
-            for e, v in enumerate(values):
-                out[f"{name}_e{e}"] = v
+            out.update({f"{name}_e{e}": v for e, v in enumerate(values)})
     return out

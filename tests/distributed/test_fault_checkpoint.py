@@ -13,42 +13,36 @@ import torch
 from tests.distributed.multiprocess import run_distributed
 
 
-def _parts(zero_stage: int):
-    """The real training pieces of a tiny dense run, as the loop builds them."""
+def _parts(zero_stage: int, root: Path):
+    """A tiny dense run, built the way training builds it."""
     from mm_moe.config import TrainConfig, from_dict
-    from mm_moe.parallel.engine import build_engine, deepspeed_config
+    from mm_moe.trainer.build import build_training
 
     cfg = from_dict(
         TrainConfig,
         {
             "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
             "data": {"seq_len": 32},
-            "trainer": {"global_batch_size": 4, "micro_batch_size": 1},
+            "trainer": {
+                "global_batch_size": 4,
+                "micro_batch_size": 1,
+                "max_steps": 10,
+                "run_dir": str(root),
+            },
             "parallel": {"zero_stage": zero_stage},
+            "logging": {"wandb": {"mode": "disabled"}},
         },
     )
-    torch.manual_seed(0)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    loader = cfg.data.build(0, rank, world, 1, 4)
-    model = cfg.model.with_vocab(loader.vocab.size).build(cfg.moe)
-    optimizer = cfg.optim.build(model)
-    scheduler = cfg.optim.build_schedule(optimizer, 10)
-    ds = deepspeed_config(
-        global_batch_size=4,
-        micro_batch_size=1,
-        dp_world_size=world,
-        zero_stage=zero_stage,
-        grad_clip=1.0,
-        bf16=False,
-    )
-    return cfg, build_engine(model, optimizer, scheduler, ds), scheduler, loader
+    return build_training(cfg)
 
 
-def _step(engine, loader):
+def _step(training):
     from mm_moe.trainer.step import train_step
 
-    train_step(engine, loader.next(), 0.0, torch.distributed.get_world_size(), torch.device("cpu"))
+    world = torch.distributed.get_world_size()
+    train_step(training.engine, training.loader.next(), 0.0, world, torch.device("cpu"))
 
 
 def _snapshot(engine) -> tuple[dict, dict]:
@@ -74,9 +68,10 @@ def _check_async_save(rank: int, world: int, root: str) -> None:
     from mm_moe.checkpoint.async_save import Checkpointer
 
     root = Path(root)
-    cfg, engine, scheduler, loader = _parts(zero_stage=2)
+    training = _parts(zero_stage=2, root=root)
+    engine, cfg = training.engine, training.cfg
     cfg.checkpoint.async_save = True
-    _step(engine, loader)
+    _step(training)
     at_save = _snapshot(engine)
 
     real_write = state.write
@@ -88,17 +83,18 @@ def _check_async_save(rank: int, world: int, root: str) -> None:
     state.write = slow_write
     checkpointer = Checkpointer(cfg.checkpoint, torch.device("cpu"))
     t0 = time.perf_counter()
-    checkpointer.save(root, 1, engine, scheduler, loader, {"x": 1}, rank, world, 0)
+    checkpointer.save(training.state(1))
     blocked = time.perf_counter() - t0
     assert blocked < 1.0, blocked  # training went on while the write was in flight
-    assert not (root / "step_00000001").exists()
-    _step(engine, loader)  # parameters and moments change at once
+    ckpts = checkpointer.root
+    assert not (ckpts / "step_00000001").exists()
+    _step(training)  # parameters and moments change at once
     after = _snapshot(engine)
     checkpointer.wait()
     state.write = real_write
     if rank == 0:
-        assert layout.latest_step_dir(root) == root / "step_00000001"
-        _assert_saved(root / "step_00000001", *at_save)
+        assert layout.latest_step_dir(ckpts) == ckpts / "step_00000001"
+        _assert_saved(ckpts / "step_00000001", *at_save)
         assert not torch.equal(after[0]["norm.weight"], at_save[0]["norm.weight"])
 
 
@@ -106,20 +102,23 @@ def _check_write_error(rank: int, world: int, root: str) -> None:
     from mm_moe.checkpoint import layout
     from mm_moe.checkpoint import state as ckpt_state
     from mm_moe.checkpoint.async_save import Checkpointer, CheckpointWriteError
-    from mm_moe.trainer.faults import FaultInjector, parse
+    from mm_moe.trainer.fault_injection import _failing_writes
+    from mm_moe.utils.faults import FaultInjector, parse
 
-    root = Path(root)
-    cfg, engine, scheduler, loader = _parts(zero_stage=2)
+    training = _parts(zero_stage=2, root=Path(root))
+    engine, cfg, loader = training.engine, training.cfg, training.loader
+    fail_step_2 = FaultInjector(parse("write_error:step=2"))
     for async_save in (False, True):
         cfg.checkpoint.async_save = async_save
         checkpointer = Checkpointer(cfg.checkpoint, torch.device("cpu"))
-        checkpointer.faults = FaultInjector(parse("write_error:step=2"))
-        _step(engine, loader)
+        root = checkpointer.root
+        checkpointer.save_file = _failing_writes(checkpointer.save_file, fail_step_2)
+        _step(training)
         good = _snapshot(engine)
-        checkpointer.save(root, 1, engine, scheduler, loader, {}, rank, world, 0)
-        _step(engine, loader)
+        checkpointer.save(training.state(1))
+        _step(training)
         with pytest.raises(CheckpointWriteError) as err:
-            checkpointer.save(root, 2, engine, scheduler, loader, {}, rank, world, 0)
+            checkpointer.save(training.state(2))
             checkpointer.wait()  # an asynchronous write's error shows at the next save/at exit
         if rank == 0:
             message = str(err.value)
@@ -129,7 +128,7 @@ def _check_write_error(rank: int, world: int, root: str) -> None:
         assert layout.latest_step_dir(root) == root / "step_00000001"
         assert not (root / ".tmp-step_00000002").exists()
     # The previous checkpoint loads, with the state it was saved with.
-    ckpt_state.load(root / "step_00000001", engine, scheduler, loader, rank, world)
+    ckpt_state.load(root / "step_00000001", engine, loader, rank, world)
     loaded = _snapshot(engine)
     for name, value in good[0].items():
         assert torch.equal(loaded[0][name], value), name
@@ -137,12 +136,12 @@ def _check_write_error(rank: int, world: int, root: str) -> None:
     # on_write_error=continue: counted, logged, training goes on.
     cfg.checkpoint.on_write_error = "continue"
     checkpointer = Checkpointer(cfg.checkpoint, torch.device("cpu"))
-    checkpointer.faults = FaultInjector(parse("write_error:step=2"))
-    checkpointer.save(root, 2, engine, scheduler, loader, {}, rank, world, 0)
+    checkpointer.save_file = _failing_writes(checkpointer.save_file, fail_step_2)
+    checkpointer.save(training.state(2))
     checkpointer.wait()
     assert checkpointer.counters() == {"checkpoint/write_errors": 1}
-    _step(engine, loader)
-    checkpointer.save(root, 3, engine, scheduler, loader, {}, rank, world, 0)
+    _step(training)
+    checkpointer.save(training.state(3))
     checkpointer.wait()
     assert layout.latest_step_dir(root) == root / "step_00000003"
 

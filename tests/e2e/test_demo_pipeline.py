@@ -13,7 +13,7 @@ from tests.helpers import PYTHON, REPO, _env, metrics
 
 
 def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
-    from mm_moe.data.builders import demo as build_demo_corpus
+    from data_pipelines import build_demo_corpus
 
     corpus = tmp_path / "demo"
     counts = build_demo_corpus.build(

@@ -81,7 +81,7 @@ def test_failed_run_prints_no_secret(tmp_path):
 
 
 def test_scrub_masks_secret_values_anywhere():
-    from mm_moe.trainer.scrub import scrub, secret_values
+    from mm_moe.utils.scrub import scrub, secret_values
 
     env = {"HF_TOKEN": "hf_abcdefgh12345", "PATH": "/usr/bin:/bin", "SOME_KEY": "short"}
     values = secret_values(env)

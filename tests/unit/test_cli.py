@@ -14,7 +14,7 @@ from mm_moe.errors import UserError
 
 
 def _train_failing_with(monkeypatch, capsys, exc_factory, tmp_path):
-    import mm_moe.trainer.loop as loop
+    import mm_moe.trainer.trainer as loop
     from mm_moe import train
 
     def run(cfg):

@@ -15,7 +15,7 @@ from mm_moe.eval.heldout import HeldoutEval, heldout_batches
 from mm_moe.model.config import ModelConfig
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.tokenization.config import TokenizerConfig
-from mm_moe.trainer.step import per_token_losses
+from mm_moe.model.losses import per_token_losses
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64)
 

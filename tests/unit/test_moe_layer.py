@@ -283,7 +283,7 @@ def test_a_group_with_fewer_tokens_than_experts_is_processed_in_training():
 
 
 def test_flops_meter_counts_the_pairs_actually_computed():
-    from mm_moe.eval.flops import FlopsMeter, training_flops_per_token
+    from mm_moe.model.flops import FlopsMeter, training_flops_per_token
     from mm_moe.model.config import ModelConfig
 
     cfg, moe = (

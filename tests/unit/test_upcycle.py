@@ -11,8 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mm_moe import load_pretrained  # noqa: E402
-from mm_moe.checkpoint import hf_import  # noqa: E402
-from mm_moe.checkpoint.upcycle_ops import upcycle_experts  # noqa: E402
+from mm_moe.upcycle import hf_import  # noqa: E402
+from mm_moe.upcycle.ops import upcycle_experts  # noqa: E402
 from mm_moe.config import ConfigError  # noqa: E402
 from mm_moe.upcycle import run  # noqa: E402
 
@@ -273,7 +273,7 @@ def test_resume_names_architecture_differences(tmp_path, hf):
 
 
 def test_router_virtual_groups_and_expert_noise():
-    from mm_moe.checkpoint.upcycle_ops import virtual_group_router
+    from mm_moe.upcycle.ops import virtual_group_router
 
     gen = torch.Generator().manual_seed(0)
     router = virtual_group_router(copies=3, granularity=2, d=8, std=0.02, gen=gen)

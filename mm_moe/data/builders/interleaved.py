@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mm_moe.data.builders.cli import parse
 from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
 from mm_moe.data.decode import IMAGE_EXTENSIONS
 from mm_moe.errors import UserError
@@ -112,15 +110,3 @@ def build(cfg: BuildInterleavedConfig) -> str:
     if not count:
         raise UserError(f"input={cfg.input}: no usable document")
     return shard_pattern(out, cfg.prefix, count, cfg.shard_size)
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    cfg = parse(
-        BuildInterleavedConfig, sys.argv[1:] if argv is None else argv, "build_interleaved.py"
-    )
-    try:
-        pattern = build(cfg)
-    except UserError as exc:
-        sys.exit(f"build_interleaved.py: error: {exc}")
-    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: interleaved}})")

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import io
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from mm_moe.data.builders.cli import parse
 from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
 from mm_moe.data.decode import IMAGE_EXTENSIONS
 from mm_moe.errors import UserError
@@ -84,13 +82,3 @@ def build(cfg: BuildPairsConfig) -> str:
     samples = (_sample(f"{i:09d}", img, cap, root) for i, (img, cap) in enumerate(pairs))
     count = write_shards(samples, out, cfg.prefix, cfg.shard_size, len(pairs), "pairs")
     return shard_pattern(out, cfg.prefix, count, cfg.shard_size)
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    cfg = parse(BuildPairsConfig, sys.argv[1:] if argv is None else argv, "build_pairs.py")
-    try:
-        pattern = build(cfg)
-    except UserError as exc:
-        sys.exit(f"build_pairs.py: error: {exc}")
-    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: pairs}})")

@@ -12,7 +12,6 @@ from the run's.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import Pool
@@ -25,13 +24,11 @@ import yaml
 from tqdm import tqdm
 
 from mm_moe.config.validate import to_dict
-from mm_moe.data.builders.cli import parse
 from mm_moe.data.builders.writer import prepare_output, shard_pattern
 from mm_moe.data.defects import REASONS, SampleError
 from mm_moe.data.documents import DecodeOptions, DocumentBuilder
 from mm_moe.data.shards import expand_urls
 from mm_moe.data.tar_reader import iter_raw_samples
-from mm_moe.errors import UserError
 from mm_moe.tokenization.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -111,13 +108,3 @@ class _Serial:
 
     def imap(self, fn, items):
         return map(fn, items)
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    cfg = parse(PretokenizeConfig, sys.argv[1:] if argv is None else argv, "pretokenize.py")
-    try:
-        pattern = build(cfg)
-    except UserError as exc:
-        sys.exit(f"pretokenize.py: error: {exc}")
-    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: tokens}})")

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from mm_moe.data.builders.cli import parse
 from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
 from mm_moe.errors import UserError
 
@@ -66,13 +64,3 @@ def build(cfg: BuildTextConfig) -> str:
     samples = ({"__key__": f"{i:09d}", "txt": d} for i, d in enumerate(docs))
     count = write_shards(samples, out, cfg.prefix, cfg.shard_size, len(docs), "documents")
     return shard_pattern(out, cfg.prefix, count, cfg.shard_size)
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    cfg = parse(BuildTextConfig, sys.argv[1:] if argv is None else argv, "build_text.py")
-    try:
-        pattern = build(cfg)
-    except UserError as exc:
-        sys.exit(f"build_text.py: error: {exc}")
-    print(f"wrote {pattern}  (data.sources: {{urls: {pattern!r}, format: text}})")

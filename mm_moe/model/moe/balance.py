@@ -18,8 +18,9 @@ def update_expert_biases(model: nn.Module, all_reduce_sum: Callable[[torch.Tenso
         if not isinstance(layer, MoELayer) or layer.cfg.bias_update_rate <= 0:
             continue
         load_E = all_reduce_sum(layer.load_accum.clone())
-        for name, _, n in layer.group_specs:
-            off = layer.offsets[name]
+        for group in layer.group_specs:
+            off = layer.offsets[group.name]
+            n = group.num_experts
             group_load = load_E[off : off + n]
             if group_load.sum() > 0:
                 error = group_load.mean() - group_load  # > 0: under-loaded, raise its bias

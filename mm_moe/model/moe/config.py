@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from mm_moe.errors import UserError
 from mm_moe.modality import MODALITIES
 
 MIXED = "mixed"
+
+
+class ExpertGroup(NamedTuple):
+    """One group of experts: a modality's (MoMa) or the one `mixed` group."""
+
+    name: str
+    modalities: tuple[int, ...]  # modality ids whose tokens it routes
+    num_experts: int  # after granularity scaling
 
 
 @dataclass
@@ -113,13 +121,15 @@ class MoEConfig:
     def enabled(self) -> bool:
         return bool(self.experts_per_modality)
 
-    def groups(self) -> list[tuple[str, tuple[int, ...], int]]:
-        """(name, modality ids it serves, number of experts) per group, in a fixed order."""
+    def groups(self) -> list[ExpertGroup]:
+        """The expert groups, in a fixed order (global expert ids follow it)."""
         g = self.granularity
         if MIXED in self.experts_per_modality:
             n = self.experts_per_modality[MIXED] * g
-            return [(MIXED, tuple(range(len(MODALITIES))), n)]
-        return [(m, (i,), self.experts_per_modality[m] * g) for i, m in enumerate(MODALITIES)]
+            return [ExpertGroup(MIXED, tuple(range(len(MODALITIES))), n)]
+        return [
+            ExpertGroup(m, (i,), self.experts_per_modality[m] * g) for i, m in enumerate(MODALITIES)
+        ]
 
     @property
     def k(self) -> int:
@@ -134,7 +144,7 @@ class MoEConfig:
         expert count (1 without MoE)."""
         if not self.enabled:
             return 1
-        return math.gcd(world_size, *(n for _, _, n in self.groups()))
+        return math.gcd(world_size, *(g.num_experts for g in self.groups()))
 
     def expected_experts_per_token(self) -> float:
         if self.router == "expert_choice":

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mm_moe.checkpoint.upcycle_config import UpcycleConfig
 from mm_moe.config.schema import TrainConfig
 from mm_moe.model.config import ModelConfig
+from mm_moe.upcycle.config import UpcycleConfig
 
 # fp32, relative to the largest reference logit when that exceeds 1.
 TOLERANCE = 1e-5
@@ -67,13 +67,13 @@ class VerifyResult:
 
 def _reference(source: str, source_format: str, ids_BS: torch.Tensor):
     if source_format == "native":
-        from mm_moe.checkpoint.pretrained import load_pretrained
+        from mm_moe.api import load_pretrained
 
         return load_pretrained(source)(ids_BS).logits, "the native dense source"
     try:
         import transformers
     except ImportError:
-        from mm_moe.checkpoint.hf_import import import_dense
+        from mm_moe.upcycle.hf_import import import_dense
 
         _, model = import_dense(source)
         return model(ids_BS).logits, "the dense import (transformers is not installed)"
@@ -138,7 +138,7 @@ def verify(
 ) -> VerifyResult:
     """Logits of the source and of the checkpoint written to `ucfg.out`, on random text ids in
     [0, num_text_ids)."""
-    from mm_moe.checkpoint.pretrained import load_pretrained
+    from mm_moe.api import load_pretrained
 
     seq_len = min(ucfg.verify_seq_len, source_cfg.max_seq_len, target.model.max_seq_len)
     gen = torch.Generator().manual_seed(ucfg.seed)

@@ -183,8 +183,8 @@ def _moe_layer(layer: MoELayer, prefix: str, ffn_src, opts: UpcycleOptions, gen,
     G = layer.cfg.granularity
     gate_up, down = [], []
     d = ffn_src[0].shape[1]
-    for name, _, n in layer.group_specs:
-        copies = n // G
+    for group in layer.group_specs:
+        name, copies = group.name, group.num_experts // G
         w_gu, w_d = upcycle_experts(
             *ffn_src, copies, G, gen, drop_ratio=opts.drop_ratio, noise=opts.expert_noise
         )

@@ -12,29 +12,20 @@ Hugging Face config.json (hf); group choices replace a group, then dotted keys a
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from pathlib import Path
 
 import yaml
 
-from mm_moe.checkpoint.upcycle_config import UpcycleConfig
-from mm_moe.cli import CONFIG_DIR as _CONFIG_DIR
+from mm_moe.cli import CONFIG_DIR, ENTRY_GROUPS, compose, exits_on_failure, setup_logging
 from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.config.overrides import check_overrides
-from mm_moe.config.schema import GROUPS
-from mm_moe.config.validate import _close, valid_keys
-from mm_moe.errors import UserError
+from mm_moe.config.validate import did_you_mean, valid_keys
+from mm_moe.upcycle.config import UpcycleConfig
 
-CONFIG_DIR = Path(_CONFIG_DIR)
-ENTRY_GROUPS = (*GROUPS, "experiment")
+PROG = "mm_moe.upcycle"
 log = logging.getLogger("mm_moe")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    print(f"mm_moe.upcycle: error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def split_args(argv: list[str]) -> tuple[dict, list[str], list[tuple[str, object]]]:
@@ -62,35 +53,22 @@ def split_args(argv: list[str]) -> tuple[dict, list[str], list[tuple[str, object
         else:
             options_all = sorted({*upcycle_keys, *valid_keys(TrainConfig, [])})
             raise ConfigError(
-                f"unknown key '{key}'.{_close(key, options_all)} Upcycling options: "
+                f"unknown key '{key}'.{did_you_mean(key, options_all)} Upcycling options: "
                 f"{', '.join(sorted(upcycle_keys))}; or a training-config key "
                 f"({', '.join(ENTRY_GROUPS)}, dotted: moe.top_k=2)"
             )
     return options, choices, train
 
 
-def _compose(choices: list[str]) -> dict:
-    """configs/train.yaml with these group choices, resolved."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    if GlobalHydra.instance().is_initialized():  # called again in one process (tests)
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base=None, config_dir=str(CONFIG_DIR)):
-        cfg = compose(config_name="train", overrides=choices)
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> TrainConfig:
     """The target's training config: the base (see module doc), group choices, overrides."""
     from omegaconf import OmegaConf
 
-    from mm_moe.checkpoint import hf_import
     from mm_moe.checkpoint.pretrained import find_step_dir
+    from mm_moe.upcycle import hf_import
 
     if ucfg.source_format == "hf":
-        base = _compose(choices)
+        base = compose(choices, schema=None)
         fields = hf_import.model_fields(hf_import.read_config(ucfg.source), ucfg.source)
         base["model"].update(fields)
     else:
@@ -102,7 +80,7 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
                 "target starts from the source's config: give model.* / moe.* keys or groups"
             )
         if choices:
-            composed = _compose(choices)
+            composed = compose(choices, schema=None)
             for choice in choices:
                 group = choice.split("=", 1)[0]
                 base[group] = composed[group]
@@ -120,11 +98,11 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
 
 
 def run(argv: list[str]) -> int:
-    from mm_moe.checkpoint import upcycling
-    from mm_moe.checkpoint.verify import verify
+    from mm_moe.upcycle import upcycling
+    from mm_moe.upcycle.verify import verify
 
     options, choices, train = split_args(argv)
-    defaults = yaml.safe_load((CONFIG_DIR / "upcycle.yaml").read_text())
+    defaults = yaml.safe_load((Path(CONFIG_DIR) / "upcycle.yaml").read_text())
     ucfg = from_dict(UpcycleConfig, {**defaults, **options})
     target = target_config(ucfg, choices, train)
     source_cfg, source_state = upcycling.load_source(ucfg.source, ucfg.source_format)
@@ -167,15 +145,7 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    try:
+    setup_logging()
+    with exits_on_failure(PROG):
         code = run(sys.argv[1:])
-    except UserError as exc:  # ConfigError included: a user mistake, named
-        if os.environ.get("MM_MOE_TRACEBACK"):
-            raise
-        _fail(str(exc))
     sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()

@@ -48,7 +48,8 @@ def _block_macs(
         parts = {"attention_proj": proj, "attention_scores": scores}
         if moe.is_moe_layer(index):
             h = cfg.ffn_dim // moe.granularity
-            (name, _, n) = next(g for g in moe.groups() if mi in g[1])
+            group = next(g for g in moe.groups() if mi in g.modalities)
+            name, n = group.name, group.num_experts
             parts["router"] = d * n
             ept = (experts_per_token or {}).get((index, name), moe.expected_experts_per_token())
             parts["experts"] = ept * 3 * d * h

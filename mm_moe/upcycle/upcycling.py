@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from mm_moe.checkpoint import experts, hf_import, layout
-from mm_moe.checkpoint.upcycle_config import UpcycleConfig
-from mm_moe.checkpoint.upcycle_ops import UpcycleOptions, build_state
+import mm_moe.upcycle.hf_import as hf_import
+from mm_moe.checkpoint import experts, layout
 from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
 from mm_moe.errors import UserError
 from mm_moe.model.config import ModelConfig
 from mm_moe.tokenization.vocab import Vocab
+from mm_moe.upcycle.config import UpcycleConfig
+from mm_moe.upcycle.ops import UpcycleOptions, build_state
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def load_source(source: str, source_format: str) -> tuple[ModelConfig, dict[str,
     if source_format == "hf":
         cfg, model = hf_import.import_dense(source)
         return cfg, saved_state(model)
-    from mm_moe.checkpoint.pretrained import load_pretrained
+    from mm_moe.api import load_pretrained
 
     model = load_pretrained(source)
     cfg = model.cfg

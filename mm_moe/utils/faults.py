@@ -1,8 +1,9 @@
-"""Fault injection for tests only: `MM_MOE_FAULT_INJECT`, read here and nowhere else.
+"""Fault injection for tests only: the grammar of `MM_MOE_FAULT_INJECT` and what each fault
+does; mm_moe/trainer/fault_injection.py wraps a built run with it from outside.
 
     MM_MOE_FAULT_INJECT="nan:rank=1:step=3"                 NaN loss on rank 1 at step 3
     MM_MOE_FAULT_INJECT="nan:step=3-5"                      ... on every rank, steps 3 to 5
-    MM_MOE_FAULT_INJECT="spike:step=12:scale=30"            loss (and gradients) x30 at step 12
+    MM_MOE_FAULT_INJECT="spike:step=12:scale=30"            logits x30 at step 12 (a loss spike)
     MM_MOE_FAULT_INJECT="kill:rank=1:step=4:once=PATH"      SIGKILL rank 1 at step 4; with
                                                             `once`, only if PATH does not exist
                                                             (it is created), so a restart runs
@@ -16,7 +17,6 @@ Faults are separated by commas. Without the variable nothing here does anything.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 from dataclasses import dataclass, field
@@ -70,7 +70,7 @@ class FaultInjector:
         return next((f for f in self.faults if f.kind == kind and f.hits(step, rank)), None)
 
     def loss_factor(self, step: int, rank: int) -> float:
-        """Multiplies the first micro-batch's objective (and its logged loss)."""
+        """Multiplies the logits of the step's first micro-batch (NaN: a non-finite loss)."""
         if self._find("nan", step, rank):
             return float("nan")
         spike = self._find("spike", step, rank)
@@ -96,6 +96,5 @@ class FaultInjector:
         fault = self._find("drop_batch", step)
         return int(fault.options.get("count", 1)) if fault and step == fault.first else 0
 
-    def check_write(self, step: int, path: Path) -> None:
-        if self._find("write_error", step):
-            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
+    def write_fails(self, step: int) -> bool:
+        return self._find("write_error", step) is not None

@@ -1,0 +1,239 @@
+"""Every place mm_moe reaches into DeepSpeed beyond its public API, in one module, with the
+DeepSpeed versions it was written and tested for (`check_version` warns at start outside them).
+
+- The MoE class swap: expert-parallel layers subclass `deepspeed.moe.layer.MoE` (nothing of it
+  runs), so that the engine reduces expert gradients over expert-data-parallel groups and ZeRO
+  partitions expert optimizer state there; expert parameters carry DeepSpeed's tags and sit
+  in param groups marked `'moe': True`.
+- Dropping a step (`skip_optimizer_step`) through the optimizers' overflow paths.
+- Reading gradients and norms inside the ZeRO / bf16 optimizers (`local_grads_finite`,
+  `unsharded_grad_norm`, `last_grad_norm`).
+- ZeRO-0 fp32 clipping with the expert-parallel global norm (`fix_clipping`).
+- Re-linking ZeRO's tensor fragments to the Adam state of every param group
+  (`relink_optimizer_fragments`).
+- bf16 with ZeRO-0 runs DeepSpeed's ZeRO-1 optimizer (`zero_stage_for`).
+- DeepSpeed's CPU shared-memory op is never built (`skip_shm_build`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.moe.utils import is_moe_param
+
+from mm_moe.errors import UserError
+
+log = logging.getLogger("mm_moe")
+
+TESTED_VERSIONS = ((0, 18), (0, 20))  # [from, to): pyproject pins deepspeed>=0.18,<0.20
+
+
+def check_version() -> None:
+    import deepspeed
+
+    version = tuple(int(p) for p in deepspeed.__version__.split(".")[:2] if p.isdigit())
+    low, high = TESTED_VERSIONS
+    if not low <= version < high:
+        log.warning(
+            "deepspeed %s: mm_moe's DeepSpeed glue (mm_moe/parallel/deepspeed_fixes.py) was "
+            "written for %d.%d up to (not including) %d.%d; check the expert-parallel and "
+            "checkpoint tests before trusting a run",
+            deepspeed.__version__,
+            *low,
+            *high,
+        )
+
+
+def skip_shm_build() -> None:
+    """DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce for CPUs on
+    start-up: a C++ build on the first run, under a file lock in ~/.cache/torch_extensions
+    that a process killed mid-build leaves behind, so that every later start waits on it
+    forever. Only DeepSpeed's inference all-reduce uses that op, so it is marked unavailable."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def zero_stage_for(zero_stage: int, bf16: bool) -> int:
+    """DeepSpeed 0.19's ZeRO-0 bf16 path (FP16_UnfusedOptimizer) keeps its fp32 master weights
+    apart from the parameters and leaves expert gradients out of its clipping norm; its ZeRO-1
+    optimizer has neither problem and, at one rank per data-parallel group, shards nothing."""
+    if bf16 and zero_stage == 0:
+        log.warning(
+            "trainer.precision=bf16 with parallel.zero_stage=0: using DeepSpeed's ZeRO-1 bf16 "
+            "optimizer (fp32 master weights, optimizer state sharded over data-parallel ranks)"
+        )
+        return 1
+    return zero_stage
+
+
+# ---- the MoE class swap ----
+class DeepSpeedExpertLayer(DeepSpeedMoE):
+    """Mixin of expert-parallel MoE layers: DeepSpeed's engine takes any `MoE` instance for an
+    expert layer (`has_moe_layers`, expert-data-parallel gradient reduction); its __init__
+    never runs. `declare` sets what the engine reads."""
+
+    def declare(self, ep_size: int, group_name: str, num_local_experts: int, params) -> None:
+        self.ep_size, self.expert_group_name = ep_size, group_name
+        self.num_local_experts = num_local_experts
+        for p in params:  # DeepSpeed's expert-parameter tags
+            p.allreduce, p.group_name = False, group_name
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the engine on every MoE layer: the groups already exist (megatron-core's
+        layout, checked against DeepSpeed's)."""
+        if use_data_before_expert_parallel_:
+            raise UserError(
+                "DeepSpeed's use_data_before_expert_parallel_ changes the expert group layout; "
+                "mm_moe uses megatron-core's (consecutive expert-parallel ranks)"
+            )
+        self.expert_parallel.check_deepspeed_groups()
+
+
+def deepspeed_groups(ep_size: int, group_name: str) -> dict:
+    """DeepSpeed's expert, expert-data and data-parallel groups for this EP size (created
+    with megatron-core's rank layout when missing)."""
+    from deepspeed.utils import groups
+
+    if group_name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return {
+        "expert-parallel": groups._get_expert_parallel_group(group_name),
+        "expert-data-parallel": groups._get_expert_data_parallel_group(group_name),
+        "data-parallel": groups._get_data_parallel_group(),
+    }
+
+
+def split_moe_param_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Move expert parameters into their own param groups, marked the way DeepSpeed's ZeRO
+    expects ('moe': True, 'name': the expert group's name); other settings are copied. Before
+    the first step (no state yet)."""
+    assert not optimizer.state, "split the param groups before the first step"
+    groups = []
+    for group in optimizer.param_groups:
+        dense = [p for p in group["params"] if not is_moe_param(p)]
+        if dense:
+            groups.append({**group, "params": dense})
+        by_name: dict[str, list] = {}
+        for p in group["params"]:
+            if is_moe_param(p):
+                by_name.setdefault(p.group_name, []).append(p)
+        for name, params in by_name.items():
+            groups.append({**group, "params": params, "moe": True, "name": name})
+    optimizer.param_groups = []
+    for group in groups:
+        optimizer.add_param_group(group)
+
+
+# ---- clipping, norms and dropped steps ----
+def fix_clipping(engine, norm_fn) -> None:
+    """DeepSpeed's ZeRO-0 fp32 clipping averages each rank's local norm (dense + its own
+    experts) over data-parallel ranks, which is not the global norm under expert parallelism:
+    clip with `norm_fn(module)` (every expert counted once) instead, and keep the norm where
+    the ZeRO optimizers keep theirs, so the logged grad_norm is the one clipping used. (ZeRO-1/2
+    sum the squared norms of expert partitions over all data-parallel ranks, which counts each
+    expert once; tests/distributed/test_expert_parallel.py checks grad_norm against EP=1's.)"""
+
+    def clip_fp32_gradients():
+        max_norm = engine.gradient_clipping()
+        norm = norm_fn(engine.module)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device))
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+    engine.clips_with_expert_parallel_norm = True
+
+
+def unsharded_grad_norm(engine, norm_fn) -> float | None:
+    """Global grad norm before clipping when gradients are whole on every rank (ZeRO-0 in
+    fp32, where DeepSpeed clips without keeping the norm); None when the ZeRO/bf16 optimizer
+    or `fix_clipping` computes it. Call after the last backward of a step, before
+    `engine.step()`."""
+    if hasattr(engine.optimizer, "_global_grad_norm"):
+        return None
+    if getattr(engine, "clips_with_expert_parallel_norm", False) and engine.gradient_clipping():
+        return None
+    return float(norm_fn(engine.module))
+
+
+def last_grad_norm(engine) -> float:
+    """Global grad norm of the last optimizer step, as the ZeRO/bf16 optimizer computed it."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def local_grads_finite(engine) -> bool:
+    """Whether the gradients this rank holds at the accumulation boundary (after the last
+    backward, before `engine.step()`) are all finite: its ZeRO-1/2 partition of the reduced
+    gradients, the bf16 optimizer's fp32 accumulators, or the whole reduced `.grad`s (ZeRO-0).
+    A non-finite value on any rank reaches at least one rank's share after the reduction."""
+    opt = engine.optimizer
+    if hasattr(opt, "has_overflow_partitioned_grads_serial"):  # ZeRO-1/2
+        return not bool(opt.has_overflow_partitioned_grads_serial().item())
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    grads += list(getattr(opt, "fp32_groups_gradient_flat_partition", []))  # bf16 optimizer
+    if not grads:
+        return True
+    # One fused norm per tensor instead of a Python loop of checks: a norm is finite iff every
+    # element is (or overflows fp32, which is no update to take either).
+    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+
+def skip_optimizer_step(engine) -> None:
+    """End the accumulation boundary without an update: call `engine.step()` with the optimizer
+    reporting an overflow, DeepSpeed's own way to drop a step (its fp16 loss scaling). The
+    gradients are discarded, parameters and optimizer state (Adam moments and step count) stay
+    as they are, the LR scheduler is not stepped; DeepSpeed counts the step in
+    `engine.skipped_steps` and advances `global_steps` and its micro-step counter as usual.
+    Every rank must call it at the same step (the decision is agreed by an all-reduce)."""
+    opt = engine.optimizer
+    if hasattr(opt, "has_overflow") and hasattr(opt, "check_grad_overflow"):  # ZeRO-1/2
+        # The ZeRO optimizer's overflow path frees its gradient partitions and returns.
+        patches = {"check_grad_overflow": True, "has_overflow": lambda *a, **k: True}
+    elif hasattr(opt, "clear_hp_grads"):  # DeepSpeed's bf16 optimizer
+
+        def drop(closure=None):
+            opt.clear_hp_grads()
+            opt.clear_lp_grads()
+            opt.overflow = True
+
+        patches = {"step": drop}
+    else:  # the client's torch optimizer (ZeRO-0 in fp32): the engine zeroes the grads
+        patches = {"step": lambda closure=None: None, "overflow": True}
+    saved = {k: opt.__dict__[k] for k in patches if k in opt.__dict__}
+    skipped_before = engine.skipped_steps
+    opt.__dict__.update(patches)
+    try:
+        assert engine.is_gradient_accumulation_boundary()
+        engine.step()
+    finally:
+        for k in patches:
+            if k in saved:
+                opt.__dict__[k] = saved[k]
+            else:
+                del opt.__dict__[k]
+    assert engine.skipped_steps == skipped_before + 1 and not engine.was_step_applied()
+
+
+# ---- ZeRO tensor fragments ----
+def relink_optimizer_fragments(engine) -> None:
+    """Point every parameter's fragment at the current flat Adam state.
+
+    DeepSpeed 0.19 links the fragments once, right after stepping the first parameter group,
+    before later groups have any state; with several groups (decay / no decay) the later
+    groups' moments are then unreachable through the fragment API. Linking again fixes it.
+    """
+    zero_opt = engine.optimizer
+    if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+        zero_opt._hp_optimizer_states_linked = False
+        zero_opt._lazy_init_hp_params_optimizer_state()

@@ -1,0 +1,96 @@
+"""`parallelize(model, cfg, dist) -> engine`: every kind of parallelism, applied from outside to
+the single-device model, in one place (torchtitan's `parallelize_*`).
+
+    expert parallelism (shard experts, all-to-all dispatcher)   expert_parallel.py
+    torch.compile per block (trainer.compile)                    compile.py
+    the optimizer with expert param groups and its LR schedule   (the config's builders)
+    the DeepSpeed engine: ZeRO, bf16, accumulation, clipping     here; its workarounds in
+                                                                 deepspeed_fixes.py
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mm_moe.parallel import deepspeed_fixes
+from mm_moe.parallel.compile import compile_blocks
+from mm_moe.parallel.distributed import DistInfo
+from mm_moe.parallel.expert_parallel import grad_norm, shard_experts
+
+log = logging.getLogger("mm_moe")
+
+
+def deepspeed_config(
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_world_size: int,
+    zero_stage: int,
+    grad_clip: float,
+    bf16: bool,
+) -> dict:
+    gas = global_batch_size // (micro_batch_size * dp_world_size)
+    assert gas * micro_batch_size * dp_world_size == global_batch_size
+    return {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {
+            "stage": deepspeed_fixes.zero_stage_for(zero_stage, bf16),
+            "contiguous_gradients": True,
+            "overlap_comm": False,
+            "reduce_scatter": True,
+        },
+        "bf16": {"enabled": bf16},
+        # Our AdamW is torch's; DeepSpeed shards its state under ZeRO like its own.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """trainer.precision: auto is bf16 on CUDA, fp32 elsewhere."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
+    """The DeepSpeed engine over `model` (on `dist.device`) for a TrainConfig `cfg`:
+    `engine.module` is the model (its experts sharded at EP > 1, its blocks compiled with
+    trainer.compile), `engine.lr_scheduler` the LR schedule. Collective: every rank calls it."""
+    import deepspeed
+
+    deepspeed_fixes.check_version()
+    expert_parallel = shard_experts(model, cfg.parallel, dist.device)
+    if cfg.trainer.compile:
+        compile_blocks(model)
+    optimizer = cfg.optim.build(model)
+    if expert_parallel is not None:
+        deepspeed_fixes.split_moe_param_groups(optimizer)
+    scheduler = cfg.optim.build_schedule(optimizer, cfg.trainer.max_steps)
+    ds_config = deepspeed_config(
+        global_batch_size=cfg.trainer.global_batch_size,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        dp_world_size=dist.world_size,
+        zero_stage=cfg.parallel.zero_stage,
+        grad_clip=cfg.optim.grad_clip,
+        bf16=uses_bf16(cfg.trainer.precision, dist.device),
+    )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    if expert_parallel is not None:
+        expert_parallel.check_deepspeed_groups()
+        deepspeed_fixes.fix_clipping(engine, grad_norm)
+    return engine
+
+
+def unsharded_grad_norm(engine) -> float | None:
+    """See deepspeed_fixes.unsharded_grad_norm; under expert parallelism every expert counts
+    once."""
+    return deepspeed_fixes.unsharded_grad_norm(engine, grad_norm)

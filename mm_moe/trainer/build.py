@@ -1,0 +1,235 @@
+"""`build_training(cfg) -> Training`: every part of a run, built once from the validated config
+(the process group, data, model, the parallelized engine, resume, checkpointer, metrics,
+held-out evaluation). `Trainer` (trainer.py) runs it; benchmarks and tests build the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mm_moe.checkpoint import layout
+from mm_moe.checkpoint import state as ckpt_state
+from mm_moe.checkpoint.async_save import Checkpointer
+from mm_moe.checkpoint.rng import seed_all
+from mm_moe.config.schema import TrainConfig
+from mm_moe.config.validate import to_dict
+from mm_moe.errors import UserError
+from mm_moe.eval.heldout import HeldoutEval, heldout_batches
+from mm_moe.model.attention_mask import check_backend, resolve_backend
+from mm_moe.model.config import ModelConfig
+from mm_moe.model.flops import FlopsMeter
+from mm_moe.model.moe.experts import gemm_paths
+from mm_moe.parallel.distributed import DistInfo, adopt_slurm_env, barrier, init_distributed
+from mm_moe.parallel.expert_parallel import check_expert_parallel
+from mm_moe.parallel.parallelize import parallelize, uses_bf16
+from mm_moe.trainer import fault_injection
+from mm_moe.trainer.guard import StepGuard
+from mm_moe.trainer.metrics import MetricsLogger
+from mm_moe.utils.scrub import install_log_scrubber, scrub
+
+log = logging.getLogger("mm_moe")
+
+# Dense bf16 peak FLOP/s per device, for MFU.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+@dataclass
+class Training:
+    """A built run. `start_step` is where it resumes (0 for a fresh start)."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    model_cfg: ModelConfig
+    engine: object
+    loader: object
+    guard: StepGuard
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    flops: FlopsMeter
+    evaluator: HeldoutEval | None
+    config_dict: dict
+    start_step: int = 0
+    wandb_id: str | None = None
+    peak_flops: float = 0.0
+    facts: dict = field(default_factory=dict)  # kernels chosen, for the first metrics row
+
+    def state(self, step: int) -> ckpt_state.TrainState:
+        """What a checkpoint of `step` holds."""
+        extra = {
+            "wandb_id": self.wandb_id,
+            "flops_cumulative": self.flops.state_dict(),
+            **self.guard.state_dict(),
+        }
+        return ckpt_state.TrainState(
+            step,
+            self.engine,
+            self.loader,
+            self.config_dict,
+            self.dist.rank,
+            self.dist.world_size,
+            extra,
+        )
+
+
+def start_processes(cfg: TrainConfig) -> tuple[TrainConfig, DistInfo]:
+    """The process group, and the config with the sizes that follow the world size."""
+    install_log_scrubber()
+    adopt_slurm_env()  # one Slurm task per process (submitit): before the world-size checks
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cfg = cfg.for_world(world)
+    check_expert_parallel(cfg.parallel, cfg.moe, world)
+    dist = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, cfg.trainer.device)
+    if cfg.trainer.cpu_threads:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
+    cfg.trainer.grad_accumulation_steps(dist.world_size)  # validates divisibility
+    return cfg, dist
+
+
+def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
+    """The checkpoint to resume from; a fresh line of checkpoints is never started on top of
+    an existing one unasked (also when resuming another run's or an upcycled checkpoint)."""
+    root = Path(cfg.checkpoint.dir)
+    resume_dir = layout.resolve_resume(cfg.checkpoint.resume, root)
+    if resume_dir is None or root.resolve() not in resume_dir.resolve().parents:
+        steps = layout.complete_steps(root)
+        if steps and not cfg.checkpoint.overwrite:
+            raise UserError(
+                f"checkpoint.dir={root} already holds checkpoints (latest step {steps[-1]}). "
+                "Pass checkpoint.resume=auto to continue that run, checkpoint.overwrite=true "
+                "to start over and replace them, or choose another trainer.run_dir"
+            )
+        if steps and dist.is_main:
+            log.warning(
+                "checkpoint.overwrite=true: removing %d checkpoints in %s", len(steps), root
+            )
+            layout.remove_all(root)
+    if dist.is_main:
+        Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
+    barrier()
+    return resume_dir
+
+
+def _peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    if cfg.trainer.peak_flops:
+        return cfg.trainer.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((flops for key, flops in _PEAK_FLOPS.items() if key in name), 0.0)
+    return 0.0
+
+
+def _kernels(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.device) -> dict:
+    """The attention kernel and the expert GEMM path this run takes: logged once, and
+    recorded in the first row of metrics.jsonl. A forced path that cannot run fails here."""
+    facts = {"attention": resolve_backend(model_cfg.attention, device)}
+    check_backend(facts["attention"], device, training=True)
+    gemm = gemm_paths(model, device)
+    if gemm:
+        facts["moe/gemm"] = ",".join(sorted(gemm))
+        for path, why in gemm.items():
+            log.info("expert GEMMs: %s (%s)", path, why)
+    log.info("attention: %s (model.attention=%s)", facts["attention"], model_cfg.attention)
+    return facts
+
+
+def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
+    params = model_cfg.num_params(cfg.moe)
+    flops = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
+    log.info(
+        "model: %.2fM parameters (%.2fM embedding; active text %.2fM, image %.2fM), "
+        "%.3g training FLOPs/token; world size %d, expert parallel %d, ZeRO-%d, "
+        "grad accumulation %d, %s, %s",
+        params["total"] / 1e6,
+        params["embedding"] / 1e6,
+        params["active"]["text"] / 1e6,
+        params["active"]["image"] / 1e6,
+        flops["text"],
+        dist.world_size,
+        cfg.parallel.expert_parallel_size,
+        cfg.parallel.zero_stage,
+        cfg.trainer.grad_accumulation_steps(dist.world_size),
+        "bf16" if uses_bf16(cfg.trainer.precision, dist.device) else "fp32",
+        dist.device,
+    )
+
+
+def _wandb_init(cfg: TrainConfig, config_dict: dict, run_id: str | None) -> dict | None:
+    if cfg.logging.wandb.mode == "disabled":
+        return None
+    return {
+        "project": cfg.logging.wandb.project,
+        "entity": cfg.logging.wandb.entity,
+        "name": cfg.logging.wandb.name or cfg.name,
+        "tags": cfg.logging.wandb.tags,
+        "mode": cfg.logging.wandb.mode,
+        "dir": str(cfg.trainer.run_dir),
+        "config": config_dict,
+        "id": run_id or secrets.token_hex(4),
+        "resume": "allow",
+    }
+
+
+def _evaluator(cfg: TrainConfig, dist: DistInfo) -> HeldoutEval | None:
+    """Held-out evaluation on every rank: under expert parallelism eval forwards are
+    collective."""
+    if not cfg.eval.interval:
+        return None
+    batches = heldout_batches(
+        cfg.eval, cfg.data, cfg.tokenizer, dist.rank, dist.world_size, cfg.trainer.micro_batch_size
+    )
+    return HeldoutEval(batches, dist.device)
+
+
+def build_training(cfg: TrainConfig) -> Training:
+    """Every part of the run; resumes when checkpoint.resume says so. Collective."""
+    cfg, dist = start_processes(cfg)
+    resume_dir = _resume_dir(cfg, dist)
+    seed_all(cfg.trainer.seed)  # same initial weights on every rank
+    t = cfg.trainer
+    loader = cfg.data.build(
+        t.seed, dist.rank, dist.world_size, t.micro_batch_size, t.global_batch_size
+    )
+    model_cfg = cfg.model.with_vocab(loader.vocab.size)
+    engine = parallelize(model_cfg.build(cfg.moe).to(dist.device), cfg, dist)
+    seed_all(t.seed * 100_003 + dist.rank)  # randomness in training differs across ranks
+    config_dict = scrub(to_dict(cfg))  # secrets never reach the saved config or wandb
+    config_dict["model"]["vocab_size"] = model_cfg.vocab_size
+    guard = StepGuard(t)  # non-finite steps and loss spikes
+    meta = {"step": 0}
+    if resume_dir is not None:
+        meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size)
+        guard.load_state_dict(meta)
+        log.info("resumed from %s at step %d", resume_dir, meta["step"])
+    if dist.is_main:
+        _describe(cfg, model_cfg, dist)
+    wandb_init = _wandb_init(cfg, config_dict, meta.get("wandb_id")) if dist.is_main else None
+    per_token = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
+    training = Training(
+        cfg=cfg,
+        dist=dist,
+        model_cfg=model_cfg,
+        engine=engine,
+        loader=loader,
+        guard=guard,
+        checkpointer=Checkpointer(cfg.checkpoint, dist.device),
+        metrics=MetricsLogger(
+            Path(t.run_dir), dist.is_main, t.max_steps, meta["step"], cfg.logging, wandb_init
+        ),
+        flops=FlopsMeter(
+            per_token, meta.get("flops_cumulative"), (model_cfg, cfg.moe, cfg.data.seq_len)
+        ),
+        evaluator=_evaluator(cfg, dist),
+        config_dict=config_dict,
+        start_step=meta["step"],
+        wandb_id=wandb_init["id"] if wandb_init else None,
+        peak_flops=_peak_flops(cfg, dist.device),
+        facts=_kernels(engine.module, model_cfg, dist.device),
+    )
+    fault_injection.install(training)  # test-only; nothing unless MM_MOE_FAULT_INJECT is set
+    return training

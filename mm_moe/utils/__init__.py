@@ -1,0 +1,1 @@
+"""Utilities every layer may use: secret scrubbing, test-only fault injection parsing."""
