@@ -23,15 +23,27 @@ def demo_assets(tmp_path_factory):
         and not os.environ.get("MM_MOE_TEST_BUILD_DEMO")
     ):
         return tok, heldout
+    from filelock import FileLock
+
+    # Built once per test session, also when pytest-xdist runs several workers (they share
+    # the parent of their base temporary directories).
+    root = tmp_path_factory.getbasetemp().parent / "demo_assets"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "done").exists():
+            _build_demo_assets(root)
+            (root / "done").write_text("ok")
+    return root / "tok", root / "demo" / "heldout"
+
+
+def _build_demo_assets(root: Path) -> None:
     from data_pipelines import build_demo_corpus
     from mm_moe.tokenization import train_image, train_text
     from mm_moe.tokenization.vq.model import VQConfig
 
-    root = tmp_path_factory.mktemp("demo_assets")
     corpus, tok = root / "demo", root / "tok"
     build_demo_corpus.build(
         build_demo_corpus.DemoCorpusConfig(
-            output=str(corpus), heldout=250, crops_per_photo=1, interleaved_docs=12
+            output=str(corpus), heldout=250, crops_per_photo=1, interleaved_docs=12, overwrite=True
         )
     )
     train_text.train(
@@ -49,4 +61,3 @@ def demo_assets(tmp_path_factory):
             max_images=1000,
         )
     )
-    return tok, corpus / "heldout"

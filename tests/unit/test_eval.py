@@ -13,9 +13,9 @@ from mm_moe.data.config import DataConfig, SourceConfig
 from mm_moe.eval.config import EvalConfig
 from mm_moe.eval.heldout import HeldoutEval, heldout_batches
 from mm_moe.model.config import ModelConfig
+from mm_moe.model.losses import per_token_losses
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.tokenization.config import TokenizerConfig
-from mm_moe.model.losses import per_token_losses
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64)
 

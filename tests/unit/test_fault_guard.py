@@ -12,9 +12,9 @@ from mm_moe.config.overrides import check_overrides
 from mm_moe.config.schema import GROUPS
 from mm_moe.train import CONFIG_DIR, build_config
 from mm_moe.trainer.config import SpikeConfig, TrainerConfig
-from mm_moe.utils.faults import parse
 from mm_moe.trainer.guard import StepGuard, TrainingHalted
 from mm_moe.trainer.spikes import SpikeDetector
+from mm_moe.utils.faults import parse
 
 
 def test_checkpoint_async_key_on_the_command_line_and_in_yaml():

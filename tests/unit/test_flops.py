@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm_moe.model.flops import FlopsMeter, flops_breakdown
 from mm_moe.model.config import ModelConfig
+from mm_moe.model.flops import FlopsMeter, flops_breakdown
 from mm_moe.model.mod import MoDConfig
 from mm_moe.model.moe.config import MoEConfig
 

@@ -192,8 +192,8 @@ def test_initialization_is_the_same_for_dense_mot_and_experts():
 def test_mot_unties_the_final_norm_and_older_checkpoints_load(tmp_path):
     """MoT unties every norm but the embeddings': the final norm too (`norm.weight` is
     [modalities, d]); a checkpoint that stored it shared ([d]) still loads, as copies."""
-    from mm_moe.checkpoint import layout
     from mm_moe.api import load_pretrained
+    from mm_moe.checkpoint import layout
     from mm_moe.config import TrainConfig, to_dict
     from mm_moe.data.config import DataConfig
     from mm_moe.model.modality_ops import ModalityNorm

@@ -283,8 +283,8 @@ def test_a_group_with_fewer_tokens_than_experts_is_processed_in_training():
 
 
 def test_flops_meter_counts_the_pairs_actually_computed():
-    from mm_moe.model.flops import FlopsMeter, training_flops_per_token
     from mm_moe.model.config import ModelConfig
+    from mm_moe.model.flops import FlopsMeter, training_flops_per_token
 
     cfg, moe = (
         ModelConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1),

@@ -11,10 +11,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mm_moe import load_pretrained  # noqa: E402
-from mm_moe.upcycle import hf_import  # noqa: E402
-from mm_moe.upcycle.ops import upcycle_experts  # noqa: E402
 from mm_moe.config import ConfigError  # noqa: E402
-from mm_moe.upcycle import run  # noqa: E402
+from mm_moe.upcycle import hf_import, run  # noqa: E402
+from mm_moe.upcycle.ops import upcycle_experts  # noqa: E402
 
 HF_VOCAB = 300
 # The synthetic data with the Hugging Face model's text ids: specials and image codes after.
