@@ -67,8 +67,12 @@ train: setup demo-assets
 	  experiment=demo parallel.expert_parallel_size=$(EP) checkpoint.overwrite=true $(ARGS)
 	$(PY) scripts/demo_report.py runs/demo
 
+# Two pytest workers (the CI machine's cores); a test file runs on one worker, so its
+# module fixtures are built once.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q --timeout=900 tests $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --timeout=900 tests $(ARGS)
 
 # The launcher test under a real single-node Slurm (installs Debian's slurm packages; root).
 test-slurm: setup
