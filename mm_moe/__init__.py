@@ -8,4 +8,12 @@ def load_pretrained(path, device="cpu"):
     return _load(path, device)
 
 
-__all__ = ["load_pretrained"]
+def load_tokenizers(path):
+    """The tokenizers and vocabulary of a run, checkpoint or upcycled model: `.text_ids(text)`,
+    `.image_token_ids(image)`, `.vocab`."""
+    from mm_moe.api import load_tokenizers as _load
+
+    return _load(path)
+
+
+__all__ = ["load_pretrained", "load_tokenizers"]

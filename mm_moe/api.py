@@ -1,11 +1,14 @@
-"""The public Python API: `mm_moe.load_pretrained`."""
+"""The public Python API: `mm_moe.load_pretrained` and `mm_moe.load_tokenizers`."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 import yaml
+
+log = logging.getLogger("mm_moe")
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
@@ -20,4 +23,34 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     model = cfg.model.build(cfg.moe)
     load_weights(step_dir, model)
     model.train_config = cfg
+    vocab = _vocab(step_dir, cfg)
+    if vocab is not None:
+        model.set_vocab(vocab)  # modality ids derived from input ids when not given
     return model.to(device).eval()
+
+
+def _vocab(step_dir: Path, cfg):
+    """The vocabulary the checkpoint recorded; else the one its config's data builds."""
+    from mm_moe.checkpoint.layout import VOCAB
+    from mm_moe.errors import UserError
+    from mm_moe.tokenization.vocab import Vocab
+
+    if (step_dir / VOCAB).is_file():
+        return Vocab.load(step_dir / VOCAB)
+    try:
+        return cfg.data.vocab(cfg.tokenizer)
+    except (UserError, OSError) as exc:  # tokenizer artifacts moved: modality all text
+        log.warning("%s: no vocabulary (%s); modality ids default to text", step_dir, exc)
+        return None
+
+
+def load_tokenizers(path: str | Path):
+    """The text and image tokenizers and the vocabulary of a run, checkpoint or upcycled
+    model: `.text_ids(text)`, `.image_token_ids(image)` (vocabulary ids, raster order, without
+    begin/end-of-image), `.vocab`."""
+    from mm_moe.checkpoint.pretrained import find_step_dir
+    from mm_moe.config import TrainConfig, from_dict
+
+    step_dir = find_step_dir(path)
+    cfg = from_dict(TrainConfig, yaml.safe_load((step_dir / "config.yaml").read_text()))
+    return cfg.tokenizer.build()

@@ -111,8 +111,13 @@ def compose(overrides: list[str], config_name: str = "train", schema: type | Non
         overrides = check_overrides(list(overrides), TrainConfig, ENTRY_GROUPS)
     if GlobalHydra.instance().is_initialized():  # composed again in one process
         GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = hydra_compose(config_name, overrides=list(overrides))
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            cfg = hydra_compose(config_name, overrides=list(overrides))
+    except HydraException as exc:  # a malformed override or a missing group option
+        raise ConfigError(f"{exc} (overrides: {' '.join(overrides)})") from None
     if schema is None:
         return OmegaConf.to_container(cfg, resolve=True)
     return build_config(cfg, schema)

@@ -3,21 +3,26 @@
     python -m mm_moe.generate checkpoint=runs/demo prompt="a handwritten digit 7"
     python -m mm_moe.generate checkpoint=runs/demo image=digit.png mode=text   # a caption
 
-mode=image continues `prompt` with an image (decoded to PNG by the VQ decoder), mode=text with
-text, mode=auto lets the model choose. PNGs go to `out` (default: <run dir>/samples).
+mode=image continues `prompt` with an image (decoded to PNG by the VQ decoder, or saved as its
+codes, `.codes.npy`, where the image tokenizer has no decoder: Chameleon's), mode=text with
+text, mode=auto lets the model choose. Images go to `out` (default: <run dir>/samples).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from PIL import Image
 
 from mm_moe.cli import exits_on_failure, parse_args
 from mm_moe.sampling import SampleConfig, generate, split_output
+
+log = logging.getLogger("mm_moe")
 
 PROG = "mm_moe.generate"
 
@@ -42,7 +47,7 @@ def prompt_ids(tok, text: str, image: Image.Image | None, mode: str) -> list[int
     ids = [vocab.bos] + (tok.text.encode(text) if text else [])  # None or "": no text
     if image is not None:
         codes = tok.image.encode(image)
-        ids += [vocab.boi, *(int(c) + vocab.image_offset for c in codes), vocab.eoi]
+        ids += [vocab.boi, *vocab.image_token_ids(codes).tolist(), vocab.eoi]
     if mode == "image":
         ids.append(vocab.boi)
     return ids
@@ -79,11 +84,25 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
                 text.append(tok.text.decode(values))
             elif len(values) == tok.image.tokens_per_image:
                 out_dir.mkdir(parents=True, exist_ok=True)
-                path = out_dir / f"sample_{cfg.seed + i:03d}_{len(images)}.png"
-                tok.image.decode(values).save(path)
-                images.append(str(path))
+                images.append(
+                    str(_save_image(tok.image, values, out_dir, cfg.seed + i, len(images)))
+                )
         results.append({"text": "".join(text), "images": images})
     return results
+
+
+def _save_image(image_tokenizer, codes, out_dir: Path, seed: int, index: int) -> Path:
+    """The image as a PNG, or its codes as .npy where the tokenizer has no decoder (Chameleon's
+    VQGAN: published without one) to decode with the original release's decoder."""
+    stem = out_dir / f"sample_{seed:03d}_{index}"
+    if getattr(image_tokenizer, "can_decode", True):
+        path = stem.with_suffix(".png")
+        image_tokenizer.decode(codes).save(path)
+        return path
+    path = stem.with_suffix(".codes.npy")
+    np.save(path, np.asarray(codes))
+    log.warning("%s: the image tokenizer has no decoder; saved the image's codes", path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

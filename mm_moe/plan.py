@@ -3,7 +3,7 @@
     python -m mm_moe.plan experiment=moma_4t4i_1.4b cluster.nodes=8 cluster.gpus_per_node=8
 
 Takes the training command's overrides plus `cluster.*` (nodes, gpus_per_node,
-gpu_memory_gb, bytes_per_param). Estimates assume bf16 weights and gradients, fp32 master
+gpu_memory_gb, data_vocab_size). Estimates assume bf16 weights and gradients, fp32 master
 weights and Adam moments, ZeRO partitioning of optimizer state (stage >= 1) and gradients
 (stage 2) over the data-parallel group for dense parameters and over the expert-data-parallel
 group for expert parameters, and activation memory of 34 bytes per token, layer and width unit
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from mm_moe.cli import compose, exits_on_failure
+from mm_moe.cli import compose, exits_on_failure, usage
 from mm_moe.config import TrainConfig, from_dict
 from mm_moe.errors import UserError
 
@@ -102,7 +102,8 @@ def _all_to_all_gib(cfg: TrainConfig, model, world: int, ep: int) -> float:
 
 def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
     cfg = cfg.for_world(cluster.world_size)
-    model = cfg.model.with_vocab(cluster.data_vocab_size)
+    # The data's vocabulary is assumed only where the model takes its size from the data.
+    model = cfg.model if cfg.model.vocab_size else cfg.model.with_vocab(cluster.data_vocab_size)
     params = model.num_params(cfg.moe)
     world, ep = cluster.world_size, cfg.parallel.expert_parallel_size
     warnings = _layout_warnings(cfg, world, ep)
@@ -148,6 +149,9 @@ def _print(name: str, p: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\n" + usage(ClusterConfig, "cluster.*").split("\n", 1)[1])
+        sys.exit(0)
     cluster_args = {}
     rest = []
     for arg in argv:
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     with exits_on_failure("mm_moe.plan"):
         cluster = from_dict(ClusterConfig, cluster_args, prefix="cluster")
         cfg = compose(rest)
-    result = plan(cfg, cluster)
+        result = plan(cfg, cluster)
     _print(cfg.name if cfg.name != "default" else "the default config", result)
     return result
 

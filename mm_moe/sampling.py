@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from mm_moe.errors import UserError
-from mm_moe.modality import IMAGE, TEXT
 from mm_moe.tokenization.vocab import Vocab
 
 
@@ -28,14 +27,13 @@ class SampleConfig:
 def allowed_masks(vocab: Vocab, device) -> tuple[torch.Tensor, torch.Tensor]:
     """[V] bool masks of the ids text mode and image mode may sample."""
     ids = torch.arange(vocab.size, device=device)
-    image = (ids >= vocab.image_offset) & (ids < vocab.image_offset + vocab.image_size)
+    image = vocab.image_id_mask().to(device)
     text = ~image & (ids != vocab.pad) & (ids != vocab.bos) & (ids != vocab.eoi)
     return text, image
 
 
 def modality_of(ids: list[int], vocab: Vocab) -> list[int]:
-    lo, hi = vocab.image_offset, vocab.image_offset + vocab.image_size
-    return [IMAGE if lo <= i < hi else TEXT for i in ids]
+    return vocab.modality_of(ids).tolist()
 
 
 @torch.no_grad()
@@ -90,14 +88,14 @@ def generate(
 def split_output(new: list[int], vocab: Vocab) -> list[tuple[str, list[int]]]:
     """[("text", ids) | ("image", codes)] segments of generated ids (specials dropped)."""
     segments: list[tuple[str, list[int]]] = []
-    lo, hi = vocab.image_offset, vocab.image_offset + vocab.image_size
-    for i in new:
-        kind = "image" if lo <= i < hi else "text"
+    codes = vocab.image_codes(new).tolist() if new else []
+    for i, code in zip(new, codes):
+        kind = "image" if code >= 0 else "text"
         if i in (vocab.boi, vocab.eoi, vocab.bos, vocab.eos, vocab.pad):
             if i == vocab.boi:
                 segments.append(("image", []))
             continue
         if not segments or segments[-1][0] != kind:
             segments.append((kind, []))
-        segments[-1][1].append(i - lo if kind == "image" else i)
+        segments[-1][1].append(code if kind == "image" else i)
     return [(k, v) for k, v in segments if v]

@@ -1,7 +1,7 @@
 """On-disk layout: one directory per step, written under a temporary name and renamed into
 place, and a `latest` pointer updated only after the rename.
 
-    <dir>/step_00000010/{meta.json, model.pt, optimizer.pt, rng.pt, config.yaml}
+    <dir>/step_00000010/{meta.json, model.pt, optimizer.pt, rng.pt, config.yaml, vocab.yaml}
     <dir>/latest            -> "step_00000010"
 
 A directory named step_* is complete by construction (rename is atomic); a crash leaves at most
@@ -19,6 +19,7 @@ from mm_moe.errors import UserError
 
 LATEST = "latest"
 META = "meta.json"
+VOCAB = "vocab.yaml"  # where text, special and image ids live (checkpoints since format 2)
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 

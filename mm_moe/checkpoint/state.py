@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,6 +54,7 @@ class StagedCheckpoint:
     rng: list
     config_yaml: str
     meta_json: str
+    vocab_yaml: str | None = None  # the vocabulary the model was trained on
 
 
 @dataclass
@@ -100,7 +102,17 @@ def stage(state: TrainState) -> StagedCheckpoint | None:
         rng_states,
         yaml.safe_dump(scrub(state.config), sort_keys=False),
         json.dumps(scrub(meta), indent=1),
+        _vocab_yaml(state.loader),
     )
+
+
+def _vocab_yaml(loader) -> str | None:
+    vocab = getattr(loader, "vocab", None)
+    if vocab is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab.save(Path(tmp) / layout.VOCAB)
+        return (Path(tmp) / layout.VOCAB).read_text()
 
 
 def save_file(obj, path: Path) -> None:
@@ -122,6 +134,7 @@ def write(staged: StagedCheckpoint, root: Path, keep_last: int, save=save_file) 
             "optimizer.pt": staged.optimizer,
             "rng.pt": {"ranks": staged.rng},
             "config.yaml": staged.config_yaml,
+            **({layout.VOCAB: staged.vocab_yaml} if staged.vocab_yaml else {}),
             # meta.json is written last: a step directory with it is complete.
             layout.META: staged.meta_json,
         }

@@ -85,17 +85,19 @@ class DataConfig:
         global_batch_size: int,
         tokenizer: TokenizerConfig | None = None,
     ):
+        tokenizer = tokenizer or getattr(self, "_tokenizer", None) or TokenizerConfig()
         if self.source == "synthetic_patterns":
             from mm_moe.data.loader import StepLoader
             from mm_moe.data.synthetic import SyntheticPatterns
+            from mm_moe.tokenization.vocab import Vocab
 
-            source = SyntheticPatterns(self.synthetic, self.seq_len, seed)
+            layout = Vocab.load(tokenizer.vocab) if tokenizer.vocab else None
+            source = SyntheticPatterns(self.synthetic, self.seq_len, seed, layout)
             return StepLoader(source, rank, dp_world_size, micro_batch_size, global_batch_size)
 
         from mm_moe.data.shards import check_tokens_vocab
         from mm_moe.data.webdataset_loader import WebDatasetLoader
 
-        tokenizer = tokenizer or getattr(self, "_tokenizer", None) or TokenizerConfig()
         vocab = tokenizer.build().vocab
         spec = self.pipeline_spec(seed, tokenizer)
         for src in spec.sources:
@@ -110,6 +112,17 @@ class DataConfig:
             micro_batch_size,
             global_batch_size,
         )
+
+    def vocab(self, tokenizer: TokenizerConfig | None = None):
+        """The vocabulary this data source produces (what the model trains on)."""
+        tokenizer = tokenizer or getattr(self, "_tokenizer", None) or TokenizerConfig()
+        if self.source == "synthetic_patterns":
+            from mm_moe.data.synthetic import SyntheticPatterns
+            from mm_moe.tokenization.vocab import Vocab
+
+            layout = Vocab.load(tokenizer.vocab) if tokenizer.vocab else None
+            return SyntheticPatterns(self.synthetic, self.seq_len, 0, layout).vocab
+        return tokenizer.build().vocab
 
     def pipeline_spec(self, seed: int, tokenizer: TokenizerConfig):
         """The picklable description of the webdataset pipeline (shards expanded here)."""

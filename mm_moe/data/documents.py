@@ -99,7 +99,7 @@ class DocumentBuilder:
 
     def _encode_image(self, data: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
         image = decode_image(data, what, self.opt.min_image_side, self.opt.max_aspect_ratio)
-        codes = np.asarray(self.tok.image.encode(image), dtype=np.int32) + self.vocab.image_offset
+        codes = self.vocab.image_token_ids(self.tok.image.encode(image))
         ids = np.concatenate([[self.vocab.boi], codes, [self.vocab.eoi]]).astype(np.int32)
         modality = np.full(len(ids), IMAGE, dtype=np.uint8)
         modality[[0, -1]] = TEXT
@@ -171,8 +171,7 @@ class DocumentBuilder:
             raise SampleError("bad_tokens", f"dtypes {tokens.dtype}, {modality.dtype} not integer")
         if tokens.min() < 0 or tokens.max() >= self.vocab.size:
             raise SampleError("bad_tokens", f"ids outside the vocabulary [0, {self.vocab.size})")
-        lo, hi = self.vocab.image_offset, self.vocab.image_offset + self.vocab.image_size
-        is_code = (tokens >= lo) & (tokens < hi)
+        is_code = self.vocab.is_image(tokens)
         if (
             not np.array_equal(modality == IMAGE, is_code)
             or not np.isin(modality, (TEXT, IMAGE)).all()

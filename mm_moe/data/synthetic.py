@@ -44,17 +44,32 @@ class SyntheticPatternsConfig:
 
 
 class SyntheticPatterns:
-    def __init__(self, cfg: SyntheticPatternsConfig, seq_len: int, seed: int):
+    """`layout`, when given (a published model's vocabulary, tokenizer.vocab), is where the
+    words and codes live: word w is the layout's w-th text id, code c its c-th image code."""
+
+    def __init__(self, cfg: SyntheticPatternsConfig, seq_len: int, seed: int, layout=None):
         self.cfg, self.seq_len, self.seed = cfg, seq_len, seed
-        self.vocab = Vocab.from_sizes(cfg.text_vocab_size, cfg.image_codebook_size)
+        self.vocab = layout or Vocab.from_sizes(cfg.text_vocab_size, cfg.image_codebook_size)
+        self.word_ids = np.arange(cfg.text_vocab_size)
+        if layout is not None:
+            specials = [layout.bos, layout.eos, layout.pad, layout.boi, layout.eoi]
+            text = np.flatnonzero(~layout.is_image(np.arange(layout.size)))
+            self.word_ids = text[~np.isin(text, specials)][: cfg.text_vocab_size]
+            if layout.image_size < cfg.image_codebook_size or len(self.word_ids) < 2 * len(_SLOPES):
+                raise UserError(
+                    f"data.synthetic needs {cfg.image_codebook_size} image codes and at least "
+                    f"{2 * len(_SLOPES)} text ids; tokenizer.vocab has {layout.image_size} and "
+                    f"{len(self.word_ids)}"
+                )
+        words = len(self.word_ids)  # the language's size: text_vocab_size, or what fits
         lang = np.random.default_rng(_LANGUAGE_SEED)
-        self.successors_V2 = lang.integers(0, cfg.text_vocab_size, size=(cfg.text_vocab_size, 2))
+        self.successors_V2 = lang.integers(0, words, size=(words, 2))
         # The caption words naming the slopes a and b.
-        self.slope_words = lang.choice(cfg.text_vocab_size, size=(2, len(_SLOPES)), replace=False)
+        self.slope_words = lang.choice(words, size=(2, len(_SLOPES)), replace=False)
 
     def _text(self, rng: np.random.Generator) -> list[int]:
         length = 1 + int(rng.geometric(1 / self.cfg.mean_text_len))
-        words = [int(rng.integers(self.cfg.text_vocab_size))]
+        words = [int(rng.integers(len(self.word_ids)))]
         choices = rng.integers(0, 2, size=length - 1)
         for c in choices:
             words.append(int(self.successors_V2[words[-1], c]))
@@ -66,8 +81,9 @@ class SyntheticPatterns:
         c = int(rng.integers(k))
         i_SS, j_SS = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
         codes_SS = (_SLOPES[ia] * i_SS + _SLOPES[ib] * j_SS + c) % k
-        codes = codes_SS.ravel() + self.vocab.image_offset
-        caption = [int(self.slope_words[0, ia]), int(self.slope_words[1, ib])]
+        codes = self.vocab.image_token_ids(codes_SS.ravel())
+        caption = [int(self.word_ids[self.slope_words[0, ia]])]
+        caption.append(int(self.word_ids[self.slope_words[1, ib]]))
         image = [self.vocab.boi, *codes.tolist(), self.vocab.eoi]
         modality = [TEXT] + [IMAGE] * len(codes) + [TEXT]
         return caption + image, [TEXT] * len(caption) + modality
@@ -78,7 +94,7 @@ class SyntheticPatterns:
             t, m = self._image(rng)
             tokens += t
             modality += m
-        text = self._text(rng)
+        text = self.word_ids[self._text(rng)].tolist()
         return tokens + text + [self.vocab.eos], modality + [TEXT] * (len(text) + 1)
 
     def row(self, index: int) -> tuple[np.ndarray, ...]:

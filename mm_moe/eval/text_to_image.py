@@ -48,7 +48,7 @@ def sample_image_codes(
             ids_RS = torch.cat([ids_RS, nxt_R], 1)
             mod_RS = torch.cat([mod_RS, torch.ones_like(nxt_R)], 1)  # image modality
         for r, i in enumerate(rows):
-            out[i] = [int(c) - vocab.image_offset for c in ids_RS[r, length:].tolist()]
+            out[i] = vocab.image_codes(ids_RS[r, length:].tolist()).tolist()
     return out  # type: ignore[return-value]
 
 

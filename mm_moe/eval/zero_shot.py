@@ -20,7 +20,7 @@ def image_prefix(tok, image: Image.Image) -> list[int]:
     """[bos, boi, codes..., eoi]: an image alone, as the start of a caption pair."""
     vocab = tok.vocab
     codes = tok.image.encode(image)
-    return [vocab.bos, vocab.boi, *(int(c) + vocab.image_offset for c in codes), vocab.eoi]
+    return [vocab.bos, vocab.boi, *vocab.image_token_ids(codes).tolist(), vocab.eoi]
 
 
 def caption_ids(tok, labels: list[str], templates: list[str]) -> list[list[list[int]]]:

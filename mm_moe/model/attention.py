@@ -19,7 +19,15 @@ from torch import nn
 
 from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.attention_mask import AttentionMask, document_causal_mask
-from mm_moe.model.modality_ops import Linear, ModalityLinear, ModalityNorm, ModalityRows, Norm
+from mm_moe.model.modality_ops import (
+    HeadNorm,
+    Linear,
+    ModalityHeadLayerNorm,
+    ModalityLinear,
+    ModalityNorm,
+    ModalityRows,
+    Norm,
+)
 from mm_moe.model.rope import RotaryEmbedding
 
 __all__ = ["Attention", "document_causal_mask"]
@@ -56,6 +64,16 @@ def attend(
     )
 
 
+def _qk_norm(cfg, heads: int) -> nn.Module | None:
+    """model.qk_norm's norm over each head's [head_dim] (per modality under untie=[norms])."""
+    kind, untied, hd = cfg.qk_norm_kind, "norms" in cfg.untie, cfg.head_dim
+    if kind == "rms":
+        return ModalityNorm(hd, NUM_MODALITIES, cfg.norm_eps) if untied else Norm(hd, cfg.norm_eps)
+    if kind == "head_layernorm":
+        return ModalityHeadLayerNorm(heads, hd, NUM_MODALITIES) if untied else HeadNorm(heads, hd)
+    return None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, rope: RotaryEmbedding):
         super().__init__()
@@ -71,15 +89,8 @@ class Attention(nn.Module):
         self.w_k = proj(d, cfg.n_kv_heads * hd)
         self.w_v = proj(d, cfg.n_kv_heads * hd)
         self.w_o = proj(cfg.n_heads * hd, d)
-        self.q_norm = self.k_norm = None
-        if cfg.qk_norm:
-            untied = "norms" in cfg.untie
-            self.q_norm = (
-                ModalityNorm(hd, NUM_MODALITIES, cfg.norm_eps) if untied else Norm(hd, cfg.norm_eps)
-            )
-            self.k_norm = (
-                ModalityNorm(hd, NUM_MODALITIES, cfg.norm_eps) if untied else Norm(hd, cfg.norm_eps)
-            )
+        self.q_norm = _qk_norm(cfg, cfg.n_heads)
+        self.k_norm = _qk_norm(cfg, cfg.n_kv_heads)
         self.rope = rope
 
     def forward(

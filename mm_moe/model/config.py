@@ -28,8 +28,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     norm_eps: float = 1e-5
-    # QK-norm: Chameleon needs it for stable mixed-modal training.
-    qk_norm: bool = True
+    # QK-norm: Chameleon needs it for stable mixed-modal training. true (or rms): RMSNorm over
+    # the head dim, one weight shared by the heads; head_layernorm: Chameleon's LayerNorm over
+    # the head dim with a weight and bias per head (eps 1e-5); false: none.
+    qk_norm: bool | Literal["rms", "head_layernorm"] = True
     # pre: x + f(norm(x)); post: res-post-norm x + norm(f(x)) (Swin-V2 / Chameleon).
     norm_placement: Literal["pre", "post"] = "pre"
     tie_embeddings: bool = False
@@ -71,6 +73,20 @@ class ModelConfig:
         bad = [i for i in self.mod.layers if i >= self.n_layers]
         if bad:
             raise UserError(f"model.mod.layers {bad} exceed model.n_layers={self.n_layers}")
+
+    @property
+    def qk_norm_kind(self) -> str:
+        """none | rms | head_layernorm."""
+        if self.qk_norm is True:
+            return "rms"
+        return self.qk_norm or "none"
+
+    def _qk_norm_params(self) -> int:
+        if self.qk_norm_kind == "rms":
+            return 2 * self.head_dim
+        if self.qk_norm_kind == "head_layernorm":  # weight and bias per head, q and k
+            return 2 * (self.n_heads + self.n_kv_heads) * self.head_dim
+        return 0
 
     @property
     def head_dim(self) -> int:
@@ -125,7 +141,7 @@ class ModelConfig:
         d, f, M = self.d_model, self.ffn_dim, NUM_MODALITIES
         copies = lambda part: M if part in self.untie else 1
         attn = self._attention_params()
-        norms = 2 * d + (2 * self.head_dim if self.qk_norm else 0)
+        norms = 2 * d + self._qk_norm_params()
         total = attn * copies("attention") + norms * copies("norms")
         active = {m: attn + norms for m in MODALITIES}
         if moe.is_moe_layer(index):

@@ -17,8 +17,7 @@ from mm_moe.model.attention_mask import AttentionMask, check_backend, resolve_ba
 from mm_moe.model.block import TransformerBlock
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mod import MoDBlock
-from mm_moe.model.modality_ops import ModalityNorm, ModalityRows, Norm
-from mm_moe.model.norms import RMSNorm
+from mm_moe.model.modality_ops import NORMS, ModalityNorm, ModalityRows, Norm
 from mm_moe.model.rope import RotaryEmbedding
 
 
@@ -60,12 +59,7 @@ class EarlyFusionDecoder(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         # Norm weights keep their ones, per-modality copies ([M, dim]) included.
-        norms = {
-            id(p)
-            for m in self.modules()
-            if isinstance(m, (RMSNorm, ModalityNorm))
-            for p in m.parameters()
-        }
+        norms = {id(p) for m in self.modules() if isinstance(m, NORMS) for p in m.parameters()}
         for name, p in self.named_parameters():
             if p.dim() < 2 or id(p) in norms:
                 continue
@@ -78,36 +72,50 @@ class EarlyFusionDecoder(nn.Module):
             )
             nn.init.trunc_normal_(p, std=std * scale, a=-3 * std, b=3 * std)
 
+    def set_vocab(self, vocab) -> None:
+        """The vocabulary the model was trained on: with it, a forward without modality ids
+        derives them from the ids (image codes are image tokens, everything else text)."""
+        mask_V = vocab.image_id_mask()
+        if len(mask_V) < self.cfg.vocab_size:
+            mask_V = torch.cat([mask_V, mask_V.new_zeros(self.cfg.vocab_size - len(mask_V))])
+        self.register_buffer("image_id_mask_V", mask_V, persistent=False)
+        self.vocab = vocab
+
     def forward(
         self,
-        input_ids_BS: torch.Tensor,
-        modality_ids_BS: torch.Tensor | None = None,
-        doc_ids_BS: torch.Tensor | None = None,
-        position_ids_BS: torch.Tensor | None = None,
-        token_mask_BS: torch.Tensor | None = None,
+        input_ids: torch.Tensor,
+        modality_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """doc_ids_BS: the document of each position in a packed row (None: one document per
-        row, plain causal attention). token_mask_BS: tokens that compete for expert capacity
-        and MoD slots (the loss mask in training; None is all tokens). Positions, when given,
-        must be below model.max_seq_len (not checked here: no host sync per forward)."""
+        """All [B, S]. modality_ids: None derives them from the vocabulary (`set_vocab`; all
+        text without one). doc_ids: the document of each position in a packed row (None: one
+        document per row, plain causal attention). token_mask: tokens that compete for expert
+        capacity and MoD slots (the loss mask in training; None is all tokens). Positions, when
+        given, must be below model.max_seq_len (not checked here: no host sync per forward)."""
+        input_ids_BS = input_ids
         B, S = input_ids_BS.shape
-        if modality_ids_BS is None:  # all text
+        if modality_ids is not None:
+            modality_ids_BS = modality_ids
+        elif hasattr(self, "image_id_mask_V"):
+            modality_ids_BS = self.image_id_mask_V[input_ids_BS].long()
+        else:  # all text
             modality_ids_BS = torch.zeros_like(input_ids_BS)
-        if position_ids_BS is None:
+        if position_ids is None:
             if self.cfg.max_seq_len < S:
                 raise UserError(f"{S} positions exceed model.max_seq_len={self.cfg.max_seq_len}")
-            position_ids_BS = torch.arange(S, device=input_ids_BS.device).expand(B, S)
-        if not self.cfg.document_masking:
-            doc_ids_BS = None
+            position_ids = torch.arange(S, device=input_ids_BS.device).expand(B, S)
+        doc_ids_BS = doc_ids if self.cfg.document_masking else None
         backend = resolve_backend(self.cfg.attention, input_ids_BS.device)
         check_backend(backend, input_ids_BS.device, torch.is_grad_enabled() and self.training)
         ctx = ForwardContext(
             modality_ids_BS=modality_ids_BS,
-            position_ids_BS=position_ids_BS,
+            position_ids_BS=position_ids,
             doc_ids_BS=doc_ids_BS,
             attn_mask=AttentionMask.build(doc_ids_BS, backend),
-            valid_BS=token_mask_BS.bool()
-            if token_mask_BS is not None
+            valid_BS=token_mask.bool()
+            if token_mask is not None
             else torch.ones_like(input_ids_BS, dtype=torch.bool),
             rows=ModalityRows.of(modality_ids_BS, NUM_MODALITIES, bool(self.cfg.untie)),
             backend=backend,

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mm_moe.model.mlp import SwiGLU
-from mm_moe.model.norms import RMSNorm
+from mm_moe.model.norms import HeadLayerNorm, RMSNorm
 
 
 @dataclass
@@ -93,6 +94,27 @@ class ModalityNorm(nn.Module):
         return (normed * w).type_as(x)
 
 
+class HeadNorm(HeadLayerNorm):
+    """HeadLayerNorm that accepts (and ignores) the modality rows."""
+
+    def forward(self, x: torch.Tensor, rows: ModalityRows | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class ModalityHeadLayerNorm(nn.Module):
+    """Chameleon's per-head LayerNorm with one weight and bias per modality ([M, heads, D])."""
+
+    def __init__(self, heads: int, head_dim: int, num_modalities: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_modalities, heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_modalities, heads, head_dim))
+
+    def forward(self, x: torch.Tensor, rows: ModalityRows) -> torch.Tensor:
+        normed = F.layer_norm(x.float(), x.shape[-1:], eps=HeadLayerNorm.eps)
+        m = rows.modality_ids_BS  # x: [B, S, heads, D]
+        return (normed * self.weight.float()[m] + self.bias.float()[m]).type_as(x)
+
+
 class ModalityFFN(nn.Module):
     """One SwiGLU per modality."""
 
@@ -102,3 +124,8 @@ class ModalityFFN(nn.Module):
 
     def forward(self, x_BSd: torch.Tensor, rows: ModalityRows) -> torch.Tensor:
         return _by_modality(x_BSd, rows, lambda m, r: self.experts[m](r))
+
+
+# Every norm module (plain and per modality): their weights start at one (biases at zero) and
+# get no weight decay.
+NORMS = (RMSNorm, HeadLayerNorm, ModalityNorm, ModalityHeadLayerNorm)

@@ -1,12 +1,13 @@
 """The one interface data, model and sampling use to turn text and images into token ids.
 
-Implementations live beside this file: the deterministic stand-ins of `stand_ins.py` now, the
-trained sentencepiece and VQ tokenizers later. Anything that satisfies these protocols plugs in
-through `TokenizerConfig.build()` (mm_moe/tokenization/config.py).
+Implementations live beside this file: the deterministic stand-ins (`stand_ins.py`), the trained
+sentencepiece and VQ tokenizers, a published model's text tokenizer (`hf_text.py`) and
+Chameleon's VQGAN (`chameleon_vq.py`). Anything that satisfies these protocols plugs in through
+`TokenizerConfig.build()` (mm_moe/tokenization/config.py).
 
 Ids from `TextTokenizer.encode` are in [0, vocab_size); codes from `ImageTokenizer.encode` are
-in [0, codebook_size). `Vocab` places both in the unified vocabulary (image codes shifted by
-`vocab.image_offset`), next to bos/eos/pad/boi/eoi.
+in [0, codebook_size). `Vocab` places both in the unified vocabulary (`image_token_ids`), next
+to bos/eos/pad/boi/eoi.
 """
 
 from __future__ import annotations
@@ -51,5 +52,13 @@ class Tokenizers:
     vocab: Vocab
 
     def __post_init__(self) -> None:
-        assert self.vocab.text_size >= self.text.vocab_size
+        assert self.vocab.size >= self.text.vocab_size
         assert self.vocab.image_size == self.image.codebook_size
+
+    def text_ids(self, text: str) -> list[int]:
+        """Vocabulary ids of a text (no special tokens)."""
+        return list(self.text.encode(text))
+
+    def image_token_ids(self, image: Image.Image) -> np.ndarray:
+        """Vocabulary ids of an image's codes, raster order, without begin/end-of-image."""
+        return self.vocab.image_token_ids(self.image.encode(image))

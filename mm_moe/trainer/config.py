@@ -48,7 +48,7 @@ class TrainerConfig:
     global_batch_size: int = 8
     # Sequences per rank per forward; accumulation = global / (micro * data-parallel ranks).
     # 0: global / data-parallel ranks (no accumulation), whatever the number of processes.
-    micro_batch_size: int = 8
+    micro_batch_size: int = 0  # 0: global / data-parallel ranks
     # auto: bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

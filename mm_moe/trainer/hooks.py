@@ -102,6 +102,10 @@ def summary(history: list[dict], training) -> None:
     if cfg.checkpoint.interval:
         root = training.checkpointer.root
         lines.append(f"checkpoints: {root} (latest: {layout.latest_step_dir(root)})")
+    else:
+        lines.append(
+            "no checkpoint written: checkpoint.interval=0 (N saves every N steps and the last)"
+        )
     if cfg.logging.wandb.mode != "disabled":
         lines.append(f"wandb ({cfg.logging.wandb.mode}): {cfg.trainer.run_dir}/wandb")
     for line in lines:

@@ -9,8 +9,7 @@ from typing import Literal
 import torch
 
 from mm_moe.errors import UserError
-from mm_moe.model.modality_ops import ModalityNorm
-from mm_moe.model.norms import RMSNorm
+from mm_moe.model.modality_ops import NORMS
 
 
 @dataclass
@@ -43,12 +42,7 @@ class OptimConfig:
     def build(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """AdamW; norm weights (per-modality [M, d] copies too) and other 1-D parameters get
         no weight decay."""
-        norms = {
-            id(p)
-            for m in model.modules()
-            if isinstance(m, (RMSNorm, ModalityNorm))
-            for p in m.parameters()
-        }
+        norms = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters()}
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:

@@ -106,9 +106,12 @@ def run(argv: list[str]) -> int:
     ucfg = from_dict(UpcycleConfig, {**defaults, **options})
     target = target_config(ucfg, choices, train)
     source_cfg, source_state = upcycling.load_source(ucfg.source, ucfg.source_format)
-    vocab = upcycling.data_vocab(target)
+    if ucfg.source_format == "hf":
+        vocab = upcycling.hf_layout(ucfg, target)
+    else:
+        vocab = upcycling.data_vocab(target)
     upcycling.resolve_target(target, source_cfg, ucfg.source_format, vocab)
-    out, fresh = upcycling.write(ucfg, target, source_state)
+    out, fresh = upcycling.write(ucfg, target, source_state, vocab)
 
     params = target.model.num_params(target.moe)
     groups = target.moe.experts_per_modality or "none (dense)"
@@ -138,7 +141,7 @@ def run(argv: list[str]) -> int:
     )
     if not ucfg.verify:
         return 0
-    result = verify(ucfg, target, source_cfg, min(source_cfg.vocab_size, vocab.text_size))
+    result = verify(ucfg, target, source_cfg, vocab)
     for line in result.lines():
         print(line, flush=True)
     return 1 if result.status == "FAILED" else 0

@@ -1,13 +1,19 @@
-"""Hugging Face Llama-family checkpoints -> this project's dense model, with the same function.
+"""Hugging Face checkpoints -> this project's dense model, with the same function, and the
+vocabulary layout and tokenizer that come with them.
 
 A source folder holds `config.json` and either `model.safetensors` or shards
-`model-0000x-of-0000y.safetensors` listed in `model.safetensors.index.json`. Supported: Llama
-(and Mistral without a sliding window): grouped-query attention, tied or untied embeddings,
-RoPE configured either way transformers has written it (`rope_theta` + `rope_scaling` before
-v5, `rope_parameters` since). Anything that would change the function silently (other RoPE
-scalings, biases, another activation, a head_dim that is not hidden/heads) is refused.
+`model-0000x-of-0000y.safetensors` listed in `model.safetensors.index.json`. Supported:
+- Llama (and Mistral without a sliding window): grouped-query attention, tied or untied
+  embeddings, RoPE configured either way transformers has written it (`rope_theta` +
+  `rope_scaling` before v5, `rope_parameters` since);
+- Chameleon (`model_type: chameleon`, and the models built on it): RMSNorm blocks, QK-norm as
+  a LayerNorm over the head dim with a weight and bias per head (model.qk_norm=
+  head_layernorm), `swin_norm` (res-post-norm: model.norm_placement=post), grouped-query
+  attention; its image tokens sit inside its vocabulary (`vocabulary_map`, `IMGIMG<A-J>Z`).
+Anything that would change the function silently (other RoPE scalings, biases, another
+activation, a head_dim that is not hidden/heads) is refused.
 
-Why the mapping is exact: both models compute RMSNorm in fp32, rotate query/key halves the same
+Why the mapping is exact: both models compute norms in fp32, rotate query/key halves the same
 way (mm_moe/model/rope.py is Llama's `rotate_half` layout, so q/k rows need no permutation),
 share key/value heads with the same grouping (head h reads kv head h // (H / K)), scale scores
 by head_dim^-1/2 and apply SwiGLU as down(silu(gate(x)) * up(x)). Llama has no QK-norm, so the
@@ -26,7 +32,9 @@ from mm_moe.errors import UserError
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-SUPPORTED_TYPES = ("llama", "mistral")
+SUPPORTED_TYPES = ("llama", "mistral", "chameleon")
+# Chameleon's begin/end-of-image tokens in its vocabulary_map.
+CHAMELEON_BOI, CHAMELEON_EOI = "<racm3:break>", "<eoss>"
 
 
 def _refuse(path: Path, message: str) -> None:
@@ -77,6 +85,8 @@ def model_fields(hf: dict, folder: str | Path) -> dict:
             f"model_type={kind!r} is not supported; Llama-family types: "
             f"{', '.join(SUPPORTED_TYPES)} (architectures {hf.get('architectures')})",
         )
+    if kind == "chameleon" and not hf.get("vocabulary_map"):
+        _refuse(path, "a Chameleon config without vocabulary_map (the image tokens' ids)")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             _refuse(path, f"{flag}=true is not supported (this project's layers have no biases)")
@@ -102,8 +112,8 @@ def model_fields(hf: dict, folder: str | Path) -> dict:
         "rope_theta": _rope_theta(hf, path),
         "max_seq_len": hf.get("max_position_embeddings", 4096),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "qk_norm": False,
-        "norm_placement": "pre",
+        "qk_norm": "head_layernorm" if kind == "chameleon" else False,
+        "norm_placement": "post" if hf.get("swin_norm") else "pre",
         # transformers' Llama and Mistral configs default to untied embeddings.
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "untie": [],
@@ -152,6 +162,11 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn.w_gate.weight",
     "mlp.up_proj.weight": "ffn.w_up.weight",
     "mlp.down_proj.weight": "ffn.w_down.weight",
+    # Chameleon's QK-norm (per-head LayerNorm)
+    "self_attn.q_norm.weight": "attn.q_norm.weight",
+    "self_attn.q_norm.bias": "attn.q_norm.bias",
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
+    "self_attn.k_norm.bias": "attn.k_norm.bias",
 }
 
 
@@ -161,8 +176,8 @@ def to_dense_state(hf_state: dict[str, torch.Tensor], fields: dict, folder) -> d
     state = {}
     for name, tensor in hf_state.items():
         key = name.removeprefix("model.")
-        if key.endswith("rotary_emb.inv_freq"):
-            continue  # derived from the config (older transformers saved it)
+        if key.endswith("rotary_emb.inv_freq") or key.startswith("vqmodel."):
+            continue  # derived from the config; Chameleon's VQGAN is the image tokenizer's
         if key == "embed_tokens.weight":
             state["embed.weight"] = tensor
         elif key in ("norm.weight", "lm_head.weight"):
@@ -170,10 +185,10 @@ def to_dense_state(hf_state: dict[str, torch.Tensor], fields: dict, folder) -> d
         elif key.startswith("layers."):
             _, index, rest = key.split(".", 2)
             if rest not in _LAYER_NAMES:
-                _refuse(where, f"unexpected tensor {name!r} for a Llama-family model")
+                _refuse(where, f"unexpected tensor {name!r} for a {fields_kind(fields)} model")
             state[f"layers.{index}.{_LAYER_NAMES[rest]}"] = tensor
         else:
-            _refuse(where, f"unexpected tensor {name!r} for a Llama-family model")
+            _refuse(where, f"unexpected tensor {name!r} for a {fields_kind(fields)} model")
     if fields["tie_embeddings"]:
         state.pop("lm_head.weight", None)  # transformers ties it to the embedding
     if "embed.weight" in state and state["embed.weight"].shape[0] != fields["vocab_size"]:
@@ -206,3 +221,67 @@ def import_dense(folder: str | Path):
             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     return cfg, model.eval()
+
+
+def fields_kind(fields: dict) -> str:
+    return "Chameleon" if fields.get("qk_norm") == "head_layernorm" else "Llama-family"
+
+
+# ---- the vocabulary and the tokenizer that come with the model ----
+def chameleon_image_ids(hf: dict) -> tuple[int, ...]:
+    """The vocabulary id of each VQ code: `IMGIMG<letters>Z`, letters A..J spelling the code's
+    decimal digits (transformers' ChameleonImageVocabularyMapping)."""
+    vocab_map = hf["vocabulary_map"]
+    letters = {str(d): chr(ord("A") + d) for d in range(10)}
+    num = hf.get("vq_config", {}).get("num_embeddings", 8192)
+    try:
+        return tuple(
+            int(vocab_map["IMGIMG" + "".join(letters[c] for c in str(code)) + "Z"])
+            for code in range(num)
+        )
+    except KeyError as exc:
+        raise UserError(f"vocabulary_map lacks the image token {exc} of {num} VQ codes") from exc
+
+
+def source_layout(folder: str | Path, hf: dict, codebook_size: int):
+    """Where text, special and image ids live for this model: its own vocabulary kept as it
+    is, its own special tokens (from its tokenizer, else config.json), the missing ones and the
+    image codes appended (Chameleon: its own begin/end-of-image and image-token ids)."""
+    from mm_moe.tokenization.config import SPECIALS, appended_vocab
+    from mm_moe.tokenization.hf_text import HFTextTokenizer, has_tokenizer
+
+    ids = {name: hf.get(f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    if has_tokenizer(folder):
+        tok = HFTextTokenizer(folder)
+        ids.update(
+            {k: getattr(tok, k) for k in ("bos", "eos", "pad") if getattr(tok, k) is not None}
+        )
+    image_ids: tuple[int, ...] = ()
+    if hf.get("model_type") == "chameleon":
+        vocab_map = hf["vocabulary_map"]
+        ids["boi"], ids["eoi"] = vocab_map.get(CHAMELEON_BOI), vocab_map.get(CHAMELEON_EOI)
+        image_ids = chameleon_image_ids(hf)
+        codebook_size = len(image_ids)
+    specials = {name: ids.get(name) for name in SPECIALS}
+    return appended_vocab(hf["vocab_size"], specials, codebook_size, image_ids)
+
+
+def copy_tokenizer(folder: str | Path, out: Path) -> bool:
+    """The source's tokenizer files (and Chameleon's VQGAN) into `out`; False when it has
+    no tokenizer file."""
+    import shutil
+
+    from mm_moe.tokenization.hf_text import TOKENIZER_FILES, has_tokenizer
+
+    folder = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if read_config(folder).get("model_type") == "chameleon":
+        from mm_moe.tokenization.chameleon_vq import extract
+
+        extract(folder, out)
+    if not has_tokenizer(folder):
+        return False
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy(folder / name, out / name)
+    return True

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mm_moe.errors import UserError
+from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.mod import MoDBlock
 from mm_moe.model.modality_ops import ModalityFFN
 from mm_moe.model.moe.layer import MoELayer
@@ -144,6 +146,11 @@ def build_state(
         """The source tensor, or one copy per modality for an untied (MoT) parameter."""
         value = src[src_name]
         used.add(src_name)
+        if value.dim() > state[name].dim():
+            raise UserError(
+                f"{src_name}: the source holds one per modality (untied, MoT) and the target "
+                "one for all; keep the source's model.untie in the target's untie="
+            )
         if state[name].shape != value.shape:
             value = value.unsqueeze(0).expand(state[name].shape[0], *value.shape)
         put(name, value.clone())
@@ -161,32 +168,76 @@ def build_state(
         for name, _ in block.named_parameters():
             if not name.startswith("ffn."):
                 copy(prefix + name, sp + name)
-        ffn_src = [src[sp + f"ffn.{w}.weight"] for w in ("w_gate", "w_up", "w_down")]
-        used.update(sp + f"ffn.{w}.weight" for w in ("w_gate", "w_up", "w_down"))
-        ffn = block.ffn
-        if isinstance(ffn, MoELayer):
-            _moe_layer(ffn, prefix + "ffn.", ffn_src, opts, gen, put)
-        elif isinstance(ffn, ModalityFFN):
-            for m in range(len(ffn.experts)):
-                for w in ("w_gate", "w_up", "w_down"):
-                    copy(prefix + f"ffn.experts.{m}.{w}.weight", sp + f"ffn.{w}.weight")
-        else:
-            for w in ("w_gate", "w_up", "w_down"):
-                copy(prefix + f"ffn.{w}.weight", sp + f"ffn.{w}.weight")
+        _ffn(block.ffn, prefix + "ffn.", modality_ffns(src, sp, used), opts, gen, put, i)
     unused = sorted(set(src) - used)
     assert not unused, f"source tensors not mapped: {unused[:5]}"
     fresh = sorted(set(params) - assigned)
     return state, fresh
 
 
+def _ffn(ffn: nn.Module, prefix: str, ffn_src: list, opts, gen, put, layer: int) -> None:
+    """The target FFN of one layer from the source's FFN of each modality."""
+    if isinstance(ffn, MoELayer):
+        _moe_layer(ffn, prefix, ffn_src, opts, gen, put)
+    elif isinstance(ffn, ModalityFFN):
+        for m in range(len(ffn.experts)):
+            for w, value in zip(("w_gate", "w_up", "w_down"), ffn_src[m]):
+                put(prefix + f"experts.{m}.{w}.weight", value.clone())
+    else:
+        if ffn_src[0] is not ffn_src[-1]:
+            raise UserError(
+                f"layer {layer}: the source has one FFN per modality; a dense target FFN "
+                "cannot hold them (keep model.untie=[ffn] or use MoE groups per modality)"
+            )
+        for w, value in zip(("w_gate", "w_up", "w_down"), ffn_src[0]):
+            put(prefix + f"{w}.weight", value.clone())
+
+
+def modality_ffns(src: dict, sp: str, used: set) -> list[tuple[torch.Tensor, ...]]:
+    """(w_gate [f, d], w_up [f, d], w_down [d, f]) of each modality's FFN in layer `sp`: the
+    dense FFN for every modality, or (MoMa's recipe, its section 2.5) the source's own FFN of
+    each modality: per-modality FFNs (model.untie=[ffn]) or one expert per modality group."""
+    names = ("w_gate", "w_up", "w_down")
+    if sp + "ffn.w_gate.weight" in src:
+        keys = [sp + f"ffn.{w}.weight" for w in names]
+        used.update(keys)
+        return [tuple(src[k] for k in keys)] * NUM_MODALITIES
+    if sp + "ffn.experts.0.w_gate.weight" in src:
+        out = []
+        for m in range(NUM_MODALITIES):
+            keys = [sp + f"ffn.experts.{m}.{w}.weight" for w in names]
+            used.update(keys)
+            out.append(tuple(src[k] for k in keys))
+        return out
+    gate_up, down = src[sp + "ffn.experts.w_gate_up"], src[sp + "ffn.experts.w_down"]
+    used.update(k for k in src if k.startswith(sp + "ffn."))  # the source's routers are not kept
+    h = down.shape[1]
+    experts = [
+        (gate_up[e, :, :h].t(), gate_up[e, :, h:].t(), down[e].t()) for e in range(len(down))
+    ]
+    return experts * NUM_MODALITIES if len(experts) == 1 else experts
+
+
 def _moe_layer(layer: MoELayer, prefix: str, ffn_src, opts: UpcycleOptions, gen, put) -> None:
     G = layer.cfg.granularity
     gate_up, down = [], []
-    d = ffn_src[0].shape[1]
+    d = ffn_src[0][0].shape[1]
     for group in layer.group_specs:
         name, copies = group.name, group.num_experts // G
+        sources = {id(ffn_src[m]) for m in group.modalities}
+        if len(sources) > 1:
+            raise UserError(
+                f"expert group '{name}' serves every modality, but the source has one FFN per "
+                "modality: upcycle into one group per modality (moe.experts_per_modality "
+                "text=N image=N)"
+            )
         w_gu, w_d = upcycle_experts(
-            *ffn_src, copies, G, gen, drop_ratio=opts.drop_ratio, noise=opts.expert_noise
+            *ffn_src[group.modalities[0]],
+            copies,
+            G,
+            gen,
+            drop_ratio=opts.drop_ratio,
+            noise=opts.expert_noise,
         )
         gate_up.append(w_gu)
         down.append(w_d)

@@ -70,23 +70,73 @@ def load_source(source: str, source_format: str) -> tuple[ModelConfig, dict[str,
     from mm_moe.api import load_pretrained
 
     model = load_pretrained(source)
-    cfg = model.cfg
-    if model.moe_cfg.enabled or cfg.untie or cfg.mod.layers:
+    cfg, moe = model.cfg, model.moe_cfg
+    one_expert = moe.enabled and not moe.shared_experts
+    one_expert = one_expert and all(g.num_experts == 1 for g in moe.groups())
+    layers_ok = moe.layers == "all" or sorted(moe.layers) == list(range(cfg.n_layers))
+    if cfg.mod.layers or (moe.enabled and not (one_expert and layers_ok)):
         raise UserError(
-            f"source={source} is not a dense checkpoint (moe.experts_per_modality="
-            f"{model.moe_cfg.experts_per_modality}, model.untie={cfg.untie}, "
-            f"model.mod.layers={cfg.mod.layers}); upcycling starts from a dense model"
+            f"source={source} is neither dense (model.untie allowed) nor one expert per "
+            f"modality group in every layer (moe.experts_per_modality="
+            f"{moe.experts_per_modality}, moe.granularity={moe.granularity}, "
+            f"model.mod.layers={cfg.mod.layers}): upcycling copies one FFN per modality"
         )
     return cfg, saved_state(model)
 
 
 def data_vocab(cfg: TrainConfig) -> Vocab:
     """The vocabulary the target will train on (the data source's, as training builds it)."""
-    if cfg.data.source == "synthetic_patterns":
-        from mm_moe.data.synthetic import SyntheticPatterns
+    return cfg.data.vocab(cfg.tokenizer)
 
-        return SyntheticPatterns(cfg.data.synthetic, cfg.data.seq_len, 0).vocab
-    return cfg.tokenizer.build().vocab
+
+TOKENIZER_DIR, VOCAB_FILE = "tokenizer", "vocab.yaml"
+
+
+def hf_layout(ucfg: UpcycleConfig, target: TrainConfig) -> Vocab:
+    """The vocabulary of a Hugging Face source, laid out by the import (hf_import.source_layout),
+    and the target's tokenizer config pointed at what `write` puts in `out`: the source's own
+    tokenizer (tokenizer.text=hf), Chameleon's VQGAN (tokenizer.image=chameleon) or the
+    target's trained VQ, copied to <out>/tokenizer/, and the layout, <out>/vocab.yaml."""
+    from mm_moe.tokenization.hf_text import has_tokenizer
+
+    hf = hf_import.read_config(ucfg.source)
+    tok, out = target.tokenizer, Path(ucfg.out).resolve()
+    if hf.get("model_type") == "chameleon":
+        tok.image = "chameleon"
+    codebook = None if tok.image == "chameleon" else tok._image().codebook_size
+    vocab = hf_import.source_layout(ucfg.source, hf, codebook or 0)
+    if has_tokenizer(ucfg.source):
+        tok.text = "hf"
+    elif tok.text in ("hf", "sentencepiece"):
+        raise UserError(
+            f"source={ucfg.source} has no tokenizer file; tokenizer.text={tok.text} cannot "
+            "follow it (use the default or a pre-tokenized data source)"
+        )
+    else:
+        log.warning(
+            "source=%s has no tokenizer.json or tokenizer.model: training data must come "
+            "pre-tokenized (data.sources format tokens) or tokenized with a tokenizer of its "
+            "vocabulary (%d ids)",
+            ucfg.source,
+            hf["vocab_size"],
+        )
+    tok.source_path = tok.path  # where `write` copies a trained VQ from
+    tok.path, tok.vocab = str(out / TOKENIZER_DIR), str(out / VOCAB_FILE)
+    return vocab
+
+
+def _write_tokenizer(tmp: Path, ucfg: UpcycleConfig, target: TrainConfig, vocab: Vocab) -> None:
+    """<out>/vocab.yaml, and the tokenizer files the target's config names in <out>/tokenizer."""
+    vocab.save(tmp / VOCAB_FILE)
+    if ucfg.source_format != "hf":
+        return
+    hf_import.copy_tokenizer(ucfg.source, tmp / TOKENIZER_DIR)
+    tok = target.tokenizer
+    if tok.image == "vq":  # the target's trained VQ, beside the source's text tokenizer
+        for name in ("vq.pt", "vq.yaml", "metrics.json"):
+            src = Path(tok.source_path) / name
+            if src.is_file():
+                shutil.copy(src, tmp / TOKENIZER_DIR / name)
 
 
 def resolve_target(
@@ -112,26 +162,7 @@ def resolve_target(
                 getattr(target.model, name),
                 getattr(source_cfg, name),
             )
-    src_vocab = source_cfg.vocab_size
-    if source_format == "hf":
-        first_image = vocab.image_offset
-        if first_image < src_vocab:
-            raise UserError(
-                f"the data's vocabulary puts image codes at ids [{first_image}, "
-                f"{first_image + vocab.image_size}), inside the Hugging Face vocabulary "
-                f"[0, {src_vocab}): imported text ids keep their values, so image codes need "
-                f"new rows. Use a text vocabulary of {src_vocab} ids (the Hugging Face "
-                f"tokenizer's; with the synthetic source data.synthetic.text_vocab_size="
-                f"{src_vocab})"
-            )
-        if vocab.text_size != src_vocab:
-            log.warning(
-                "the data's text vocabulary has %d ids, the Hugging Face model %d: is the data "
-                "tokenized with the model's tokenizer?",
-                vocab.text_size,
-                src_vocab,
-            )
-    target.model.vocab_size = max(target.model.vocab_size, src_vocab, vocab.size)
+    target.model.vocab_size = max(target.model.vocab_size, source_cfg.vocab_size, vocab.size)
 
 
 def _check_out(out: Path, source: str, overwrite: bool) -> None:
@@ -173,6 +204,7 @@ def write(
     ucfg: UpcycleConfig,
     target: TrainConfig,
     src_state: dict[str, torch.Tensor],
+    vocab: Vocab,
 ) -> tuple[Path, list[str]]:
     """Build the target from `src_state` and write it to `ucfg.out`; returns (out, names of
     parameters that keep a fresh initialisation)."""
@@ -190,6 +222,7 @@ def write(
     state, fresh = build_state(src_state, model, opts, gen)
     cfg_dict = to_dict(target)
     cfg_dict["checkpoint"]["resume"] = "none"
+    cfg_dict["tokenizer"].pop("source_path", None)
     meta = {
         # state.FORMAT_VERSION (state.py is not imported here: it pulls in DeepSpeed).
         "format_version": 2,
@@ -210,6 +243,7 @@ def write(
     torch.save(experts.split_experts(state, experts.expert_keys(model)), tmp / "model.pt")
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     (tmp / OVERLAY).write_text(_overlay(cfg_dict))
+    _write_tokenizer(tmp, ucfg, target, vocab)
     # meta.json last: a directory holding it is a complete checkpoint.
     (tmp / layout.META).write_text(json.dumps(meta, indent=1))
     if out.exists():

@@ -1,4 +1,5 @@
-"""`verify=true`: the source's and the upcycled model's logits on the same text-only input.
+"""`verify=true`: the source's and the upcycled model's logits on the same input (text, and
+images where the source knows image tokens).
 
 The reference is the source itself: transformers' model for a Hugging Face folder (this
 project's dense import when transformers is not installed), `load_pretrained` for a native
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mm_moe.config.schema import TrainConfig
@@ -28,6 +30,7 @@ class VerifyResult:
     tokens: tuple[int, int]
     # Why the function is not expected to be preserved (empty: it is).
     reasons: list[str] = field(default_factory=list)
+    images: bool = False  # the input held image tokens too
 
     @property
     def within_tolerance(self) -> bool:
@@ -48,7 +51,8 @@ class VerifyResult:
     def lines(self) -> list[str]:
         B, S = self.tokens
         out = [
-            f"verify: reference {self.reference}, {B}x{S} text-only tokens, fp32",
+            f"verify: reference {self.reference}, {B}x{S} "
+            f"{'text and image' if self.images else 'text-only'} tokens, fp32",
             f"verify: max |logit difference| = {self.max_abs_diff:.3g} "
             f"(largest |logit| {self.max_abs_logit:.3g}, tolerance {TOLERANCE:g})",
         ]
@@ -79,8 +83,32 @@ def _reference(source: str, source_format: str, ids_BS: torch.Tensor):
         return model(ids_BS).logits, "the dense import (transformers is not installed)"
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(source).float().eval()
-    return model(ids_BS).logits, f"transformers {type(model).__name__}"
+    from mm_moe.upcycle.hf_import import read_config
+
+    if read_config(source).get("model_type") == "chameleon":
+        cls = transformers.ChameleonForConditionalGeneration
+    else:
+        cls = transformers.AutoModelForCausalLM
+    model = cls.from_pretrained(source).float().eval()
+    return model(input_ids=ids_BS).logits, f"transformers {type(model).__name__}"
+
+
+def verify_ids(vocab, num_source_ids: int, shape: tuple[int, int], gen, images: bool):
+    """[B, S] input: random text ids the source knows (no image codes, no specials), and with
+    `images` each row's middle third an image (boi, codes, eoi)."""
+    B, S = shape
+    candidates = np.arange(num_source_ids)
+    specials = (vocab.bos, vocab.eos, vocab.pad, vocab.boi, vocab.eoi)
+    text = candidates[~vocab.is_image(candidates) & ~np.isin(candidates, specials)]
+    pick = torch.randint(0, len(text), (B, S), generator=gen)
+    ids_BS = torch.from_numpy(text)[pick]
+    if images and vocab.image_size and S >= 6:
+        lo, hi = S // 3, 2 * S // 3
+        codes = torch.randint(0, vocab.image_size, (B, hi - lo - 2), generator=gen)
+        ids_BS[:, lo] = vocab.boi
+        ids_BS[:, lo + 1 : hi - 1] = torch.from_numpy(vocab.image_token_ids(codes.numpy()))
+        ids_BS[:, hi - 1] = vocab.eoi
+    return ids_BS
 
 
 def expected_differences(
@@ -134,26 +162,31 @@ def _unprocessed(stats: dict[str, torch.Tensor]) -> str:
 
 @torch.no_grad()
 def verify(
-    ucfg: UpcycleConfig, target: TrainConfig, source_cfg: ModelConfig, num_text_ids: int
+    ucfg: UpcycleConfig, target: TrainConfig, source_cfg: ModelConfig, vocab
 ) -> VerifyResult:
-    """Logits of the source and of the checkpoint written to `ucfg.out`, on random text ids in
-    [0, num_text_ids)."""
+    """Logits of the source and of the checkpoint written to `ucfg.out` on the same input:
+    text the source knows, and images where the source knows them (a native source, or
+    Chameleon); compared over the source's vocabulary (transformers' Chameleon gives image-token
+    logits no value: those columns are left out)."""
     from mm_moe.api import load_pretrained
 
     seq_len = min(ucfg.verify_seq_len, source_cfg.max_seq_len, target.model.max_seq_len)
     gen = torch.Generator().manual_seed(ucfg.seed)
-    ids_BS = torch.randint(0, num_text_ids, (ucfg.verify_batch_size, seq_len), generator=gen)
-    ref_BSV, reference = _reference(ucfg.source, ucfg.source_format, ids_BS)
-    result = load_pretrained(ucfg.out)(ids_BS)  # modality_ids=None: all text
     V = source_cfg.vocab_size
-    diff = (result.logits[..., :V].float() - ref_BSV[..., :V].float()).abs().max().item()
+    images = ucfg.source_format == "native" or bool(vocab.image_ids)
+    ids_BS = verify_ids(vocab, V, (ucfg.verify_batch_size, seq_len), gen, images)
+    ref_BSV, reference = _reference(ucfg.source, ucfg.source_format, ids_BS)
+    result = load_pretrained(ucfg.out)(ids_BS)  # modality ids from the vocabulary
+    columns = ~vocab.image_id_mask()[:V] if vocab.image_ids else torch.ones(V, dtype=torch.bool)
+    ours, ref = result.logits[..., :V][..., columns].float(), ref_BSV[..., :V][..., columns].float()
     reasons = expected_differences(target, ucfg, source_cfg)
     if target.moe.enabled and target.moe.router == "expert_choice":
         reasons.append(f"tokens processed by no expert, per layer: {_unprocessed(result.stats)}")
     return VerifyResult(
-        max_abs_diff=diff,
-        max_abs_logit=ref_BSV[..., :V].abs().max().item(),
+        max_abs_diff=(ours - ref).abs().max().item(),
+        max_abs_logit=ref.abs().max().item(),
         reference=reference,
         tokens=tuple(ids_BS.shape),
         reasons=reasons,
+        images=images,
     )

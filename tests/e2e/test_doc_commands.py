@@ -31,9 +31,11 @@ def _tested_blocks() -> list[tuple[str, str]]:
 def _tiny(script: str) -> str:
     """The commands as a user types them, with this machine's interpreter and no wandb."""
     script = script.replace(".venv/bin/torchrun", TORCHRUN).replace(".venv/bin/python", PYTHON)
-    script = script.replace("launch/", f"{REPO}/launch/")
+    script = re.sub(r"(?<![\w/.])(launch|scripts|data_pipelines)/", rf"{REPO}/\1/", script)
     script = re.sub(r"\\\n\s*", "", script)  # join continued lines
-    return re.sub(r"(-m mm_moe\.train)(?= )", r"\1 logging.wandb.mode=disabled", script)
+    # after Hydra's flags: its overrides are one run of positional arguments
+    train = r"(-m mm_moe\.train(?: --config-(?:dir|name) \S+)*)(?= )"
+    return re.sub(train, r"\1 logging.wandb.mode=disabled", script)
 
 
 BLOCKS = _tested_blocks()

@@ -23,7 +23,10 @@ LAYERS = [
             "mm_moe.config",
             "mm_moe.sampling",
             "mm_moe.api",
-            *(f"mm_moe.upcycle.{m}" for m in ("upcycling", "ops", "config", "hf_import", "verify")),
+            *(
+                f"mm_moe.upcycle.{m}"
+                for m in ("upcycling", "ops", "config", "hf_import", "hf_export", "verify")
+            ),
         ],
     ),
     (
@@ -34,6 +37,7 @@ LAYERS = [
             "mm_moe.train",
             "mm_moe.plan",
             "mm_moe.generate",
+            "mm_moe.export",
             "mm_moe.tokenization.train_text",
             "mm_moe.tokenization.train_image",
             "mm_moe.upcycle",

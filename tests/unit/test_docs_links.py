@@ -24,3 +24,27 @@ def test_every_cited_docs_page_exists():
             if not target.exists() and not (REPO / cited).exists():
                 missing.setdefault(cited, []).append(str(path.relative_to(REPO)))
     assert not missing, missing
+
+
+LINK = re.compile(r"\]\(([A-Za-z0-9_./-]*\.md)?#([^)]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_markdown_anchor_names_a_heading():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target, anchor in LINK.findall(page.read_text()):
+            linked = (page.parent / target) if target else page
+            headings, fenced = [], False
+            for line in linked.read_text().splitlines():
+                fenced ^= line.startswith("```")
+                if line.startswith("#") and not fenced:
+                    headings.append(_slug(line.lstrip("#")))
+            if anchor not in headings:
+                broken.append(f"{page.relative_to(REPO)}: {target}#{anchor}")
+    assert not broken, broken

@@ -74,7 +74,7 @@ def test_packed_documents_equal_separate_runs():
     packed = torch.cat([doc_a, doc_b], 1)
     doc = torch.tensor([[0] * 7 + [1] * 9])
     pos = torch.cat([torch.arange(7), torch.arange(9)]).unsqueeze(0)
-    out = model(packed, doc_ids_BS=doc, position_ids_BS=pos).logits
+    out = model(packed, doc_ids=doc, position_ids=pos).logits
     torch.testing.assert_close(out[:, :7], model(doc_a).logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, 7:], model(doc_b).logits, atol=1e-5, rtol=1e-5)
 

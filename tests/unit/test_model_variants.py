@@ -123,7 +123,7 @@ def test_mod_processes_capacity_fraction_and_skips_padding():
     ids, modality = _batch(S=20)
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[:, :8] = False  # padding never takes a slot
-    out = model(ids, modality, token_mask_BS=mask)
+    out = model(ids, modality, token_mask=mask)
     # 25% of 20 positions = 5 slots per row, among 12 valid tokens.
     assert out.stats["mod/l1/selected"].item() == pytest.approx(5 / 12)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -58,7 +60,7 @@ def test_unified_vocabulary_layout(sp_model, tmp_path):
     vocab.save(tmp_path / "vocab.yaml")
     assert Vocab.load(tmp_path / "vocab.yaml") == vocab
     with pytest.raises(ValueError, match="special token"):
-        Vocab(**{**vocab.__dict__, "eoi": vocab.image_offset + 3})
+        replace(vocab, eoi=vocab.image_offset + 3)
 
 
 def test_tokenizer_config_needs_a_path():

@@ -1,0 +1,82 @@
+"""A published model's own text tokenizer (`tokenizer.text=hf`, `tokenizer.path=FOLDER`).
+
+FOLDER holds `tokenizer.json` (read with Hugging Face's `tokenizers`) or `tokenizer.model`
+(sentencepiece), and optionally `tokenizer_config.json` / `special_tokens_map.json` naming its
+special tokens. Text is encoded without special tokens (documents get this project's bos/eos
+from the vocabulary), so `decode(encode(text)) == text` wherever the tokenizer itself round-trips
+(byte-level BPE does; sentencepiece normalisation may not).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mm_moe.errors import UserError
+
+FILES = ("tokenizer.json", "tokenizer.model")
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# Files that make up a tokenizer folder (copied by the upcycling import).
+TOKENIZER_FILES = (*FILES, *CONFIG_FILES, "added_tokens.json")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in FILES)
+
+
+def _special_names(folder: Path) -> dict[str, str]:
+    """{bos|eos|pad: token string} as the tokenizer's config files name them."""
+    names = {}
+    for config in CONFIG_FILES:
+        path = folder / config
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        for key in ("bos", "eos", "pad"):
+            value = data.get(f"{key}_token")
+            if isinstance(value, dict):  # {"content": "<s>", ...}
+                value = value.get("content")
+            if isinstance(value, str) and key not in names:
+                names[key] = value
+    return names
+
+
+class HFTextTokenizer:
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        self.folder, self._tok, self._sp = folder, None, None
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        elif (folder / "tokenizer.model").is_file():
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            self.vocab_size = self._sp.get_piece_size()
+        else:
+            raise UserError(
+                f"tokenizer.path={folder} holds neither tokenizer.json nor tokenizer.model "
+                "(tokenizer.text=hf reads a published model's tokenizer folder)"
+            )
+        specials = {key: self.token_id(name) for key, name in _special_names(folder).items()}
+        self.bos, self.eos, self.pad = (specials.get(k) for k in ("bos", "eos", "pad"))
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token string, None when the tokenizer lacks it."""
+        if self._tok is not None:
+            return self._tok.token_to_id(token)
+        idx = self._sp.piece_to_id(token)
+        unk = self._sp.unk_id()
+        return None if idx == unk and token != self._sp.id_to_piece(unk) else idx
+
+    def encode(self, text: str) -> list[int]:
+        if self._tok is not None:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return self._sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        if self._tok is not None:
+            return self._tok.decode(list(ids), skip_special_tokens=False)
+        return self._sp.decode(list(ids))
