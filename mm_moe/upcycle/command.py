@@ -106,12 +106,13 @@ def run(argv: list[str]) -> int:
     ucfg = from_dict(UpcycleConfig, {**defaults, **options})
     target = target_config(ucfg, choices, train)
     source_cfg, source_state = upcycling.load_source(ucfg.source, ucfg.source_format)
+    vq_dir = target.tokenizer.path  # hf_layout points it at the output
     if ucfg.source_format == "hf":
         vocab = upcycling.hf_layout(ucfg, target)
     else:
         vocab = upcycling.data_vocab(target)
     upcycling.resolve_target(target, source_cfg, ucfg.source_format, vocab)
-    out, fresh = upcycling.write(ucfg, target, source_state, vocab)
+    out, fresh = upcycling.write(ucfg, target, source_state, vocab, vq_dir)
 
     params = target.model.num_params(target.moe)
     groups = target.moe.experts_per_modality or "none (dense)"

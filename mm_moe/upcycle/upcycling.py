@@ -120,13 +120,15 @@ def hf_layout(ucfg: UpcycleConfig, target: TrainConfig) -> Vocab:
             ucfg.source,
             hf["vocab_size"],
         )
-    tok.source_path = tok.path  # where `write` copies a trained VQ from
     tok.path, tok.vocab = str(out / TOKENIZER_DIR), str(out / VOCAB_FILE)
     return vocab
 
 
-def _write_tokenizer(tmp: Path, ucfg: UpcycleConfig, target: TrainConfig, vocab: Vocab) -> None:
-    """<out>/vocab.yaml, and the tokenizer files the target's config names in <out>/tokenizer."""
+def _write_tokenizer(
+    tmp: Path, ucfg: UpcycleConfig, target: TrainConfig, vocab: Vocab, vq_dir: str
+) -> None:
+    """<out>/vocab.yaml, and the tokenizer files the target's config names in <out>/tokenizer
+    (a trained VQ from `vq_dir`, the command's tokenizer.path)."""
     vocab.save(tmp / VOCAB_FILE)
     if ucfg.source_format != "hf":
         return
@@ -134,7 +136,7 @@ def _write_tokenizer(tmp: Path, ucfg: UpcycleConfig, target: TrainConfig, vocab:
     tok = target.tokenizer
     if tok.image == "vq":  # the target's trained VQ, beside the source's text tokenizer
         for name in ("vq.pt", "vq.yaml", "metrics.json"):
-            src = Path(tok.source_path) / name
+            src = Path(vq_dir) / name
             if src.is_file():
                 shutil.copy(src, tmp / TOKENIZER_DIR / name)
 
@@ -205,9 +207,11 @@ def write(
     target: TrainConfig,
     src_state: dict[str, torch.Tensor],
     vocab: Vocab,
+    vq_dir: str = "",
 ) -> tuple[Path, list[str]]:
     """Build the target from `src_state` and write it to `ucfg.out`; returns (out, names of
-    parameters that keep a fresh initialisation)."""
+    parameters that keep a fresh initialisation). `vq_dir`: where a trained VQ the target's
+    tokenizer names lies before the import points tokenizer.path at <out>/tokenizer."""
     out = Path(ucfg.out)
     _check_out(out, ucfg.source, ucfg.overwrite)
     torch.manual_seed(ucfg.seed)  # the target's fresh parameters (aux routers, MoD routers)
@@ -222,7 +226,6 @@ def write(
     state, fresh = build_state(src_state, model, opts, gen)
     cfg_dict = to_dict(target)
     cfg_dict["checkpoint"]["resume"] = "none"
-    cfg_dict["tokenizer"].pop("source_path", None)
     meta = {
         # state.FORMAT_VERSION (state.py is not imported here: it pulls in DeepSpeed).
         "format_version": 2,
@@ -243,7 +246,7 @@ def write(
     torch.save(experts.split_experts(state, experts.expert_keys(model)), tmp / "model.pt")
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     (tmp / OVERLAY).write_text(_overlay(cfg_dict))
-    _write_tokenizer(tmp, ucfg, target, vocab)
+    _write_tokenizer(tmp, ucfg, target, vocab, vq_dir)
     # meta.json last: a directory holding it is a complete checkpoint.
     (tmp / layout.META).write_text(json.dumps(meta, indent=1))
     if out.exists():

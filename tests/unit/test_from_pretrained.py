@@ -95,6 +95,24 @@ def test_llama_import_needs_no_vocabulary_keys_and_trains_with_its_tokenizer(lla
     assert model.image_id_mask_V[302 : 302 + toks.vocab.image_size].all()
 
 
+def test_llama_import_takes_a_trained_vq_beside_its_tokenizer(llama, demo_assets, tmp_path):
+    from PIL import Image
+
+    (path, ref), (vq_dir, _) = llama, demo_assets
+    out = tmp_path / "up"
+    args = [f"source={path}", "source_format=hf", f"out={out}"]
+    assert upcycle([*args, "tokenizer.image=vq", f"tokenizer.path={vq_dir}"]) == 0
+    assert (out / "tokenizer" / "vq.pt").is_file() and (
+        out / "tokenizer" / "tokenizer.json"
+    ).is_file()
+    toks = mm_moe.load_tokenizers(out)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), np.uint8))
+    ids = toks.image_token_ids(image)
+    assert len(ids) == toks.image.tokens_per_image and toks.vocab.is_image(ids).all()
+    assert ids.min() >= ref.config.vocab_size  # after the source's text ids
+    assert np.array_equal(ids, toks.vocab.image_token_ids(toks.image.encode(image)))
+
+
 # ---- Chameleon ----
 @pytest.mark.parametrize("swin_norm", [False, True])
 def test_chameleon_import_gives_transformers_logits_on_text_and_images(tmp_path, swin_norm):
