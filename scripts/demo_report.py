@@ -21,6 +21,7 @@ import mm_moe
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_pipelines/, the demo's
 from data_pipelines.demo_corpus import WORDS  # noqa: E402
 from mm_moe.eval.labelled import labelled_images  # noqa: E402
+from mm_moe.eval.routing_plot import unprocessed_heatmap  # noqa: E402
 from mm_moe.eval.text_to_image import save_grid  # noqa: E402
 from mm_moe.eval.zero_shot import image_prefix, zero_shot_classify  # noqa: E402
 from mm_moe.sampling import SampleConfig, generate, split_output
@@ -74,6 +75,8 @@ def main() -> None:
     )["accuracy"]
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    routing = unprocessed_heatmap(rows, out / "routing.png")
+    rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
     print("\n=== mm_moe demo ===")
     print(
@@ -87,6 +90,8 @@ def main() -> None:
     )
     print("\n".join(lines[:5]))
     print(f"samples: {out / 'digits.png'} (columns: digits 0-9), {out / 'captions.txt'}")
+    if routing is not None:
+        print(f"routing: {routing} (per layer and step, the tokens no expert processed)")
     print(
         f"metrics: {run_dir / 'metrics.jsonl'}; wandb (offline): {run_dir / 'wandb'}; "
         f"checkpoints: {run_dir / 'checkpoints'}"

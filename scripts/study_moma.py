@@ -1,9 +1,12 @@
-"""The MoMa comparison study: dense, mixed expert-choice (8 experts), MoMa 4t4i, MoMa 4t4i +
-mixture-of-depths and Mixture-of-Transformers, trained on the same data at (about) equal active
-FLOPs per token, for several seeds; then the FLOPs-savings factor per modality against a longer
-dense run.
+"""The MoMa comparison study: dense, mixed expert-choice (8 experts), MoMa 4t4i (expert choice,
+the paper's router), MoMa 4t4i token choice and Mixture-of-Transformers (MoMa + mixture-of-depths
+on request), trained on the same data at (about) equal active FLOPs per token, for several
+seeds; then the FLOPs-savings factor per modality against a longer dense run, the training step
+time relative to dense and the routing health at the end.
 
     .venv/bin/python scripts/study_moma.py                      # the default CPU study
+    .venv/bin/python scripts/study_moma.py --models routing --seeds 2 --no-multimodal \
+        --out runs/study_routing                                 # the routing remedies
     .venv/bin/python scripts/study_moma.py --steps 4 --seeds 1 --models dense,moma --tiny
     .venv/bin/python scripts/study_moma.py --scale gpu --nproc 8 --steps 5000 \\
         --override data=my_data --override eval.sources=[...]
@@ -22,13 +25,16 @@ loss is below anything the dense run reached (X is a lower bound); '<X' means th
 was already there at its first evaluation; a factor below 1 means dense did better.
 
 Writes OUT/study.md, OUT/study.csv (one row per model, mean and std over seeds),
-OUT/study_runs.csv (one row per run), OUT/loss_vs_flops.png and each run under OUT/runs/.
+OUT/study_runs.csv (one row per run), OUT/loss_vs_flops.png and each run under OUT/runs/, named
+by its overrides: a finished run with the same overrides is reused (--fresh retrains), so the
+long dense run doubles as dense seed 0 when --dense-steps equals --steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -56,7 +62,25 @@ CPU_MODELS = {
         ],
     ),
     "mot": ("MoT", ["model=tiny_dense", "moe=none", "model.untie=[ffn,attention,norms]"]),
+    # Token choice (dropless, top-1, renormalized): every token gets an FFN, causal.
+    "moma_tc": ("MoMa 4t4i TC", ["model=tiny_dense", "moe=moma_4t4i_tc"]),
 }
+# MoMa expert choice with each routing remedy (docs/model.md#routing-health): `--models routing`
+# runs them with dense, MoMa (EC) and MoMa TC.
+_EC = ["model=tiny_dense", "moe=moma_4t4i_ec"]
+ROUTING_MODELS = {
+    "moma_normalized": ("MoMa EC, normalized gates", [*_EC, "moe.expert_choice_gate=normalized"]),
+    "moma_orthogonal": ("MoMa EC, orthogonal router init", [*_EC, "moe.router_init=orthogonal"]),
+    "moma_router_lr": ("MoMa EC, router lr x0.1", [*_EC, "moe.router_lr_scale=0.1"]),
+    "moma_noise": (
+        "MoMa EC, Gumbel noise 1 annealed",
+        [*_EC, "moe.router_noise=1.0", "moe.router_noise_anneal_steps=750"],
+    ),
+    "moma_cosine": ("MoMa EC, cosine router", [*_EC, "moe.router_logits=cosine"]),
+}
+CPU_MODELS.update(ROUTING_MODELS)
+DEFAULT_MODELS = "dense,mixed8,moma,moma_tc,mot"
+ROUTING = "dense,moma,moma_tc," + ",".join(ROUTING_MODELS)
 # The 1.4B presets (configs/model/*_1.4b.yaml) and their dense equivalent.
 GPU_MODELS = {
     "dense": ("dense 280M", ["model=dense_280m"]),
@@ -64,6 +88,7 @@ GPU_MODELS = {
     "moma": ("MoMa 4t4i 1.4B", ["model=moma_4t4i_1.4b"]),
     "moma_mod": ("MoMa 4t4i + MoD 1.4B", ["model=moma_4t4i_mod_1.4b"]),
     "mot": ("MoT (dense 720M shapes)", ["model=mot_1.4b"]),
+    "moma_tc": ("MoMa 4t4i TC 1.4B", ["model=moma_4t4i_1.4b", "moe=moma_4t4i_tc"]),
 }
 # The demo corpus and its held-out digits; a small batch that 2 CPU cores run quickly.
 CPU_BASE = [
@@ -90,9 +115,13 @@ TINY = [
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/study_moma")
-    p.add_argument("--models", default=",".join(CPU_MODELS))
+    p.add_argument(
+        "--models",
+        default=DEFAULT_MODELS,
+        help=f"comma-separated, or 'routing' ({ROUTING}); choose from {', '.join(CPU_MODELS)}",
+    )
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--dense-steps", type=int, default=0, help="long dense run (0: 2 x --steps)")
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--zero-shot", type=int, default=100, help="held-out images scored")
@@ -101,10 +130,22 @@ def _args(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun if > 1)")
     p.add_argument("--override", action="append", default=[], help="Hydra override, all runs")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (smoke tests)")
-    p.add_argument("--reuse", action="store_true", help="keep finished runs found in --out")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="retrain runs that a finished run with the same overrides could stand for",
+    )
+    p.add_argument("--reuse", action="store_true", help="(the default; kept for old commands)")
+    p.add_argument(
+        "--no-multimodal",
+        dest="multimodal",
+        action="store_false",
+        help="skip the zero-shot and text-to-image evaluations",
+    )
     args = p.parse_args(argv)
     table = CPU_MODELS if args.scale == "cpu" else GPU_MODELS
-    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = ROUTING if args.models == "routing" else args.models
+    args.model_list = [m.strip() for m in models.split(",") if m.strip()]
     bad = [m for m in args.model_list if m not in table]
     if bad or not args.model_list:
         p.error(f"--models: unknown {bad}; choose from {', '.join(table)}")
@@ -140,14 +181,32 @@ def _overrides(args, name: str, seed: int, steps: int, run_dir: Path) -> list[st
     ]
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
+def run_dir_for(args, name: str, seed: int, steps: int) -> Path:
+    """Runs are named by their overrides: a finished run stands for any later request with
+    the same ones (the dense seed-0 run is the long dense run when --dense-steps == --steps,
+    and studies share their common runs)."""
+    overrides = [o for o in _overrides(args, name, seed, steps, Path()) if "run_dir=" not in o]
+    digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
+    return Path(args.out) / "runs" / f"{name}_s{seed}_{steps}_{digest}"
+
+
+def _trained(run_dir: Path, steps: int) -> dict | None:
+    """What a finished training of this run recorded (evals.json), or None."""
     path = run_dir / "evals.json"
-    return path.is_file() and json.loads(path.read_text()).get("steps") == steps
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return done if done.get("steps") == steps else None
 
 
 def train_and_eval(args, name: str, seed: int, steps: int, run_dir: Path) -> dict:
-    if args.reuse and _finished(run_dir, steps):
-        return json.loads((run_dir / "evals.json").read_text())
+    done = None if args.fresh else _trained(run_dir, steps)
+    if done is not None:
+        if args.multimodal and "zero_shot_accuracy" not in done:  # trained without them
+            t0 = time.perf_counter()
+            done.update(_multimodal(args, run_dir, seed), eval_s=time.perf_counter() - t0)
+            (run_dir / "evals.json").write_text(json.dumps(done, indent=1))
+        return done
     cmd = [sys.executable, "-m", "mm_moe.train"]
     if args.nproc > 1:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
@@ -161,7 +220,9 @@ def train_and_eval(args, name: str, seed: int, steps: int, run_dir: Path) -> dic
         tail = (run_dir / "train.log").read_text()[-3000:]
         raise SystemExit(f"study: {name} seed {seed} failed ({proc.returncode}):\n{tail}")
     train_s = time.perf_counter() - t0
-    result = {"steps": steps, "train_s": train_s, **_multimodal(args, run_dir, seed)}
+    result = {"steps": steps, "train_s": train_s}
+    if args.multimodal:
+        result.update(_multimodal(args, run_dir, seed))
     result["eval_s"] = time.perf_counter() - t0 - train_s
     (run_dir / "evals.json").write_text(json.dumps(result, indent=1))
     return result
@@ -216,9 +277,34 @@ def flops_needed(curve: list[dict], modality: str, target: float) -> tuple[float
     return math.exp(math.log(xs[i - 1]) + t * (math.log(xs[i]) - math.log(xs[i - 1]))), ""
 
 
+HEALTH = ("taken_0", "gate_mean", "router_cosine", "jaccard")
+
+
+def routing_health(run_dir: Path) -> dict:
+    """The last logged routing health, per modality group, averaged over layers: {f"{stat}_{m}"}
+    (NaN for models without expert groups per modality)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = next((r for r in reversed(rows) if any(k.endswith("/taken_0") for k in r)), {})
+    out = {}
+    for stat in HEALTH:
+        for m in MODALITIES:
+            values = [v for k, v in last.items() if k.endswith(f"/{m}/{stat}")]
+            out[f"{stat}_{m}"] = statistics.fmean(values) if values else math.nan
+    return out
+
+
+def step_time(run_dir: Path) -> float:
+    """Median training step time (s) over the logged steps after the first few."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > 20]
+    return statistics.median(times or [r["step_time_s"] for r in rows if "step_time_s" in r])
+
+
 def _run_row(name: str, seed: int, run_dir: Path, result: dict, dense_curve) -> dict:
     last = eval_curve(run_dir)[-1]
     row = {"model": name, "seed": seed, "steps": last["step"], **result}
+    row["step_time_s"] = step_time(run_dir)
+    row.update(routing_health(run_dir))
     for m in MODALITIES:
         row[f"loss_{m}"] = last[f"eval/loss_{m}"]
         row[f"train_routing_loss_{m}"] = last[f"eval/train_routing/loss_{m}"]
@@ -236,6 +322,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(rows: list[dict], labels: dict, flops_per_token: dict) -> list[dict]:
     out = []
+    dense_time = statistics.fmean(r["step_time_s"] for r in rows if r["model"] == "dense")
     for name in labels:
         mine = [r for r in rows if r["model"] == name]
         if not mine:
@@ -243,11 +330,13 @@ def summarize(rows: list[dict], labels: dict, flops_per_token: dict) -> list[dic
         s = {"model": name, "label": labels[name], "seeds": len(mine)}
         for m in MODALITIES:
             s[f"flops_per_token_{m}"] = flops_per_token[name][m]
+        s["step_time_vs_dense"] = statistics.fmean(r["step_time_s"] for r in mine) / dense_time
         keys = [f"loss_{m}" for m in MODALITIES] + [f"train_routing_loss_{m}" for m in MODALITIES]
         keys += ["zero_shot_accuracy", "t2i_accuracy", "judge_accuracy"]
         keys += [f"savings_{m}" for m in MODALITIES]
+        keys += [f"{stat}_{m}" for stat in HEALTH for m in MODALITIES]
         for k in keys:
-            s[f"{k}_mean"], s[f"{k}_std"] = _mean_std([r[k] for r in mine])
+            s[f"{k}_mean"], s[f"{k}_std"] = _mean_std([r.get(k, math.nan) for r in mine])
         for m in MODALITIES:
             bounds = {r[f"savings_{m}_bound"] for r in mine} - {""}
             s[f"savings_{m}_bound"] = "".join(sorted(bounds))
@@ -257,6 +346,8 @@ def summarize(rows: list[dict], labels: dict, flops_per_token: dict) -> list[dic
 
 def _fmt(s: dict, key: str, digits: int = 3, pct: bool = False) -> str:
     mean, std = s[f"{key}_mean"], s[f"{key}_std"]
+    if math.isnan(mean):
+        return "-"
     if pct:
         return f"{100 * mean:.1f} ± {100 * std:.1f}%"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -273,9 +364,9 @@ def write_markdown(path: Path, summary: list[dict], args, dense_long: dict, wall
         "model's final held-out loss / the model's FLOPs, per modality (>X: below anything "
         "the long dense run reached).",
         "",
-        "| model | FLOPs/token vs dense (text, image) | text loss | image loss | "
-        "zero-shot acc | text->image acc | savings text | savings image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | FLOPs/token vs dense (text, image) | step time vs dense | text loss | "
+        "image loss | zero-shot acc | text->image acc | savings text | savings image |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         rel = [s[f"flops_per_token_{m}"] / dense_fpt[f"flops_per_token_{m}"] for m in MODALITIES]
@@ -284,25 +375,54 @@ def write_markdown(path: Path, summary: list[dict], args, dense_long: dict, wall
             bound = s[f"savings_{m}_bound"]
             sav.append(f"{bound}{_fmt(s, f'savings_{m}', 2)}")
         lines.append(
-            f"| {s['label']} | {rel[0]:.2f}, {rel[1]:.2f} | {_fmt(s, 'loss_text')} "
+            f"| {s['label']} | {rel[0]:.2f}, {rel[1]:.2f} | {s['step_time_vs_dense']:.2f} | "
+            f"{_fmt(s, 'loss_text')} "
             f"({s['train_routing_loss_text_mean']:.3f}) | {_fmt(s, 'loss_image')} "
             f"({s['train_routing_loss_image_mean']:.3f}) | "
             f"{_fmt(s, 'zero_shot_accuracy', pct=True)} | {_fmt(s, 't2i_accuracy', pct=True)} | "
             f"{sav[0]} | {sav[1]} |"
         )
-    judge = statistics.fmean(s["judge_accuracy_mean"] for s in summary)
-    lines += [
-        "",
+    lines += ["", *_health_table(summary), ""]
+    lines.append(
         f"Long dense run: final held-out loss text {dense_long['loss_text']:.3f}, image "
-        f"{dense_long['loss_image']:.3f}. Zero-shot: {args.zero_shot} held-out digits, chance "
-        f"10%. Text->image: {args.t2i_per_label} images per digit judged by a classifier with "
-        f"{100 * judge:.1f}% accuracy on real (VQ-reconstructed) held-out digits. "
-        f"Wall time {wall_s / 60:.1f} min.",
-        "",
-        "![loss vs FLOPs](loss_vs_flops.png)",
-        "",
-    ]
+        f"{dense_long['loss_image']:.3f}. Step time: median of the logged training steps, "
+        f"mean over seeds, relative to dense. "
+    )
+    if args.multimodal:
+        judge = statistics.fmean(s["judge_accuracy_mean"] for s in summary)
+        lines[-1] += (
+            f"Zero-shot: {args.zero_shot} held-out digits, chance 10%. Text->image: "
+            f"{args.t2i_per_label} images per digit judged by a classifier with "
+            f"{100 * judge:.1f}% accuracy on real (VQ-reconstructed) held-out digits. "
+        )
+    lines[-1] += f"Wall time {wall_s / 60:.1f} min."
+    lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def _health_table(summary: list[dict]) -> list[str]:
+    """Routing health at the end of training, per modality group, mean over layers."""
+    moe = [s for s in summary if not math.isnan(s["taken_0_image_mean"])]
+    if not moe:
+        return []
+    lines = [
+        "Routing health at the last logged step (mean over layers; docs/model.md#routing-health):",
+        "",
+        "| model | no expert: text | no expert: image | gate mean: text | gate mean: image "
+        "| router cosine: image | selection overlap: image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in moe:
+        cells = [
+            _fmt(s, "taken_0_text", 2),
+            _fmt(s, "taken_0_image", 2),
+            _fmt(s, "gate_mean_text", 2),
+            _fmt(s, "gate_mean_image", 2),
+            _fmt(s, "router_cosine_image", 2),
+            _fmt(s, "jaccard_image", 2),
+        ]
+        lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -363,22 +483,24 @@ def main(argv=None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     labels = {m: args.table[m][0] for m in args.model_list}
     t0 = time.perf_counter()
-    long_dir = out / "runs" / "dense_long"
+    long_dir = run_dir_for(args, "dense", 0, args.dense_steps)
     print(f"[study] long dense run: {args.dense_steps} steps", flush=True)
     train_and_eval(args, "dense", 0, args.dense_steps, long_dir)
     dense_curve = eval_curve(long_dir)
     rows, curves = [], {}
     for seed in range(args.seeds):
         for name in args.model_list:
-            run_dir = out / "runs" / f"{name}_s{seed}"
+            run_dir = run_dir_for(args, name, seed, args.steps)
             print(f"[study] {name} seed {seed}: {args.steps} steps", flush=True)
             result = train_and_eval(args, name, seed, args.steps, run_dir)
             rows.append(_run_row(name, seed, run_dir, result, dense_curve))
             curves.setdefault(name, []).append(eval_curve(run_dir))
             print(
                 f"[study]   loss text {rows[-1]['loss_text']:.3f} image "
-                f"{rows[-1]['loss_image']:.3f}; zero-shot {rows[-1]['zero_shot_accuracy']:.2f}; "
-                f"{result['train_s']:.0f}s train, {result['eval_s']:.0f}s evals",
+                f"{rows[-1]['loss_image']:.3f}; zero-shot "
+                f"{rows[-1].get('zero_shot_accuracy', math.nan):.2f}; no expert (image) "
+                f"{rows[-1]['taken_0_image']:.2f}; {result['train_s']:.0f}s train, "
+                f"{result['eval_s']:.0f}s evals",
                 flush=True,
             )
     flops_per_token = {name: _flops_per_token(args, name) for name in args.model_list}

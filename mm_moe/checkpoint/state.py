@@ -164,23 +164,18 @@ def _expert_parallel_size(engine) -> int:
     return ep.ep_size if ep is not None else 1
 
 
-def _load_scheduler(scheduler, state: dict, path: str) -> None:
-    """Restore the LR schedule. Expert parallelism puts experts in their own optimizer param
-    groups, so the number of groups can differ from the saving run's: every group follows
-    the same schedule, so one saved value stands for all of them."""
-    state = dict(state)
-    n = len(scheduler.optimizer.param_groups)
-    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
-        values = state.get(key)
-        if values is None or len(values) == n:
-            continue
-        if len({json.dumps(v) for v in values}) != 1:
-            raise UserError(
-                f"{path}: the LR schedule has {len(values)} parameter groups with different "
-                f"learning rates; this run has {n} groups"
-            )
-        state[key] = [values[0]] * n
-    scheduler.load_state_dict(state)
+def _load_scheduler(scheduler, state: dict) -> None:
+    """Restore the LR schedule's position. The learning rates follow from it and from this
+    run's param groups (each group's base lr: routers may have their own), so the groups may
+    differ from the saving run's (expert parallelism puts experts in groups of their own)."""
+    scheduler.last_epoch = state["last_epoch"]
+    scheduler._step_count = state.get("_step_count", state["last_epoch"] + 1)
+    lrs = [
+        base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 # Model and MoE fields that decide which tensors a model has, and their shapes.
@@ -284,10 +279,7 @@ def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
         moments = experts.stack_experts(optim_state["moments"], keys, str(step_dir))
         optim_state["moments"] = compat.upgrade_moments(moments, engine.module)
     full_state.load_optimizer(engine, optim_state, str(step_dir))
-    _load_scheduler(scheduler, meta["scheduler"], str(step_dir))
-    # The optimizer reads its lr from param_groups, which the schedule set before the save.
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
+    _load_scheduler(scheduler, meta["scheduler"])
     loader.load_state_dict(meta["data"])
     rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     if meta["world_size"] == world_size:

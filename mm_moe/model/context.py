@@ -30,10 +30,17 @@ class ForwardContext:
     # sdpa | flex: how masks of sub-sequences (mixture-of-depths) are built.
     backend: Backend = "sdpa"
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The auxiliary routers' losses: their gradients reach only the auxiliary routers (inputs
+    # are detached), which training steps apart from the model (parallel/aux_router_optim.py).
+    aux_router_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
+
+    def add_aux_router_loss(self, name: str, value: torch.Tensor) -> None:
+        losses = self.aux_router_losses
+        losses[name] = losses[name] + value if name in losses else value
 
     def add_stat(self, name: str, value: torch.Tensor | float) -> None:
         self.stats[name] = torch.as_tensor(value).detach().float()

@@ -18,6 +18,7 @@ from mm_moe.model.block import TransformerBlock
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mod import MoDBlock
 from mm_moe.model.modality_ops import NORMS, ModalityNorm, ModalityRows, Norm
+from mm_moe.model.moe.layer import MoELayer
 from mm_moe.model.rope import RotaryEmbedding
 
 
@@ -26,6 +27,8 @@ class ModelOutput:
     logits: torch.Tensor
     # Auxiliary losses (already weighted) that the block layers return with their output.
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The auxiliary routers' losses (weighted), kept apart: see ForwardContext.
+    aux_router_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     # Detached routing statistics per layer and modality (expert load, dropped fraction...).
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -71,6 +74,9 @@ class EarlyFusionDecoder(nn.Module):
                 else 1
             )
             nn.init.trunc_normal_(p, std=std * scale, a=-3 * std, b=3 * std)
+        for module in self.modules():
+            if isinstance(module, MoELayer):
+                module.init_routers(std)
 
     def set_vocab(self, vocab) -> None:
         """The vocabulary the model was trained on: with it, a forward without modality ids
@@ -124,4 +130,4 @@ class EarlyFusionDecoder(nn.Module):
         for layer in self.layers:
             h_BSd = layer(h_BSd, ctx)
         logits_BSV = self.lm_head(self.norm(h_BSd, ctx.rows))
-        return ModelOutput(logits=logits_BSV, aux_losses=ctx.aux_losses, stats=ctx.stats)
+        return ModelOutput(logits_BSV, ctx.aux_losses, ctx.aux_router_losses, ctx.stats)

@@ -67,7 +67,7 @@ class MoDBlock(nn.Module):
             aux_logits_BS[valid_BS], selected_BS[valid_BS]
         )
         if self.training and self.cfg.aux_router_coef > 0:
-            ctx.add_loss("mod/aux_router_bce", self.cfg.aux_router_coef * loss)
+            ctx.add_aux_router_loss("mod/aux_router_bce", self.cfg.aux_router_coef * loss)
         ctx.add_stat(f"mod/l{self.layer_index}/aux_router_acc", acc)
         ctx.add_stat(f"mod/l{self.layer_index}/aux_router_baseline", baseline)
         ctx.add_stat(
@@ -92,6 +92,7 @@ class MoDBlock(nn.Module):
             attn_mask=AttentionMask.build(doc_BK, ctx.backend),
             valid_BS=slot_ok_BK & gather(valid_BS),
             aux_losses=ctx.aux_losses,
+            aux_router_losses=ctx.aux_router_losses,
             stats=ctx.stats,
             rows=ModalityRows.of(modality_BK, NUM_MODALITIES, ctx.rows.rows_M is not None),
             backend=ctx.backend,

@@ -118,6 +118,10 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             _init_restarted_attempt(backend, timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group
+    else:  # a process group made by the caller (tests, notebooks): DeepSpeed wraps it too
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     global _LIVENESS
     if _LIVENESS is None and dist.get_world_size() > 1:
         try:

@@ -92,8 +92,11 @@ def gather_optimizer(engine) -> dict:
     relink_optimizer_fragments(engine)
     base = _base_optimizer(engine)
     experts = sharded_experts(engine.module)
-    moments = {}
+    aux = getattr(engine, "aux_routers", None)
+    moments = aux.moments() if aux is not None else {}
     for name, p in engine.module.named_parameters():
+        if name in moments:
+            continue
         per_key = {}
         for k in ADAM_KEYS:
             full = safe_get_full_optimizer_state(p, k) if _is_sharded(p) else base.state[p][k]
@@ -163,7 +166,12 @@ def load_optimizer(engine, state: dict, path: str = "checkpoint") -> None:
     _init_base_state(engine, state["step"])
     base = _base_optimizer(engine)
     experts = sharded_experts(engine.module)
+    aux = getattr(engine, "aux_routers", None)
+    if aux is not None:
+        aux.load_moments(state["moments"], state["step"])
     for name, p in engine.module.named_parameters():
+        if aux is not None and name in aux.params:
+            continue
         for k in ADAM_KEYS:
             what = f"optimizer state {k} of {name}"
             value = _local_value(state["moments"][name][k], name, p, experts, what, path)

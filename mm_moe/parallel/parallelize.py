@@ -15,6 +15,7 @@ import logging
 import torch
 
 from mm_moe.parallel import deepspeed_fixes
+from mm_moe.parallel.aux_router_optim import AuxRouterOptimizer, aux_router_parameters
 from mm_moe.parallel.compile import compile_blocks
 from mm_moe.parallel.distributed import DistInfo
 from mm_moe.parallel.expert_parallel import grad_norm, shard_experts
@@ -60,14 +61,16 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
 def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
     """The DeepSpeed engine over `model` (on `dist.device`) for a TrainConfig `cfg`:
     `engine.module` is the model (its experts sharded at EP > 1, its blocks compiled with
-    trainer.compile), `engine.lr_scheduler` the LR schedule. Collective: every rank calls it."""
+    trainer.compile), `engine.lr_scheduler` the LR schedule, `engine.aux_routers` the
+    auxiliary routers' own optimizer (None without them). Collective: every rank calls it."""
     import deepspeed
 
     deepspeed_fixes.check_version()
     expert_parallel = shard_experts(model, cfg.parallel, dist.device)
     if cfg.trainer.compile:
         compile_blocks(model)
-    optimizer = cfg.optim.build(model)
+    aux_params = aux_router_parameters(model).values()
+    optimizer = cfg.optim.build(model, exclude=aux_params, router_lr_scale=cfg.moe.router_lr_scale)
     if expert_parallel is not None:
         deepspeed_fixes.split_moe_param_groups(optimizer)
     scheduler = cfg.optim.build_schedule(optimizer, cfg.trainer.max_steps)
@@ -87,6 +90,10 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
     if expert_parallel is not None:
         expert_parallel.check_deepspeed_groups()
         deepspeed_fixes.fix_clipping(engine, grad_norm)
+    # Trained apart from the engine (its clip, its bf16): aux_router_optim.py says why.
+    engine.aux_routers = (
+        AuxRouterOptimizer(model, cfg.optim, cfg.trainer.max_steps) if aux_params else None
+    )
     return engine
 
 

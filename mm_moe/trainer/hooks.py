@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from mm_moe.checkpoint import layout
+from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.distributed import all_reduce_sum
 from mm_moe.trainer.preemption import PreemptionFlag
 from mm_moe.trainer.rollback import rollback
@@ -51,6 +52,92 @@ class MetricsHook(Hook):
             or _last(trainer, step)
         ):
             trainer.training.metrics.log(record)
+
+
+class RouterNoiseHook(Hook):
+    """moe.router_noise_anneal_steps: the router noise decays linearly to 0; each step runs
+    with router_noise x max(0, 1 - (step - 1) / anneal_steps), logged as moe/router_noise."""
+
+    def _set(self, trainer, step: int) -> float:
+        t = trainer.training
+        scale = max(0.0, 1.0 - step / t.cfg.moe.router_noise_anneal_steps)
+        for module in t.engine.module.modules():
+            if isinstance(module, MoELayer):
+                module.noise_scale = scale
+        return t.cfg.moe.router_noise * scale
+
+    def before_fit(self, trainer) -> None:
+        self.noise = self._set(trainer, trainer.training.start_step)
+
+    def after_step(self, trainer, step: int, record: dict) -> None:
+        record["moe/router_noise"] = self.noise
+        self.noise = self._set(trainer, step)
+
+
+class HealthStatsHook(Hook):
+    """moe.health_stats: the routing-health statistics are computed in the forwards of the
+    steps that log them (every trainer.log_interval and the last), not in every step."""
+
+    def _set(self, trainer, step: int) -> None:
+        t = trainer.training
+        logged = step % t.cfg.trainer.log_interval == 0 or step == t.cfg.trainer.max_steps
+        for module in t.engine.module.modules():
+            if isinstance(module, MoELayer):
+                module.collect_health = logged
+
+    def before_fit(self, trainer) -> None:
+        self._set(trainer, trainer.training.start_step + 1)
+
+    def after_step(self, trainer, step: int, record: dict) -> None:
+        self._set(trainer, step + 1)
+
+
+REMEDIES = (
+    "moe.expert_choice_gate=normalized, moe.router_init=orthogonal, moe.router_lr_scale<1, "
+    "moe.router_noise with moe.router_noise_anneal_steps, moe.router_logits=cosine, or "
+    "moe.router=token_choice (dropless); docs/model.md#routing-health"
+)
+
+
+class RoutingHealthHook(Hook):
+    """A warning, once per layer and group, when a group's routing degenerates over
+    logging.routing_warning.intervals consecutive logged steps (moe/health.py's metrics)."""
+
+    def __init__(self, cfg, sigmoid_gates: bool):
+        self.cfg, self.sigmoid_gates = cfg, sigmoid_gates
+        self.streak: dict[str, int] = {}
+        self.warned: set[str] = set()
+
+    def after_step(self, trainer, step: int, record: dict) -> None:
+        t = trainer.training
+        if step % t.cfg.trainer.log_interval or not t.dist.is_main:
+            return
+        for key, unprocessed in record.items():
+            if not (key.startswith("moe/l") and key.endswith("/taken_0")):
+                continue
+            group = key.removesuffix("/taken_0")
+            gate = record.get(f"{group}/gate_mean", 1.0)
+            bad = unprocessed > self.cfg.unprocessed or (
+                self.sigmoid_gates and gate < self.cfg.gate_mean
+            )
+            self.streak[group] = self.streak.get(group, 0) + 1 if bad else 0
+            if self.streak[group] >= self.cfg.intervals and group not in self.warned:
+                self.warned.add(group)
+                _, layer, name = group.split("/")
+                log.warning(
+                    "routing of layer %s, group %s degenerates: %.0f%% of its tokens processed "
+                    "by no expert, mean gate %.2f, router rows' mean cosine %.2f, selection "
+                    "overlap %.2f (step %d, %d logged steps in a row). Remedies: %s",
+                    layer.removeprefix("l"),
+                    name,
+                    100 * unprocessed,
+                    gate,
+                    record.get(f"{group}/router_cosine", float("nan")),
+                    record.get(f"{group}/jaccard", float("nan")),
+                    step,
+                    self.streak[group],
+                    REMEDIES,
+                )
 
 
 class RollbackHook(Hook):

@@ -10,6 +10,7 @@ import torch
 
 from mm_moe.errors import UserError
 from mm_moe.model.modality_ops import NORMS
+from mm_moe.model.moe.layer import MoELayer
 
 
 @dataclass
@@ -39,17 +40,34 @@ class OptimConfig:
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise UserError("optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0")
 
-    def build(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """AdamW; norm weights (per-modality [M, d] copies too) and other 1-D parameters get
-        no weight decay."""
+    def build(
+        self, model: torch.nn.Module, exclude=(), router_lr_scale: float = 1.0
+    ) -> torch.optim.Optimizer:
+        """AdamW over the parameters not in `exclude`; norm weights (per-modality [M, d]
+        copies too) and other 1-D parameters get no weight decay; MoE router weights, with
+        `router_lr_scale` != 1, a group of their own at lr x router_lr_scale."""
+        skip = {id(p) for p in exclude}
         norms = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters()}
-        decay, no_decay = [], []
+        routers = set()
+        if router_lr_scale != 1.0:
+            routers = {
+                id(p)
+                for m in model.modules()
+                if isinstance(m, MoELayer)
+                for p in m.routers.parameters()
+            }
+        decay, no_decay, router = [], [], []
         for p in model.parameters():
-            if p.requires_grad:
+            if not p.requires_grad or id(p) in skip:
+                continue
+            if id(p) in routers:
+                router.append(p)
+            else:
                 (decay if p.dim() >= 2 and id(p) not in norms else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
+            {"params": router, "weight_decay": self.weight_decay, "lr": self.lr * router_lr_scale},
         ]
         return torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=self.lr, betas=tuple(self.betas), eps=self.eps

@@ -59,12 +59,21 @@ def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: float, num_
         objective = objective + z_loss * z_sum
         sums.losses[NUM_MODALITIES] += z_sum.detach().double()
     objective = objective * scale
-    if out.aux_losses:
+    aux_routers = getattr(engine, "aux_routers", None)
+    if out.aux_router_losses:
+        aux_router = sum(out.aux_router_losses.values())
+        if aux_routers is not None:  # trained apart, outside the engine's clip
+            aux_routers.backward(aux_router / num_micro)
+        else:
+            objective = objective + aux_router / num_micro
+    aux_losses = {**out.aux_losses, **out.aux_router_losses}
+    if aux_losses:
         # Aux losses are per-micro-batch means: average them over all micro-batches.
-        aux = sum(out.aux_losses.values())
+        aux = sum(out.aux_losses.values(), objective.new_zeros(()))
         objective = objective + aux / num_micro
-        sums.losses[NUM_MODALITIES + 1] += aux.detach().double()
-        for name, value in out.aux_losses.items():
+        total = sum(aux_losses.values())
+        sums.losses[NUM_MODALITIES + 1] += total.detach().double()
+        for name, value in aux_losses.items():
             sums.add_stat(f"aux/{name}", value.detach().float())
     with torch.no_grad():
         for m in range(NUM_MODALITIES):
@@ -106,16 +115,23 @@ def train_step(
     losses, bad_ranks = _agree(engine, sums.losses, max(dp_world_size, 1), rank)
     loss = float(losses[:NUM_MODALITIES].sum()) / n_global
     action = guard.decide(step, loss, bad_ranks) if guard is not None else "apply"
-    grad_norm = float("nan")
+    grad_norm = grad_norm_aux = float("nan")
+    aux_routers = getattr(engine, "aux_routers", None)
     if action == "apply":
         unsharded = unsharded_grad_norm(engine)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         grad_norm = unsharded if unsharded is not None else last_grad_norm(engine)
+        if aux_routers is not None:
+            grad_norm_aux = aux_routers.step(max(dp_world_size, 1))
         update_expert_biases(engine.module, all_reduce_sum)
     else:
         skip_optimizer_step(engine)
+        if aux_routers is not None:
+            aux_routers.skip()
         _discard_expert_loads(engine.module)
     stats = {"loss": loss, "grad_norm": grad_norm, "tokens_loss": int(n_global)}
+    if aux_routers is not None and aux_routers.params:
+        stats["grad_norm_aux"] = grad_norm_aux  # the auxiliary routers', clipped apart
     for m, name in enumerate(MODALITIES):
         count = float(counts_M[m])
         stats[f"loss_{name}"] = float(losses[m]) / count if count else float("nan")

@@ -19,9 +19,12 @@ from mm_moe.trainer.build import Training, build_training
 from mm_moe.trainer.hooks import (
     CheckpointHook,
     EvalHook,
+    HealthStatsHook,
     Hook,
     MetricsHook,
     RollbackHook,
+    RouterNoiseHook,
+    RoutingHealthHook,
     summary,
 )
 from mm_moe.trainer.step import train_step
@@ -30,10 +33,20 @@ log = logging.getLogger("mm_moe")
 
 
 def default_hooks(training: Training) -> list[Hook]:
+    cfg = training.cfg
     hooks: list[Hook] = []
+    if cfg.moe.router_noise > 0 and cfg.moe.router_noise_anneal_steps > 0:
+        hooks.append(RouterNoiseHook())
     if training.evaluator is not None:
-        hooks.append(EvalHook(training.evaluator, training.cfg.eval.interval))
-    return [*hooks, MetricsHook(), RollbackHook(), CheckpointHook()]
+        hooks.append(EvalHook(training.evaluator, cfg.eval.interval))
+    hooks.append(MetricsHook())
+    warning = cfg.logging.routing_warning
+    if cfg.moe.enabled and cfg.moe.health_stats and warning.intervals > 0:
+        hooks.append(RoutingHealthHook(warning, sigmoid_gates=cfg.moe.score == "sigmoid"))
+    hooks += [RollbackHook(), CheckpointHook()]
+    if cfg.moe.enabled and cfg.moe.health_stats:
+        hooks.append(HealthStatsHook())  # last: sets up the next step
+    return hooks
 
 
 def data_counters(loader, device: torch.device) -> dict[str, int]:

@@ -100,6 +100,7 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "study.md").read_text()
     assert "| dense |" in table and "| MoMa 4t4i |" in table
+    assert "Routing health" in table and "| MoMa 4t4i | 0." in table  # its health row
     assert (out / "loss_vs_flops.png").stat().st_size > 1000
     study = _study_module()
     import csv
@@ -110,3 +111,12 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
     assert float(rows["dense"]["savings_text_mean"]) == pytest.approx(1.0)
     assert float(rows["dense"]["savings_image_mean"]) == pytest.approx(1.0)
     assert set(rows) == {"dense", "moma"} and study.MODALITIES == ("text", "image")
+    assert float(rows["dense"]["step_time_vs_dense"]) == pytest.approx(1.0)
+    assert 0 <= float(rows["moma"]["taken_0_image_mean"]) <= 1
+
+    # Run again: every run is found by its overrides and reused, none retrained.
+    logs = {p: p.stat().st_mtime for p in (out / "runs").glob("*/train.log")}
+    assert len(logs) == 3  # the long dense run, dense and MoMa seed 0
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/train.log")} == logs

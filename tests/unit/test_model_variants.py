@@ -86,7 +86,8 @@ def test_every_variant_trains(name):
     ids, modality = _batch()
     out = model(ids, modality)
     loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids.flatten())
-    (loss + sum(out.aux_losses.values(), torch.zeros(()))).backward()
+    aux = {**out.aux_losses, **out.aux_router_losses}
+    (loss + sum(aux.values(), torch.zeros(()))).backward()
     assert torch.isfinite(loss)
     used = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()]
     assert len(used) > 0.8 * len(list(model.parameters()))

@@ -39,7 +39,13 @@ def _naive(layer: MoELayer, x_BSd, modality_BS, valid_BS, training: bool):
         tokens = [t for t in range(B * S) if valid_T[t] and int(mod_T[t]) in modalities]
         off = layer.offsets[name]
         w = layer.routers[name].weight
-        logits = {t: (w @ x_Td[t]).float() for t in tokens}
+        if cfg.router_logits == "cosine":
+            logits = {
+                t: cfg.cosine_router_scale * F.cosine_similarity(w, x_Td[t][None], dim=1)
+                for t in tokens
+            }
+        else:
+            logits = {t: (w @ x_Td[t]).float() for t in tokens}
         scores = {
             t: torch.sigmoid(v) if cfg.score == "sigmoid" else torch.softmax(v, 0)
             for t, v in logits.items()
@@ -52,6 +58,9 @@ def _naive(layer: MoELayer, x_BSd, modality_BS, valid_BS, training: bool):
                 for e in range(E):
                     ranked = sorted(tokens, key=lambda t: -scores[t][e].item())[:cap]
                     pairs += [(t, e, scores[t][e]) for t in ranked]
+                if cfg.expert_choice_gate == "normalized":
+                    total = {t: sum(g for u, _, g in pairs if u == t) for t, _, _ in pairs}
+                    pairs = [(t, e, g / total[t]) for t, e, g in pairs]
             else:
                 aux = layer.aux_routers[name]
                 for t in tokens:
@@ -82,6 +91,12 @@ def _naive(layer: MoELayer, x_BSd, modality_BS, valid_BS, training: bool):
 
 CASES = {
     "ec_sigmoid_moma": MoEConfig(experts_per_modality={"text": 3, "image": 2}),
+    "ec_normalized_cosine": MoEConfig(
+        experts_per_modality={"text": 3, "image": 2},
+        expert_choice_gate="normalized",
+        router_logits="cosine",
+        router_init="orthogonal",
+    ),
     "ec_softmax_mixed": MoEConfig(
         experts_per_modality={"mixed": 4}, score="softmax", capacity_factor=1.5
     ),
@@ -334,9 +349,9 @@ def test_router_logits_are_fp32_from_fp32_copies_in_a_bf16_model():
         seen = {}
         original = router_mod.expert_choice
 
-        def spy(scores_TE, select_TE, capacity, _seen=seen, _original=original):
+        def spy(scores_TE, select_TE, capacity, normalize, _seen=seen, _original=original):
             _seen.setdefault("dtypes", []).append(scores_TE.dtype)
-            routing = _original(scores_TE, select_TE, capacity)
+            routing = _original(scores_TE, select_TE, capacity, normalize)
             _seen.setdefault("chosen", []).append(routing.chosen_TE.clone())
             return routing
 

@@ -21,7 +21,8 @@ class AuxRouter(nn.Module):
 
     def forward(self, x_Td: torch.Tensor) -> torch.Tensor:
         """Logits [T, outputs]: > 0 predicts `selected`."""
-        return self.net(x_Td.detach()).float()
+        # Training keeps the auxiliary routers in fp32 whatever the model's precision.
+        return self.net(x_Td.detach().to(self.net[0].weight.dtype)).float()
 
     @staticmethod
     def loss_and_accuracy(logits_TO: torch.Tensor, selected_TO: torch.Tensor):

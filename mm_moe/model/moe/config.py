@@ -51,7 +51,36 @@ class MoEConfig:
     # Always-on shared experts per group (DeepSeekMoE), each of the fine-grained expert size.
     shared_experts: int = 0
     # Gumbel (logistic) noise on router logits for selection, in training only; 0 is off.
+    # MoMa (Lin et al. 2024, 2.3) offers Gumbel-sigmoid noise on expert-choice selection.
     router_noise: float = 0.0
+    # > 0: router_noise decays linearly to 0 over this many steps (explore early, then commit
+    # to the learned routing); 0 keeps it constant.
+    router_noise_anneal_steps: int = 0
+    # Learning rate of the router weights relative to optim.lr (their own param group). Below
+    # 1 slows the routers relative to the experts, so the experts specialise before the
+    # routers commit; a knob of this project (the router is MoE's least stable part: Switch,
+    # Fedus et al. 2021, and ST-MoE, Zoph et al. 2022, stabilise it with a smaller init,
+    # fp32 and the z-loss). 1: no group of their own.
+    router_lr_scale: float = 1.0
+    # Router initialisation: normal (N(0, model.init_std^2) rows, like every matrix) or
+    # orthogonal (rows orthogonal, with the norm normal rows have): a group's experts start
+    # with unrelated preferences, not by-chance correlated ones. Our heuristic against the
+    # rows aligning; related: orthogonality against expert collapse (OMoE, Liu et al. 2023).
+    router_init: Literal["normal", "orthogonal"] = "normal"
+    # Router logits: linear (x . w_e) or cosine (scale x cos(x, w_e): X-MoE, Chi et al. 2022,
+    # "On the Representation Collapse of Sparse Mixture of Experts"; routing on the unit
+    # sphere keeps a few large-norm directions from deciding for every expert). X-MoE also
+    # projects to a low dimension and learns the temperature; here the scale is fixed.
+    router_logits: Literal["linear", "cosine"] = "linear"
+    cosine_router_scale: float = 10.0
+    # Expert choice gates: sigmoid (MoMa: each selected pair weighted by its own score) or
+    # normalized (a token's gates over the experts that took it sum to 1, as renormalized
+    # token choice; departs from the paper: the FFN output is no longer scaled down by small
+    # scores, which is how a collapsing router silences it).
+    expert_choice_gate: Literal["sigmoid", "normalized"] = "sigmoid"
+    # Routing-health statistics (gates, 0/1/2+ experts per token, router-row cosine,
+    # selection overlap, logit mean and std) in the metrics, per layer and group.
+    health_stats: bool = True
     # Loss coefficients; 0 turns a loss off.
     load_balance_coef: float = 0.0
     router_z_coef: float = 0.0
@@ -100,6 +129,20 @@ class MoEConfig:
             )
         if self.aux_router_hidden < 1 or self.router_noise < 0 or self.bias_update_rate < 0:
             raise UserError("moe.aux_router_hidden >= 1, router_noise and bias_update_rate >= 0")
+        if self.router_lr_scale <= 0 or self.cosine_router_scale <= 0:
+            raise UserError(
+                f"moe.router_lr_scale={self.router_lr_scale} and moe.cosine_router_scale="
+                f"{self.cosine_router_scale} must be positive"
+            )
+        if self.router_noise_anneal_steps < 0:
+            raise UserError(
+                f"moe.router_noise_anneal_steps={self.router_noise_anneal_steps} must be >= 0"
+            )
+        if self.router == "token_choice" and self.expert_choice_gate != "sigmoid":
+            raise UserError(
+                f"moe.expert_choice_gate={self.expert_choice_gate} applies to "
+                "moe.router=expert_choice; token choice normalizes with moe.renormalize=true"
+            )
         if self.router == "expert_choice":
             # Both balance token choice; expert choice is balanced by construction.
             if self.bias_update_rate > 0:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mm_moe.model.context import ForwardContext
-from mm_moe.model.moe import losses, router
+from mm_moe.model.moe import health, losses, router
 from mm_moe.model.moe.aux_router import AuxRouter
 from mm_moe.model.moe.config import ExpertGroup, MoEConfig
 
@@ -29,11 +29,18 @@ class GroupRouter:
         cfg, E = self.cfg, self.group.num_experts
         # fp32 logits from fp32 copies of input and weight (not a bf16 product cast after):
         # expert choice takes a top-C over these scores, and bf16 would tie them.
-        logits_TE = F.linear(x_Td.float(), layer.routers[self.group.name].weight.float())
+        x_Td, w_Ed = x_Td.float(), layer.routers[self.group.name].weight.float()
+        if cfg.router_logits == "cosine":
+            logits_TE = cfg.cosine_router_scale * F.linear(
+                F.normalize(x_Td, dim=-1), F.normalize(w_Ed, dim=-1)
+            )
+        else:
+            logits_TE = F.linear(x_Td, w_Ed)
         scores_TE = router.scores_from_logits(logits_TE, cfg.score)
         select_TE = scores_TE
-        if layer.training and cfg.router_noise > 0:
-            noisy = logits_TE + cfg.router_noise * router.logistic_noise_like(logits_TE)
+        noise = cfg.router_noise * layer.noise_scale
+        if layer.training and noise > 0:
+            noisy = logits_TE + noise * router.logistic_noise_like(logits_TE)
             select_TE = router.scores_from_logits(noisy, cfg.score)
         if cfg.bias_update_rate > 0:
             select_TE = select_TE + layer.expert_bias[self.offset : self.offset + E]
@@ -53,7 +60,7 @@ class GroupRouter:
             routing = router.token_choice(scores_TE, select_TE, cfg.k, cfg.renormalize, capacity)
         if layer.training:
             self._add_losses(logits_TE, routing, ctx)
-        self._add_stats(logits_TE, routing, ctx)
+        self._add_stats(layer, logits_TE, routing, ctx)
         if layer.training and cfg.bias_update_rate > 0:
             layer.load_accum[self.offset : self.offset + E] += routing.chosen_TE.sum(0).float()
         return routing
@@ -64,12 +71,13 @@ class GroupRouter:
         aux_logits_TE = layer.aux_routers[self.group.name](x_Td)
         if layer.training:
             capacity = router.expert_capacity(T, E, cfg.capacity_factor, cfg.k)
-            routing = router.expert_choice(scores_TE, select_TE, capacity)
+            normalize = cfg.expert_choice_gate == "normalized"
+            routing = router.expert_choice(scores_TE, select_TE, capacity, normalize)
         else:
             routing = router.from_mask(scores_TE, aux_logits_TE > 0)
         aux_loss, aux_acc, baseline = AuxRouter.loss_and_accuracy(aux_logits_TE, routing.chosen_TE)
         if layer.training and cfg.aux_router_coef > 0:
-            ctx.add_loss("moe/aux_router_bce", cfg.aux_router_coef * aux_loss)
+            ctx.add_aux_router_loss("moe/aux_router_bce", cfg.aux_router_coef * aux_loss)
         ctx.add_stat(f"{self.prefix}/aux_router_acc", aux_acc)
         ctx.add_stat(f"{self.prefix}/aux_router_baseline", baseline)
         return routing
@@ -97,7 +105,7 @@ class GroupRouter:
             if coef != 0:
                 ctx.add_loss(name, coef * (zero if empty else term()))
 
-    def _add_stats(self, logits_TE, routing: router.Routing, ctx: ForwardContext) -> None:
+    def _add_stats(self, layer, logits_TE, routing: router.Routing, ctx: ForwardContext) -> None:
         if logits_TE.shape[0] == 0:
             load_E = logits_TE.new_zeros(logits_TE.shape[1])
             entropy = logits_TE.new_zeros(())
@@ -112,3 +120,7 @@ class GroupRouter:
         # token actually computed (expert-choice capacity rounds), which FLOPs accounting uses.
         ctx.add_stat(f"{self.prefix}/pairs", float(routing.token_idx_N.numel()))
         ctx.add_stat(f"{self.prefix}/tokens", float(logits_TE.shape[0]))
+        if layer.collect_health:
+            weight_Ed = layer.routers[self.group.name].weight
+            for name, value in health.routing_health(logits_TE, routing, weight_Ed).items():
+                ctx.add_stat(f"{self.prefix}/{name}", value)

@@ -77,6 +77,21 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(total))
         self.register_buffer("load_accum", torch.zeros(total), persistent=False)
         self.dispatcher = LocalDispatcher()
+        # Multiplies moe.router_noise; a trainer hook anneals it (moe.router_noise_anneal_steps).
+        self.noise_scale = 1.0
+        # Routing-health statistics in this forward (moe.health_stats); training sets it for
+        # the steps it logs only.
+        self.collect_health = cfg.health_stats
+
+    @torch.no_grad()
+    def init_routers(self, std: float) -> None:
+        """moe.router_init=orthogonal: each group's router rows orthogonal, each with the
+        norm of a N(0, std^2) row (std * sqrt(d)); normal rows are the model's default."""
+        if self.cfg.router_init != "orthogonal":
+            return
+        for linear in self.routers.values():
+            torch.nn.init.orthogonal_(linear.weight)
+            linear.weight.mul_(std * linear.weight.shape[1] ** 0.5)
 
     def _fanout(self) -> int:
         """Dropless token choice gives every routed token exactly k pairs, in token-major

@@ -39,12 +39,18 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k
     return min(num_tokens, max(1, int(capacity_factor * k * num_tokens / num_experts)))
 
 
-def expert_choice(scores_TE: torch.Tensor, select_TE: torch.Tensor, capacity: int) -> Routing:
-    """Each expert takes its top-`capacity` tokens by `select_TE`; gates are `scores_TE`."""
+def expert_choice(
+    scores_TE: torch.Tensor, select_TE: torch.Tensor, capacity: int, normalize: bool = False
+) -> Routing:
+    """Each expert takes its top-`capacity` tokens by `select_TE`; gates are `scores_TE`,
+    or with `normalize` those divided by their sum over the experts that took the token."""
     T, E = scores_TE.shape
     _, token_idx_EC = torch.topk(select_TE.t(), capacity, dim=1, sorted=False)
     expert_idx_EC = torch.arange(E, device=scores_TE.device).unsqueeze(1).expand(E, capacity)
     gate_EC = scores_TE.t().gather(1, token_idx_EC)
+    if normalize:
+        sum_T = scores_TE.new_zeros(T).index_add(0, token_idx_EC.reshape(-1), gate_EC.reshape(-1))
+        gate_EC = gate_EC / sum_T[token_idx_EC].clamp_min(1e-20)
     chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
     chosen_TE[token_idx_EC.reshape(-1), expert_idx_EC.reshape(-1)] = True
     unprocessed = (~chosen_TE.any(1)).float().mean() if T else scores_TE.new_zeros(())

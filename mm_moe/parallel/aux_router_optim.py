@@ -1,0 +1,123 @@
+"""The auxiliary routers' own optimizer, outside DeepSpeed's engine and its gradient clip.
+
+The auxiliary routers (expert choice and mixture-of-depths, MoMa 2.4) learn from their own
+BCE losses on detached inputs: their gradients touch nothing else, yet inside the engine they
+count in the global clip norm (about 40% of the squared norm of a trained demo MoMa), so
+the main model's steps were clipped on steps where a dense model's are not. Here they are
+trained apart: gradients by `torch.autograd.grad` (never in `.grad`, so the engine neither
+reduces nor clips them), averaged over the ranks by one all-reduce, clipped by their own norm
+(`optim.grad_clip`), and stepped by an AdamW with the run's hyperparameters and LR schedule.
+They stay fp32 under bf16 training (tiny, and their BCE wants the precision).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mm_moe.model.moe.aux_router import AuxRouter
+
+log = logging.getLogger("mm_moe")
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def aux_router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every auxiliary-router parameter of `model`, by its name in the model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        names[id(p)]: p for m in model.modules() if isinstance(m, AuxRouter) for p in m.parameters()
+    }
+
+
+class AuxRouterOptimizer:
+    def __init__(self, model: nn.Module, optim_cfg, max_steps: int):
+        self.params = aux_router_parameters(model)
+        for module in model.modules():
+            if isinstance(module, AuxRouter):
+                module.float()
+        self.cfg, self.max_steps = optim_cfg, max_steps
+        weights = [p for p in self.params.values() if p.dim() >= 2]
+        biases = [p for p in self.params.values() if p.dim() < 2]
+        groups = [
+            {"params": weights, "weight_decay": optim_cfg.weight_decay},
+            {"params": biases, "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=optim_cfg.lr,
+            betas=tuple(optim_cfg.betas),
+            eps=optim_cfg.eps,
+        )
+        self.steps = 0  # optimizer steps taken (the LR schedule's position)
+        self._grads: list[torch.Tensor] | None = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of `loss` (a share of the step's objective)."""
+        params = list(self.params.values())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        if self._grads is None:
+            self._grads = grads
+        else:
+            torch._foreach_add_(self._grads, grads)
+
+    def step(self, world_size: int) -> float:
+        """Average the accumulated gradients over the ranks, clip them by their own norm, step;
+        returns the norm before clipping (NaN when nothing was accumulated). Collective."""
+        grads, self._grads = self._grads, None
+        if grads is None:
+            return float("nan")
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if world_size > 1:
+            dist.all_reduce(flat)
+            flat /= world_size
+        norm = torch.linalg.vector_norm(flat)
+        if not torch.isfinite(norm):  # the step guard drops such steps; never apply them
+            log.warning("auxiliary routers: non-finite gradient norm, update skipped")
+            return float(norm)
+        clip = self.cfg.grad_clip
+        if clip > 0:
+            flat *= torch.clamp(clip / (norm + 1e-6), max=1.0)
+        offset = 0
+        for p in self.params.values():
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        lr = self.cfg.lr * self.cfg.lr_factor(self.steps, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return float(norm)
+
+    def skip(self) -> None:
+        """A dropped step: discard the accumulated gradients."""
+        self._grads = None
+
+    # ---- checkpoints: moments by parameter name, in the model's optimizer.pt ----
+    def moments(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{name: {exp_avg, exp_avg_sq}} on CPU (empty before the first step)."""
+        out = {}
+        for name, p in self.params.items():
+            state = self.optimizer.state.get(p)
+            if state:
+                out[name] = {k: state[k].detach().float().cpu().clone() for k in ADAM_KEYS}
+        return out
+
+    def load_moments(self, moments: dict, step: int) -> None:
+        """Restore the moments (missing ones start at zero) and the schedule position."""
+        for name, p in self.params.items():
+            saved = moments.get(name, {})
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(step)),
+                **{
+                    k: saved[k].to(p.device, torch.float32).clone()
+                    if k in saved
+                    else torch.zeros_like(p, dtype=torch.float32)
+                    for k in ADAM_KEYS
+                },
+            }
+        self.steps = step
