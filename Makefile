@@ -11,6 +11,8 @@ TORCH_CPU := torch==2.13.0
 NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); \
   if [ "$${n:-0}" -gt 0 ]; then echo $$n; else echo 2; fi)
 ARGS ?=
+# When make started: the demo report states the whole wall time of `make train`.
+MAKE_STARTED := $(shell date +%s)
 
 .PHONY: setup demo-assets train test test-slurm test-fast gpu-check lint format clean
 
@@ -65,7 +67,7 @@ demo-assets: $(DEMO_TOKENIZERS)
 train: setup demo-assets
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mm_moe.train \
 	  experiment=demo parallel.expert_parallel_size=$(EP) checkpoint.overwrite=true $(ARGS)
-	$(PY) scripts/demo_report.py runs/demo
+	$(PY) scripts/demo_report.py runs/demo --started $(MAKE_STARTED)
 
 # Two pytest workers (the CI machine's cores); a test file runs on one worker, so its
 # module fixtures are built once.

@@ -1,10 +1,17 @@
-"""After `make train`: sample images from caption prompts, caption held-out images, score
-zero-shot digit classification by caption likelihood, and print a summary of the run.
+"""After `make train`: what the demo model learned, in both directions, on held-out digits.
 
-    .venv/bin/python scripts/demo_report.py runs/demo [--heldout data/demo/heldout]
+    .venv/bin/python scripts/demo_report.py runs/demo [--started EPOCH_SECONDS]
 
-Writes RUN_DIR/samples/digits.png (a grid: one column per digit 0-9), the single samples,
-and RUN_DIR/samples/captions.txt.
+- image -> text: zero-shot digit classification by caption likelihood (the run's
+  eval.zero_shot settings, 200 held-out digits), and captions generated for the held-out digits
+  (the share that name the right digit and no other);
+- text -> image: images generated from "a handwritten digit d", recognised by a judge trained on
+  real held-out digits only (its own accuracy reported beside it);
+- RUN_DIR/samples/: report.json, digits.png (one labelled column per prompted digit),
+  losses.png (training and held-out loss per modality), routing.png (tokens no expert took),
+  captions.txt.
+
+`--started` (the Makefile passes the time `make train` started) adds the whole wall time.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,85 +29,140 @@ import mm_moe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_pipelines/, the demo's
 from data_pipelines.demo_corpus import WORDS  # noqa: E402
+from mm_moe.eval.captioning import caption_accuracy  # noqa: E402
+from mm_moe.eval.judge import load_or_train_judge  # noqa: E402
 from mm_moe.eval.labelled import labelled_images  # noqa: E402
 from mm_moe.eval.routing_plot import unprocessed_heatmap  # noqa: E402
-from mm_moe.eval.text_to_image import save_grid  # noqa: E402
-from mm_moe.eval.zero_shot import image_prefix, zero_shot_classify  # noqa: E402
-from mm_moe.sampling import SampleConfig, generate, split_output
+from mm_moe.eval.text_to_image import save_grid, text_to_image_eval  # noqa: E402
+from mm_moe.eval.zero_shot import zero_shot_classify  # noqa: E402
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    p.add_argument("--heldout", default="", help="labelled shards (default: the run's eval)")
+    p.add_argument("--zero-shot", type=int, default=200, help="held-out digits classified")
+    p.add_argument("--captions", type=int, default=200, help="held-out digits captioned")
+    p.add_argument("--per-digit", type=int, default=10, help="images generated per digit")
+    p.add_argument("--grid", type=int, default=3, help="of them, rows in digits.png")
+    p.add_argument("--started", type=float, default=0.0, help="epoch seconds make train began")
+    return p.parse_args()
+
+
+def plot_losses(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, m in zip(axes, ("text", "image")):
+        train = [(r["step"], r[f"loss_{m}"]) for r in rows if f"loss_{m}" in r]
+        held = [(r["step"], r[f"eval/loss_{m}"]) for r in rows if f"eval/loss_{m}" in r]
+        ax.plot(*zip(*train), label="training", alpha=0.7)
+        if held:
+            ax.plot(*zip(*held), "o-", label="held-out", markersize=3)
+        ax.set_title(f"{m} loss")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _evaluate(model, tok, cfg, heldout, args, out: Path) -> dict:
+    zs, t2i = cfg.eval.zero_shot, cfg.eval.text_to_image
+    digits = zs.labels
+    zero_shot = zero_shot_classify(
+        model, tok, heldout[: args.zero_shot], digits, zs.templates, zs.batch_images
+    )
+    judge, judge_acc = load_or_train_judge(
+        tok, cfg.tokenizer, args.heldout, len(digits), t2i.classifier_steps, t2i.cache_dir
+    )
+    generated = text_to_image_eval(
+        model, tok, judge, digits, zs.templates[0], args.per_digit, t2i.temperature, t2i.top_k
+    )
+    images = [tok.image.decode(c) for c in generated["codes"]]
+    columns = [
+        [im for im, t in zip(images, generated["intended"]) if t == d][: args.grid]
+        for d in range(len(digits))
+    ]
+    save_grid(columns, out / "digits.png", labels=digits)
+    names = [[d, WORDS[int(d)]] if d.isdigit() and int(d) < 10 else [d] for d in digits]
+    captions = caption_accuracy(model, tok, heldout[: args.captions], names)
+    return {
+        "zero_shot_accuracy": zero_shot["accuracy"],
+        "text_to_image_accuracy": generated["accuracy"],
+        "caption_accuracy": captions["accuracy"],
+        "judge_accuracy": judge_acc,
+        "captions": captions["captions"],
+        "caption_correct": captions["correct"],
+        "num_heldout": {"zero_shot": zero_shot["num_images"], "captions": len(captions["captions"])},
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir")
-    parser.add_argument("--heldout", default="data/demo/heldout")
-    parser.add_argument("--per-digit", type=int, default=3)
-    parser.add_argument("--zero-shot", type=int, default=200)
-    args = parser.parse_args()
+    args = _args()
     run_dir = Path(args.run_dir)
     model = mm_moe.load_pretrained(run_dir)
-    tok = model.train_config.tokenizer.build()
-    vocab, tpi = tok.vocab, tok.image.tokens_per_image
+    cfg = model.train_config
+    tok = cfg.tokenizer.build()
+    if not args.heldout:
+        args.heldout = cfg.eval.zero_shot.urls or cfg.eval.labelled_urls()
+    heldout = labelled_images(
+        args.heldout, max(args.zero_shot, args.captions), "--heldout", len(cfg.eval.zero_shot.labels)
+    )
     out = run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
-
-    tiles = []
-    for d in range(10):
-        prompt = [vocab.bos, *tok.text.encode(f"a handwritten digit {d}"), vocab.boi]
-        column = []
-        for i in range(args.per_digit):
-            new = generate(
-                model,
-                vocab,
-                prompt,
-                tpi,
-                SampleConfig(tpi + 1, 1.0, 0, seed=i),
-                stop_after_image=True,
-            )
-            codes = [v for k, v in split_output(new, vocab) if k == "image"][0]
-            img = tok.image.decode(codes)
-            img.save(out / f"digit_{d}_{i}.png")
-            column.append(img)
-        tiles.append(column)
-    save_grid(tiles, out / "digits.png")
-
-    heldout = labelled_images(args.heldout, max(args.zero_shot, 10), "--heldout", 10)
-    lines = []
-    for i, (image, label) in enumerate(heldout[:10]):
-        prompt = image_prefix(tok, image)
-        new = generate(model, vocab, prompt, tpi, SampleConfig(16, 0.7, 0, seed=i))
-        text = "".join(tok.text.decode(v) for k, v in split_output(new, vocab) if k == "text")
-        lines.append(f"held-out {i} (a {WORDS[label]}): {text!r}")
-    (out / "captions.txt").write_text("\n".join(lines) + "\n")
-    digits = [str(d) for d in range(10)]
-    accuracy = zero_shot_classify(
-        model, tok, heldout[: args.zero_shot], digits, ["a handwritten digit {label}"]
-    )["accuracy"]
+    report = _evaluate(model, tok, cfg, heldout, args, out)
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    plot_losses(rows, out / "losses.png")
     routing = unprocessed_heatmap(rows, out / "routing.png")
-    rows = [r for r in rows if "loss" in r]
-    first, last = rows[0], rows[-1]
+    steps = [r for r in rows if "loss" in r]
+    held = [r for r in rows if "eval/loss_text" in r]
+    report.update(
+        steps=steps[-1]["step"],
+        tokens_per_s=float(np.mean([r["tokens_per_s"] for r in steps[1:] or steps])),
+        heldout_loss={m: held[-1][f"eval/loss_{m}"] for m in ("text", "image")} if held else {},
+        wall_s=time.time() - args.started if args.started else None,
+    )
+    lines = [
+        f"held-out {i} (a {WORDS[label]}): {caption!r}{'' if ok else '  [wrong]'}"
+        for i, ((_, label), caption, ok) in enumerate(
+            zip(heldout, report["captions"], report["caption_correct"])
+        )
+    ]
+    (out / "captions.txt").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    _print(report, lines, out, run_dir, routing)
+
+
+def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) -> None:
+    n = report["num_heldout"]
     print("\n=== mm_moe demo ===")
     print(
-        f"steps {last['step']}: loss text {first['loss_text']:.3f} -> {last['loss_text']:.3f}, "
-        f"image {first['loss_image']:.3f} -> {last['loss_image']:.3f}; "
-        f"{np.mean([r['tokens_per_s'] for r in rows[1:] or rows]):.0f} tokens/s"
+        f"{report['steps']} steps, {report['tokens_per_s']:.0f} tokens/s; held-out loss "
+        + ", ".join(f"{m} {v:.3f}" for m, v in report["heldout_loss"].items())
     )
     print(
-        f"zero-shot digit classification of {len(heldout[: args.zero_shot])} held-out images "
-        f"by caption likelihood: {100 * accuracy:.1f}% (chance 10%)"
+        f"image -> text: zero-shot digit classification {100 * report['zero_shot_accuracy']:.1f}% "
+        f"of {n['zero_shot']} held-out digits (chance 10%); captions naming the right digit "
+        f"{100 * report['caption_accuracy']:.1f}% of {n['captions']}"
+    )
+    print(
+        f"text -> image: {100 * report['text_to_image_accuracy']:.1f}% of generated digits "
+        f"recognised as the prompted one (the judge: {100 * report['judge_accuracy']:.1f}% on "
+        "real held-out digits)"
     )
     print("\n".join(lines[:5]))
-    print(f"samples: {out / 'digits.png'} (columns: digits 0-9), {out / 'captions.txt'}")
+    if report["wall_s"]:
+        print(f"make train: {report['wall_s'] / 60:.1f} min wall")
+    print(f"samples: {out / 'digits.png'} (labelled columns: digits 0-9), {out / 'losses.png'}")
     if routing is not None:
         print(f"routing: {routing} (per layer and step, the tokens no expert processed)")
-    print(
-        f"metrics: {run_dir / 'metrics.jsonl'}; wandb (offline): {run_dir / 'wandb'}; "
-        f"checkpoints: {run_dir / 'checkpoints'}"
-    )
-    (out / "report.json").write_text(
-        json.dumps({"zero_shot_accuracy": accuracy, "captions": lines}, indent=1)
-    )
+    print(f"report: {out / 'report.json'}; metrics: {run_dir / 'metrics.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ ROUTING_MODELS = {
     "moma_router_lr": ("MoMa EC, router lr x0.1", [*_EC, "moe.router_lr_scale=0.1"]),
     "moma_noise": (
         "MoMa EC, Gumbel noise 1 annealed",
-        [*_EC, "moe.router_noise=1.0", "moe.router_noise_anneal_steps=750"],
+        [*_EC, "moe.router_noise=1.0", "moe.router_noise_anneal_steps=300"],
     ),
     "moma_cosine": ("MoMa EC, cosine router", [*_EC, "moe.router_logits=cosine"]),
 }
@@ -123,11 +124,17 @@ def _args(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--dense-steps", type=int, default=0, help="long dense run (0: 2 x --steps)")
-    p.add_argument("--eval-interval", type=int, default=25)
+    p.add_argument("--eval-interval", type=int, default=100)
     p.add_argument("--zero-shot", type=int, default=100, help="held-out images scored")
     p.add_argument("--t2i-per-label", type=int, default=5, help="generated images per class")
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun if > 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once (their step times then share the machine)",
+    )
     p.add_argument("--override", action="append", default=[], help="Hydra override, all runs")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (smoke tests)")
     p.add_argument(
@@ -186,6 +193,9 @@ def run_dir_for(args, name: str, seed: int, steps: int) -> Path:
     the same ones (the dense seed-0 run is the long dense run when --dense-steps == --steps,
     and studies share their common runs)."""
     overrides = [o for o in _overrides(args, name, seed, steps, Path()) if "run_dir=" not in o]
+    # The demo corpus and tokenizers too, when the run reads them: rebuilt ones are new data.
+    built = [REPO / "data" / "demo" / "corpus.json", REPO / "tokenizers" / "demo" / "metrics.json"]
+    overrides += [p.read_text() for p in built if p.is_file()]
     digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
     return Path(args.out) / "runs" / f"{name}_s{seed}_{steps}_{digest}"
 
@@ -476,31 +486,50 @@ def _flops_per_token(args, name: str) -> dict:
     return model.flops_per_token(cfg.data.seq_len, cfg.moe)
 
 
+def _train_all(args) -> dict[tuple, dict]:
+    """Train and evaluate every run (the long dense run and each model and seed), --jobs at a
+    time; {(name, seed, steps): result}."""
+    tasks = [("dense", 0, args.dense_steps)]
+    tasks += [(name, seed, args.steps) for seed in range(args.seeds) for name in args.model_list]
+    tasks = list(dict.fromkeys(tasks))
+
+    def work(task):
+        name, seed, steps = task
+        print(f"[study] {name} seed {seed}: {steps} steps", flush=True)
+        result = train_and_eval(args, name, seed, steps, run_dir_for(args, name, seed, steps))
+        print(
+            f"[study] {name} seed {seed} done: {result['train_s']:.0f}s train, "
+            f"{result.get('eval_s', 0):.0f}s evals",
+            flush=True,
+        )
+        return result
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return dict(zip(tasks, pool.map(work, tasks)))
+
+
 def main(argv=None) -> None:
     args = _args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    # Threads per run: the machine's cores shared by the runs trained at once.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
     labels = {m: args.table[m][0] for m in args.model_list}
     t0 = time.perf_counter()
-    long_dir = run_dir_for(args, "dense", 0, args.dense_steps)
-    print(f"[study] long dense run: {args.dense_steps} steps", flush=True)
-    train_and_eval(args, "dense", 0, args.dense_steps, long_dir)
-    dense_curve = eval_curve(long_dir)
+    results = _train_all(args)
+    dense_curve = eval_curve(run_dir_for(args, "dense", 0, args.dense_steps))
     rows, curves = [], {}
     for seed in range(args.seeds):
         for name in args.model_list:
             run_dir = run_dir_for(args, name, seed, args.steps)
-            print(f"[study] {name} seed {seed}: {args.steps} steps", flush=True)
-            result = train_and_eval(args, name, seed, args.steps, run_dir)
+            result = results[(name, seed, args.steps)]
             rows.append(_run_row(name, seed, run_dir, result, dense_curve))
             curves.setdefault(name, []).append(eval_curve(run_dir))
             print(
-                f"[study]   loss text {rows[-1]['loss_text']:.3f} image "
+                f"[study] {name} seed {seed}: loss text {rows[-1]['loss_text']:.3f} image "
                 f"{rows[-1]['loss_image']:.3f}; zero-shot "
                 f"{rows[-1].get('zero_shot_accuracy', math.nan):.2f}; no expert (image) "
-                f"{rows[-1]['taken_0_image']:.2f}; {result['train_s']:.0f}s train, "
-                f"{result['eval_s']:.0f}s evals",
+                f"{rows[-1]['taken_0_image']:.2f}",
                 flush=True,
             )
     flops_per_token = {name: _flops_per_token(args, name) for name in args.model_list}

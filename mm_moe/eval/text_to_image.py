@@ -57,8 +57,13 @@ def caption_prompt(tok, caption: str) -> list[int]:
     return [vocab.bos, *tok.text.encode(caption), vocab.boi]
 
 
-def save_grid(columns: list[list[Image.Image]], path: Path, scale: int = 4) -> None:
-    """One column per class, one row per sample, upscaled for viewing."""
+def save_grid(
+    columns: list[list[Image.Image]], path: Path, scale: int = 4, labels: list[str] | None = None
+) -> None:
+    """One column per class, one row per sample, upscaled for viewing; with `labels`, a
+    header row names each column."""
+    from PIL import ImageDraw
+
     rows = max(len(c) for c in columns)
     w, h = columns[0][0].size
     grid = Image.new("RGB", (w * len(columns), h * rows), "white")
@@ -66,6 +71,15 @@ def save_grid(columns: list[list[Image.Image]], path: Path, scale: int = 4) -> N
         for i, image in enumerate(column):
             grid.paste(image.convert("RGB"), (j * w, i * h))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    if labels is not None:
+        header = 16
+        framed = Image.new("RGB", (grid.width, grid.height + header), "white")
+        framed.paste(grid, (0, header))
+        draw = ImageDraw.Draw(framed)
+        for j, label in enumerate(labels):
+            x = j * w * scale + w * scale // 2 - 3 * len(label)
+            draw.text((x, 2), label, fill="black")
+        grid = framed
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
@@ -99,6 +113,7 @@ def text_to_image_eval(
         "chance": 1 / len(labels),
         "predicted": predicted,
         "intended": intended,
+        "codes": codes,
     }
     if grid_path is not None and grid_samples:
         columns = [

@@ -146,3 +146,47 @@ def test_text_to_image_and_judge(tmp_path, demo_assets):
     assert list((tmp_path / "cache").glob("judge_*.pt"))  # cached: the second call loads it
     again = multimodal_evals(model, tok, tok_cfg, cfg, tmp_path)
     assert again["judge_accuracy"] == r["judge_accuracy"]
+
+
+def test_captions_equal_one_image_at_a_time_greedy_decoding(demo_assets):
+    """Batched captioning equals a naive greedy loop per image; the accuracy counts captions
+    naming exactly the right class."""
+    from mm_moe.eval.captioning import caption_accuracy, named_classes, sample_captions
+    from mm_moe.eval.labelled import labelled_images
+    from mm_moe.eval.zero_shot import image_prefix
+
+    tok_dir, heldout = demo_assets
+    tok = TokenizerConfig(text="sentencepiece", image="vq", path=str(tok_dir)).build()
+    torch.manual_seed(0)
+    model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
+    images = labelled_images(str(heldout), 3, "heldout", 10)
+    got = sample_captions(model.eval(), tok, [im for im, _ in images], 5, 0.0, 0)
+    vocab = tok.vocab
+    for caption, (image, _) in zip(got, images):
+        ids = image_prefix(tok, image)
+        new = []
+        for _ in range(5):
+            mod = vocab.modality_of(ids).tolist()
+            logits = model(torch.tensor([ids]), torch.tensor([mod])).logits[0, -1]
+            banned = vocab.image_id_mask() | torch.isin(
+                torch.arange(vocab.size),
+                torch.tensor([vocab.pad, vocab.bos, vocab.eoi, vocab.boi]),
+            )
+            nxt = int(logits.masked_fill(banned, float("-inf")).argmax())
+            ids.append(nxt)
+            new.append(nxt)
+        new = new[: new.index(vocab.eos)] if vocab.eos in new else new
+        assert caption == tok.text.decode(new)
+
+    names = [[str(d), w] for d, w in enumerate(["zero", "one", "two"])]
+    assert named_classes("A handwritten Two.", names) == {2}
+    assert named_classes("the digit 1 or one", names) == {1}
+    assert named_classes("2 and 0", names) == {0, 2}
+    assert named_classes("twenty", names) == set()
+    r = caption_accuracy(model, tok, images, [[str(d)] for d in range(10)], 5)
+    assert r["num_images"] == 3 and len(r["captions"]) == 3
+    expected = [
+        named_classes(c, [[str(d)] for d in range(10)]) == {lb}
+        for c, (_, lb) in zip(r["captions"], images)
+    ]
+    assert r["accuracy"] == sum(expected) / 3
