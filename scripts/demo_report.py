@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +97,10 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path) -> dict:
         "judge_accuracy": judge_acc,
         "captions": captions["captions"],
         "caption_correct": captions["correct"],
-        "num_heldout": {"zero_shot": zero_shot["num_images"], "captions": len(captions["captions"])},
+        "num_heldout": {
+            "zero_shot": zero_shot["num_images"],
+            "captions": len(captions["captions"]),
+        },
     }
 
 
@@ -111,7 +113,10 @@ def main() -> None:
     if not args.heldout:
         args.heldout = cfg.eval.zero_shot.urls or cfg.eval.labelled_urls()
     heldout = labelled_images(
-        args.heldout, max(args.zero_shot, args.captions), "--heldout", len(cfg.eval.zero_shot.labels)
+        args.heldout,
+        max(args.zero_shot, args.captions),
+        "--heldout",
+        len(cfg.eval.zero_shot.labels),
     )
     out = run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
