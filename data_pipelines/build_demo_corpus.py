@@ -9,6 +9,7 @@ OUTPUT/interleaved, OUTPUT/text and OUTPUT/heldout (held-out MNIST pairs with th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -113,6 +114,10 @@ def build(cfg: DemoCorpusConfig) -> dict:
         cfg.shard_size,
         len(held_x),
     )
+    # What the texts say, not only how many: runs keyed by corpus.json (scripts/study_moma.py)
+    # see a change of caption templates as new data.
+    captions = "\n".join([caption for _, caption in pairs] + texts)
+    counts["texts_sha1"] = hashlib.sha1(captions.encode()).hexdigest()
     (root / "corpus.json").write_text(json.dumps(counts, indent=1))
     log.info("demo corpus in %s: %s", root, counts)
     return counts

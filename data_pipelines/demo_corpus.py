@@ -24,11 +24,10 @@ from PIL import Image
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_TEMPLATES = [
     "a handwritten digit {d}",
-    "the number {w} written by hand",
+    "the number {d} written by hand",
     "a picture of the digit {d}",
-    "handwritten {w}",
-    "an image of a hand-drawn {w}",
-    "the digit {w}",
+    "handwritten {d}",
+    "an image of a hand-drawn {d}",
     "a scanned handwritten {d}",
 ]
 SMALL_DIGIT_TEMPLATES = ["a small pixelated digit {d}", "a low-resolution {w}", "a tiny {w}"]

@@ -35,6 +35,8 @@ from mm_moe.eval.routing_plot import unprocessed_heatmap  # noqa: E402
 from mm_moe.eval.text_to_image import save_grid, text_to_image_eval  # noqa: E402
 from mm_moe.eval.zero_shot import zero_shot_classify  # noqa: E402
 
+KEYS = ("zero_shot_accuracy", "text_to_image_accuracy", "caption_accuracy", "judge_accuracy")
+
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,7 +46,18 @@ def _args():
     p.add_argument("--captions", type=int, default=200, help="held-out digits captioned")
     p.add_argument("--per-digit", type=int, default=10, help="images generated per digit")
     p.add_argument("--grid", type=int, default=3, help="of them, rows in digits.png")
+    p.add_argument(
+        "--guidance", type=float, default=0.0, help="text->image guidance (default: the run's)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="text->image temperature (the run's)"
+    )
     p.add_argument("--started", type=float, default=0.0, help="epoch seconds make train began")
+    p.add_argument(
+        "--every-checkpoint",
+        action="store_true",
+        help="also evaluate each saved checkpoint: samples/steps.json and a markdown table",
+    )
     return p.parse_args()
 
 
@@ -70,7 +83,7 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _evaluate(model, tok, cfg, heldout, args, out: Path) -> dict:
+def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
     zs, t2i = cfg.eval.zero_shot, cfg.eval.text_to_image
     digits = zs.labels
     zero_shot = zero_shot_classify(
@@ -79,20 +92,32 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path) -> dict:
     judge, judge_acc = load_or_train_judge(
         tok, cfg.tokenizer, args.heldout, len(digits), t2i.classifier_steps, t2i.cache_dir
     )
+    guidance = args.guidance or t2i.guidance
+    temperature = args.temperature or t2i.temperature
     generated = text_to_image_eval(
-        model, tok, judge, digits, zs.templates[0], args.per_digit, t2i.temperature, t2i.top_k
+        model,
+        tok,
+        judge,
+        digits,
+        zs.templates[0],
+        args.per_digit,
+        temperature,
+        t2i.top_k,
+        guidance=guidance,
     )
     images = [tok.image.decode(c) for c in generated["codes"]]
     columns = [
         [im for im, t in zip(images, generated["intended"]) if t == d][: args.grid]
         for d in range(len(digits))
     ]
-    save_grid(columns, out / "digits.png", labels=digits)
+    if out is not None:
+        save_grid(columns, out / "digits.png", labels=digits)
     names = [[d, WORDS[int(d)]] if d.isdigit() and int(d) < 10 else [d] for d in digits]
     captions = caption_accuracy(model, tok, heldout[: args.captions], names)
     return {
         "zero_shot_accuracy": zero_shot["accuracy"],
         "text_to_image_accuracy": generated["accuracy"],
+        "text_to_image_sampling": {"guidance": guidance, "temperature": temperature},
         "caption_accuracy": captions["accuracy"],
         "judge_accuracy": judge_acc,
         "captions": captions["captions"],
@@ -142,6 +167,24 @@ def main() -> None:
     (out / "captions.txt").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _print(report, lines, out, run_dir, routing)
+    if args.every_checkpoint:
+        _steps_table(run_dir, tok, cfg, heldout, args, out)
+
+
+def _steps_table(run_dir: Path, tok, cfg, heldout, args, out: Path) -> None:
+    """The same figures at every saved checkpoint: how they grow with training."""
+    from mm_moe.checkpoint import layout
+
+    root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    rows = []
+    for step in layout.complete_steps(root):
+        model = mm_moe.load_pretrained(root / layout.step_dir_name(step))
+        r = _evaluate(model, tok, cfg, heldout, args, None)
+        rows.append({"step": step, **{k: r[k] for k in KEYS}})
+    (out / "steps.json").write_text(json.dumps(rows, indent=1))
+    print("\n| step | zero-shot | text -> image | captions |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['step']} | " + " | ".join(f"{100 * r[k]:.1f}%" for k in KEYS[:3]) + " |")
 
 
 def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) -> None:

@@ -179,7 +179,10 @@ def _overrides(args, name: str, seed: int, steps: int, run_dir: Path) -> list[st
         f"trainer.log_interval={args.eval_interval}",
         f"eval.interval={args.eval_interval}",
         f"optim.decay_steps={max(1, args.dense_steps - warmup)}",
-        f"checkpoint.interval={steps}",
+        # A run cut short (a killed session) continues from its last checkpoint on rerun.
+        f"checkpoint.interval={min(steps, 250)}",
+        "checkpoint.keep_last=1",
+        "checkpoint.resume=auto",
         "checkpoint.overwrite=true",
         "logging.wandb.mode=disabled",
         "logging.progress=lines",
@@ -189,15 +192,40 @@ def _overrides(args, name: str, seed: int, steps: int, run_dir: Path) -> list[st
 
 
 def run_dir_for(args, name: str, seed: int, steps: int) -> Path:
-    """Runs are named by their overrides: a finished run stands for any later request with
-    the same ones (the dense seed-0 run is the long dense run when --dense-steps == --steps,
-    and studies share their common runs)."""
+    """Runs are named by what they train: a finished run stands for any later request with the
+    same composed config (the dense seed-0 run is the long dense run when --dense-steps ==
+    --steps, and studies share their common runs), and a changed preset, experiment or data
+    config is a new run."""
+    return (
+        Path(args.out)
+        / "runs"
+        / f"{name}_s{seed}_{steps}_{_config_digest(args, name, seed, steps)}"
+    )
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _config_digest(args, name: str, seed: int, steps: int) -> str:
     overrides = [o for o in _overrides(args, name, seed, steps, Path()) if "run_dir=" not in o]
-    # The demo corpus and tokenizers too, when the run reads them: rebuilt ones are new data.
-    built = [REPO / "data" / "demo" / "corpus.json", REPO / "tokenizers" / "demo" / "metrics.json"]
-    overrides += [p.read_text() for p in built if p.is_file()]
-    digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
-    return Path(args.out) / "runs" / f"{name}_s{seed}_{steps}_{digest}"
+    key = tuple(overrides)
+    if key not in _DIGESTS:
+        from dataclasses import asdict
+
+        from mm_moe.cli import compose
+
+        cfg = asdict(compose(overrides))
+        cfg["trainer"].pop("run_dir", None)
+        cfg.pop("checkpoint")  # where and how often it saves: not what it trains (exact resume)
+        text = [json.dumps(cfg, sort_keys=True, default=str)]
+        # The demo corpus and tokenizers too, when the run reads them: rebuilt ones are new data.
+        built = [
+            REPO / "data" / "demo" / "corpus.json",
+            REPO / "tokenizers" / "demo" / "metrics.json",
+        ]
+        text += [p.read_text() for p in built if p.is_file()]
+        _DIGESTS[key] = hashlib.sha1("\n".join(text).encode()).hexdigest()[:8]
+    return _DIGESTS[key]
 
 
 def _trained(run_dir: Path, steps: int) -> dict | None:
@@ -224,7 +252,7 @@ def train_and_eval(args, name: str, seed: int, steps: int, run_dir: Path) -> dic
     cmd += _overrides(args, name, seed, steps, run_dir)
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "w") as log:
+    with open(run_dir / "train.log", "a") as log:  # a resumed run continues its log
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode:
         tail = (run_dir / "train.log").read_text()[-3000:]
@@ -492,11 +520,12 @@ def _train_all(args) -> dict[tuple, dict]:
     tasks = [("dense", 0, args.dense_steps)]
     tasks += [(name, seed, args.steps) for seed in range(args.seeds) for name in args.model_list]
     tasks = list(dict.fromkeys(tasks))
+    run_dirs = {t: run_dir_for(args, *t) for t in tasks}  # composed here: Hydra is one per process
 
     def work(task):
         name, seed, steps = task
         print(f"[study] {name} seed {seed}: {steps} steps", flush=True)
-        result = train_and_eval(args, name, seed, steps, run_dir_for(args, name, seed, steps))
+        result = train_and_eval(args, name, seed, steps, run_dirs[task])
         print(
             f"[study] {name} seed {seed} done: {result['train_s']:.0f}s train, "
             f"{result.get('eval_s', 0):.0f}s evals",

@@ -44,6 +44,12 @@ class DataConfig:
     # caption_first or image_first.
     pair_order: Literal["random", "caption_first", "image_first"] = "random"
     caption_first_prob: float = 0.5
+    # true: a document that fits in a sequence but not in what is left of the current one
+    # starts the next sequence, the rest padded and masked from the loss, so an image-caption
+    # pair is never cut in two (a cut pair's second half sees nothing of its first: attention
+    # stays inside a sequence). false: documents are concatenated and cut every seq_len + 1
+    # tokens, no padding. Longer documents are cut either way.
+    whole_documents: bool = False
     # Images with a shorter side below this (pixels) are skipped (data/skipped_small_image).
     min_image_side: int = 16
     # Images whose longer side exceeds this multiple of the shorter are skipped.
@@ -99,7 +105,7 @@ class DataConfig:
         from mm_moe.data.webdataset_loader import WebDatasetLoader
 
         vocab = tokenizer.build().vocab
-        spec = self.pipeline_spec(seed, tokenizer)
+        spec = self.pipeline_spec(seed, tokenizer, vocab.pad)
         for src in spec.sources:
             if src.format == "tokens":
                 check_tokens_vocab(list(src.shards), tokenizer, vocab, f"data.sources[{src.index}]")
@@ -124,7 +130,7 @@ class DataConfig:
             return SyntheticPatterns(self.synthetic, self.seq_len, 0, layout).vocab
         return tokenizer.build().vocab
 
-    def pipeline_spec(self, seed: int, tokenizer: TokenizerConfig):
+    def pipeline_spec(self, seed: int, tokenizer: TokenizerConfig, pad_id: int | None = None):
         """The picklable description of the webdataset pipeline (shards expanded here)."""
         from mm_moe.data.documents import DecodeOptions
         from mm_moe.data.shards import expand_urls
@@ -132,6 +138,8 @@ class DataConfig:
 
         if seed < 0:
             raise UserError(f"trainer.seed={seed} must be >= 0 for the webdataset source")
+        if pad_id is None:
+            pad_id = tokenizer.build().vocab.pad if self.whole_documents else 0
         sources = tuple(
             SourceSpec(
                 i, tuple(expand_urls(src.urls, f"data.sources[{i}].urls")), src.format, src.weight
@@ -148,4 +156,6 @@ class DataConfig:
                 self.min_image_side, self.max_aspect_ratio, self.pair_order, self.caption_first_prob
             ),
             tokenizer=tokenizer,
+            whole_documents=self.whole_documents,
+            pad_id=pad_id,
         )

@@ -1,7 +1,10 @@
 """Packing documents into rows of T = seq_len + 1 tokens, with nothing lost or duplicated.
 
 Documents are concatenated in order and cut every T tokens; a document longer than what is left
-of a row continues at the start of the next row. Per row:
+of a row continues at the start of the next row. With `whole_documents`, a document that fits in
+a row but not in what is left of the current one starts the next row instead, the rest of the
+current row padded (pad tokens, masked from the loss): a caption is never cut off from its
+image, at the cost of the padding. Per row:
 - doc ids number the document segments in the row from 0 (attention stays inside one);
 - position ids restart at 0 at each segment start, including a continued document's first
   token in a new row, so positions never exceed seq_len (RoPE tables stay in range).
@@ -26,8 +29,9 @@ def _decode(text: str, dtype: str) -> np.ndarray:
 
 
 class Packer:
-    def __init__(self, row_len: int):
+    def __init__(self, row_len: int, whole_documents: bool = False, pad_id: int = 0):
         self.row_len = row_len
+        self.whole_documents, self.pad_id = whole_documents, pad_id
         self._tokens: list[np.ndarray] = []
         self._modality: list[np.ndarray] = []
         self._starts: list[np.ndarray] = []  # True where a document begins
@@ -35,12 +39,20 @@ class Packer:
 
     def push(self, doc: Document) -> None:
         assert len(doc.tokens) == len(doc.modality) > 0
+        left = -self.size % self.row_len
+        if self.whole_documents and left < len(doc.tokens) <= self.row_len and left:
+            starts = np.zeros(left, dtype=bool)
+            starts[0] = True  # one segment of padding
+            self._append(np.full(left, self.pad_id, np.int32), np.zeros(left, np.uint8), starts)
         starts = np.zeros(len(doc.tokens), dtype=bool)
         starts[0] = True
-        self._tokens.append(doc.tokens)
-        self._modality.append(doc.modality)
+        self._append(doc.tokens, doc.modality, starts)
+
+    def _append(self, tokens: np.ndarray, modality: np.ndarray, starts: np.ndarray) -> None:
+        self._tokens.append(tokens)
+        self._modality.append(modality)
         self._starts.append(starts)
-        self.size += len(doc.tokens)
+        self.size += len(tokens)
 
     def has_row(self) -> bool:
         return self.size >= self.row_len

@@ -43,6 +43,8 @@ class PipelineSpec:
     on_error: str  # skip | raise
     decode: DecodeOptions
     tokenizer: TokenizerConfig
+    whole_documents: bool = False  # data.whole_documents (mm_moe.data.packing)
+    pad_id: int = 0
 
 
 class SourceReader:
@@ -182,7 +184,7 @@ class Stream:
         weights = np.array([src.weight for src in spec.sources], dtype=np.float64)
         self._cumulative = np.cumsum(weights / weights.sum())
         self.rng = np.random.Generator(np.random.PCG64([spec.seed, stream_id, _RNG_TAG]))
-        self.packer = Packer(spec.row_len)
+        self.packer = Packer(spec.row_len, spec.whole_documents, spec.pad_id)
         self.skipped = dict.fromkeys(REASONS, 0)
         self.documents = 0
 

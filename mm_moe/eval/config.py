@@ -39,6 +39,9 @@ class TextToImageConfig:
     samples_per_label: int = 10
     temperature: float = 1.0
     top_k: int = 0
+    # Classifier-free guidance scale (1: none): the caption's pull on each code is multiplied
+    # by this against the same model with no caption (mm_moe/eval/text_to_image.py).
+    guidance: float = 1.0
     # The judge: a small classifier trained on real labelled images (the zero-shot shards if
     # empty), seen through the image tokenizer (encoded and decoded, like generated images);
     # cached under cache_dir.
@@ -92,8 +95,11 @@ class EvalConfig:
                 "eval.text_to_image.samples_per_label and classifier_steps must be >= 1, "
                 "grid_samples >= 0"
             )
-        if t2i.temperature <= 0 or t2i.top_k < 0:
-            raise UserError("eval.text_to_image.temperature must be > 0 and top_k >= 0")
+        if t2i.temperature <= 0 or t2i.top_k < 0 or t2i.guidance < 1:
+            raise UserError(
+                "eval.text_to_image.temperature must be > 0, top_k >= 0 and guidance >= 1 "
+                f"(got {t2i.temperature}, {t2i.top_k}, {t2i.guidance})"
+            )
 
     def check_data(self, data_source: str) -> None:
         """Held-out rows need shards unless the training data is synthetic."""

@@ -41,5 +41,6 @@ def multimodal_evals(
         seed,
         grid,
         t2i.grid_samples,
+        t2i.guidance,
     )
     return {"zero_shot": zero_shot, "text_to_image": generated, "judge_accuracy": judge_acc}

@@ -5,6 +5,11 @@ Generation is batched: every prompt of one length samples its image codes togeth
 runs in eval mode with causal routing, so rows do not interact). No KV cache: each new code is
 one forward over the whole prefix, which is cheap at demo sizes.
 
+Classifier-free guidance (`guidance` g > 1; as Chameleon, LlamaGen and Lumina-mGPT sample): each
+code is drawn from log p(x | caption) + (g - 1) (log p(x | caption) - log p(x)), the
+unconditional p(x) being the same model on [bos, boi] + the codes so far (an image with no
+caption before it, what every image-first pair trains). g = 1 is plain sampling.
+
 Shape legend: R rows (prompts), S positions, V vocabulary.
 """
 
@@ -20,7 +25,13 @@ from mm_moe.sampling import allowed_masks, modality_of
 
 @torch.no_grad()
 def sample_image_codes(
-    model, tok, prompts: list[list[int]], temperature: float, top_k: int, seed: int
+    model,
+    tok,
+    prompts: list[list[int]],
+    temperature: float,
+    top_k: int,
+    seed: int,
+    guidance: float = 1.0,
 ) -> list[list[int]]:
     """Image codes (in [0, codebook)) that follow each prompt (which ends with boi)."""
     vocab, tpi = tok.vocab, tok.image.tokens_per_image
@@ -37,9 +48,16 @@ def sample_image_codes(
         rows = by_len[length]
         ids_RS = torch.tensor([prompts[i] for i in rows], device=device)
         mod_RS = torch.tensor([modality_of(prompts[i], vocab) for i in rows], device=device)
+        uncond_RS = torch.tensor([[vocab.bos, vocab.boi]] * len(rows), device=device)
         for _ in range(tpi):
-            logits_RV = model(ids_RS, mod_RS).logits[:, -1].float()
-            logits_RV = logits_RV.masked_fill(~image_ok_V, float("-inf")) / temperature
+            logits_RV = _image_logprobs(model, ids_RS, mod_RS, image_ok_V)
+            if guidance != 1.0:
+                uncond_mod_RS = torch.ones_like(uncond_RS)
+                uncond_mod_RS[:, 0] = 0  # bos is text
+                free_RV = _image_logprobs(model, uncond_RS, uncond_mod_RS, image_ok_V)
+                logits_RV = free_RV + guidance * (logits_RV - free_RV)
+                logits_RV = logits_RV.masked_fill(~image_ok_V, float("-inf"))
+            logits_RV = logits_RV / temperature
             if top_k:
                 kth_R1 = torch.topk(logits_RV, min(top_k, int(image_ok_V.sum())), -1).values[:, -1:]
                 logits_RV = logits_RV.masked_fill(logits_RV < kth_R1, float("-inf"))
@@ -47,9 +65,16 @@ def sample_image_codes(
             nxt_R = torch.multinomial(probs_RV, 1, generator=gen).to(device)
             ids_RS = torch.cat([ids_RS, nxt_R], 1)
             mod_RS = torch.cat([mod_RS, torch.ones_like(nxt_R)], 1)  # image modality
+            uncond_RS = torch.cat([uncond_RS, nxt_R], 1)
         for r, i in enumerate(rows):
             out[i] = vocab.image_codes(ids_RS[r, length:].tolist()).tolist()
     return out  # type: ignore[return-value]
+
+
+def _image_logprobs(model, ids_RS, mod_RS, image_ok_V) -> torch.Tensor:
+    """Log-probabilities of the next token over the image codes (-inf elsewhere), fp32."""
+    logits_RV = model(ids_RS, mod_RS).logits[:, -1].float()
+    return torch.log_softmax(logits_RV.masked_fill(~image_ok_V, float("-inf")), -1)
 
 
 def caption_prompt(tok, caption: str) -> list[int]:
@@ -96,6 +121,7 @@ def text_to_image_eval(
     seed: int = 0,
     grid_path: Path | None = None,
     grid_samples: int = 3,
+    guidance: float = 1.0,
 ) -> dict:
     """Generate `samples_per_label` images per class and score them with the judge."""
     prompts, intended = [], []
@@ -103,7 +129,7 @@ def text_to_image_eval(
         for _ in range(samples_per_label):
             prompts.append(caption_prompt(tok, template.format(label=label)))
             intended.append(c)
-    codes = sample_image_codes(model, tok, prompts, temperature, top_k, seed)
+    codes = sample_image_codes(model, tok, prompts, temperature, top_k, seed, guidance)
     images = [tok.image.decode(c) for c in codes]
     predicted = judge.predict(images)
     correct = sum(int(p == t) for p, t in zip(predicted, intended))
@@ -111,6 +137,7 @@ def text_to_image_eval(
         "accuracy": correct / len(images),
         "num_images": len(images),
         "chance": 1 / len(labels),
+        "guidance": guidance,
         "predicted": predicted,
         "intended": intended,
         "codes": codes,

@@ -63,6 +63,48 @@ def test_rows_match_reference_and_nothing_is_lost_or_duplicated():
     assert np.array_equal(all_tokens, np.concatenate([d.tokens for d in docs[:pushed]]))
 
 
+def test_whole_documents_keeps_every_document_that_fits_in_one_row():
+    docs, row_len, pad = _docs(2, 60), 23, -1  # lengths 1..39: some fit, some cannot
+    packer = Packer(row_len, whole_documents=True, pad_id=pad)
+    rows = []
+    for doc in docs:
+        packer.push(doc)
+        while packer.has_row():
+            rows.append(packer.pop_row())
+    tokens_RT = np.stack([r[0] for r in rows])
+    doc_RT, pos_RT = np.stack([r[2] for r in rows]), np.stack([r[3] for r in rows])
+    # Nothing lost, duplicated or reordered: the tokens without padding are the documents.
+    kept = np.concatenate([tokens_RT.ravel(), packer._flat()[0]])
+    assert np.array_equal(kept[kept != pad], np.concatenate([d.tokens for d in docs]))
+    cut = 0
+    for i, d in enumerate(docs):
+        where = np.argwhere(np.isin(tokens_RT, d.tokens))
+        if len(where) < len(d.tokens):
+            continue  # (partly) still in the buffer
+        row_ids = set(where[:, 0].tolist())
+        if len(d.tokens) <= row_len:
+            assert len(row_ids) == 1, f"document {i} ({len(d.tokens)} tokens) was cut"
+            (r,) = row_ids
+            assert pos_RT[r][tokens_RT[r] == d.tokens[0]][0] == 0
+        else:
+            cut += 1
+    assert cut > 0
+    # Padding only ever fills the end of a row, as its own segment that no loss reads.
+    for r in range(len(rows)):
+        padded = tokens_RT[r] == pad
+        if padded.any():
+            first = int(np.argmax(padded))
+            assert padded[first:].all() and doc_RT[r, first] != doc_RT[r, first - 1]
+    valid_RT = tokens_RT != pad
+    batch = Batch.from_tokens(tokens_RT, np.zeros_like(tokens_RT), doc_RT, pos_RT, valid_RT)
+    assert not (batch.loss_mask_BS & torch.from_numpy(~valid_RT[:, 1:])).any()
+    # Without the option: the same documents cut where the rows end, no padding.
+    plain = Packer(row_len)
+    for doc in docs:
+        plain.push(doc)
+    assert plain.size == sum(len(d.tokens) for d in docs) < tokens_RT.size + packer.size
+
+
 def test_loss_mask_positions_and_doc_ids_in_a_batch():
     docs, row_len = _docs(1, 12), 9
     packer = Packer(row_len)

@@ -190,3 +190,41 @@ def test_captions_equal_one_image_at_a_time_greedy_decoding(demo_assets):
         for c, (_, lb) in zip(r["captions"], images)
     ]
     assert r["accuracy"] == sum(expected) / 3
+
+
+def test_guided_image_sampling_equals_a_naive_loop(demo_assets):
+    """Classifier-free guidance, greedy (top_k=1): each code is the argmax over image codes of
+    log p(x | caption) + (g - 1)(log p(x | caption) - log p(x | no caption)), computed row by
+    row; guidance 1 is plain sampling, and guidance changes the images."""
+    from mm_moe.eval.text_to_image import caption_prompt, sample_image_codes
+
+    tok_dir, _ = demo_assets
+    tok = TokenizerConfig(text="sentencepiece", image="vq", path=str(tok_dir)).build()
+    torch.manual_seed(0)
+    model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
+    model.eval()
+    vocab, g = tok.vocab, 3.0
+    prompts = [caption_prompt(tok, "a handwritten digit 3"), caption_prompt(tok, "7")]
+    got = sample_image_codes(model, tok, prompts, 1.0, 1, 0, guidance=g)
+    plain = sample_image_codes(model, tok, prompts, 1.0, 1, 0)
+    image_ids = torch.nonzero(vocab.image_id_mask()).flatten()
+
+    def logprobs(ids):
+        logits = model(torch.tensor([ids]), torch.tensor([vocab.modality_of(ids).tolist()]))
+        return torch.log_softmax(logits.logits[0, -1, image_ids].float(), -1)
+
+    for prompt, codes, plain_codes in zip(prompts, got, plain):
+        cond, free, want, want_plain = list(prompt), [vocab.bos, vocab.boi], [], []
+        for _ in range(tok.image.tokens_per_image):
+            lp_c, lp_u = logprobs(cond), logprobs(free)
+            nxt = int(image_ids[int((lp_u + g * (lp_c - lp_u)).argmax())])
+            cond.append(nxt)
+            free.append(nxt)
+            want.append(nxt)
+        ids = list(prompt)
+        for _ in range(tok.image.tokens_per_image):
+            ids.append(int(image_ids[int(logprobs(ids).argmax())]))
+            want_plain.append(ids[-1])
+        assert codes == vocab.image_codes(want).tolist()
+        assert plain_codes == vocab.image_codes(want_plain).tolist()
+    assert got != plain
