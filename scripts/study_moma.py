@@ -73,6 +73,7 @@ ROUTING_MODELS = {
     "moma_normalized": ("MoMa EC, normalized gates", [*_EC, "moe.expert_choice_gate=normalized"]),
     "moma_orthogonal": ("MoMa EC, orthogonal router init", [*_EC, "moe.router_init=orthogonal"]),
     "moma_router_lr": ("MoMa EC, router lr x0.1", [*_EC, "moe.router_lr_scale=0.1"]),
+    # Annealed over the first half of the routing study's 600 steps.
     "moma_noise": (
         "MoMa EC, Gumbel noise 1 annealed",
         [*_EC, "moe.router_noise=1.0", "moe.router_noise_anneal_steps=300"],
