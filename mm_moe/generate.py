@@ -6,6 +6,8 @@
 mode=image continues `prompt` with an image (decoded to PNG by the VQ decoder, or saved as its
 codes, `.codes.npy`, where the image tokenizer has no decoder: Chameleon's), mode=text with
 text, mode=auto lets the model choose. Images go to `out` (default: <run dir>/samples).
+With mode=image, `guidance` > 1 samples with classifier-free guidance (the demo report's
+text->image uses 3 at temperature 0.7: docs/evaluation.md); the n samples are drawn together.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from mm_moe.cli import exits_on_failure, parse_args
+from mm_moe.errors import UserError
 from mm_moe.sampling import SampleConfig, generate, split_output
 
 log = logging.getLogger("mm_moe")
@@ -40,6 +43,14 @@ class GenerateConfig:
     temperature: float = 1.0
     top_k: int = 0
     seed: int = 0
+    # Classifier-free guidance scale for mode=image (1: none).
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.guidance < 1:
+            raise UserError(f"guidance={self.guidance} must be >= 1 (1: no guidance)")
+        if self.guidance != 1 and self.mode != "image":
+            raise UserError(f"guidance={self.guidance} needs mode=image (got mode={self.mode})")
 
 
 def prompt_ids(tok, text: str, image: Image.Image | None, mode: str) -> list[int]:
@@ -62,6 +73,8 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     image = Image.open(cfg.image) if cfg.image else None
     prompt = prompt_ids(tok, cfg.prompt, image, cfg.mode)
     out_dir = Path(cfg.out) if cfg.out else Path(model.train_config.trainer.run_dir) / "samples"
+    if cfg.guidance != 1:
+        return _guided_images(cfg, model, tok, prompt, out_dir)
     results = []
     for i in range(cfg.n):
         sample_cfg = SampleConfig(
@@ -89,6 +102,24 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
                 )
         results.append({"text": "".join(text), "images": images})
     return results
+
+
+def _guided_images(cfg: GenerateConfig, model, tok, prompt: list[int], out_dir: Path) -> list:
+    from mm_moe.eval.text_to_image import sample_image_codes
+
+    if len(prompt) + tok.image.tokens_per_image > model.cfg.max_seq_len:
+        raise UserError(
+            f"the prompt ({len(prompt)} tokens) and an image "
+            f"({tok.image.tokens_per_image}) exceed model.max_seq_len={model.cfg.max_seq_len}"
+        )
+    codes = sample_image_codes(
+        model, tok, [prompt] * cfg.n, cfg.temperature, cfg.top_k, cfg.seed, cfg.guidance
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        {"text": "", "images": [str(_save_image(tok.image, c, out_dir, cfg.seed + i, 0))]}
+        for i, c in enumerate(codes)
+    ]
 
 
 def _save_image(image_tokenizer, codes, out_dir: Path, seed: int, index: int) -> Path:

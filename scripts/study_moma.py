@@ -218,6 +218,10 @@ def _config_digest(args, name: str, seed: int, steps: int) -> str:
         cfg = asdict(compose(overrides))
         cfg["trainer"].pop("run_dir", None)
         cfg.pop("checkpoint")  # where and how often it saves: not what it trains (exact resume)
+        # How fast it trains, not what: the image cache is exact, and the fused AdamW differs
+        # from the per-tensor loop only in rounding (runs from before these keys still count).
+        cfg["data"].pop("image_cache_size", None)
+        cfg["optim"].pop("fused", None)
         text = [json.dumps(cfg, sort_keys=True, default=str)]
         # The demo corpus and tokenizers too, when the run reads them: rebuilt ones are new data.
         built = [
@@ -332,6 +336,22 @@ def routing_health(run_dir: Path) -> dict:
     return out
 
 
+def health_curve(run_dir: Path) -> list[tuple[int, dict]]:
+    """[(step, {modality: share of its tokens no expert processed, mean over layers})] at
+    every logged step that has the routing health."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = []
+    for r in rows:
+        shares = {}
+        for m in MODALITIES:
+            values = [v for k, v in r.items() if k.endswith(f"/{m}/taken_0")]
+            if values:
+                shares[m] = statistics.fmean(values)
+        if shares:
+            curve.append((r["step"], shares))
+    return curve
+
+
 def step_time(run_dir: Path) -> float:
     """Median training step time (s) over the logged steps after the first few."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -436,6 +456,8 @@ def write_markdown(path: Path, summary: list[dict], args, dense_long: dict, wall
         )
     lines[-1] += f"Wall time {wall_s / 60:.1f} min."
     lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", ""]
+    if getattr(args, "health_plot", False):
+        lines += ["![tokens no expert processed](routing_health.png)", ""]
     path.write_text("\n".join(lines))
 
 
@@ -470,6 +492,37 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, keys)
         w.writeheader()
         w.writerows(rows)
+
+
+def plot_health(path: Path, run_dirs: dict[str, list[Path]], labels: dict) -> bool:
+    """Per modality, the share of tokens no expert processed against the step, per model
+    (mean over seeds and layers); False (nothing drawn) when no model logged it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {name: [health_curve(d) for d in dirs] for name, dirs in run_dirs.items()}
+    curves = {name: runs for name, runs in curves.items() if all(runs)}
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, m in zip(axes, MODALITIES):
+        for name, runs in curves.items():
+            n = min(len(c) for c in runs)
+            steps = [runs[0][i][0] for i in range(n)]
+            share = [statistics.fmean(c[i][1].get(m, math.nan) for c in runs) for i in range(n)]
+            ax.plot(steps, share, marker="o", markersize=3, label=labels[name])
+        ax.set_xlabel("training step")
+        ax.set_title(f"{m} tokens processed by no expert")
+
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of the group's tokens, mean over layers")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot(path: Path, curves: dict, labels: dict, dense_curve: list[dict]) -> None:
@@ -567,11 +620,19 @@ def main(argv=None) -> None:
     write_csv(out / "study_runs.csv", rows)
     write_csv(out / "study.csv", summary)
     plot(out / "loss_vs_flops.png", curves, labels, dense_curve)
+    run_dirs = {
+        name: [run_dir_for(args, name, seed, args.steps) for seed in range(args.seeds)]
+        for name in args.model_list
+    }
+    args.health_plot = plot_health(out / "routing_health.png", run_dirs, labels)
     last = dense_curve[-1]
     dense_long = {f"loss_{m}": last[f"eval/loss_{m}"] for m in MODALITIES}
     write_markdown(out / "study.md", summary, args, dense_long, time.perf_counter() - t0)
     print((out / "study.md").read_text())
-    print(f"[study] wrote {out}/study.md, study.csv, study_runs.csv, loss_vs_flops.png")
+    print(
+        f"[study] wrote {out}/study.md, study.csv, study_runs.csv, loss_vs_flops.png"
+        + (", routing_health.png" if args.health_plot else "")
+    )
 
 
 if __name__ == "__main__":

@@ -118,13 +118,25 @@ def make_hf_chameleon(path: Path, seed: int = 0, swin_norm: bool = False):
     return model
 
 
-def make_hf_llama(path: Path, vocab_size: int = 300, seed: int = 0, tokenizer: bool = True, **kw):
-    """A tiny LlamaForCausalLM (GQA) with random norms and a trained tokenizer, saved."""
+def make_hf_llama(
+    path: Path,
+    vocab_size: int = 300,
+    seed: int = 0,
+    tokenizer: bool = True,
+    tie: bool = False,
+    shard: str | None = None,
+    **kw,
+):
+    """A tiny LlamaForCausalLM (GQA) with random norms, saved (in shards of at most `shard`,
+    e.g. "40KB"); with `tokenizer`, a trained tokenizer beside it whose specials the config
+    names, else Llama's own special ids (bos 1, eos 2, no pad)."""
     import transformers
 
+    specials = {}
     if tokenizer:
         tok = make_tokenizer(path, vocab_size, image_tokens=False)
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        specials = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
     cfg = transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -133,16 +145,15 @@ def make_hf_llama(path: Path, vocab_size: int = 300, seed: int = 0, tokenizer: b
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        initializer_range=0.1,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
+        tie_word_embeddings=tie,
+        initializer_range=0.1,  # logits of order 10: differences are not hidden by small scale
+        **specials,
         **kw,
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
     _randomize_norms(model, seed)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     return model
 
 

@@ -14,8 +14,10 @@ Every defect raises SampleError; the caller decides between skipping and raising
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +43,7 @@ class DecodeOptions:
     max_aspect_ratio: float
     pair_order: str  # random | caption_first | image_first
     caption_first_prob: float
+    image_cache_size: int = 0  # images whose tokens a worker keeps (LRU); 0: none
 
 
 def parse_interleaved(data: bytes, what: str) -> list[tuple[str, str]]:
@@ -87,6 +90,9 @@ def parse_interleaved(data: bytes, what: str) -> list[tuple[str, str]]:
 class DocumentBuilder:
     def __init__(self, tokenizers: Tokenizers, options: DecodeOptions):
         self.tok, self.opt, self.vocab = tokenizers, options, tokenizers.vocab
+        # Encoded images by the digest of their bytes: a corpus read for several epochs is
+        # encoded once per worker (encoding is deterministic, so resume stays exact).
+        self._images: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def build(self, fmt: str, raw: RawSample, rng: np.random.Generator) -> Document:
         assert fmt in FORMATS, fmt
@@ -98,6 +104,21 @@ class DocumentBuilder:
         return ids, np.full(len(ids), TEXT, dtype=np.uint8)
 
     def _encode_image(self, data: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.opt.image_cache_size <= 0:
+            return self._encode_image_uncached(data, what)
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        if key in self._images:
+            self._images.move_to_end(key)
+            return self._images[key]
+        encoded = self._encode_image_uncached(data, what)
+        for array in encoded:
+            array.flags.writeable = False  # shared by every document that holds the image
+        self._images[key] = encoded
+        if len(self._images) > self.opt.image_cache_size:
+            self._images.popitem(last=False)
+        return encoded
+
+    def _encode_image_uncached(self, data: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
         image = decode_image(data, what, self.opt.min_image_side, self.opt.max_aspect_ratio)
         codes = self.vocab.image_token_ids(self.tok.image.encode(image))
         ids = np.concatenate([[self.vocab.boi], codes, [self.vocab.eoi]]).astype(np.int32)

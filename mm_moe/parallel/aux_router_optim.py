@@ -50,6 +50,7 @@ class AuxRouterOptimizer:
             lr=optim_cfg.lr,
             betas=tuple(optim_cfg.betas),
             eps=optim_cfg.eps,
+            fused=optim_cfg.fused or None,
         )
         self.steps = 0  # optimizer steps taken (the LR schedule's position)
         self._grads: list[torch.Tensor] | None = None

@@ -27,6 +27,10 @@ class OptimConfig:
     eps: float = 1e-8
     # Global grad-norm clipping; 0 turns it off.
     grad_clip: float = 1.0
+    # torch's fused AdamW kernel (CPU and CUDA), one pass over each tensor; false: the
+    # per-tensor loop (torch's default on CPU), which took 3.7x as long for the demo's 5.4M
+    # parameters on one CPU thread. The two differ only in rounding.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -70,7 +74,11 @@ class OptimConfig:
             {"params": router, "weight_decay": self.weight_decay, "lr": self.lr * router_lr_scale},
         ]
         return torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=self.lr, betas=tuple(self.betas), eps=self.eps
+            [g for g in groups if g["params"]],
+            lr=self.lr,
+            betas=tuple(self.betas),
+            eps=self.eps,
+            fused=self.fused or None,
         )
 
     def lr_factor(self, step: int, max_steps: int) -> float:

@@ -98,3 +98,34 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
         )
     )
     assert isinstance(caption[0]["text"], str) and not caption[0]["images"]
+
+    # mode=image with classifier-free guidance: the n images are the guided sampler's codes.
+    import numpy as np
+    import pytest
+
+    from mm_moe.api import load_pretrained
+    from mm_moe.errors import UserError
+    from mm_moe.eval.text_to_image import sample_image_codes
+    from mm_moe.generate import prompt_ids
+
+    prompt = "a handwritten digit 3"
+    guided = run(
+        GenerateConfig(
+            checkpoint=str(run_dir),
+            prompt=prompt,
+            mode="image",
+            n=2,
+            guidance=3.0,
+            top_k=1,
+            out=str(tmp_path / "guided"),
+        )
+    )
+    model = load_pretrained(run_dir)
+    tok = model.train_config.tokenizer.build()
+    ids = prompt_ids(tok, prompt, None, "image")
+    want = sample_image_codes(model, tok, [ids, ids], 1.0, 1, 0, 3.0)
+    for result, codes in zip(guided, want):
+        got = np.asarray(Image.open(result["images"][0]))
+        np.testing.assert_array_equal(got, np.asarray(tok.image.decode(codes)))
+    with pytest.raises(UserError, match="needs mode=image"):
+        GenerateConfig(checkpoint=str(run_dir), guidance=3.0)

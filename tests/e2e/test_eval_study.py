@@ -102,6 +102,7 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
     assert "| dense |" in table and "| MoMa 4t4i |" in table
     assert "Routing health" in table and "| MoMa 4t4i | 0." in table  # its health row
     assert (out / "loss_vs_flops.png").stat().st_size > 1000
+    assert (out / "routing_health.png").stat().st_size > 1000 and "routing_health.png" in table
     study = _study_module()
     import csv
 
@@ -117,6 +118,8 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
     # Run again: every run is found by its overrides and reused, none retrained.
     logs = {p: p.stat().st_mtime for p in (out / "runs").glob("*/train.log")}
     assert len(logs) == 3  # the long dense run, dense and MoMa seed 0
+    # Speed settings (the image cache, the fused AdamW) do not change what a run trains.
+    cmd += ["--override=data.image_cache_size=7", "--override=optim.fused=false"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/train.log")} == logs

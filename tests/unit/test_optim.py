@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -38,3 +39,25 @@ def test_no_weight_decay_on_vectors():
     groups = OptimConfig(weight_decay=0.1).build(model).param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert all(p.dim() >= 2 for p in groups[0]["params"])
+
+
+def test_fused_adamw_takes_the_loops_steps():
+    """optim.fused (torch's fused kernel, the default) and the per-tensor loop take the same
+    steps, weight decay and the norms' group included, up to rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+    twin = copy.deepcopy(model)
+    fused = OptimConfig(lr=1e-2, weight_decay=0.1).build(model)
+    loop = OptimConfig(lr=1e-2, weight_decay=0.1, fused=False).build(twin)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(4, 8)
+        for m, opt in ((model, fused), (twin, loop)):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    start = torch.nn.Linear(8, 16).weight
+    assert (model[0].weight - start).abs().max() > 1e-3  # the steps moved the weights

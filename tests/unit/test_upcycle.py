@@ -14,6 +14,7 @@ from mm_moe import load_pretrained  # noqa: E402
 from mm_moe.config import ConfigError  # noqa: E402
 from mm_moe.upcycle import hf_import, run  # noqa: E402
 from mm_moe.upcycle.ops import upcycle_experts  # noqa: E402
+from tests import hf_fixtures as tiny_hf  # noqa: E402
 
 HF_VOCAB = 300
 # The synthetic data with the Hugging Face model's text ids: specials and image codes after.
@@ -27,28 +28,10 @@ TC_TOP2 = [
 
 
 def make_hf_llama(path, tie=False, shard=None, seed=0, **overrides):
-    """A tiny LlamaForCausalLM (GQA: 4 heads, 2 kv heads) with random norms, saved."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=HF_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-        initializer_range=0.1,  # logits of order 10: differences are not hidden by small scale
-        **overrides,
+    """The tiny Llama of scripts/tiny_hf_model.py at HF_VOCAB, with Llama's own special ids."""
+    return tiny_hf.make_hf_llama(
+        path, HF_VOCAB, seed, tokenizer=False, tie=tie, shard=shard, **overrides
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-    kwargs = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(path, **kwargs)
-    return model
 
 
 @pytest.fixture(scope="module")
