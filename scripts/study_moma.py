@@ -376,6 +376,10 @@ def _run_row(name: str, seed: int, run_dir: Path, result: dict, dense_curve) -> 
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std; NaN for both when any value is NaN (a metric a run did not
+    measure, e.g. zero-shot with --no-multimodal: statistics.stdev raises on NaN)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
