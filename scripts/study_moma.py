@@ -323,33 +323,26 @@ def flops_needed(curve: list[dict], modality: str, target: float) -> tuple[float
 HEALTH = ("taken_0", "gate_mean", "router_cosine", "jaccard")
 
 
+def _layer_mean(row: dict, modality: str, stat: str) -> float:
+    """A metrics row's `moe/l*/{modality}/{stat}`, averaged over layers (NaN when absent)."""
+    values = [v for k, v in row.items() if k.endswith(f"/{modality}/{stat}")]
+    return statistics.fmean(values) if values else math.nan
+
+
 def routing_health(run_dir: Path) -> dict:
     """The last logged routing health, per modality group, averaged over layers: {f"{stat}_{m}"}
     (NaN for models without expert groups per modality)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = next((r for r in reversed(rows) if any(k.endswith("/taken_0") for k in r)), {})
-    out = {}
-    for stat in HEALTH:
-        for m in MODALITIES:
-            values = [v for k, v in last.items() if k.endswith(f"/{m}/{stat}")]
-            out[f"{stat}_{m}"] = statistics.fmean(values) if values else math.nan
-    return out
+    return {f"{stat}_{m}": _layer_mean(last, m, stat) for stat in HEALTH for m in MODALITIES}
 
 
 def health_curve(run_dir: Path) -> list[tuple[int, dict]]:
     """[(step, {modality: share of its tokens no expert processed, mean over layers})] at
     every logged step that has the routing health."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = []
-    for r in rows:
-        shares = {}
-        for m in MODALITIES:
-            values = [v for k, v in r.items() if k.endswith(f"/{m}/taken_0")]
-            if values:
-                shares[m] = statistics.fmean(values)
-        if shares:
-            curve.append((r["step"], shares))
-    return curve
+    curve = [(r["step"], {m: _layer_mean(r, m, "taken_0") for m in MODALITIES}) for r in rows]
+    return [(step, shares) for step, shares in curve if not all(map(math.isnan, shares.values()))]
 
 
 def step_time(run_dir: Path) -> float:
@@ -416,7 +409,14 @@ def _fmt(s: dict, key: str, digits: int = 3, pct: bool = False) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def write_markdown(path: Path, summary: list[dict], args, dense_long: dict, wall_s: float):
+def write_markdown(
+    path: Path,
+    summary: list[dict],
+    args,
+    dense_long: dict,
+    wall_s: float,
+    health_plot: bool = False,
+):
     dense_fpt = next(s for s in summary if s["model"] == "dense")
     lines = [
         f"# MoMa study ({args.scale}, {args.steps} steps, {args.seeds} seeds; long dense run "
@@ -460,7 +460,7 @@ def write_markdown(path: Path, summary: list[dict], args, dense_long: dict, wall
         )
     lines[-1] += f"Wall time {wall_s / 60:.1f} min."
     lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", ""]
-    if getattr(args, "health_plot", False):
+    if health_plot:
         lines += ["![tokens no expert processed](routing_health.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -515,11 +515,10 @@ def plot_health(path: Path, run_dirs: dict[str, list[Path]], labels: dict) -> bo
         for name, runs in curves.items():
             n = min(len(c) for c in runs)
             steps = [runs[0][i][0] for i in range(n)]
-            share = [statistics.fmean(c[i][1].get(m, math.nan) for c in runs) for i in range(n)]
+            share = [statistics.fmean(c[i][1][m] for c in runs) for i in range(n)]
             ax.plot(steps, share, marker="o", markersize=3, label=labels[name])
         ax.set_xlabel("training step")
         ax.set_title(f"{m} tokens processed by no expert")
-
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("share of the group's tokens, mean over layers")
     axes[0].legend(fontsize=8)
@@ -605,13 +604,14 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     results = _train_all(args)
     dense_curve = eval_curve(run_dir_for(args, "dense", 0, args.dense_steps))
-    rows, curves = [], {}
+    rows, curves, run_dirs = [], {}, {}
     for seed in range(args.seeds):
         for name in args.model_list:
             run_dir = run_dir_for(args, name, seed, args.steps)
             result = results[(name, seed, args.steps)]
             rows.append(_run_row(name, seed, run_dir, result, dense_curve))
             curves.setdefault(name, []).append(eval_curve(run_dir))
+            run_dirs.setdefault(name, []).append(run_dir)
             print(
                 f"[study] {name} seed {seed}: loss text {rows[-1]['loss_text']:.3f} image "
                 f"{rows[-1]['loss_image']:.3f}; zero-shot "
@@ -624,18 +624,15 @@ def main(argv=None) -> None:
     write_csv(out / "study_runs.csv", rows)
     write_csv(out / "study.csv", summary)
     plot(out / "loss_vs_flops.png", curves, labels, dense_curve)
-    run_dirs = {
-        name: [run_dir_for(args, name, seed, args.steps) for seed in range(args.seeds)]
-        for name in args.model_list
-    }
-    args.health_plot = plot_health(out / "routing_health.png", run_dirs, labels)
+    health_plot = plot_health(out / "routing_health.png", run_dirs, labels)
     last = dense_curve[-1]
     dense_long = {f"loss_{m}": last[f"eval/loss_{m}"] for m in MODALITIES}
-    write_markdown(out / "study.md", summary, args, dense_long, time.perf_counter() - t0)
+    wall_s = time.perf_counter() - t0
+    write_markdown(out / "study.md", summary, args, dense_long, wall_s, health_plot)
     print((out / "study.md").read_text())
     print(
         f"[study] wrote {out}/study.md, study.csv, study_runs.csv, loss_vs_flops.png"
-        + (", routing_health.png" if args.health_plot else "")
+        + (", routing_health.png" if health_plot else "")
     )
 
 
