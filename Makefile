@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# What `make train` needs (torch, deepspeed, the project and the demo's data packages), then
+# the test and lint tools on top (`make setup`, `make test`).
 STAMP := $(VENV)/.mm_moe_installed
+DEV_STAMP := $(VENV)/.mm_moe_dev_installed
 # The CPU wheel that machines without a GPU use (a plain `torch` would pull a CUDA build).
 TORCH_CPU := torch==2.13.0
 # Processes of `make train`: one per GPU where there are GPUs, else 2 CPU processes.
@@ -14,9 +17,10 @@ ARGS ?=
 # When make started: the demo report states the whole wall time of `make train`.
 MAKE_STARTED := $(shell date +%s)
 
-.PHONY: setup demo-assets train test test-slurm test-fast gpu-check lint format clean
+.PHONY: setup setup-run demo-assets train test test-slurm test-fast gpu-check lint format clean
 
-setup: $(STAMP)
+setup: $(DEV_STAMP)
+setup-run: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@# Reuse a torch that is already installed (e.g. an NVIDIA PyTorch image) through the
@@ -30,17 +34,23 @@ $(STAMP): pyproject.toml Makefile
 	  fi; \
 	fi
 	$(PIP) install -q --upgrade pip setuptools wheel
+	@# --no-compile: Python compiles a module's bytecode when it is first imported; compiling
+	@# every file of every package up front took a minute of the demo's ten.
 	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
 	  echo "[setup] leaving existing torch $$($(PY) -c 'import torch; print(torch.__version__)') alone"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  echo "[setup] GPU found: installing the default (CUDA) torch"; $(PIP) install -q torch; \
+	  echo "[setup] GPU found: installing the default (CUDA) torch"; $(PIP) install -q --no-compile torch; \
 	else \
-	  echo "[setup] no GPU and no torch: installing the CPU wheel $(TORCH_CPU)"; $(PIP) install -q $(TORCH_CPU); \
+	  echo "[setup] no GPU and no torch: installing the CPU wheel $(TORCH_CPU)"; $(PIP) install -q --no-compile $(TORCH_CPU); \
 	fi
 	@# DeepSpeed ships only an sdist whose build imports torch: build it against ours.
-	$(PIP) install -q --no-build-isolation "deepspeed>=0.18,<0.20"
-	$(PIP) install -q -e ".[dev,demo]"
+	$(PIP) install -q --no-compile --no-build-isolation "deepspeed>=0.18,<0.20"
+	$(PIP) install -q --no-compile -e ".[demo]"
 	@touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install -q --no-compile -e ".[dev,demo]"
+	@touch $(DEV_STAMP)
 
 DEMO_CORPUS := data/demo/corpus.json
 DEMO_TOKENIZERS := tokenizers/demo/vq.pt
@@ -64,7 +74,7 @@ demo-assets: $(DEMO_TOKENIZERS)
 # The main job: the tiny MoMa on the demo corpus, expert parallel over $(NPROC) CPU processes
 # (or GPUs), then samples, captions and a summary. A fresh run each time; more overrides
 # with ARGS="...". The micro-batch is the global batch / NPROC (experiment=demo).
-train: setup demo-assets
+train: setup-run demo-assets
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m mm_moe.train \
 	  experiment=demo parallel.expert_parallel_size=$(EP) checkpoint.overwrite=true $(ARGS)
 	$(PY) scripts/demo_report.py runs/demo --started $(MAKE_STARTED)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mm_moe.errors import UserError
+from mm_moe.model.kv_cache import KVCache, supports_kv_cache
 from mm_moe.tokenization.vocab import Vocab
 
 
@@ -36,6 +37,37 @@ def modality_of(ids: list[int], vocab: Vocab) -> list[int]:
     return vocab.modality_of(ids).tolist()
 
 
+class Decoding:
+    """Next-token logits of rows that grow by one token per step (eval mode): with a KV cache
+    where the model allows one, each step runs only the new positions; without, the whole
+    prefix. Both give the same logits (tests/unit/test_kv_cache.py).
+
+    Shape legend: R rows, S positions, V vocabulary.
+    """
+
+    def __init__(self, model, ids_RS: torch.Tensor, mod_RS: torch.Tensor, cache: bool = True):
+        model.eval()
+        self.model = model
+        self.cache = KVCache() if cache and supports_kv_cache(model) else None
+        self.ids_RS, self.mod_RS = ids_RS, mod_RS
+        self.new = ids_RS.shape[1]  # positions the model has not run yet
+
+    def logits(self) -> torch.Tensor:
+        """[R, V] fp32 logits of the token after each row."""
+        if self.cache is None:
+            out = self.model(self.ids_RS, self.mod_RS)
+        else:
+            n = self.new
+            out = self.model(self.ids_RS[:, -n:], self.mod_RS[:, -n:], kv_cache=self.cache)
+        self.new = 0
+        return out.logits[:, -1].float()
+
+    def append(self, next_R1: torch.Tensor, modality_R1: torch.Tensor) -> None:
+        self.ids_RS = torch.cat([self.ids_RS, next_R1], 1)
+        self.mod_RS = torch.cat([self.mod_RS, modality_R1], 1)
+        self.new += 1
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -44,13 +76,19 @@ def generate(
     tokens_per_image: int,
     cfg: SampleConfig,
     stop_after_image: bool = False,
+    cache: bool = True,
 ) -> list[int]:
     """Continue `prompt` (ids in the unified vocabulary); returns only the new ids."""
-    model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     text_ok, image_ok = allowed_masks(vocab, device)
     ids = list(prompt)
+    decoding = Decoding(
+        model,
+        torch.tensor([ids], device=device),
+        torch.tensor([modality_of(ids, vocab)], device=device),
+        cache,
+    )
     # Codes still to sample for the current image (None: text mode).
     remaining = tokens_per_image if ids and ids[-1] == vocab.boi else None
     new: list[int] = []
@@ -64,9 +102,7 @@ def generate(
                     f"the prompt and {len(new)} sampled tokens ({len(ids)}) exceed "
                     f"model.max_seq_len={model.cfg.max_seq_len}; sample fewer tokens"
                 )
-            x = torch.tensor([ids], device=device)
-            m = torch.tensor([modality_of(ids, vocab)], device=device)
-            logits = model(x, m).logits[0, -1].float()
+            logits = decoding.logits()[0]
             allowed = image_ok if remaining is not None else text_ok
             logits = logits.masked_fill(~allowed, float("-inf")) / max(cfg.temperature, 1e-5)
             if cfg.top_k:
@@ -80,6 +116,10 @@ def generate(
                 remaining = tokens_per_image
         ids.append(nxt)
         new.append(nxt)
+        decoding.append(
+            torch.tensor([[nxt]], device=device),
+            torch.tensor([modality_of([nxt], vocab)], device=device),
+        )
         if nxt == vocab.eos or (stop_after_image and nxt == vocab.eoi):
             break
     return new

@@ -205,6 +205,9 @@ def run_dir_for(args, name: str, seed: int, steps: int) -> Path:
 
 
 _DIGESTS: dict[tuple, str] = {}
+# The composed eval settings of each run's overrides: what its zero-shot and text->image
+# evaluations use (composed with the digest, in the main thread: Hydra is one per process).
+_EVAL_SETTINGS: dict[tuple, tuple] = {}
 
 
 def _config_digest(args, name: str, seed: int, steps: int) -> str:
@@ -215,8 +218,14 @@ def _config_digest(args, name: str, seed: int, steps: int) -> str:
 
         from mm_moe.cli import compose
 
-        cfg = asdict(compose(overrides))
+        composed = compose(overrides)
+        _EVAL_SETTINGS[key] = (composed.eval.zero_shot, composed.eval.text_to_image)
+        cfg = asdict(composed)
         cfg["trainer"].pop("run_dir", None)
+        # What the evaluations after training read, not what trains: a change re-evaluates the
+        # finished runs (train_and_eval) instead of training them again.
+        cfg["eval"].pop("zero_shot")
+        cfg["eval"].pop("text_to_image")
         cfg.pop("checkpoint")  # where and how often it saves: not what it trains (exact resume)
         # How fast it trains, not what: the image cache is exact, and the fused AdamW differs
         # from the per-tensor loop only in rounding (runs from before these keys still count).
@@ -244,10 +253,12 @@ def _trained(run_dir: Path, steps: int) -> dict | None:
 
 def train_and_eval(args, name: str, seed: int, steps: int, run_dir: Path) -> dict:
     done = None if args.fresh else _trained(run_dir, steps)
+    settings = _multimodal_settings(args, name, seed, steps)
     if done is not None:
-        if args.multimodal and "zero_shot_accuracy" not in done:  # trained without them
+        # Evaluated without them, or with other sampling settings or sample counts.
+        if args.multimodal and done.get("multimodal_settings") != settings:
             t0 = time.perf_counter()
-            done.update(_multimodal(args, run_dir, seed), eval_s=time.perf_counter() - t0)
+            done.update(_multimodal(run_dir, seed, settings), eval_s=time.perf_counter() - t0)
             (run_dir / "evals.json").write_text(json.dumps(done, indent=1))
         return done
     cmd = [sys.executable, "-m", "mm_moe.train"]
@@ -265,27 +276,44 @@ def train_and_eval(args, name: str, seed: int, steps: int, run_dir: Path) -> dic
     train_s = time.perf_counter() - t0
     result = {"steps": steps, "train_s": train_s}
     if args.multimodal:
-        result.update(_multimodal(args, run_dir, seed))
+        result.update(_multimodal(run_dir, seed, settings))
     result["eval_s"] = time.perf_counter() - t0 - train_s
     (run_dir / "evals.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def _multimodal(args, run_dir: Path, seed: int) -> dict:
+def _multimodal_settings(args, name: str, seed: int, steps: int) -> dict:
+    """The zero-shot and text->image settings of this run's composed config, with the study's
+    sample counts (plain JSON: evals.json records what its figures were measured with)."""
+    from dataclasses import asdict, replace
+
+    overrides = [o for o in _overrides(args, name, seed, steps, Path()) if "run_dir=" not in o]
+    zero_shot, t2i = _EVAL_SETTINGS[tuple(overrides)]
+    return json.loads(
+        json.dumps(
+            {
+                "zero_shot": asdict(replace(zero_shot, num_samples=args.zero_shot)),
+                "text_to_image": asdict(replace(t2i, samples_per_label=args.t2i_per_label)),
+            }
+        )
+    )
+
+
+def _multimodal(run_dir: Path, seed: int, settings: dict) -> dict:
     from dataclasses import replace
 
     import torch
 
     import mm_moe
+    from mm_moe.eval.config import TextToImageConfig, ZeroShotConfig
     from mm_moe.eval.multimodal import multimodal_evals
 
     model = mm_moe.load_pretrained(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     cfg = model.train_config
-    ev = cfg.eval
     ev = replace(
-        ev,
-        zero_shot=replace(ev.zero_shot, num_samples=args.zero_shot),
-        text_to_image=replace(ev.text_to_image, samples_per_label=args.t2i_per_label),
+        cfg.eval,
+        zero_shot=ZeroShotConfig(**settings["zero_shot"]),
+        text_to_image=TextToImageConfig(**settings["text_to_image"]),
     )
     r = multimodal_evals(model, cfg.tokenizer.build(), cfg.tokenizer, ev, run_dir, seed)
     return {
@@ -294,6 +322,7 @@ def _multimodal(args, run_dir: Path, seed: int) -> dict:
         "t2i_accuracy": r["text_to_image"]["accuracy"],
         "t2i_images": r["text_to_image"]["num_images"],
         "judge_accuracy": r["judge_accuracy"],
+        "multimodal_settings": settings,
     }
 
 

@@ -16,36 +16,41 @@ import torch
 from PIL import Image
 
 from mm_moe.eval.zero_shot import image_prefix
-from mm_moe.sampling import allowed_masks, modality_of
+from mm_moe.sampling import Decoding, allowed_masks, modality_of
 
 
 @torch.no_grad()
 def sample_captions(
-    model, tok, images: list[Image.Image], max_new_tokens: int, temperature: float, seed: int
+    model,
+    tok,
+    images: list[Image.Image],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    cache: bool = True,
 ) -> list[str]:
     """One caption per image (temperature 0: greedy)."""
     vocab = tok.vocab
     device = next(model.parameters()).device
-    model.eval()
     text_ok_V, _ = allowed_masks(vocab, device)
     text_ok_V = text_ok_V.clone()
     text_ok_V[vocab.boi] = False  # a caption, not an image
     prompts = [image_prefix(tok, image) for image in images]
     ids_RS = torch.tensor(prompts, device=device)
     mod_RS = torch.tensor([modality_of(p, vocab) for p in prompts], device=device)
+    decoding = Decoding(model, ids_RS, mod_RS, cache)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for _ in range(max_new_tokens):
-        logits_RV = model(ids_RS, mod_RS).logits[:, -1].float()
+        logits_RV = decoding.logits()
         logits_RV = logits_RV.masked_fill(~text_ok_V, float("-inf"))
         if temperature > 0:
             probs_RV = torch.softmax(logits_RV / temperature, -1).cpu()
             next_R1 = torch.multinomial(probs_RV, 1, generator=gen).to(device)
         else:
             next_R1 = logits_RV.argmax(-1, keepdim=True)
-        ids_RS = torch.cat([ids_RS, next_R1], 1)
-        mod_RS = torch.cat([mod_RS, torch.zeros_like(next_R1)], 1)
+        decoding.append(next_R1, torch.zeros_like(next_R1))  # text modality
     captions = []
-    for row in ids_RS[:, len(prompts[0]) :].tolist():
+    for row in decoding.ids_RS[:, len(prompts[0]) :].tolist():
         text = row[: row.index(vocab.eos)] if vocab.eos in row else row
         captions.append(tok.text.decode(text))
     return captions

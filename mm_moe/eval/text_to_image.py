@@ -2,8 +2,8 @@
 tokenizer, and let a classifier trained on real images (judge.py) say which class they show.
 
 Generation is batched: every prompt of one length samples its image codes together (the model
-runs in eval mode with causal routing, so rows do not interact). No KV cache: each new code is
-one forward over the whole prefix, which is cheap at demo sizes.
+runs in eval mode with causal routing, so rows do not interact), one new position per forward
+with a KV cache (mm_moe/sampling.py's Decoding).
 
 Classifier-free guidance (`guidance` g > 1; as Chameleon, LlamaGen and Lumina-mGPT sample): each
 code is drawn from log p(x | caption) + (g - 1) (log p(x | caption) - log p(x)), the
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mm_moe.sampling import allowed_masks, modality_of
+from mm_moe.sampling import Decoding, allowed_masks, modality_of
 
 
 @torch.no_grad()
@@ -32,11 +32,11 @@ def sample_image_codes(
     top_k: int,
     seed: int,
     guidance: float = 1.0,
+    cache: bool = True,
 ) -> list[list[int]]:
     """Image codes (in [0, codebook)) that follow each prompt (which ends with boi)."""
     vocab, tpi = tok.vocab, tok.image.tokens_per_image
     device = next(model.parameters()).device
-    model.eval()
     _, image_ok_V = allowed_masks(vocab, device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out: list[list[int] | None] = [None] * len(prompts)
@@ -48,13 +48,15 @@ def sample_image_codes(
         rows = by_len[length]
         ids_RS = torch.tensor([prompts[i] for i in rows], device=device)
         mod_RS = torch.tensor([modality_of(prompts[i], vocab) for i in rows], device=device)
+        cond = Decoding(model, ids_RS, mod_RS, cache)
         uncond_RS = torch.tensor([[vocab.bos, vocab.boi]] * len(rows), device=device)
+        uncond_mod_RS = torch.ones_like(uncond_RS)
+        uncond_mod_RS[:, 0] = 0  # bos is text
+        free = Decoding(model, uncond_RS, uncond_mod_RS, cache) if guidance != 1.0 else None
         for _ in range(tpi):
-            logits_RV = _image_logprobs(model, ids_RS, mod_RS, image_ok_V)
-            if guidance != 1.0:
-                uncond_mod_RS = torch.ones_like(uncond_RS)
-                uncond_mod_RS[:, 0] = 0  # bos is text
-                free_RV = _image_logprobs(model, uncond_RS, uncond_mod_RS, image_ok_V)
+            logits_RV = _image_logprobs(cond, image_ok_V)
+            if free is not None:
+                free_RV = _image_logprobs(free, image_ok_V)
                 logits_RV = free_RV + guidance * (logits_RV - free_RV)
                 logits_RV = logits_RV.masked_fill(~image_ok_V, float("-inf"))
             logits_RV = logits_RV / temperature
@@ -62,18 +64,17 @@ def sample_image_codes(
                 kth_R1 = torch.topk(logits_RV, min(top_k, int(image_ok_V.sum())), -1).values[:, -1:]
                 logits_RV = logits_RV.masked_fill(logits_RV < kth_R1, float("-inf"))
             probs_RV = torch.softmax(logits_RV, -1).cpu()
-            nxt_R = torch.multinomial(probs_RV, 1, generator=gen).to(device)
-            ids_RS = torch.cat([ids_RS, nxt_R], 1)
-            mod_RS = torch.cat([mod_RS, torch.ones_like(nxt_R)], 1)  # image modality
-            uncond_RS = torch.cat([uncond_RS, nxt_R], 1)
+            nxt_R1 = torch.multinomial(probs_RV, 1, generator=gen).to(device)
+            for decoding in (cond, free) if free is not None else (cond,):
+                decoding.append(nxt_R1, torch.ones_like(nxt_R1))  # image modality
         for r, i in enumerate(rows):
-            out[i] = vocab.image_codes(ids_RS[r, length:].tolist()).tolist()
+            out[i] = vocab.image_codes(cond.ids_RS[r, length:].tolist()).tolist()
     return out  # type: ignore[return-value]
 
 
-def _image_logprobs(model, ids_RS, mod_RS, image_ok_V) -> torch.Tensor:
+def _image_logprobs(decoding: Decoding, image_ok_V) -> torch.Tensor:
     """Log-probabilities of the next token over the image codes (-inf elsewhere), fp32."""
-    logits_RV = model(ids_RS, mod_RS).logits[:, -1].float()
+    logits_RV = decoding.logits()
     return torch.log_softmax(logits_RV.masked_fill(~image_ok_V, float("-inf")), -1)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.attention_mask import AttentionMask, document_causal_mask
+from mm_moe.model.kv_cache import KVCache
 from mm_moe.model.modality_ops import (
     HeadNorm,
     Linear,
@@ -75,8 +76,9 @@ def _qk_norm(cfg, heads: int) -> nn.Module | None:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, rope: RotaryEmbedding):
+    def __init__(self, cfg, rope: RotaryEmbedding, layer_index: int = 0):
         super().__init__()
+        self.layer_index = layer_index  # its entry in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         d, hd = cfg.d_model, cfg.head_dim
 
@@ -99,6 +101,7 @@ class Attention(nn.Module):
         rows: ModalityRows,
         position_ids_BS: torch.Tensor,
         mask: AttentionMask,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, S, _ = x_BSd.shape
         q_BSHD = self.w_q(x_BSd, rows).view(B, S, self.n_heads, self.head_dim)
@@ -108,5 +111,8 @@ class Attention(nn.Module):
             q_BSHD, k_BSKD = self.q_norm(q_BSHD, rows), self.k_norm(k_BSKD, rows)
         q_BHSD = self.rope(q_BSHD.transpose(1, 2), position_ids_BS)
         k_BKSD = self.rope(k_BSKD.transpose(1, 2), position_ids_BS)
-        out_BHSD = attend(q_BHSD, k_BKSD, v_BSKD.transpose(1, 2), mask)
+        v_BKSD = v_BSKD.transpose(1, 2)
+        if kv_cache is not None:
+            k_BKSD, v_BKSD = kv_cache.append(self.layer_index, k_BKSD, v_BKSD)
+        out_BHSD = attend(q_BHSD, k_BKSD, v_BKSD, mask)
         return self.w_o(out_BHSD.transpose(1, 2).reshape(B, S, -1), rows)

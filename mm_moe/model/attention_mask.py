@@ -98,6 +98,17 @@ class AttentionMask:
         return cls("dense", dense_B1SS=document_causal_mask(doc_ids_BS))
 
 
+def after_cached(past: int, S: int, device: torch.device) -> AttentionMask:
+    """S new positions after `past` cached ones (one document): causal among the new ones,
+    every cached key visible. SDPA forms only: decoding steps are short."""
+    if past == 0:
+        return AttentionMask("causal")
+    if S == 1:
+        return AttentionMask("dense")  # no mask: the one query sees every key
+    keys_SL = torch.ones(S, past + S, dtype=torch.bool, device=device).tril(past)
+    return AttentionMask("dense", dense_B1SS=keys_SL[None, None])
+
+
 def check_backend(backend: Backend, device: torch.device, training: bool) -> None:
     if backend == "flex" and device.type == "cpu" and training:
         raise UserError(

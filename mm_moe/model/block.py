@@ -29,7 +29,7 @@ class TransformerBlock(nn.Module):
             return Norm(cfg.d_model, cfg.norm_eps)
 
         self.attn_norm = norm()
-        self.attn = Attention(cfg, rope)
+        self.attn = Attention(cfg, rope, layer_index)
         self.ffn_norm = norm()
         if moe is not None:
             self.ffn = MoELayer(moe, cfg.d_model, cfg.ffn_dim, layer_index)
@@ -47,7 +47,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x_BSd: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         rows = ctx.rows
-        attn = lambda h: self.attn(h, rows, ctx.position_ids_BS, ctx.attn_mask)
+        attn = lambda h: self.attn(h, rows, ctx.position_ids_BS, ctx.attn_mask, ctx.kv_cache)
         if self.post_norm:
             h_BSd = x_BSd + self.attn_norm(attn(x_BSd), rows)
             return h_BSd + self.ffn_norm(self._ffn(h_BSd, ctx), rows)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mm_moe.model.attention_mask import AttentionMask, Backend
+from mm_moe.model.kv_cache import KVCache
 from mm_moe.model.modality_ops import ModalityRows
 
 
@@ -29,6 +30,8 @@ class ForwardContext:
     rows: ModalityRows | None = None
     # sdpa | flex: how masks of sub-sequences (mixture-of-depths) are built.
     backend: Backend = "sdpa"
+    # Incremental decoding: attention appends this forward's keys and values (kv_cache.py).
+    kv_cache: KVCache | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     # The auxiliary routers' losses: their gradients reach only the auxiliary routers (inputs
     # are detached), which training steps apart from the model (parallel/aux_router_optim.py).

@@ -13,9 +13,15 @@ from torch import nn
 
 from mm_moe.errors import UserError
 from mm_moe.modality import NUM_MODALITIES
-from mm_moe.model.attention_mask import AttentionMask, check_backend, resolve_backend
+from mm_moe.model.attention_mask import (
+    AttentionMask,
+    after_cached,
+    check_backend,
+    resolve_backend,
+)
 from mm_moe.model.block import TransformerBlock
 from mm_moe.model.context import ForwardContext
+from mm_moe.model.kv_cache import KVCache
 from mm_moe.model.mod import MoDBlock
 from mm_moe.model.modality_ops import NORMS, ModalityNorm, ModalityRows, Norm
 from mm_moe.model.moe.layer import MoELayer
@@ -94,12 +100,15 @@ class EarlyFusionDecoder(nn.Module):
         doc_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> ModelOutput:
         """All [B, S]. modality_ids: None derives them from the vocabulary (`set_vocab`; all
         text without one). doc_ids: the document of each position in a packed row (None: one
         document per row, plain causal attention). token_mask: tokens that compete for expert
         capacity and MoD slots (the loss mask in training; None is all tokens). Positions, when
-        given, must be below model.max_seq_len (not checked here: no host sync per forward)."""
+        given, must be below model.max_seq_len (not checked here: no host sync per forward).
+        kv_cache: incremental decoding (eval mode, one document per row, no MoD layers): the
+        ids continue the positions the cache holds, and their keys and values join it."""
         input_ids_BS = input_ids
         B, S = input_ids_BS.shape
         if modality_ids is not None:
@@ -108,26 +117,37 @@ class EarlyFusionDecoder(nn.Module):
             modality_ids_BS = self.image_id_mask_V[input_ids_BS].long()
         else:  # all text
             modality_ids_BS = torch.zeros_like(input_ids_BS)
+        past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
-            if self.cfg.max_seq_len < S:
-                raise UserError(f"{S} positions exceed model.max_seq_len={self.cfg.max_seq_len}")
-            position_ids = torch.arange(S, device=input_ids_BS.device).expand(B, S)
+            if self.cfg.max_seq_len < past + S:
+                raise UserError(
+                    f"{past + S} positions exceed model.max_seq_len={self.cfg.max_seq_len}"
+                )
+            position_ids = torch.arange(past, past + S, device=input_ids_BS.device).expand(B, S)
         doc_ids_BS = doc_ids if self.cfg.document_masking else None
         backend = resolve_backend(self.cfg.attention, input_ids_BS.device)
         check_backend(backend, input_ids_BS.device, torch.is_grad_enabled() and self.training)
+        if kv_cache is not None:
+            assert doc_ids_BS is None and not self.training, "a KV cache decodes in eval mode"
+            attn_mask = after_cached(past, S, input_ids_BS.device)
+        else:
+            attn_mask = AttentionMask.build(doc_ids_BS, backend)
         ctx = ForwardContext(
             modality_ids_BS=modality_ids_BS,
             position_ids_BS=position_ids,
             doc_ids_BS=doc_ids_BS,
-            attn_mask=AttentionMask.build(doc_ids_BS, backend),
+            attn_mask=attn_mask,
             valid_BS=token_mask.bool()
             if token_mask is not None
             else torch.ones_like(input_ids_BS, dtype=torch.bool),
             rows=ModalityRows.of(modality_ids_BS, NUM_MODALITIES, bool(self.cfg.untie)),
             backend=backend,
+            kv_cache=kv_cache,
         )
         h_BSd = self.embed(input_ids_BS)
         for layer in self.layers:
             h_BSd = layer(h_BSd, ctx)
+        if kv_cache is not None:
+            kv_cache.length = past + S
         logits_BSV = self.lm_head(self.norm(h_BSd, ctx.rows))
         return ModelOutput(logits_BSV, ctx.aux_losses, ctx.aux_router_losses, ctx.stats)

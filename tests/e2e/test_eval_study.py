@@ -4,6 +4,7 @@ FLOPs across a resume, and scripts/study_moma.py end to end on tiny settings."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -118,8 +119,13 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
     # Run again: every run is found by its overrides and reused, none retrained.
     logs = {p: p.stat().st_mtime for p in (out / "runs").glob("*/train.log")}
     assert len(logs) == 3  # the long dense run, dense and MoMa seed 0
-    # Speed settings (the image cache, the fused AdamW) do not change what a run trains.
+    # Speed settings (the image cache, the fused AdamW) do not change what a run trains; other
+    # sampling settings re-evaluate the finished runs without training them again.
     cmd += ["--override=data.image_cache_size=7", "--override=optim.fused=false"]
+    cmd += ["--override=eval.text_to_image.temperature=0.5"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/train.log")} == logs
+    for log in logs:
+        evals = json.loads((log.parent / "evals.json").read_text())
+        assert evals["multimodal_settings"]["text_to_image"]["temperature"] == 0.5

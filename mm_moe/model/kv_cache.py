@@ -1,0 +1,39 @@
+"""Keys and values of the positions a decoder has already seen, for incremental decoding.
+
+Sampling appends one token per row at a time: with the cache, each forward runs only the new
+positions, their queries attending to the cached keys. Every layer of the decoder is
+position-wise except attention (the MoE layers route each token alone in eval mode: token
+choice, or expert choice through its causal auxiliary routers), so the new positions' outputs
+equal a forward over the whole prefix. Mixture-of-depths is the exception: a layer's keys
+exist only for the tokens its router took, a different set per row, so models with MoD layers
+decode without a cache (`supports_kv_cache`).
+
+Shape legend: B batch, K key/value heads, S sequence, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.length = 0  # positions cached (every layer's the same after a forward)
+
+    def append(
+        self, layer: int, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this forward's keys and values of `layer`; all of the layer's, cached first."""
+        if layer in self.keys:
+            k_BKSD = torch.cat([self.keys[layer], k_BKSD], 2)
+            v_BKSD = torch.cat([self.values[layer], v_BKSD], 2)
+        self.keys[layer], self.values[layer] = k_BKSD, v_BKSD
+        return k_BKSD, v_BKSD
+
+
+def supports_kv_cache(model) -> bool:
+    from mm_moe.model.mod import MoDBlock
+
+    return not any(isinstance(m, MoDBlock) for m in model.modules())

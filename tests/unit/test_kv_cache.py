@@ -1,0 +1,69 @@
+"""Incremental decoding with a KV cache gives the logits of a forward over the whole prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm_moe.model.kv_cache import KVCache, supports_kv_cache
+from mm_moe.sampling import Decoding
+from tests.unit.test_model_variants import VARIANTS
+
+CACHED = sorted(name for name in VARIANTS if "mod" not in name)
+
+
+def _model(name: str, seed: int = 0):
+    cfg, moe = VARIANTS[name]
+    torch.manual_seed(seed)
+    model = cfg.build(moe).eval()
+    with torch.no_grad():  # larger weights than init: routing and attention that differ by row
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_cached_decoding_equals_full_forwards(name):
+    model = _model(name)
+    assert supports_kv_cache(model)
+    g = torch.Generator().manual_seed(1)
+    ids_RS = torch.randint(0, 61, (3, 7), generator=g)
+    mod_RS = (torch.rand(3, 7, generator=g) < 0.5).long()
+    cached, full = Decoding(model, ids_RS, mod_RS), Decoding(model, ids_RS, mod_RS, cache=False)
+    assert cached.cache is not None and full.cache is None
+    with torch.no_grad():
+        for step in range(8):
+            got, want = cached.logits(), full.logits()
+            # fp32 rounding of attention summed in another order, relative to the logits' size
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5 * scale)
+            # One token most steps; three at once (a causal block after the cached keys) once.
+            for _ in range(3 if step == 4 else 1):
+                nxt_R1 = torch.randint(0, 61, (3, 1), generator=g)
+                mod_R1 = (torch.rand(3, 1, generator=g) < 0.5).long()
+                cached.append(nxt_R1, mod_R1)
+                full.append(nxt_R1, mod_R1)
+    assert cached.cache.length == full.ids_RS.shape[1] - 1  # the last token not run yet
+
+
+def test_cached_positions_continue_and_stop_at_max_seq_len():
+    model = _model("dense")
+    cache = KVCache()
+    ids_RS = torch.randint(0, 61, (1, 60))
+    with torch.no_grad():
+        model(ids_RS, kv_cache=cache)
+        assert cache.length == 60 and cache.keys[0].shape[2] == 60
+        model(ids_RS[:, :4], kv_cache=cache)  # positions 60-63: the last ones there are
+        with pytest.raises(ValueError, match="65 positions exceed model.max_seq_len=64"):
+            model(ids_RS[:, :1], kv_cache=cache)
+
+
+def test_mixture_of_depths_decodes_without_a_cache():
+    """A MoD layer's keys exist only for the tokens it took: no cache, same logits."""
+    model = _model("moma_mod")
+    assert not supports_kv_cache(model)
+    ids_RS, mod_RS = torch.randint(0, 61, (2, 9)), torch.zeros(2, 9, dtype=torch.long)
+    decoding = Decoding(model, ids_RS, mod_RS)
+    assert decoding.cache is None
+    with torch.no_grad():
+        torch.testing.assert_close(decoding.logits(), model(ids_RS, mod_RS).logits[:, -1])
