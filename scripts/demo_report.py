@@ -52,6 +52,9 @@ def _args():
     p.add_argument(
         "--temperature", type=float, default=0.0, help="text->image temperature (the run's)"
     )
+    p.add_argument(
+        "--rerank", type=int, default=0, help="text->image best of N (default: the run's)"
+    )
     p.add_argument("--started", type=float, default=0.0, help="epoch seconds make train began")
     p.add_argument(
         "--every-checkpoint",
@@ -94,6 +97,7 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
     )
     guidance = args.guidance or t2i.guidance
     temperature = args.temperature or t2i.temperature
+    rerank = args.rerank or t2i.rerank
     generated = text_to_image_eval(
         model,
         tok,
@@ -104,6 +108,7 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
         temperature,
         t2i.top_k,
         guidance=guidance,
+        rerank=rerank,
     )
     images = [tok.image.decode(c) for c in generated["codes"]]
     columns = [
@@ -117,7 +122,13 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
     return {
         "zero_shot_accuracy": zero_shot["accuracy"],
         "text_to_image_accuracy": generated["accuracy"],
-        "text_to_image_sampling": {"guidance": guidance, "temperature": temperature},
+        "text_to_image_sampling": {
+            "guidance": guidance,
+            "temperature": temperature,
+            "rerank": rerank,
+        },
+        # The first candidate of each caption alone (plain sampling, no reranking).
+        "text_to_image_accuracy_single": generated["accuracy_single"],
         "caption_accuracy": captions["accuracy"],
         "judge_accuracy": judge_acc,
         "captions": captions["captions"],
@@ -199,10 +210,17 @@ def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) ->
         f"of {n['zero_shot']} held-out digits (chance 10%); captions naming the right digit "
         f"{100 * report['caption_accuracy']:.1f}% of {n['captions']}"
     )
+    rerank = report["text_to_image_sampling"]["rerank"]
     print(
         f"text -> image: {100 * report['text_to_image_accuracy']:.1f}% of generated digits "
         f"recognised as the prompted one (the judge: {100 * report['judge_accuracy']:.1f}% on "
         "real held-out digits)"
+        + (
+            f"; each the best of {rerank} by the model's own caption likelihood "
+            f"({100 * report['text_to_image_accuracy_single']:.1f}% for single samples)"
+            if rerank > 1
+            else ""
+        )
     )
     print("\n".join(lines[:5]))
     if report["wall_s"]:

@@ -42,6 +42,10 @@ class TextToImageConfig:
     # Classifier-free guidance scale (1: none): the caption's pull on each code is multiplied
     # by this against the same model with no caption (mm_moe/eval/text_to_image.py).
     guidance: float = 1.0
+    # Best of this many images per caption: the one after which the model itself finds the
+    # caption most likely (its image -> text direction reranks its text -> image samples;
+    # the judge is not asked). 1: every image is a plain sample.
+    rerank: int = 1
     # The judge: a small classifier trained on real labelled images (the zero-shot shards if
     # empty), seen through the image tokenizer (encoded and decoded, like generated images);
     # cached under cache_dir.
@@ -90,10 +94,11 @@ class EvalConfig:
             )
         if zs.num_samples < 1 or zs.batch_images < 1:
             raise UserError("eval.zero_shot.num_samples and batch_images must be >= 1")
-        if t2i.samples_per_label < 1 or t2i.classifier_steps < 1 or t2i.grid_samples < 0:
+        if min(t2i.samples_per_label, t2i.classifier_steps, t2i.rerank) < 1 or t2i.grid_samples < 0:
             raise UserError(
-                "eval.text_to_image.samples_per_label and classifier_steps must be >= 1, "
-                "grid_samples >= 0"
+                "eval.text_to_image.samples_per_label, classifier_steps and rerank must be >= 1, "
+                f"grid_samples >= 0 (got {t2i.samples_per_label}, {t2i.classifier_steps}, "
+                f"{t2i.rerank}, {t2i.grid_samples})"
             )
         if t2i.temperature <= 0 or t2i.top_k < 0 or t2i.guidance < 1:
             raise UserError(

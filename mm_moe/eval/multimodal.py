@@ -42,5 +42,6 @@ def multimodal_evals(
         grid,
         t2i.grid_samples,
         t2i.guidance,
+        t2i.rerank,
     )
     return {"zero_shot": zero_shot, "text_to_image": generated, "judge_accuracy": judge_acc}

@@ -10,7 +10,12 @@ code is drawn from log p(x | caption) + (g - 1) (log p(x | caption) - log p(x)),
 unconditional p(x) being the same model on [bos, boi] + the codes so far (an image with no
 caption before it, what every image-first pair trains). g = 1 is plain sampling.
 
-Shape legend: R rows (prompts), S positions, V vocabulary.
+Reranking (`rerank` N > 1): N images per caption, of which the one after which the model finds
+the caption most likely ([bos, boi, codes, eoi, caption], the image -> text direction) is kept,
+as DALL-E reranked its samples with CLIP; here the model reranks its own, and the judge only
+scores the kept ones.
+
+Shape legend: R rows (prompts), S positions, V vocabulary, K candidates per prompt, P prompts.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mm_moe.eval.zero_shot import caption_logprobs_batched, codes_prefix
 from mm_moe.sampling import Decoding, allowed_masks, modality_of
 
 
@@ -123,14 +129,35 @@ def text_to_image_eval(
     grid_path: Path | None = None,
     grid_samples: int = 3,
     guidance: float = 1.0,
+    rerank: int = 1,
 ) -> dict:
-    """Generate `samples_per_label` images per class and score them with the judge."""
-    prompts, intended = [], []
+    """Generate `samples_per_label` images per class (each the best of `rerank` by the model's
+    own caption likelihood) and score them with the judge. `accuracy_single` scores the first
+    candidate of each caption alone: plain sampling."""
+    prompts, intended, captions = [], [], []
     for c, label in enumerate(labels):
+        caption = tok.text.encode(template.format(label=label))
         for _ in range(samples_per_label):
-            prompts.append(caption_prompt(tok, template.format(label=label)))
+            prompts.append([tok.vocab.bos, *caption, tok.vocab.boi])
+            captions.append(caption)
             intended.append(c)
-    codes = sample_image_codes(model, tok, prompts, temperature, top_k, seed, guidance)
+    # Candidate k of prompt i is row k * P + i: one batch, one generator.
+    candidates = sample_image_codes(
+        model, tok, prompts * rerank, temperature, top_k, seed, guidance
+    )
+    P = len(prompts)
+    codes = candidates[:P]
+    if rerank > 1:
+        scores_KP = torch.tensor(
+            caption_logprobs_batched(
+                model,
+                tok.vocab,
+                [codes_prefix(tok.vocab, c) for c in candidates],
+                captions * rerank,
+            )
+        ).view(rerank, P)
+        best_P = scores_KP.argmax(0).tolist()
+        codes = [candidates[k * P + i] for i, k in enumerate(best_P)]
     images = [tok.image.decode(c) for c in codes]
     predicted = judge.predict(images)
     correct = sum(int(p == t) for p, t in zip(predicted, intended))
@@ -139,10 +166,16 @@ def text_to_image_eval(
         "num_images": len(images),
         "chance": 1 / len(labels),
         "guidance": guidance,
+        "rerank": rerank,
         "predicted": predicted,
         "intended": intended,
         "codes": codes,
     }
+    if rerank > 1:
+        single = judge.predict([tok.image.decode(c) for c in candidates[:P]])
+        result["accuracy_single"] = sum(int(p == t) for p, t in zip(single, intended)) / P
+    else:
+        result["accuracy_single"] = result["accuracy"]
     if grid_path is not None and grid_samples:
         columns = [
             [im for im, t in zip(images, intended) if t == c][:grid_samples]

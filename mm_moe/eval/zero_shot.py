@@ -18,9 +18,13 @@ from mm_moe.sampling import modality_of
 
 def image_prefix(tok, image: Image.Image) -> list[int]:
     """[bos, boi, codes..., eoi]: an image alone, as the start of a caption pair."""
-    vocab = tok.vocab
-    codes = tok.image.encode(image)
-    return [vocab.bos, vocab.boi, *vocab.image_token_ids(codes).tolist(), vocab.eoi]
+    return codes_prefix(tok.vocab, tok.image.encode(image))
+
+
+def codes_prefix(vocab, codes) -> list[int]:
+    """image_prefix of an image given by its codes (in [0, codebook))."""
+    ids = vocab.image_token_ids(torch.as_tensor(codes)).tolist()
+    return [vocab.bos, vocab.boi, *ids, vocab.eoi]
 
 
 def caption_ids(tok, labels: list[str], templates: list[str]) -> list[list[list[int]]]:
@@ -45,6 +49,17 @@ def caption_logprobs(model, vocab, prefixes: list[list[int]], captions: list[lis
         pos = torch.arange(len(p) - 1, len(p) - 1 + len(c), device=device)
         out.append(float(logp_RSV[r, pos, torch.tensor(c, device=device)].sum()))
     return out
+
+
+def caption_logprobs_batched(
+    model, vocab, prefixes: list[list[int]], captions: list[list[int]], rows: int = 100
+) -> list[float]:
+    """caption_logprobs over `rows` rows per forward."""
+    return [
+        score
+        for i in range(0, len(prefixes), rows)
+        for score in caption_logprobs(model, vocab, prefixes[i : i + rows], captions[i : i + rows])
+    ]
 
 
 def zero_shot_classify(
