@@ -89,6 +89,8 @@ def test_eval_config_errors():
         EvalConfig(zero_shot=replace(EvalConfig().zero_shot, templates=["a digit"]))
     with pytest.raises(ValueError, match="eval.interval"):
         EvalConfig(interval=-1)
+    with pytest.raises(ValueError, match="rerank must be >= 1"):
+        EvalConfig(text_to_image=replace(EvalConfig().text_to_image, rerank=0))
     bad = {
         "data": {"source": "webdataset", "sources": [{"urls": "x", "format": "pairs"}]},
         "eval": {"interval": 5},
@@ -228,3 +230,46 @@ def test_guided_image_sampling_equals_a_naive_loop(demo_assets):
         assert codes == vocab.image_codes(want).tolist()
         assert plain_codes == vocab.image_codes(want_plain).tolist()
     assert got != plain
+
+
+def test_reranking_keeps_the_candidate_whose_caption_the_model_finds_most_likely(demo_assets):
+    """rerank=K: the kept image of each caption is, among the K candidates sampled for it, the
+    one after which a naive forward gives the caption the highest log-likelihood; the first
+    candidates alone are the plain samples (accuracy_single)."""
+    from mm_moe.eval.text_to_image import sample_image_codes, text_to_image_eval
+
+    tok_dir, _ = demo_assets
+    tok = TokenizerConfig(text="sentencepiece", image="vq", path=str(tok_dir)).build()
+    torch.manual_seed(0)
+    model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
+    model.eval()
+    vocab, K = tok.vocab, 3
+
+    class Judge:  # reads every image as class 0
+        def predict(self, images):
+            return [0] * len(images)
+
+    labels, template = ["3", "7"], "a handwritten digit {label}"
+    r = text_to_image_eval(model, tok, Judge(), labels, template, 2, 1.0, 0, 5, None, 0, 2.0, K)
+    prompts = [
+        [vocab.bos, *tok.text.encode(template.format(label=lb)), vocab.boi]
+        for lb in labels
+        for _ in range(2)
+    ]
+    candidates = sample_image_codes(model, tok, prompts * K, 1.0, 0, 5, 2.0)
+    P = len(prompts)
+
+    def caption_logprob(codes, caption):
+        ids = [vocab.bos, vocab.boi, *vocab.image_token_ids(torch.tensor(codes)).tolist()]
+        ids += [vocab.eoi, *caption]
+        mod = torch.tensor([vocab.modality_of(ids).tolist()])
+        logp = torch.log_softmax(model(torch.tensor([ids]), mod).logits[0].float(), -1)
+        start = len(ids) - len(caption)
+        return sum(float(logp[start - 1 + j, t]) for j, t in enumerate(caption))
+
+    for i, prompt in enumerate(prompts):
+        caption = prompt[1:-1]
+        scores = [caption_logprob(candidates[k * P + i], caption) for k in range(K)]
+        assert r["codes"][i] == candidates[max(range(K), key=scores.__getitem__)]
+    assert len({tuple(c) for c in candidates}) > P  # the candidates differ
+    assert r["accuracy"] == r["accuracy_single"] == 0.5 and r["rerank"] == K
