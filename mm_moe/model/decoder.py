@@ -129,6 +129,8 @@ class EarlyFusionDecoder(nn.Module):
         check_backend(backend, input_ids_BS.device, torch.is_grad_enabled() and self.training)
         if kv_cache is not None:
             assert doc_ids_BS is None and not self.training, "a KV cache decodes in eval mode"
+            if self.cfg.mod.layers:  # see kv_cache.py
+                raise UserError("models with mixture-of-depths layers decode without a KV cache")
             attn_mask = after_cached(past, S, input_ids_BS.device)
         else:
             attn_mask = AttentionMask.build(doc_ids_BS, backend)

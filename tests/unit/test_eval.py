@@ -200,11 +200,7 @@ def test_guided_image_sampling_equals_a_naive_loop(demo_assets):
     row; guidance 1 is plain sampling, and guidance changes the images."""
     from mm_moe.eval.text_to_image import caption_prompt, sample_image_codes
 
-    tok_dir, _ = demo_assets
-    tok = TokenizerConfig(text="sentencepiece", image="vq", path=str(tok_dir)).build()
-    torch.manual_seed(0)
-    model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
-    model.eval()
+    tok, model = _tiny_mixed_moe(demo_assets)
     vocab, g = tok.vocab, 3.0
     prompts = [caption_prompt(tok, "a handwritten digit 3"), caption_prompt(tok, "7")]
     got = sample_image_codes(model, tok, prompts, 1.0, 1, 0, guidance=g)
@@ -238,11 +234,10 @@ def test_reranking_keeps_the_candidate_whose_caption_the_model_finds_most_likely
     candidates alone are the plain samples (accuracy_single)."""
     from mm_moe.eval.text_to_image import sample_image_codes, text_to_image_eval
 
-    tok_dir, _ = demo_assets
-    tok = TokenizerConfig(text="sentencepiece", image="vq", path=str(tok_dir)).build()
-    torch.manual_seed(0)
-    model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
-    model.eval()
+    tok, model = _tiny_mixed_moe(demo_assets)
+    with torch.no_grad():  # larger weights: captions whose likelihood depends on the image
+        for p in model.parameters():
+            p.mul_(4.0)
     vocab, K = tok.vocab, 3
 
     class Judge:  # reads every image as class 0
@@ -270,6 +265,17 @@ def test_reranking_keeps_the_candidate_whose_caption_the_model_finds_most_likely
     for i, prompt in enumerate(prompts):
         caption = prompt[1:-1]
         scores = [caption_logprob(candidates[k * P + i], caption) for k in range(K)]
-        assert r["codes"][i] == candidates[max(range(K), key=scores.__getitem__)]
+        kept = scores[[candidates[k * P + i] for k in range(K)].index(r["codes"][i])]
+        assert max(scores) - min(scores) > 0.05  # the choice matters
+        assert kept == pytest.approx(max(scores), abs=1e-4)  # batched vs one row: rounding
     assert len({tuple(c) for c in candidates}) > P  # the candidates differ
     assert r["accuracy"] == r["accuracy_single"] == 0.5 and r["rerank"] == K
+
+
+def _tiny_mixed_moe(demo_assets):
+    """The demo tokenizers and an untrained tiny model with 2 mixed experts, in eval mode."""
+    tok_dir, _ = demo_assets
+    tok = TokenizerConfig(text="sentencepiece", image="vq", path=str(tok_dir)).build()
+    torch.manual_seed(0)
+    model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
+    return tok, model.eval()

@@ -65,5 +65,7 @@ def test_mixture_of_depths_decodes_without_a_cache():
     ids_RS, mod_RS = torch.randint(0, 61, (2, 9)), torch.zeros(2, 9, dtype=torch.long)
     decoding = Decoding(model, ids_RS, mod_RS)
     assert decoding.cache is None
+    with pytest.raises(ValueError, match="mixture-of-depths"):
+        model(ids_RS, mod_RS, kv_cache=KVCache())
     with torch.no_grad():
         torch.testing.assert_close(decoding.logits(), model(ids_RS, mod_RS).logits[:, -1])
