@@ -116,6 +116,18 @@ def save_grid(
     grid.save(path)
 
 
+def _rerank(model, vocab, candidates: list[list[int]], captions: list[list[int]], K: int):
+    """Of candidates k * P + i (k < K), the one after which the model finds caption i most
+    likely, for each of the P captions."""
+    P = len(captions)
+    scores_KP = torch.tensor(
+        caption_logprobs_batched(
+            model, vocab, [codes_prefix(vocab, c) for c in candidates], captions * K
+        )
+    ).view(K, P)
+    return [candidates[k * P + i] for i, k in enumerate(scores_KP.argmax(0).tolist())]
+
+
 def text_to_image_eval(
     model,
     tok,
@@ -146,18 +158,7 @@ def text_to_image_eval(
         model, tok, prompts * rerank, temperature, top_k, seed, guidance
     )
     P = len(prompts)
-    codes = candidates[:P]
-    if rerank > 1:
-        scores_KP = torch.tensor(
-            caption_logprobs_batched(
-                model,
-                tok.vocab,
-                [codes_prefix(tok.vocab, c) for c in candidates],
-                captions * rerank,
-            )
-        ).view(rerank, P)
-        best_P = scores_KP.argmax(0).tolist()
-        codes = [candidates[k * P + i] for i, k in enumerate(best_P)]
+    codes = _rerank(model, tok.vocab, candidates, captions, rerank) if rerank > 1 else candidates
     images = [tok.image.decode(c) for c in codes]
     predicted = judge.predict(images)
     correct = sum(int(p == t) for p, t in zip(predicted, intended))
