@@ -33,24 +33,25 @@ $(STAMP): pyproject.toml Makefile
 	    $(PYTHON) -m venv $(VENV); \
 	  fi; \
 	fi
-	$(PIP) install -q --upgrade pip setuptools wheel
 	@# --no-compile: pip's byte-compiling of every file of every package took a minute of the
 	@# demo's ten. `make train` compiles what it imports beside the corpus build, `make setup`
-	@# everything on all cores (DEV_STAMP).
+	@# everything on all cores (DEV_STAMP). Two pip runs, not four: each run resolves again.
 	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
 	  echo "[setup] leaving existing torch $$($(PY) -c 'import torch; print(torch.__version__)') alone"; \
+	  torch=""; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  echo "[setup] GPU found: installing the default (CUDA) torch"; $(PIP) install -q --no-compile torch; \
+	  echo "[setup] GPU found: installing the default (CUDA) torch"; torch=torch; \
 	else \
-	  echo "[setup] no GPU and no torch: installing the CPU wheel $(TORCH_CPU)"; $(PIP) install -q --no-compile $(TORCH_CPU); \
-	fi
-	@# DeepSpeed ships only an sdist whose build imports torch: build it against ours.
-	$(PIP) install -q --no-compile --no-build-isolation "deepspeed>=0.18,<0.20"
-	$(PIP) install -q --no-compile -e ".[demo]"
+	  echo "[setup] no GPU and no torch: installing the CPU wheel $(TORCH_CPU)"; torch="$(TORCH_CPU)"; \
+	fi; \
+	$(PIP) install -q --no-compile --upgrade pip setuptools wheel $$torch
+	@# DeepSpeed ships only an sdist whose build imports torch: built against ours (no build
+	@# isolation, which also spares the project's own build an environment of its own).
+	$(PIP) install -q --no-compile --no-build-isolation "deepspeed>=0.18,<0.20" -e ".[demo]"
 	@touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(PIP) install -q --no-compile -e ".[dev,demo]"
+	$(PIP) install -q --no-compile --no-build-isolation -e ".[dev,demo]"
 	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null || true
 	@touch $(DEV_STAMP)
 
@@ -69,11 +70,13 @@ $(DEMO_CORPUS): | $(STAMP)
 	status=$$?; wait; exit $$status
 
 $(DEMO_TOKENIZERS): $(DEMO_CORPUS)
+	@# Side by side (they write different files): sentencepiece's seconds hide in the VQ-VAE's.
 	$(PY) -m mm_moe.tokenization.train_text \
 	  "sources=[data/demo/text,data/demo/pairs,data/demo/interleaved]" \
-	  output=tokenizers/demo vocab_size=2048
+	  output=tokenizers/demo vocab_size=2048 & text=$$!; \
 	$(PY) -m mm_moe.tokenization.train_image "sources=[data/demo/pairs]" \
-	  "heldout=[data/demo/heldout]" output=tokenizers/demo
+	  "heldout=[data/demo/heldout]" output=tokenizers/demo; \
+	status=$$?; wait $$text && exit $$status
 
 demo-assets: $(DEMO_TOKENIZERS)
 

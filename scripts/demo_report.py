@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import mm_moe
 
@@ -34,6 +36,7 @@ from mm_moe.eval.labelled import labelled_images  # noqa: E402
 from mm_moe.eval.routing_plot import unprocessed_heatmap  # noqa: E402
 from mm_moe.eval.text_to_image import save_grid, text_to_image_eval  # noqa: E402
 from mm_moe.eval.zero_shot import zero_shot_classify  # noqa: E402
+from mm_moe.tokenization.interface import decode_images  # noqa: E402
 
 KEYS = ("zero_shot_accuracy", "text_to_image_accuracy", "caption_accuracy", "judge_accuracy")
 
@@ -86,15 +89,40 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _judge_beside(tok, cfg, args, classes: int):
+    """Trains and caches the judge in a forked process, on the other core, while this one runs
+    the model's image->text evaluations. Returns a function that waits for it and loads it (or
+    trains it here, should the process have failed)."""
+    t2i = cfg.eval.text_to_image
+    judge_args = (tok, cfg.tokenizer, args.heldout, classes, t2i.classifier_steps, t2i.cache_dir)
+
+    def train_and_cache() -> None:
+        torch.set_num_threads(1)
+        load_or_train_judge(*judge_args)
+
+    process = multiprocessing.get_context("fork").Process(target=train_and_cache, daemon=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    process.start()
+
+    def wait():
+        process.join()
+        torch.set_num_threads(threads)
+        return load_or_train_judge(*judge_args)
+
+    return wait
+
+
 def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
     zs, t2i = cfg.eval.zero_shot, cfg.eval.text_to_image
     digits = zs.labels
+    wait_for_judge = _judge_beside(tok, cfg, args, len(digits))
     zero_shot = zero_shot_classify(
         model, tok, heldout[: args.zero_shot], digits, zs.templates, zs.batch_images
     )
-    judge, judge_acc = load_or_train_judge(
-        tok, cfg.tokenizer, args.heldout, len(digits), t2i.classifier_steps, t2i.cache_dir
-    )
+    names = [[d, WORDS[int(d)]] if d.isdigit() and int(d) < 10 else [d] for d in digits]
+    captions = caption_accuracy(model, tok, heldout[: args.captions], names)
+    judge, judge_acc = wait_for_judge()
     guidance = args.guidance or t2i.guidance
     temperature = args.temperature or t2i.temperature
     rerank = args.rerank or t2i.rerank
@@ -110,15 +138,13 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
         guidance=guidance,
         rerank=rerank,
     )
-    images = [tok.image.decode(c) for c in generated["codes"]]
+    images = decode_images(tok.image, generated["codes"])
     columns = [
         [im for im, t in zip(images, generated["intended"]) if t == d][: args.grid]
         for d in range(len(digits))
     ]
     if out is not None:
         save_grid(columns, out / "digits.png", labels=digits)
-    names = [[d, WORDS[int(d)]] if d.isdigit() and int(d) < 10 else [d] for d in digits]
-    captions = caption_accuracy(model, tok, heldout[: args.captions], names)
     return {
         "zero_shot_accuracy": zero_shot["accuracy"],
         "text_to_image_accuracy": generated["accuracy"],

@@ -15,7 +15,7 @@ import re
 import torch
 from PIL import Image
 
-from mm_moe.eval.zero_shot import image_prefix
+from mm_moe.eval.zero_shot import image_prefixes
 from mm_moe.sampling import Decoding, allowed_masks, modality_of
 
 
@@ -35,7 +35,7 @@ def sample_captions(
     text_ok_V, _ = allowed_masks(vocab, device)
     text_ok_V = text_ok_V.clone()
     text_ok_V[vocab.boi] = False  # a caption, not an image
-    prompts = [image_prefix(tok, image) for image in images]
+    prompts = image_prefixes(tok, images)
     ids_RS = torch.tensor(prompts, device=device)
     mod_RS = torch.tensor([modality_of(p, vocab) for p in prompts], device=device)
     decoding = Decoding(model, ids_RS, mod_RS, cache)

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mm_moe.tokenization.interface import decode_images, encode_images
+
 
 def _pixels(images: list[Image.Image]) -> torch.Tensor:
     """[N, 3, H, W] floats in [0, 1]."""
@@ -30,15 +32,7 @@ def _pixels(images: list[Image.Image]) -> torch.Tensor:
 
 def reconstruct(tok, images: list[Image.Image]) -> list[Image.Image]:
     """The images as the image tokenizer gives them back (encode, then decode)."""
-    if hasattr(tok.image, "encode_batch"):
-        codes = [
-            c
-            for i in range(0, len(images), 256)
-            for c in tok.image.encode_batch(images[i : i + 256])
-        ]
-    else:
-        codes = [tok.image.encode(im) for im in images]
-    return [tok.image.decode(c) for c in codes]
+    return decode_images(tok.image, encode_images(tok.image, images))
 
 
 class Judge(nn.Module):

@@ -27,6 +27,7 @@ from PIL import Image
 
 from mm_moe.eval.zero_shot import caption_logprobs_batched, codes_prefix
 from mm_moe.sampling import Decoding, allowed_masks, modality_of
+from mm_moe.tokenization.interface import decode_images
 
 
 @torch.no_grad()
@@ -159,7 +160,7 @@ def text_to_image_eval(
     )
     P = len(prompts)
     codes = _rerank(model, tok.vocab, candidates, captions, rerank) if rerank > 1 else candidates
-    images = [tok.image.decode(c) for c in codes]
+    images = decode_images(tok.image, codes)
     predicted = judge.predict(images)
     correct = sum(int(p == t) for p, t in zip(predicted, intended))
     result = {
@@ -173,7 +174,7 @@ def text_to_image_eval(
         "codes": codes,
     }
     if rerank > 1:
-        single = judge.predict([tok.image.decode(c) for c in candidates[:P]])
+        single = judge.predict(decode_images(tok.image, candidates[:P]))
         result["accuracy_single"] = sum(int(p == t) for p, t in zip(single, intended)) / P
     else:
         result["accuracy_single"] = result["accuracy"]

@@ -1,10 +1,12 @@
 """Zero-shot image->text classification: for each held-out image, the class whose caption the
 model finds most likely after the image (mean log-likelihood over the caption templates).
 
-The model runs in eval mode (causal routing), so rows of a batch do not interact and one
-forward scores every class and template of several images at once.
+The model runs in eval mode (causal routing), so rows of a batch do not interact. Each image
+runs once: its keys and values are cached (model/kv_cache.py) and every class and template's
+caption continues from them, instead of a forward over image and caption per caption.
 
-Shape legend: R rows (images x classes x templates), S positions.
+Shape legend: P prefixes (images), N captions (classes x templates), R rows, S positions,
+L caption positions, V vocabulary.
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mm_moe.model.kv_cache import KVCache, supports_kv_cache
 from mm_moe.sampling import modality_of
+from mm_moe.tokenization.interface import encode_images
 
 
 def image_prefix(tok, image: Image.Image) -> list[int]:
     """[bos, boi, codes..., eoi]: an image alone, as the start of a caption pair."""
     return codes_prefix(tok.vocab, tok.image.encode(image))
+
+
+def image_prefixes(tok, images: list[Image.Image]) -> list[list[int]]:
+    """image_prefix of each image (encoded in batches)."""
+    return [codes_prefix(tok.vocab, codes) for codes in encode_images(tok.image, images)]
 
 
 def codes_prefix(vocab, codes) -> list[int]:
@@ -62,6 +71,48 @@ def caption_logprobs_batched(
     ]
 
 
+@torch.no_grad()
+def captions_after_prefixes(
+    model, vocab, prefixes: list[list[int]], captions: list[list[int]], batch: int = 8
+) -> np.ndarray:
+    """[P, N] summed log-probability of every caption after every prefix. Prefixes of one
+    length run once each, cached (`batch` of them per forward); otherwise (or for a model
+    without a KV cache) every (prefix, caption) row runs whole."""
+    P, N = len(prefixes), len(captions)
+    if not supports_kv_cache(model) or len({len(p) for p in prefixes}) > 1:
+        rows_p = [p for p in prefixes for _ in range(N)]
+        scores = caption_logprobs_batched(model, vocab, rows_p, captions * P, batch * N)
+        return np.array(scores).reshape(P, N)
+    return np.concatenate(
+        [
+            _cached_captions(model, vocab, prefixes[i : i + batch], captions)
+            for i in range(0, P, batch)
+        ]
+    )
+
+
+def _cached_captions(model, vocab, prefixes: list[list[int]], captions: list[list[int]]):
+    device = next(model.parameters()).device
+    N, S, L = len(captions), len(prefixes[0]), max(len(c) for c in captions)
+    cache = KVCache()
+    mod_PS = torch.tensor([modality_of(p, vocab) for p in prefixes])
+    last_PV = model(torch.tensor(prefixes).to(device), mod_PS.to(device), kv_cache=cache).logits[
+        :, -1
+    ]
+    cache.repeat_rows(N)  # row p * N + n: caption n after prefix p
+    ids_RL = torch.full((len(prefixes) * N, L), vocab.pad, dtype=torch.long)
+    mod_RL = torch.zeros_like(ids_RL)
+    for r, (p, c) in enumerate((p, c) for p in prefixes for c in captions):
+        ids_RL[r, : len(c)] = torch.tensor(c)
+        mod_RL[r, : len(c)] = torch.tensor(modality_of(p + c, vocab)[S:])
+    rest_RLV = model(ids_RL.to(device), mod_RL.to(device), kv_cache=cache).logits
+    # The prefix's last position predicts a caption's first token, its own positions the rest.
+    logits_RLV = torch.cat([last_PV.repeat_interleave(N, 0)[:, None], rest_RLV[:, :-1]], 1)
+    logp_RL = logits_RLV.float().log_softmax(-1).gather(2, ids_RL.to(device)[..., None])[..., 0]
+    valid_RL = torch.arange(L) < torch.tensor([len(c) for c in captions] * len(prefixes))[:, None]
+    return (logp_RL.cpu().double() * valid_RL).sum(1).view(len(prefixes), N).numpy()
+
+
 def zero_shot_classify(
     model,
     tok,
@@ -74,19 +125,12 @@ def zero_shot_classify(
     model.eval()
     captions = caption_ids(tok, labels, templates)
     C, T = len(labels), len(templates)
-    predictions = []
-    for start in range(0, len(images), batch_images):
-        chunk = images[start : start + batch_images]
-        prefixes = [image_prefix(tok, image) for image, _ in chunk]
-        rows_p, rows_c = [], []
-        for p in prefixes:
-            for c in range(C):
-                for t in range(T):
-                    rows_p.append(p)
-                    rows_c.append(captions[c][t])
-        scores = np.array(caption_logprobs(model, tok.vocab, rows_p, rows_c))
-        scores_ICT = scores.reshape(len(chunk), C, T)
-        predictions.extend(scores_ICT.mean(2).argmax(1).tolist())
+    prefixes = image_prefixes(tok, [image for image, _ in images])
+    flat = [captions[c][t] for c in range(C) for t in range(T)]
+    scores_ICT = captions_after_prefixes(model, tok.vocab, prefixes, flat, batch_images).reshape(
+        len(images), C, T
+    )
+    predictions = scores_ICT.mean(2).argmax(1).tolist() if images else []
     truth = [label for _, label in images]
     correct = sum(int(p == t) for p, t in zip(predictions, truth))
     return {

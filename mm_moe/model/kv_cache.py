@@ -32,6 +32,12 @@ class KVCache:
         self.keys[layer], self.values[layer] = k_BKSD, v_BKSD
         return k_BKSD, v_BKSD
 
+    def repeat_rows(self, n: int) -> None:
+        """Row b becomes rows b * n .. b * n + n - 1: n continuations of each cached prefix."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer].repeat_interleave(n, 0)
+            self.values[layer] = self.values[layer].repeat_interleave(n, 0)
+
 
 def supports_kv_cache(model) -> bool:
     from mm_moe.model.mod import MoDBlock

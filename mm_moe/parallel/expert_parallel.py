@@ -90,8 +90,9 @@ class ExpertParallel:
 def init_expert_parallel(parallel: ParallelConfig) -> ExpertParallel:
     """Collective: megatron-core parallel_state groups, and DeepSpeed's groups of the same
     rank sets. Call after the default process group exists, on every rank."""
-    from megatron.core import parallel_state as mpu
+    from mm_moe.parallel.megatron_state import parallel_state
 
+    mpu = parallel_state()
     ep = parallel.expert_parallel_size
     if dist.get_world_size() % ep:
         raise UserError(

@@ -43,6 +43,29 @@ class ImageTokenizer(Protocol):
     def decode(self, codes: np.ndarray) -> Image.Image: ...
 
 
+def encode_images(image_tok: ImageTokenizer, images: list, batch: int = 256) -> list[np.ndarray]:
+    """`encode` of each image; in batches where the tokenizer has `encode_batch` (a forward per
+    image costs many times its share of a batched one)."""
+    if not hasattr(image_tok, "encode_batch"):
+        return [image_tok.encode(im) for im in images]
+    return [
+        c
+        for i in range(0, len(images), batch)
+        for c in image_tok.encode_batch(images[i : i + batch])
+    ]
+
+
+def decode_images(image_tok: ImageTokenizer, codes: list, batch: int = 256) -> list:
+    """`decode` of each code sequence; batched like `encode_images`."""
+    if not hasattr(image_tok, "decode_batch"):
+        return [image_tok.decode(c) for c in codes]
+    return [
+        im
+        for i in range(0, len(codes), batch)
+        for im in image_tok.decode_batch(codes[i : i + batch])
+    ]
+
+
 @dataclass(frozen=True)
 class Tokenizers:
     """Both tokenizers and the unified vocabulary they define, built together so they agree."""

@@ -70,7 +70,11 @@ class VQImageTokenizer:
         return self.model.encode(x).numpy()
 
     def decode(self, codes: np.ndarray) -> Image.Image:
-        codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.long).view(1, -1)
-        if codes_t.shape[1] != self.tokens_per_image:
-            raise UserError(f"expected {self.tokens_per_image} codes, got {codes_t.shape[1]}")
-        return tensor_to_image(self.model.decode(codes_t)[0])
+        return self.decode_batch([codes])[0]
+
+    def decode_batch(self, codes: list[np.ndarray]) -> list[Image.Image]:
+        lengths = {int(np.asarray(c).size) for c in codes}
+        if lengths != {self.tokens_per_image}:
+            raise UserError(f"expected {self.tokens_per_image} codes per image, got {lengths}")
+        codes_BT = torch.as_tensor(np.stack([np.asarray(c).reshape(-1) for c in codes]))
+        return [tensor_to_image(x_CHW) for x_CHW in self.model.decode(codes_BT.long())]
