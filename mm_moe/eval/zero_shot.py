@@ -79,6 +79,8 @@ def captions_after_prefixes(
     length run once each, cached (`batch` of them per forward); otherwise (or for a model
     without a KV cache) every (prefix, caption) row runs whole."""
     P, N = len(prefixes), len(captions)
+    if P == 0:
+        return np.zeros((0, N))
     if not supports_kv_cache(model) or len({len(p) for p in prefixes}) > 1:
         rows_p = [p for p in prefixes for _ in range(N)]
         scores = caption_logprobs_batched(model, vocab, rows_p, captions * P, batch * N)
@@ -95,10 +97,9 @@ def _cached_captions(model, vocab, prefixes: list[list[int]], captions: list[lis
     device = next(model.parameters()).device
     N, S, L = len(captions), len(prefixes[0]), max(len(c) for c in captions)
     cache = KVCache()
-    mod_PS = torch.tensor([modality_of(p, vocab) for p in prefixes])
-    last_PV = model(torch.tensor(prefixes).to(device), mod_PS.to(device), kv_cache=cache).logits[
-        :, -1
-    ]
+    ids_PS = torch.tensor(prefixes, device=device)
+    mod_PS = torch.tensor([modality_of(p, vocab) for p in prefixes], device=device)
+    last_PV = model(ids_PS, mod_PS, kv_cache=cache).logits[:, -1]
     cache.repeat_rows(N)  # row p * N + n: caption n after prefix p
     ids_RL = torch.full((len(prefixes) * N, L), vocab.pad, dtype=torch.long)
     mod_RL = torch.zeros_like(ids_RL)
@@ -130,7 +131,7 @@ def zero_shot_classify(
     scores_ICT = captions_after_prefixes(model, tok.vocab, prefixes, flat, batch_images).reshape(
         len(images), C, T
     )
-    predictions = scores_ICT.mean(2).argmax(1).tolist() if images else []
+    predictions = scores_ICT.mean(2).argmax(1).tolist()
     truth = [label for _, label in images]
     correct = sum(int(p == t) for p, t in zip(predictions, truth))
     return {

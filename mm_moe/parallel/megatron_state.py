@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 import sys
 from types import ModuleType
 
 from mm_moe.errors import UserError
-
-log = logging.getLogger("mm_moe")
 
 
 def parallel_state() -> ModuleType:
