@@ -34,9 +34,8 @@ from mm_moe.eval.captioning import caption_accuracy  # noqa: E402
 from mm_moe.eval.judge import load_or_train_judge  # noqa: E402
 from mm_moe.eval.labelled import labelled_images  # noqa: E402
 from mm_moe.eval.routing_plot import unprocessed_heatmap  # noqa: E402
-from mm_moe.eval.text_to_image import save_grid, text_to_image_eval  # noqa: E402
+from mm_moe.eval.text_to_image import text_to_image_eval  # noqa: E402
 from mm_moe.eval.zero_shot import zero_shot_classify  # noqa: E402
-from mm_moe.tokenization.interface import decode_images  # noqa: E402
 
 KEYS = ("zero_shot_accuracy", "text_to_image_accuracy", "caption_accuracy", "judge_accuracy")
 
@@ -135,16 +134,11 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
         args.per_digit,
         temperature,
         t2i.top_k,
+        grid_path=out / "digits.png" if out is not None else None,
+        grid_samples=args.grid,
         guidance=guidance,
         rerank=rerank,
     )
-    images = decode_images(tok.image, generated["codes"])
-    columns = [
-        [im for im, t in zip(images, generated["intended"]) if t == d][: args.grid]
-        for d in range(len(digits))
-    ]
-    if out is not None:
-        save_grid(columns, out / "digits.png", labels=digits)
     return {
         "zero_shot_accuracy": zero_shot["accuracy"],
         "text_to_image_accuracy": generated["accuracy"],

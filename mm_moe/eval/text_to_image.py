@@ -183,6 +183,6 @@ def text_to_image_eval(
             [im for im, t in zip(images, intended) if t == c][:grid_samples]
             for c in range(len(labels))
         ]
-        save_grid(columns, Path(grid_path))
+        save_grid(columns, Path(grid_path), labels=labels)
         result["grid"] = str(grid_path)
     return result
