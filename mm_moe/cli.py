@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mm_moe.config.overrides import check_overrides
+from mm_moe.config.overlay import check_config_dir
+from mm_moe.config.overrides import check_overrides, check_syntax, command_line
 from mm_moe.config.schema import GROUPS, TrainConfig
 from mm_moe.config.validate import ConfigError, from_dict, type_name
 from mm_moe.errors import UserError
@@ -44,14 +45,25 @@ CONFIG_DIR = _config_dir()
 
 
 # ---- failures ----
+def _is_hydra_user_error(exc: BaseException) -> bool:
+    """Hydra's own errors (a missing config group option, a bad --config-dir, a composition
+    error) are the user's mistakes."""
+    if "hydra" not in sys.modules:
+        return False
+    from hydra.errors import HydraException
+
+    return isinstance(exc, HydraException)
+
+
 def failure(prog: str, exc: BaseException) -> int:
-    """Print why `prog` stopped and return its exit status: 2 for a UserError (configuration
-    or input: the message alone), 1 for anything else (with its traceback, unless the
-    exception's own message says it all: `brief = True`). Secrets are masked."""
+    """Print why `prog` stopped and return its exit status: 2 for a UserError or a Hydra
+    error (configuration or input: the message alone), 1 for anything else (with its
+    traceback, unless the exception's own message says it all: `brief = True`). Secrets are
+    masked."""
     from mm_moe.utils.scrub import scrub_text
 
-    if isinstance(exc, UserError):
-        text, code = str(exc), 2
+    if isinstance(exc, UserError) or _is_hydra_user_error(exc):
+        text, code = str(exc).strip(), 2
     elif getattr(exc, "brief", False):
         text, code = f"{exc.__class__.__name__}: {exc}", 1
     else:
@@ -60,10 +72,19 @@ def failure(prog: str, exc: BaseException) -> int:
     return code
 
 
+def _scrubbing_excepthook(exc_type, exc, tb) -> None:
+    """What escapes every handler (MM_MOE_TRACEBACK=1 included) prints with secrets masked."""
+    from mm_moe.utils.scrub import scrub_text
+
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    sys.stderr.write(scrub_text(text))
+
+
 @contextlib.contextmanager
 def exits_on_failure(prog: str) -> Iterator[None]:
     """Run the body; an exception ends the process with `failure`'s status
-    (MM_MOE_TRACEBACK=1 lets it propagate, for debugging)."""
+    (MM_MOE_TRACEBACK=1 lets it propagate, for debugging; still printed with secrets masked)."""
+    sys.excepthook = _scrubbing_excepthook
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - reported by failure(), secrets masked
@@ -72,8 +93,28 @@ def exits_on_failure(prog: str) -> Iterator[None]:
         sys.exit(failure(prog, exc))
 
 
+@contextlib.contextmanager
+def hydra_errors(prog: str) -> Iterator[None]:
+    """Run a `@hydra.main` entry point so that Hydra's errors reach `failure` (exit 2, one
+    message, secrets masked) instead of Hydra's own handler (exit 1, printed raw): Hydra
+    re-raises under HYDRA_FULL_ERROR."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        with exits_on_failure(prog):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
 def fail(prog: str, message: str, code: int = 2) -> NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    """Print `message` (secrets masked) and exit with `code`."""
+    from mm_moe.utils.scrub import scrub_text
+
+    print(f"{prog}: error: {scrub_text(message)}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -86,6 +127,9 @@ def setup_logging(level: str = "INFO", fmt: str = "%(message)s") -> None:
         stream=sys.stdout,
         force=True,
     )
+    from mm_moe.utils.scrub import install_log_scrubber
+
+    install_log_scrubber()  # secrets masked in every log line, from the first
 
 
 # ---- Hydra configs ----
@@ -123,6 +167,15 @@ def compose(overrides: list[str], config_name: str = "train", schema: type | Non
     return build_config(cfg, schema)
 
 
+def check_command_line(argv: list[str]) -> None:
+    """Before Hydra reads anything: every override parses (one-line ConfigError otherwise)
+    and a checkpoint folder given as --config-dir brings only a safe overlay
+    (mm_moe/config/overlay.py)."""
+    args = command_line(argv)
+    check_syntax(args.overrides)
+    check_config_dir(args.config_dir, args.overrides, args.config_name, CONFIG_DIR)
+
+
 def hydra_entry(prog: str, config_name: str, schema: type, run: Callable[[Any], None]) -> None:
     """An entry point over configs/<config_name>.yaml with Hydra's command line (overrides,
     --help, multirun): validates against `schema`, then runs."""
@@ -134,7 +187,14 @@ def hydra_entry(prog: str, config_name: str, schema: type, run: Callable[[Any], 
         with exits_on_failure(prog):
             run(build_config(cfg, schema))
 
-    _main()
+    from mm_moe.utils.sweep_secrets import scrub_sweep_config
+
+    with hydra_errors(prog):
+        check_command_line(sys.argv[1:])
+        try:
+            _main()
+        finally:
+            scrub_sweep_config()
 
 
 # ---- key=value arguments (jobs without Hydra's run directories) ----

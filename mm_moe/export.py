@@ -5,12 +5,17 @@
 Dense models become `llama`, `qwen3` (QK-norm) or `chameleon` (Chameleon's vocabulary and
 QK-norm); one-group token-choice softmax top-k renormalized MoE models become `mixtral`.
 MoMa, MoT, expert-choice and mixture-of-depths models are refused with the reason
-(mm_moe/upcycle/hf_export.py). The folder loads with transformers' from_pretrained.
+(mm_moe/upcycle/hf_export.py), and so is an option Mixtral cannot express (the key and the value
+it needs named). The folder loads with transformers' from_pretrained.
+
+Every check (paths, source loadable, architecture) comes before anything is removed: the folder
+is written beside `out` and renamed into place at the end; a source inside `out` is refused.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -36,17 +41,58 @@ class ExportConfig:
             raise UserError(f"max_shard_mb={self.max_shard_mb} must be positive")
 
 
+def _check_paths(source: Path, out: Path, overwrite: bool) -> None:
+    """Every refusal about the two paths, before anything is read or removed."""
+    src, dst = source.resolve(), out.resolve()
+    if dst in {Path("/").resolve(), Path.home().resolve(), Path.cwd().resolve()}:
+        raise UserError(f"out={out} is a top-level directory (/, home, the working directory)")
+    if src == dst or src.is_relative_to(dst):
+        raise UserError(
+            f"source={source} lies inside out={out}: replacing out would destroy it; "
+            "export to a folder outside the source"
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"out={out} is not empty; pass overwrite=true to replace it")
+
+
+def _sibling(out: Path, what: str) -> Path:
+    """A fresh hidden folder beside `out` (same filesystem: renames are atomic), named after
+    this process; mkdir, not mkdtemp, so the export keeps the usual permissions."""
+    path = out.parent / f".{out.name}.{what}-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)  # left by an earlier process with this pid
+    path.mkdir(parents=True)
+    return path
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` in place of `out`; the previous export is removed only
+    once the new one is in place."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    trash = _sibling(out, "old")
+    os.rename(out, trash / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(trash)
+
+
 def run(cfg: ExportConfig) -> str:
+    """Load and check the source, write the folder beside `out`, then swap it in: a refused
+    or failed export leaves a previous export at `out` as it was."""
     from mm_moe.api import load_pretrained
     from mm_moe.upcycle.hf_export import export
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise UserError(f"out={out} is not empty; pass overwrite=true to replace it")
-        shutil.rmtree(out)
+    _check_paths(Path(cfg.source), out, cfg.overwrite)
     model = load_pretrained(cfg.source)
-    kind = export(model, out, int(cfg.max_shard_mb * 2**20))
+    tmp = _sibling(out, "export")
+    try:
+        kind = export(model, tmp, int(cfg.max_shard_mb * 2**20))
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful publish
     log.info("exported %s as a Hugging Face %s model to %s", cfg.source, kind, out)
     return kind
 

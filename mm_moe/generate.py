@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +28,15 @@ from mm_moe.sampling import SampleConfig, generate, split_output
 log = logging.getLogger("mm_moe")
 
 PROG = "mm_moe.generate"
+
+
+@dataclass
+class GenerateTokenizer:
+    # The tokenizer folder, where it is no longer where the checkpoint's config says (moved);
+    # empty: the checkpoint's tokenizer.path.
+    path: str = ""
+    # Use a tokenizer whose files changed since the checkpoint was made (refused otherwise).
+    allow_changed: bool = False
 
 
 @dataclass
@@ -45,6 +54,7 @@ class GenerateConfig:
     seed: int = 0
     # Classifier-free guidance scale for mode=image (1: none).
     guidance: float = 1.0
+    tokenizer: GenerateTokenizer = field(default_factory=GenerateTokenizer)
 
     def __post_init__(self) -> None:
         if self.guidance < 1:
@@ -64,13 +74,28 @@ def prompt_ids(tok, text: str, image: Image.Image | None, mode: str) -> list[int
     return ids
 
 
+def open_image(path: str) -> Image.Image:
+    """The prompt's image, decoded now: a file PIL cannot read is a UserError naming it."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(
+            f"image={path} cannot be read as an image ({exc.__class__.__name__}: {exc}); give "
+            "an image file Pillow reads (PNG, JPEG, WebP, ...)"
+        ) from exc
+    return image
+
+
 def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     """One dict per sample: {"text": str, "images": [PNG paths]}."""
     from mm_moe.api import load_pretrained
 
-    model = model if model is not None else load_pretrained(cfg.checkpoint)
+    image = open_image(cfg.image) if cfg.image else None  # before the (slow) model load
+    if model is None:
+        overrides = {k: v for k, v in asdict(cfg.tokenizer).items() if v}
+        model = load_pretrained(cfg.checkpoint, tokenizer=overrides)
     tok = tokenizers if tokenizers is not None else model.train_config.tokenizer.build()
-    image = Image.open(cfg.image) if cfg.image else None
     prompt = prompt_ids(tok, cfg.prompt, image, cfg.mode)
     out_dir = Path(cfg.out) if cfg.out else Path(model.train_config.trainer.run_dir) / "samples"
     if cfg.guidance != 1:

@@ -6,8 +6,8 @@ Takes the training command's overrides plus `cluster.*` (nodes, gpus_per_node,
 gpu_memory_gb, data_vocab_size). Estimates assume bf16 weights and gradients, fp32 master
 weights and Adam moments, ZeRO partitioning of optimizer state (stage >= 1) and gradients
 (stage 2) over the data-parallel group for dense parameters and over the expert-data-parallel
-group for expert parameters, and activation memory of 34 bytes per token, layer and width unit
-(Korthikanti et al. 2022 with fused attention, no recomputation).
+group for expert parameters; activations per layer from the model's shapes and
+`trainer.activation_checkpointing`, and the output layer's chunked loss (plan_memory.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import sys
 from dataclasses import dataclass
 
 from mm_moe.cli import compose, exits_on_failure, usage
-from mm_moe.config import TrainConfig, from_dict
+from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.errors import UserError
+from mm_moe.plan_memory import activation_bytes, logits_bytes
 
 
 @dataclass
@@ -84,7 +85,9 @@ def _memory_gib(cfg: TrainConfig, model, total_params: int, world: int, ep: int)
         "optimizer_gib": (12 * shard(1, dense, world) + 12 * shard(1, expert / ep, edp)) / gib,
     }
     tokens_micro = cfg.trainer.micro_batch_size * cfg.data.seq_len
-    mem["activations_gib"] = 34 * tokens_micro * model.d_model * model.n_layers / gib
+    mode = cfg.trainer.activation_checkpointing
+    mem["activations_gib"] = activation_bytes(model, cfg.moe, tokens_micro, mode) / gib
+    mem["logits_gib"] = logits_bytes(model, tokens_micro) / gib
     mem["total_gib"] = sum(mem.values())
     return mem
 
@@ -147,20 +150,29 @@ def _print(name: str, p: dict) -> None:
         print(f"  WARNING: {w}")
 
 
+def _cluster_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """(`cluster.*` values as numbers, the other arguments)."""
+    cluster_args, rest = {}, []
+    for arg in argv:
+        if arg.startswith("cluster.") and "=" in arg:
+            key, value = arg.split("=", 1)
+            try:
+                number = float(value) if "." in value else int(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is not a number") from None
+            cluster_args[key.split(".", 1)[1]] = number
+        else:
+            rest.append(arg)
+    return cluster_args, rest
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip() + "\n\n" + usage(ClusterConfig, "cluster.*").split("\n", 1)[1])
         sys.exit(0)
-    cluster_args = {}
-    rest = []
-    for arg in argv:
-        if arg.startswith("cluster.") and "=" in arg:
-            key, value = arg.split("=", 1)
-            cluster_args[key.split(".", 1)[1]] = float(value) if "." in value else int(value)
-        else:
-            rest.append(arg)
-    with exits_on_failure("mm_moe.plan"):
+    with exits_on_failure("mm_moe.plan"):  # every error: exit status, secrets masked
+        cluster_args, rest = _cluster_args(argv)
         cluster = from_dict(ClusterConfig, cluster_args, prefix="cluster")
         cfg = compose(rest)
         result = plan(cfg, cluster)

@@ -16,12 +16,15 @@ from mm_moe.cli import (
     CONFIG_DIR,
     ENTRY_GROUPS,
     build_config,
+    check_command_line,
     exits_on_failure,
     fail,
+    hydra_errors,
     setup_logging,
 )
 from mm_moe.config import ConfigError, TrainConfig
 from mm_moe.config.overrides import check_overrides
+from mm_moe.utils.sweep_secrets import scrub_sweep_config
 
 PROG = "mm_moe.train"
 __all__ = ["CONFIG_DIR", "ENTRY_GROUPS", "build_config", "main"]
@@ -69,11 +72,15 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    try:
+    # Every error, Hydra's own included, ends in cli.failure: exit 2 for the user's mistakes,
+    # one message, secrets masked.
+    with hydra_errors(PROG):
+        check_command_line(sys.argv[1:])
         sys.argv[1:] = check_overrides(sys.argv[1:], TrainConfig, ENTRY_GROUPS)
-    except ConfigError as exc:
-        fail(PROG, str(exc))
-    _hydra_main()
+        try:
+            _hydra_main()
+        finally:
+            scrub_sweep_config()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ memory of SDPA with a dense document mask, FlexAttention with a document BlockMa
 causal path (what one-document rows take; with several documents it is not the same function,
 so it is the speed-of-light reference), at S = 2048 and 4096 with 1, 4 and 16 documents a row.
 
-    .venv/bin/python scripts/bench_attention.py [--device cuda] [--json] [--iters 5]
+    .venv/bin/python scripts/bench_attention.py [--device cuda] [--json] [--iters 5] [--smoke]
+
+`--smoke`: S = 128 with 4 documents, one iteration (a test runs it; the figures mean nothing).
 
 FlexAttention has no backward on CPU (torch 2.13): there it is timed forward only, and so is
 SDPA beside it (the `fwd_only` rows), so that the ratio compares like with like. Peak memory is
@@ -121,7 +123,10 @@ def main() -> None:
     parser.add_argument("--seq-lens", default="2048,4096")
     parser.add_argument("--docs", default="1,4,16")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="S=128, 4 documents, 1 iteration")
     args = parser.parse_args()
+    if args.smoke:
+        args.seq_lens, args.docs, args.iters = "128", "4", 1
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backward = device.type == "cuda"  # CPU FlexAttention has no backward

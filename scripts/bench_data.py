@@ -1,6 +1,9 @@
 """Data-pipeline throughput vs what training consumes, measured in one run.
 
-    .venv/bin/python scripts/bench_data.py [--steps 30] [--experiment tiny_dense]
+    .venv/bin/python scripts/bench_data.py [--steps 30] [--experiment tiny_dense] [--smoke]
+
+`--smoke`: 100 pairs and 30 texts, 4 steps, 2 JPEGs per core rate (a test runs it; the
+figures mean nothing).
 
 1. Builds a small img2dataset-like shard set in a temporary folder: image-text pairs (JPEG,
    96x64..128x96 photos-like noise) and text documents, mixed 3:1 as the example config does.
@@ -122,16 +125,16 @@ def training_tokens_per_s(experiment: str, steps: int) -> float:
         ]
         subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
         rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in rows[3:])
+    return statistics.median(r["tokens_per_s"] for r in rows[min(3, len(rows) - 1) :])
 
 
-def per_core_rates() -> dict[str, float]:
+def per_core_rates(num_jpegs: int = 20) -> dict[str, float]:
     """Tokens/s of one core: JPEG 512x512 -> Chameleon-size image (1024 codes + caption), and
     reading tokens shards (pre-tokenized)."""
     from mm_moe.tokenization.image_preprocess import preprocess
 
     rng = np.random.default_rng(1)
-    jpegs = [_jpeg(rng, (640, 512)) for _ in range(20)]
+    jpegs = [_jpeg(rng, (640, 512)) for _ in range(num_jpegs)]
     start = time.perf_counter()
     for data in jpegs:
         preprocess(Image.open(io.BytesIO(data)), 512)
@@ -167,16 +170,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--experiment", default="tiny_dense")
+    parser.add_argument("--smoke", action="store_true", help="100 pairs, 30 texts, 4 steps")
     args = parser.parse_args()
+    sizes = {"num_pairs": 100, "num_texts": 30} if args.smoke else {}
+    if args.smoke:
+        args.steps = 4
     with tempfile.TemporaryDirectory() as tmp:
-        sources = build_shards(Path(tmp))
+        sources = build_shards(Path(tmp), **sizes)
         produced = pipeline_tokens_per_s(sources, args.steps)
     consumed = training_tokens_per_s(args.experiment, args.steps)
     print(f"pipeline (2 workers, pairs:text 3:1, jpeg 64-128 px): {produced:,.0f} tokens/s")
     print(f"training ({args.experiment}, 1 process, seq_len 128): {consumed:,.0f} tokens/s")
     print(f"ratio: {produced / consumed:.1f}  (target >= 10)")
     gpu = consumption_1_4b_per_gpu()
-    core = per_core_rates()
+    core = per_core_rates(2 if args.smoke else 20)
     print(
         f"1.4B estimate (moma_4t4i_1.4b, seq 4096, H100 at {ASSUMED_MFU:.0%} MFU): training "
         f"consumes {gpu:,.0f} tokens/s per GPU"

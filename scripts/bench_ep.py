@@ -2,6 +2,7 @@
 vs EP=2 (experts sharded, tokens exchanged by all-to-all), measured in one run.
 
     .venv/bin/python scripts/bench_ep.py [--json] [--steps 8] [--d-model 256] [--experts 8]
+        [--smoke]   # d=32, 2 experts a group, 1 layer, 1 step, one pair of processes (a test)
 
 Both configurations build the same MoMa model (text + image expert groups, expert choice) and
 its DeepSpeed engine (ZeRO-0, fp32 on CPU; gloo on CPU, nccl with 2 GPUs). Times come from one
@@ -225,10 +226,12 @@ def _worker(rank: int, args, phase: str, port: int, queue) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _rss_bytes()
-    if phase == "time":
-        result = _measure_time(args, device)
-    else:
-        result = _measure_memory(args, int(phase[-1]), device, rss_before)
+    result = {}
+    for one in phase.split(","):  # --smoke: every phase in one pair of processes
+        if one == "time":
+            result.update(_measure_time(args, device))
+        else:
+            result.update(_measure_memory(args, int(one[-1]), device, rss_before))
     everyone = [None] * WORLD
     dist.all_gather_object(everyone, result)
     if rank == 0:
@@ -266,7 +269,11 @@ def main() -> None:
     ap.add_argument("--zero-stage", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--smoke", action="store_true", help="the smallest model, 1 step")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.d_model, args.ffn, args.experts, args.layers = 1, 32, 64, 2, 1
+        args.vocab, args.seq_len, args.micro_batch = 64, 16, 2
     if args.device == "cuda" and torch.cuda.device_count() < WORLD:
         ap.error(f"--device cuda needs {WORLD} GPUs")
     args.backend = "nccl" if args.device == "cuda" else "gloo"
@@ -274,7 +281,11 @@ def main() -> None:
 
     # Timing: one pair of processes steps both configurations in turn. Memory: one pair of
     # processes per configuration, so that each peak is its own.
-    figures = {**_run(args, "time"), **_run(args, "mem1"), **_run(args, "mem2")}
+    # --smoke runs the three in one pair (a test: the peaks then mean nothing).
+    if args.smoke:
+        figures = _run(args, "time,mem1,mem2")
+    else:
+        figures = {**_run(args, "time"), **_run(args, "mem1"), **_run(args, "mem2")}
     keys = ("step_s", "layer_s", "all_to_all_s", "peak_mem_bytes", "mem_growth_bytes")
     ep1 = {k: figures[f"{k}1"] for k in (*keys, "expert_bytes")}
     ep2 = {k: figures[f"{k}2"] for k in (*keys, "expert_bytes")}

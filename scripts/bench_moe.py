@@ -1,7 +1,9 @@
 """Forward+backward time of the MoE layer vs a dense SwiGLU with equal active FLOPs and vs
 DeepSpeed's MoE layer (top-k, capacity factor 1.25), measured in one run.
 
-    .venv/bin/python scripts/bench_moe.py [--json] [--iters 10] [--device cuda]
+    .venv/bin/python scripts/bench_moe.py [--json] [--iters 10] [--device cuda] [--smoke]
+
+`--smoke`: every case at 128 tokens, 2 iterations (a test runs it; the figures mean nothing).
 
 On CUDA everything runs in bf16, and each row says which expert GEMM path ours took.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,9 +40,9 @@ class Case:
     baseline: MoEConfig | None = None  # the ungrouped layer with the same E and k
 
 
-def _cases() -> list[Case]:
+def _cases(tokens: int) -> list[Case]:
     tc = dict(router="token_choice", score="softmax", capacity_factor=0.0)
-    return [
+    cases = [
         Case("E8_k2", MoEConfig(experts_per_modality={"mixed": 8}, top_k=2, **tc)),
         Case(
             "moma_4t4i_k2",
@@ -56,6 +59,15 @@ def _cases() -> list[Case]:
             MoEConfig(experts_per_modality={"mixed": 8}, granularity=4, top_k=1, **tc),
         ),
     ]
+    for case in cases:
+        case.tokens = tokens
+    return cases
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _sync() -> None:
@@ -123,26 +135,30 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--smoke", action="store_true", help="128 tokens, 2 iterations")
     args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.iters = 128, 2
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     import deepspeed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # never a fixed port: runs overlap
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.utils.logger.setLevel("WARNING")
-    from mm_moe.parallel.distributed import skip_deepspeed_shm_build
+    from mm_moe.parallel.deepspeed_fixes import skip_shm_build
 
-    skip_deepspeed_shm_build()
+    skip_shm_build()
     # DeepSpeed's MoE creates its groups
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(0)
     rows = []
-    for case in _cases():
+    for case in _cases(args.tokens):
         moe = case.moe
         x = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
         modality = (torch.rand(case.tokens, device=device) < case.image_fraction).long()

@@ -37,7 +37,8 @@ def demo_assets(tmp_path_factory):
 
 def _build_demo_assets(root: Path) -> None:
     from data_pipelines import build_demo_corpus
-    from mm_moe.tokenization import train_image, train_text
+    from mm_moe import train_image_tokenizer as train_image
+    from mm_moe import train_text_tokenizer as train_text
     from mm_moe.tokenization.vq.model import VQConfig
 
     corpus, tok = root / "demo", root / "tok"

@@ -19,7 +19,8 @@ class CheckpointConfig:
     resume: str = "none"
     # Keep the newest `keep_last` step directories; 0 keeps all.
     keep_last: int = 0
-    # A fresh run (resume=none) refuses a `dir` that already holds checkpoints unless this is true.
+    # A fresh run (resume=none) refuses a `dir` that already holds checkpoints, or a run_dir with
+    # an earlier run's metrics.jsonl, unless this is true.
     overwrite: bool = False
     # The key is `checkpoint.async` (a Python keyword, hence the field name): training blocks
     # only while the state is copied to CPU memory; a background thread writes it, and the next

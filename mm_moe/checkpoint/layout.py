@@ -10,12 +10,16 @@ a `.tmp-step_*` directory, which is ignored and cleaned up by the next save.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 from mm_moe.errors import UserError
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 META = "meta.json"
@@ -86,13 +90,42 @@ def read_tensors(path: Path):
         ) from exc
 
 
+def read_meta(step_dir: Path) -> dict:
+    """A step's meta.json; a file that is not a JSON object (damaged after the save: a disk
+    error, an edit) is a UserError naming it."""
+    path = Path(step_dir) / META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = exc
+    if not isinstance(meta, dict):
+        raise UserError(
+            f"{path} is damaged ({meta}): a checkpoint's {META} must be the JSON object the "
+            "save wrote. Resume from another step (checkpoint.resume=PATH of a step_XXXXXXXX "
+            "directory) or checkpoint.resume=auto, which skips damaged steps"
+        )
+    return meta
+
+
+def _is_complete(step_dir: Path) -> bool:
+    """Holds a readable meta.json (written last); a damaged one is skipped with a warning."""
+    if not (step_dir / META).is_file():
+        return False
+    try:
+        read_meta(step_dir)
+    except UserError as exc:
+        log.warning("skipping %s as incomplete: %s", step_dir, exc)
+        return False
+    return True
+
+
 def complete_steps(root: Path) -> list[int]:
     if not root.is_dir():
         return []
     steps = []
     for p in root.iterdir():
         m = _STEP_RE.match(p.name)
-        if m and (p / META).is_file():
+        if m and _is_complete(p):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
@@ -103,7 +136,7 @@ def latest_step_dir(root: Path) -> Path | None:
     pointer = root / LATEST
     if pointer.is_file():
         target = root / pointer.read_text().strip()
-        if _STEP_RE.match(target.name) and (target / META).is_file():
+        if _STEP_RE.match(target.name) and _is_complete(target):
             return target
     steps = complete_steps(root)
     return root / step_dir_name(steps[-1]) if steps else None

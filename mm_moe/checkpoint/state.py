@@ -19,7 +19,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -178,49 +177,27 @@ def _load_scheduler(scheduler, state: dict) -> None:
     scheduler._last_lr = lrs
 
 
-# Model and MoE fields that decide which tensors a model has, and their shapes.
-_ARCH_FIELDS = {
-    "model": (
-        "vocab_size",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "ffn_dim",
-        "qk_norm",
-        "tie_embeddings",
-        "untie",
-    ),
-    "moe": ("experts_per_modality", "layers", "router", "granularity", "shared_experts"),
-}
-
-
 def _check_same_architecture(step_dir: Path, module) -> None:
     """Name the config keys in which a weights-only checkpoint's model differs from this
-    run's (rather than listing missing tensors): such a checkpoint (mm_moe.upcycle) usually
-    has another architecture than the run's defaults."""
+    run's, in shape or in function (rope_theta, norm_eps, moe.top_k, ...: every model and moe
+    field but the training- and speed-only ones, same_function.py), rather than listing
+    missing tensors or training another function without a word: such a checkpoint
+    (mm_moe.upcycle) usually has another architecture than the run's defaults."""
+    from mm_moe.checkpoint.same_function import differences, function_fields
     from mm_moe.config.validate import from_dict
     from mm_moe.model.config import ModelConfig
     from mm_moe.model.moe.config import MoEConfig
 
     written = yaml.safe_load((step_dir / "config.yaml").read_text())
-    saved = SimpleNamespace(
-        model=from_dict(ModelConfig, written.get("model", {}), "model"),
-        moe=from_dict(MoEConfig, written.get("moe", {}), "moe"),
-    )
-    run = {"model": module.cfg, "moe": module.moe_cfg}
-    diffs = [
-        f"{group}.{name}: checkpoint {getattr(getattr(saved, group), name)!r}, "
-        f"this run {getattr(run[group], name)!r}"
-        for group, names in _ARCH_FIELDS.items()
-        for name in names
-        if getattr(getattr(saved, group), name) != getattr(run[group], name)
-    ]
-    if saved.model.mod.layers != module.cfg.mod.layers:
-        diffs.append(
-            f"model.mod.layers: checkpoint {saved.model.mod.layers}, this run "
-            f"{module.cfg.mod.layers}"
-        )
+    saved = {
+        **function_fields(from_dict(ModelConfig, written.get("model", {}), "model"), "model"),
+        **function_fields(from_dict(MoEConfig, written.get("moe", {}), "moe"), "moe"),
+    }
+    run = {
+        **function_fields(module.cfg, "model"),
+        **function_fields(module.moe_cfg, "moe"),
+    }
+    diffs = differences(saved, run)
     if diffs:
         overlay = step_dir / "experiment" / "upcycled.yaml"
         hint = (
@@ -260,7 +237,7 @@ def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
     """Collective under ZeRO. Restores everything `stage` captured (the LR schedule into
     `engine.lr_scheduler`); returns the meta dict."""
     scheduler = engine.lr_scheduler
-    meta = json.loads((step_dir / layout.META).read_text())
+    meta = layout.read_meta(step_dir)
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise UserError(
             f"{step_dir}: checkpoint format {meta.get('format_version')} is not "

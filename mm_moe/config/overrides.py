@@ -25,11 +25,39 @@ _FLAGS_WITH_VALUE = {
 }
 
 
+def command_line(argv: list[str]):
+    """argv as Hydra's own parser reads it (`.overrides`, `.config_dir`, `.config_name`, ...):
+    flags abbreviated as argparse allows (`--config-d DIR`) included."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def check_syntax(overrides: list[str]) -> None:
+    """Raise ConfigError, one line, for an override Hydra's grammar cannot parse (Hydra's own
+    handler would print it over several lines with exit status 1)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in overrides:
+        try:
+            parser.parse_override(arg)
+        except HydraException as exc:
+            detail = " ".join(str(exc).split())
+            raise ConfigError(
+                f"cannot parse the override {arg!r}: {detail} (Hydra's override grammar: "
+                "key=value, a list as key=[1,2], a string with brackets or spaces quoted: "
+                "key='a [b]')"
+            ) from None
+
+
 def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...]) -> list[str]:
-    """Raise ConfigError for an override whose key is not in `schema`.
+    """Raise ConfigError for an override Hydra cannot parse or whose key is not in `schema`.
 
     Returns argv with every checked key override in Hydra's `++key=value` form (add or
     override), so a schema key that a preset's YAML leaves out can still be set."""
+    check_syntax(command_line(argv).overrides)
     out, skip_next = [], False
     for arg in argv:
         out.append(arg)

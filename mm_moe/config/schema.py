@@ -1,6 +1,7 @@
 """The root schema every composed Hydra config is validated against.
 
-Each group's dataclass lives beside the component it builds; this file only assembles them.
+Each group's dataclass lives in the `config.py` of the package it builds (modules that load
+no model code, so anyone may import them); this file only assembles them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from mm_moe.model.config import ModelConfig
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.parallel.config import ParallelConfig
 from mm_moe.tokenization.config import TokenizerConfig
-from mm_moe.trainer.config import TrainerConfig
-from mm_moe.trainer.logging_config import LoggingConfig
-from mm_moe.trainer.optim import OptimConfig
+from mm_moe.trainer.config import LoggingConfig, OptimConfig, TrainerConfig
 
 GROUPS = (
     "model",
@@ -54,6 +53,12 @@ class TrainConfig:
             self.checkpoint.dir = f"{self.trainer.run_dir}/checkpoints"
         self.model.check_moe(self.moe)
         self.eval.check_data(self.data.source)
+        if self.trainer.grad_accum_dtype == "fp32" and self.parallel.zero_stage >= 2:
+            raise UserError(
+                "trainer.grad_accum_dtype=fp32 needs parallel.zero_stage 0 or 1 (DeepSpeed's "
+                f"bf16 optimizer); parallel.zero_stage={self.parallel.zero_stage} accumulates "
+                "gradients in the training dtype: use trainer.grad_accum_dtype=auto with it"
+            )
         if self.data.seq_len > self.model.max_seq_len:
             raise UserError(
                 f"data.seq_len={self.data.seq_len} exceeds "

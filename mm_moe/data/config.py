@@ -5,9 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mm_moe.data.synthetic import SyntheticPatternsConfig
 from mm_moe.errors import UserError
 from mm_moe.tokenization.config import TokenizerConfig
+
+# The slopes (a, b) of the synthetic images' patterns, each named by a caption word.
+SYNTHETIC_SLOPES = (1, 2, 3, 5)
+
+
+@dataclass
+class SyntheticPatternsConfig:
+    text_vocab_size: int = 256
+    image_codebook_size: int = 64
+    # Images are image_side x image_side codes.
+    image_side: int = 6
+    mean_text_len: int = 24
+    # Probability that a document contains an image.
+    image_prob: float = 0.6
+
+    def __post_init__(self) -> None:
+        least = 2 * len(SYNTHETIC_SLOPES) + 2
+        if self.text_vocab_size < least:
+            raise UserError(f"data.synthetic.text_vocab_size must be >= {least}")
+        if self.image_codebook_size < 2 or self.image_side < 1 or self.mean_text_len < 1:
+            raise UserError("data.synthetic sizes must be positive")
+        if not 0.0 <= self.image_prob <= 1.0:
+            raise UserError(f"data.synthetic.image_prob={self.image_prob} must be in [0, 1]")
 
 
 @dataclass

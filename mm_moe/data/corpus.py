@@ -1,7 +1,8 @@
 """Texts and images read from webdataset shards, for training the tokenizers.
 
 Bad samples (undecodable text or images) are skipped: tokenizer training only needs a clean
-sample of the data, and the training pipeline counts defects itself.
+sample of the data, and the training pipeline counts defects itself. A cut or unreadable shard
+is an error naming it (the corpus would be quietly smaller).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from PIL import Image
 from mm_moe.data.decode import IMAGE_EXTENSIONS, decode_image, decode_text
 from mm_moe.data.documents import parse_interleaved
 from mm_moe.data.shards import expand_urls
-from mm_moe.data.tar_reader import iter_raw_samples
+from mm_moe.data.tar_reader import iter_whole_shard
 
 
 def _samples(urls: list[str], key: str):
     for shard in expand_urls(urls, key):
-        for sample in iter_raw_samples(shard):
+        for sample in iter_whole_shard(shard, key):
             if sample.defect is None:
                 yield shard, sample
 

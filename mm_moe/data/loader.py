@@ -13,6 +13,9 @@ from mm_moe.data.batch import Batch
 
 
 class StepLoader:
+    # next() is local work (no collectives): data/prefetch.py may call it on its own thread.
+    prefetch_safe = True
+
     def __init__(
         self, source, rank: int, dp_world_size: int, micro_batch_size: int, global_batch_size: int
     ):

@@ -87,12 +87,33 @@ def epoch_order(num_units: int, seed: int, source: int, stream: int, epoch: int)
     return rng.permutation(num_units).tolist()
 
 
+TOKENIZER_RECORD = "tokenizer.yaml"
+# Tokenizer config keys that are places or switches, not what the ids are: a moved tokenizer
+# is the same tokenizer (its files are compared through the recorded digest).
+_PLACES = ("path", "vocab", "allow_changed", "digest")
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What pretokenize writes to tokenizer.yaml beside the shards: the tokenizer config and
+    the content digest of its files (mm_moe/tokenization/digest.py)."""
+    from mm_moe.config.validate import to_dict
+    from mm_moe.tokenization.digest import tokenizer_digest
+
+    return {**to_dict(tokenizer), "digest": tokenizer_digest(tokenizer)}
+
+
+def _settings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in _PLACES}
+
+
 def check_tokens_vocab(shards: list[str], tokenizer, vocab, key: str) -> None:
     """Refuse local tokens shards whose vocab.yaml or tokenizer.yaml (written by pretokenize)
-    differ from the run's tokenizer config and vocabulary."""
+    differ from the run's vocabulary, tokenizer settings or tokenizer files (by digest: the
+    folder it was read from may have moved)."""
     import yaml
 
     from mm_moe.config.validate import to_dict
+    from mm_moe.tokenization import digest
     from mm_moe.tokenization.vocab import Vocab
 
     for folder in sorted({os.path.dirname(s) for s in shards if not is_remote(s)}):
@@ -102,12 +123,16 @@ def check_tokens_vocab(shards: list[str], tokenizer, vocab, key: str) -> None:
                 f"{key}: {path} ({theirs}) is not the vocabulary of the run's tokenizer "
                 f"({vocab}); pretokenize again with the same tokenizer settings"
             )
-        path = os.path.join(folder, "tokenizer.yaml")
-        if os.path.isfile(path):
-            with open(path) as f:
-                theirs = yaml.safe_load(f)
-            if theirs != to_dict(tokenizer):
-                raise UserError(
-                    f"{key}: {path} ({theirs}) is not the run's tokenizer config "
-                    f"({to_dict(tokenizer)}); pretokenize again with the same tokenizer settings"
-                )
+        path = os.path.join(folder, TOKENIZER_RECORD)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            theirs = yaml.safe_load(f)
+        if not isinstance(theirs, dict):
+            raise UserError(f"{key}: {path} is not a tokenizer record (a YAML mapping)")
+        if _settings(theirs) != _settings(ours := to_dict(tokenizer)):
+            raise UserError(
+                f"{key}: {path} ({_settings(theirs)}) is not the run's tokenizer config "
+                f"({_settings(ours)}); pretokenize again with the same tokenizer settings"
+            )
+        digest.check(theirs.get("digest"), tokenizer, f"{key}: the token shards in {folder}")

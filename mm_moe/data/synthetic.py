@@ -12,35 +12,15 @@ independent of world size. The rows are documents of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from mm_moe.data.config import SYNTHETIC_SLOPES as _SLOPES
+from mm_moe.data.config import SyntheticPatternsConfig
 from mm_moe.errors import UserError
 from mm_moe.modality import IMAGE, TEXT
 from mm_moe.tokenization.vocab import Vocab
 
 _LANGUAGE_SEED = 1234  # fixed: the "language" does not change with the training seed
-_SLOPES = (1, 2, 3, 5)
-
-
-@dataclass
-class SyntheticPatternsConfig:
-    text_vocab_size: int = 256
-    image_codebook_size: int = 64
-    # Images are image_side x image_side codes.
-    image_side: int = 6
-    mean_text_len: int = 24
-    # Probability that a document contains an image.
-    image_prob: float = 0.6
-
-    def __post_init__(self) -> None:
-        if self.text_vocab_size < 2 * len(_SLOPES) + 2:
-            raise UserError(f"data.synthetic.text_vocab_size must be >= {2 * len(_SLOPES) + 2}")
-        if self.image_codebook_size < 2 or self.image_side < 1 or self.mean_text_len < 1:
-            raise UserError("data.synthetic sizes must be positive")
-        if not 0.0 <= self.image_prob <= 1.0:
-            raise UserError(f"data.synthetic.image_prob={self.image_prob} must be in [0, 1]")
 
 
 class SyntheticPatterns:

@@ -10,7 +10,9 @@ Layout defects do not stop the shard:
   sample, flags that sample `split_key`;
 - a tar that breaks mid-way raises `SampleError("truncated_tar")` after the samples before the
   break; the sample being read when it broke is dropped (it may be incomplete), unless the
-  broken member already belongs to the next key;
+  broken member already belongs to the next key. A tar is whole only when it ends with its
+  end-of-archive blocks (two zero blocks): `tarfile` ends quietly on a stream cut at a member
+  boundary or inside a header (also under gzip or `pipe:`), so that is checked here;
 - a shard that cannot be opened or read at all raises `SampleError("unreadable_shard")`.
 """
 
@@ -27,6 +29,7 @@ from webdataset.tariterators import base_plus_ext
 
 from mm_moe.data.defects import SampleError
 from mm_moe.data.shards import open_shard
+from mm_moe.errors import UserError
 
 # webdataset's convention: names like __meta__ or __index__/ hold no samples.
 _META = re.compile(r"__[^/]*__($|/)")
@@ -42,6 +45,26 @@ class RawSample:
     defect: str | None = None  # "split_key" when the tar layout is broken around this key
 
 
+class _CutShort(tarfile.ReadError):
+    """The tar stream ended (or met a bad header) before its end-of-archive blocks."""
+
+
+def _header_recorder(last_block: list[bytes]) -> type[tarfile.TarInfo]:
+    """A TarInfo class that keeps the last header block tarfile read (its end-of-archive check
+    happens inside `frombuf`, and a cut stream ends the iteration without an error)."""
+
+    class _Recording(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf, encoding, errors):
+            last_block[0] = buf
+            return super().frombuf(buf, encoding, errors)
+
+    return _Recording
+
+
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
 class _BrokenMember(Exception):
     """Reading the data of member `name` failed (its header was fine)."""
 
@@ -54,9 +77,10 @@ def _members(url: str) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular members, like webdataset's tar_file_iterator, but telling a
     broken member (its name is known) from a broken header (nothing is known)."""
     fileobj = open_shard(url)
-    completed = False
+    completed, last_block = False, [b""]
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as stream:
+        tarinfo = _header_recorder(last_block)
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=tarinfo) as stream:
             for info in stream:
                 if not info.isreg() or _META.match(info.name):
                     continue
@@ -66,6 +90,9 @@ def _members(url: str) -> Iterator[tuple[str, bytes]]:
                     raise _BrokenMember(info.name) from exc
                 yield info.name, data
                 stream.members = []  # stream mode keeps every header otherwise
+            # The iteration stopped at a zero block; the second one must follow.
+            if last_block[0] != _ZERO_BLOCK or stream.fileobj.read(len(_ZERO_BLOCK)) != _ZERO_BLOCK:
+                raise _CutShort("the tar ends without its end-of-archive blocks (cut short)")
         completed = True
     finally:
         if completed:
@@ -107,7 +134,8 @@ def iter_raw_samples(url: str) -> Iterator[RawSample]:
             yield current  # the break is in the next sample: this one is complete
             current = None
         where = f"reading member {broken!r}" if broken else "reading a member header"
-        reason = "truncated_tar" if members_read or broken else "unreadable_shard"
+        opened = members_read or broken or isinstance(exc, _CutShort)
+        reason = "truncated_tar" if opened else "unreadable_shard"
         raise SampleError(
             reason,
             f"{cause.__class__.__name__}: {cause} ({where}, {index} samples started)",
@@ -115,3 +143,13 @@ def iter_raw_samples(url: str) -> Iterator[RawSample]:
         ) from exc
     if current is not None:
         yield current
+
+
+def iter_whole_shard(url: str, key: str) -> Iterator[RawSample]:
+    """`iter_raw_samples` for readers without `data.on_error` (tokenizer training, the labelled
+    evaluation set): a cut or unreadable shard is a `UserError` naming it and the config `key`,
+    not a quietly shorter corpus."""
+    try:
+        yield from iter_raw_samples(url)
+    except SampleError as exc:
+        raise UserError(f"{key}: shard {url} is broken ({exc.reason}): {exc.detail}") from exc

@@ -150,6 +150,12 @@ class WebDatasetLoader:
         self._gather_to_rank0()
         return batches
 
+    @property
+    def prefetch_safe(self) -> bool:
+        """next() may run on data/prefetch.py's thread only where it is not collective (the
+        gather of stream states to rank 0 runs with several ranks)."""
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
     def _gather_to_rank0(self) -> None:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return

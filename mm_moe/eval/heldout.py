@@ -115,6 +115,10 @@ class HeldoutEval:
         # and no buffer updates (the aux-loss-free balancing load counter).
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         devices = [self.device] if self.device.type == "cuda" else []
+        # Its routing statistics (unprocessed tokens, aux-router accuracy), in both modes.
+        flags = {m: m.collect_stats for m in model.modules() if hasattr(m, "collect_stats")}
+        for m in flags:
+            m.collect_stats = True
         try:
             with torch.random.fork_rng(devices=devices):
                 model.eval()
@@ -151,4 +155,6 @@ class HeldoutEval:
                 for n, b in model.named_buffers():
                     b.copy_(buffers[n])
             model.train(was_training)
+            for m, flag in flags.items():
+                m.collect_stats = flag
         return out

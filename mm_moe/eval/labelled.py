@@ -12,28 +12,51 @@ from mm_moe.errors import UserError
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 
 
+# No data.on_error here (like a cut shard, iter_whole_shard): a defective sample is an error
+# naming it, since skipping would score the evaluation on another set than the one named.
+def _label(raw: bytes, where: str, num_classes: int) -> int:
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        label = None
+    if label is None or not 0 <= label < num_classes:
+        raise UserError(
+            f"{where}: the `cls` member holds {text[:40]!r}; it must be a class index in "
+            f"[0, {num_classes}) for the {num_classes} labels the config names "
+            "(eval.zero_shot.labels)"
+        )
+    return label
+
+
+def _image(raw: bytes, where: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(
+            f"{where} cannot be read as an image ({exc.__class__.__name__}: {exc}); a labelled "
+            f"sample holds an image member ({', '.join(IMAGE_MEMBERS)}) Pillow reads"
+        ) from exc
+    return image
+
+
 def labelled_images(
     urls: str | list[str], limit: int, key: str, num_classes: int
 ) -> list[tuple[Image.Image, int]]:
     """The first `limit` (image, class) pairs of the shards, in shard order."""
     from mm_moe.data.shards import expand_urls
-    from mm_moe.data.tar_reader import iter_raw_samples
+    from mm_moe.data.tar_reader import iter_whole_shard
 
     out: list[tuple[Image.Image, int]] = []
     for shard in expand_urls(urls, key):
-        for sample in iter_raw_samples(shard):
+        for sample in iter_whole_shard(shard, key):
             member = next((m for m in IMAGE_MEMBERS if m in sample.members), None)
             if member is None or "cls" not in sample.members:
                 continue
-            label = int(sample.members["cls"].decode().strip())
-            if not 0 <= label < num_classes:
-                raise UserError(
-                    f"{key}: {shard} holds class {label}, but the config names {num_classes} "
-                    "labels (eval.zero_shot.labels)"
-                )
-            image = Image.open(io.BytesIO(sample.members[member]))
-            image.load()
-            out.append((image, label))
+            where = f"{key}: {shard}, sample {sample.key!r}"
+            label = _label(sample.members["cls"], where, num_classes)
+            out.append((_image(sample.members[member], f"{where}.{member}"), label))
             if len(out) >= limit:
                 return out
     if not out:

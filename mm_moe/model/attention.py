@@ -3,14 +3,16 @@ QK-norms optionally untied per modality (MoT), attention itself global.
 
 The kernel is chosen once per micro-batch by the mask (attention_mask.py): SDPA's causal
 (flash) path, SDPA with a dense document mask, or FlexAttention with a document BlockMask.
-Grouped-query attention never copies K and V per query head: both kernels take
-`enable_gqa=True`.
+Grouped-query attention copies K and V per query head only where a kernel needs it: SDPA
+with a dense document mask on CUDA (its memory-efficient kernel has no GQA; `sdpa_call` in
+attention_mask.py); FlexAttention and SDPA's causal path take `enable_gqa=True`.
 
 Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_moe.modality import NUM_MODALITIES
-from mm_moe.model.attention_mask import AttentionMask, document_causal_mask
+from mm_moe.model.attention_mask import AttentionMask, document_causal_mask, sdpa_call
 from mm_moe.model.kv_cache import KVCache
 from mm_moe.model.modality_ops import (
     HeadNorm,
@@ -55,14 +57,31 @@ def attend(
             pad(q_BHSD), pad(k_BKSD), pad(v_BKSD), block_mask=mask.block, enable_gqa=gqa
         )
         return out_BHPD[:, :, :S]
-    return F.scaled_dot_product_attention(
-        q_BHSD,
-        k_BKSD,
-        v_BKSD,
-        attn_mask=mask.dense_B1SS,
-        is_causal=mask.kind == "causal",
-        enable_gqa=gqa,
-    )
+    how = sdpa_call(q_BHSD.device.type, mask.kind, gqa, q_BHSD.shape[-1])
+    if how == "repeat_kv":  # for CUDA's memory-efficient kernel (sdpa_call says why)
+        repeats = q_BHSD.shape[1] // k_BKSD.shape[1]
+        k_BKSD = k_BKSD.repeat_interleave(repeats, dim=1)
+        v_BKSD = v_BKSD.repeat_interleave(repeats, dim=1)
+    with _no_math_kernel(q_BHSD.device.type == "cuda" and mask.kind == "dense"):
+        return F.scaled_dot_product_attention(
+            q_BHSD,
+            k_BKSD,
+            v_BKSD,
+            attn_mask=mask.dense_B1SS,
+            is_causal=mask.kind == "causal",
+            enable_gqa=how == "gqa",
+        )
+
+
+def _no_math_kernel(enabled: bool):
+    """Dense masks on CUDA: SDPA may take any kernel but the math one (an error, not a silent
+    [B, H, S, S] fp32 score matrix)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    return sdpa_kernel(fast)
 
 
 def _qk_norm(cfg, heads: int) -> nn.Module | None:

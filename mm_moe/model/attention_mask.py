@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from mm_moe.errors import UserError
 
 Backend = Literal["sdpa", "flex"]
+# How SDPA is called: `gqa` passes K/V heads as they are (enable_gqa=True), `repeat_kv` copies
+# them per query head first, `plain` has as many K/V heads as query heads.
+SdpaCall = Literal["gqa", "repeat_kv", "plain"]
 _BLOCK = 128  # FlexAttention's default block size
 
 
@@ -107,6 +110,26 @@ def after_cached(past: int, S: int, device: torch.device) -> AttentionMask:
         return AttentionMask("dense")  # no mask: the one query sees every key
     keys_SL = torch.ones(S, past + S, dtype=torch.bool, device=device).tril(past)
     return AttentionMask("dense", dense_B1SS=keys_SL[None, None])
+
+
+def sdpa_call(device_type: str, mask_kind: str, gqa: bool, head_dim: int) -> SdpaCall:
+    """How SDPA runs a mask of `mask_kind` on `device_type`, never through CUDA's math kernel.
+
+    On CUDA the flash kernel takes no mask, and the memory-efficient kernel, the one that
+    takes a dense document mask, has no grouped-query attention: SDPA with a mask and
+    `enable_gqa=True` falls to the math kernel, which materialises [B, H, S, S] fp32 scores
+    (out of memory at 4096). So dense masks on CUDA repeat K/V per query head (the
+    memory-efficient kernel then runs), and a head_dim that kernel cannot take (not a multiple
+    of 8) is refused. The causal form keeps the flash kernel with GQA; CPU kernels take both."""
+    if device_type == "cuda" and mask_kind == "dense":
+        if head_dim % 8:
+            raise UserError(
+                f"model.attention=sdpa with document masks on CUDA needs a head_dim that is a "
+                f"multiple of 8 for the memory-efficient kernel (head_dim={head_dim}); use "
+                "model.attention=flex (or auto), which skips masked blocks"
+            )
+        return "repeat_kv" if gqa else "plain"
+    return "gqa" if gqa else "plain"
 
 
 def check_backend(backend: Backend, device: torch.device, training: bool) -> None:

@@ -7,8 +7,23 @@ from typing import Literal
 
 from mm_moe.errors import UserError
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
-from mm_moe.model.mod import MoDConfig
 from mm_moe.model.moe.config import MoEConfig
+
+
+@dataclass
+class MoDConfig:
+    # Layers routed by mixture-of-depths; empty turns it off.
+    layers: list[int] = field(default_factory=list)
+    # Fraction of each sequence's tokens that go through a routed block.
+    capacity: float = 0.5
+    aux_router_hidden: int = 64
+    aux_router_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.capacity <= 1:
+            raise UserError(f"model.mod.capacity={self.capacity} must be in (0, 1]")
+        if any(i < 0 for i in self.layers):
+            raise UserError(f"model.mod.layers={self.layers} must be layer indices >= 0")
 
 
 @dataclass

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.attention_mask import AttentionMask, Backend
 from mm_moe.model.kv_cache import KVCache
-from mm_moe.model.modality_ops import ModalityRows
+from mm_moe.model.modality_ops import ModalityRows, TokenIndex
 
 
 @dataclass
@@ -37,6 +38,11 @@ class ForwardContext:
     # are detached), which training steps apart from the model (parallel/aux_router_optim.py).
     aux_router_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Routing statistics in this forward (the trainer turns them on for the steps it logs):
+    # off, the layers compute only the host-side counts (pairs, tokens) that FLOPs need.
+    collect_stats: bool = True
+    # Positions of each modality group's tokens, for every layer (one host sync, first use).
+    tokens: TokenIndex | None = None
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value
@@ -46,7 +52,12 @@ class ForwardContext:
         losses[name] = losses[name] + value if name in losses else value
 
     def add_stat(self, name: str, value: torch.Tensor | float) -> None:
-        self.stats[name] = torch.as_tensor(value).detach().float()
+        """A statistic: a device tensor (stays there until the logged step fetches them all in
+        one copy), or a number the host knows (a CPU scalar, made without a host-data copy)."""
+        if isinstance(value, torch.Tensor):
+            self.stats[name] = value.detach().float()
+        else:
+            self.stats[name] = torch.full((), float(value))
 
     @classmethod
     def for_layer(
@@ -67,5 +78,12 @@ class ForwardContext:
         )
 
     def __post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = TokenIndex(self.modality_ids_BS, self.valid_BS, NUM_MODALITIES)
         if self.rows is None:
             self.rows = ModalityRows(self.modality_ids_BS)
+        elif self.rows.split and self.rows.modality_ids_BS is self.modality_ids_BS:
+            self.rows.index = self.tokens  # MoT's rows and the expert groups: one sync
+        if self.rows.split:
+            # Now, outside the blocks: whole MoT blocks compile with fullgraph=True.
+            self.rows.index.compute()

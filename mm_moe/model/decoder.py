@@ -30,16 +30,25 @@ from mm_moe.model.rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    # [B, S, V]; None under `return_hidden` (training computes the loss in chunks from
+    # `hidden` and the output layer's weight: model/losses.py, chunked_lm_losses).
+    logits: torch.Tensor | None
     # Auxiliary losses (already weighted) that the block layers return with their output.
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     # The auxiliary routers' losses (weighted), kept apart: see ForwardContext.
     aux_router_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     # Detached routing statistics per layer and modality (expert load, dropped fraction...).
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    # [B, S, d] after the final norm, the output layer's input (only under `return_hidden`).
+    hidden: torch.Tensor | None = None
 
 
 class EarlyFusionDecoder(nn.Module):
+    # Routing statistics (ModelOutput.stats) in the forward: None collects them in training
+    # mode only (evaluation and sampling skip them); the trainer sets it for each step, on for
+    # the steps it logs (trainer/hooks.py). FLOPs' pair and token counts are always there.
+    collect_stats: bool | None = None
+
     def __init__(self, cfg, moe):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe
@@ -101,6 +110,7 @@ class EarlyFusionDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """All [B, S]. modality_ids: None derives them from the vocabulary (`set_vocab`; all
         text without one). doc_ids: the document of each position in a packed row (None: one
@@ -108,7 +118,9 @@ class EarlyFusionDecoder(nn.Module):
         capacity and MoD slots (the loss mask in training; None is all tokens). Positions, when
         given, must be below model.max_seq_len (not checked here: no host sync per forward).
         kv_cache: incremental decoding (eval mode, one document per row, no MoD layers): the
-        ids continue the positions the cache holds, and their keys and values join it."""
+        ids continue the positions the cache holds, and their keys and values join it.
+        return_hidden: the final-normed hidden states instead of the logits (never [B, S, V]:
+        the training loss applies `lm_head.weight` in chunks)."""
         input_ids_BS = input_ids
         B, S = input_ids_BS.shape
         if modality_ids is not None:
@@ -145,11 +157,15 @@ class EarlyFusionDecoder(nn.Module):
             rows=ModalityRows.of(modality_ids_BS, NUM_MODALITIES, bool(self.cfg.untie)),
             backend=backend,
             kv_cache=kv_cache,
+            collect_stats=self.training if self.collect_stats is None else self.collect_stats,
         )
         h_BSd = self.embed(input_ids_BS)
         for layer in self.layers:
             h_BSd = layer(h_BSd, ctx)
         if kv_cache is not None:
             kv_cache.length = past + S
-        logits_BSV = self.lm_head(self.norm(h_BSd, ctx.rows))
+        h_BSd = self.norm(h_BSd, ctx.rows)
+        if return_hidden:
+            return ModelOutput(None, ctx.aux_losses, ctx.aux_router_losses, ctx.stats, h_BSd)
+        logits_BSV = self.lm_head(h_BSd)
         return ModelOutput(logits_BSV, ctx.aux_losses, ctx.aux_router_losses, ctx.stats)

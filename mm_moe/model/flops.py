@@ -8,7 +8,9 @@ counted. What is counted, per token of a modality and per layer:
 - attention itself, QK^T and AV: 2 x n_heads x head_dim MACs per key the token attends to;
   `attention="causal"` counts (S + 1) / 2 keys on average over the S positions of a row (the
   work a causal kernel does), `"full"` counts all S (a masked dense kernel, e.g. SDPA with a
-  document mask on CPU); document masking is not subtracted (packed rows pay for it);
+  document mask on CPU); `batch_flops` counts a batch's own keys instead: inside each
+  document where the kernel skips masked blocks (FlexAttention), causal over the row
+  otherwise, for its non-padding tokens of each modality (MFU);
 - the FFN: dense SwiGLU (3 d f), or the MoE layer: the router of the token's group (d x E),
   `expected_experts_per_token` experts (3 d h each; expert choice with capacity factor c
   takes c x top_k x granularity per token on average over the group), shared experts, and
@@ -70,16 +72,21 @@ def flops_breakdown(
     seq_len: int,
     attention: Literal["causal", "full"] = "causal",
     experts_per_token: dict | None = None,
+    keys_per_token: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per modality: forward and backward FLOPs per token by part, and their totals.
 
     `cfg` is a ModelConfig with its vocab_size resolved, `moe` an MoEConfig;
-    `experts_per_token` as in `_block_macs`."""
+    `experts_per_token` as in `_block_macs`; `keys_per_token`, where given, replaces the keys
+    `attention` implies with a batch's mean (mixture-of-depths layers: its capacity share)."""
     if attention not in ("causal", "full"):
         raise UserError(f"attention={attention!r} must be 'causal' or 'full'")
     if seq_len < 1:
         raise UserError(f"seq_len={seq_len} must be positive")
-    keys_of = lambda s: (s + 1) / 2 if attention == "causal" else s
+    if keys_per_token is not None:
+        keys_of = lambda s: keys_per_token * s / seq_len
+    else:
+        keys_of = lambda s: (s + 1) / 2 if attention == "causal" else s
     fwd = {m: {} for m in MODALITIES}
     bwd = {m: {} for m in MODALITIES}
 
@@ -123,9 +130,10 @@ def training_flops_per_token(
     seq_len: int,
     attention: Literal["causal", "full"] = "causal",
     experts_per_token: dict | None = None,
+    keys_per_token: float | None = None,
 ) -> dict[str, float]:
     """Forward + backward FLOPs per token of each modality."""
-    parts = flops_breakdown(cfg, moe, seq_len, attention, experts_per_token)
+    parts = flops_breakdown(cfg, moe, seq_len, attention, experts_per_token, keys_per_token)
     return {m: v["total"] for m, v in parts.items()}
 
 
@@ -142,6 +150,24 @@ def experts_per_token_of(stats: dict) -> dict[tuple[int, str], float]:
     return out
 
 
+def batch_flops(
+    cfg, moe, seq_len: int, profile, skips_masked: bool, experts_per_token: dict | None = None
+) -> dict[str, float]:
+    """Training FLOPs of a batch from its TokenProfile (data/batch.py): each modality's
+    non-padding tokens x its FLOPs per token, attention over the keys the batch's real tokens
+    attend to: inside their documents where the kernel skips masked blocks (`skips_masked`:
+    FlexAttention with document masks), causal over the whole row otherwise. Attention work is
+    linear in the keys, so the batch's mean keys per token give its exact total."""
+    tokens = max(profile.tokens, 1)
+    keys = (profile.document_keys if skips_masked else profile.causal_keys) / tokens
+    per_token = training_flops_per_token(
+        cfg, moe, seq_len, experts_per_token=experts_per_token, keys_per_token=keys
+    )
+    out = {f"flops_per_token_{m}": per_token[m] for m in MODALITIES}
+    out["flops_step"] = sum(n * per_token[m] for m, n in zip(MODALITIES, profile.tokens_M))
+    return out
+
+
 class FlopsMeter:
     """Cumulative training FLOPs of a run: per modality, tokens x FLOPs per token.
 
@@ -149,23 +175,33 @@ class FlopsMeter:
     trainer/step.py counts); the state is two numbers per modality, saved with checkpoints.
     With `model` = (ModelConfig, MoEConfig, seq_len), the FLOPs per token of each step use the
     experts per token the step actually computed (expert-choice capacity rounds down, and is
-    at least one token per expert), else the fixed `per_token`.
+    at least one token per expert), else the fixed `per_token`; given the step's TokenProfile,
+    its attention keys too (`batch_flops`), and `flops_step`, the step's FLOPs (for MFU).
+    `skips_masked`: the attention kernel skips masked blocks (FlexAttention, document masks).
     """
 
     def __init__(
-        self, per_token: dict[str, float], state: dict | None = None, model: tuple | None = None
+        self,
+        per_token: dict[str, float],
+        state: dict | None = None,
+        model: tuple | None = None,
+        skips_masked: bool = False,
     ):
-        self.per_token, self.model = per_token, model
+        self.per_token, self.model, self.skips_masked = per_token, model, skips_masked
         self.totals = {m: 0.0 for m in MODALITIES}
         if state:
             self.totals.update({m: float(state.get(m, 0.0)) for m in MODALITIES})
 
-    def update(self, stats: dict) -> dict[str, float]:
-        """Add one step (train_step's `tokens_<modality>` and routing statistics); returns
-        the metrics to log."""
-        per_token = self.per_token
+    def update(self, stats: dict, profile=None) -> dict[str, float]:
+        """Add one step (train_step's `tokens_<modality>` and routing statistics, and the
+        global batch's TokenProfile where known); returns the metrics to log."""
+        per_token, step = self.per_token, {}
         used = experts_per_token_of(stats) if self.model is not None else {}
-        if used:
+        if self.model is not None and profile is not None:
+            cfg, moe, seq_len = self.model
+            step = batch_flops(cfg, moe, seq_len, profile, self.skips_masked, used or None)
+            per_token = {m: step[f"flops_per_token_{m}"] for m in MODALITIES}
+        elif used:
             cfg, moe, seq_len = self.model
             per_token = training_flops_per_token(cfg, moe, seq_len, experts_per_token=used)
         for m in MODALITIES:
@@ -173,6 +209,8 @@ class FlopsMeter:
         out = {f"flops_cumulative_{m}": v for m, v in self.totals.items()}
         out["flops_cumulative"] = sum(self.totals.values())
         out.update({f"flops_per_token_{m}": v for m, v in per_token.items()})
+        if "flops_step" in step:
+            out["flops_step"] = step["flops_step"]
         return out
 
     def state_dict(self) -> dict:

@@ -40,6 +40,6 @@ class KVCache:
 
 
 def supports_kv_cache(model) -> bool:
-    from mm_moe.model.mod import MoDBlock
-
-    return not any(isinstance(m, MoDBlock) for m in model.modules())
+    # A module says it cannot be replayed from cached keys (MoDBlock) rather than this file
+    # importing it: the forward context imports this file, and MoDBlock imports the context.
+    return not any(getattr(m, "breaks_kv_cache", False) for m in model.modules())

@@ -9,37 +9,23 @@ Shape legend: B batch, S sequence, K selected slots per sequence, d width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm_moe.errors import UserError
 from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.attention_mask import AttentionMask
+from mm_moe.model.config import MoDConfig
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.modality_ops import ModalityRows
 from mm_moe.model.moe.aux_router import AuxRouter
 
 
-@dataclass
-class MoDConfig:
-    # Layers routed by mixture-of-depths; empty turns it off.
-    layers: list[int] = field(default_factory=list)
-    # Fraction of each sequence's tokens that go through a routed block.
-    capacity: float = 0.5
-    aux_router_hidden: int = 64
-    aux_router_coef: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.capacity <= 1:
-            raise UserError(f"model.mod.capacity={self.capacity} must be in (0, 1]")
-        if any(i < 0 for i in self.layers):
-            raise UserError(f"model.mod.layers={self.layers} must be layer indices >= 0")
-
-
 class MoDBlock(nn.Module):
+    # Its keys exist only for the tokens its router took, a different set per row: sampling
+    # decodes without a KV cache (kv_cache.supports_kv_cache).
+    breaks_kv_cache = True
+
     def __init__(self, block: nn.Module, cfg: MoDConfig, d_model: int, layer_index: int):
         super().__init__()
         self.block, self.cfg, self.layer_index = block, cfg, layer_index
@@ -63,21 +49,26 @@ class MoDBlock(nn.Module):
         aux_logits_BS = self.aux_router(x_BSd.reshape(B * S, d)).view(B, S)
         valid_BS = ctx.valid_BS
         selected_BS = self._select(scores_BS, aux_logits_BS, valid_BS)
-        loss, acc, baseline = AuxRouter.loss_and_accuracy(
-            aux_logits_BS[valid_BS], selected_BS[valid_BS]
-        )
+        # Masked means over the valid tokens (a boolean index would sync the host).
         if self.training and self.cfg.aux_router_coef > 0:
+            loss = AuxRouter.loss(aux_logits_BS, selected_BS, valid_BS)
             ctx.add_aux_router_loss("mod/aux_router_bce", self.cfg.aux_router_coef * loss)
-        ctx.add_stat(f"mod/l{self.layer_index}/aux_router_acc", acc)
-        ctx.add_stat(f"mod/l{self.layer_index}/aux_router_baseline", baseline)
-        ctx.add_stat(
-            f"mod/l{self.layer_index}/selected", selected_BS.sum() / valid_BS.sum().clamp_min(1)
-        )
+        if ctx.collect_stats:
+            acc, baseline = AuxRouter.accuracy(aux_logits_BS, selected_BS, valid_BS)
+            prefix = f"mod/l{self.layer_index}"
+            ctx.add_stat(f"{prefix}/aux_router_acc", acc)
+            ctx.add_stat(f"{prefix}/aux_router_baseline", baseline)
+            ctx.add_stat(f"{prefix}/selected", selected_BS.sum() / valid_BS.sum().clamp_min(1))
 
-        # Selected positions first, in their original order (stable sort), padded to the
-        # longest row with invalid slots. At least one slot keeps every rank's stats aligned.
+        # Selected positions first, in their original order (stable sort), padded to K slots
+        # with invalid ones. Training selects at most k per row: K = k, a static shape (no
+        # host sync); at inference the auxiliary router's count decides (the longest row).
+        # At least one slot keeps every rank's stats aligned.
         counts_B = selected_BS.sum(1)
-        K = max(1, int(counts_B.max()))
+        if self.training:
+            K = max(1, int(self.cfg.capacity * S))
+        else:
+            K = max(1, int(counts_B.max()))
         idx_BK = torch.argsort((~selected_BS).to(torch.int8), dim=1, stable=True)[:, :K]
         slot_ok_BK = torch.arange(K, device=x_BSd.device) < counts_B.unsqueeze(1)
         gather = lambda t: t.gather(1, idx_BK)
@@ -94,8 +85,9 @@ class MoDBlock(nn.Module):
             aux_losses=ctx.aux_losses,
             aux_router_losses=ctx.aux_router_losses,
             stats=ctx.stats,
-            rows=ModalityRows.of(modality_BK, NUM_MODALITIES, ctx.rows.rows_M is not None),
+            rows=ModalityRows.of(modality_BK, NUM_MODALITIES, ctx.rows.split),
             backend=ctx.backend,
+            collect_stats=ctx.collect_stats,
         )
         y_BKd = self.block(x_BKd, sub)
         gate_BK = torch.sigmoid(gather(scores_BS)) * slot_ok_BK

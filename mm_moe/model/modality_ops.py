@@ -6,8 +6,6 @@ Shape legend: B batch, S sequence, T tokens, M modalities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,23 +14,78 @@ from mm_moe.model.mlp import SwiGLU
 from mm_moe.model.norms import HeadLayerNorm, RMSNorm
 
 
-@dataclass
-class ModalityRows:
-    """Which of the flattened B*S tokens hold each modality: computed once per forward (one
-    host sync, for the split sizes) and shared by every per-modality op of every layer.
-    Without untied parts nothing needs the rows (`rows_M` None, no sync)."""
+class TokenIndex:
+    """Where each modality's tokens sit among the flattened B*S tokens: all of them (MoT's
+    per-modality weights), the valid ones (MoMa's expert groups) and every valid token (a
+    mixed group), each in token order.
 
-    modality_ids_BS: torch.Tensor
-    rows_M: tuple[torch.Tensor, ...] | None = None
+    Computed on first use, for every layer of the forward at once, with one host sync (the
+    sizes, which fix the shapes of everything routed by group); a forward that needs none of
+    it (dense) makes none. Counts are scatter-adds, not bincount (which syncs on CUDA)."""
+
+    def __init__(self, modality_ids_BS, valid_BS, num_modalities: int):
+        self.modality_ids_BS, self.valid_BS = modality_ids_BS, valid_BS
+        self.num_modalities = num_modalities
+        self._done = False
+
+    def compute(self) -> None:
+        """Now (before compiled code that must not break on the sync); idempotent."""
+        if self._done:
+            return
+        M = self.num_modalities
+        modality_T = self.modality_ids_BS.reshape(-1)
+        valid_T = self.valid_BS.reshape(-1) if self.valid_BS is not None else None
+        if valid_T is None:
+            valid_T = torch.ones_like(modality_T, dtype=torch.bool)
+        ones_T = torch.ones_like(modality_T)
+        # Stable sorts keep token order within each modality (expert choice breaks ties, and
+        # capacity-limited token choice drops, in token order).
+        self.by_modality_T = torch.argsort(modality_T, stable=True)
+        group_key_T = torch.where(valid_T, modality_T, M)  # invalid tokens sort last
+        self.by_group_T = torch.argsort(group_key_T, stable=True)
+        self.valid_first_T = torch.argsort((~valid_T).to(torch.int8), stable=True)
+        all_M = modality_T.new_zeros(M).scatter_add_(0, modality_T, ones_T)
+        valid_M = modality_T.new_zeros(M + 1).scatter_add_(0, group_key_T, ones_T)
+        sizes = torch.cat([all_M, valid_M]).tolist()  # the forward's one host sync
+        self.all_M, self.valid_M = sizes[:M], sizes[M : 2 * M]
+        self.starts_M = [sum(self.valid_M[:m]) for m in range(M)]
+        self._rows_M = tuple(self.by_modality_T.split(self.all_M))
+        self._done = True
+
+    @property
+    def rows_M(self) -> tuple[torch.Tensor, ...]:
+        """Per modality, the positions of its tokens (padding included)."""
+        self.compute()
+        return self._rows_M
+
+    def group(self, modalities: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """(positions, count) of the valid tokens of these modalities (one, or all)."""
+        self.compute()
+        if len(modalities) == 1:
+            (m,) = modalities
+            start, n = self.starts_M[m], self.valid_M[m]
+            return self.by_group_T[start : start + n], n
+        assert sorted(modalities) == list(range(self.num_modalities)), modalities
+        n = sum(self.valid_M)
+        return self.valid_first_T[:n], n
+
+
+class ModalityRows:
+    """Which of the flattened B*S tokens hold each modality: computed once per forward (by the
+    forward's `TokenIndex`, in its one host sync) and shared by every per-modality op of
+    every layer. Without untied parts nothing needs the rows (`split` false, no sync)."""
+
+    def __init__(self, modality_ids_BS: torch.Tensor, split: bool = False, index=None):
+        self.modality_ids_BS, self.split, self.index = modality_ids_BS, split, index
 
     @classmethod
     def of(cls, modality_ids_BS: torch.Tensor, num_modalities: int, split: bool) -> ModalityRows:
-        if not split:
-            return cls(modality_ids_BS)
-        modality_T = modality_ids_BS.reshape(-1)
-        order_T = torch.argsort(modality_T, stable=True)
-        counts = torch.bincount(modality_T, minlength=num_modalities).tolist()
-        return cls(modality_ids_BS, tuple(order_T.split(counts)))
+        index = TokenIndex(modality_ids_BS, None, num_modalities) if split else None
+        return cls(modality_ids_BS, split, index)
+
+    @property
+    def rows_M(self) -> tuple[torch.Tensor, ...] | None:
+        return self.index.rows_M if self.split else None
 
 
 class Linear(nn.Linear):

@@ -91,7 +91,9 @@ class AllToAllDispatcher:
         # Received rows come grouped by source rank, then local expert: regroup by local
         # expert (stable, so each expert sees rank 0's rows first) for the grouped GEMM.
         local_M = torch.arange(L, device=x_Nd.device).repeat(R)
-        local_M = local_M.repeat_interleave(recv_counts_RL.reshape(-1))
+        local_M = local_M.repeat_interleave(
+            recv_counts_RL.reshape(-1), output_size=sum(recv_splits)
+        )
         order_M = torch.argsort(local_M, stable=True)
         y_Md = experts(x_Md.index_select(0, order_M), recv_counts_RL.sum(0))
         inverse_M = torch.empty_like(order_M)

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from mm_moe.model.moe.aux_router import AuxRouter
+from mm_moe.parallel.adam_state import ADAM_KEYS, adam_state, group_of
 
 log = logging.getLogger("mm_moe")
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def aux_router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -110,15 +110,8 @@ class AuxRouterOptimizer:
 
     def load_moments(self, moments: dict, step: int) -> None:
         """Restore the moments (missing ones start at zero) and the schedule position."""
+        groups = group_of(self.optimizer)
         for name, p in self.params.items():
-            saved = moments.get(name, {})
-            self.optimizer.state[p] = {
-                "step": torch.tensor(float(step)),
-                **{
-                    k: saved[k].to(p.device, torch.float32).clone()
-                    if k in saved
-                    else torch.zeros_like(p, dtype=torch.float32)
-                    for k in ADAM_KEYS
-                },
-            }
+            # On p's device and dtype, `step` where fused AdamW reads it (adam_state.py).
+            self.optimizer.state[p] = adam_state(p, groups[id(p)], step, moments.get(name))
         self.steps = step

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -166,17 +167,58 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _on_host(value, device: torch.device) -> bool:
+    """A value the host holds (a number, or a CPU tensor in an accelerator run)."""
+    if not isinstance(value, torch.Tensor):
+        return True
+    return value.device.type == "cpu" and device.type != "cpu"
+
+
+def _flatten(values: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """One flat fp64 tensor on `device` holding every value, and {name: (offset, shape)}.
+    Device tensors join with one cat; host values with one copy (pinned, non-blocking), not
+    one copy per scalar."""
+    on_device, on_host = [], []
+    for name in sorted(values):
+        (on_host if _on_host(values[name], device) else on_device).append(name)
+    parts, layout, offset = [], {}, 0
+    for name in on_device:
+        t = values[name]
+        parts.append(t.detach().reshape(-1).to(torch.float64))
+        layout[name], offset = (offset, t.shape), offset + t.numel()
+    host: list[float] = []
+    for name in on_host:
+        t = torch.as_tensor(values[name])
+        host += t.reshape(-1).tolist()  # host memory: no device sync
+        layout[name], offset = (offset, t.shape), offset + t.numel()
+    if host:
+        host_t = torch.tensor(host, dtype=torch.float64)
+        if device.type == "cuda":
+            host_t = host_t.pin_memory().to(device, non_blocking=True)
+        parts.append(host_t.to(device))
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64, device=device), layout
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]), layout
+
+
 def all_reduce_sum_dict(values: dict, device: torch.device) -> dict[str, torch.Tensor]:
     """Each value (a tensor of any shape, or a number) summed over ranks, in one all-reduce
     of fp64; every rank must hold the same keys (they follow from the config)."""
-    names = sorted(values)
-    parts = [torch.as_tensor(values[n]).to(device, torch.float64) for n in names]
-    flat = all_reduce_sum(torch.cat([p.reshape(-1) for p in parts])) if parts else None
-    out, i = {}, 0
-    for name, part in zip(names, parts):
-        out[name] = flat[i : i + part.numel()].view(part.shape)
-        i += part.numel()
-    return out
+    flat, layout = _flatten(values, device)
+    flat = all_reduce_sum(flat) if flat.numel() else flat
+    return {n: flat[o : o + math.prod(shape)].view(shape) for n, (o, shape) in layout.items()}
+
+
+def all_reduce_sum_to_host(values: dict, device: torch.device) -> dict[str, list[float]]:
+    """Each value summed over ranks and fetched to the host as a flat list: one all-reduce
+    and one device-to-host copy for all of them (sliced on the host). A single process
+    whose values are all on the host moves nothing."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1 and all(_on_host(v, device) or device.type == "cpu" for v in values.values()):
+        device = torch.device("cpu")
+    flat, layout = _flatten(values, device)
+    host = all_reduce_sum(flat).tolist() if flat.numel() else []  # the one copy
+    return {n: host[o : o + math.prod(shape)] for n, (o, shape) in layout.items()}
 
 
 def barrier() -> None:

@@ -24,10 +24,9 @@ from deepspeed.utils import (
 )
 
 from mm_moe.errors import UserError
+from mm_moe.parallel.adam_state import ADAM_KEYS, adam_state
 from mm_moe.parallel.deepspeed_fixes import relink_optimizer_fragments
 from mm_moe.parallel.expert_parallel import ExpertParallelMoELayer, sharded_experts
-
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _gather_experts(local: torch.Tensor, layer: ExpertParallelMoELayer) -> torch.Tensor | None:
@@ -147,14 +146,12 @@ def load_model(engine, state: dict[str, torch.Tensor], path: str = "checkpoint")
 
 
 def _init_base_state(engine, step: int) -> None:
-    """Create Adam state (zeros, given step) so moments can be written before the first step."""
+    """Create Adam state (zeros, given step) so moments can be written before the first step;
+    on each parameter's device and in its dtype, `step` where fused AdamW reads it."""
     base = _base_optimizer(engine)
     for group in base.param_groups:
         for p in group["params"]:
-            base.state[p] = {
-                "step": torch.tensor(float(step)),
-                **{k: torch.zeros_like(p, dtype=torch.float32) for k in ADAM_KEYS},
-            }
+            base.state[p] = adam_state(p, group, step)
     relink_optimizer_fragments(engine)
 
 
@@ -178,4 +175,4 @@ def load_optimizer(engine, state: dict, path: str = "checkpoint") -> None:
             if _is_sharded(p):
                 safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), k)
             else:
-                base.state[p][k] = value.to(p.device, torch.float32).clone()
+                base.state[p][k] = value.to(device=p.device, dtype=p.dtype, copy=True)

@@ -3,6 +3,7 @@ the single-device model, in one place (torchtitan's `parallelize_*`).
 
     expert parallelism (shard experts, all-to-all dispatcher)   expert_parallel.py
     torch.compile per block (trainer.compile)                    compile.py
+    activation checkpointing (trainer.activation_checkpointing)  checkpointing.py
     the optimizer with expert param groups and its LR schedule   (the config's builders)
     the DeepSpeed engine: ZeRO, bf16, accumulation, clipping     here; its workarounds in
                                                                  deepspeed_fixes.py
@@ -16,6 +17,7 @@ import torch
 
 from mm_moe.parallel import deepspeed_fixes
 from mm_moe.parallel.aux_router_optim import AuxRouterOptimizer, aux_router_parameters
+from mm_moe.parallel.checkpointing import apply_activation_checkpointing
 from mm_moe.parallel.compile import compile_blocks
 from mm_moe.parallel.distributed import DistInfo
 from mm_moe.parallel.expert_parallel import grad_norm, shard_experts
@@ -31,9 +33,16 @@ def deepspeed_config(
     zero_stage: int,
     grad_clip: float,
     bf16: bool,
+    overlap_comm: bool = False,
+    grad_accum_dtype: str = "auto",
 ) -> dict:
+    """DeepSpeed's config. overlap_comm: the gradient reduction overlaps the backward (on GPU:
+    NCCL on its own stream; over gloo on CPU it only adds copies). grad_accum_dtype:
+    trainer.grad_accum_dtype (fp32: DeepSpeed's bf16 optimizer accumulates in fp32)."""
     gas = global_batch_size // (micro_batch_size * dp_world_size)
     assert gas * micro_batch_size * dp_world_size == global_batch_size
+    assert grad_accum_dtype in ("auto", "fp32"), grad_accum_dtype
+    data_types = {} if grad_accum_dtype == "auto" else {"grad_accum_dtype": grad_accum_dtype}
     return {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -42,15 +51,30 @@ def deepspeed_config(
         "zero_optimization": {
             "stage": deepspeed_fixes.zero_stage_for(zero_stage, bf16),
             "contiguous_gradients": True,
-            "overlap_comm": False,
+            "overlap_comm": overlap_comm,
             "reduce_scatter": True,
         },
         "bf16": {"enabled": bf16},
+        **({"data_types": data_types} if data_types else {}),
         # Our AdamW is torch's; DeepSpeed shards its state under ZeRO like its own.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+def deepspeed_config_for(cfg, dist: DistInfo) -> dict:
+    """DeepSpeed's config for a TrainConfig on this world: overlap_comm on GPUs."""
+    return deepspeed_config(
+        global_batch_size=cfg.trainer.global_batch_size,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        dp_world_size=dist.world_size,
+        zero_stage=cfg.parallel.zero_stage,
+        grad_clip=cfg.optim.grad_clip,
+        bf16=uses_bf16(cfg.trainer.precision, dist.device),
+        overlap_comm=dist.device.type == "cuda",
+        grad_accum_dtype=cfg.trainer.grad_accum_dtype,
+    )
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -69,24 +93,25 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
     expert_parallel = shard_experts(model, cfg.parallel, dist.device)
     if cfg.trainer.compile:
         compile_blocks(model)
+    # After compile: recompute wraps the compiled call (checkpointing.py says why).
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     aux_params = aux_router_parameters(model).values()
     optimizer = cfg.optim.build(model, exclude=aux_params, router_lr_scale=cfg.moe.router_lr_scale)
     if expert_parallel is not None:
         deepspeed_fixes.split_moe_param_groups(optimizer)
     scheduler = cfg.optim.build_schedule(optimizer, cfg.trainer.max_steps)
-    ds_config = deepspeed_config(
-        global_batch_size=cfg.trainer.global_batch_size,
-        micro_batch_size=cfg.trainer.micro_batch_size,
-        dp_world_size=dist.world_size,
-        zero_stage=cfg.parallel.zero_stage,
-        grad_clip=cfg.optim.grad_clip,
-        bf16=uses_bf16(cfg.trainer.precision, dist.device),
-    )
+    ds_config = deepspeed_config_for(cfg, dist)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if cfg.trainer.grad_accum_dtype != "auto":
+        log.info(
+            "gradient accumulation in %s (trainer.grad_accum_dtype): %s",
+            cfg.trainer.grad_accum_dtype,
+            type(engine.optimizer).__name__,
+        )
     if expert_parallel is not None:
         expert_parallel.check_deepspeed_groups()
         deepspeed_fixes.fix_clipping(engine, grad_norm)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from mm_moe.errors import UserError
 from mm_moe.tokenization.image_preprocess import to_rgb
+from mm_moe.utils.json_files import read_json_object
 
 VQ_CONFIG, VQ_WEIGHTS = "chameleon_vq.json", "chameleon_vq.safetensors"
 PREFIX = "model.vqmodel."
@@ -32,9 +33,11 @@ def _source(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     if (folder / VQ_CONFIG).is_file():
-        return json.loads((folder / VQ_CONFIG).read_text()), load_file(str(folder / VQ_WEIGHTS))
+        vq_config = read_json_object(folder / VQ_CONFIG, "Chameleon's VQGAN configuration")
+        return vq_config, load_file(str(folder / VQ_WEIGHTS))
     config = folder / "config.json"
-    if not config.is_file() or json.loads(config.read_text()).get("model_type") != "chameleon":
+    what = "a Chameleon model's configuration"
+    if not config.is_file() or read_json_object(config, what).get("model_type") != "chameleon":
         raise UserError(
             f"tokenizer.path={folder}: tokenizer.image=chameleon needs {VQ_CONFIG} and "
             f"{VQ_WEIGHTS}, or a Chameleon folder (config.json with model_type chameleon)"
@@ -44,7 +47,7 @@ def _source(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         weights.update(
             {k[len(PREFIX) :]: v for k, v in load_file(str(shard)).items() if k.startswith(PREFIX)}
         )
-    return json.loads(config.read_text())["vq_config"], weights
+    return read_json_object(config, what)["vq_config"], weights
 
 
 def extract(folder: str | Path, out: str | Path) -> None:

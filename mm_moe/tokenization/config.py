@@ -3,7 +3,8 @@ build the unified vocabulary that data, model and sampling share."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,7 @@ from mm_moe.tokenization.interface import Tokenizers
 from mm_moe.tokenization.vocab import Vocab
 
 VOCAB_FILE = "vocab.yaml"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +39,10 @@ class TokenizerConfig:
     grid: int = 4
     # grid_quantizer: colour levels per channel (codebook size = levels^3).
     levels: int = 4
+    # Checkpoints and token shards record a digest of the tokenizers' files (digest.py);
+    # resume, generate and load_pretrained refuse a tokenizer whose files changed since
+    # (moved but identical is fine). true: go on with a warning.
+    allow_changed: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_size", "grid", "levels"):
@@ -127,6 +133,15 @@ def appended_vocab(
     missing ones appended after its `text_size` ids, then the image codes (or, where the
     model placed them itself, `image_ids`)."""
     ids = dict(specials)
+    if ids.get("pad") is not None and ids["pad"] in (ids.get(k) for k in SPECIALS if k != "pad"):
+        # Llama-family tokenizers often set pad = eos (or bos): padding would then mask that
+        # token out of the loss, so padding takes an id of its own instead (no row of the
+        # published model is used for it).
+        log.info(
+            "the tokenizer's pad id %d is also another special token's: pad gets an id of its own",
+            ids["pad"],
+        )
+        ids["pad"] = None
     end = text_size
     for name in SPECIALS:
         if ids.get(name) is None:
@@ -153,3 +168,81 @@ def check_layout(vocab: Vocab, text, image, where: str) -> None:
         raise UserError(
             f"{where}: {vocab.size} ids, fewer than the text tokenizer's {text.vocab_size}"
         )
+
+
+# ---- The tokenizer trainers (`python -m mm_moe.tokenization.train_text` / `train_image`:
+# mm_moe/train_text_tokenizer.py, mm_moe/train_image_tokenizer.py). ----
+@dataclass
+class TrainTextConfig:
+    output: str = "tokenizers/demo"
+    # Shard patterns, folders or files (see data.sources urls) to read text from.
+    sources: list[str] = field(default_factory=list)
+    # Plain UTF-8 text files, one or more documents each.
+    files: list[str] = field(default_factory=list)
+    vocab_size: int = 4096
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    # Read at most this many characters (0: all).
+    max_chars: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sources and not self.files:
+            raise UserError("give text to train on: sources=[SHARDS...] and/or files=[...]")
+        if self.vocab_size < 300:
+            raise UserError(
+                f"vocab_size={self.vocab_size} must be at least 300 "
+                "(256 byte-fallback pieces, specials, and merges)"
+            )
+
+
+@dataclass
+class VQConfig:
+    # Images are RGB resolution x resolution; the latent grid is resolution / downsample.
+    resolution: int = 28
+    downsample: int = 4
+    codebook_size: int = 256
+    code_dim: int = 32
+    channels: int = 64
+    # EMA codebook decay, commitment weight (VQ-VAE), dead-code restart threshold (uses/step).
+    ema_decay: float = 0.99
+    commitment: float = 0.25
+    restart_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.downsample < 1 or self.downsample & (self.downsample - 1):
+            raise UserError(f"downsample={self.downsample} must be a power of two")
+        if self.resolution % self.downsample:
+            raise UserError(
+                f"resolution={self.resolution} must be a multiple of downsample={self.downsample}"
+            )
+        if self.codebook_size < 2 or self.code_dim < 1 or self.channels < 1:
+            raise UserError("codebook_size >= 2, code_dim and channels >= 1")
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // self.downsample
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class TrainImageConfig:
+    output: str = "tokenizers/demo"
+    sources: list[str] = field(default_factory=list)
+    # Held-out shards for PSNR and codebook usage (never trained on).
+    heldout: list[str] = field(default_factory=list)
+    vq: VQConfig = field(default_factory=VQConfig)
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+    # Use at most this many training images (0: all).
+    max_images: int = 0
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise UserError("sources=[SHARDS...] must name the images to train on")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise UserError("steps and batch_size must be >= 1, lr > 0")

@@ -2,17 +2,18 @@
 
 FOLDER holds `tokenizer.json` (read with Hugging Face's `tokenizers`) or `tokenizer.model`
 (sentencepiece), and optionally `tokenizer_config.json` / `special_tokens_map.json` naming its
-special tokens. Text is encoded without special tokens (documents get this project's bos/eos
-from the vocabulary), so `decode(encode(text)) == text` wherever the tokenizer itself round-trips
-(byte-level BPE does; sentencepiece normalisation may not).
+special tokens. Text is encoded as plain text: no special tokens are added (documents get this
+project's bos/eos from the vocabulary), and special-token strings inside it (`</s>`,
+`<racm3:break>`) are encoded as the text they are, so `decode(encode(text)) == text` wherever
+the tokenizer itself round-trips (byte-level BPE does; sentencepiece normalisation may not).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mm_moe.errors import UserError
+from mm_moe.utils.json_files import read_json_object
 
 FILES = ("tokenizer.json", "tokenizer.model")
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -31,7 +32,7 @@ def _special_names(folder: Path) -> dict[str, str]:
         path = folder / config
         if not path.is_file():
             continue
-        data = json.loads(path.read_text())
+        data = read_json_object(path, "a Hugging Face tokenizer's special tokens")
         for key in ("bos", "eos", "pad"):
             value = data.get(f"{key}_token")
             if isinstance(value, dict):  # {"content": "<s>", ...}
@@ -41,6 +42,18 @@ def _special_names(folder: Path) -> dict[str, str]:
     return names
 
 
+def _read(load, path: Path):
+    """A tokenizer file read by its library; a damaged one is a UserError naming it."""
+    try:
+        return load(str(path))
+    except Exception as exc:  # noqa: BLE001 - the libraries raise their own kinds
+        raise UserError(
+            f"{path} cannot be read as a tokenizer ({exc.__class__.__name__}: {exc}); "
+            "tokenizer.text=hf needs a Hugging Face tokenizer.json or a sentencepiece "
+            "tokenizer.model"
+        ) from exc
+
+
 class HFTextTokenizer:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
@@ -48,12 +61,19 @@ class HFTextTokenizer:
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
-            self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            self._tok = _read(Tokenizer.from_file, folder / "tokenizer.json")
+            # Raw text is plain text: "</s>" or "<racm3:break>" inside a document must not
+            # become a special id (HF matches added special tokens in the input otherwise).
+            self._tok.encode_special_tokens = True
             self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         elif (folder / "tokenizer.model").is_file():
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            from mm_moe.tokenization.sentencepiece_text import PlainEncoder
+
+            model = folder / "tokenizer.model"
+            self._sp = _read(lambda f: spm.SentencePieceProcessor(model_file=f), model)
+            self._plain = PlainEncoder(self._sp)
             self.vocab_size = self._sp.get_piece_size()
         else:
             raise UserError(
@@ -74,7 +94,7 @@ class HFTextTokenizer:
     def encode(self, text: str) -> list[int]:
         if self._tok is not None:
             return self._tok.encode(text, add_special_tokens=False).ids
-        return self._sp.encode(text)
+        return self._plain.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         if self._tok is not None:

@@ -9,6 +9,7 @@ user-defined <boi> and <eoi> (begin and end of image) right after them.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -58,6 +59,44 @@ def train_sentencepiece(
     return path
 
 
+def user_defined_symbols(sp: spm.SentencePieceProcessor) -> list[str]:
+    """The model's user-defined pieces (the processor has no is_user_defined: read the proto,
+    whose module ships with sentencepiece; protobuf comes with wandb)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return [p.piece for p in proto.pieces if p.type == user_defined]
+
+
+class PlainEncoder:
+    """Sentencepiece encoding of raw text as plain text. Sentencepiece matches user-defined
+    symbols (<boi>, <eoi>) wherever their strings occur in the input, so a document that
+    merely mentions "<boi>" would get a begin-of-image id. Each occurrence is broken before
+    encoding: its first character is encoded on its own, the rest with what follows, so no
+    piece spans the whole symbol; decoding gives the same string back. (Control symbols such
+    as <s> and </s> are never produced from text by sentencepiece itself.)"""
+
+    def __init__(self, sp: spm.SentencePieceProcessor):
+        self.sp = sp
+        symbols = user_defined_symbols(sp)
+        longest_first = sorted((s for s in symbols if len(s) > 1), key=len, reverse=True)
+        self._pattern = (
+            re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+        )
+
+    def encode(self, text: str) -> list[int]:
+        if self._pattern is None:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        start = 0
+        for match in self._pattern.finditer(text):
+            ids += self.sp.encode(text[start : match.start() + 1])
+            start = match.start() + 1
+        return ids + (self.sp.encode(text[start:]) if start < len(text) else [])
+
+
 class SentencePieceTextTokenizer:
     def __init__(self, model_path: str | Path):
         path = Path(model_path)
@@ -79,8 +118,10 @@ class SentencePieceTextTokenizer:
                 "retrain it with mm_moe.tokenization.train_text"
             )
 
+        self._plain = PlainEncoder(self.sp)
+
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self._plain.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))

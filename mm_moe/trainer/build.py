@@ -19,24 +19,25 @@ from mm_moe.checkpoint.async_save import Checkpointer
 from mm_moe.checkpoint.rng import seed_all
 from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
+from mm_moe.data.prefetch import Prefetcher
 from mm_moe.errors import UserError
 from mm_moe.eval.heldout import HeldoutEval, heldout_batches
-from mm_moe.model.attention_mask import check_backend, resolve_backend
+from mm_moe.model.attention_mask import check_backend, resolve_backend, sdpa_call
 from mm_moe.model.config import ModelConfig
 from mm_moe.model.flops import FlopsMeter
 from mm_moe.model.moe.experts import gemm_paths
 from mm_moe.parallel.distributed import DistInfo, adopt_slurm_env, barrier, init_distributed
 from mm_moe.parallel.expert_parallel import check_expert_parallel
 from mm_moe.parallel.parallelize import parallelize, uses_bf16
+from mm_moe.tokenization.digest import check as check_tokenizer
+from mm_moe.tokenization.digest import tokenizer_digest
 from mm_moe.trainer import fault_injection
 from mm_moe.trainer.guard import StepGuard
-from mm_moe.trainer.metrics import MetricsLogger
+from mm_moe.trainer.metrics import METRICS_FILE, MetricsLogger
+from mm_moe.trainer.peak import device_name, peak_flops
 from mm_moe.utils.scrub import install_log_scrubber, scrub
 
 log = logging.getLogger("mm_moe")
-
-# Dense bf16 peak FLOP/s per device, for MFU.
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 @dataclass
@@ -58,12 +59,14 @@ class Training:
     wandb_id: str | None = None
     peak_flops: float = 0.0
     facts: dict = field(default_factory=dict)  # kernels chosen, for the first metrics row
+    tokenizer_digest: str | None = None  # recorded in each checkpoint (tokenization/digest.py)
 
     def state(self, step: int) -> ckpt_state.TrainState:
         """What a checkpoint of `step` holds."""
         extra = {
             "wandb_id": self.wandb_id,
             "flops_cumulative": self.flops.state_dict(),
+            "tokenizer_digest": self.tokenizer_digest,
             **self.guard.state_dict(),
         }
         return ckpt_state.TrainState(
@@ -104,6 +107,7 @@ def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                 "Pass checkpoint.resume=auto to continue that run, checkpoint.overwrite=true "
                 "to start over and replace them, or choose another trainer.run_dir"
             )
+        _refuse_earlier_metrics(cfg)
         if steps and dist.is_main:
             log.warning(
                 "checkpoint.overwrite=true: removing %d checkpoints in %s", len(steps), root
@@ -115,13 +119,20 @@ def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     return resume_dir
 
 
-def _peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    if cfg.trainer.peak_flops:
-        return cfg.trainer.peak_flops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((flops for key, flops in _PEAK_FLOPS.items() if key in name), 0.0)
-    return 0.0
+def _refuse_earlier_metrics(cfg: TrainConfig) -> None:
+    """A fresh start replaces metrics.jsonl (MetricsLogger): an earlier run's rows, even with
+    no checkpoint beside them, are kept unless checkpoint.overwrite=true. resume=auto that
+    finds nothing is this run restarting at step 0 (say, preempted before its first
+    checkpoint): its rows are cut back like any resume's."""
+    rows = Path(cfg.trainer.run_dir) / METRICS_FILE
+    if cfg.checkpoint.overwrite or cfg.checkpoint.resume == "auto":
+        return
+    if rows.is_file() and rows.stat().st_size > 0:
+        raise UserError(
+            f"trainer.run_dir={cfg.trainer.run_dir} already holds {METRICS_FILE} of an earlier "
+            "run, which a fresh start would replace. Pass checkpoint.overwrite=true to start "
+            "over and replace it, or choose another trainer.run_dir"
+        )
 
 
 def _kernels(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.device) -> dict:
@@ -129,6 +140,10 @@ def _kernels(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.devic
     recorded in the first row of metrics.jsonl. A forced path that cannot run fails here."""
     facts = {"attention": resolve_backend(model_cfg.attention, device)}
     check_backend(facts["attention"], device, training=True)
+    if facts["attention"] == "sdpa" and model_cfg.document_masking:
+        # How document masks run (a refusal here, before any step, rather than the math kernel).
+        gqa = model_cfg.n_heads != model_cfg.n_kv_heads
+        facts["attention/document_mask"] = sdpa_call(device.type, "dense", gqa, model_cfg.head_dim)
     gemm = gemm_paths(model, device)
     if gemm:
         facts["moe/gemm"] = ",".join(sorted(gemm))
@@ -195,6 +210,8 @@ def build_training(cfg: TrainConfig) -> Training:
     loader = cfg.data.build(
         t.seed, dist.rank, dist.world_size, t.micro_batch_size, t.global_batch_size
     )
+    # The next step's batches are built while this one runs (pinned for async copies on CUDA).
+    loader = Prefetcher(loader, pin_memory=dist.device.type == "cuda")
     model_cfg = cfg.model.with_vocab(loader.vocab.size)
     engine = parallelize(model_cfg.build(cfg.moe).to(dist.device), cfg, dist)
     seed_all(t.seed * 100_003 + dist.rank)  # randomness in training differs across ranks
@@ -202,7 +219,10 @@ def build_training(cfg: TrainConfig) -> Training:
     config_dict["model"]["vocab_size"] = model_cfg.vocab_size
     guard = StepGuard(t)  # non-finite steps and loss spikes
     meta = {"step": 0}
+    digest = tokenizer_digest(cfg.tokenizer)
     if resume_dir is not None:
+        recorded = layout.read_meta(resume_dir).get("tokenizer_digest")
+        check_tokenizer(recorded, cfg.tokenizer, f"checkpoint {resume_dir}", digest)
         meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size)
         guard.load_state_dict(meta)
         log.info("resumed from %s at step %d", resume_dir, meta["step"])
@@ -222,14 +242,20 @@ def build_training(cfg: TrainConfig) -> Training:
             Path(t.run_dir), dist.is_main, t.max_steps, meta["step"], cfg.logging, wandb_init
         ),
         flops=FlopsMeter(
-            per_token, meta.get("flops_cumulative"), (model_cfg, cfg.moe, cfg.data.seq_len)
+            per_token,
+            meta.get("flops_cumulative"),
+            (model_cfg, cfg.moe, cfg.data.seq_len),
+            # FlexAttention skips the blocks a document mask hides; SDPA computes them.
+            skips_masked=model_cfg.document_masking
+            and resolve_backend(model_cfg.attention, dist.device) == "flex",
         ),
         evaluator=_evaluator(cfg, dist),
         config_dict=config_dict,
         start_step=meta["step"],
         wandb_id=wandb_init["id"] if wandb_init else None,
-        peak_flops=_peak_flops(cfg, dist.device),
+        peak_flops=peak_flops(device_name(dist.device), t.peak_tflops),
         facts=_kernels(engine.module, model_cfg, dist.device),
+        tokenizer_digest=digest,
     )
     fault_injection.install(training)  # test-only; nothing unless MM_MOE_FAULT_INJECT is set
     return training

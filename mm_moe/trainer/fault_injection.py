@@ -50,8 +50,11 @@ def _model_hooks(module, loader: FaultyLoader, injector: FaultInjector, rank: in
             return out
         loader.first_forward = False
         factor = injector.loss_factor(loader.step, rank)
-        if factor != 1.0:
-            out.logits = out.logits * factor
+        if factor != 1.0:  # the output layer is linear: scaling its input scales the logits
+            if out.logits is not None:
+                out.logits = out.logits * factor
+            else:
+                out.hidden = out.hidden * factor
         return out
 
     module.register_forward_pre_hook(before)

@@ -75,15 +75,22 @@ class RouterNoiseHook(Hook):
 
 
 class HealthStatsHook(Hook):
-    """moe.health_stats: the routing-health statistics are computed in the forwards of the
-    steps that log them (every trainer.log_interval and the last), not in every step."""
+    """Routing statistics (expert loads, aux-router accuracy, mixture-of-depths selection; with
+    `health`, moe.health_stats, the routing-health statistics too) are computed in the
+    forwards of the steps that log them (every trainer.log_interval and the last), not in
+    every step: the model's `collect_stats` flag, and each MoE layer's `collect_health`."""
+
+    def __init__(self, health: bool = True):
+        self.health = health
 
     def _set(self, trainer, step: int) -> None:
         t = trainer.training
         logged = step % t.cfg.trainer.log_interval == 0 or step == t.cfg.trainer.max_steps
         for module in t.engine.module.modules():
-            if isinstance(module, MoELayer):
+            if isinstance(module, MoELayer) and self.health:
                 module.collect_health = logged
+            if hasattr(module, "collect_stats"):
+                module.collect_stats = logged
 
     def before_fit(self, trainer) -> None:
         self._set(trainer, trainer.training.start_step + 1)

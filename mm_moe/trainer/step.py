@@ -16,11 +16,12 @@ import torch
 
 from mm_moe.data.batch import Batch
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
-from mm_moe.model.losses import per_token_losses
+from mm_moe.model.losses import chunked_lm_losses, per_token_losses
 from mm_moe.model.moe.balance import update_expert_biases
 from mm_moe.model.moe.layer import MoELayer
+from mm_moe.parallel.checkpointing import backward_group
 from mm_moe.parallel.deepspeed_fixes import last_grad_norm, local_grads_finite, skip_optimizer_step
-from mm_moe.parallel.distributed import all_reduce_sum, all_reduce_sum_dict
+from mm_moe.parallel.distributed import all_reduce_sum, all_reduce_sum_to_host
 from mm_moe.parallel.parallelize import unsharded_grad_norm
 
 
@@ -35,23 +36,47 @@ def loss_token_counts(batches: list[Batch], device: torch.device) -> torch.Tenso
 
 class _Sums:
     """What one rank accumulates over its micro-batches: [ce per modality..., z-loss sum,
-    aux-loss sum] in fp64, and the routing statistics."""
+    aux-loss sum] in fp64, and the routing statistics. On steps that do not log them
+    (`collect` false: the model then computes only its host-side pair and token counts) the
+    per-loss `aux/` statistics are skipped too, so nothing is fetched from the device."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, collect: bool = True):
         self.losses = torch.zeros(NUM_MODALITIES + 2, dtype=torch.float64, device=device)
         self.stats: dict[str, torch.Tensor] = {}
+        self.collect = collect
 
     def add_stat(self, name: str, value: torch.Tensor) -> None:
+        if not self.collect and name.startswith("aux/"):
+            return
         self.stats[name] = self.stats[name] + value if name in self.stats else value.clone()
+
+
+def collects_stats(model: torch.nn.Module) -> bool:
+    """Whether the model computes its routing statistics in this step (the trainer turns
+    them on for the steps it logs: `collect_stats`)."""
+    for m in model.modules():
+        flag = getattr(m, "collect_stats", None)
+        if flag is not None:
+            return bool(flag)
+    return True
+
+
+def _token_losses(model, out, targets_BS: torch.Tensor, z_loss: float):
+    """Cross-entropy and z-loss per token, from the final hidden states in chunks (never the
+    fp32 [B, S, V] logits saved for backward: model/losses.py), or from logits where the
+    model gave them."""
+    if out.hidden is None:
+        return per_token_losses(out.logits, targets_BS, z_loss)
+    return chunked_lm_losses(out.hidden, model.lm_head.weight, targets_BS, z_loss)
 
 
 def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: float, num_micro: int):
     """Forward and backward of one micro-batch; its objective is its share of the global
     token mean (sum of token losses x `scale`) plus its aux losses / micro-batches."""
-    out = engine(*b.model_inputs())
+    out = engine(*b.model_inputs(), return_hidden=True)
     for name, value in out.stats.items():
         sums.add_stat(name, value)
-    ce_BS, z_BS = per_token_losses(out.logits, b.target_ids_BS, z_loss)
+    ce_BS, z_BS = _token_losses(engine.module, out, b.target_ids_BS, z_loss)
     mask_BS = b.loss_mask_BS.to(ce_BS.dtype)
     objective = (ce_BS * mask_BS).sum()
     if z_BS is not None:
@@ -60,10 +85,11 @@ def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: float, num_
         sums.losses[NUM_MODALITIES] += z_sum.detach().double()
     objective = objective * scale
     aux_routers = getattr(engine, "aux_routers", None)
+    aux_apart = None
     if out.aux_router_losses:
         aux_router = sum(out.aux_router_losses.values())
         if aux_routers is not None:  # trained apart, outside the engine's clip
-            aux_routers.backward(aux_router / num_micro)
+            aux_apart = aux_router / num_micro  # its backward after the main one
         else:
             objective = objective + aux_router / num_micro
     aux_losses = {**out.aux_losses, **out.aux_router_losses}
@@ -79,7 +105,11 @@ def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: float, num_
         for m in range(NUM_MODALITIES):
             sel_BS = mask_BS * (b.target_modality_ids_BS == m)
             sums.losses[m] += (ce_BS.detach() * sel_BS).sum().double()
-    engine.backward(objective, scale_wrt_gas=False)
+    # One recompute per checkpointed block for both backward calls (parallel/checkpointing.py)
+    with backward_group(engine.module):
+        engine.backward(objective, scale_wrt_gas=False)
+        if aux_apart is not None:
+            aux_routers.backward(aux_apart)
 
 
 def _agree(engine, losses: torch.Tensor, world: int, rank: int) -> tuple[torch.Tensor, list]:
@@ -107,7 +137,7 @@ def train_step(
     counts_M = all_reduce_sum(loss_token_counts(batches, device))
     n_global = max(float(counts_M.sum()), 1.0)
     num_micro = len(batches)
-    sums = _Sums(device)
+    sums = _Sums(device, collects_stats(engine.module))
     for i, b in enumerate(batches):
         _micro_step(engine, b.to(device), sums, z_loss, dp_world_size / n_global, num_micro)
         if i < num_micro - 1:
@@ -153,12 +183,11 @@ def _discard_expert_loads(model: torch.nn.Module) -> None:
 
 def _mean_stats(stat_sums: dict[str, torch.Tensor], count: int, device) -> dict[str, float]:
     """Routing statistics averaged over micro-batches and ranks; vector stats (per-expert load)
-    become one metric per element."""
+    become one metric per element. One all-reduce and one device-to-host copy for all."""
     out = {}
-    for name, total in all_reduce_sum_dict(stat_sums, device).items():
-        values = (total / count).tolist()
-        if total.dim() == 0:
-            out[name] = values
+    for name, values in all_reduce_sum_to_host(stat_sums, device).items():
+        if stat_sums[name].dim() == 0:
+            out[name] = values[0] / count
         else:
-            out.update({f"{name}_e{e}": v for e, v in enumerate(values)})
+            out.update({f"{name}_e{e}": v / count for e, v in enumerate(values)})
     return out

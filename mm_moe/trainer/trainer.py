@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from mm_moe.data.batch import TokenProfile
+from mm_moe.modality import NUM_MODALITIES
 from mm_moe.parallel.distributed import all_reduce_sum_dict, names_lost_ranks
 from mm_moe.trainer.build import Training, build_training
 from mm_moe.trainer.hooks import (
@@ -27,6 +29,7 @@ from mm_moe.trainer.hooks import (
     RoutingHealthHook,
     summary,
 )
+from mm_moe.trainer.profiler import ProfileHook
 from mm_moe.trainer.step import train_step
 
 log = logging.getLogger("mm_moe")
@@ -44,16 +47,44 @@ def default_hooks(training: Training) -> list[Hook]:
     if cfg.moe.enabled and cfg.moe.health_stats and warning.intervals > 0:
         hooks.append(RoutingHealthHook(warning, sigmoid_gates=cfg.moe.score == "sigmoid"))
     hooks += [RollbackHook(), CheckpointHook()]
-    if cfg.moe.enabled and cfg.moe.health_stats:
-        hooks.append(HealthStatsHook())  # last: sets up the next step
+    if cfg.trainer.profile:  # trainer.profile=START:END (profiler.py)
+        hooks.append(ProfileHook(*cfg.trainer.profile_steps()))
+    # Last: sets up the next step (statistics only in the forwards of logged steps).
+    hooks.append(HealthStatsHook(health=cfg.moe.enabled and cfg.moe.health_stats))
     return hooks
 
 
-def data_counters(loader, device: torch.device) -> dict[str, int]:
-    """The loader's running counters (e.g. `data/skipped_<reason>`), summed over ranks;
-    loaders expose `counters() -> dict[str, int]` with the same keys on every rank."""
+def data_counters(loader, device: torch.device, extra: dict | None = None) -> dict[str, int]:
+    """The loader's running counters (e.g. `data/skipped_<reason>`), and `extra`, summed over
+    ranks in one all-reduce; loaders expose `counters() -> dict[str, int]` with the same keys
+    on every rank."""
     local = loader.counters() if hasattr(loader, "counters") else {}
-    return {k: int(v) for k, v in all_reduce_sum_dict(local, device).items()}
+    return {k: int(v) for k, v in all_reduce_sum_dict({**local, **(extra or {})}, device).items()}
+
+
+_PROFILE = "_profile/"
+
+
+def _profile_counts(batches: list) -> dict[str, int]:
+    """This rank's TokenProfile (data/batch.py) as counters to sum over ranks; empty where a
+    batch has none."""
+    if not batches or any(b.profile is None for b in batches):
+        return {}
+    p = sum((b.profile for b in batches[1:]), batches[0].profile)
+    counts = {f"{_PROFILE}tokens_{m}": n for m, n in enumerate(p.tokens_M)}
+    counts.update(
+        {f"{_PROFILE}{k}": getattr(p, k) for k in ("positions", "causal_keys", "document_keys")}
+    )
+    return counts
+
+
+def _global_profile(counters: dict[str, int]) -> TokenProfile | None:
+    """The global batch's TokenProfile, taken out of the summed counters."""
+    mine = {k[len(_PROFILE) :]: counters.pop(k) for k in list(counters) if k.startswith(_PROFILE)}
+    if not mine:
+        return None
+    tokens_M = tuple(mine[f"tokens_{m}"] for m in range(NUM_MODALITIES))
+    return TokenProfile(tokens_M, mine["positions"], mine["causal_keys"], mine["document_keys"])
 
 
 class Trainer:
@@ -63,22 +94,25 @@ class Trainer:
         self.stop = False  # a hook may end the run after the current step
         self.history: list[dict] = []
 
-    def _record(self, step: int, stats: dict, lr: float, seconds: float) -> dict:
+    def _record(self, step: int, stats: dict, lr: float, seconds: float, batches) -> dict:
         t = self.training
-        tokens_per_step = t.cfg.trainer.global_batch_size * t.cfg.data.seq_len
+        padded = t.cfg.trainer.global_batch_size * t.cfg.data.seq_len
+        counters = data_counters(t.loader, t.dist.device, _profile_counts(batches))
+        profile = _global_profile(counters)
         record = {
             "step": step,
             **stats,
             "lr": lr,
             "step_time_s": seconds,
-            "tokens_per_s": tokens_per_step / seconds,
+            # Tokens the model learns from, padding left out; every position beside it.
+            "tokens_per_s": (profile.tokens if profile else padded) / seconds,
+            "tokens_per_s_padded": padded / seconds,
         }
-        record.update(data_counters(t.loader, t.dist.device))
+        record.update(counters)
         record.update(t.guard.counters(), **t.checkpointer.counters())
-        record.update(t.flops.update(stats))
-        if t.peak_flops:
-            mean_flops = (record["flops_per_token_text"] + record["flops_per_token_image"]) / 2
-            record["mfu"] = mean_flops * record["tokens_per_s"] / (t.peak_flops * t.dist.world_size)
+        record.update(t.flops.update(stats, profile))
+        if t.peak_flops and "flops_step" in record:
+            record["mfu"] = record["flops_step"] / seconds / (t.peak_flops * t.dist.world_size)
         return record
 
     def step(self, step: int) -> dict:
@@ -86,9 +120,10 @@ class Trainer:
         t = self.training
         t0 = time.perf_counter()
         lr = t.engine.lr_scheduler.get_last_lr()[0]
+        batches = t.loader.next()  # built while the last step ran (data/prefetch.py)
         stats = train_step(
             t.engine,
-            t.loader.next(),
+            batches,
             t.model_cfg.z_loss,
             t.dist.world_size,
             t.dist.device,
@@ -97,7 +132,7 @@ class Trainer:
         )
         if t.dist.device.type == "cuda":
             torch.cuda.synchronize()
-        return self._record(step, stats, lr, time.perf_counter() - t0)
+        return self._record(step, stats, lr, time.perf_counter() - t0, batches)
 
     def fit(self) -> list[dict]:
         """Train to trainer.max_steps; returns the metrics records (rank 0's view, the same on
@@ -113,6 +148,8 @@ class Trainer:
                 hook.after_step(self, step, record)
             if self.stop:
                 break
+        if hasattr(t.loader, "close"):
+            t.loader.close()  # stops the prefetch thread
         # Collective (not in a `finally`: a rank that failed alone must not wait on the others)
         t.checkpointer.close()  # an asynchronous write in flight ends (and fails) here
         for hook in self.hooks:

@@ -30,6 +30,34 @@ from mm_moe.errors import UserError
 INDEX = "model.safetensors.index.json"
 
 
+def _mixtral_mismatches(cfg, moe) -> list[str]:
+    """`key=value (Mixtral needs value)` for every option that changes what the model computes
+    in eval mode and that HF Mixtral cannot express (softmax over one group's linear router
+    logits, top-k renormalized, dropless, an MoE FFN in every layer, pre-norm, no QK-norm).
+    Training-only options (noise, capacity, losses, router lr and init) change nothing here."""
+    every_layer = moe.layers == "all" or sorted(moe.layers) == list(range(cfg.n_layers))
+    needs = [
+        ("moe.router", moe.router, "token_choice"),
+        ("moe.score", moe.score, "softmax"),
+        ("moe.renormalize", moe.renormalize, True),
+        ("moe.router_logits", moe.router_logits, "linear"),
+        ("moe.bias_update_rate", moe.bias_update_rate, 0.0),
+        ("moe.shared_experts", moe.shared_experts, 0),
+        ("moe.layers", "all" if every_layer else moe.layers, "all"),
+        ("model.qk_norm", cfg.qk_norm, False),
+        ("model.norm_placement", cfg.norm_placement, "pre"),
+    ]
+    return [
+        f"{key}={_yaml(got)} (Mixtral needs {key}={_yaml(want)})"
+        for key, got, want in needs
+        if got != want
+    ]
+
+
+def _yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def architecture(model) -> str:
     """llama | qwen3 | chameleon | mixtral for a loaded model, or a UserError saying why none."""
     cfg, moe = model.cfg, model.moe_cfg
@@ -38,21 +66,13 @@ def architecture(model) -> str:
         why.append(f"model.untie={cfg.untie} (Mixture-of-Transformers: weights per modality)")
     if cfg.mod.layers:
         why.append("mixture-of-depths layers (a selection over the sequence)")
-    if moe.enabled:
-        groups = moe.groups()
-        if len(groups) > 1:
-            why.append("experts grouped by modality (MoMa): tokens routed by their modality")
-        if moe.router != "token_choice":
-            why.append("moe.router=expert_choice (selection over the batch, auxiliary routers)")
-        if moe.score != "softmax" or not moe.renormalize:
-            why.append("Mixtral's router is softmax top-k renormalized")
-        if moe.shared_experts or moe.layers != "all":
-            why.append("shared experts or dense layers between MoE layers")
-        if moe.bias_update_rate > 0:
-            why.append("moe.bias_update_rate (a per-expert selection bias Mixtral lacks)")
+    if moe.enabled and len(moe.groups()) > 1:
+        why.append("experts grouped by modality (MoMa): tokens routed by their modality")
+    if moe.enabled and moe.router != "token_choice":
+        why.append("moe.router=expert_choice (selection over the batch, auxiliary routers)")
+    if moe.enabled and not why:
+        why += _mixtral_mismatches(cfg, moe)
     qk = cfg.qk_norm_kind
-    if not why and moe.enabled and (qk != "none" or cfg.norm_placement != "pre"):
-        why.append("Mixtral has no QK-norm and pre-norm blocks")
     chameleon = bool(getattr(getattr(model, "vocab", None), "image_ids", ()))
     if not why and not moe.enabled and qk == "head_layernorm" and not chameleon:
         why.append("Chameleon's QK-norm without Chameleon's vocabulary")

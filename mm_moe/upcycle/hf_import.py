@@ -22,13 +22,15 @@ imported model uses model.qk_norm=false.
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import torch
 
 from mm_moe.errors import UserError
+from mm_moe.utils.json_files import read_json_object
 
+log = logging.getLogger(__name__)
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -48,7 +50,7 @@ def read_config(folder: str | Path) -> dict:
             f"source={folder}: no {CONFIG} there (source_format=hf expects a Hugging Face "
             f"folder with {CONFIG} and {SINGLE} or sharded safetensors with {INDEX})"
         )
-    return json.loads(path.read_text())
+    return read_json_object(path, "a Hugging Face model's configuration")
 
 
 def _rope_theta(hf: dict, path: Path) -> float:
@@ -122,7 +124,7 @@ def model_fields(hf: dict, folder: str | Path) -> dict:
 
 def _shard_files(folder: Path) -> list[Path]:
     if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text()).get("weight_map")
+        weight_map = read_json_object(folder / INDEX, "a safetensors index").get("weight_map")
         if not weight_map:
             _refuse(folder / INDEX, "no weight_map")
         files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -243,6 +245,24 @@ def chameleon_image_ids(hf: dict) -> tuple[int, ...]:
         raise UserError(f"vocabulary_map lacks the image token {exc} of {num} VQ codes") from exc
 
 
+def _first_id(hf: dict, name: str, folder) -> int | None:
+    """config.json's `<name>_token_id`: Llama 3 lists several eos ids (end of text, end of
+    turn); the first is the one documents end with (the tokenizer's own, where it names one,
+    replaces it)."""
+    value = hf.get(f"{name}_token_id")
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, int) for v in value):
+            raise UserError(
+                f"{Path(folder) / CONFIG}: {name}_token_id={value} must be an id or a non-empty "
+                "list of ids"
+            )
+        log.info("%s: %s_token_id lists %s; using the first", folder, name, value)
+        value = value[0]
+    if value is not None and not isinstance(value, int):
+        raise UserError(f"{Path(folder) / CONFIG}: {name}_token_id={value!r} must be an id")
+    return value
+
+
 def source_layout(folder: str | Path, hf: dict, codebook_size: int):
     """Where text, special and image ids live for this model: its own vocabulary kept as it
     is, its own special tokens (from its tokenizer, else config.json), the missing ones and the
@@ -250,7 +270,7 @@ def source_layout(folder: str | Path, hf: dict, codebook_size: int):
     from mm_moe.tokenization.config import SPECIALS, appended_vocab
     from mm_moe.tokenization.hf_text import HFTextTokenizer, has_tokenizer
 
-    ids = {name: hf.get(f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    ids = {name: _first_id(hf, name, folder) for name in ("bos", "eos", "pad")}
     if has_tokenizer(folder):
         tok = HFTextTokenizer(folder)
         ids.update(

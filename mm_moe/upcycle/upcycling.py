@@ -26,6 +26,7 @@ import yaml
 
 import mm_moe.upcycle.hf_import as hf_import
 from mm_moe.checkpoint import experts, layout
+from mm_moe.config.overlay import OVERLAY_KEYS
 from mm_moe.config.schema import TrainConfig
 from mm_moe.config.validate import to_dict
 from mm_moe.errors import UserError
@@ -33,6 +34,7 @@ from mm_moe.model.config import ModelConfig
 from mm_moe.tokenization.vocab import Vocab
 from mm_moe.upcycle.config import UpcycleConfig
 from mm_moe.upcycle.ops import UpcycleOptions, build_state
+from mm_moe.utils.scrub import scrub
 
 log = logging.getLogger(__name__)
 
@@ -181,25 +183,30 @@ def _check_out(out: Path, source: str, overwrite: bool) -> None:
 
 
 def _overlay(cfg_dict: dict) -> str:
-    """Hydra experiment overlay: the target's model, moe and vocabulary-defining config."""
-    overlay = {
-        "name": "upcycled",
-        "model": cfg_dict["model"],
-        "moe": cfg_dict["moe"],
-        "tokenizer": cfg_dict["tokenizer"],
-    }
-    if cfg_dict["data"]["source"] == "synthetic_patterns":
-        syn = cfg_dict["data"]["synthetic"]
-        overlay["data"] = {
-            "synthetic": {k: syn[k] for k in ("text_vocab_size", "image_codebook_size")}
-        }
+    """Hydra experiment overlay: the target's model, moe and tokenizers, nothing else (training
+    reads it with mm_moe.config.overlay, which refuses any other key: a checkpoint is data)."""
+    overlay = {key: cfg_dict[key] for key in OVERLAY_KEYS}
     header = (
         "# @package _global_\n"
-        "# Written by mm_moe.upcycle: the upcycled model and the vocabulary it was sized for.\n"
+        "# Written by mm_moe.upcycle: the upcycled model and the tokenizers it was sized for.\n"
         "# python -m mm_moe.train --config-dir <this checkpoint> experiment=upcycled "
         "checkpoint.resume=<this checkpoint>\n"
     )
     return header + yaml.safe_dump(overlay, sort_keys=False)
+
+
+def _tokenizer_digest(tok, out: Path, tmp: Path) -> str | None:
+    """The digest of the tokenizer the target names, its files read where they are before
+    `tmp` becomes `out` (the digest is of contents, not of paths)."""
+    from dataclasses import replace
+
+    from mm_moe.tokenization.digest import tokenizer_digest
+
+    def now(path: str) -> str:
+        inside = path and Path(path).resolve().is_relative_to(out.resolve())
+        return str(tmp / Path(path).resolve().relative_to(out.resolve())) if inside else path
+
+    return tokenizer_digest(replace(tok, path=now(tok.path), vocab=now(tok.vocab)))
 
 
 def write(
@@ -224,21 +231,23 @@ def write(
         new_rows_noise=ucfg.new_rows_noise,
     )
     state, fresh = build_state(src_state, model, opts, gen)
-    cfg_dict = to_dict(target)
+    cfg_dict = scrub(to_dict(target))  # secrets (say, in a pipe: url) never reach the files
     cfg_dict["checkpoint"]["resume"] = "none"
-    meta = {
-        # state.FORMAT_VERSION (state.py is not imported here: it pulls in DeepSpeed).
-        "format_version": 2,
-        "step": 0,
-        "weights_only": True,
-        "world_size": 1,
-        "expert_parallel_size": 1,
-        "upcycled_from": {
-            "source": str(Path(ucfg.source).resolve()),
-            **{k: v for k, v in to_dict(ucfg).items() if k not in ("source", "out")},
-        },
-        "fresh_parameters": fresh,
-    }
+    meta = scrub(
+        {
+            # state.FORMAT_VERSION (state.py is not imported here: it pulls in DeepSpeed).
+            "format_version": 2,
+            "step": 0,
+            "weights_only": True,
+            "world_size": 1,
+            "expert_parallel_size": 1,
+            "upcycled_from": {
+                "source": str(Path(ucfg.source).resolve()),
+                **{k: v for k, v in to_dict(ucfg).items() if k not in ("source", "out")},
+            },
+            "fresh_parameters": fresh,
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -247,6 +256,7 @@ def write(
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     (tmp / OVERLAY).write_text(_overlay(cfg_dict))
     _write_tokenizer(tmp, ucfg, target, vocab, vq_dir)
+    meta["tokenizer_digest"] = _tokenizer_digest(target.tokenizer, out, tmp)
     # meta.json last: a directory holding it is a complete checkpoint.
     (tmp / layout.META).write_text(json.dumps(meta, indent=1))
     if out.exists():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from PIL import Image
 
 from tests.helpers import PYTHON, REPO, _env, metrics
@@ -24,7 +25,8 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
     assert counts["heldout"] == 40 and counts["interleaved"] == 12 and counts["pairs"] > 6000
     assert json.loads((corpus / "corpus.json").read_text()) == counts
 
-    from mm_moe.tokenization import train_image, train_text
+    from mm_moe import train_image_tokenizer as train_image
+    from mm_moe import train_text_tokenizer as train_text
     from mm_moe.tokenization.vq.model import VQConfig
 
     tok = tmp_path / "tok"
@@ -75,9 +77,8 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(run_dir)
-    assert len(rows) == 3 and rows[-1]["tokens_image"] > 0 and rows[-1]["tokens_text"] > 0
-    assert "moe/l0/image/load_e0" in rows[-1]
-    assert rows[-1]["eval/loss_image"] > 0 and rows[-1]["eval/loss_text"] > 0
+    assert len(rows) == 3 and "moe/l0/image/load_e0" in rows[-1]
+    _check_step_3_against_a_recount(run_dir, rows[-1])
 
     from mm_moe.generate import GenerateConfig, run
 
@@ -97,11 +98,10 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
             checkpoint=str(run_dir), image=images[0]["images"][0], mode="text", max_new_tokens=8
         )
     )
-    assert isinstance(caption[0]["text"], str) and not caption[0]["images"]
+    assert not caption[0]["images"]
 
     # mode=image with classifier-free guidance: the n images are the guided sampler's codes.
     import numpy as np
-    import pytest
 
     from mm_moe.api import load_pretrained
     from mm_moe.errors import UserError
@@ -122,6 +122,15 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
     )
     model = load_pretrained(run_dir)
     tok = model.train_config.tokenizer.build()
+    # The caption again, sampled without the KV cache (a forward over the whole prefix per
+    # token) from the same seed: the same words.
+    from mm_moe.sampling import SampleConfig, generate, split_output
+
+    with Image.open(images[0]["images"][0]) as digit:
+        ids = prompt_ids(tok, "", digit.copy(), "text")
+    new = generate(model, tok.vocab, ids, tok.image.tokens_per_image, SampleConfig(8), cache=False)
+    parts = split_output(new, tok.vocab)
+    assert caption[0]["text"] == "".join(tok.text.decode(v) for k, v in parts if k == "text")
     ids = prompt_ids(tok, prompt, None, "image")
     want = sample_image_codes(model, tok, [ids, ids], 1.0, 1, 0, 3.0)
     for result, codes in zip(guided, want):
@@ -129,3 +138,25 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
         np.testing.assert_array_equal(got, np.asarray(tok.image.decode(codes)))
     with pytest.raises(UserError, match="needs mode=image"):
         GenerateConfig(checkpoint=str(run_dir), guidance=3.0)
+
+
+def _check_step_3_against_a_recount(run_dir, row: dict) -> None:
+    """Step 3's token counts from the run's own loader, and its held-out losses from the
+    step-3 checkpoint on the held-out batches, recomputed here."""
+    import torch
+
+    from mm_moe.api import load_pretrained
+    from mm_moe.eval.heldout import HeldoutEval, heldout_batches
+
+    model = load_pretrained(run_dir)
+    cfg = model.train_config
+    t = cfg.trainer
+    loader = cfg.data.build(t.seed, 0, 1, t.micro_batch_size, t.global_batch_size, cfg.tokenizer)
+    step3 = [loader.next() for _ in range(3)][-1]
+    for m, name in enumerate(("text", "image")):
+        count = sum(int((b.loss_mask_BS & (b.target_modality_ids_BS == m)).sum()) for b in step3)
+        assert row[f"tokens_{name}"] == count > 0, name
+    batches = heldout_batches(cfg.eval, cfg.data, cfg.tokenizer, 0, 1, t.micro_batch_size)
+    want = HeldoutEval(batches, torch.device("cpu"))(model)
+    for key in ("eval/loss_text", "eval/loss_image", "eval/tokens_image"):
+        assert row[key] == pytest.approx(want[key], rel=1e-5), key

@@ -8,17 +8,14 @@ import json
 import subprocess
 
 import numpy as np
-import pytest
 import yaml
 
-pytest.importorskip("transformers")
-
-from mm_moe.cli import compose  # noqa: E402
-from mm_moe.tokenization.config import TokenizerConfig  # noqa: E402
-from mm_moe.upcycle import run as upcycle  # noqa: E402
-from mm_moe.upcycle.hf_import import chameleon_image_ids  # noqa: E402
-from tests.helpers import TORCHRUN, _env, metrics  # noqa: E402
-from tests.hf_fixtures import make_hf_chameleon  # noqa: E402
+from mm_moe.cli import compose
+from mm_moe.tokenization.config import TokenizerConfig
+from mm_moe.upcycle.hf_import import chameleon_image_ids
+from mm_moe.upcycle_command import run as upcycle
+from tests.helpers import TORCHRUN, _env, metrics
+from tests.hf_fixtures import make_hf_chameleon
 
 
 def test_upcycled_chameleon_trains_on_shards_with_its_own_tokenizers(

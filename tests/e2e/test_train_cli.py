@@ -16,17 +16,26 @@ REQUIRED = {
     "lr",
     "grad_norm",
     "tokens_per_s",
+    "tokens_per_s_padded",
+    "flops_step",
     "step_time_s",
 }
 
 
 def test_tiny_dense_loss_falls_and_metrics_are_written(tmp_path):
     run_dir = tmp_path / "run"
-    proc = train(run_dir, "trainer.max_steps=20", "logging.wandb.mode=offline")
+    # A made-up peak (1 GFLOP/s) so that the CPU run reports an MFU to check.
+    proc = train(
+        run_dir, "trainer.max_steps=20", "logging.wandb.mode=offline", "trainer.peak_tflops=0.001"
+    )
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 21))
     for r in rows:
         assert r.keys() >= REQUIRED, REQUIRED - r.keys()
+        # MFU from the step's own FLOPs; tokens/s without the padding, and with it beside.
+        assert r["mfu"] == pytest.approx(r["flops_step"] / r["step_time_s"] / 1e9, rel=1e-6)
+        assert r["tokens_per_s"] <= r["tokens_per_s_padded"]
+        assert r["tokens_per_s"] * r["step_time_s"] > r["tokens_loss"]
     first, last = rows[0], rows[-1]
     # Both modalities learn: the synthetic source has structure in text and images.
     assert last["loss"] < first["loss"] - 1.0

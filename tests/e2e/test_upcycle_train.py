@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
 import torch
 
-pytest.importorskip("transformers")
-
-from mm_moe import load_pretrained  # noqa: E402
-from tests.helpers import PYTHON, REPO, _env, metrics, train  # noqa: E402
-from tests.unit.test_upcycle import DATA_VOCAB, HF_VOCAB, TC_TOP2, make_hf_llama  # noqa: E402
+from mm_moe import load_pretrained
+from tests.helpers import PYTHON, REPO, _env, metrics, train
+from tests.unit.test_upcycle import DATA_VOCAB, HF_VOCAB, TC_TOP2, make_hf_llama
 
 
 def test_upcycled_checkpoint_trains_at_ep2_and_loads_at_ep1(tmp_path):
@@ -24,9 +21,10 @@ def test_upcycled_checkpoint_trains_at_ep2_and_loads_at_ep1(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "verify: function preserved" in proc.stdout
 
-    # The checkpoint's own model and vocabulary come from the overlay it carries; the flag goes
-    # after the overrides (Hydra reads the overrides as one run of positional arguments).
-    from_upcycled = ["experiment=upcycled", f"checkpoint.resume={up}"]
+    # The checkpoint's own model and tokenizers come from the overlay it carries, the data on
+    # the command line (an overlay sets nothing else); the flag goes after the overrides (Hydra
+    # reads the overrides as one run of positional arguments).
+    from_upcycled = ["experiment=upcycled", f"checkpoint.resume={up}", *DATA_VOCAB]
     config_dir = ["--config-dir", str(up)]
     ep2 = tmp_path / "ep2"
     proc = train(

@@ -9,6 +9,7 @@ import torch
 
 from tests.distributed.multiprocess import run_distributed
 from tests.distributed.test_expert_parallel_dispatch import _all_checks
+from tests.gpu.device import require_device
 from tests.helpers import metrics, train
 
 pytestmark = pytest.mark.gpu
@@ -21,14 +22,13 @@ MOMA = (
     "optim.lr=3e-4",  # see tests/distributed/test_expert_parallel.py
     "optim.eps=1e-6",
     "trainer.device=cuda",
-    "trainer.peak_flops=0",
+    "trainer.peak_tflops=0",
 )
 
 
 @pytest.fixture(autouse=True)
-def _needs_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+def _needs_cuda(request):
+    require_device(request)  # CUDA, or the CPU for the cpu_ok tests (tests/gpu/device.py)
 
 
 @needs_two

@@ -14,6 +14,7 @@ import torch
 from mm_moe.model.attention_mask import AttentionMask
 from mm_moe.model.config import ModelConfig
 from mm_moe.model.context import ForwardContext
+from tests.gpu.device import DEVICE, require_device
 from tests.helpers import metrics, train
 from tests.unit.test_moe_layer import CASES, _inputs, _layer, _naive
 
@@ -21,15 +22,19 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
-def _needs_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+def _needs_cuda(request):
+    require_device(request)  # CUDA, or the CPU for the cpu_ok tests (tests/gpu/device.py)
 
 
 def _hopper() -> bool:
-    return torch.cuda.get_device_capability() >= (9, 0) and hasattr(torch, "_grouped_mm")
+    return (
+        DEVICE == "cuda"
+        and torch.cuda.get_device_capability() >= (9, 0)
+        and hasattr(torch, "_grouped_mm")
+    )
 
 
+@pytest.mark.cpu_ok
 @pytest.mark.parametrize(
     "name",
     ["ec_sigmoid_moma", "ec_softmax_mixed", "ec_granular_shared", "tc_softmax_top2", "tc_capacity"],
@@ -41,20 +46,20 @@ def test_moe_layer_bf16_on_gpu_equals_the_naive_reference(name):
         for p in layer.parameters():
             p.copy_(p.bfloat16().float())
     reference = copy.deepcopy(layer)
-    gpu = copy.deepcopy(layer).cuda().bfloat16()
+    gpu = copy.deepcopy(layer).to(DEVICE).bfloat16()
     x, modality, valid = _inputs(B=2, S=32)
     x = x.bfloat16().float()
-    x_gpu = x.cuda().bfloat16().requires_grad_()
+    x_gpu = x.to(DEVICE).bfloat16().requires_grad_()
     x_ref = x.clone().requires_grad_()
-    out = gpu(x_gpu, ForwardContext.for_layer(modality.cuda(), valid.cuda()))
+    out = gpu(x_gpu, ForwardContext.for_layer(modality.to(DEVICE), valid.to(DEVICE)))
     want = _naive(reference, x_ref, modality, valid, training=True)
     torch.testing.assert_close(out.float().cpu(), want, atol=5e-2, rtol=5e-2)
     grad = torch.randn_like(want)
-    (out.float() * grad.cuda()).sum().backward()
+    (out.float() * grad.to(DEVICE)).sum().backward()
     (want * grad).sum().backward()
     torch.testing.assert_close(x_gpu.grad.float().cpu(), x_ref.grad, atol=5e-2, rtol=5e-2)
     expected = "grouped_mm" if _hopper() else "padded"
-    assert gpu.experts.last_path == expected
+    assert gpu.experts.last_path == (expected if DEVICE == "cuda" else "loop")
 
 
 def _packed(B, S, docs, device):
@@ -81,6 +86,28 @@ def test_flex_attention_forward_and_backward_equal_sdpa(S):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
 
 
+def test_sdpa_document_mask_runs_the_memory_efficient_kernel_not_math():
+    """model.attention=sdpa with a document mask and GQA on CUDA: K/V repeated for the
+    memory-efficient kernel (sdpa_call), never the math kernel, equal to fp32 math on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mm_moe.model.attention import attend
+
+    B, H, K, S, D = 2, 8, 2, 256, 64
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(B, h, S, D, generator=g) for h in (H, K, K)]
+    doc = _packed(B, S, 5, "cpu")
+    want = attend(*qkv, AttentionMask.build(doc, "sdpa"))
+    inputs = [t.cuda().bfloat16().requires_grad_() for t in qkv]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = attend(*inputs, AttentionMask.build(doc.cuda(), "sdpa"))
+        out.float().sum().backward()
+    ops = {e.name for e in prof.events()}
+    assert not any("attention_math" in name for name in ops), sorted(ops)
+    assert any("efficient_attention" in name or "cudnn_attention" in name for name in ops)
+    torch.testing.assert_close(out.float().cpu(), want, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 def test_dense_forward_and_backward_make_no_host_sync(attention):
     cfg = ModelConfig(
@@ -99,17 +126,19 @@ def test_dense_forward_and_backward_make_no_host_sync(attention):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.cpu_ok
 def test_tiny_moma_trains_on_one_gpu_with_flex_and_grouped_gemm(tmp_path):
     train(
         tmp_path,
         "experiment=tiny_moma",
         "trainer.max_steps=20",
-        "trainer.device=cuda",
+        f"trainer.device={DEVICE}",
         "trainer.precision=bf16",
-        "trainer.peak_flops=0",
+        "trainer.peak_tflops=0",
         "optim.lr=3e-3",
     )
     rows = metrics(tmp_path)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
-    assert rows[0]["attention"] == "flex"
-    assert rows[0]["moe/gemm"] == ("grouped_mm" if _hopper() else "padded")
+    if DEVICE == "cuda":  # on CPU: SDPA (no FlexAttention backward) and the GEMM loop
+        assert rows[0]["attention"] == "flex"
+        assert rows[0]["moe/gemm"] == ("grouped_mm" if _hopper() else "padded")

@@ -5,28 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.gpu.device import DEVICE, require_device
 from tests.helpers import losses, metrics, train
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
-def _needs_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+def _needs_cuda(request):
+    require_device(request)  # CUDA, or the CPU for the cpu_ok tests (tests/gpu/device.py)
 
 
+@pytest.mark.cpu_ok
 def test_bf16_training_on_gpu_learns(tmp_path):
     train(
         tmp_path,
         "trainer.max_steps=30",
-        "trainer.device=cuda",
+        f"trainer.device={DEVICE}",
         "trainer.precision=bf16",
-        "trainer.peak_flops=0",
+        "trainer.peak_tflops=0",
     )
     rows = metrics(tmp_path)
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
-    if any(name in torch.cuda.get_device_name() for name in ("H100", "H200", "A100")):
+    if DEVICE == "cuda" and any(
+        name in torch.cuda.get_device_name() for name in ("H100", "H200", "A100")
+    ):
         assert 0 < rows[-1]["mfu"] < 1
 
 

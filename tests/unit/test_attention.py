@@ -12,7 +12,12 @@ import torch
 
 from mm_moe.data.batch import Batch
 from mm_moe.errors import UserError
-from mm_moe.model.attention_mask import AttentionMask, check_backend, resolve_backend
+from mm_moe.model.attention_mask import (
+    AttentionMask,
+    check_backend,
+    resolve_backend,
+    sdpa_call,
+)
 from mm_moe.model.config import ModelConfig
 
 # GQA (4 query heads on 2 key/value heads), MoT-untied projections and norms.
@@ -103,6 +108,41 @@ def test_one_document_rows_take_the_causal_path_and_gqa_copies_nothing(monkeypat
     (q, k, causal, mask, gqa) = calls[0]
     assert causal and mask is None and gqa  # the flash path, K/V not repeated per head
     assert q[1] == 4 and k[1] == 2
+
+
+def test_sdpa_document_masks_on_cuda_repeat_kv_never_the_math_kernel():
+    # CUDA's flash kernel takes no mask and its memory-efficient one no GQA: a dense mask with
+    # enable_gqa would fall to the math kernel ([B, H, S, S] fp32 scores).
+    assert sdpa_call("cuda", "dense", gqa=True, head_dim=64) == "repeat_kv"
+    assert sdpa_call("cuda", "dense", gqa=False, head_dim=64) == "plain"
+    assert sdpa_call("cuda", "causal", gqa=True, head_dim=64) == "gqa"  # flash takes GQA
+    assert sdpa_call("cpu", "dense", gqa=True, head_dim=64) == "gqa"
+    assert sdpa_call("cpu", "causal", gqa=False, head_dim=64) == "plain"
+    with pytest.raises(UserError, match="model.attention=flex"):
+        sdpa_call("cuda", "dense", gqa=True, head_dim=12)
+
+
+def test_the_cuda_decision_repeats_kv_per_head_with_equal_outputs(monkeypatch):
+    import torch.nn.functional as F
+
+    from mm_moe.model import attention
+
+    model = replace(CFG, attention="sdpa").build().eval()
+    inputs = _packed(3, 2, 24, 3)
+    with torch.no_grad():
+        want = model(*inputs).logits
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1], v.shape[1], kw["enable_gqa"]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention, "sdpa_call", lambda _, *a: sdpa_call("cuda", *a))
+    with torch.no_grad():
+        got = model(*inputs).logits
+    assert calls and all(c == (4, 4, 4, False) for c in calls)  # K/V copied per query head
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_attention_backend_choice():

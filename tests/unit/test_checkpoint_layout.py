@@ -54,3 +54,65 @@ def test_resume_values(tmp_path):
     assert layout.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == step_dir
     with pytest.raises(ValueError, match="checkpoint.resume"):
         layout.resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_damaged_meta_is_a_clear_error_and_auto_resume_takes_the_previous_step(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from mm_moe.checkpoint import state
+    from mm_moe.errors import UserError
+
+    _save(tmp_path, 5)
+    damaged = _save(tmp_path, 10)
+    (damaged / layout.META).write_text('{"format_version": 2, "step": 1')  # cut mid-write
+    with caplog.at_level("WARNING"):
+        assert layout.resolve_resume("auto", tmp_path) == tmp_path / "step_00000005"
+    assert f"skipping {damaged}" in caplog.text and "meta.json" in caplog.text
+    assert layout.complete_steps(tmp_path) == [5]
+    # named explicitly: a UserError naming the file, not a JSONDecodeError traceback
+    engine = SimpleNamespace(lr_scheduler=None)
+    with pytest.raises(UserError, match=rf"{damaged / layout.META} is damaged.*resume=auto"):
+        state.load(layout.resolve_resume(str(damaged), tmp_path), engine, None, 0, 1)
+    (damaged / layout.META).write_text("[1, 2]")  # valid JSON, but not the object saved
+    with pytest.raises(UserError, match="must be the JSON object"):
+        layout.read_meta(damaged)
+
+
+def _train_cfg(run_dir, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from mm_moe.train import CONFIG_DIR, build_config
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        args = ["experiment=tiny_dense", f"trainer.run_dir={run_dir}", *overrides]
+        return build_config(compose("train", overrides=args))
+
+
+def test_fresh_run_refuses_a_run_dir_with_metrics_but_no_checkpoint(tmp_path):
+    """A fresh start deletes metrics.jsonl (MetricsLogger): an earlier run's rows are refused
+    like its checkpoints, unless checkpoint.overwrite=true."""
+    import torch
+
+    from mm_moe.errors import UserError
+    from mm_moe.parallel.distributed import DistInfo
+    from mm_moe.trainer.build import _resume_dir
+    from mm_moe.trainer.metrics import MetricsLogger
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n'
+    (run_dir / "metrics.jsonl").write_text(rows)
+    main = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+    other = tmp_path / "other" / "step_00000002"  # another run's checkpoint: a fresh line here
+    _save(other.parent, 2)
+    for extra in ([], [f"checkpoint.resume={other}"]):
+        with pytest.raises(UserError, match=r"metrics\.jsonl.*checkpoint\.overwrite=true"):
+            _resume_dir(_train_cfg(run_dir, *extra), main)
+        assert (run_dir / "metrics.jsonl").read_text() == rows
+    # resume=auto with nothing to resume restarts this run at step 0 (preempted before its
+    # first checkpoint): its rows are cut back like any resume's.
+    assert _resume_dir(_train_cfg(run_dir, "checkpoint.resume=auto"), main) is None
+    cfg = _train_cfg(run_dir, "checkpoint.overwrite=true")
+    assert _resume_dir(cfg, main) is None
+    MetricsLogger(run_dir, True, 10, 0, cfg.logging, None).close()
+    assert (run_dir / "metrics.jsonl").read_text() == ""  # replaced, as asked

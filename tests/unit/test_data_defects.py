@@ -256,3 +256,101 @@ def test_pipe_urls_stream_the_same_samples_and_a_failing_command_is_counted(tmp_
     stream = _stream(urls, "pairs")
     [stream._next_document() for _ in range(4)]  # two epochs of the good shard
     assert stream.skipped["unreadable_shard"] >= 1
+
+
+def _cut_points(whole: bytes) -> dict[str, tuple[int, list[str], str | None]]:
+    """Where to cut `whole` -> (cut offset, keys read before the error, key the error names);
+    key None: nothing is cut, no error."""
+    with tarfile.open(fileobj=io.BytesIO(whole), mode="r:") as tar:
+        infos = tar.getmembers()
+    t3, last = infos[3], infos[-1]
+    end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    keys = [i.name.split(".")[0] for i in infos]
+    return {
+        # At a member boundary the sample being read may lack members: it is dropped too.
+        "at_member_boundary": (t3.offset, keys[:2], "t2"),
+        "inside_header": (t3.offset + 100, keys[:2], "t2"),
+        "inside_data": (t3.offset_data + 10, keys[:3], "t3"),
+        "before_end_blocks": (end, keys[:-1], keys[-1]),
+        "inside_end_blocks": (end + tarfile.BLOCKSIZE, keys[:-1], keys[-1]),
+        "whole": (len(whole), keys, None),
+    }
+
+
+def _cut_tar_url(tmp_path, data: bytes, kind: str) -> str:
+    import gzip
+
+    path = tmp_path / ("cut.tar.gz" if kind == "gzip" else "cut.tar")
+    path.write_bytes(gzip.compress(data) if kind == "gzip" else data)
+    return f"pipe:cat {path}" if kind == "pipe" else str(path)
+
+
+_SIX_TEXTS = [(f"t{i}.txt", f"text of t{i} ".encode() * 30) for i in range(6)]
+
+
+@pytest.mark.parametrize("kind", ["plain", "gzip", "pipe"])
+@pytest.mark.parametrize("where", list(_cut_points(_tar_bytes(_SIX_TEXTS))))
+def test_a_tar_without_its_end_of_archive_blocks_is_truncated(tmp_path, kind, where):
+    """A tar cut at a member boundary or inside a header used to end as if complete; only the
+    end-of-archive blocks say a tar is whole (also through gzip and `pipe:`)."""
+    from mm_moe.data.defects import SampleError
+    from mm_moe.data.tar_reader import iter_raw_samples
+
+    whole = _tar_bytes(_SIX_TEXTS)
+    cut, keys_read, error_key = _cut_points(whole)[where]
+    got: list[str] = []
+    url = _cut_tar_url(tmp_path, whole[:cut], kind)
+    if error_key is None:
+        got = [s.key for s in iter_raw_samples(url)]
+    else:
+        with pytest.raises(SampleError) as err:
+            got.extend(s.key for s in iter_raw_samples(url))
+        assert (err.value.reason, err.value.key) == ("truncated_tar", error_key)
+    assert got == keys_read
+
+
+def test_a_cut_gzip_stream_is_truncated(tmp_path):
+    import gzip
+
+    from mm_moe.data.defects import SampleError
+    from mm_moe.data.tar_reader import iter_raw_samples
+
+    packed = gzip.compress(_tar_bytes(_SIX_TEXTS))
+    (tmp_path / "cut.tar.gz").write_bytes(packed[: len(packed) // 2])
+    got: list[str] = []
+    with pytest.raises(SampleError) as err:
+        got.extend(s.key for s in iter_raw_samples(str(tmp_path / "cut.tar.gz")))
+    assert err.value.reason == "truncated_tar"
+    assert got == [k for k, _ in (n.split(".") for n, _ in _SIX_TEXTS[: len(got)])]
+    assert len(got) < len(_SIX_TEXTS)
+
+
+@pytest.mark.parametrize("kind", ["plain", "gzip", "pipe"])
+def test_a_shard_cut_at_a_member_boundary_is_counted_or_raises(tmp_path, kind):
+    whole = _tar_bytes(_SIX_TEXTS)
+    cut, _, _ = _cut_points(whole)["at_member_boundary"]
+    url = _cut_tar_url(tmp_path, whole[:cut], kind)
+    stream = _stream(url, "text")
+    docs = [stream._next_document() for _ in range(3)]  # t0, t1, then t0 of epoch 1
+    assert [t[:10] for t in _texts(docs)] == [b"text of t%d" % i for i in (0, 1, 0)]
+    assert stream.skipped["truncated_tar"] == 1
+    stream = _stream(url, "text", on_error="raise")
+    with pytest.raises(DataError, match=r"truncated_tar in shard .*cut\.tar.*, key 't2'"):
+        for _ in range(3):
+            stream._next_document()
+
+
+def test_readers_without_on_error_refuse_a_shard_cut_at_a_member_boundary(tmp_path):
+    """Tokenizer training and the labelled evaluation set have no data.on_error: a cut shard is
+    a UserError naming it, not a quietly smaller corpus."""
+    from mm_moe.data.corpus import iter_texts
+    from mm_moe.errors import UserError
+    from mm_moe.eval.labelled import labelled_images
+
+    whole = _tar_bytes(_SIX_TEXTS)
+    url = _cut_tar_url(tmp_path, whole[: _cut_points(whole)["at_member_boundary"][0]], "plain")
+    with pytest.raises(UserError, match=r"sources: shard .*cut\.tar is broken \(truncated_tar\)"):
+        list(iter_texts([url]))
+    with pytest.raises(UserError, match=r"eval\.urls: shard .*cut\.tar is broken"):
+        labelled_images(url, 10, "eval.urls", 10)
+    assert len(list(iter_texts([_cut_tar_url(tmp_path, whole, "plain")]))) == len(_SIX_TEXTS)

@@ -131,3 +131,90 @@ def test_meter_accumulates_and_resumes():
 def test_bad_attention_mode():
     with pytest.raises(ValueError, match="attention"):
         flops_breakdown(CFG, MoEConfig(), 8, attention="sparse")
+
+
+# ---- the batch's own FLOPs (MFU) ----
+
+
+def _packed_rows():
+    """Two rows of 12 input positions: documents of 3, 5 and 4 tokens, and of 7 tokens then 5
+    of padding; a mix of text and image tokens."""
+    import numpy as np
+
+    doc_BS = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2], [0] * 7 + [1] * 5])
+    valid_BS = np.ones((2, 12), dtype=bool)
+    valid_BS[1, 7:] = False
+    modality_BS = np.array([[0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0], [1] * 4 + [0] * 8])
+    return modality_BS, doc_BS, valid_BS
+
+
+def test_token_profile_counts_real_tokens_and_their_keys_by_hand():
+    from mm_moe.data.batch import TokenProfile
+
+    p = TokenProfile.of(*_packed_rows())
+    # text: 6 in row 0, 3 real in row 1; image: 6 + 4. Padding (5 positions) is not a token.
+    assert p.tokens_M == (9, 10) and p.positions == 24
+    # causal over the row: row 0 keys 1..12, row 1 keys 1..7 (its real tokens)
+    assert p.causal_keys == sum(range(1, 13)) + sum(range(1, 8))
+    # inside documents: 1..3, 1..5, 1..4 and 1..7
+    assert p.document_keys == 6 + 15 + 10 + 28
+
+
+@pytest.mark.parametrize("skips_masked", [True, False])
+def test_batch_flops_equal_a_token_by_token_count(skips_masked):
+    """Each real token pays its modality's work and attention over its own keys: a naive sum
+    over tokens, against batch_flops' mean-keys form."""
+    from mm_moe.data.batch import TokenProfile
+    from mm_moe.model.flops import batch_flops
+
+    modality_BS, doc_BS, valid_BS = _packed_rows()
+    S = 12
+    cfg = CFG
+    per_key = 3 * 2 * 2 * cfg.n_heads * cfg.head_dim * cfg.n_layers  # fwd+bwd, QK^T and AV
+    base = flops_breakdown(cfg, MOMA, S)
+    naive = 0.0
+    for b in range(2):
+        start = 0
+        for i in range(S):
+            if i and doc_BS[b, i] != doc_BS[b, i - 1]:
+                start = i
+            if not valid_BS[b, i]:
+                continue
+            m = ("text", "image")[modality_BS[b, i]]
+            c = base[m]
+            scores = (
+                c["forward_parts"]["attention_scores"] + c["backward_parts"]["attention_scores"]
+            )
+            keys = i - start + 1 if skips_masked else i + 1
+            naive += c["total"] - scores + per_key * keys
+    got = batch_flops(cfg, MOMA, S, TokenProfile.of(modality_BS, doc_BS, valid_BS), skips_masked)
+    assert got["flops_step"] == pytest.approx(naive, rel=1e-12)
+
+
+def test_meter_reports_the_step_flops_of_the_batch_mix():
+    from mm_moe.data.batch import TokenProfile
+
+    S = 12
+    profile = TokenProfile.of(*_packed_rows())
+    meter = FlopsMeter(CFG.flops_per_token(S, MOMA), model=(CFG, MOMA, S), skips_masked=True)
+    out = meter.update({"tokens_text": 1, "tokens_image": 1}, profile)
+    mix = profile.tokens_M[0] * out["flops_per_token_text"]
+    mix += profile.tokens_M[1] * out["flops_per_token_image"]
+    assert out["flops_step"] == pytest.approx(mix)
+    # Attention inside 3- to 7-token documents costs less than causal over 12 positions.
+    assert out["flops_per_token_text"] < CFG.flops_per_token(S, MOMA)["text"]
+
+
+def test_peak_by_exact_device_name_and_override(caplog):
+    from mm_moe.trainer.peak import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12  # "H100" in its name, not the SXM peak
+    assert peak_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA B200") == 2250e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA H100 PCIe", override_tflops=500) == 500e12
+    with caplog.at_level("INFO", logger="mm_moe"):
+        assert peak_flops("NVIDIA H100 Something New") == 0.0
+    assert "MFU is not reported" in caplog.text and "trainer.peak_tflops" in caplog.text

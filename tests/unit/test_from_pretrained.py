@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 import yaml
 
-transformers = pytest.importorskip("transformers")
-
-import mm_moe  # noqa: E402
-from mm_moe.upcycle import run as upcycle  # noqa: E402
-from tests.hf_fixtures import _texts, make_hf_chameleon, make_hf_llama  # noqa: E402
+import mm_moe
+from mm_moe.upcycle_command import run as upcycle
+from tests.hf_fixtures import _texts, make_hf_chameleon, make_hf_llama
 
 MOMA_TC = ["moe=moma_4t4i_tc"]
 
@@ -193,15 +192,19 @@ def test_chameleon_upcycles_into_moma_and_mot_exactly(chameleon, tmp_path, varia
 
 
 # ---- MoMa's recipe: one expert per modality -> N experts per modality ----
-def _native(tmp_path: Path, moe: dict, untie: list[str]) -> Path:
-    """A weights-only checkpoint of a tiny model with random (non-trivial) weights."""
+def _native(tmp_path: Path, moe: dict, untie: list[str], model: dict | None = None) -> Path:
+    """A weights-only checkpoint of a tiny model with random (non-trivial) weights; `model`:
+    more model keys."""
     from mm_moe.checkpoint import experts, layout
     from mm_moe.config import TrainConfig, from_dict, to_dict
 
     cfg = from_dict(
         TrainConfig,
         {
-            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "untie": untie},
+            "model": {
+                **{"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "untie": untie},
+                **(model or {}),
+            },
             "moe": moe,
             "data": {"seq_len": 32},
         },
@@ -308,3 +311,42 @@ def test_export_refuses_what_no_hugging_face_architecture_holds(tmp_path):
     source = _native(tmp_path, {"experts_per_modality": {"text": 2, "image": 2}}, [])
     with pytest.raises(ValueError, match="experts grouped by modality.*expert_choice"):
         export(ExportConfig(str(source), str(tmp_path / "out")))
+
+
+# ---- qwen3 and mixtral exports, loaded by transformers ----
+MIXTRAL_MOE = {
+    "experts_per_modality": {"mixed": 4},
+    "router": "token_choice",
+    "score": "softmax",
+    "top_k": 2,
+}
+
+
+@pytest.mark.parametrize(
+    "name, moe, model",
+    [
+        ("qwen3", {}, {}),  # qk_norm (RMSNorm over the head dim): Qwen3
+        ("mixtral", MIXTRAL_MOE, {"qk_norm": False}),
+    ],
+)
+def test_qwen3_and_mixtral_exports_give_transformers_our_logits(tmp_path, name, moe, model):
+    """transformers loads the exported folder as Qwen3ForCausalLM / MixtralForCausalLM and
+    computes our model's logits."""
+    from mm_moe.export import ExportConfig
+    from mm_moe.export import run as export
+
+    source = _native(tmp_path, moe, [], model)
+    state = torch.load(source / "model.pt", weights_only=True)
+    for key in [k for k in state if ".routers." in k]:  # distinct top-2: no near ties
+        state[key] = state[key] * 30
+    torch.save(state, source / "model.pt")
+    out = tmp_path / "hf"
+    assert export(ExportConfig(str(source), str(out))) == name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == {"qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}[name]
+    ours = mm_moe.load_pretrained(source)
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ours(ids).logits, hf(input_ids=ids).logits.float()
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()

@@ -59,16 +59,31 @@ def test_cached_positions_continue_and_stop_at_max_seq_len():
 
 
 def test_mixture_of_depths_decodes_without_a_cache():
-    """A MoD layer's keys exist only for the tokens it took: no cache, same logits."""
-    model = _model("moma_mod")
+    """A MoD layer's keys exist only for the tokens it took: no cache. Each step of the
+    uncached decode (the prefix so far) gives the logits that one forward over the finished
+    rows has at that position: eval-mode routing (auxiliary routers) is causal."""
+    model = _model("moma_mod", seed=4)  # seed 4: layer 2 takes part of the tokens, not all
     assert not supports_kv_cache(model)
-    ids_RS, mod_RS = torch.randint(0, 61, (2, 9)), torch.zeros(2, 9, dtype=torch.long)
+    g = torch.Generator().manual_seed(3)
+    ids_RS = torch.randint(0, 61, (2, 9), generator=g)
+    mod_RS = (torch.rand(2, 9, generator=g) < 0.5).long()
     decoding = Decoding(model, ids_RS, mod_RS)
     assert decoding.cache is None
     with pytest.raises(ValueError, match="mixture-of-depths"):
         model(ids_RS, mod_RS, kv_cache=KVCache())
+    steps = []
     with torch.no_grad():
-        torch.testing.assert_close(decoding.logits(), model(ids_RS, mod_RS).logits[:, -1])
+        for _ in range(5):
+            steps.append(decoding.logits())
+            nxt_R1 = torch.randint(0, 61, (2, 1), generator=g)
+            decoding.append(nxt_R1, (torch.rand(2, 1, generator=g) < 0.5).long())
+        model.collect_stats = True  # the MoD layers' selected fractions (off in eval mode)
+        whole = model(decoding.ids_RS, decoding.mod_RS)
+    selected = [float(v) for k, v in whole.stats.items() if k.endswith("/selected")]
+    assert any(0 < v < 1 for v in selected), selected  # a real subset is routed
+    for i, got in enumerate(steps):
+        want = whole.logits[:, ids_RS.shape[1] - 1 + i].float()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("name", ["dense", "moma_ec", "mot_moma", "moma_mod"])

@@ -89,3 +89,47 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("\n") == 1 and "no CUDA device" in proc.stdout
     assert not out.exists()
+
+
+def _make_test_pytest_args() -> list[str]:
+    """The pytest arguments of `make test`, as make would run them (dry run, setup skipped)."""
+    import shlex
+
+    proc = subprocess.run(
+        ["make", "-n", "-o", "setup", "test"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if "-m pytest" in ln]
+    assert len(lines) == 1, proc.stdout
+    argv = shlex.split(lines[0])
+    return argv[argv.index("pytest") + 1 :]
+
+
+def _collected(args: list[str]) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode in (0, 5), proc.stdout + proc.stderr  # 5: nothing collected
+    return [ln for ln in proc.stdout.splitlines() if "::" in ln]
+
+
+def test_make_test_runs_no_slurm_test():
+    """`make test` must never start the local Slurm cluster (root: apt-get install, writes
+    /etc/slurm, leaves munged running); `make test-slurm` is the way to run it."""
+    if not shutil.which("make"):
+        pytest.skip("make not installed")
+    args = _make_test_pytest_args()
+    # Keep make test's selection options (-m/-k EXPR), collect only tests/slurm.
+    keep = [
+        opt
+        for i, arg in enumerate(args)
+        if arg in ("-m", "-k")
+        for opt in (arg, args[i + 1])
+    ]
+    everything = _collected(["tests/slurm"])
+    assert everything, "tests/slurm collected nothing: the check below would prove nothing"
+    assert _collected(["-m", "slurm", "tests/slurm"]) == everything  # all carry the marker
+    assert _collected([*keep, "tests/slurm"]) == [], f"make test selects slurm tests: {args}"

@@ -133,13 +133,37 @@ def test_flops_per_token_is_six_n_plus_attention():
     assert cfg.flops_per_token(seq)["text"] == 6 * n_matmul + attention
 
 
-def test_post_norm_placement_differs_and_trains():
-    pre, post = _model(), _model(replace(CFG, norm_placement="post"))
-    ids = torch.randint(0, 97, (2, 8))
-    assert not torch.allclose(pre(ids).logits, post(ids).logits)
-    loss = F.cross_entropy(post.train()(ids).logits.flatten(0, 1), ids.flatten())
-    loss.backward()
-    assert all(p.grad is not None for p in post.parameters())
+def _naive_post_norm_logits(model, ids_BS):
+    """Chameleon's res-post-norm by hand: h = x + norm(attn(x)), then h + norm(ffn(h))."""
+    B, S = ids_BS.shape
+    pos_BS, doc_BS = torch.arange(S).expand(B, S), torch.zeros(B, S, dtype=torch.long)
+    x = model.embed(ids_BS)
+    for block in model.layers:
+        h = x + block.attn_norm(_naive_attention(block.attn, x, pos_BS, doc_BS))
+        x = h + block.ffn_norm(block.ffn(h))
+    return model.lm_head(model.norm(x))
+
+
+def test_post_norm_placement_matches_a_naive_reference_and_trains():
+    pre, post = _model(), _model(replace(CFG, norm_placement="post"))  # the same weights
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = _naive_post_norm_logits(post, ids)
+        torch.testing.assert_close(post(ids).logits, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(pre(ids).logits, want, atol=1e-2)  # the placement matters
+    # A few AdamW steps on one batch: the loss falls, and every parameter (norms too) learns.
+    post.train()
+    opt = torch.optim.AdamW(post.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = F.cross_entropy(post(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in post.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_tied_embeddings_share_storage():

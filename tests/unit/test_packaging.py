@@ -59,3 +59,21 @@ def test_wheel_ships_configs_and_an_install_finds_them_anywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     config_dir, name = proc.stdout.split()
     assert Path(config_dir) == target / "mm_moe" / "configs" and name == "tiny_moma"
+
+
+def test_no_test_skips_itself_for_a_missing_main_dependency():
+    """A broken install of a main dependency must fail the tests that need it, not skip them
+    silently: no `importorskip` of anything in [project].dependencies."""
+    import re
+
+    # pyproject's [project].dependencies (tomllib is Python 3.11+; the project takes 3.10)
+    block = re.search(r"(?ms)^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text())
+    deps = re.findall(r'^\s*"([^"]+)"', block.group(1), flags=re.M)
+    names = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower().replace("-", "_") for d in deps}
+    assert {"torch", "transformers", "webdataset"} <= names
+    found = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for module in re.findall(r"importorskip\(\s*['\"]([\w.]+)['\"]", path.read_text()):
+            if module.split(".")[0].lower() in names:
+                found.append(f"{path.relative_to(REPO)}: {module}")
+    assert not found, found

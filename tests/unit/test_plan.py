@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,100 @@ def test_plan_warns_and_shards_experts():
     assert any("exceeds cluster.gpu_memory_gb" in w for w in bad["warnings"])
 
 
-def test_plan_rejects_unknown_cluster_key():
-    with pytest.raises(SystemExit):
+def test_plan_rejects_unknown_cluster_key(capsys):
+    with pytest.raises(SystemExit) as exited:
         main(["cluster.nodez=2"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "mm_moe.plan: error: unknown config key 'cluster.nodez'" in err
+    assert "Did you mean 'nodes'?" in err
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_activation_estimate_matches_the_saved_tensors_measured(mode):
+    """plan_memory's per-layer formula (fp32 elements on CPU) against what the blocks keep
+    for backward, measured with a saved-tensor hook (two depths: per-layer difference)."""
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.model.moe.config import MoEConfig
+    from mm_moe.parallel.checkpointing import apply_activation_checkpointing
+    from mm_moe.plan_memory import activation_bytes
+    from tests.unit.test_memory import _saved_bytes
+
+    B, S = 2, 128
+    for d, f, kv in ((64, 176, 2), (96, 352, 4)):
+        measured = []
+        for layers in (1, 3):
+            cfg = ModelConfig(
+                vocab_size=64,
+                d_model=d,
+                n_layers=layers,
+                n_heads=4,
+                n_kv_heads=kv,
+                ffn_hidden=f,
+                max_seq_len=S,
+            )
+            torch.manual_seed(0)
+            model = cfg.build()
+            apply_activation_checkpointing(model, mode)
+            ids = torch.randint(0, 64, (B, S))
+            measured.append(_saved_bytes(lambda m=model, x=ids: m(x, return_hidden=True))[0])
+        per_layer = (measured[1] - measured[0]) / 2
+        one = ModelConfig(
+            vocab_size=64, d_model=d, n_layers=1, n_heads=4, n_kv_heads=kv, ffn_hidden=f
+        )
+        want = activation_bytes(one, MoEConfig(), B * S, mode, 4, fp32_norms=False, peak=False)
+        assert per_layer == pytest.approx(want, rel=0.1), (d, f, kv)
+
+
+def test_gpu_check_step_is_planned_within_60_gib(capsys):
+    """The 1.4B MoMa step of scripts/gpu_check.py (4 x 4096 tokens, vocabulary 73,736) on
+    one GPU: the chunked loss alone brings it under 60 GiB; checkpointing lower still."""
+    args = [
+        "model=moma_4t4i_1.4b",
+        "data=synthetic_patterns",
+        "data.seq_len=4096",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=4",
+        "cluster.nodes=1",
+        "cluster.gpus_per_node=1",
+    ]
+    totals = {}
+    for mode in ("none", "selective", "full"):
+        result = main([*args, f"trainer.activation_checkpointing={mode}"])
+        totals[mode] = result["memory_per_gpu"]["total_gib"]
+        assert result["memory_per_gpu"]["logits_gib"] < 1.5  # 22.5 GiB unchunked
+    assert totals["full"] < totals["selective"] < totals["none"] <= 60, totals
+
+
+def test_moe_activation_estimate_matches_the_saved_tensors_measured():
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.model.moe.config import MoEConfig
+    from mm_moe.plan_memory import activation_bytes
+    from tests.unit.test_memory import _saved_bytes
+
+    B, S, d, f = 2, 128, 64, 176
+    groups = {"text": 2, "image": 2}
+    for moe in (
+        MoEConfig(experts_per_modality=groups, gemm="loop"),
+        MoEConfig(experts_per_modality=groups, router="token_choice", top_k=2, gemm="loop"),
+    ):
+        measured = []
+        for layers in (1, 3):
+            cfg = ModelConfig(
+                vocab_size=64,
+                d_model=d,
+                n_layers=layers,
+                n_heads=4,
+                n_kv_heads=2,
+                ffn_hidden=f,
+                max_seq_len=S,
+            )
+            torch.manual_seed(0)
+            model = cfg.build(moe)
+            ids, mods = torch.randint(0, 64, (B, S)), (torch.rand(B, S) < 0.5).long()
+            measured.append(
+                _saved_bytes(lambda m=model, x=ids, y=mods: m(x, y, return_hidden=True))[0]
+            )
+        one = replace(cfg, n_layers=1)
+        want = activation_bytes(one, moe, B * S, "none", 4, fp32_norms=False, peak=False)
+        assert (measured[1] - measured[0]) / 2 == pytest.approx(want, rel=0.1), moe.router

@@ -19,8 +19,8 @@ class _LocalEngine:
     def __init__(self, module):
         self.module = module
 
-    def __call__(self, *args):
-        return self.module(*args)
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
     def backward(self, loss, scale_wrt_gas=True):
         assert scale_wrt_gas is False

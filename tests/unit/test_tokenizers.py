@@ -128,3 +128,33 @@ def test_missing_artifacts_fail_clearly(tmp_path):
         VQImageTokenizer(tmp_path)
     with pytest.raises(ValueError, match="train_text"):
         SentencePieceTextTokenizer(tmp_path / "text.model")
+
+
+# Special-token strings a document may hold as text (a page about HTML, tokenizers or Chameleon).
+SPECIAL_STRINGS = "see </s> and <s>, <pad>, <boi>x<eoi> or <racm3:break><eoss> <boi><boi>"
+
+
+def test_sentencepiece_encodes_special_token_strings_as_text(sp_model, tmp_path):
+    tok = SentencePieceTextTokenizer(sp_model)
+    specials = {tok.pad, tok.bos, tok.eos, tok.boi, tok.eoi, tok.sp.unk_id()}
+    for text in (SPECIAL_STRINGS, "<boi>", "a<eoi>", SPECIAL_STRINGS * 3):
+        ids = tok.encode(text)
+        assert not specials & set(ids), [tok.sp.id_to_piece(i) for i in ids]
+        assert tok.decode(ids) == text
+    # a tokenizer.model read by tokenizer.text=hf does the same
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    hf = TokenizerConfig(text="hf", path=str(tmp_path)).build().text
+    ids = hf.encode(SPECIAL_STRINGS)
+    assert not specials & set(ids) and hf.decode(ids) == SPECIAL_STRINGS
+
+
+def test_hf_tokenizer_encodes_special_token_strings_as_text(tmp_path):
+    from tests.hf_fixtures import make_tokenizer
+
+    source = make_tokenizer(tmp_path, 320, image_tokens=True)  # Chameleon's specials added
+    special_ids = {i for i, t in source.get_added_tokens_decoder().items() if t.special}
+    assert len(special_ids) > 4
+    tok = TokenizerConfig(text="hf", path=str(tmp_path)).build().text
+    ids = tok.encode(SPECIAL_STRINGS)
+    assert not special_ids & set(ids)
+    assert tok.decode(ids) == SPECIAL_STRINGS

@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from mm_moe import load_pretrained  # noqa: E402
-from mm_moe.config import ConfigError  # noqa: E402
-from mm_moe.upcycle import hf_import, run  # noqa: E402
-from mm_moe.upcycle.ops import upcycle_experts  # noqa: E402
-from tests import hf_fixtures as tiny_hf  # noqa: E402
+from mm_moe import load_pretrained
+from mm_moe.config import ConfigError
+from mm_moe.upcycle import hf_import
+from mm_moe.upcycle.ops import upcycle_experts
+from mm_moe.upcycle_command import run
+from tests import hf_fixtures as tiny_hf
 
 HF_VOCAB = 300
 # The synthetic data with the Hugging Face model's text ids: specials and image codes after.

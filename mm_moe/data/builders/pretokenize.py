@@ -23,11 +23,10 @@ import webdataset as wds
 import yaml
 from tqdm import tqdm
 
-from mm_moe.config.validate import to_dict
 from mm_moe.data.builders.writer import prepare_output, shard_pattern
 from mm_moe.data.defects import REASONS, SampleError
 from mm_moe.data.documents import DecodeOptions, DocumentBuilder
-from mm_moe.data.shards import expand_urls
+from mm_moe.data.shards import TOKENIZER_RECORD, expand_urls, tokenizer_record
 from mm_moe.data.tar_reader import iter_raw_samples
 from mm_moe.tokenization.config import TokenizerConfig
 
@@ -82,7 +81,8 @@ def build(cfg: PretokenizeConfig) -> str:
     shards = expand_urls(cfg.input, "input")
     out = prepare_output(cfg.output, cfg.overwrite)
     cfg.tokenizer.build().vocab.save(out / "vocab.yaml")
-    (out / "tokenizer.yaml").write_text(yaml.safe_dump(to_dict(cfg.tokenizer), sort_keys=False))
+    record = tokenizer_record(cfg.tokenizer)  # the config and its files' digest
+    (out / TOKENIZER_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
     work = partial(_run_one, cfg=cfg, out=out)
     totals = dict.fromkeys(["documents", *REASONS], 0)
     with Pool(cfg.processes) if cfg.processes > 1 else _Serial() as pool:

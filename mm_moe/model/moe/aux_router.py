@@ -25,13 +25,55 @@ class AuxRouter(nn.Module):
         return self.net(x_Td.detach().to(self.net[0].weight.dtype)).float()
 
     @staticmethod
-    def loss_and_accuracy(logits_TO: torch.Tensor, selected_TO: torch.Tensor):
-        """BCE loss, accuracy, and the accuracy of always predicting "not selected" (the
-        baseline an aux router must beat: with 1 in 4 pairs selected it is already 0.75)."""
-        target = selected_TO.float()
+    def loss(logits_TO: torch.Tensor, selected_TO: torch.Tensor, mask=None) -> torch.Tensor:
+        """BCE, the mean over the elements (over those where `mask`, of logits' shape, is
+        true: a weighted mean instead of a boolean index, which would sync on CUDA)."""
         if logits_TO.numel() == 0:
-            zero = logits_TO.sum()
-            return zero, zero.detach() + 1.0, zero.detach() + 1.0
-        loss = F.binary_cross_entropy_with_logits(logits_TO, target)
-        acc = ((logits_TO > 0) == selected_TO).float().mean().detach()
-        return loss, acc, 1.0 - target.mean()
+            return logits_TO.sum()
+        if mask is None:
+            return F.binary_cross_entropy_with_logits(logits_TO, selected_TO.float())
+        per_TO = F.binary_cross_entropy_with_logits(
+            logits_TO, selected_TO.float(), reduction="none"
+        )
+        weight_TO = mask.to(per_TO.dtype)
+        return (per_TO * weight_TO).sum() / weight_TO.sum().clamp_min(1)
+
+    @staticmethod
+    def accuracy(logits_TO: torch.Tensor, selected_TO: torch.Tensor, mask=None):
+        """(accuracy, the accuracy of always predicting "not selected"): the baseline an aux
+        router must beat (with 1 in 4 pairs selected it is already 0.75). 1 when empty."""
+        with torch.no_grad():
+            if logits_TO.numel() == 0:
+                one = logits_TO.new_ones((), dtype=torch.float32)
+                return one, one
+            right_TO = ((logits_TO > 0) == selected_TO).float()
+            sel_TO = selected_TO.float()
+            if mask is None:
+                return right_TO.mean(), 1.0 - sel_TO.mean()
+            weight_TO = mask.float()
+            n = weight_TO.sum()
+            acc = (right_TO * weight_TO).sum() / n.clamp_min(1)
+            base = 1.0 - (sel_TO * weight_TO).sum() / n.clamp_min(1)
+            one = torch.ones_like(acc)
+            return torch.where(n > 0, acc, one), torch.where(n > 0, base, one)
+
+    @staticmethod
+    def loss_and_accuracy(logits_TO: torch.Tensor, selected_TO: torch.Tensor, mask=None):
+        """BCE loss, accuracy and its baseline (see `accuracy`)."""
+        acc, baseline = AuxRouter.accuracy(logits_TO, selected_TO, mask)
+        return AuxRouter.loss(logits_TO, selected_TO, mask), acc, baseline
+
+
+def batched_logits(routers: list[AuxRouter], x_Td: torch.Tensor) -> torch.Tensor:
+    """The logits of several auxiliary routers on the same tokens, side by side
+    ([T, sum of outputs]), as two matmuls: the first layers stacked, the second layers as one
+    block-diagonal matrix (each router sees only its own hidden units)."""
+    if len(routers) == 1:
+        return routers[0](x_Td)
+    first, second = [r.net[0] for r in routers], [r.net[2] for r in routers]
+    x = x_Td.detach().to(first[0].weight.dtype)
+    hidden = F.silu(
+        F.linear(x, torch.cat([f.weight for f in first]), torch.cat([f.bias for f in first]))
+    )
+    w_out = torch.block_diag(*[s.weight for s in second])
+    return F.linear(hidden, w_out, torch.cat([s.bias for s in second])).float()

@@ -35,9 +35,12 @@ def sort_by_expert(
     num_tokens: int = 0,
     fanout: int = 0,
 ) -> Permutation:
-    """Sort -> histogram -> (cumsum later, by the GEMM): rows grouped by expert, in order."""
+    """Sort -> histogram -> (cumsum later, by the GEMM): rows grouped by expert, in order.
+    The histogram is a scatter-add: bincount reads the input's max on CUDA (a host sync)."""
     order_N = torch.argsort(expert_idx_N, stable=True)
-    counts_E = torch.bincount(expert_idx_N, minlength=num_experts)
+    counts_E = expert_idx_N.new_zeros(num_experts).scatter_add_(
+        0, expert_idx_N, torch.ones_like(expert_idx_N)
+    )
     perm = Permutation(order_N, token_idx_N[order_N], gate_N[order_N], counts_E)
     if slot_N is not None and len(slot_N):
         perm.slot_N = slot_N[order_N]

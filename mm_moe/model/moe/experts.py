@@ -75,9 +75,17 @@ def choose_gemm(gemm: str, device: torch.device, dtype: torch.dtype, d_model: in
     return "loop", "moe.gemm=auto on CPU: a loop of GEMMs over experts"
 
 
-def _grouped_mm(x_Nd: torch.Tensor, w_Edh: torch.Tensor, counts_E: torch.Tensor):
-    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+def _grouped_mm(x_Nd: torch.Tensor, w_Edh: torch.Tensor, counts_E=None, offs_E=None):
+    if offs_E is None:
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     return _ContiguousGrad.apply(torch._grouped_mm(x_Nd, w_Edh, offs=offs_E))
+
+
+def _host_to_device(values: list[int], device: torch.device, dtype) -> torch.Tensor:
+    """A small tensor from host numbers; on CUDA through pinned memory, non-blocking (a copy
+    from pageable memory would make the host wait for the GPU)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 class _LoopedSwiGLU(torch.autograd.Function):
@@ -146,6 +154,68 @@ class _LoopedSwiGLU(torch.autograd.Function):
         return grad_x, grad_gu, grad_down, None
 
 
+class _BatchedSwiGLU(torch.autograd.Function):
+    """Experts whose rows come in runs of equal counts (expert choice: each expert of a group
+    takes C rows): per run one batched GEMM each way over [E, C, d] views of the rows, into
+    preallocated buffers, with the hand-written backward of `_LoopedSwiGLU` (no loop over
+    experts, no split/cat, and the expert weights' gradients written in place, not summed
+    from per-run slices). `runs` holds (first expert, experts, first row, rows per expert).
+    """
+
+    @staticmethod
+    def forward(ctx, x_Nd, w_gate_up_Ed2h, w_down_Ehd, runs):
+        N, h, d = x_Nd.shape[0], w_down_Ehd.shape[1], w_down_Ehd.shape[2]
+        g_Nh, u_Nh = x_Nd.new_empty(2, N, h).unbind(0)
+        w_gate_Edh, w_up_Edh = w_gate_up_Ed2h[:, :, :h], w_gate_up_Ed2h[:, :, h:]
+        view = lambda t, e0, E, n0, C: t[n0 : n0 + E * C].view(E, C, t.shape[1])
+        for e0, E, n0, C in runs:
+            x_ECd = view(x_Nd, e0, E, n0, C)
+            torch.bmm(x_ECd, w_gate_Edh[e0 : e0 + E], out=view(g_Nh, e0, E, n0, C))
+            torch.bmm(x_ECd, w_up_Edh[e0 : e0 + E], out=view(u_Nh, e0, E, n0, C))
+        silu_Nh = F.silu(g_Nh)
+        a_Nh = silu_Nh * u_Nh
+        out_Nd = x_Nd.new_empty(N, d)
+        for e0, E, n0, C in runs:
+            a_ECh = view(a_Nh, e0, E, n0, C)
+            torch.bmm(a_ECh, w_down_Ehd[e0 : e0 + E], out=view(out_Nd, e0, E, n0, C))
+        ctx.save_for_backward(x_Nd, w_gate_up_Ed2h, w_down_Ehd, g_Nh, u_Nh, silu_Nh, a_Nh)
+        ctx.runs = runs
+        return out_Nd
+
+    @staticmethod
+    def backward(ctx, grad_Nd):
+        # Buffers reused in place as in _LoopedSwiGLU.backward (same reasoning).
+        x_Nd, w_gu, w_down, g_Nh, u_Nh, silu_Nh, a_Nh = ctx.saved_tensors
+        grad_Nd = grad_Nd.contiguous()
+        h = a_Nh.shape[1]
+        view = lambda t, e0, E, n0, C: t[n0 : n0 + E * C].view(E, C, t.shape[1])
+        grad_gu, grad_down = torch.empty_like(w_gu), torch.empty_like(w_down)
+        for e0, E, n0, C in ctx.runs:
+            if C:
+                a_ECh, grad_ECd = view(a_Nh, e0, E, n0, C), view(grad_Nd, e0, E, n0, C)
+                torch.bmm(a_ECh.transpose(1, 2), grad_ECd, out=grad_down[e0 : e0 + E])
+                # a's rows of this run are read just above, then hold its gradient
+                torch.bmm(grad_ECd, w_down[e0 : e0 + E].transpose(1, 2), out=a_ECh)
+            else:  # experts without rows (an empty group) get zero gradients
+                grad_down[e0 : e0 + E].zero_()
+                grad_gu[e0 : e0 + E].zero_()
+        grad_a_Nh = a_Nh
+        grad_u_Nh = silu_Nh.mul_(grad_a_Nh)
+        grad_a_Nh.mul_(u_Nh)
+        grad_g_Nh = torch.ops.aten.silu_backward.grad_input(grad_a_Nh, g_Nh, grad_input=g_Nh)
+        grad_x = torch.empty_like(x_Nd)
+        for e0, E, n0, C in ctx.runs:
+            if C:
+                x_EdC = view(x_Nd, e0, E, n0, C).transpose(1, 2)
+                dg, du = view(grad_g_Nh, e0, E, n0, C), view(grad_u_Nh, e0, E, n0, C)
+                torch.bmm(x_EdC, dg, out=grad_gu[e0 : e0 + E, :, :h])
+                torch.bmm(x_EdC, du, out=grad_gu[e0 : e0 + E, :, h:])
+                dx = view(grad_x, e0, E, n0, C)
+                torch.bmm(dg, w_gu[e0 : e0 + E, :, :h].transpose(1, 2), out=dx)
+                dx.baddbmm_(du, w_gu[e0 : e0 + E, :, h:].transpose(1, 2))
+        return grad_x, grad_gu, grad_down, None
+
+
 def _padded_swiglu(x_Nd, w_gate_up_Ed2h, w_down_Ehd, counts_E: torch.Tensor, max_count: int):
     """Experts as two batched GEMMs over rows padded to the busiest expert's count: one BLAS
     call each way instead of one per expert (the win for many small experts), at the cost
@@ -184,6 +254,33 @@ class GroupedExperts(nn.Module):
             _, hidden, d_model = self.w_down.shape
             self._paths[key] = choose_gemm(self.gemm, device, dtype, d_model, hidden)
         return self._paths[key]
+
+    def forward_runs(self, x_Nd: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """Rows sorted by expert in runs of (experts, rows per expert), counts the host knows
+        (expert choice: a group's experts take C rows each): no counts on the device and no
+        host sync; a batched GEMM per run of equal counts, or one grouped GEMM."""
+        path, _ = self.path(x_Nd.device, x_Nd.dtype)
+        self.last_path = path
+        if path == "grouped_mm":
+            ends, total = [], 0
+            for E, C in runs:
+                for _ in range(E):
+                    total += C
+                    ends.append(total)
+            offs_E = _host_to_device(ends, x_Nd.device, torch.int32)
+            gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, offs_E=offs_E).chunk(2, dim=1)
+            return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, offs_E=offs_E)
+        spans: list[tuple[int, int, int, int]] = []
+        e0 = n0 = 0
+        for E, C in runs:
+            if spans and spans[-1][3] == C:  # equal counts: one batched GEMM for both
+                pe0, pE, pn0, _ = spans[-1]
+                spans[-1] = (pe0, pE + E, pn0, C)
+            else:
+                spans.append((e0, E, n0, C))
+            e0, n0 = e0 + E, n0 + E * C
+        assert e0 == self.num_experts and n0 == len(x_Nd), (runs, self.num_experts, len(x_Nd))
+        return _BatchedSwiGLU.apply(x_Nd, self.w_gate_up, self.w_down, tuple(spans))
 
     def forward(self, x_Nd: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         path, _ = self.path(x_Nd.device, x_Nd.dtype)

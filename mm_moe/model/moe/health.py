@@ -44,7 +44,8 @@ def router_cosine(weight_Ed: torch.Tensor) -> torch.Tensor:
 def selection_jaccard(token_idx_N, expert_idx_N, T: int, E: int) -> torch.Tensor:
     """Mean over expert pairs of |tokens both took| / |tokens either took|."""
     chosen_TE = token_idx_N.new_zeros((T, E), dtype=torch.float32)
-    chosen_TE[token_idx_N, expert_idx_N] = 1.0
+    ones_N = torch.ones_like(token_idx_N, dtype=torch.float32)  # not a host scalar: no copy
+    chosen_TE.index_put_((token_idx_N, expert_idx_N), ones_N)
     both_EE = chosen_TE.t() @ chosen_TE
     size_E = both_EE.diagonal()
     either_EE = size_E[:, None] + size_E[None, :] - both_EE
@@ -61,8 +62,10 @@ def routing_health(
         zero = logits_TE.new_zeros(())
         return {name: zero for name in NAMES}
     token_idx_N, gate_N = routing.token_idx_N, routing.gate_N.detach().float()
-    experts_T = torch.bincount(token_idx_N, minlength=T)
-    gates_T = torch.bincount(token_idx_N, weights=gate_N, minlength=T)
+    # Scatter-adds, not bincount (which reads the input's max on CUDA: a host sync).
+    zeros_T = gate_N.new_zeros(T)
+    experts_T = zeros_T.index_add(0, token_idx_N, torch.ones_like(gate_N))
+    gates_T = zeros_T.index_add(0, token_idx_N, gate_N)
     processed_T = experts_T > 0
     logits = logits_TE.detach().float()
     return {

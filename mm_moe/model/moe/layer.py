@@ -10,12 +10,13 @@ Shape legend: B batch, S sequence, T tokens, d width, E experts of a group, N se
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mm_moe.errors import UserError
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mlp import SwiGLU
-from mm_moe.model.moe.aux_router import AuxRouter
+from mm_moe.model.moe.aux_router import AuxRouter, batched_logits
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.dispatch import permute, sort_by_expert, unpermute
 from mm_moe.model.moe.experts import GroupedExperts
@@ -35,6 +36,11 @@ class LocalDispatcher:
 
     def __call__(self, x_Nd: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts):
         return experts(x_Nd, counts_E)
+
+    def runs(self, x_Nd: torch.Tensor, runs: list[tuple[int, int]], experts: GroupedExperts):
+        """Rows already in global expert order, in runs of (experts, rows each) that the host
+        knows (expert choice): no counts tensor needed."""
+        return experts.forward_runs(x_Nd, runs)
 
 
 class MoELayer(nn.Module):
@@ -100,32 +106,72 @@ class MoELayer(nn.Module):
         dropless = not (self.training and cfg.capacity_factor > 0)
         return cfg.k if cfg.router == "token_choice" and dropless else 0
 
+    def _router_logits(self, x_Td: torch.Tensor) -> torch.Tensor:
+        """[T, all experts] fp32 logits of every group's router, as one matmul over every
+        token (each group then reads its tokens' rows of its own columns). fp32 copies of
+        input and weights, not a bf16 product cast after: expert choice takes a top-C over
+        these scores, and bf16 would tie them."""
+        weights = [self.routers[g.name].weight for g in self.group_specs]
+        w_Ed = (weights[0] if len(weights) == 1 else torch.cat(weights)).float()
+        x_Td = x_Td.float()
+        if self.cfg.router_logits == "cosine":
+            return self.cfg.cosine_router_scale * F.linear(
+                F.normalize(x_Td, dim=-1), F.normalize(w_Ed, dim=-1)
+            )
+        return F.linear(x_Td, w_Ed)
+
     def forward(self, x_BSd: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, S, d = x_BSd.shape
-        x_Td = x_BSd.reshape(B * S, d)
-        modality_T = ctx.modality_ids_BS.reshape(-1)
-        valid_T = ctx.valid_BS.reshape(-1)
-        token_idx, expert_idx, gates = [], [], []
-        shared_out_Td = None
+        T = B * S
+        x_Td = x_BSd.reshape(T, d)
+        logits_TE = self._router_logits(x_Td)
+        aux_TE = None
+        if self.aux_routers:  # expert choice: every group's auxiliary router in one op
+            aux_TE = batched_logits([self.aux_routers[g.name] for g in self.group_specs], x_Td)
+        routings, shared_out_Td = [], None
         for group, group_router in zip(self.group_specs, self.group_routers):
-            in_group_T = valid_T & torch.isin(modality_T, modality_T.new_tensor(group.modalities))
-            group_tokens = in_group_T.nonzero(as_tuple=True)[0]
+            # Positions from the forward's TokenIndex (its one host sync, shared by layers).
+            group_tokens, count = ctx.tokens.group(group.modalities)
             # A group holding every token (one mixed group, a single-modality batch) needs
             # no gather, and its backward no scatter.
-            whole = len(group_tokens) == len(x_Td)
-            x_group = x_Td if whole else x_Td.index_select(0, group_tokens)
-            routing = group_router.route(self, x_group, ctx)
-            token_idx.append(routing.token_idx_N if whole else group_tokens[routing.token_idx_N])
-            expert_idx.append(routing.expert_idx_N + group_router.offset)
-            gates.append(routing.gate_N)
+            whole = count == T
+            cols = slice(group_router.offset, group_router.offset + group.num_experts)
+            rows = slice(None) if whole else group_tokens
+            aux = aux_TE[rows, cols] if aux_TE is not None else None
+            routing = group_router.route(self, logits_TE[rows, cols], aux, ctx)
+            if not whole:
+                routing.token_idx_N = group_tokens[routing.token_idx_N]
+            routings.append(routing)
             if group.name in self.shared:
+                x_group = x_Td if whole else x_Td.index_select(0, group_tokens)
                 shared_Td = self.shared[group.name](x_group)
                 index = None if whole else group_tokens
                 shared_out_Td = _add_rows(shared_out_Td, shared_Td, index, x_Td)
-        out_Td = self._experts(x_Td, torch.cat(token_idx), torch.cat(expert_idx), torch.cat(gates))
+        if all(r.capacity is not None for r in routings) and hasattr(self.dispatcher, "runs"):
+            out_Td = self._experts_static(x_Td, routings)
+        else:
+            out_Td = self._experts(
+                x_Td,
+                torch.cat([r.token_idx_N for r in routings]),
+                torch.cat(
+                    [r.expert_idx_N + g.offset for r, g in zip(routings, self.group_routers)]
+                ),
+                torch.cat([r.gate_N for r in routings]),
+            )
         if shared_out_Td is not None:
             out_Td = out_Td + shared_out_Td
         return out_Td.view(B, S, d)
+
+    def _experts_static(self, x_Td, routings) -> torch.Tensor:
+        """Expert choice in training: every expert of a group takes C tokens, so the pairs
+        arrive sorted by expert with counts the host knows: one gather, batched expert GEMMs
+        over [E, C, d], one scatter-add to combine (no sort, no counts, no host sync)."""
+        token_idx_N = torch.cat([r.token_idx_N for r in routings])
+        gate_N = torch.cat([r.gate_N for r in routings])
+        runs = [(g.num_experts, r.capacity) for g, r in zip(self.group_specs, routings)]
+        y_Nd = self.dispatcher.runs(x_Td.index_select(0, token_idx_N), runs, self.experts)
+        weighted_Nd = y_Nd * gate_N.unsqueeze(1).to(y_Nd.dtype)
+        return y_Nd.new_zeros(x_Td.shape).index_add(0, token_idx_N, weighted_Nd)
 
     def _experts(self, x_Td, token_idx_N, expert_idx_N, gate_N) -> torch.Tensor:
         """Sort the pairs by dispatch slot, run them through the experts (locally or by

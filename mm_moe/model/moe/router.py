@@ -19,7 +19,12 @@ class Routing:
     gate_N: torch.Tensor  # fp32 weight of the expert's output
     # [T, E] bool: the selection before capacity dropping (for balance losses / aux routers)
     chosen_TE: torch.Tensor
-    dropped_fraction: torch.Tensor  # scalar
+    # Scalar: pairs dropped by token-choice capacity; None where it is the share of tokens no
+    # expert took (expert choice), computed from chosen_TE only when statistics are collected.
+    dropped_fraction: torch.Tensor | None
+    # Expert choice in training: every expert took exactly this many tokens, and the pairs
+    # are expert-major (static shapes the host knows); None otherwise.
+    capacity: int | None = None
 
 
 def scores_from_logits(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
@@ -43,7 +48,9 @@ def expert_choice(
     scores_TE: torch.Tensor, select_TE: torch.Tensor, capacity: int, normalize: bool = False
 ) -> Routing:
     """Each expert takes its top-`capacity` tokens by `select_TE`; gates are `scores_TE`,
-    or with `normalize` those divided by their sum over the experts that took the token."""
+    or with `normalize` those divided by their sum over the experts that took the token.
+    The pairs come expert-major (expert e's C tokens at rows e*C..e*C+C-1): static shapes,
+    already sorted by expert."""
     T, E = scores_TE.shape
     _, token_idx_EC = torch.topk(select_TE.t(), capacity, dim=1, sorted=False)
     expert_idx_EC = torch.arange(E, device=scores_TE.device).unsqueeze(1).expand(E, capacity)
@@ -51,25 +58,30 @@ def expert_choice(
     if normalize:
         sum_T = scores_TE.new_zeros(T).index_add(0, token_idx_EC.reshape(-1), gate_EC.reshape(-1))
         gate_EC = gate_EC / sum_T[token_idx_EC].clamp_min(1e-20)
-    chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
-    chosen_TE[token_idx_EC.reshape(-1), expert_idx_EC.reshape(-1)] = True
-    unprocessed = (~chosen_TE.any(1)).float().mean() if T else scores_TE.new_zeros(())
+    chosen_ET = torch.zeros(E, T, dtype=torch.bool, device=scores_TE.device)
+    chosen_ET.scatter_(1, token_idx_EC, True)
     return Routing(
         token_idx_EC.reshape(-1),
         expert_idx_EC.reshape(-1),
         gate_EC.reshape(-1),
-        chosen_TE,
-        unprocessed,
+        chosen_ET.t(),
+        None,
+        capacity,
     )
+
+
+def unprocessed_fraction(chosen_TE: torch.Tensor) -> torch.Tensor:
+    """Share of the tokens that no expert took."""
+    if not len(chosen_TE):
+        return chosen_TE.new_zeros((), dtype=torch.float32)
+    return (~chosen_TE.any(1)).float().mean()
 
 
 def from_mask(scores_TE: torch.Tensor, chosen_TE: torch.Tensor) -> Routing:
-    """Routing for an explicit selection mask (auxiliary-router inference)."""
+    """Routing for an explicit selection mask (auxiliary-router inference; data-dependent
+    shapes: a host sync, in eval only)."""
     token_idx_N, expert_idx_N = chosen_TE.nonzero(as_tuple=True)
-    unprocessed = (~chosen_TE.any(1)).float().mean() if len(chosen_TE) else scores_TE.new_zeros(())
-    return Routing(
-        token_idx_N, expert_idx_N, scores_TE[token_idx_N, expert_idx_N], chosen_TE, unprocessed
-    )
+    return Routing(token_idx_N, expert_idx_N, scores_TE[token_idx_N, expert_idx_N], chosen_TE, None)
 
 
 def token_choice(
@@ -94,7 +106,9 @@ def token_choice(
     if capacity is not None and T:
         # Position of each pair among its expert's pairs, in token order (stable sort).
         order_N = torch.argsort(expert_idx_N, stable=True)
-        counts_E = torch.bincount(expert_idx_N, minlength=E)
+        counts_E = expert_idx_N.new_zeros(E).scatter_add_(
+            0, expert_idx_N, torch.ones_like(expert_idx_N)
+        )
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         rank_sorted = (
             torch.arange(len(order_N), device=order_N.device) - starts_E[expert_idx_N[order_N]]

@@ -6,45 +6,12 @@ Shape legend: B images, C channels, H W image size, h w latent grid, D code dim,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm_moe.errors import UserError
-
-
-@dataclass
-class VQConfig:
-    # Images are RGB resolution x resolution; the latent grid is resolution / downsample.
-    resolution: int = 28
-    downsample: int = 4
-    codebook_size: int = 256
-    code_dim: int = 32
-    channels: int = 64
-    # EMA codebook decay, commitment weight (VQ-VAE), dead-code restart threshold (uses/step).
-    ema_decay: float = 0.99
-    commitment: float = 0.25
-    restart_threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.downsample < 1 or self.downsample & (self.downsample - 1):
-            raise UserError(f"downsample={self.downsample} must be a power of two")
-        if self.resolution % self.downsample:
-            raise UserError(
-                f"resolution={self.resolution} must be a multiple of downsample={self.downsample}"
-            )
-        if self.codebook_size < 2 or self.code_dim < 1 or self.channels < 1:
-            raise UserError("codebook_size >= 2, code_dim and channels >= 1")
-
-    @property
-    def grid(self) -> int:
-        return self.resolution // self.downsample
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid * self.grid
+from mm_moe.tokenization.config import VQConfig
 
 
 class ResBlock(nn.Module):

@@ -153,3 +153,7 @@ def main() -> None:
     with exits_on_failure(PROG):
         code = run(sys.argv[1:])
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Which model and MoE config fields change the function a checkpoint's weights compute, and
+the differences between a checkpoint's and this run's.
+
+Derived from the dataclasses, not listed by hand: every field of `ModelConfig` (nested ones
+such as `model.mod.*` included) and of `MoEConfig` is compared, except the fields in
+`NOT_FUNCTION`, which only steer training (losses, noise, initialisation, learning rates) or
+speed (kernels) and leave the forward pass of given weights as it is. A field added later is
+compared until someone argues it into the allow-list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+NOT_FUNCTION = {
+    # training-only: loss terms, noise and initialisation of weights that the load replaces
+    "model.z_loss",
+    "model.init_std",
+    "model.mod.aux_router_coef",
+    "moe.router_noise",
+    "moe.router_noise_anneal_steps",
+    "moe.router_lr_scale",
+    "moe.router_init",
+    "moe.load_balance_coef",
+    "moe.router_z_coef",
+    "moe.entropy_local_coef",
+    "moe.entropy_global_coef",
+    "moe.aux_router_coef",
+    # logging and speed only
+    "moe.health_stats",
+    "moe.gemm",
+    "model.attention",
+    # a limit, not a change: RoPE is computed for any position
+    "model.max_seq_len",
+    # compared through the derived `model.ffn_dim` (0 derives it from ffn_multiple_of)
+    "model.ffn_hidden",
+    "model.ffn_multiple_of",
+}
+
+# Fields whose value only matters through a derived one: the expert bias of aux-loss-free
+# balancing is added at selection whenever its update rate is > 0; the rate itself is training.
+_COMPARED_AS = {"moe.bias_update_rate": lambda rate: rate > 0}
+# The key that turns a part on: off, none of its other fields matter.
+_OFF = {"moe": "experts_per_modality", "model.mod": "layers"}
+# Properties that stand for allow-listed fields.
+_DERIVED = {"model": ("ffn_dim",)}
+
+
+def function_fields(cfg, prefix: str) -> dict[str, object]:
+    """{dotted key: value} of every field of `cfg` (a config dataclass) that changes the
+    function, nested dataclasses flattened. A part that is off (no experts, no
+    mixture-of-depths layers) has only its on/off key: its other fields do nothing."""
+    off = _OFF.get(prefix)
+    if off is not None and not getattr(cfg, off):
+        return {f"{prefix}.{off}": getattr(cfg, off)}
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}.{f.name}", getattr(cfg, f.name)
+        if key in NOT_FUNCTION:
+            continue
+        if dataclasses.is_dataclass(value):
+            out.update(function_fields(value, key))
+        else:
+            out[key] = value
+    for name in _DERIVED.get(prefix, ()):
+        out[f"{prefix}.{name}"] = getattr(cfg, name)
+    return out
+
+
+def differences(saved: dict[str, object], run: dict[str, object]) -> list[str]:
+    """'key: checkpoint A, this run B' for each key whose values differ."""
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, this run {run.get(key)!r}"
+        for key in sorted(set(saved) | set(run))
+        if _as(key, saved.get(key)) != _as(key, run.get(key))
+    ]
+
+
+def _as(key: str, value):
+    return _COMPARED_AS[key](value) if key in _COMPARED_AS and value is not None else value

@@ -1,0 +1,112 @@
+"""The study's tables: study.md (the comparison and the routing health) and the CSV files."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+
+from mm_moe.eval.study.plan import MODALITIES
+
+
+def fmt(s: dict, key: str, digits: int = 3, pct: bool = False) -> str:
+    """`mean ± std` of a summary key, '-' where it was not measured."""
+    mean, std = s[f"{key}_mean"], s[f"{key}_std"]
+    if math.isnan(mean):
+        return "-"
+    if pct:
+        return f"{100 * mean:.1f} ± {100 * std:.1f}%"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _header(args) -> list[str]:
+    return [
+        f"# MoMa study ({args.scale}, {args.steps} steps, {args.seeds} seeds; long dense run "
+        f"{args.dense_steps} steps)",
+        "",
+        "Held-out loss with inference routing (causal auxiliary routers), mean ± std over "
+        "seeds; in brackets the loss with training routing. Savings: dense FLOPs to reach the "
+        "model's final held-out loss / the model's FLOPs, per modality (>X: below anything "
+        "the long dense run reached).",
+        "",
+        "| model | FLOPs/token vs dense (text, image) | step time vs dense | text loss | "
+        "image loss | zero-shot acc | text->image acc | savings text | savings image |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+
+def _model_line(s: dict, dense: dict) -> str:
+    rel = [s[f"flops_per_token_{m}"] / dense[f"flops_per_token_{m}"] for m in MODALITIES]
+    sav = [f"{s[f'savings_{m}_bound']}{fmt(s, f'savings_{m}', 2)}" for m in MODALITIES]
+    return (
+        f"| {s['label']} | {rel[0]:.2f}, {rel[1]:.2f} | {s['step_time_vs_dense']:.2f} | "
+        f"{fmt(s, 'loss_text')} "
+        f"({s['train_routing_loss_text_mean']:.3f}) | {fmt(s, 'loss_image')} "
+        f"({s['train_routing_loss_image_mean']:.3f}) | "
+        f"{fmt(s, 'zero_shot_accuracy', pct=True)} | {fmt(s, 't2i_accuracy', pct=True)} | "
+        f"{sav[0]} | {sav[1]} |"
+    )
+
+
+def health_table(summary: list[dict]) -> list[str]:
+    """Routing health at the end of training, per modality group, mean over layers."""
+    moe = [s for s in summary if not math.isnan(s["taken_0_image_mean"])]
+    if not moe:
+        return []
+    lines = [
+        "Routing health at the last logged step (mean over layers; docs/model.md#routing-health):",
+        "",
+        "| model | no expert: text | no expert: image | gate mean: text | gate mean: image "
+        "| router cosine: image | selection overlap: image |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in moe:
+        stats = ("taken_0_text", "taken_0_image", "gate_mean_text", "gate_mean_image")
+        stats += ("router_cosine_image", "jaccard_image")
+        lines.append(f"| {s['label']} | " + " | ".join(fmt(s, k, 2) for k in stats) + " |")
+    return lines
+
+
+def _notes(summary: list[dict], args, dense_long: dict, wall_s: float) -> str:
+    note = (
+        f"Long dense run: final held-out loss text {dense_long['loss_text']:.3f}, image "
+        f"{dense_long['loss_image']:.3f}. Step time: median of the logged training steps, "
+        f"mean over seeds, relative to dense. "
+    )
+    if args.multimodal:
+        judge = statistics.fmean(s["judge_accuracy_mean"] for s in summary)
+        note += (
+            f"Zero-shot: {args.zero_shot} held-out digits, chance 10%. Text->image: "
+            f"{args.t2i_per_label} images per digit judged by a classifier with "
+            f"{100 * judge:.1f}% accuracy on real (VQ-reconstructed) held-out digits. "
+        )
+    corpus = getattr(args, "corpus", "demo")
+    note += f"Data: the {corpus} corpus. Wall time {wall_s / 60:.1f} min."
+    return note
+
+
+def write_markdown(
+    path: Path,
+    summary: list[dict],
+    args,
+    dense_long: dict,
+    wall_s: float,
+    health_plot: bool = False,
+) -> None:
+    dense = next(s for s in summary if s["model"] == "dense")
+    lines = _header(args) + [_model_line(s, dense) for s in summary]
+    lines += ["", *health_table(summary), ""]
+    lines.append(_notes(summary, args, dense_long, wall_s))
+    lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", ""]
+    if health_plot:
+        lines += ["![tokens no expert processed](routing_health.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)

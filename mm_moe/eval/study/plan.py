@@ -1,0 +1,237 @@
+"""What the study trains: the models, the corpus, each run's overrides, and the digest that
+names its run directory (a finished run with the same digest is reused).
+
+The composing function comes from the entry point (mm_moe.cli.compose): a library module
+imports no entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MODALITIES = ("text", "image")
+
+# name -> (label, Hydra overrides); CPU shapes are tiny_dense's (d=128, 4 layers).
+CPU_MODELS = {
+    "dense": ("dense", ["model=tiny_dense", "moe=none"]),
+    "mixed8": ("mixed EC-8", ["model=tiny_dense", "moe=mixed8_ec"]),
+    "moma": ("MoMa 4t4i", ["model=tiny_dense", "moe=moma_4t4i_ec"]),
+    "moma_mod": (
+        "MoMa 4t4i + MoD",
+        [
+            "model=tiny_dense",
+            "moe=moma_4t4i_ec",
+            "model.mod.layers=[1,3]",
+            "model.mod.capacity=0.25",
+        ],
+    ),
+    "mot": ("MoT", ["model=tiny_dense", "moe=none", "model.untie=[ffn,attention,norms]"]),
+    # Token choice (dropless, top-1, renormalized): every token gets an FFN, causal.
+    "moma_tc": ("MoMa 4t4i TC", ["model=tiny_dense", "moe=moma_4t4i_tc"]),
+}
+# MoMa expert choice with each routing remedy (docs/model.md#routing-health): `--models routing`
+# runs them with dense, MoMa (EC) and MoMa TC.
+_EC = ["model=tiny_dense", "moe=moma_4t4i_ec"]
+ROUTING_MODELS = {
+    "moma_normalized": ("MoMa EC, normalized gates", [*_EC, "moe.expert_choice_gate=normalized"]),
+    "moma_orthogonal": ("MoMa EC, orthogonal router init", [*_EC, "moe.router_init=orthogonal"]),
+    "moma_router_lr": ("MoMa EC, router lr x0.1", [*_EC, "moe.router_lr_scale=0.1"]),
+    # Annealed over the first half of the routing study's 600 steps.
+    "moma_noise": (
+        "MoMa EC, Gumbel noise 1 annealed",
+        [*_EC, "moe.router_noise=1.0", "moe.router_noise_anneal_steps=300"],
+    ),
+    "moma_cosine": ("MoMa EC, cosine router", [*_EC, "moe.router_logits=cosine"]),
+}
+CPU_MODELS.update(ROUTING_MODELS)
+DEFAULT_MODELS = "dense,mixed8,moma,moma_tc,mot"
+ROUTING = "dense,moma,moma_tc," + ",".join(ROUTING_MODELS)
+# The 1.4B presets (configs/model/*_1.4b.yaml) and their dense equivalent.
+GPU_MODELS = {
+    "dense": ("dense 280M", ["model=dense_280m"]),
+    "mixed8": ("mixed EC-8 1.4B", ["model=moe_mixed8_1.4b"]),
+    "moma": ("MoMa 4t4i 1.4B", ["model=moma_4t4i_1.4b"]),
+    "moma_mod": ("MoMa 4t4i + MoD 1.4B", ["model=moma_4t4i_mod_1.4b"]),
+    "mot": ("MoT (dense 720M shapes)", ["model=mot_1.4b"]),
+    "moma_tc": ("MoMa 4t4i TC 1.4B", ["model=moma_4t4i_1.4b", "moe=moma_4t4i_tc"]),
+}
+# The demo experiment and its held-out digits; a small batch that 2 CPU cores run quickly.
+CPU_BASE = [
+    "experiment=demo",
+    "eval=demo",
+    "moe.gemm=loop",
+    "trainer.global_batch_size=16",
+    "trainer.micro_batch_size=16",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=30",
+]
+# Tiny shapes for tests and smoke runs (--tiny).
+TINY = [
+    "data.seq_len=64",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=8",
+    "optim.warmup_steps=2",
+    "eval.num_batches=1",
+    "eval.micro_batch_size=4",
+    "trainer.cpu_threads=1",
+]
+
+
+def check_args(args) -> str | None:
+    """Resolves args.model_list, args.table and args.dense_steps; the error message for
+    settings that cannot make a study, or None."""
+    table = CPU_MODELS if args.scale == "cpu" else GPU_MODELS
+    models = ROUTING if args.models == "routing" else args.models
+    args.model_list = [m.strip() for m in models.split(",") if m.strip()]
+    args.table = table
+    bad = [m for m in args.model_list if m not in table]
+    if bad or not args.model_list:
+        return f"--models: unknown {bad}; choose from {', '.join(table)}"
+    if "dense" not in args.model_list:
+        return "--models must include dense (the savings factor is measured against it)"
+    if args.seeds < 1 or args.steps < 1 or args.eval_interval < 1:
+        return "--seeds, --steps and --eval-interval must be >= 1"
+    args.dense_steps = args.dense_steps or 2 * args.steps
+    if args.dense_steps < args.steps:
+        return "--dense-steps must be >= --steps"
+    return None
+
+
+@dataclass
+class Corpus:
+    """The data every run of the study reads: overrides placed after the base settings (the
+    model presets and --override still win), the files whose content names the data in the
+    run digests, and the command that builds it where it is missing."""
+
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    built: list[Path] = field(default_factory=list)
+    build_cmd: list[str] | None = None
+    ready: Path | None = None  # exists once the corpus is built
+
+
+def corpus_for(args, repo: Path, python: str) -> Corpus:
+    """`demo`: experiment=demo's own data (data/demo), as the study always read it, so its
+    run digests are those of earlier studies. `study`: the corpus of
+    data_pipelines/build_study_corpus.py in --corpus-dir, where no training image repeats:
+    pretokenized pairs (or the pairs, without tokenizers), held out on DIR/heldout."""
+    tokenizer_metrics = repo / "tokenizers" / "demo" / "metrics.json"
+    if args.corpus == "demo":
+        return Corpus("demo", [], [repo / "data" / "demo" / "corpus.json", tokenizer_metrics])
+    root = Path(args.corpus_dir)
+    cmd = [python, str(repo / "data_pipelines" / "build_study_corpus.py"), f"output={root}"]
+    cmd += [f"pairs={args.corpus_pairs}", f"seed={args.corpus_seed}"]
+    tokens = root / "pairs_tokens"
+    pretokenized = tokens.is_dir() and any(tokens.glob("*.tar"))  # written with tokenizers
+    train = f"{{urls:{tokens},format:tokens,weight:1}}" if pretokenized else None
+    train = train or f"{{urls:{root / 'pairs'},format:pairs,weight:1}}"
+    overrides = [
+        f"data.sources=[{train}]",
+        f"eval.sources=[{{urls:{root / 'heldout'},format:pairs,weight:1}}]",
+    ]
+    manifest = root / "manifest.json"
+    return Corpus("study", overrides, [manifest, tokenizer_metrics], cmd, manifest)
+
+
+def overrides(args, name: str, seed: int, steps: int, run_dir: Path) -> list[str]:
+    """The Hydra overrides of one run (`args.corpus_overrides`: the corpus's)."""
+    base = CPU_BASE if args.scale == "cpu" else ["eval=demo"]
+    warmup = 2 if args.tiny else 30
+    return [
+        *base,
+        *getattr(args, "corpus_overrides", []),
+        *(TINY if args.tiny else []),
+        *args.table[name][1],
+        f"trainer.max_steps={steps}",
+        f"trainer.seed={seed}",
+        f"trainer.log_interval={args.eval_interval}",
+        f"eval.interval={args.eval_interval}",
+        f"optim.decay_steps={max(1, args.dense_steps - warmup)}",
+        # A run cut short (a killed session) continues from its last checkpoint on rerun.
+        f"checkpoint.interval={min(steps, 250)}",
+        "checkpoint.keep_last=1",
+        "checkpoint.resume=auto",
+        "checkpoint.overwrite=true",
+        "logging.wandb.mode=disabled",
+        "logging.progress=lines",
+        f"trainer.run_dir={run_dir}",
+        *args.override,
+    ]
+
+
+def config_digest(cfg: dict, built: list[str]) -> str:
+    """8 hex digits of what a run trains: its composed config (a plain dict; `cfg` is
+    changed) without what does not change the trained model, and the built data and
+    tokenizer descriptions it reads (`built`: their files' text)."""
+    cfg["trainer"].pop("run_dir", None)
+    # What the evaluations after training read, not what trains: a change re-evaluates the
+    # finished runs (run.train_and_eval) instead of training them again.
+    cfg["eval"].pop("zero_shot")
+    cfg["eval"].pop("text_to_image")
+    cfg.pop("checkpoint")  # where and how often it saves: not what it trains (exact resume)
+    # How fast it trains, not what: the image cache is exact, and the fused AdamW differs
+    # from the per-tensor loop only in rounding (runs from before these keys still count).
+    cfg["data"].pop("image_cache_size", None)
+    cfg["optim"].pop("fused", None)
+    text = [json.dumps(cfg, sort_keys=True, default=str), *built]
+    return hashlib.sha1("\n".join(text).encode()).hexdigest()[:8]
+
+
+class Planner:
+    """Each run's overrides, digest, run directory and evaluation settings, composed once per
+    distinct config (in the main thread: Hydra is one per process)."""
+
+    def __init__(self, args, compose: Callable, corpus: Corpus):
+        self.args, self.compose, self.corpus = args, compose, corpus
+        args.corpus_overrides = corpus.overrides
+        self._composed: dict[tuple, tuple[str, tuple]] = {}
+
+    def overrides(self, name: str, seed: int, steps: int, run_dir: Path) -> list[str]:
+        return overrides(self.args, name, seed, steps, run_dir)
+
+    def _compose(self, name: str, seed: int, steps: int) -> tuple[str, tuple]:
+        found = self.overrides(name, seed, steps, Path())
+        key = tuple(o for o in found if "run_dir=" not in o)
+        if key not in self._composed:
+            composed = self.compose(list(key))
+            built = [p.read_text() for p in self.corpus.built if p.is_file()]
+            settings = (composed.eval.zero_shot, composed.eval.text_to_image)
+            self._composed[key] = (config_digest(asdict(composed), built), settings)
+        return self._composed[key]
+
+    def run_dir(self, name: str, seed: int, steps: int) -> Path:
+        """Runs are named by what they train: a finished run stands for any later request
+        with the same composed config (the dense seed-0 run is the long dense run when
+        --dense-steps == --steps, and studies share their common runs), and a changed preset,
+        experiment or data is a new run."""
+        digest = self._compose(name, seed, steps)[0]
+        return Path(self.args.out) / "runs" / f"{name}_s{seed}_{steps}_{digest}"
+
+    def multimodal_settings(self, name: str, seed: int, steps: int) -> dict:
+        """The zero-shot and text->image settings of this run's composed config, with the
+        study's sample counts (plain JSON: evals.json records what its figures were measured
+        with)."""
+        from dataclasses import replace
+
+        zero_shot, t2i = self._compose(name, seed, steps)[1]
+        settings = {
+            "zero_shot": asdict(replace(zero_shot, num_samples=self.args.zero_shot)),
+            "text_to_image": asdict(replace(t2i, samples_per_label=self.args.t2i_per_label)),
+        }
+        return json.loads(json.dumps(settings))
+
+    def tasks(self) -> list[tuple[str, int, int]]:
+        """(name, seed, steps) of every run: the long dense run first, then each seed's."""
+        args = self.args
+        tasks = [("dense", 0, args.dense_steps)]
+        tasks += [(n, s, args.steps) for s in range(args.seeds) for n in args.model_list]
+        return list(dict.fromkeys(tasks))
+
+    def flops_per_token(self, name: str) -> dict:
+        cfg = self.compose(self.overrides(name, 0, self.args.steps, Path("runs/unused")))
+        model = cfg.model.with_vocab(cfg.tokenizer.build().vocab.size)
+        return model.flops_per_token(cfg.data.seq_len, cfg.moe)

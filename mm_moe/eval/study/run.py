@@ -1,0 +1,119 @@
+"""Running the study's jobs: build the corpus where missing, train each run in a subprocess
+(`python -m mm_moe.train`, torchrun with --nproc > 1) unless a finished one is found, and
+score the trained models zero-shot and text->image."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from mm_moe.eval.study.plan import Corpus, Planner
+
+
+def ensure_corpus(corpus: Corpus, cwd: Path) -> None:
+    """Builds the corpus with its command where it is not there yet."""
+    if corpus.ready is None or corpus.ready.is_file():
+        return
+    print(f"[study] building the {corpus.name} corpus: {' '.join(corpus.build_cmd)}", flush=True)
+    proc = subprocess.run(corpus.build_cmd, cwd=cwd)
+    if proc.returncode or not corpus.ready.is_file():
+        raise SystemExit(f"study: building the {corpus.name} corpus failed ({proc.returncode})")
+
+
+def trained(run_dir: Path, steps: int) -> dict | None:
+    """What a finished training of this run recorded (evals.json), or None."""
+    path = run_dir / "evals.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return done if done.get("steps") == steps else None
+
+
+def train_command(args, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "mm_moe.train"]
+    if args.nproc > 1:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={args.nproc}", "-m", "mm_moe.train"]
+    return cmd + overrides
+
+
+def train_and_eval(planner: Planner, name: str, seed: int, steps: int, cwd: Path) -> dict:
+    """Trains the run (or finds it trained) and evaluates it; what evals.json records."""
+    args, run_dir = planner.args, planner.run_dir(name, seed, steps)
+    done = None if args.fresh else trained(run_dir, steps)
+    settings = planner.multimodal_settings(name, seed, steps)
+    if done is not None:
+        # Evaluated without them, or with other sampling settings or sample counts.
+        if args.multimodal and done.get("multimodal_settings") != settings:
+            t0 = time.perf_counter()
+            done.update(multimodal(run_dir, seed, settings), eval_s=time.perf_counter() - t0)
+            (run_dir / "evals.json").write_text(json.dumps(done, indent=1))
+        return done
+    cmd = train_command(args, planner.overrides(name, seed, steps, run_dir))
+    t0 = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as log:  # a resumed run continues its log
+        proc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = (run_dir / "train.log").read_text()[-3000:]
+        raise SystemExit(f"study: {name} seed {seed} failed ({proc.returncode}):\n{tail}")
+    train_s = time.perf_counter() - t0
+    result = {"steps": steps, "train_s": train_s}
+    if args.multimodal:
+        result.update(multimodal(run_dir, seed, settings))
+    result["eval_s"] = time.perf_counter() - t0 - train_s
+    (run_dir / "evals.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def multimodal(run_dir: Path, seed: int, settings: dict) -> dict:
+    """Zero-shot classification and text->image accuracy of the run's final model."""
+    import torch
+
+    from mm_moe.api import load_pretrained
+    from mm_moe.eval.config import TextToImageConfig, ZeroShotConfig
+    from mm_moe.eval.multimodal import multimodal_evals
+
+    model = load_pretrained(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    cfg = model.train_config
+    ev = replace(
+        cfg.eval,
+        zero_shot=ZeroShotConfig(**settings["zero_shot"]),
+        text_to_image=TextToImageConfig(**settings["text_to_image"]),
+    )
+    r = multimodal_evals(model, cfg.tokenizer.build(), cfg.tokenizer, ev, run_dir, seed)
+    return {
+        "zero_shot_accuracy": r["zero_shot"]["accuracy"],
+        "zero_shot_images": r["zero_shot"]["num_images"],
+        "t2i_accuracy": r["text_to_image"]["accuracy"],
+        "t2i_images": r["text_to_image"]["num_images"],
+        "judge_accuracy": r["judge_accuracy"],
+        "multimodal_settings": settings,
+    }
+
+
+def train_all(planner: Planner, cwd: Path) -> dict[tuple, dict]:
+    """Train and evaluate every run (the long dense run and each model and seed), --jobs at a
+    time; {(name, seed, steps): result}."""
+    tasks = planner.tasks()
+    for task in tasks:  # composed here: Hydra is one per process
+        planner.run_dir(*task)
+
+    def work(task):
+        name, seed, steps = task
+        print(f"[study] {name} seed {seed}: {steps} steps", flush=True)
+        result = train_and_eval(planner, name, seed, steps, cwd)
+        print(
+            f"[study] {name} seed {seed} done: {result['train_s']:.0f}s train, "
+            f"{result.get('eval_s', 0):.0f}s evals",
+            flush=True,
+        )
+        return result
+
+    with ThreadPoolExecutor(planner.args.jobs) as pool:
+        return dict(zip(tasks, pool.map(work, tasks)))

@@ -1,0 +1,181 @@
+"""The whole training step (forward, backward, optimizer step) of dense and each MoE preset,
+measured in one process and one run: the step time of each model and its ratio to dense.
+
+    .venv/bin/python scripts/bench_step.py [--json] [--device cuda] [--shapes tiny,mid]
+        [--rounds 5] [--steps 10] [--cases dense,moma_ec,...] [--smoke]
+
+Each case is the project's own training path: `build_training(cfg)` (the DeepSpeed engine,
+the synthetic_patterns data, the default hooks: metrics every trainer.log_interval steps,
+routing statistics on the steps that log them) and `Trainer.step` followed by the hooks, as
+`Trainer.fit` runs them. Shapes: `tiny` is tiny_dense (d=128, 4 layers); `mid` is d=512,
+8 layers, at the same sequence length (128) and batch (experiment=tiny_dense: 16 sequences in
+micro-batches of 4). The cases of one shape are built together and stepped round robin
+(`--steps` steps each per round, `--rounds` rounds), so that a change in machine load hits
+every case alike; the first round is warm-up. `step_s` is the median wall time of one step
+(its hooks included) over the other rounds, `ratio_vs_dense` the case's over dense's.
+
+`--json` prints one JSON row per case: {case, shape, ratio_vs_dense, step_s, ...}.
+`--smoke`: the tiny shape, batch 2 x 32 tokens, 2 rounds of 2 steps (a test runs it in
+seconds; the figures mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a file from anywhere
+    sys.path.insert(0, str(REPO))
+
+# name -> Hydra overrides on experiment=tiny_dense; MoD's layers are filled in per shape.
+CASES = {
+    "dense": ["moe=none"],
+    "moma_ec": ["moe=moma_4t4i_ec"],
+    "moma_tc": ["moe=moma_4t4i_tc"],
+    "mixed_ec8": ["moe=mixed8_ec"],
+    "mot": ["moe=none", "model.untie=[ffn,attention,norms]"],
+    "moma_mod": ["moe=moma_4t4i_ec", "model.mod.capacity=0.25"],
+}
+SHAPES = {
+    "tiny": {"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 384},
+    "mid": {"d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 1536},
+}
+
+
+def overrides(case: str, shape: str, args, run_dir: Path) -> list[str]:
+    """The Hydra overrides of one (case, shape)."""
+    dims = SHAPES[shape]
+    out = ["experiment=tiny_dense", *CASES[case]]
+    out += [f"model.{k}={v}" for k, v in dims.items()]
+    if case == "moma_mod":  # every other block routed (the MoD paper's choice)
+        out.append(f"model.mod.layers=[{','.join(map(str, range(1, dims['n_layers'], 2)))}]")
+    out += [
+        f"data.seq_len={args.seq_len}",
+        f"trainer.global_batch_size={args.batch}",
+        f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.max_steps={args.rounds * args.steps}",
+        f"trainer.device={args.device}",
+        f"trainer.run_dir={run_dir}",
+        "trainer.peak_tflops=0",
+        "checkpoint.interval=0",
+        "eval=none",
+        "logging.wandb.mode=disabled",
+        "logging.progress=lines",
+        "logging.level=WARNING",
+    ]
+    return out
+
+
+class Run:
+    """One built training run, stepped a few steps at a time (Trainer.fit's loop, in parts)."""
+
+    def __init__(self, cfg):
+        from mm_moe.trainer.build import build_training
+        from mm_moe.trainer.trainer import Trainer
+
+        self.trainer = Trainer(build_training(cfg))
+        t = self.trainer.training
+        t.metrics.first_row = dict(t.facts)
+        for hook in self.trainer.hooks:
+            hook.before_fit(self.trainer)
+        self.step, self.times = t.start_step, []
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.step += 1
+            t0 = time.perf_counter()
+            record = self.trainer.step(self.step)
+            for hook in self.trainer.hooks:
+                hook.after_step(self.trainer, self.step, record)
+            self.times.append(time.perf_counter() - t0)
+
+    def close(self) -> None:
+        t = self.trainer.training
+        t.checkpointer.close()
+        for hook in self.trainer.hooks:
+            hook.after_fit(self.trainer)
+        t.metrics.close()
+
+
+def bench_shape(shape: str, cases: list[str], args, tmp: Path) -> list[dict]:
+    from mm_moe.cli import compose
+
+    runs = {c: Run(compose(overrides(c, shape, args, tmp / f"{shape}_{c}"))) for c in cases}
+    for _ in range(args.rounds):
+        for run in runs.values():
+            run.run(args.steps)
+    warm = args.steps  # the first round: compilation, allocator and cache warm-up
+    step_s = {c: statistics.median(run.times[warm:]) for c, run in runs.items()}
+    for run in runs.values():
+        run.close()
+    runs.clear()
+    gc.collect()
+    return [
+        {
+            "case": c,
+            "shape": shape,
+            "ratio_vs_dense": step_s[c] / step_s["dense"],
+            "step_s": step_s[c],
+            "steps_timed": (args.rounds - 1) * args.steps,
+            "device": args.device,
+        }
+        for c in cases
+    ]
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--shapes", default="tiny,mid")
+    p.add_argument("--cases", default=",".join(CASES), help="dense is always included")
+    p.add_argument("--rounds", type=int, default=5, help="the first is warm-up")
+    p.add_argument("--steps", type=int, default=10, help="steps per case per round")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--smoke", action="store_true", help="tiny shape, 2 x 32 tokens, 2 x 2 steps")
+    args = p.parse_args()
+    if args.smoke:
+        args.shapes, args.seq_len, args.batch, args.micro_batch = "tiny", 32, 2, 2
+        args.rounds, args.steps = 2, 2
+    args.shape_list = [s for s in args.shapes.split(",") if s]
+    args.case_list = ["dense"] + [c for c in args.cases.split(",") if c and c != "dense"]
+    bad = [s for s in args.shape_list if s not in SHAPES] + [
+        c for c in args.case_list if c not in CASES
+    ]
+    if bad:
+        p.error(f"unknown {bad}: shapes {', '.join(SHAPES)}; cases {', '.join(CASES)}")
+    if args.rounds < 2 or args.steps < 1:
+        p.error("--rounds must be at least 2 (the first is warm-up) and --steps at least 1")
+    return args
+
+
+def main() -> None:
+    args = _parse()
+    logging.getLogger("mm_moe").setLevel(logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shape_list:
+            for row in bench_shape(shape, args.case_list, args, Path(tmp)):
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
+    if not args.json:
+        print(f"{'case':<10} {'shape':<5} {'step_s':>9} {'vs dense':>9}")
+        for r in rows:
+            print(
+                f"{r['case']:<10} {r['shape']:<5} {r['step_s']:>9.4f} {r['ratio_vs_dense']:>8.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

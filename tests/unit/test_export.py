@@ -1,0 +1,136 @@
+"""`python -m mm_moe.export`: every check comes before anything is removed (a refused export
+leaves the previous one as it was; a source inside `out` is refused), and the Mixtral export
+refuses each option that changes the model's function and HF Mixtral cannot express, naming
+the key and the value Mixtral needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mm_moe.errors import UserError
+from mm_moe.export import ExportConfig
+from mm_moe.export import run as export
+
+# One `mixed` group, token choice, softmax top-2 renormalized: what HF Mixtral computes.
+MIXTRAL = {
+    "experts_per_modality": {"mixed": 4},
+    "router": "token_choice",
+    "score": "softmax",
+    "top_k": 2,
+}
+DENSE_QWEN3: dict = {}  # qk_norm=true (RMSNorm over the head dim): Qwen3
+TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1}
+NO_QK_NORM = {"qk_norm": False}  # Mixtral has none
+
+
+def _checkpoint(path: Path, moe: dict, model: dict | None = None) -> Path:
+    """A weights-only checkpoint of a tiny model (random weights) at `path`."""
+    from mm_moe.checkpoint import experts, layout
+    from mm_moe.config import TrainConfig, from_dict, to_dict
+
+    model = {**TINY, **(model or {})}
+    cfg = from_dict(TrainConfig, {"model": model, "moe": moe, "data": {"seq_len": 32}})
+    torch.manual_seed(0)
+    vocab = cfg.data.vocab(cfg.tokenizer)
+    model_cfg = cfg.model.with_vocab(vocab.size)
+    net = model_cfg.build(cfg.moe)
+    cfg_dict = to_dict(cfg)
+    cfg_dict["model"]["vocab_size"] = model_cfg.vocab_size
+    path.mkdir(parents=True)
+    state = {n: p.detach() for n, p in net.named_parameters()}
+    state.update({n: b for n, b in net.named_buffers() if n in net.state_dict()})
+    torch.save(experts.split_experts(state, experts.expert_keys(net)), path / "model.pt")
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg_dict))
+    vocab.save(path / "vocab.yaml")
+    meta = {"format_version": 2, "step": 0, "weights_only": True}
+    (path / layout.META).write_text(json.dumps(meta))
+    return path
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# ---- item 4: checks before removal, the new folder renamed into place ----
+def test_a_refused_export_leaves_the_previous_export_intact(tmp_path):
+    out = tmp_path / "hf"
+    good = _checkpoint(tmp_path / "qwen3", DENSE_QWEN3)
+    assert export(ExportConfig(str(good), str(out))) == "qwen3"
+    before = _files(out)
+    assert "config.json" in before and "model.safetensors" in before
+
+    moma = _checkpoint(tmp_path / "moma", {"experts_per_modality": {"text": 2, "image": 2}})
+    with pytest.raises(UserError, match="experts grouped by modality"):
+        export(ExportConfig(str(moma), str(out), overwrite=True))
+    with pytest.raises(UserError):  # a source that does not load
+        export(ExportConfig(str(tmp_path / "missing"), str(out), overwrite=True))
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "moma", "qwen3"]  # no leftovers
+
+
+def test_an_accepted_overwrite_replaces_the_previous_export(tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier export")
+    source = _checkpoint(tmp_path / "mixtral", MIXTRAL, NO_QK_NORM)
+    with pytest.raises(UserError, match="not empty; pass overwrite=true"):
+        export(ExportConfig(str(source), str(out)))
+    assert export(ExportConfig(str(source), str(out), overwrite=True)) == "mixtral"
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mixtral"]
+
+
+def test_a_source_inside_out_is_refused_and_kept(tmp_path):
+    out = tmp_path / "hf"
+    source = _checkpoint(out / "run" / "step_00000000", DENSE_QWEN3)
+    before = _files(source)
+    for target in (out, source):
+        with pytest.raises(UserError, match="lies inside out"):
+            export(ExportConfig(str(source), str(target), overwrite=True))
+    assert _files(source) == before
+
+
+# ---- item 5: what Mixtral cannot express is refused, naming key and needed value ----
+# (the option set, "key=value|the value Mixtral needs")
+CANNOT_EXPRESS = [
+    ({"moe": {"router_logits": "cosine"}}, "moe.router_logits=cosine|linear"),
+    ({"moe": {"score": "sigmoid"}}, "moe.score=sigmoid|softmax"),
+    ({"moe": {"renormalize": False}}, "moe.renormalize=false|true"),
+    ({"moe": {"bias_update_rate": 0.01}}, "moe.bias_update_rate=0.01|0.0"),
+    ({"moe": {"shared_experts": 1}}, "moe.shared_experts=1|0"),
+    ({"moe": {"layers": [1]}}, "moe.layers=[1]|all"),
+    ({"model": {"qk_norm": True}}, "model.qk_norm=true|false"),
+    ({"model": {"norm_placement": "post"}}, "model.norm_placement=post|pre"),
+]
+
+
+@pytest.mark.parametrize(
+    "option, refused", [pytest.param(*case, id=case[1].split("|")[0]) for case in CANNOT_EXPRESS]
+)
+def test_mixtral_export_refuses_each_option_it_cannot_express(option, refused):
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.upcycle.hf_export import architecture
+
+    setting, needed = refused.split("|")
+    key = setting.split("=")[0]
+    model = {**TINY, **NO_QK_NORM, "vocab_size": 64, **option.get("model", {})}
+    cfg = from_dict(TrainConfig, {"model": model, "moe": {**MIXTRAL, **option.get("moe", {})}})
+    with pytest.raises(UserError) as info:
+        architecture(cfg.model.build(cfg.moe))
+    assert f"{setting} (Mixtral needs {key}={needed})" in str(info.value)
+    assert str(info.value).count("Mixtral needs") == 1  # that key alone
+
+
+def test_a_supported_mixtral_still_exports(tmp_path):
+    # moe.layers listing every layer is every layer
+    source = _checkpoint(tmp_path / "src", {**MIXTRAL, "layers": [0, 1]}, NO_QK_NORM)
+    out = tmp_path / "hf"
+    assert export(ExportConfig(str(source), str(out))) == "mixtral"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)

@@ -1,0 +1,91 @@
+"""The next step's batches are built while the step runs (data/prefetch.py), and a checkpoint
+still holds the position of the batches taken, not of those fetched ahead."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mm_moe.data.config import DataConfig
+from mm_moe.data.prefetch import Prefetcher
+
+
+def _loader():
+    return DataConfig(seq_len=16).build(
+        seed=3, rank=0, dp_world_size=1, micro_batch_size=2, global_batch_size=4
+    )
+
+
+class _SlowLoader:
+    """A loader whose next() takes `seconds` (decoding, tokenizing, packing)."""
+
+    prefetch_safe = True
+
+    def __init__(self, seconds: float):
+        self.inner, self.seconds = _loader(), seconds
+
+    def next(self):
+        time.sleep(self.seconds)
+        return self.inner.next()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def _loop(loader, steps: int, step_s: float) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loader.next()
+        time.sleep(step_s)  # the training step (the GPU's time; the host is free)
+    return time.perf_counter() - t0
+
+
+def test_step_loop_takes_the_max_of_step_and_load_not_their_sum():
+    steps, load_s, step_s = 6, 0.15, 0.15
+    serial = _loop(_SlowLoader(load_s), steps, step_s)
+    prefetched = Prefetcher(_SlowLoader(load_s))
+    overlapped = _loop(prefetched, steps, step_s)
+    prefetched.close()
+    assert serial >= steps * (load_s + step_s)
+    # max(step, load) per step, plus the first load that nothing hides
+    assert overlapped < steps * max(load_s, step_s) + load_s + 0.25, (overlapped, serial)
+    assert overlapped < 0.75 * serial
+
+
+def test_checkpoint_position_is_that_of_the_batches_taken():
+    plain, ahead = _loader(), Prefetcher(_loader())
+    for _ in range(3):
+        want, got = plain.next(), ahead.next()
+        for a, b in zip(want, got):
+            assert torch.equal(a.input_ids_BS, b.input_ids_BS)
+    time.sleep(0.05)  # the thread has fetched the next step by now
+    assert ahead.loader.state_dict() != plain.state_dict()  # the loader itself is ahead
+    assert ahead.state_dict() == plain.state_dict() == {"step": 3}
+    # A resume (or a rollback) from that position serves the same batches as the plain loader.
+    resumed = Prefetcher(_loader())
+    resumed.next()
+    resumed.load_state_dict(ahead.state_dict())
+    for _ in range(2):
+        for a, b in zip(plain.next(), resumed.next()):
+            assert torch.equal(a.input_ids_BS, b.input_ids_BS)
+    for p in (ahead, resumed):
+        p.close()
+
+
+def test_a_collective_loader_is_read_on_the_calling_thread():
+    class Collective(_SlowLoader):
+        prefetch_safe = False
+
+    loader = Prefetcher(Collective(0.0))
+    loader.next()
+    assert loader._thread is None and loader.state_dict() == {"step": 1}
+
+
+def test_pinned_only_when_asked():
+    batches = Prefetcher(_loader(), pin_memory=False).next()
+    assert not batches[0].input_ids_BS.is_pinned()
+    assert batches[0].profile is not None  # host-side counts travel with the batch

@@ -1,0 +1,245 @@
+"""The MoMa study's pieces (mm_moe/eval/study/): planning and run digests, reusing finished
+runs, the savings factor and summaries, the tables and the figures."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from mm_moe.config import TrainConfig
+from mm_moe.eval.study import markdown, plot, run, summarise
+from mm_moe.eval.study.plan import Corpus, Planner, check_args, config_digest, corpus_for
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = Path(__file__).parent / "fixtures" / "study_dense_config.json"
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    spec = importlib.util.spec_from_file_location("study_moma", REPO / "scripts" / "study_moma.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script._args(list(argv))
+
+
+def test_config_digest_is_the_one_finished_runs_were_named_by():
+    # The composed config of the default study's dense seed-0 run (asdict of TrainConfig at
+    # fb7f051) and the digests scripts/study_moma.py's _config_digest gave it there, before the
+    # study became a package: on a checkout without data/demo/corpus.json and
+    # tokenizers/demo/metrics.json, and with these two texts as their content.
+    built = ['{"pairs": 7257}\n', '{"psnr_db": 20.5}\n']
+    assert config_digest(json.loads(FIXTURE.read_text()), []) == "1195206f"
+    assert config_digest(json.loads(FIXTURE.read_text()), built) == "75a611a7"
+    # What does not change the trained model does not change the digest.
+    cfg = json.loads(FIXTURE.read_text())
+    cfg["optim"]["fused"] = not cfg["optim"]["fused"]
+    cfg["eval"]["text_to_image"]["temperature"] = 0.123
+    cfg["checkpoint"]["interval"] = 7
+    assert config_digest(cfg, []) == "1195206f"
+    cfg = json.loads(FIXTURE.read_text())
+    cfg["optim"]["lr"] = 1e-4
+    assert config_digest(cfg, []) != "1195206f"
+
+
+def test_demo_corpus_overrides_are_the_ones_before_the_option():
+    args = _args("--corpus=demo")
+    planner = Planner(args, None, corpus_for(args, REPO, "python"))
+    found = planner.overrides("dense", 0, args.steps, Path("RUN"))
+    assert found == [
+        *("experiment=demo", "eval=demo", "moe.gemm=loop", "trainer.global_batch_size=16"),
+        *("trainer.micro_batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=30"),
+        *("model=tiny_dense", "moe=none", "trainer.max_steps=1500", "trainer.seed=0"),
+        *("trainer.log_interval=100", "eval.interval=100", "optim.decay_steps=2970"),
+        *("checkpoint.interval=250", "checkpoint.keep_last=1", "checkpoint.resume=auto"),
+        *("checkpoint.overwrite=true", "logging.wandb.mode=disabled", "logging.progress=lines"),
+        "trainer.run_dir=RUN",
+    ]
+
+
+def test_study_corpus_reads_its_shards_and_is_built_where_missing(tmp_path):
+    args = _args(f"--corpus-dir={tmp_path}", "--corpus-pairs=300", "--override=optim.lr=1e-3")
+    assert args.corpus == "study"
+    corpus = corpus_for(args, REPO, "python")
+    assert corpus.build_cmd[1:] == [
+        str(REPO / "data_pipelines" / "build_study_corpus.py"),
+        f"output={tmp_path}",
+        "pairs=300",
+        "seed=0",
+    ]
+    assert corpus.overrides == [
+        f"data.sources=[{{urls:{tmp_path / 'pairs'},format:pairs,weight:1}}]",
+        f"eval.sources=[{{urls:{tmp_path / 'heldout'},format:pairs,weight:1}}]",
+    ]
+    (tmp_path / "pairs_tokens").mkdir()
+    assert corpus_for(args, REPO, "python").overrides == corpus.overrides  # no shards in it
+    (tmp_path / "pairs_tokens" / "pairs-000000.tar").touch()  # pretokenized: no VQ encoding
+    corpus = corpus_for(args, REPO, "python")
+    assert "pairs_tokens,format:tokens" in corpus.overrides[0]
+    found = Planner(args, None, corpus).overrides("moma", 1, 10, Path("R"))
+    # after the base settings (experiment=demo sets data=demo); presets and --override win
+    assert found.index(corpus.overrides[0]) == 7 and found[-1] == "optim.lr=1e-3"
+    assert corpus.built[0] == tmp_path / "manifest.json" == corpus.ready
+
+
+def test_check_args_names_what_cannot_make_a_study():
+    def error(*argv):
+        ns = argparse.Namespace(
+            scale="cpu", models="dense,moma", seeds=1, steps=10, eval_interval=5, dense_steps=0
+        )
+        for a in argv:
+            setattr(ns, *a)
+        return check_args(ns), ns
+
+    message, args = error()
+    assert message is None and args.dense_steps == 20 and args.model_list == ["dense", "moma"]
+    assert "unknown ['nope']" in error(("models", "dense,nope"))[0]
+    assert "must include dense" in error(("models", "moma"))[0]
+    assert "--dense-steps must be >= --steps" in error(("dense_steps", 5))[0]
+    assert error(("models", "routing"))[1].model_list[:3] == ["dense", "moma", "moma_tc"]
+
+
+def test_run_digests_follow_what_trains():
+    from mm_moe.cli import compose
+
+    def run_dir(*override):
+        args = _args("--corpus=demo", "--tiny", *(f"--override={o}" for o in override))
+        planner = Planner(args, compose, Corpus("demo"))
+        return planner.run_dir("moma", 0, args.steps).name
+
+    plain = run_dir()
+    assert plain.startswith("moma_s0_1500_")
+    assert run_dir("optim.fused=false", "eval.text_to_image.temperature=0.5") == plain
+    assert run_dir("optim.lr=1e-3") != plain
+
+
+def _fake_planner(tmp_path) -> Planner:
+    """Every run composes to the default TrainConfig (no Hydra)."""
+    args = _args("--corpus=demo", f"--out={tmp_path}", "--no-multimodal", "--seeds=1")
+    return Planner(args, lambda overrides: TrainConfig(), Corpus("demo"))
+
+
+def test_a_finished_run_is_reused_and_a_shorter_one_trained_again(tmp_path, monkeypatch):
+    planner = _fake_planner(tmp_path)
+    run_dir = planner.run_dir("dense", 0, 1500)
+    run_dir.mkdir(parents=True)
+    (run_dir / "evals.json").write_text(json.dumps({"steps": 1500, "train_s": 3.0}))
+    trained = []
+
+    def fake_run(cmd, **kwargs):
+        trained.append(cmd)
+        raise RuntimeError("trained")
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    assert run.train_and_eval(planner, "dense", 0, 1500, REPO)["train_s"] == 3.0
+    assert not trained
+    (run_dir / "evals.json").write_text(json.dumps({"steps": 100, "train_s": 3.0}))
+    with pytest.raises(RuntimeError, match="trained"):
+        run.train_and_eval(planner, "dense", 0, 1500, REPO)
+    assert trained[0][1:3] == ["-m", "mm_moe.train"]
+    assert f"trainer.run_dir={run_dir}" in trained[0]
+
+
+def test_savings_interpolation():
+    curve = [
+        {"flops_cumulative_text": 10.0, "eval/loss_text": 4.0},
+        {"flops_cumulative_text": 100.0, "eval/loss_text": 3.0},
+        {"flops_cumulative_text": 1000.0, "eval/loss_text": 3.5},  # noisy: running minimum
+        {"flops_cumulative_text": 10000.0, "eval/loss_text": 2.0},
+    ]
+    flops_needed = summarise.flops_needed
+    assert flops_needed(curve, "text", 3.0) == (pytest.approx(100.0), "")
+    assert flops_needed(curve, "text", 3.5)[0] == pytest.approx(math.sqrt(10 * 100))
+    assert flops_needed(curve, "text", 2.5)[0] == pytest.approx(math.sqrt(1e3 * 1e4))
+    assert flops_needed(curve, "text", 1.0) == (10000.0, ">")
+    assert flops_needed(curve, "text", 5.0) == (10.0, "<")
+
+
+def _write_run(run_dir: Path, losses: list[float], flops: float, taken: float | None) -> Path:
+    """A metrics.jsonl like training writes: eval rows and logged steps with routing health."""
+    run_dir.mkdir(parents=True)
+    rows = []
+    for i, loss in enumerate(losses, 1):
+        row = {"step": 10 * i, "step_time_s": 0.1 * (1 + (taken is not None))}
+        for m in ("text", "image"):
+            row |= {f"eval/loss_{m}": loss, f"eval/train_routing/loss_{m}": loss + 0.01}
+            row[f"flops_cumulative_{m}"] = flops * i
+            if taken is not None:
+                row |= {f"moe/l{layer}/{m}/taken_0": taken + 0.1 * layer for layer in (0, 1)}
+        rows.append(row | {"flops_cumulative": 2 * flops * i})
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return run_dir
+
+
+def _summary(tmp_path):
+    dense = _write_run(tmp_path / "dense", [4.0, 3.0, 2.0, 1.5], 100.0, None)
+    curve = summarise.eval_curve(dense)
+    rows = [summarise.run_row("dense", 0, dense, {"train_s": 1.0}, curve)]
+    for seed, final in enumerate((2.0, 3.0)):
+        moma = _write_run(tmp_path / f"moma{seed}", [4.0, final], 100.0, 0.5)
+        rows.append(summarise.run_row("moma", seed, moma, {"train_s": 1.0}, curve))
+    labels = {"dense": "dense", "moma": "MoMa 4t4i"}
+    fpt = {"dense": {"text": 2.0, "image": 2.0}, "moma": {"text": 2.0, "image": 1.0}}
+    return rows, summarise.summarize(rows, labels, fpt), curve
+
+
+def test_rows_and_summary(tmp_path):
+    rows, summary, _ = _summary(tmp_path)
+    dense, moma = summary
+    assert rows[0]["savings_text"] == pytest.approx(1.0) and rows[0]["loss_text"] == 1.5
+    # MoMa reached 2.0 (dense: at 300 FLOPs) and 3.0 (dense: at 200) with 200 FLOPs each
+    assert [r["savings_image"] for r in rows[1:]] == [pytest.approx(1.5), pytest.approx(1.0)]
+    assert moma["savings_image_mean"] == pytest.approx(1.25)
+    assert moma["savings_image_std"] == pytest.approx(math.sqrt(0.125))
+    assert moma["taken_0_image_mean"] == pytest.approx(0.55) and moma["seeds"] == 2
+    assert moma["step_time_vs_dense"] == pytest.approx(2.0)
+    assert math.isnan(dense["taken_0_text_mean"]) and math.isnan(moma["zero_shot_accuracy_mean"])
+    assert summarise.mean_std([1.0, math.nan]) == (pytest.approx(math.nan, nan_ok=True),) * 2
+
+
+def test_markdown_and_csv(tmp_path):
+    rows, summary, _ = _summary(tmp_path)
+    args = argparse.Namespace(
+        scale="cpu", steps=20, seeds=2, dense_steps=40, multimodal=False, corpus="study"
+    )
+    path = tmp_path / "study.md"
+    markdown.write_markdown(path, summary, args, {"loss_text": 1.5, "loss_image": 1.5}, 60.0)
+    text = path.read_text()
+    assert "| dense | 1.00, 1.00 | 1.00 | 1.500 ± 0.000 (1.510) |" in text
+    assert "| MoMa 4t4i | 1.00, 0.50 | 2.00 | 2.500 ± 0.707 (2.510) |" in text
+    assert "| MoMa 4t4i | 0.55 ± 0.00 | 0.55 ± 0.00 | - |" in text  # health: MoE rows only
+    assert text.count("| dense |") == 1
+    assert "Data: the study corpus. Wall time 1.0 min." in text
+    markdown.write_csv(tmp_path / "runs.csv", rows)
+    header = (tmp_path / "runs.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["model", "seed", "steps"] and "taken_0_image" in header
+
+
+def test_plots(tmp_path):
+    _, _, curve = _summary(tmp_path)
+    labels = {"dense": "dense", "moma": "MoMa"}
+    curves = {"moma": [summarise.eval_curve(tmp_path / f"moma{s}") for s in (0, 1)]}
+    plot.plot(tmp_path / "loss.png", curves, labels, curve)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    dirs = {"moma": [tmp_path / "moma0", tmp_path / "moma1"]}
+    assert plot.plot_health(tmp_path / "health.png", dirs, labels)
+    assert (tmp_path / "health.png").stat().st_size > 1000
+    assert not plot.plot_health(tmp_path / "none.png", {"dense": [tmp_path / "dense"]}, labels)
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_a_missing_corpus_is_built_once(tmp_path):
+    ready = tmp_path / "manifest.json"
+    write = f"import pathlib; pathlib.Path({str(ready)!r}).write_text('{{}}')"
+    corpus = Corpus("study", build_cmd=[sys.executable, "-c", write], ready=ready)
+    run.ensure_corpus(corpus, tmp_path)
+    assert ready.read_text() == "{}"
+    corpus.build_cmd = [sys.executable, "-c", "raise SystemExit(3)"]
+    run.ensure_corpus(corpus, tmp_path)  # there: not built again
+    ready.unlink()
+    with pytest.raises(SystemExit, match=r"building the study corpus failed \(3\)"):
+        run.ensure_corpus(corpus, tmp_path)
