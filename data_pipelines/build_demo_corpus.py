@@ -38,19 +38,10 @@ class DemoCorpusConfig:
     overwrite: bool = False
 
 
-def build(cfg: DemoCorpusConfig) -> dict:
-    from pathlib import Path
-
-    rng = np.random.default_rng(cfg.seed)
-    root = Path(cfg.output)
-    outs = {
-        name: prepare_output(str(root / name), cfg.overwrite)
-        for name in ("pairs", "interleaved", "text", "heldout")
-    }
-    # The first draw of the seed's rng: the study corpus (build_study_corpus.py) repeats it.
-    (train_x, train_y), (held_x, held_y) = demo.split_heldout(*demo.mnist(), cfg.heldout, rng)
+def _pairs(cfg: DemoCorpusConfig, train_x, train_y, rng) -> list[tuple[bytes, str]]:
+    """(png, caption) pairs: MNIST and sklearn digits, photo crops, faces (in that order: the
+    rng draws, hence the corpus, depend on it)."""
     small_x, small_y = demo.sklearn_digits()
-
     pairs: list[tuple[bytes, str]] = []
     pairs += [
         (demo.to_png(im), demo.digit_caption(int(lb), rng)) for im, lb in zip(train_x, train_y)
@@ -64,29 +55,46 @@ def build(cfg: DemoCorpusConfig) -> dict:
         for im, cap in demo.photo_crops(cfg.crops_per_photo, cfg.image_size, rng)
     ]
     pairs += [(demo.to_png(im), demo.FACE_TEMPLATES[rng.integers(3)]) for im in demo.faces()]
-    order = rng.permutation(len(pairs))
-    counts = {
-        "pairs": write_shards(
-            (
-                {"__key__": f"{i:07d}", "png": pairs[j][0], "txt": pairs[j][1]}
-                for i, j in enumerate(order)
-            ),
-            outs["pairs"],
-            "pairs",
-            cfg.shard_size,
-            len(pairs),
-        )
+    return pairs
+
+
+def _interleaved(cfg: DemoCorpusConfig, train_x, train_y, rng):
+    for i in range(cfg.interleaved_docs):
+        content, members = demo.interleaved_doc(train_x, train_y, rng)
+        sample = {"__key__": f"{i:07d}", "json": json.dumps({"content": content})}
+        sample.update(members)
+        yield sample
+
+
+def _heldout(held_x, held_y, rng):
+    for i, (im, lb) in enumerate(zip(held_x, held_y)):
+        caption = demo.digit_caption(int(lb), rng)
+        yield {"__key__": f"{i:07d}", "png": demo.to_png(im), "txt": caption, "cls": str(int(lb))}
+
+
+def build(cfg: DemoCorpusConfig) -> dict:
+    from pathlib import Path
+
+    rng = np.random.default_rng(cfg.seed)
+    root = Path(cfg.output)
+    outs = {
+        name: prepare_output(str(root / name), cfg.overwrite)
+        for name in ("pairs", "interleaved", "text", "heldout")
     }
-
-    def interleaved():
-        for i in range(cfg.interleaved_docs):
-            content, members = demo.interleaved_doc(train_x, train_y, rng)
-            sample = {"__key__": f"{i:07d}", "json": json.dumps({"content": content})}
-            sample.update(members)
-            yield sample
-
+    # The first draw of the seed's rng: the study corpus (build_study_corpus.py) repeats it.
+    (train_x, train_y), (held_x, held_y) = demo.split_heldout(*demo.mnist(), cfg.heldout, rng)
+    pairs = _pairs(cfg, train_x, train_y, rng)
+    order = rng.permutation(len(pairs))
+    shuffled = (
+        {"__key__": f"{i:07d}", "png": pairs[j][0], "txt": pairs[j][1]} for i, j in enumerate(order)
+    )
+    counts = {"pairs": write_shards(shuffled, outs["pairs"], "pairs", cfg.shard_size, len(pairs))}
     counts["interleaved"] = write_shards(
-        interleaved(), outs["interleaved"], "interleaved", cfg.shard_size, cfg.interleaved_docs
+        _interleaved(cfg, train_x, train_y, rng),
+        outs["interleaved"],
+        "interleaved",
+        cfg.shard_size,
+        cfg.interleaved_docs,
     )
     texts = demo.stdlib_texts()
     counts["text"] = write_shards(
@@ -97,19 +105,7 @@ def build(cfg: DemoCorpusConfig) -> dict:
         len(texts),
     )
     counts["heldout"] = write_shards(
-        (
-            {
-                "__key__": f"{i:07d}",
-                "png": demo.to_png(im),
-                "txt": demo.digit_caption(int(lb), rng),
-                "cls": str(int(lb)),
-            }
-            for i, (im, lb) in enumerate(zip(held_x, held_y))
-        ),
-        outs["heldout"],
-        "heldout",
-        cfg.shard_size,
-        len(held_x),
+        _heldout(held_x, held_y, rng), outs["heldout"], "heldout", cfg.shard_size, len(held_x)
     )
     # What the texts say, not only how many: runs keyed by corpus.json (scripts/study_moma.py)
     # see a change of caption templates as new data.

@@ -20,6 +20,7 @@ import yaml
 
 from mm_moe.cli import CONFIG_DIR, ENTRY_GROUPS, compose, exits_on_failure, setup_logging
 from mm_moe.config import ConfigError, TrainConfig, from_dict
+from mm_moe.config.legacy import upgrade_saved_config
 from mm_moe.config.overrides import check_overrides
 from mm_moe.config.validate import did_you_mean, valid_keys
 from mm_moe.upcycle.config import UpcycleConfig
@@ -73,7 +74,7 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
         base["model"].update(fields)
     else:
         step_dir = find_step_dir(ucfg.source)
-        base = yaml.safe_load((step_dir / "config.yaml").read_text())
+        base = upgrade_saved_config(yaml.safe_load((step_dir / "config.yaml").read_text()))
         if any(c.startswith("experiment=") for c in choices):
             raise ConfigError(
                 "experiment=... applies to source_format=hf only; with a native source the "

@@ -107,9 +107,9 @@ def pipeline_tokens_per_s(sources, steps: int, workers: int = 2) -> float:
     return rate
 
 
-def training_tokens_per_s(experiment: str, steps: int) -> float:
+def training_tokens_per_s(experiment: str, steps: int, threads: int = 2) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
         cmd = [
             sys.executable,
             "-m",
@@ -178,7 +178,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sources = build_shards(Path(tmp), **sizes)
         produced = pipeline_tokens_per_s(sources, args.steps)
-    consumed = training_tokens_per_s(args.experiment, args.steps)
+    # --smoke: one thread (a test beside other tests: two would wait on each other's cores)
+    consumed = training_tokens_per_s(args.experiment, args.steps, 1 if args.smoke else 2)
     print(f"pipeline (2 workers, pairs:text 3:1, jpeg 64-128 px): {produced:,.0f} tokens/s")
     print(f"training ({args.experiment}, 1 process, seq_len 128): {consumed:,.0f} tokens/s")
     print(f"ratio: {produced / consumed:.1f}  (target >= 10)")

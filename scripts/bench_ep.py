@@ -254,7 +254,7 @@ def _run(args, phase: str) -> dict:
     return {k: max(r[k] for r in per_rank) for k in per_rank[0]}
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--steps", type=int, default=8)
@@ -277,19 +277,11 @@ def main() -> None:
     if args.device == "cuda" and torch.cuda.device_count() < WORLD:
         ap.error(f"--device cuda needs {WORLD} GPUs")
     args.backend = "nccl" if args.device == "cuda" else "gloo"
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    return args
 
-    # Timing: one pair of processes steps both configurations in turn. Memory: one pair of
-    # processes per configuration, so that each peak is its own.
-    # --smoke runs the three in one pair (a test: the peaks then mean nothing).
-    if args.smoke:
-        figures = _run(args, "time,mem1,mem2")
-    else:
-        figures = {**_run(args, "time"), **_run(args, "mem1"), **_run(args, "mem2")}
-    keys = ("step_s", "layer_s", "all_to_all_s", "peak_mem_bytes", "mem_growth_bytes")
-    ep1 = {k: figures[f"{k}1"] for k in (*keys, "expert_bytes")}
-    ep2 = {k: figures[f"{k}2"] for k in (*keys, "expert_bytes")}
-    ratios = {
+
+def _ratios(ep1: dict, ep2: dict) -> dict:
+    return {
         "step_time_ep2_over_ep1": ep2["step_s"] / ep1["step_s"],
         "all_to_all_share_of_layer_time_ep2": ep2["all_to_all_s"] / ep2["layer_s"],
         "layer_time_ep2_over_ep1": ep2["layer_s"] / ep1["layer_s"],
@@ -297,9 +289,9 @@ def main() -> None:
         "mem_growth_per_rank_ep2_over_ep1": ep2["mem_growth_bytes"] / ep1["mem_growth_bytes"],
         "expert_mem_per_rank_ep2_over_ep1": ep2["expert_bytes"] / ep1["expert_bytes"],
     }
-    if args.json:
-        print(json.dumps({"config": vars(args), "ep1": ep1, "ep2": ep2, "ratios": ratios}))
-        return
+
+
+def _print_table(args, ep1: dict, ep2: dict, ratios: dict) -> None:
     print(
         f"MoMa {args.experts} text + {args.experts} image experts, d={args.d_model}, "
         f"expert hidden={args.ffn}, {args.layers} layers, {args.micro_batch}x{args.seq_len} "
@@ -320,6 +312,27 @@ def main() -> None:
         print(f"{label:32s}{a:12.2f}{b:12.2f}{ratio}")
     share = ratios["all_to_all_share_of_layer_time_ep2"]
     print(f"all-to-all share of the EP=2 MoE layer time: {share:.1%}")
+
+
+def main() -> None:
+    args = _parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    # Timing: one pair of processes steps both configurations in turn. Memory: one pair of
+    # processes per configuration, so that each peak is its own.
+    # --smoke runs the three in one pair (a test: the peaks then mean nothing).
+    if args.smoke:
+        figures = _run(args, "time,mem1,mem2")
+    else:
+        figures = {**_run(args, "time"), **_run(args, "mem1"), **_run(args, "mem2")}
+    keys = ("step_s", "layer_s", "all_to_all_s", "peak_mem_bytes", "mem_growth_bytes")
+    ep1 = {k: figures[f"{k}1"] for k in (*keys, "expert_bytes")}
+    ep2 = {k: figures[f"{k}2"] for k in (*keys, "expert_bytes")}
+    ratios = _ratios(ep1, ep2)
+    if args.json:
+        print(json.dumps({"config": vars(args), "ep1": ep1, "ep2": ep2, "ratios": ratios}))
+        return
+    _print_table(args, ep1, ep2, ratios)
 
 
 if __name__ == "__main__":

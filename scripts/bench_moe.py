@@ -130,6 +130,61 @@ def _deepspeed_layer(case: Case, num_experts: int, k: int, expert_hidden: int, d
     return lambda inp: layer(inp.view(1, -1, case.hidden))[0]
 
 
+def _init_deepspeed(device: torch.device) -> None:
+    """One process group of one rank: DeepSpeed's MoE creates its groups."""
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # never a fixed port: runs overlap
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.utils.logger.setLevel("WARNING")
+    from mm_moe.parallel.deepspeed_fixes import skip_shm_build
+
+    skip_shm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def _case_row(case: Case, iters: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Our layer, a dense SwiGLU of the same active width, DeepSpeed's MoE (top-1/2 only)
+    and the ungrouped baseline, timed forward+backward on the same tokens."""
+    moe = case.moe
+    x = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
+    modality = (torch.rand(case.tokens, device=device) < case.image_fraction).long()
+    num_experts = sum(g.num_experts for g in moe.groups())
+    expert_hidden = case.ffn // moe.granularity
+    active_hidden = int(moe.expected_experts_per_token() * expert_hidden)
+    dense = SwiGLU(case.hidden, active_hidden).to(device, dtype)
+    ours = _ours(case, moe, x, modality)
+    fns = {"ours": _fwd_bwd(ours, x), "dense": _fwd_bwd(dense, x)}
+    ds_k = round(moe.expected_experts_per_token())
+    if ds_k <= 2:  # DeepSpeed's gate supports k = 1 or 2
+        ds = _deepspeed_layer(case, num_experts, ds_k, expert_hidden, device, dtype)
+        fns["deepspeed"] = _fwd_bwd(ds, x)
+    if case.baseline is not None:
+        fns["ungrouped"] = _fwd_bwd(_ours(case, case.baseline, x, modality), x)
+    ms = _time_ms(fns, iters)
+    row = {
+        "case": case.name,
+        "num_experts": num_experts,
+        "top_k": moe.k,
+        "tokens": case.tokens,
+        "hidden": case.hidden,
+        "device": device.type,
+        "gemm_path": ours.layer.experts.last_path,
+        "ours_ms": ms["ours"],
+        "dense_ms": ms["dense"],
+        "deepspeed_ms": ms.get("deepspeed"),
+        "ratio_vs_dense": ms["ours"] / ms["dense"],
+        "speedup_vs_deepspeed": ms["deepspeed"] / ms["ours"] if "deepspeed" in ms else None,
+    }
+    if "ungrouped" in ms:
+        row["ungrouped_ms"] = ms["ungrouped"]
+        row["ratio_vs_ungrouped"] = ms["ours"] / ms["ungrouped"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -142,62 +197,13 @@ def main() -> None:
         args.tokens, args.iters = 128, 2
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    import deepspeed
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # never a fixed port: runs overlap
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.utils.logger.setLevel("WARNING")
-    from mm_moe.parallel.deepspeed_fixes import skip_shm_build
-
-    skip_shm_build()
-    # DeepSpeed's MoE creates its groups
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    _init_deepspeed(device)
     torch.manual_seed(0)
     rows = []
     for case in _cases(args.tokens):
-        moe = case.moe
-        x = torch.randn(case.tokens, case.hidden, device=device, dtype=dtype, requires_grad=True)
-        modality = (torch.rand(case.tokens, device=device) < case.image_fraction).long()
-        num_experts = sum(g.num_experts for g in moe.groups())
-        expert_hidden = case.ffn // moe.granularity
-        active_hidden = int(moe.expected_experts_per_token() * expert_hidden)
-        dense = SwiGLU(case.hidden, active_hidden).to(device, dtype)
-        ours = _ours(case, moe, x, modality)
-        fns = {
-            "ours": _fwd_bwd(ours, x),
-            "dense": _fwd_bwd(dense, x),
-        }
-        ds_k = round(moe.expected_experts_per_token())
-        if ds_k <= 2:  # DeepSpeed's gate supports k = 1 or 2
-            ds = _deepspeed_layer(case, num_experts, ds_k, expert_hidden, device, dtype)
-            fns["deepspeed"] = _fwd_bwd(ds, x)
-        if case.baseline is not None:
-            fns["ungrouped"] = _fwd_bwd(_ours(case, case.baseline, x, modality), x)
-        ms = _time_ms(fns, args.iters)
-        row = {
-            "case": case.name,
-            "num_experts": num_experts,
-            "top_k": moe.k,
-            "tokens": case.tokens,
-            "hidden": case.hidden,
-            "device": device.type,
-            "gemm_path": ours.layer.experts.last_path,
-            "ours_ms": ms["ours"],
-            "dense_ms": ms["dense"],
-            "deepspeed_ms": ms.get("deepspeed"),
-            "ratio_vs_dense": ms["ours"] / ms["dense"],
-            "speedup_vs_deepspeed": ms["deepspeed"] / ms["ours"] if "deepspeed" in ms else None,
-        }
-        if "ungrouped" in ms:
-            row["ungrouped_ms"] = ms["ungrouped"]
-            row["ratio_vs_ungrouped"] = ms["ours"] / ms["ungrouped"]
-        rows.append(row)
+        rows.append(_case_row(case, args.iters, device, dtype))
         if args.json:
-            print(json.dumps(row), flush=True)
+            print(json.dumps(rows[-1]), flush=True)
     if not args.json:
         for row in rows:
             print(

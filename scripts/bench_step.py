@@ -17,6 +17,9 @@ every case alike; the first round is warm-up. `step_s` is the median wall time o
 `--json` prints one JSON row per case: {case, shape, ratio_vs_dense, step_s, ...}.
 `--smoke`: the tiny shape, batch 2 x 32 tokens, 2 rounds of 2 steps (a test runs it in
 seconds; the figures mean nothing).
+`--profile CASE`: after the timing, torch.profiler over `--steps` steps of CASE at the first
+shape (its top 15 ops by self time, as in docs/benchmarks.md), and the aten ops that one of its
+MoE layers runs, forward and backward, on a logged and an unlogged step.
 """
 
 from __future__ import annotations
@@ -131,6 +134,70 @@ def bench_shape(shape: str, cases: list[str], args, tmp: Path) -> list[dict]:
     ]
 
 
+def profile_case(case: str, shape: str, args, tmp: Path) -> None:
+    """Print the profiler's top ops of `args.steps` steps of one case, after a warm-up round."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mm_moe.cli import compose
+
+    cfg = compose(overrides(case, shape, args, tmp / f"profile_{case}"))
+    run = Run(cfg)
+    run.run(args.steps)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run.run(args.steps)
+    run.close()
+    print(f"# torch.profiler, {case} at {shape}, {args.steps} steps (self time)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    if cfg.moe.enabled:
+        for logged in (True, False):
+            total, top = moe_layer_ops(
+                cfg.moe, SHAPES[shape], args.micro_batch, args.seq_len, logged
+            )
+            print(f"# aten ops of one MoE layer, forward+backward, stats={logged}: {total}")
+            print("  " + ", ".join(f"{name} {n}" for name, n in top))
+
+
+def moe_layer_ops(moe, dims: dict, batch: int, seq_len: int, stats: bool):
+    """(total, 10 most frequent) aten ops of one MoE layer's forward and backward."""
+    from collections import Counter
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mm_moe.model.context import ForwardContext
+    from mm_moe.model.moe.layer import MoELayer
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = MoELayer(moe, dims["d_model"], dims["ffn_hidden"], 0).train()
+    x_BSd = torch.randn(batch, seq_len, dims["d_model"], requires_grad=True)
+    modality_BS = (torch.rand(batch, seq_len) < 0.5).long()
+    for counting in (False, True):  # the first forward warms caches up
+        ctx = ForwardContext.for_layer(modality_BS)
+        ctx.collect_stats = stats
+        with Ops() if counting else _nothing() as ops:
+            y_BSd = layer(x_BSd, ctx)
+            losses = [*ctx.aux_losses.values(), *ctx.aux_router_losses.values()]
+            (y_BSd.square().mean() + sum(losses, y_BSd.new_zeros(()))).backward()
+    return sum(ops.count.values()), ops.count.most_common(10)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true")
@@ -143,6 +210,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="tiny shape, 2 x 32 tokens, 2 x 2 steps")
+    p.add_argument("--profile", metavar="CASE", help="profile CASE after the timing")
     args = p.parse_args()
     if args.smoke:
         args.shapes, args.seq_len, args.batch, args.micro_batch = "tiny", 32, 2, 2
@@ -150,7 +218,7 @@ def _parse() -> argparse.Namespace:
     args.shape_list = [s for s in args.shapes.split(",") if s]
     args.case_list = ["dense"] + [c for c in args.cases.split(",") if c and c != "dense"]
     bad = [s for s in args.shape_list if s not in SHAPES] + [
-        c for c in args.case_list if c not in CASES
+        c for c in [*args.case_list, args.profile or "dense"] if c not in CASES
     ]
     if bad:
         p.error(f"unknown {bad}: shapes {', '.join(SHAPES)}; cases {', '.join(CASES)}")
@@ -169,12 +237,13 @@ def main() -> None:
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)
-    if not args.json:
-        print(f"{'case':<10} {'shape':<5} {'step_s':>9} {'vs dense':>9}")
-        for r in rows:
-            print(
-                f"{r['case']:<10} {r['shape']:<5} {r['step_s']:>9.4f} {r['ratio_vs_dense']:>8.2f}x"
-            )
+        if not args.json:
+            print(f"{'case':<10} {'shape':<5} {'step_s':>9} {'vs dense':>9}")
+            for r in rows:
+                step_s, ratio = r["step_s"], r["ratio_vs_dense"]
+                print(f"{r['case']:<10} {r['shape']:<5} {step_s:>9.4f} {ratio:>8.2f}x")
+        if args.profile:
+            profile_case(args.profile, args.shape_list[0], args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def _build_demo_assets(root: Path) -> None:
     from data_pipelines import build_demo_corpus
     from mm_moe import train_image_tokenizer as train_image
     from mm_moe import train_text_tokenizer as train_text
-    from mm_moe.tokenization.vq.model import VQConfig
+    from mm_moe.tokenization.config import VQConfig
 
     corpus, tok = root / "demo", root / "tok"
     build_demo_corpus.build(
@@ -62,3 +62,14 @@ def _build_demo_assets(root: Path) -> None:
             max_images=1000,
         )
     )
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """A test that builds a training run in this process (build_training) sets RANK,
+    MASTER_PORT, ... for its world of one; later tests' subprocesses must not inherit them (they
+    would join that port and fail with EADDRINUSE)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mm_moe.checkpoint import compat, experts, layout
+from mm_moe.checkpoint import layout, tensors
 from mm_moe.errors import UserError
 
 
@@ -33,9 +33,7 @@ def find_step_dir(path: str | Path) -> Path:
 def load_weights(step_dir: Path, model: torch.nn.Module) -> None:
     """The step's model weights into `model` (built from the step's config), every tensor
     accounted for: derived buffers (RoPE) are not saved, tied weights are saved once."""
-    state = layout.read_tensors(step_dir / "model.pt")
-    state = experts.stack_experts(state, experts.expert_keys(model), str(step_dir))
-    state = compat.upgrade_model_state(state, model)
+    state = tensors.read_model(step_dir, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     rope = {n for n in missing if "rope" in n}
     # Tied weights are saved once, under their first name (lm_head.weight is embed.weight).

@@ -1,9 +1,12 @@
 """Save and load the whole training state: model, optimizer, LR schedule, RNG states, data
 position, step and the resolved config.
 
-Tensors are stored whole (see mm_moe.parallel.full_state), and every expert once under its global
-identity (see mm_moe.checkpoint.experts), so a checkpoint loads at any world size, ZeRO stage and
-expert-parallel size. Files are read with torch.load(weights_only=True): loading never runs code.
+Tensors are stored whole, and every expert once under its global identity (see
+mm_moe.checkpoint.experts), so a checkpoint loads at any world size, ZeRO stage and
+expert-parallel size. The engine's tensors cross from and to mm_moe.parallel once per save and
+once per load, as one {name: tensor} dict (`full_state.local_state` / `load_local_state`);
+tensors.py maps that dict to the files and back. Files are read with
+torch.load(weights_only=True): loading never runs code.
 
 Format 2 stores experts one per entry (`layers.3.ffn.experts.image.1.w_gate_up`); format 1
 (stacked `layers.3.ffn.experts.w_gate_up`, world-size independent but without expert
@@ -24,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mm_moe.checkpoint import compat, experts, layout, rng
+from mm_moe.checkpoint import layout, rng, tensors
 from mm_moe.errors import UserError
 from mm_moe.parallel import full_state
 from mm_moe.utils.scrub import scrub
@@ -70,27 +73,26 @@ class TrainState:
     rank: int
     world_size: int
     extra: dict = field(default_factory=dict)
+    expert_parallel_size: int = 1  # the run's parallel.expert_parallel_size, for meta.json
 
 
 def stage(state: TrainState) -> StagedCheckpoint | None:
     """Collective: copy the whole training state to CPU memory on rank 0 (None elsewhere)."""
     engine = state.engine
-    model_state = full_state.gather_model(engine)  # fresh CPU copies (`.cpu().clone()`)
-    optim_state = full_state.gather_optimizer(engine)
+    local = full_state.local_state(engine)  # fresh CPU copies (`.cpu().clone()`)
     rng_states = _gather_to_main(rng.capture(), state.world_size, state.rank)
+    # Collective too: the webdataset loader gathers its streams' positions to rank 0.
+    data_state = state.loader.state_dict()
     if state.rank != 0:
         return None
-    keys = experts.expert_keys(engine.module)
-    model_state = experts.split_experts(model_state, keys)
-    if optim_state:
-        optim_state["moments"] = experts.split_experts(optim_state["moments"], keys)
+    model_state, optim_state = tensors.to_files(local, engine.module)
     meta = {
         "format_version": FORMAT_VERSION,
         "step": state.step,
         "world_size": state.world_size,
-        "expert_parallel_size": _expert_parallel_size(engine),
+        "expert_parallel_size": state.expert_parallel_size,
         "scheduler": engine.lr_scheduler.state_dict(),
-        "data": state.loader.state_dict(),
+        "data": data_state,
         **state.extra,
     }
     # Serialised now: the scheduler's and loader's dicts move on with training.
@@ -156,13 +158,6 @@ def write(staged: StagedCheckpoint, root: Path, keep_last: int, save=save_file) 
     return final
 
 
-def _expert_parallel_size(engine) -> int:
-    from mm_moe.parallel.expert_parallel import expert_parallel_of
-
-    ep = expert_parallel_of(engine.module)
-    return ep.ep_size if ep is not None else 1
-
-
 def _load_scheduler(scheduler, state: dict) -> None:
     """Restore the LR schedule's position. The learning rates follow from it and from this
     run's param groups (each group's base lr: routers may have their own), so the groups may
@@ -218,12 +213,8 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     upcycled or imported model): load the weights at any expert-parallel size and start
     training from step 0 with this run's fresh optimizer, LR schedule and data position."""
     _check_same_architecture(step_dir, engine.module)
-    keys = experts.expert_keys(engine.module)
-    model_state = experts.stack_experts(
-        layout.read_tensors(step_dir / "model.pt"), keys, str(step_dir)
-    )
-    model_state = compat.upgrade_model_state(model_state, engine.module)
-    full_state.load_model(engine, model_state, str(step_dir))
+    weights = tensors.read(step_dir, engine.module, optimizer=False)
+    full_state.load_local_state(engine, weights, str(step_dir))
     log.info(
         "loaded the weights-only checkpoint %s: fresh optimizer, LR schedule and data "
         "position, starting at step 0",
@@ -245,20 +236,12 @@ def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
         )
     if meta.get("weights_only"):
         return _load_weights_only(step_dir, meta, engine)
-    keys = experts.expert_keys(engine.module)
-    model_state = experts.stack_experts(
-        layout.read_tensors(step_dir / "model.pt"), keys, str(step_dir)
-    )
-    model_state = compat.upgrade_model_state(model_state, engine.module)
-    full_state.load_model(engine, model_state, str(step_dir))
-    optim_state = layout.read_tensors(step_dir / "optimizer.pt")
-    if optim_state:
-        moments = experts.stack_experts(optim_state["moments"], keys, str(step_dir))
-        optim_state["moments"] = compat.upgrade_moments(moments, engine.module)
-    full_state.load_optimizer(engine, optim_state, str(step_dir))
+    saved = tensors.read(step_dir, engine.module)
+    rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
+    # The one hand-over to parallel/: every file is read before the engine changes.
+    full_state.load_local_state(engine, saved, str(step_dir))
     _load_scheduler(scheduler, meta["scheduler"])
     loader.load_state_dict(meta["data"])
-    rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     if meta["world_size"] == world_size:
         rng.restore(rng_states[rank])
     else:

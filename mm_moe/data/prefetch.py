@@ -2,22 +2,26 @@
 
     loader = Prefetcher(loader, pin_memory=torch.cuda.is_available())
 
-A background thread calls the loader's `next()` one step ahead (packing, tokenizing and
-`Batch.from_tokens` are host work the GPU would otherwise wait for), and pins the batches'
-tensors on CUDA machines, so that `Batch.to(device)` (non_blocking=True) copies them
-asynchronously. Exact resume is kept: `state_dict()` and `counters()` are the loader's as of
-the batches the trainer has taken, never of the ones fetched ahead, and `load_state_dict`
-drops what was fetched ahead.
+A background thread calls the loader's `next()` ahead of the training loop (packing,
+tokenizing and `Batch.from_tokens` are host work the GPU would otherwise wait for): with
+`depth` 1 one step waits in the queue while the thread builds the one after, so two global
+batches exist beyond the current one. It pins the batches' tensors on CUDA machines, so that
+`Batch.to(device)` (non_blocking=True) copies them asynchronously. Exact resume is kept:
+`state_dict()` and `counters()` are the loader's as of the batches the trainer has taken,
+never of the ones fetched ahead, and `load_state_dict` drops what was fetched ahead.
 
-A loader whose `next()` is collective (the webdataset loader gathers stream states to rank 0
-at every step when it has several ranks) must not run beside the step's own collectives, whose
-order every rank must agree on: loaders say so with `prefetch_safe`; those that do not (or say
-false) are read on the calling thread, still pinned.
+A loader whose `next()` were collective must not run beside the step's own collectives, whose
+order every rank must agree on: loaders say `prefetch_safe` where `next()` is local; those that
+do not are read on the calling thread, still pinned. A loader whose `state_dict()` is collective
+(the webdataset loader gathers its streams' states to rank 0 when a checkpoint is staged) has a
+local `local_state()`: the thread snapshots that, and `state_dict()` hands the snapshot of the
+batches taken to the loader's `state_dict(local=...)` on the calling thread.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import queue
 import threading
 from dataclasses import fields
@@ -26,7 +30,9 @@ import torch
 
 from mm_moe.data.batch import Batch
 
-_STOP = object()
+log = logging.getLogger(__name__)
+# How long close() waits for a loader call in flight (a stalled `pipe:` source) to return.
+JOIN_TIMEOUT_S = 30.0
 
 
 def pin(batches: list[Batch]) -> list[Batch]:
@@ -40,8 +46,11 @@ def pin(batches: list[Batch]) -> list[Batch]:
 
 
 class Prefetcher:
-    def __init__(self, loader, pin_memory: bool = False, depth: int = 1):
+    def __init__(self, loader, pin_memory: bool = False, depth: int = 1, device=None):
         self.loader, self.pin_memory, self.depth = loader, pin_memory, depth
+        # The thread's CUDA device: pinning on a new thread otherwise makes a context on GPU 0
+        # in every rank of the node.
+        self.device = torch.device(device) if device is not None else None
         self.threaded = bool(getattr(loader, "prefetch_safe", False))
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -51,6 +60,8 @@ class Prefetcher:
 
     def _snapshot(self) -> tuple[dict, dict]:
         counters = self.loader.counters() if hasattr(self.loader, "counters") else {}
+        if hasattr(self.loader, "local_state"):
+            return self.loader.local_state(), dict(counters)
         return copy.deepcopy(self.loader.state_dict()), dict(counters)
 
     def _produce(self):
@@ -60,6 +71,11 @@ class Prefetcher:
         return batches, self._snapshot()
 
     def _run(self, q: queue.Queue, stop: threading.Event) -> None:
+        # As torch's own pin-memory thread: one intra-op thread (the step keeps the rest), and
+        # the rank's own device.
+        torch.set_num_threads(1)
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while not stop.is_set():
             try:
                 item = self._produce()
@@ -102,12 +118,20 @@ class Prefetcher:
         if self._thread is None:
             return
         self._stop.set()
-        self._thread.join()
+        self._thread.join(JOIN_TIMEOUT_S)
+        if self._thread.is_alive():  # a daemon thread: it cannot keep the process alive
+            log.warning(
+                "the data prefetch thread did not stop within %.0f s (a loader call in flight, "
+                "e.g. a stalled pipe: source); leaving it behind",
+                JOIN_TIMEOUT_S,
+            )
         self._thread = self._queue = None
 
     def state_dict(self) -> dict:
         if not self.threaded:
             return self.loader.state_dict()
+        if hasattr(self.loader, "local_state"):
+            return self.loader.state_dict(local=self._taken[0])
         return copy.deepcopy(self._taken[0])
 
     def counters(self) -> dict:

@@ -8,12 +8,16 @@ W). Dataloader workers split a rank's streams. None of this changes what the row
 global batch depends only on sources, seed and s.
 
 The loader's state is every stream's state (stream.py). Only rank 0's state_dict() reaches the
-checkpoint, so after each step the ranks send rank 0 the states of the streams they own (a
-small gather_object); on load, every rank gets every stream's state and picks its own.
+checkpoint, so state_dict() is collective with several ranks: every rank calls it (the
+checkpoint's staging does) and sends rank 0 the states of the streams it owns (a small
+gather_object); on load, every rank gets every stream's state and picks its own. `next()`
+itself is local, so data/prefetch.py may run it on its thread beside the step's collectives;
+it keeps `local_state()` snapshots and hands the one of the batches taken to state_dict().
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -147,24 +151,28 @@ class WebDatasetLoader:
                 )
             )
         self.step += 1
-        self._gather_to_rank0()
         return batches
 
-    @property
-    def prefetch_safe(self) -> bool:
-        """next() may run on data/prefetch.py's thread only where it is not collective (the
-        gather of stream states to rank 0 runs with several ranks)."""
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+    # next() is local (no collective), so data/prefetch.py may call it on its thread.
+    prefetch_safe = True
 
-    def _gather_to_rank0(self) -> None:
+    def local_state(self) -> dict:
+        """This rank's position, not collective: the step and its own streams' states."""
+        return {
+            "step": self.step,
+            "streams": copy.deepcopy({j: self.states[j] for j in self.owned}),
+        }
+
+    def _gather_to_rank0(self, local: dict) -> dict[int, dict | None]:
+        """Every stream's state on rank 0 (collective with several ranks)."""
+        states = {**self.states, **local["streams"]}
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        mine = {j: self.states[j] for j in self.owned}
+            return states
         everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(mine, everyone, dst=0)
-        if everyone is not None:
-            for states in everyone:
-                self.states.update(states)
+        dist.gather_object(local["streams"], everyone, dst=0)
+        for theirs in everyone or []:
+            states.update(theirs)
+        return states
 
     def close(self) -> None:
         self._iter = None  # a DataLoader iterator shuts its workers down when released
@@ -182,14 +190,18 @@ class WebDatasetLoader:
                 totals["data/documents"] += state["documents"]
         return totals
 
-    def state_dict(self) -> dict:
+    def state_dict(self, local: dict | None = None) -> dict:
+        """Collective with several ranks: every rank calls it, rank 0's holds every stream.
+        `local`: a `local_state()` taken earlier (the batches taken, not those fetched ahead)."""
+        local = self.local_state() if local is None else local
+        states = self._gather_to_rank0(local)
         return {
             "kind": STATE_KIND,
             "version": STATE_VERSION,
-            "step": self.step,
+            "step": local["step"],
             "num_streams": self.spec.num_streams,
             "fingerprint": self.fingerprint,
-            "streams": {str(j): state for j, state in self.states.items()},
+            "streams": {str(j): states[j] for j in range(self.spec.num_streams)},
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -12,13 +12,13 @@ Shape legend: B batch, S sequence, H query heads, K key/value heads, D head dim.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_moe.errors import UserError
 from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.attention_mask import AttentionMask, document_causal_mask, sdpa_call
 from mm_moe.model.kv_cache import KVCache
@@ -62,22 +62,38 @@ def attend(
         repeats = q_BHSD.shape[1] // k_BKSD.shape[1]
         k_BKSD = k_BKSD.repeat_interleave(repeats, dim=1)
         v_BKSD = v_BKSD.repeat_interleave(repeats, dim=1)
-    with _no_math_kernel(q_BHSD.device.type == "cuda" and mask.kind == "dense"):
-        return F.scaled_dot_product_attention(
-            q_BHSD,
-            k_BKSD,
-            v_BKSD,
-            attn_mask=mask.dense_B1SS,
-            is_causal=mask.kind == "causal",
-            enable_gqa=how == "gqa",
-        )
+    call = functools.partial(
+        F.scaled_dot_product_attention,
+        q_BHSD,
+        k_BKSD,
+        v_BKSD,
+        attn_mask=mask.dense_B1SS,
+        is_causal=mask.kind == "causal",
+        enable_gqa=how == "gqa",
+    )
+    if not _fast_kernels_only(q_BHSD.device.type, mask.kind):
+        return call()
+    try:
+        with _no_math_kernel():
+            return call()
+    except RuntimeError as exc:
+        if "No available kernel" not in str(exc):
+            raise
+        # A user-fixable choice, not a crash: the message, not the C++ traceback.
+        raise UserError(
+            "model.attention=sdpa with document masks on CUDA: no fast SDPA kernel takes "
+            f"these inputs (head_dim={q_BHSD.shape[-1]}, {q_BHSD.dtype}) and the math kernel "
+            "is refused ([B, H, S, S] fp32 scores); use model.attention=flex (or auto)"
+        ) from exc
 
 
-def _no_math_kernel(enabled: bool):
+def _fast_kernels_only(device_type: str, mask_kind: str) -> bool:
     """Dense masks on CUDA: SDPA may take any kernel but the math one (an error, not a silent
     [B, H, S, S] fp32 score matrix)."""
-    if not enabled:
-        return contextlib.nullcontext()
+    return device_type == "cuda" and mask_kind == "dense"
+
+
+def _no_math_kernel():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     fast = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]

@@ -122,43 +122,9 @@ class EarlyFusionDecoder(nn.Module):
         return_hidden: the final-normed hidden states instead of the logits (never [B, S, V]:
         the training loss applies `lm_head.weight` in chunks)."""
         input_ids_BS = input_ids
-        B, S = input_ids_BS.shape
-        if modality_ids is not None:
-            modality_ids_BS = modality_ids
-        elif hasattr(self, "image_id_mask_V"):
-            modality_ids_BS = self.image_id_mask_V[input_ids_BS].long()
-        else:  # all text
-            modality_ids_BS = torch.zeros_like(input_ids_BS)
+        S = input_ids_BS.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
-        if position_ids is None:
-            if self.cfg.max_seq_len < past + S:
-                raise UserError(
-                    f"{past + S} positions exceed model.max_seq_len={self.cfg.max_seq_len}"
-                )
-            position_ids = torch.arange(past, past + S, device=input_ids_BS.device).expand(B, S)
-        doc_ids_BS = doc_ids if self.cfg.document_masking else None
-        backend = resolve_backend(self.cfg.attention, input_ids_BS.device)
-        check_backend(backend, input_ids_BS.device, torch.is_grad_enabled() and self.training)
-        if kv_cache is not None:
-            assert doc_ids_BS is None and not self.training, "a KV cache decodes in eval mode"
-            if self.cfg.mod.layers:  # see kv_cache.py
-                raise UserError("models with mixture-of-depths layers decode without a KV cache")
-            attn_mask = after_cached(past, S, input_ids_BS.device)
-        else:
-            attn_mask = AttentionMask.build(doc_ids_BS, backend)
-        ctx = ForwardContext(
-            modality_ids_BS=modality_ids_BS,
-            position_ids_BS=position_ids,
-            doc_ids_BS=doc_ids_BS,
-            attn_mask=attn_mask,
-            valid_BS=token_mask.bool()
-            if token_mask is not None
-            else torch.ones_like(input_ids_BS, dtype=torch.bool),
-            rows=ModalityRows.of(modality_ids_BS, NUM_MODALITIES, bool(self.cfg.untie)),
-            backend=backend,
-            kv_cache=kv_cache,
-            collect_stats=self.training if self.collect_stats is None else self.collect_stats,
-        )
+        ctx = self._context(input_ids_BS, modality_ids, doc_ids, position_ids, token_mask, kv_cache)
         h_BSd = self.embed(input_ids_BS)
         for layer in self.layers:
             h_BSd = layer(h_BSd, ctx)
@@ -169,3 +135,55 @@ class EarlyFusionDecoder(nn.Module):
             return ModelOutput(None, ctx.aux_losses, ctx.aux_router_losses, ctx.stats, h_BSd)
         logits_BSV = self.lm_head(h_BSd)
         return ModelOutput(logits_BSV, ctx.aux_losses, ctx.aux_router_losses, ctx.stats)
+
+    def _modality_ids(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        """[B, S] modality of each id, derived from the vocabulary (`set_vocab`); all text
+        without one."""
+        if hasattr(self, "image_id_mask_V"):
+            return self.image_id_mask_V[input_ids_BS].long()
+        return torch.zeros_like(input_ids_BS)
+
+    def _positions(self, input_ids_BS: torch.Tensor, past: int) -> torch.Tensor:
+        """[B, S] positions continuing the `past` cached ones."""
+        B, S = input_ids_BS.shape
+        if self.cfg.max_seq_len < past + S:
+            raise UserError(f"{past + S} positions exceed model.max_seq_len={self.cfg.max_seq_len}")
+        return torch.arange(past, past + S, device=input_ids_BS.device).expand(B, S)
+
+    def _attention_mask(self, doc_ids_BS, backend, kv_cache: KVCache | None, S: int, device):
+        if kv_cache is None:
+            return AttentionMask.build(doc_ids_BS, backend)
+        assert doc_ids_BS is None and not self.training, "a KV cache decodes in eval mode"
+        if self.cfg.mod.layers:  # see kv_cache.py
+            raise UserError("models with mixture-of-depths layers decode without a KV cache")
+        return after_cached(kv_cache.length, S, device)
+
+    def _context(
+        self, input_ids_BS, modality_ids, doc_ids, position_ids, token_mask, kv_cache
+    ) -> ForwardContext:
+        """The per-forward state every layer reads (see `forward` for the arguments)."""
+        device = input_ids_BS.device
+        if modality_ids is None:
+            modality_ids = self._modality_ids(input_ids_BS)
+        if position_ids is None:
+            past = kv_cache.length if kv_cache is not None else 0
+            position_ids = self._positions(input_ids_BS, past)
+        doc_ids_BS = doc_ids if self.cfg.document_masking else None
+        backend = resolve_backend(self.cfg.attention, device)
+        check_backend(backend, device, torch.is_grad_enabled() and self.training)
+        attn_mask = self._attention_mask(
+            doc_ids_BS, backend, kv_cache, input_ids_BS.shape[1], device
+        )
+        return ForwardContext(
+            modality_ids_BS=modality_ids,
+            position_ids_BS=position_ids,
+            doc_ids_BS=doc_ids_BS,
+            attn_mask=attn_mask,
+            valid_BS=token_mask.bool()
+            if token_mask is not None
+            else torch.ones_like(input_ids_BS, dtype=torch.bool),
+            rows=ModalityRows.of(modality_ids, NUM_MODALITIES, bool(self.cfg.untie)),
+            backend=backend,
+            kv_cache=kv_cache,
+            collect_stats=self.training if self.collect_stats is None else self.collect_stats,
+        )

@@ -51,15 +51,19 @@ def _block_macs(
         if moe.is_moe_layer(index):
             h = cfg.ffn_dim // moe.granularity
             group = next(g for g in moe.groups() if mi in g.modalities)
-            name, n = group.name, group.num_experts
-            parts["router"] = d * n
+            name, n_groups = group.name, len(moe.groups())
+            n_all = sum(g.num_experts for g in moe.groups())
+            # Every group's router runs on every token, as one matmul (moe/layer.py).
+            parts["router"] = d * n_all
             ept = (experts_per_token or {}).get((index, name), moe.expected_experts_per_token())
             parts["experts"] = ept * 3 * d * h
             parts["shared_experts"] = moe.shared_experts * 3 * d * h
             if moe.router == "expert_choice":
                 a = moe.aux_router_hidden
-                parts["aux_router_in"] = d * a  # detached input: weight gradient only
-                parts["aux_router_out"] = a * n
+                # Every group's auxiliary router on every token, batched: the first layers
+                # stacked, the second block-diagonal as one matmul (moe/aux_router.py).
+                parts["aux_router_in"] = d * a * n_groups  # detached input: weight grad only
+                parts["aux_router_out"] = a * n_groups * n_all
         else:
             parts["ffn"] = 3 * d * cfg.ffn_dim
         out[m] = parts
@@ -169,14 +173,16 @@ def batch_flops(
 
 
 class FlopsMeter:
-    """Cumulative training FLOPs of a run: per modality, tokens x FLOPs per token.
+    """Cumulative training FLOPs of a run: per modality, tokens x FLOPs per token; the state
+    is one number per modality, saved with checkpoints.
 
-    Tokens are the loss-bearing tokens of each modality in the global batch (what
-    trainer/step.py counts); the state is two numbers per modality, saved with checkpoints.
     With `model` = (ModelConfig, MoEConfig, seq_len), the FLOPs per token of each step use the
     experts per token the step actually computed (expert-choice capacity rounds down, and is
-    at least one token per expert), else the fixed `per_token`; given the step's TokenProfile,
-    its attention keys too (`batch_flops`), and `flops_step`, the step's FLOPs (for MFU).
+    at least one token per expert), else the fixed `per_token`. Given the step's TokenProfile,
+    its attention keys too (`batch_flops`), and `flops_step`, the step's FLOPs (for MFU): the
+    batch's non-padding input tokens of each modality, which the cumulative totals add up (one
+    source: the sum of `flops_step` over the steps is `flops_cumulative`). Without a profile,
+    the tokens are the loss-bearing targets of each modality (train_step's `tokens_<m>`).
     `skips_masked`: the attention kernel skips masked blocks (FlexAttention, document masks).
     """
 
@@ -204,8 +210,12 @@ class FlopsMeter:
         elif used:
             cfg, moe, seq_len = self.model
             per_token = training_flops_per_token(cfg, moe, seq_len, experts_per_token=used)
+        if "flops_step" in step:
+            tokens = dict(zip(MODALITIES, profile.tokens_M))  # what flops_step counts
+        else:
+            tokens = {m: stats.get(f"tokens_{m}", 0) for m in MODALITIES}
         for m in MODALITIES:
-            self.totals[m] += stats.get(f"tokens_{m}", 0) * per_token[m]
+            self.totals[m] += tokens[m] * per_token[m]
         out = {f"flops_cumulative_{m}": v for m, v in self.totals.items()}
         out["flops_cumulative"] = sum(self.totals.values())
         out.update({f"flops_per_token_{m}": v for m, v in per_token.items()})

@@ -9,16 +9,20 @@ Shape legend: B batch, S sequence, K selected slots per sequence, d width.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mm_moe.modality import NUM_MODALITIES
 from mm_moe.model.attention_mask import AttentionMask
-from mm_moe.model.config import MoDConfig
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.modality_ops import ModalityRows
 from mm_moe.model.moe.aux_router import AuxRouter
+
+if TYPE_CHECKING:  # annotations only: the config's one import path is its config.py
+    from mm_moe.model.config import MoDConfig
 
 
 class MoDBlock(nn.Module):

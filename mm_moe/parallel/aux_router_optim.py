@@ -13,6 +13,7 @@ They stay fp32 under bf16 training (tiny, and their BCE wants the precision).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,7 @@ class AuxRouterOptimizer:
         )
         self.steps = 0  # optimizer steps taken (the LR schedule's position)
         self._grads: list[torch.Tensor] | None = None
+        self._reduced: tuple[torch.Tensor, torch.Tensor] | None = None  # (flat grads, norm)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of `loss` (a share of the step's objective)."""
@@ -65,23 +67,36 @@ class AuxRouterOptimizer:
         else:
             torch._foreach_add_(self._grads, grads)
 
-    def step(self, world_size: int) -> float:
-        """Average the accumulated gradients over the ranks, clip them by their own norm, step;
-        returns the norm before clipping (NaN when nothing was accumulated). Collective."""
-        grads, self._grads = self._grads, None
-        if grads is None:
-            return float("nan")
-        flat = torch.cat([g.reshape(-1) for g in grads])
+    def reduce(self, world_size: int) -> torch.Tensor | None:
+        """Average the accumulated gradients over the ranks (one all-reduce) and return their
+        norm as a device scalar, for the step's one copy to the host (trainer/step.py); None
+        when nothing was accumulated. Collective; `step` then uses them."""
+        if self._grads is None:
+            return None
+        flat = torch.cat([g.reshape(-1) for g in self._grads])
         if world_size > 1:
             dist.all_reduce(flat)
             flat /= world_size
-        norm = torch.linalg.vector_norm(flat)
-        if not torch.isfinite(norm):  # the step guard drops such steps; never apply them
+        self._reduced = (flat, torch.linalg.vector_norm(flat))
+        return self._reduced[1]
+
+    def step(self, world_size: int, norm: float | None = None) -> float:
+        """Clip the averaged gradients by their own norm and step; returns the norm before
+        clipping (NaN when nothing was accumulated). Reduces first (collective) unless `reduce`
+        did; `norm` is the host's copy of `reduce`'s norm (else it is copied here)."""
+        if self._reduced is None:
+            self.reduce(world_size)
+        reduced, self._reduced, self._grads = self._reduced, None, None
+        if reduced is None:
+            return float("nan")
+        flat, norm_t = reduced
+        norm = float(norm_t) if norm is None else norm
+        if not math.isfinite(norm):  # the step guard drops such steps; never apply them
             log.warning("auxiliary routers: non-finite gradient norm, update skipped")
-            return float(norm)
+            return norm
         clip = self.cfg.grad_clip
         if clip > 0:
-            flat *= torch.clamp(clip / (norm + 1e-6), max=1.0)
+            flat *= torch.clamp(clip / (norm_t + 1e-6), max=1.0)
         offset = 0
         for p in self.params.values():
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
@@ -92,11 +107,11 @@ class AuxRouterOptimizer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
-        return float(norm)
+        return norm
 
     def skip(self) -> None:
         """A dropped step: discard the accumulated gradients."""
-        self._grads = None
+        self._grads = self._reduced = None
 
     # ---- checkpoints: moments by parameter name, in the model's optimizer.pt ----
     def moments(self) -> dict[str, dict[str, torch.Tensor]]:

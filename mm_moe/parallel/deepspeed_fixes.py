@@ -146,22 +146,22 @@ def fix_clipping(engine, norm_fn) -> None:
         for p in engine.module.parameters():
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.device))
-        engine._global_grad_norm = float(norm)
+        engine._global_grad_norm = norm  # a device scalar: `last_grad_norm` copies it once
 
     engine.clip_fp32_gradients = clip_fp32_gradients
     engine.clips_with_expert_parallel_norm = True
 
 
-def unsharded_grad_norm(engine, norm_fn) -> float | None:
+def unsharded_grad_norm(engine, norm_fn) -> torch.Tensor | None:
     """Global grad norm before clipping when gradients are whole on every rank (ZeRO-0 in
-    fp32, where DeepSpeed clips without keeping the norm); None when the ZeRO/bf16 optimizer
-    or `fix_clipping` computes it. Call after the last backward of a step, before
-    `engine.step()`."""
+    fp32, where DeepSpeed clips without keeping the norm), a device scalar for the step's one
+    copy to the host; None when the ZeRO/bf16 optimizer or `fix_clipping` computes it. Call
+    after the last backward of a step, before `engine.step()`."""
     if hasattr(engine.optimizer, "_global_grad_norm"):
         return None
     if getattr(engine, "clips_with_expert_parallel_norm", False) and engine.gradient_clipping():
         return None
-    return float(norm_fn(engine.module))
+    return norm_fn(engine.module).detach()
 
 
 def last_grad_norm(engine) -> float:
@@ -172,21 +172,22 @@ def last_grad_norm(engine) -> float:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def local_grads_finite(engine) -> bool:
+def local_grads_finite(engine) -> torch.Tensor:
     """Whether the gradients this rank holds at the accumulation boundary (after the last
     backward, before `engine.step()`) are all finite: its ZeRO-1/2 partition of the reduced
     gradients, the bf16 optimizer's fp32 accumulators, or the whole reduced `.grad`s (ZeRO-0).
-    A non-finite value on any rank reaches at least one rank's share after the reduction."""
+    A non-finite value on any rank reaches at least one rank's share after the reduction.
+    A bool scalar on the device, never read here: the step all-reduces it (no host sync)."""
     opt = engine.optimizer
     if hasattr(opt, "has_overflow_partitioned_grads_serial"):  # ZeRO-1/2
-        return not bool(opt.has_overflow_partitioned_grads_serial().item())
+        return ~opt.has_overflow_partitioned_grads_serial().reshape(())
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     grads += list(getattr(opt, "fp32_groups_gradient_flat_partition", []))  # bf16 optimizer
     if not grads:
-        return True
+        return torch.ones((), dtype=torch.bool, device=next(engine.module.parameters()).device)
     # One fused norm per tensor instead of a Python loop of checks: a norm is finite iff every
     # element is (or overflows fp32, which is no update to take either).
-    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+    return torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
 
 def skip_optimizer_step(engine) -> None:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from mm_moe.errors import UserError
 from mm_moe.parallel.deepspeed_fixes import skip_shm_build
+from mm_moe.utils.host_to_device import host_to_device
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _on_host(value, device: torch.device) -> bool:
     return value.device.type == "cpu" and device.type != "cpu"
 
 
-def _flatten(values: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+def flatten_fp64(values: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
     """One flat fp64 tensor on `device` holding every value, and {name: (offset, shape)}.
     Device tensors join with one cat; host values with one copy (pinned, non-blocking), not
     one copy per scalar."""
@@ -188,14 +189,16 @@ def _flatten(values: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         layout[name], offset = (offset, t.shape), offset + t.numel()
     host: list[float] = []
     for name in on_host:
-        t = torch.as_tensor(values[name])
-        host += t.reshape(-1).tolist()  # host memory: no device sync
-        layout[name], offset = (offset, t.shape), offset + t.numel()
+        value = values[name]
+        if isinstance(value, torch.Tensor):
+            host += value.reshape(-1).tolist()  # host memory: no device sync
+            shape = value.shape
+        else:  # a number: no tensor of its own
+            host.append(value)
+            shape = torch.Size()
+        layout[name], offset = (offset, shape), offset + shape.numel()
     if host:
-        host_t = torch.tensor(host, dtype=torch.float64)
-        if device.type == "cuda":
-            host_t = host_t.pin_memory().to(device, non_blocking=True)
-        parts.append(host_t.to(device))
+        parts.append(host_to_device(host, device, torch.float64))
     if not parts:
         return torch.zeros(0, dtype=torch.float64, device=device), layout
     return (torch.cat(parts) if len(parts) > 1 else parts[0]), layout
@@ -204,7 +207,7 @@ def _flatten(values: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
 def all_reduce_sum_dict(values: dict, device: torch.device) -> dict[str, torch.Tensor]:
     """Each value (a tensor of any shape, or a number) summed over ranks, in one all-reduce
     of fp64; every rank must hold the same keys (they follow from the config)."""
-    flat, layout = _flatten(values, device)
+    flat, layout = flatten_fp64(values, device)
     flat = all_reduce_sum(flat) if flat.numel() else flat
     return {n: flat[o : o + math.prod(shape)].view(shape) for n, (o, shape) in layout.items()}
 
@@ -216,7 +219,7 @@ def all_reduce_sum_to_host(values: dict, device: torch.device) -> dict[str, list
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1 and all(_on_host(v, device) or device.type == "cpu" for v in values.values()):
         device = torch.device("cpu")
-    flat, layout = _flatten(values, device)
+    flat, layout = flatten_fp64(values, device)
     host = all_reduce_sum(flat).tolist() if flat.numel() else []  # the one copy
     return {n: host[o : o + math.prod(shape)] for n, (o, shape) in layout.items()}
 

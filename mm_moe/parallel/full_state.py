@@ -1,7 +1,12 @@
 """Whole (unsharded) model and optimizer state, gathered from and scattered to ZeRO shards.
 
-Checkpoints hold every tensor whole, keyed by parameter name, so they load at any world size,
-ZeRO stage and expert-parallel size. Under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) each rank
+The engine's state crosses to checkpoint/ through one pair of calls: `local_state(engine)` hands
+it over and `load_local_state(engine, state)` takes it back, as one plain {name: tensor} dict
+(names in state_names.py). What that dict becomes on disk (files, experts one entry each, older
+layouts) is mm_moe.checkpoint's business; nothing here knows it.
+
+Tensors are whole, keyed by parameter name, so they load at any world size, ZeRO stage and
+expert-parallel size. Under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) each rank
 owns a slice of the fp32 master weights and Adam moments: DeepSpeed's tensor-fragment API
 assembles a whole tensor with one all-reduce per parameter (over the expert-data-parallel group
 for expert parameters) and writes back only the local slice. Under expert parallelism a rank
@@ -27,6 +32,7 @@ from mm_moe.errors import UserError
 from mm_moe.parallel.adam_state import ADAM_KEYS, adam_state
 from mm_moe.parallel.deepspeed_fixes import relink_optimizer_fragments
 from mm_moe.parallel.expert_parallel import ExpertParallelMoELayer, sharded_experts
+from mm_moe.parallel.state_names import MODEL, OPTIMIZER, STEP
 
 
 def _gather_experts(local: torch.Tensor, layer: ExpertParallelMoELayer) -> torch.Tensor | None:
@@ -176,3 +182,40 @@ def load_optimizer(engine, state: dict, path: str = "checkpoint") -> None:
                 safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), k)
             else:
                 base.state[p][k] = value.to(device=p.device, dtype=p.dtype, copy=True)
+
+
+def local_state(engine) -> dict[str, torch.Tensor]:
+    """The engine's model and optimizer state as one {name: tensor} dict (state_names.py),
+    fresh CPU copies that alias nothing live. Collective; expert rows land on rank 0 only."""
+    out = {MODEL + name: value for name, value in gather_model(engine).items()}
+    optim = gather_optimizer(engine)
+    if optim:
+        out[STEP] = torch.tensor(optim["step"], dtype=torch.int64)
+        for name, per_key in optim["moments"].items():
+            out.update({f"{OPTIMIZER}{name}/{k}": v for k, v in per_key.items()})
+    return out
+
+
+def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """`local_state`'s dict -> (model {name: tensor}, optimizer {"step", "moments"} or {})."""
+    model, moments = {}, {}
+    for key, value in state.items():
+        if key.startswith(MODEL):
+            model[key[len(MODEL) :]] = value
+        elif key != STEP and key.startswith(OPTIMIZER):
+            name, _, k = key[len(OPTIMIZER) :].rpartition("/")
+            moments.setdefault(name, {})[k] = value
+        else:
+            assert key == STEP, f"not a name of local_state's: {key}"
+    optim = {"step": int(state[STEP]), "moments": moments} if STEP in state else {}
+    return model, optim
+
+
+def load_local_state(engine, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Put a `local_state` dict (whole tensors, this run's parameter names) into the engine:
+    each rank keeps its slice and its experts' rows, on the parameter's device and in its
+    dtype. Without optimizer entries the optimizer stays as it is. `source` names where the
+    tensors came from in errors (a name or shape the model does not have). Collective."""
+    model, optim = _split(state)
+    load_model(engine, model, source)
+    load_optimizer(engine, optim, source)

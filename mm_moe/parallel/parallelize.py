@@ -122,7 +122,7 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
     return engine
 
 
-def unsharded_grad_norm(engine) -> float | None:
+def unsharded_grad_norm(engine) -> torch.Tensor | None:
     """See deepspeed_fixes.unsharded_grad_norm; under expert parallelism every expert counts
     once."""
     return deepspeed_fixes.unsharded_grad_norm(engine, grad_norm)

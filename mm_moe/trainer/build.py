@@ -77,6 +77,7 @@ class Training:
             self.dist.rank,
             self.dist.world_size,
             extra,
+            expert_parallel_size=self.cfg.parallel.expert_parallel_size,
         )
 
 
@@ -211,7 +212,7 @@ def build_training(cfg: TrainConfig) -> Training:
         t.seed, dist.rank, dist.world_size, t.micro_batch_size, t.global_batch_size
     )
     # The next step's batches are built while this one runs (pinned for async copies on CUDA).
-    loader = Prefetcher(loader, pin_memory=dist.device.type == "cuda")
+    loader = Prefetcher(loader, pin_memory=dist.device.type == "cuda", device=dist.device)
     model_cfg = cfg.model.with_vocab(loader.vocab.size)
     engine = parallelize(model_cfg.build(cfg.moe).to(dist.device), cfg, dist)
     seed_all(t.seed * 100_003 + dist.rank)  # randomness in training differs across ranks

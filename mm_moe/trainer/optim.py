@@ -3,11 +3,15 @@ OptimConfig, in trainer/config.py, builds them)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from mm_moe.model.modality_ops import NORMS
 from mm_moe.model.moe.layer import MoELayer
-from mm_moe.trainer.config import OptimConfig
+
+if TYPE_CHECKING:  # annotations only: the config's one import path is its config.py
+    from mm_moe.trainer.config import OptimConfig
 
 
 def adamw(

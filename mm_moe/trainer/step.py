@@ -5,12 +5,21 @@ micro-batch means: each micro-batch contributes sum(token losses) / N_global, wh
 all-reduced once at the start of the step. DeepSpeed averages gradients over data-parallel ranks,
 so the per-rank objective is multiplied by the data-parallel size to undo that average.
 
-Before the optimizer may step, one all-reduce gives every rank the step's loss sums and which
-ranks saw a non-finite loss or gradient; a `StepGuard` (trainer/guard.py) then decides, the same
-on every rank, whether the update is applied or dropped (non-finite values, loss spikes).
+Before the optimizer may step, one all-reduce gives every rank the step's loss sums, which
+ranks saw a non-finite loss or gradient, and the routing statistics; a `StepGuard`
+(trainer/guard.py) then decides, the same on every rank, whether the update is applied or
+dropped (non-finite values, loss spikes).
+
+Host syncs: everything stays on the device (N_global and the loss scale included) until that
+decision, which needs the host: one copy then brings the reduced sums, flags, token counts,
+grad norms and statistics together, sliced on the host (`_Fetch`), whatever the number of
+ranks, modalities or statistics. The one other copy is the grad norm where DeepSpeed computes
+it inside its optimizer step (ZeRO-1/2, bf16, the expert-parallel clip).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -21,16 +30,19 @@ from mm_moe.model.moe.balance import update_expert_biases
 from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.checkpointing import backward_group
 from mm_moe.parallel.deepspeed_fixes import last_grad_norm, local_grads_finite, skip_optimizer_step
-from mm_moe.parallel.distributed import all_reduce_sum, all_reduce_sum_to_host
+from mm_moe.parallel.distributed import all_reduce_sum, all_reduce_sum_to_host, flatten_fp64
 from mm_moe.parallel.parallelize import unsharded_grad_norm
 
 
 def loss_token_counts(batches: list[Batch], device: torch.device) -> torch.Tensor:
-    """[M] loss-bearing target tokens per modality in these micro-batches."""
+    """[M] loss-bearing target tokens per modality in these micro-batches, counted on the device
+    by comparisons and sums (a boolean-mask index or `bincount` would make the host wait)."""
     counts_M = torch.zeros(NUM_MODALITIES, dtype=torch.float64, device=device)
     for b in batches:
-        mods = b.target_modality_ids_BS[b.loss_mask_BS]
-        counts_M += torch.bincount(mods, minlength=NUM_MODALITIES).to(device, torch.float64)
+        mods_BS = b.target_modality_ids_BS.to(device, non_blocking=True)
+        mask_BS = b.loss_mask_BS.to(device, non_blocking=True)
+        for m in range(NUM_MODALITIES):
+            counts_M[m] += ((mods_BS == m) & mask_BS).sum().double()
     return counts_M
 
 
@@ -49,6 +61,27 @@ class _Sums:
         if not self.collect and name.startswith("aux/"):
             return
         self.stats[name] = self.stats[name] + value if name in self.stats else value.clone()
+
+
+class _Fetch:
+    """Device tensors brought to the host in one copy: joined in one fp64 tensor, one
+    `.tolist()`, sliced on the host by name."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+        self.layout: dict[str, tuple[int, int]] = {}
+        self.size = 0
+
+    def add(self, name: str, value: torch.Tensor | None) -> None:
+        if value is None:
+            return
+        flat = value.detach().reshape(-1).to(torch.float64)
+        self.parts.append(flat)
+        self.layout[name], self.size = (self.size, flat.numel()), self.size + flat.numel()
+
+    def fetch(self) -> dict[str, list[float]]:
+        host = torch.cat(self.parts).tolist() if self.parts else []  # the one copy
+        return {name: host[o : o + n] for name, (o, n) in self.layout.items()}
 
 
 def collects_stats(model: torch.nn.Module) -> bool:
@@ -70,9 +103,10 @@ def _token_losses(model, out, targets_BS: torch.Tensor, z_loss: float):
     return chunked_lm_losses(out.hidden, model.lm_head.weight, targets_BS, z_loss)
 
 
-def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: float, num_micro: int):
+def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: torch.Tensor, num_micro: int):
     """Forward and backward of one micro-batch; its objective is its share of the global
-    token mean (sum of token losses x `scale`) plus its aux losses / micro-batches."""
+    token mean (sum of token losses x `scale`, a device scalar) plus its aux losses /
+    micro-batches."""
     out = engine(*b.model_inputs(), return_hidden=True)
     for name, value in out.stats.items():
         sums.add_stat(name, value)
@@ -83,7 +117,8 @@ def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: float, num_
         z_sum = (z_BS * mask_BS).sum()
         objective = objective + z_loss * z_sum
         sums.losses[NUM_MODALITIES] += z_sum.detach().double()
-    objective = objective * scale
+    # The losses are fp32: the scale rounded to fp32, as a Python float scale would be.
+    objective = objective * scale.to(objective.dtype)
     aux_routers = getattr(engine, "aux_routers", None)
     aux_apart = None
     if out.aux_router_losses:
@@ -112,14 +147,45 @@ def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: float, num_
             aux_routers.backward(aux_apart)
 
 
-def _agree(engine, losses: torch.Tensor, world: int, rank: int) -> tuple[torch.Tensor, list]:
-    """The boundary: one all-reduce carries the loss sums and, per rank, whether it saw a
-    non-finite loss or gradient, so every rank takes the same decision."""
-    bad_W = torch.zeros(world, dtype=torch.float64, device=losses.device)
-    bad_W[rank] = float(not (bool(torch.isfinite(losses).all()) and local_grads_finite(engine)))
-    reduced = all_reduce_sum(torch.cat([losses, bad_W]))
-    losses, bad_W = reduced[: losses.numel()], reduced[losses.numel() :]
-    return losses, [r for r in range(world) if bad_W[r] > 0]
+def _agree(engine, sums: _Sums, world: int, rank: int, device) -> tuple[torch.Tensor, dict]:
+    """The boundary: one all-reduce carries the loss sums, per rank whether it saw a
+    non-finite loss or gradient (decided on the device), and the routing statistics, so
+    every rank takes the same decision. Returns the reduced flat tensor ([losses..., bad
+    flag per rank..., statistics...]) and the statistics' {name: (offset, shape)} in it."""
+    bad_W = torch.zeros(world, dtype=torch.float64, device=device)
+    finite = torch.isfinite(sums.losses).all() & local_grads_finite(engine).to(device)
+    bad_W[rank] = (~finite).to(torch.float64)
+    stats_K, layout = flatten_fp64(sums.stats, device)
+    reduced = all_reduce_sum(torch.cat([sums.losses, bad_W, stats_K.to(device)]))
+    offset = sums.losses.numel() + world
+    return reduced, {name: (offset + o, shape) for name, (o, shape) in layout.items()}
+
+
+def _fetch_boundary(engine, sums: _Sums, counts_M, world: int, rank: int, device) -> dict:
+    """Everything the host needs at the boundary, in one copy (see `_Fetch`): the reduced
+    loss sums and flags, the token counts, the norms computed before `engine.step()` (ZeRO-0
+    in fp32; the auxiliary routers', whose gradients this all-reduces), the statistics."""
+    aux_routers = getattr(engine, "aux_routers", None)
+    norm = unsharded_grad_norm(engine)
+    norm_aux = aux_routers.reduce(world) if aux_routers is not None else None  # collective
+    reduced, layout = _agree(engine, sums, world, rank, device)
+    n_losses = sums.losses.numel()
+    fetch = _Fetch()
+    fetch.add("losses", reduced[:n_losses])
+    fetch.add("loss_sum", reduced[:NUM_MODALITIES].sum())
+    fetch.add("bad", reduced[n_losses : n_losses + world])
+    fetch.add("counts", counts_M)
+    fetch.add("n_global", counts_M.sum())
+    fetch.add("norm", norm)
+    fetch.add("norm_aux", norm_aux)
+    fetch.add("stats", reduced[n_losses + world :])
+    host = fetch.fetch()
+    base = n_losses + world
+    stats = host.pop("stats")
+    host["stats"] = {
+        name: stats[o - base : o - base + math.prod(shape)] for name, (o, shape) in layout.items()
+    }
+    return host
 
 
 def train_step(
@@ -133,45 +199,60 @@ def train_step(
 ) -> dict:
     """One optimizer step; `guard` (a StepGuard) may drop the update (then its
     `last_action` is "skip" or "rollback", and the stats' grad_norm is NaN)."""
+    world = max(dp_world_size, 1)
     rank = torch.distributed.get_rank() if dp_world_size > 1 else 0
+    batches = [b.to(device) for b in batches]
     counts_M = all_reduce_sum(loss_token_counts(batches, device))
-    n_global = max(float(counts_M.sum()), 1.0)
+    # On the device: reading N_global here would stall the host before the first forward.
+    scale = dp_world_size / counts_M.sum().clamp(min=1.0)
     num_micro = len(batches)
     sums = _Sums(device, collects_stats(engine.module))
     for i, b in enumerate(batches):
-        _micro_step(engine, b.to(device), sums, z_loss, dp_world_size / n_global, num_micro)
+        _micro_step(engine, b, sums, z_loss, scale, num_micro)
         if i < num_micro - 1:
             engine.step()  # not the accumulation boundary: DeepSpeed only counts micro-steps
-    losses, bad_ranks = _agree(engine, sums.losses, max(dp_world_size, 1), rank)
-    loss = float(losses[:NUM_MODALITIES].sum()) / n_global
+    host = _fetch_boundary(engine, sums, counts_M, world, rank, device)
+    n_global = max(host["n_global"][0], 1.0)
+    loss = host["loss_sum"][0] / n_global
+    bad_ranks = [r for r, bad in enumerate(host["bad"]) if bad > 0]
     action = guard.decide(step, loss, bad_ranks) if guard is not None else "apply"
-    grad_norm = grad_norm_aux = float("nan")
+    grad_norm, grad_norm_aux = _finish(engine, action, host, world)
+    stats = {"loss": loss, "grad_norm": grad_norm, "tokens_loss": int(n_global)}
     aux_routers = getattr(engine, "aux_routers", None)
-    if action == "apply":
-        unsharded = unsharded_grad_norm(engine)
-        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-        grad_norm = unsharded if unsharded is not None else last_grad_norm(engine)
-        if aux_routers is not None:
-            grad_norm_aux = aux_routers.step(max(dp_world_size, 1))
-        update_expert_biases(engine.module, all_reduce_sum)
-    else:
+    if aux_routers is not None and aux_routers.params:
+        stats["grad_norm_aux"] = grad_norm_aux  # the auxiliary routers', clipped apart
+    losses = host["losses"]
+    for m, name in enumerate(MODALITIES):
+        count = host["counts"][m]
+        stats[f"loss_{name}"] = losses[m] / count if count else float("nan")
+        stats[f"tokens_{name}"] = int(count)
+    if z_loss > 0:
+        stats["z_loss"] = losses[NUM_MODALITIES] / n_global
+    if losses[NUM_MODALITIES + 1]:
+        stats["aux_loss"] = losses[NUM_MODALITIES + 1] / (num_micro * dp_world_size)
+    shapes = {name: value.shape for name, value in sums.stats.items()}
+    stats.update(_means(host["stats"], shapes, num_micro * dp_world_size))
+    return stats
+
+
+def _finish(engine, action: str, host: dict, world: int) -> tuple[float, float]:
+    """Apply or drop the update as decided; returns (grad norm, auxiliary routers' grad norm),
+    NaN for a dropped step."""
+    aux_routers = getattr(engine, "aux_routers", None)
+    if action != "apply":
         skip_optimizer_step(engine)
         if aux_routers is not None:
             aux_routers.skip()
         _discard_expert_loads(engine.module)
-    stats = {"loss": loss, "grad_norm": grad_norm, "tokens_loss": int(n_global)}
-    if aux_routers is not None and aux_routers.params:
-        stats["grad_norm_aux"] = grad_norm_aux  # the auxiliary routers', clipped apart
-    for m, name in enumerate(MODALITIES):
-        count = float(counts_M[m])
-        stats[f"loss_{name}"] = float(losses[m]) / count if count else float("nan")
-        stats[f"tokens_{name}"] = int(count)
-    if z_loss > 0:
-        stats["z_loss"] = float(losses[NUM_MODALITIES]) / n_global
-    if float(losses[NUM_MODALITIES + 1]):
-        stats["aux_loss"] = float(losses[NUM_MODALITIES + 1]) / (num_micro * dp_world_size)
-    stats.update(_mean_stats(sums.stats, num_micro * dp_world_size, device))
-    return stats
+        return float("nan"), float("nan")
+    engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+    # Computed inside DeepSpeed's step where not before it: then one more copy.
+    grad_norm = host["norm"][0] if "norm" in host else last_grad_norm(engine)
+    grad_norm_aux = float("nan")
+    if aux_routers is not None:
+        grad_norm_aux = aux_routers.step(world, norm=host.get("norm_aux", [None])[0])
+    update_expert_biases(engine.module, all_reduce_sum)
+    return grad_norm, grad_norm_aux
 
 
 def _discard_expert_loads(model: torch.nn.Module) -> None:
@@ -181,13 +262,20 @@ def _discard_expert_loads(model: torch.nn.Module) -> None:
             layer.load_accum.zero_()
 
 
-def _mean_stats(stat_sums: dict[str, torch.Tensor], count: int, device) -> dict[str, float]:
-    """Routing statistics averaged over micro-batches and ranks; vector stats (per-expert load)
-    become one metric per element. One all-reduce and one device-to-host copy for all."""
+def _means(host: dict[str, list[float]], shapes: dict, count: int) -> dict[str, float]:
+    """Routing statistics (summed over micro-batches and ranks, on the host) averaged; vector
+    stats (per-expert load) become one metric per element."""
     out = {}
-    for name, values in all_reduce_sum_to_host(stat_sums, device).items():
-        if stat_sums[name].dim() == 0:
+    for name, values in host.items():
+        if len(shapes[name]) == 0:
             out[name] = values[0] / count
         else:
             out.update({f"{name}_e{e}": v / count for e, v in enumerate(values)})
     return out
+
+
+def _mean_stats(stat_sums: dict[str, torch.Tensor], count: int, device) -> dict[str, float]:
+    """`_means` of statistics still on the device: one all-reduce and one device-to-host copy
+    for all (train_step joins them to its boundary's all-reduce and copy instead)."""
+    host = all_reduce_sum_to_host(stat_sums, device)
+    return _means(host, {name: value.shape for name, value in stat_sums.items()}, count)

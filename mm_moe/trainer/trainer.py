@@ -16,7 +16,7 @@ import torch
 
 from mm_moe.data.batch import TokenProfile
 from mm_moe.modality import NUM_MODALITIES
-from mm_moe.parallel.distributed import all_reduce_sum_dict, names_lost_ranks
+from mm_moe.parallel.distributed import all_reduce_sum_to_host, names_lost_ranks
 from mm_moe.trainer.build import Training, build_training
 from mm_moe.trainer.hooks import (
     CheckpointHook,
@@ -57,9 +57,10 @@ def default_hooks(training: Training) -> list[Hook]:
 def data_counters(loader, device: torch.device, extra: dict | None = None) -> dict[str, int]:
     """The loader's running counters (e.g. `data/skipped_<reason>`), and `extra`, summed over
     ranks in one all-reduce; loaders expose `counters() -> dict[str, int]` with the same keys
-    on every rank."""
+    on every rank. One copy to the host for all of them."""
     local = loader.counters() if hasattr(loader, "counters") else {}
-    return {k: int(v) for k, v in all_reduce_sum_dict({**local, **(extra or {})}, device).items()}
+    summed = all_reduce_sum_to_host({**local, **(extra or {})}, device)
+    return {k: int(v[0]) for k, v in summed.items()}
 
 
 _PROFILE = "_profile/"
@@ -141,15 +142,17 @@ class Trainer:
         t.metrics.first_row = dict(t.facts)
         for hook in self.hooks:
             hook.before_fit(self)
-        for step in range(t.start_step + 1, t.cfg.trainer.max_steps + 1):
-            record = self.step(step)
-            self.history.append(record)
-            for hook in self.hooks:
-                hook.after_step(self, step, record)
-            if self.stop:
-                break
-        if hasattr(t.loader, "close"):
-            t.loader.close()  # stops the prefetch thread
+        try:
+            for step in range(t.start_step + 1, t.cfg.trainer.max_steps + 1):
+                record = self.step(step)
+                self.history.append(record)
+                for hook in self.hooks:
+                    hook.after_step(self, step, record)
+                if self.stop:
+                    break
+        finally:  # local (not collective): the prefetch thread and data workers stop
+            if hasattr(t.loader, "close"):
+                t.loader.close()
         # Collective (not in a `finally`: a rank that failed alone must not wait on the others)
         t.checkpointer.close()  # an asynchronous write in flight ends (and fails) here
         for hook in self.hooks:

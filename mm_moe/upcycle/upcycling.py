@@ -69,7 +69,7 @@ def load_source(source: str, source_format: str) -> tuple[ModelConfig, dict[str,
     if source_format == "hf":
         cfg, model = hf_import.import_dense(source)
         return cfg, saved_state(model)
-    from mm_moe.api import load_pretrained
+    from mm_moe.eval.pretrained import load_pretrained
 
     model = load_pretrained(source)
     cfg, moe = model.cfg, model.moe_cfg

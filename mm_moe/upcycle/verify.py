@@ -71,7 +71,7 @@ class VerifyResult:
 
 def _reference(source: str, source_format: str, ids_BS: torch.Tensor):
     if source_format == "native":
-        from mm_moe.api import load_pretrained
+        from mm_moe.eval.pretrained import load_pretrained
 
         return load_pretrained(source)(ids_BS).logits, "the native dense source"
     try:
@@ -168,7 +168,7 @@ def verify(
     text the source knows, and images where the source knows them (a native source, or
     Chameleon); compared over the source's vocabulary (transformers' Chameleon gives image-token
     logits no value: those columns are left out)."""
-    from mm_moe.api import load_pretrained
+    from mm_moe.eval.pretrained import load_pretrained
 
     seq_len = min(ucfg.verify_seq_len, source_cfg.max_seq_len, target.model.max_seq_len)
     gen = torch.Generator().manual_seed(ucfg.seed)
@@ -176,7 +176,9 @@ def verify(
     images = ucfg.source_format == "native" or bool(vocab.image_ids)
     ids_BS = verify_ids(vocab, V, (ucfg.verify_batch_size, seq_len), gen, images)
     ref_BSV, reference = _reference(ucfg.source, ucfg.source_format, ids_BS)
-    result = load_pretrained(ucfg.out)(ids_BS)  # modality ids from the vocabulary
+    model = load_pretrained(ucfg.out)
+    model.collect_stats = True  # eval forwards skip routing statistics unless asked
+    result = model(ids_BS)  # modality ids from the vocabulary
     columns = ~vocab.image_id_mask()[:V] if vocab.image_ids else torch.ones(V, dtype=torch.bool)
     ours, ref = result.logits[..., :V][..., columns].float(), ref_BSV[..., :V][..., columns].float()
     reasons = expected_differences(target, ucfg, source_cfg)

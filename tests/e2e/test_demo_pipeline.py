@@ -27,7 +27,7 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
 
     from mm_moe import train_image_tokenizer as train_image
     from mm_moe import train_text_tokenizer as train_text
-    from mm_moe.tokenization.vq.model import VQConfig
+    from mm_moe.tokenization.config import VQConfig
 
     tok = tmp_path / "tok"
     train_text.train(

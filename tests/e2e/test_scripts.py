@@ -167,3 +167,17 @@ def test_demo_report_runs_on_a_two_step_demo_run(tmp_path, demo_assets):
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-3000:]
     written = json.loads((run_dir / "samples" / "report.json").read_text())
     assert {"zero_shot_accuracy", "caption_accuracy", "text_to_image_accuracy"} <= set(written)
+
+
+def test_bench_step_profiles_a_case_and_counts_its_moe_layer_ops():
+    """bench_step.py --profile: the profiler's table and the op counts of docs/benchmarks.md.
+    An unlogged step's MoE layer runs fewer ops than a logged one (no statistics)."""
+    proc = _run(["scripts/bench_step.py", "--smoke", "--cases=moma_ec", "--profile=moma_ec"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Self CPU" in proc.stdout and "aten::" in proc.stdout
+    counts = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("# aten ops of one MoE layer"):
+            counts[line.split("stats=")[1].split(":")[0]] = int(line.rsplit(":", 1)[1])
+    assert set(counts) == {"True", "False"}, proc.stdout[-2000:]
+    assert 0 < counts["False"] < counts["True"]

@@ -142,3 +142,45 @@ def test_tiny_moma_trains_on_one_gpu_with_flex_and_grouped_gemm(tmp_path):
     if DEVICE == "cuda":  # on CPU: SDPA (no FlexAttention backward) and the GEMM loop
         assert rows[0]["attention"] == "flex"
         assert rows[0]["moe/gemm"] == ("grouped_mm" if _hopper() else "padded")
+
+
+def test_prefetched_batches_are_pinned_and_reach_the_gpu_non_blocking(monkeypatch):
+    """Prefetcher(pin_memory=True), as build_training makes it on CUDA: every tensor of each
+    batch (from the thread and from the first call alike) is in pinned memory, and
+    `Batch.to(device)` copies it non_blocking into equal tensors on the GPU."""
+    from dataclasses import fields
+
+    from mm_moe.data.config import DataConfig
+    from mm_moe.data.prefetch import Prefetcher
+
+    def loader():
+        return DataConfig(seq_len=16).build(
+            seed=3, rank=0, dp_world_size=1, micro_batch_size=2, global_batch_size=4
+        )
+
+    plain = loader()
+    want = [plain.next() for _ in range(3)]
+    prefetcher = Prefetcher(loader(), pin_memory=True, device=torch.device(DEVICE))
+    try:
+        got = [prefetcher.next() for _ in range(3)]
+    finally:
+        prefetcher.close()
+    copies, real_to = [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        copies.append(kwargs.get("non_blocking", False))
+        return real_to(self, *args, **kwargs)
+
+    for want_step, got_step in zip(want, got):
+        assert len(want_step) == len(got_step)
+        for want_batch, batch in zip(want_step, got_step):
+            tensors = [f.name for f in fields(batch) if torch.is_tensor(getattr(batch, f.name))]
+            assert tensors and all(getattr(batch, name).is_pinned() for name in tensors)
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "to", spy)
+                moved = batch.to(DEVICE)
+            torch.cuda.synchronize()
+            for name in tensors:
+                assert getattr(moved, name).device.type == "cuda"
+                torch.testing.assert_close(getattr(moved, name).cpu(), getattr(want_batch, name))
+    assert copies and all(copies)  # every tensor's copy was non_blocking

@@ -26,7 +26,6 @@ LAYERS = [
             "mm_moe.eval",
             "mm_moe.config",
             "mm_moe.sampling",
-            "mm_moe.api",
             "mm_moe.upcycle",
         ],
     ),
@@ -34,6 +33,7 @@ LAYERS = [
         "entry",
         [
             "mm_moe",
+            "mm_moe.api",
             "mm_moe.cli",
             "mm_moe.train",
             "mm_moe.plan",
@@ -55,8 +55,8 @@ FORBIDDEN = [
     ("mm_moe.upcycle", "mm_moe.trainer"),
     ("mm_moe.sampling", "mm_moe.trainer"),
 ]
-# Entry points share only the CLI helpers.
-ENTRY_SHARED = ("mm_moe.cli",)
+# Entry points share only the CLI helpers and the public Python API.
+ENTRY_SHARED = ("mm_moe.cli", "mm_moe.api")
 
 
 def _module_name(path: Path) -> str:
@@ -244,8 +244,11 @@ COMMAND_ALIASES = {
 
 
 def _entry_points() -> set[str]:
-    """The command-line layer: mm_moe/cli.py and the top-level modules that use it."""
-    found = {"mm_moe.cli"}
+    """The top of the stack: mm_moe/cli.py, the top-level modules that use it (the commands),
+    and mm_moe/api.py (the public Python API, re-exported by `mm_moe`). The other top-level
+    modules are library code a package may import: the leaves `errors` and `modality`, and
+    `sampling` and `plan_memory` (run layer)."""
+    found = {"mm_moe.cli", "mm_moe.api"}
     for path in PACKAGE.glob("*.py"):
         if any(t == "mm_moe.cli" for _, t in _imports(ast.parse(path.read_text()))):
             found.add(_module_name(path))
@@ -261,6 +264,7 @@ def test_library_packages_import_no_entry_point():
                 wrong[f"{path.relative_to(REPO)}:{line} imports {_module_of(target)}"] = None
     assert not wrong, "\n".join(wrong)
     assert {"mm_moe.train", "mm_moe.train_text_tokenizer", "mm_moe.upcycle_command"} <= entries
+    assert "mm_moe.api" in entries  # the public Python API is the top of the stack too
 
 
 def test_command_aliases_only_run_their_entry_point():
@@ -353,7 +357,8 @@ def test_importing_the_config_schema_loads_no_model_code():
 
 def test_no_function_is_longer_than_60_lines():
     long = []
-    for path in sorted(PACKAGE.rglob("*.py")):
+    sources = [PACKAGE, REPO / "scripts", REPO / "data_pipelines"]
+    for path in sorted(p for root in sources for p in root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
@@ -369,3 +374,97 @@ def test_the_config_directory_is_defined_once():
         if "CONFIG_DIR =" in p.read_text() or "CONFIG_DIR=" in p.read_text()
     ]
     assert definitions == ["mm_moe/cli.py"], definitions
+
+
+def test_no_parallel_module_imports_the_checkpoint_package():
+    """parallel/ hands over and takes back the engine's tensors by name; reading, upgrading
+    and naming what is on disk is checkpoint/'s job, so parallel/ never imports it."""
+    wrong = [
+        f"{path.relative_to(REPO)}:{line} imports {name}"
+        for path in sorted((PACKAGE / "parallel").rglob("*.py"))
+        for line, name in _runtime_imports(ast.parse(path.read_text()))
+        if name == "mm_moe.checkpoint" or name.startswith("mm_moe.checkpoint.")
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+_SIDES = ("mm_moe.checkpoint", "mm_moe.parallel")
+
+
+def _side(module: str) -> str | None:
+    return next((s for s in _SIDES if module == s or module.startswith(s + ".")), None)
+
+
+def _crossings(fn) -> list[str]:
+    """Every call from a checkpoint/ module into a parallel/ one or back while `fn` runs, in
+    call order, as 'caller module -> callee module' (the caller: the nearest frame of either
+    package, so calls through torch or deepspeed count too)."""
+    found = []
+
+    def profile(frame, event, arg):
+        callee = frame.f_globals.get("__name__", "")
+        if event != "call" or _side(callee) is None:
+            return
+        caller = frame.f_back
+        while caller is not None and _side(caller.f_globals.get("__name__", "")) is None:
+            caller = caller.f_back
+        if caller is not None:
+            name = caller.f_globals["__name__"]
+            if _side(name) != _side(callee):
+                found.append(f"{name} -> {callee}")
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return found
+
+
+def test_save_and_resume_cross_from_checkpoint_to_parallel_once(tmp_path):
+    """Counted, call by call: saving asks parallel/ for the engine's tensors once, resuming
+    hands them back once, and parallel/ never calls into checkpoint/."""
+    from mm_moe.checkpoint import state
+    from tests.unit.test_checkpoint_layout import StubLoader, moe_engine
+
+    engine, calls = moe_engine(), {}
+
+    def save():
+        staged = state.stage(state.TrainState(7, engine, StubLoader(), {}, 0, 1))
+        calls["dir"] = state.write(staged, tmp_path, keep_last=1)
+
+    calls["save"] = _crossings(save)
+    calls["resume"] = _crossings(lambda: state.load(calls["dir"], engine, StubLoader(), 0, 1))
+    assert calls["save"] == ["mm_moe.checkpoint.state -> mm_moe.parallel.full_state"], calls
+    assert calls["resume"] == ["mm_moe.checkpoint.state -> mm_moe.parallel.full_state"], calls
+
+
+def _config_classes() -> dict[str, str]:
+    """Config dataclass name -> the config module that defines it."""
+    homes = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if _is_config_module(module):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
+                    homes[node.name] = module
+    return homes
+
+
+def test_config_classes_are_imported_from_their_config_module():
+    """One import path per config class: its `*/config.py` (or a config package re-export,
+    or the public API), never a runtime module that happens to import it."""
+    homes, wrong = _config_classes(), []
+    for root in (PACKAGE, REPO / "tests", REPO / "scripts", REPO / "data_pipelines"):
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom) or not node.module:
+                    continue
+                public = node.module in ("mm_moe", "mm_moe.api")
+                if _is_config_module(node.module) or public:
+                    continue
+                for alias in node.names:
+                    if alias.name in homes and node.module.startswith("mm_moe"):
+                        where = f"{path.relative_to(REPO)}:{node.lineno}"
+                        wrong.append(f"{where} {alias.name} from {node.module}")
+    assert not wrong, "\n".join(wrong)

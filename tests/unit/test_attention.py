@@ -145,6 +145,30 @@ def test_the_cuda_decision_repeats_kv_per_head_with_equal_outputs(monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+def test_no_fast_sdpa_kernel_on_cuda_is_a_user_error_naming_flex(monkeypatch):
+    """Dense document masks on CUDA forbid SDPA's math kernel; where no other kernel takes the
+    shapes, SDPA's "No available kernel" RuntimeError becomes a UserError with the remedy
+    (simulated on CPU: the CUDA decision taken, SDPA raising as it does there)."""
+    import torch.nn.functional as F
+
+    from mm_moe.model import attention
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    model = replace(CFG, attention="sdpa").build().eval()
+    monkeypatch.setattr(attention, "_fast_kernels_only", lambda *a: True)
+    monkeypatch.setattr(attention, "sdpa_call", lambda _, *a: sdpa_call("cuda", *a))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", no_kernel)
+    with torch.no_grad(), pytest.raises(UserError, match="model.attention=flex") as err:
+        model(*_packed(3, 2, 24, 3))
+    assert "head_dim=8" in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    # Any other RuntimeError, or the same one off that path, stays what it is.
+    monkeypatch.setattr(attention, "_fast_kernels_only", lambda *a: False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="No available kernel"):
+        model(*_packed(3, 2, 24, 3))
+
+
 def test_attention_backend_choice():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("auto", torch.device("cuda")) == "flex"

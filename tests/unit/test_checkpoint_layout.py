@@ -116,3 +116,66 @@ def test_fresh_run_refuses_a_run_dir_with_metrics_but_no_checkpoint(tmp_path):
     assert _resume_dir(cfg, main) is None
     MetricsLogger(run_dir, True, 10, 0, cfg.logging, None).close()
     assert (run_dir / "metrics.jsonl").read_text() == ""  # replaced, as asked
+
+
+def moe_engine():
+    """A single-process engine as the checkpoint code sees it: an MoE model (experts stacked
+    in memory, one entry each on disk), AdamW after one step, its LR schedule."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.model.moe.config import MoEConfig
+    from mm_moe.trainer.config import OptimConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1)
+    model = cfg.build(MoEConfig(experts_per_modality={"text": 2, "image": 2}))
+    optim = OptimConfig(warmup_steps=0)
+    optimizer = optim.build(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    schedule = optim.build_schedule(optimizer, max_steps=10)
+    return SimpleNamespace(
+        module=model, optimizer=optimizer, lr_scheduler=schedule, aux_routers=None
+    )
+
+
+class StubLoader:
+    vocab = None
+
+    def state_dict(self) -> dict:
+        return {"position": 3}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert state == {"position": 3}
+
+
+def test_engine_state_round_trips_through_the_files_with_experts_one_entry_each(tmp_path):
+    """What parallel/ hands over by name is what checkpoint/ reads back, through the files of
+    format 2 (every expert one entry, moments beside) and of format 1 (experts stacked)."""
+    import torch
+
+    from mm_moe.checkpoint import tensors
+    from mm_moe.parallel import full_state
+
+    engine = moe_engine()
+    local = full_state.local_state(engine)
+    weights, optimizer = tensors.to_files(local, engine.module)
+    experts = "layers.0.ffn.experts"
+    assert f"{experts}.w_down" not in weights
+    assert torch.equal(weights[f"{experts}.image.1.w_down"], local[f"model/{experts}.w_down"][3])
+    assert optimizer["step"] == 1 and set(optimizer) == {"step", "moments"}
+    moment = optimizer["moments"][f"{experts}.text.0.w_gate_up"]["exp_avg_sq"]
+    assert torch.equal(moment, local[f"optimizer/{experts}.w_gate_up/exp_avg_sq"][0])
+    torch.save(weights, tmp_path / "model.pt")
+    torch.save(optimizer, tmp_path / "optimizer.pt")
+    back = tensors.read(tmp_path, engine.module)
+    assert back.keys() == local.keys() and all(torch.equal(back[k], local[k]) for k in local)
+    stacked = {k.removeprefix("model/"): v for k, v in local.items() if k.startswith("model/")}
+    torch.save(stacked, tmp_path / "model.pt")  # format 1
+    back = tensors.read(tmp_path, engine.module, optimizer=False)
+    assert back.keys() == {"model/" + k for k in stacked}
+    assert all(torch.equal(back["model/" + k], v) for k, v in stacked.items())

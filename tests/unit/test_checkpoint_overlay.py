@@ -33,7 +33,9 @@ def _train_from(ckpt: Path, run_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
 
 
-def test_a_pipe_source_planted_in_a_checkpoint_overlay_is_refused_and_never_runs(tmp_path):
+def _planted_pipe(tmp_path: Path) -> tuple[Path, str, str]:
+    """(marker the command would write, overlay, the refused key): a data source whose
+    `pipe:` URL is a shell command."""
     marker = tmp_path / "pipe_ran"
     overlay = HEADER + (
         "model: {d_model: 64}\n"
@@ -42,28 +44,32 @@ def test_a_pipe_source_planted_in_a_checkpoint_overlay_is_refused_and_never_runs
         "  num_streams: 1\n"
         f"  sources: [{{urls: 'pipe:touch {marker}; cat /dev/null', format: text}}]\n"
     )
-    proc = _train_from(_checkpoint(tmp_path / "ckpt", overlay), tmp_path / "run")
-    assert not marker.exists(), "the checkpoint's pipe: command ran"
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "key 'data' is refused" in proc.stderr and "upcycled.yaml" in proc.stderr
+    return marker, overlay, "data"
 
 
-def test_a_target_planted_in_a_checkpoint_overlay_is_refused_and_never_runs(tmp_path):
-    # Hydra's allowlist stops os.system, not shutil.copy: a file written anywhere (a shell's
-    # rc file, say) is code run later.
+def _planted_target(tmp_path: Path) -> tuple[Path, str, str]:
+    """A Hydra callback, instantiated (called) as Hydra starts the run. Hydra's allowlist
+    stops os.system, not shutil.copy: a file written anywhere (a shell's rc file, say) is
+    code run later."""
     marker, payload = tmp_path / "target_ran", tmp_path / "payload"
     payload.write_text("echo planted\n")
     overlay = HEADER + (
-        "hydra:\n"  # a Hydra callback: instantiated (called) as Hydra starts the run
+        "hydra:\n"
         "  callbacks:\n"
         "    planted:\n"
         "      _target_: shutil.copy\n"
         f"      _args_: ['{payload}', '{marker}']\n"
     )
+    return marker, overlay, "hydra"
+
+
+@pytest.mark.parametrize("plant", [_planted_pipe, _planted_target], ids=["pipe", "target"])
+def test_a_command_planted_in_a_checkpoint_overlay_is_refused_and_never_runs(tmp_path, plant):
+    marker, overlay, key = plant(tmp_path)
     proc = _train_from(_checkpoint(tmp_path / "ckpt", overlay), tmp_path / "run")
-    assert not marker.exists(), "the checkpoint's _target_ ran"
+    assert not marker.exists(), f"the checkpoint's planted {key} command ran"
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "key 'hydra' is refused" in proc.stderr
+    assert f"key '{key}' is refused" in proc.stderr and "upcycled.yaml" in proc.stderr
 
 
 @pytest.mark.parametrize(

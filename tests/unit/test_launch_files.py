@@ -123,12 +123,7 @@ def test_make_test_runs_no_slurm_test():
         pytest.skip("make not installed")
     args = _make_test_pytest_args()
     # Keep make test's selection options (-m/-k EXPR), collect only tests/slurm.
-    keep = [
-        opt
-        for i, arg in enumerate(args)
-        if arg in ("-m", "-k")
-        for opt in (arg, args[i + 1])
-    ]
+    keep = [opt for i, arg in enumerate(args) if arg in ("-m", "-k") for opt in (arg, args[i + 1])]
     everything = _collected(["tests/slurm"])
     assert everything, "tests/slurm collected nothing: the check below would prove nothing"
     assert _collected(["-m", "slurm", "tests/slurm"]) == everything  # all carry the marker

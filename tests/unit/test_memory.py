@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from mm_moe.data.config import DataConfig
-from mm_moe.model.config import ModelConfig
+from mm_moe.model.config import MoDConfig, ModelConfig
 from mm_moe.model.losses import chunked_lm_losses, per_token_losses
-from mm_moe.model.mod import MoDConfig
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.aux_router_optim import AuxRouterOptimizer, aux_router_parameters
 from mm_moe.parallel.checkpointing import apply_activation_checkpointing
-from mm_moe.trainer.optim import OptimConfig
+from mm_moe.trainer.config import OptimConfig
 from mm_moe.trainer.step import train_step
 from tests.unit.test_step_accounting import _LocalEngine
 
@@ -125,9 +124,9 @@ def _step(name: str, mode: str, compile_: bool = False):
         engine.aux_routers = AuxRouterOptimizer(model, OptimConfig(), 10)
         real_step = engine.aux_routers.step
 
-        def step(world_size, opt=engine.aux_routers):
+        def step(world_size, opt=engine.aux_routers, **kwargs):
             aux.extend(g.clone() for g in opt._grads)
-            return real_step(world_size)
+            return real_step(world_size, **kwargs)
 
         engine.aux_routers.step = step
     aux_params = {id(p) for p in aux_router_parameters(model).values()}

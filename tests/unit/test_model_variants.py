@@ -7,8 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mm_moe.model.config import ModelConfig
-from mm_moe.model.mod import MoDConfig
+from mm_moe.model.config import MoDConfig, ModelConfig
 from mm_moe.model.moe.config import MoEConfig
 
 BASE = ModelConfig(
@@ -266,7 +265,7 @@ def test_mot_unties_the_final_norm_and_older_checkpoints_load(tmp_path):
 def test_norm_weights_get_no_weight_decay_per_modality_copies_included():
     from mm_moe.model.modality_ops import ModalityNorm
     from mm_moe.model.norms import RMSNorm
-    from mm_moe.trainer.optim import OptimConfig
+    from mm_moe.trainer.config import OptimConfig
 
     model = replace(BASE, untie=["ffn", "attention", "norms"]).build()
     opt = OptimConfig(weight_decay=0.1).build(model)
@@ -274,3 +273,29 @@ def test_norm_weights_get_no_weight_decay_per_modality_copies_included():
     norms = [m for m in model.modules() if isinstance(m, (RMSNorm, ModalityNorm))]
     assert norms and not any(id(m.weight) in decayed for m in norms)
     assert id(model.lm_head.weight) in decayed
+
+
+def test_a_checkpoint_saved_with_trainer_peak_flops_still_loads(tmp_path):
+    """trainer.peak_flops (FLOP/s) became trainer.peak_tflops: checkpoints saved before the
+    rename load with the value carried over, where the schema alone refuses the old key."""
+    import yaml
+
+    from mm_moe.checkpoint import layout
+    from mm_moe.config import ConfigError, TrainConfig, from_dict, to_dict
+    from mm_moe.config.legacy import upgrade_saved_config
+    from mm_moe.data.config import DataConfig
+    from mm_moe.eval.pretrained import _train_config
+
+    saved = to_dict(TrainConfig(model=BASE, data=DataConfig(seq_len=32)))
+    del saved["trainer"]["peak_tflops"]
+    saved["trainer"]["peak_flops"] = 989e12
+    with pytest.raises(ConfigError, match="peak_flops"):
+        from_dict(TrainConfig, saved)
+    assert "peak_flops" in saved["trainer"]  # the upgrade copies, the caller's dict stays
+    assert upgrade_saved_config(saved)["trainer"]["peak_tflops"] == pytest.approx(989.0)
+    step = tmp_path / layout.step_dir_name(1)
+    step.mkdir()
+    (step / "config.yaml").write_text(yaml.safe_dump(saved))
+    (step / layout.META).write_text('{"format_version": 2, "step": 1, "weights_only": true}')
+    cfg = _train_config(step, None)
+    assert cfg.trainer.peak_tflops == pytest.approx(989.0) and cfg.model == BASE

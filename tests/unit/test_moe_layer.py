@@ -89,6 +89,15 @@ def _naive(layer: MoELayer, x_BSd, modality_BS, valid_BS, training: bool):
     return torch.stack(out).view(B, S, d)
 
 
+# MoMa (2 text + 2 image experts) with dropless token-choice softmax top-1 routing: the base
+# that tests of its losses and host syncs add their coefficients to.
+MOMA_TC = MoEConfig(
+    experts_per_modality={"text": 2, "image": 2},
+    router="token_choice",
+    score="softmax",
+    capacity_factor=0.0,
+)
+
 CASES = {
     "ec_sigmoid_moma": MoEConfig(experts_per_modality={"text": 3, "image": 2}),
     "ec_normalized_cosine": MoEConfig(

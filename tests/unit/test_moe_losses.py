@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,14 +46,10 @@ def test_sigmoid_routing_probs_are_normalised():
 
 
 def test_losses_are_returned_with_the_output():
-    from tests.unit.test_moe_layer import _ctx, _inputs, _layer
+    from tests.unit.test_moe_layer import MOMA_TC, _ctx, _inputs, _layer
 
-    cfg = MoEConfig(
-        experts_per_modality={"text": 2, "image": 2},
-        router="token_choice",
-        score="softmax",
-        top_k=1,
-        capacity_factor=0.0,
+    cfg = replace(
+        MOMA_TC,
         load_balance_coef=0.5,
         router_z_coef=0.1,
         entropy_local_coef=0.2,

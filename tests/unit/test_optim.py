@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mm_moe.trainer.optim import OptimConfig
+from mm_moe.trainer.config import OptimConfig
 
 
 def test_warmup_then_cosine_to_floor():

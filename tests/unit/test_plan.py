@@ -62,11 +62,25 @@ def test_plan_rejects_unknown_cluster_key(capsys):
     assert "Did you mean 'nodes'?" in err
 
 
+def _tiny_model(d_model: int, ffn: int, kv_heads: int, layers: int, seq_len: int):
+    """The small decoders whose saved tensors the activation estimates are checked against."""
+    from mm_moe.model.config import ModelConfig
+
+    return ModelConfig(
+        vocab_size=64,
+        d_model=d_model,
+        n_layers=layers,
+        n_heads=4,
+        n_kv_heads=kv_heads,
+        ffn_hidden=ffn,
+        max_seq_len=seq_len,
+    )
+
+
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 def test_activation_estimate_matches_the_saved_tensors_measured(mode):
     """plan_memory's per-layer formula (fp32 elements on CPU) against what the blocks keep
     for backward, measured with a saved-tensor hook (two depths: per-layer difference)."""
-    from mm_moe.model.config import ModelConfig
     from mm_moe.model.moe.config import MoEConfig
     from mm_moe.parallel.checkpointing import apply_activation_checkpointing
     from mm_moe.plan_memory import activation_bytes
@@ -76,24 +90,14 @@ def test_activation_estimate_matches_the_saved_tensors_measured(mode):
     for d, f, kv in ((64, 176, 2), (96, 352, 4)):
         measured = []
         for layers in (1, 3):
-            cfg = ModelConfig(
-                vocab_size=64,
-                d_model=d,
-                n_layers=layers,
-                n_heads=4,
-                n_kv_heads=kv,
-                ffn_hidden=f,
-                max_seq_len=S,
-            )
+            cfg = _tiny_model(d, f, kv, layers, S)
             torch.manual_seed(0)
             model = cfg.build()
             apply_activation_checkpointing(model, mode)
             ids = torch.randint(0, 64, (B, S))
             measured.append(_saved_bytes(lambda m=model, x=ids: m(x, return_hidden=True))[0])
         per_layer = (measured[1] - measured[0]) / 2
-        one = ModelConfig(
-            vocab_size=64, d_model=d, n_layers=1, n_heads=4, n_kv_heads=kv, ffn_hidden=f
-        )
+        one = _tiny_model(d, f, kv, 1, S)
         want = activation_bytes(one, MoEConfig(), B * S, mode, 4, fp32_norms=False, peak=False)
         assert per_layer == pytest.approx(want, rel=0.1), (d, f, kv)
 
@@ -119,7 +123,6 @@ def test_gpu_check_step_is_planned_within_60_gib(capsys):
 
 
 def test_moe_activation_estimate_matches_the_saved_tensors_measured():
-    from mm_moe.model.config import ModelConfig
     from mm_moe.model.moe.config import MoEConfig
     from mm_moe.plan_memory import activation_bytes
     from tests.unit.test_memory import _saved_bytes
@@ -132,15 +135,7 @@ def test_moe_activation_estimate_matches_the_saved_tensors_measured():
     ):
         measured = []
         for layers in (1, 3):
-            cfg = ModelConfig(
-                vocab_size=64,
-                d_model=d,
-                n_layers=layers,
-                n_heads=4,
-                n_kv_heads=2,
-                ffn_hidden=f,
-                max_seq_len=S,
-            )
+            cfg = _tiny_model(d, f, 2, layers, S)
             torch.manual_seed(0)
             model = cfg.build(moe)
             ids, mods = torch.randint(0, 64, (B, S)), (torch.rand(B, S) < 0.5).long()

@@ -89,3 +89,46 @@ def test_pinned_only_when_asked():
     batches = Prefetcher(_loader(), pin_memory=False).next()
     assert not batches[0].input_ids_BS.is_pinned()
     assert batches[0].profile is not None  # host-side counts travel with the batch
+
+
+def test_the_trainers_step_loop_overlaps_loading_with_the_step(tmp_path, monkeypatch):
+    """Trainer.fit as built by build_training: a loader slowed to `load_s` per step and a step
+    of `step_s` take about max(step_s, load_s) per step, not their sum."""
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.trainer import trainer as trainer_mod
+    from mm_moe.trainer.build import build_training
+
+    steps, load_s, step_s = 6, 0.2, 0.2
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
+            "data": {"seq_len": 16},
+            "trainer": {"global_batch_size": 2, "max_steps": steps, "run_dir": str(tmp_path)},
+            "checkpoint": {"interval": 0},
+            "eval": {"interval": 0},
+            "logging": {"wandb": {"mode": "disabled"}},
+        },
+    )
+    training = build_training(cfg)
+    assert isinstance(training.loader, Prefetcher) and training.loader.threaded
+    inner = training.loader.loader
+    real_next = inner.next
+
+    def slow_next():
+        time.sleep(load_s)
+        return real_next()
+
+    def step(engine, batches, *args, **kwargs):
+        time.sleep(step_s)  # the GPU's share: the host is free meanwhile
+        stats = {"loss": 1.0, "loss_text": 1.0, "loss_image": 1.0, "grad_norm": 0.0}
+        return {**stats, "tokens_loss": 1, "tokens_text": 1, "tokens_image": 0}
+
+    monkeypatch.setattr(inner, "next", slow_next)
+    monkeypatch.setattr(trainer_mod, "train_step", step)
+    t0 = time.perf_counter()
+    history = trainer_mod.Trainer(training, hooks=[]).fit()
+    elapsed = time.perf_counter() - t0
+    assert len(history) == steps
+    assert elapsed < steps * (load_s + step_s) * 0.75, elapsed  # not the sum
+    assert elapsed > steps * max(load_s, step_s)

@@ -16,7 +16,7 @@ from torch import nn
 
 from mm_moe.parallel import full_state
 from mm_moe.parallel.adam_state import step_on_device
-from mm_moe.trainer.optim import OptimConfig
+from mm_moe.trainer.config import OptimConfig
 
 
 def _engine(fused: bool):
@@ -60,6 +60,15 @@ def test_main_optimizer_state_on_the_parameters_device(fused):
     saved = full_state.gather_optimizer(engine)
     _to(engine.module, "meta")  # the same Parameter objects, on another device
     full_state.load_optimizer(engine, saved)
+    _check_layout(engine.optimizer)
+
+
+def test_state_handed_back_by_name_lies_on_the_parameters_device():
+    """The checkpoint's way in: `load_local_state` with `local_state`'s dict."""
+    engine = _engine(fused=True)
+    saved = full_state.local_state(engine)
+    _to(engine.module, "meta")
+    full_state.load_local_state(engine, saved)
     _check_layout(engine.optimizer)
 
 

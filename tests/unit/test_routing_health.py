@@ -16,9 +16,8 @@ from mm_moe.model.moe import router
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.health import routing_health
 from mm_moe.model.moe.layer import MoELayer
+from mm_moe.trainer.config import OptimConfig, RoutingWarningConfig
 from mm_moe.trainer.hooks import RouterNoiseHook, RoutingHealthHook
-from mm_moe.trainer.logging_config import RoutingWarningConfig
-from mm_moe.trainer.optim import OptimConfig
 
 D = 32
 MOMA = MoEConfig(experts_per_modality={"text": 4, "image": 4})
@@ -209,17 +208,41 @@ def test_router_noise_anneals_linearly_to_zero():
     assert noisy_free == clean and noisy != clean
 
 
-def test_health_statistics_are_computed_on_logged_steps_only():
-    from mm_moe.trainer.hooks import HealthStatsHook
+def test_statistics_are_computed_on_logged_steps_only(tmp_path):
+    """Trainer.fit as built by build_training (its default hooks): the routing statistics
+    (expert loads) and the health statistics (moe.health_stats) are in the forwards of the
+    logged steps only, every trainer.log_interval and the last."""
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.trainer.build import build_training
+    from mm_moe.trainer.trainer import Trainer
 
-    layer = _layer()
-    cfg = SimpleNamespace(trainer=SimpleNamespace(log_interval=3, max_steps=7))
-    training = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(module=layer), start_step=0)
-    trainer = SimpleNamespace(training=training)
-    hook = HealthStatsHook()
-    hook.before_fit(trainer)
-    computed = []
-    for step in range(1, 8):
-        computed.append(any(k.endswith("/jaccard") for k in _forward(layer)))
-        hook.after_step(trainer, step, {})
-    assert computed == [False, False, True, False, False, True, True]  # 3, 6 and the last
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
+            "moe": {"experts_per_modality": {"text": 2, "image": 2}, "health_stats": True},
+            "data": {"seq_len": 16},
+            "trainer": {
+                "global_batch_size": 2,
+                "max_steps": 7,
+                "log_interval": 3,
+                "run_dir": str(tmp_path),
+            },
+            "checkpoint": {"interval": 0},
+            "eval": {"interval": 0},
+            "logging": {"wandb": {"mode": "disabled"}},
+        },
+    )
+    training = build_training(cfg)
+    computed = []  # per training forward: (loads, health statistics)
+
+    def record(module, args, kwargs, out):
+        if module.training:
+            keys = out.stats.keys()
+            loads = any(k.endswith("/load") for k in keys)
+            computed.append((loads, any(k.endswith("/jaccard") for k in keys)))
+
+    training.engine.module.register_forward_hook(record, with_kwargs=True)
+    history = Trainer(training).fit()
+    assert len(history) == len(computed) == 7  # one forward per step
+    assert computed == [(s in (3, 6, 7),) * 2 for s in range(1, 8)], computed

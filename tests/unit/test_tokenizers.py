@@ -71,7 +71,7 @@ def test_tokenizer_config_needs_a_path():
 @pytest.fixture(scope="module")
 def trained_vq(tmp_path_factory):
     from data_pipelines.demo_corpus import mnist
-    from mm_moe.tokenization.vq.model import VQConfig
+    from mm_moe.tokenization.config import VQConfig
     from mm_moe.tokenization.vq.tokenizer import save
     from mm_moe.tokenization.vq.train import evaluate, images_to_tensor, train_vq
 

@@ -75,9 +75,9 @@ def multimodal(run_dir: Path, seed: int, settings: dict) -> dict:
     """Zero-shot classification and text->image accuracy of the run's final model."""
     import torch
 
-    from mm_moe.api import load_pretrained
     from mm_moe.eval.config import TextToImageConfig, ZeroShotConfig
     from mm_moe.eval.multimodal import multimodal_evals
+    from mm_moe.eval.pretrained import load_pretrained
 
     model = load_pretrained(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     cfg = model.train_config

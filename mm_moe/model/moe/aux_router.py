@@ -57,12 +57,6 @@ class AuxRouter(nn.Module):
             one = torch.ones_like(acc)
             return torch.where(n > 0, acc, one), torch.where(n > 0, base, one)
 
-    @staticmethod
-    def loss_and_accuracy(logits_TO: torch.Tensor, selected_TO: torch.Tensor, mask=None):
-        """BCE loss, accuracy and its baseline (see `accuracy`)."""
-        acc, baseline = AuxRouter.accuracy(logits_TO, selected_TO, mask)
-        return AuxRouter.loss(logits_TO, selected_TO, mask), acc, baseline
-
 
 def batched_logits(routers: list[AuxRouter], x_Td: torch.Tensor) -> torch.Tensor:
     """The logits of several auxiliary routers on the same tokens, side by side

@@ -22,7 +22,7 @@ def update_expert_biases(model: nn.Module, all_reduce_sum: Callable[[torch.Tenso
             off = layer.offsets[group.name]
             n = group.num_experts
             group_load = load_E[off : off + n]
-            if group_load.sum() > 0:
-                error = group_load.mean() - group_load  # > 0: under-loaded, raise its bias
-                layer.expert_bias[off : off + n] += layer.cfg.bias_update_rate * error.sign()
+            # A group that saw no token has zero error (sign 0): no host-side test needed.
+            error = group_load.mean() - group_load  # > 0: under-loaded, raise its bias
+            layer.expert_bias[off : off + n] += layer.cfg.bias_update_rate * error.sign()
         layer.load_accum.zero_()

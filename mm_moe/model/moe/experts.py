@@ -5,6 +5,7 @@ Shape legend: E experts, d width, h expert hidden, N rows sorted by expert.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_moe.errors import UserError
+from mm_moe.utils.host_to_device import host_to_device
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -81,18 +83,26 @@ def _grouped_mm(x_Nd: torch.Tensor, w_Edh: torch.Tensor, counts_E=None, offs_E=N
     return _ContiguousGrad.apply(torch._grouped_mm(x_Nd, w_Edh, offs=offs_E))
 
 
-def _host_to_device(values: list[int], device: torch.device, dtype) -> torch.Tensor:
-    """A small tensor from host numbers; on CUDA through pinned memory, non-blocking (a copy
-    from pageable memory would make the host wait for the GPU)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+def _gemm(a_Emk: torch.Tensor, b_Ekn: torch.Tensor, out: torch.Tensor, add: bool = False):
+    """out (+)= a @ b per expert into `out` ([E, m, n] views): a batched GEMM, a plain one for
+    a span of one expert (the loop path: one BLAS call per expert, and the GEMM that FLOP
+    counters see as expert compute)."""
+    if a_Emk.shape[0] == 1:
+        a_Emk, b_Ekn, out = a_Emk[0], b_Ekn[0], out[0]
+        return torch.addmm(out, a_Emk, b_Ekn, out=out) if add else torch.mm(a_Emk, b_Ekn, out=out)
+    if add:
+        return torch.baddbmm(out, a_Emk, b_Ekn, out=out)
+    return torch.bmm(a_Emk, b_Ekn, out=out)
 
 
-class _LoopedSwiGLU(torch.autograd.Function):
-    """Experts as a loop of GEMMs over contiguous row blocks, written into preallocated
-    buffers (no split/cat in the autograd graph), with a hand-written backward.
+class _SwiGLUSpans(torch.autograd.Function):
+    """Experts over rows sorted by expert, in spans (first expert, experts, first row, rows
+    per expert): per span one batched GEMM each way over [E, C, d] views of the rows
+    (expert choice: a group's experts take C rows each; the loop path: spans of one expert),
+    written into preallocated buffers (no split/cat in the autograd graph, the expert
+    weights' gradients written in place), with a hand-written backward.
 
-    Only the GEMMs loop over experts: the SwiGLU elementwise work runs once over all rows, so
+    Only the GEMMs loop over spans: the SwiGLU elementwise work runs once over all rows, so
     many small experts cost no more elementwise passes than one big one, and the backward
     makes three (two products and the fused silu derivative, reusing the forward's silu) where
     the naive chain rule makes about ten. Gate and up projections are separate GEMMs (reading
@@ -102,22 +112,23 @@ class _LoopedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_Nd, w_gate_up_Ed2h, w_down_Ehd, bounds):
-        N, h = x_Nd.shape[0], w_down_Ehd.shape[1]
+    def forward(ctx, x_Nd, w_gate_up_Ed2h, w_down_Ehd, runs):
+        N, h, d = x_Nd.shape[0], w_down_Ehd.shape[1], w_down_Ehd.shape[2]
         g_Nh, u_Nh = x_Nd.new_empty(2, N, h).unbind(0)
         w_gate_Edh, w_up_Edh = w_gate_up_Ed2h[:, :, :h], w_gate_up_Ed2h[:, :, h:]
-        for e, (lo, hi) in enumerate(bounds):
-            if hi > lo:
-                torch.mm(x_Nd[lo:hi], w_gate_Edh[e], out=g_Nh[lo:hi])
-                torch.mm(x_Nd[lo:hi], w_up_Edh[e], out=u_Nh[lo:hi])
+        view = lambda t, e0, E, n0, C: t[n0 : n0 + E * C].view(E, C, t.shape[1])
+        for e0, E, n0, C in (span for span in runs if span[3]):
+            x_ECd = view(x_Nd, e0, E, n0, C)
+            _gemm(x_ECd, w_gate_Edh[e0 : e0 + E], out=view(g_Nh, e0, E, n0, C))
+            _gemm(x_ECd, w_up_Edh[e0 : e0 + E], out=view(u_Nh, e0, E, n0, C))
         silu_Nh = F.silu(g_Nh)
         a_Nh = silu_Nh * u_Nh
-        out_Nd = x_Nd.new_empty(N, w_down_Ehd.shape[2])
-        for e, (lo, hi) in enumerate(bounds):
-            if hi > lo:
-                torch.mm(a_Nh[lo:hi], w_down_Ehd[e], out=out_Nd[lo:hi])
+        out_Nd = x_Nd.new_empty(N, d)
+        for e0, E, n0, C in (span for span in runs if span[3]):
+            a_ECh = view(a_Nh, e0, E, n0, C)
+            _gemm(a_ECh, w_down_Ehd[e0 : e0 + E], out=view(out_Nd, e0, E, n0, C))
         ctx.save_for_backward(x_Nd, w_gate_up_Ed2h, w_down_Ehd, g_Nh, u_Nh, silu_Nh, a_Nh)
-        ctx.bounds = bounds
+        ctx.runs = runs
         return out_Nd
 
     @staticmethod
@@ -129,90 +140,32 @@ class _LoopedSwiGLU(torch.autograd.Function):
         x_Nd, w_gu, w_down, g_Nh, u_Nh, silu_Nh, a_Nh = ctx.saved_tensors
         grad_Nd = grad_Nd.contiguous()
         h = a_Nh.shape[1]
-        grad_gu = torch.empty_like(w_gu)
-        grad_down = torch.empty_like(w_down)
-        grad_a_Nh = a_Nh  # expert e's rows of a are read by its grad_down, then overwritten
-        for e, (lo, hi) in enumerate(ctx.bounds):
-            if hi > lo:
-                torch.mm(a_Nh[lo:hi].t(), grad_Nd[lo:hi], out=grad_down[e])
-                torch.mm(grad_Nd[lo:hi], w_down[e].t(), out=grad_a_Nh[lo:hi])
-            else:  # an expert without rows gets a zero gradient
-                grad_down[e].zero_()
-                grad_gu[e].zero_()
-        grad_u_Nh = silu_Nh.mul_(grad_a_Nh)
-        grad_a_Nh.mul_(u_Nh)
-        # silu_backward reads and writes g at the same positions: an exact elementwise alias.
-        grad_g_Nh = torch.ops.aten.silu_backward.grad_input(grad_a_Nh, g_Nh, grad_input=g_Nh)
-        grad_x = torch.empty_like(x_Nd)
-        for e, (lo, hi) in enumerate(ctx.bounds):
-            if hi > lo:
-                x_t, dg, du = x_Nd[lo:hi].t(), grad_g_Nh[lo:hi], grad_u_Nh[lo:hi]
-                torch.mm(x_t, dg, out=grad_gu[e, :, :h])
-                torch.mm(x_t, du, out=grad_gu[e, :, h:])
-                torch.mm(dg, w_gu[e, :, :h].t(), out=grad_x[lo:hi])
-                torch.addmm(grad_x[lo:hi], du, w_gu[e, :, h:].t(), out=grad_x[lo:hi])
-        return grad_x, grad_gu, grad_down, None
-
-
-class _BatchedSwiGLU(torch.autograd.Function):
-    """Experts whose rows come in runs of equal counts (expert choice: each expert of a group
-    takes C rows): per run one batched GEMM each way over [E, C, d] views of the rows, into
-    preallocated buffers, with the hand-written backward of `_LoopedSwiGLU` (no loop over
-    experts, no split/cat, and the expert weights' gradients written in place, not summed
-    from per-run slices). `runs` holds (first expert, experts, first row, rows per expert).
-    """
-
-    @staticmethod
-    def forward(ctx, x_Nd, w_gate_up_Ed2h, w_down_Ehd, runs):
-        N, h, d = x_Nd.shape[0], w_down_Ehd.shape[1], w_down_Ehd.shape[2]
-        g_Nh, u_Nh = x_Nd.new_empty(2, N, h).unbind(0)
-        w_gate_Edh, w_up_Edh = w_gate_up_Ed2h[:, :, :h], w_gate_up_Ed2h[:, :, h:]
-        view = lambda t, e0, E, n0, C: t[n0 : n0 + E * C].view(E, C, t.shape[1])
-        for e0, E, n0, C in runs:
-            x_ECd = view(x_Nd, e0, E, n0, C)
-            torch.bmm(x_ECd, w_gate_Edh[e0 : e0 + E], out=view(g_Nh, e0, E, n0, C))
-            torch.bmm(x_ECd, w_up_Edh[e0 : e0 + E], out=view(u_Nh, e0, E, n0, C))
-        silu_Nh = F.silu(g_Nh)
-        a_Nh = silu_Nh * u_Nh
-        out_Nd = x_Nd.new_empty(N, d)
-        for e0, E, n0, C in runs:
-            a_ECh = view(a_Nh, e0, E, n0, C)
-            torch.bmm(a_ECh, w_down_Ehd[e0 : e0 + E], out=view(out_Nd, e0, E, n0, C))
-        ctx.save_for_backward(x_Nd, w_gate_up_Ed2h, w_down_Ehd, g_Nh, u_Nh, silu_Nh, a_Nh)
-        ctx.runs = runs
-        return out_Nd
-
-    @staticmethod
-    def backward(ctx, grad_Nd):
-        # Buffers reused in place as in _LoopedSwiGLU.backward (same reasoning).
-        x_Nd, w_gu, w_down, g_Nh, u_Nh, silu_Nh, a_Nh = ctx.saved_tensors
-        grad_Nd = grad_Nd.contiguous()
-        h = a_Nh.shape[1]
         view = lambda t, e0, E, n0, C: t[n0 : n0 + E * C].view(E, C, t.shape[1])
         grad_gu, grad_down = torch.empty_like(w_gu), torch.empty_like(w_down)
         for e0, E, n0, C in ctx.runs:
             if C:
                 a_ECh, grad_ECd = view(a_Nh, e0, E, n0, C), view(grad_Nd, e0, E, n0, C)
-                torch.bmm(a_ECh.transpose(1, 2), grad_ECd, out=grad_down[e0 : e0 + E])
+                _gemm(a_ECh.transpose(1, 2), grad_ECd, out=grad_down[e0 : e0 + E])
                 # a's rows of this run are read just above, then hold its gradient
-                torch.bmm(grad_ECd, w_down[e0 : e0 + E].transpose(1, 2), out=a_ECh)
+                _gemm(grad_ECd, w_down[e0 : e0 + E].transpose(1, 2), out=a_ECh)
             else:  # experts without rows (an empty group) get zero gradients
                 grad_down[e0 : e0 + E].zero_()
                 grad_gu[e0 : e0 + E].zero_()
         grad_a_Nh = a_Nh
         grad_u_Nh = silu_Nh.mul_(grad_a_Nh)
         grad_a_Nh.mul_(u_Nh)
+        # silu_backward reads and writes g at the same positions: an exact elementwise alias.
         grad_g_Nh = torch.ops.aten.silu_backward.grad_input(grad_a_Nh, g_Nh, grad_input=g_Nh)
         grad_x = torch.empty_like(x_Nd)
         for e0, E, n0, C in ctx.runs:
             if C:
                 x_EdC = view(x_Nd, e0, E, n0, C).transpose(1, 2)
                 dg, du = view(grad_g_Nh, e0, E, n0, C), view(grad_u_Nh, e0, E, n0, C)
-                torch.bmm(x_EdC, dg, out=grad_gu[e0 : e0 + E, :, :h])
-                torch.bmm(x_EdC, du, out=grad_gu[e0 : e0 + E, :, h:])
+                _gemm(x_EdC, dg, out=grad_gu[e0 : e0 + E, :, :h])
+                _gemm(x_EdC, du, out=grad_gu[e0 : e0 + E, :, h:])
                 dx = view(grad_x, e0, E, n0, C)
-                torch.bmm(dg, w_gu[e0 : e0 + E, :, :h].transpose(1, 2), out=dx)
-                dx.baddbmm_(du, w_gu[e0 : e0 + E, :, h:].transpose(1, 2))
+                _gemm(dg, w_gu[e0 : e0 + E, :, :h].transpose(1, 2), out=dx)
+                _gemm(du, w_gu[e0 : e0 + E, :, h:].transpose(1, 2), out=dx, add=True)
         return grad_x, grad_gu, grad_down, None
 
 
@@ -267,7 +220,7 @@ class GroupedExperts(nn.Module):
                 for _ in range(E):
                     total += C
                     ends.append(total)
-            offs_E = _host_to_device(ends, x_Nd.device, torch.int32)
+            offs_E = host_to_device(ends, x_Nd.device, torch.int32)
             gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, offs_E=offs_E).chunk(2, dim=1)
             return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, offs_E=offs_E)
         spans: list[tuple[int, int, int, int]] = []
@@ -280,7 +233,7 @@ class GroupedExperts(nn.Module):
                 spans.append((e0, E, n0, C))
             e0, n0 = e0 + E, n0 + E * C
         assert e0 == self.num_experts and n0 == len(x_Nd), (runs, self.num_experts, len(x_Nd))
-        return _BatchedSwiGLU.apply(x_Nd, self.w_gate_up, self.w_down, tuple(spans))
+        return _SwiGLUSpans.apply(x_Nd, self.w_gate_up, self.w_down, tuple(spans))
 
     def forward(self, x_Nd: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         path, _ = self.path(x_Nd.device, x_Nd.dtype)
@@ -298,9 +251,10 @@ class GroupedExperts(nn.Module):
         )
         if padded and max_count > 0:
             return _padded_swiglu(x_Nd, self.w_gate_up, self.w_down, counts_E, max_count)
-        ends = torch.cumsum(counts_E, 0).tolist()
-        bounds = list(zip([0, *ends[:-1]], ends))
-        return _LoopedSwiGLU.apply(x_Nd, self.w_gate_up, self.w_down, bounds)
+        # The loop: a span of one expert per expert (no padding, one GEMM each way per expert).
+        starts = [0, *itertools.accumulate(counts)]
+        spans = tuple((e, 1, starts[e], C) for e, C in enumerate(counts))
+        return _SwiGLUSpans.apply(x_Nd, self.w_gate_up, self.w_down, spans)
 
 
 def gemm_paths(model: nn.Module, device: torch.device) -> dict[str, str]:

@@ -6,12 +6,14 @@ Shape legend: B images, C channels, H W image size, h w latent grid, D code dim,
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm_moe.tokenization.config import VQConfig
+if TYPE_CHECKING:  # annotations only: the config's one import path is its config.py
+    from mm_moe.tokenization.config import VQConfig
 
 
 class ResBlock(nn.Module):

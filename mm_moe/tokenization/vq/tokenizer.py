@@ -17,8 +17,9 @@ import yaml
 from PIL import Image
 
 from mm_moe.errors import UserError
+from mm_moe.tokenization.config import VQConfig
 from mm_moe.tokenization.image_preprocess import preprocess
-from mm_moe.tokenization.vq.model import VQVAE, VQConfig
+from mm_moe.tokenization.vq.model import VQVAE
 
 WEIGHTS, CONFIG, METRICS = "vq.pt", "vq.yaml", "metrics.json"
 

@@ -8,7 +8,8 @@ import math
 import torch
 from PIL import Image
 
-from mm_moe.tokenization.vq.model import VQVAE, VQConfig, psnr
+from mm_moe.tokenization.config import VQConfig
+from mm_moe.tokenization.vq.model import VQVAE, psnr
 from mm_moe.tokenization.vq.tokenizer import image_to_tensor
 
 log = logging.getLogger("mm_moe")

@@ -1,0 +1,80 @@
+"""Loading a trained model and its tokenizers: the implementation of the public
+`mm_moe.load_pretrained` and `mm_moe.load_tokenizers` (mm_moe/api.py), for library packages
+(eval, upcycle) that must not import the top-level API."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+log = logging.getLogger("mm_moe")
+
+
+def load_pretrained(
+    path: str | Path, device: str | torch.device = "cpu", tokenizer: dict | None = None
+):
+    """A trained model from a checkpoint (step, checkpoint or run directory, or an upcycled
+    checkpoint), in eval mode (causal auxiliary routers for expert choice and
+    mixture-of-depths), with its training config attached as `model.train_config`.
+
+    `tokenizer` overrides keys of the checkpoint's tokenizer config, e.g. {"path": folder}
+    where its tokenizer has moved, {"allow_changed": True} to use one whose files changed
+    since the checkpoint was made (refused otherwise: tokenization/digest.py)."""
+    from mm_moe.checkpoint.pretrained import find_step_dir, load_weights
+
+    step_dir = find_step_dir(path)
+    cfg = _train_config(step_dir, tokenizer)
+    model = cfg.model.build(cfg.moe)
+    load_weights(step_dir, model)
+    model.train_config = cfg
+    vocab = _vocab(step_dir, cfg)
+    if vocab is not None:
+        model.set_vocab(vocab)  # modality ids derived from input ids when not given
+    return model.to(device).eval()
+
+
+def _vocab(step_dir: Path, cfg):
+    """The vocabulary the checkpoint recorded; else the one its config's data builds."""
+    from mm_moe.checkpoint.layout import VOCAB
+    from mm_moe.errors import UserError
+    from mm_moe.tokenization.vocab import Vocab
+
+    if (step_dir / VOCAB).is_file():
+        return Vocab.load(step_dir / VOCAB)
+    try:
+        return cfg.data.vocab(cfg.tokenizer)
+    except (UserError, OSError) as exc:  # tokenizer artifacts moved: modality all text
+        log.warning("%s: no vocabulary (%s); modality ids default to text", step_dir, exc)
+        return None
+
+
+def load_tokenizers(path: str | Path, tokenizer: dict | None = None):
+    """The text and image tokenizers and the vocabulary of a run, checkpoint or upcycled
+    model: `.text_ids(text)`, `.image_token_ids(image)` (vocabulary ids, raster order, without
+    begin/end-of-image), `.vocab`. `tokenizer` as in `load_pretrained`."""
+    from mm_moe.checkpoint.pretrained import find_step_dir
+
+    return _train_config(find_step_dir(path), tokenizer).tokenizer.build()
+
+
+def _train_config(step_dir: Path, tokenizer: dict | None):
+    """The checkpoint's training config, its tokenizer keys overridden by `tokenizer`, and
+    that tokenizer checked against the digest the checkpoint recorded."""
+    from mm_moe.checkpoint.layout import read_meta
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.config.legacy import upgrade_saved_config
+    from mm_moe.config.validate import to_dict
+    from mm_moe.tokenization.config import TokenizerConfig
+    from mm_moe.tokenization.digest import check
+
+    saved = yaml.safe_load((step_dir / "config.yaml").read_text())
+    cfg = from_dict(TrainConfig, upgrade_saved_config(saved))
+    if tokenizer:
+        merged = {**to_dict(cfg.tokenizer), **tokenizer}
+        cfg.tokenizer = from_dict(TokenizerConfig, merged, "tokenizer")
+    recorded = read_meta(step_dir).get("tokenizer_digest")
+    check(recorded, cfg.tokenizer, f"checkpoint {step_dir}")
+    return cfg
