@@ -53,11 +53,13 @@ def test_eval_during_training_expert_parallel_and_flops_resume(tmp_path):
     for key in ("eval/loss_text", "eval/loss_image", "eval/tokens_text", "eval/tokens_image"):
         assert rows[4][key] == pytest.approx(want[key], rel=1e-5), key
     assert "eval/loss_text" not in rows[1] and "eval/loss_text" not in rows[3]
-    # cumulative FLOPs: loss-bearing tokens of each modality x that step's FLOPs per token
-    # (with the expert-choice pairs the step computed), summed
-    for m in ("text", "image"):
-        total = sum(rows[s][f"tokens_{m}"] * rows[s][f"flops_per_token_{m}"] for s in rows)
-        assert rows[4][f"flops_cumulative_{m}"] == pytest.approx(total)
+    # cumulative FLOPs: each step's FLOPs (its batch's non-padding tokens of each modality x
+    # that step's FLOPs per token, with the expert-choice pairs the step computed), summed
+    assert sorted(rows) == [1, 2, 3, 4]
+    total = sum(rows[s]["flops_step"] for s in rows)
+    assert rows[4]["flops_cumulative"] == pytest.approx(total)
+    per_modality = sum(rows[4][f"flops_cumulative_{m}"] for m in ("text", "image"))
+    assert per_modality == pytest.approx(total)
 
     # stop after step 2, resume to 4: the same FLOPs count and held-out losses
     train(part, *EVAL, "trainer.max_steps=2", nproc=2)

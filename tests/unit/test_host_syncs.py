@@ -7,6 +7,7 @@ ForwardContext's TokenIndex), none per layer; the routing statistics fetched in 
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -170,9 +171,12 @@ def real_training(tmp_path_factory):
         "eval": {"interval": 0},
         "logging": {"wandb": {"mode": "disabled"}},
     }
+    saved_env = dict(os.environ)  # build_training sets RANK, MASTER_PORT, ... in-process
     training = build_training(from_dict(TrainConfig, cfg))
     yield training
     training.loader.close()
+    os.environ.clear()
+    os.environ.update(saved_env)
 
 
 @pytest.mark.parametrize("statistics", [False, True])

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import _DIST_VARS
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "launch").glob("*.sh")) + sorted((REPO / "launch").glob("*.sbatch"))
 
@@ -54,7 +56,8 @@ def test_slurm_task_environment_maps_to_torch_distributed():
 def test_torchrun_launcher_gives_workers_time_to_checkpoint_after_sigterm():
     import os
 
-    env = {**os.environ, "DRY_RUN": "1", "PYTHON_BIN": sys.executable, "NPROC_PER_NODE": "2"}
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update(DRY_RUN="1", PYTHON_BIN=sys.executable, NPROC_PER_NODE="2")
     run = lambda **extra: (
         subprocess.run(
             ["bash", str(REPO / "launch" / "torchrun.sh"), "experiment=tiny_dense"],

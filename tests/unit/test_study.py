@@ -46,6 +46,23 @@ def test_config_digest_is_the_one_finished_runs_were_named_by():
     assert config_digest(cfg, []) != "1195206f"
 
 
+def test_todays_schema_digests_the_dense_run_as_before():
+    """Composed with today's schema (keys added since, peak_flops renamed), the dense seed-0
+    run of the demo-corpus study keeps the digest its finished run was named by."""
+    from dataclasses import asdict
+
+    from mm_moe.cli import compose
+
+    args = _args("--corpus=demo")
+    planner = Planner(args, None, corpus_for(args, REPO, "python"))
+    composed = asdict(compose(planner.overrides("dense", 0, args.steps, Path("RUN"))))
+    assert config_digest(composed, []) == "1195206f"
+    composed = asdict(compose(planner.overrides("dense", 0, args.steps, Path("RUN"))))
+    composed["trainer"]["activation_checkpointing"] = "full"
+    composed["tokenizer"]["allow_changed"] = True
+    assert config_digest(composed, []) != "1195206f"
+
+
 def test_demo_corpus_overrides_are_the_ones_before_the_option():
     args = _args("--corpus=demo")
     planner = Planner(args, None, corpus_for(args, REPO, "python"))

@@ -177,8 +177,29 @@ def config_digest(cfg: dict, built: list[str]) -> str:
     # from the per-tensor loop only in rounding (runs from before these keys still count).
     cfg["data"].pop("image_cache_size", None)
     cfg["optim"].pop("fused", None)
+    _as_first_digested(cfg)
     text = [json.dumps(cfg, sort_keys=True, default=str), *built]
     return hashlib.sha1("\n".join(text).encode()).hexdigest()[:8]
+
+
+# Keys added after the study's first runs, at values that train what those runs trained: left
+# out of the digest, so that finished runs keep their names (another value is another run).
+ADDED_AT_NO_EFFECT = {
+    ("trainer", "activation_checkpointing"): "none",  # recomputes; the same numbers
+    ("trainer", "grad_accum_dtype"): "auto",  # the behaviour before the key
+    ("trainer", "profile"): "",  # a trace file only
+    ("tokenizer", "allow_changed"): False,  # a check, not the data
+}
+
+
+def _as_first_digested(cfg: dict) -> None:
+    """The config in the keys the study's first runs were digested with."""
+    for (section, key), value in ADDED_AT_NO_EFFECT.items():
+        if cfg.get(section, {}).get(key, value) == value:
+            cfg.get(section, {}).pop(key, None)
+    trainer = cfg.get("trainer", {})
+    if "peak_tflops" in trainer:  # trainer.peak_flops (FLOP/s) before: MFU only
+        trainer["peak_flops"] = float(trainer.pop("peak_tflops")) * 1e12
 
 
 class Planner:
