@@ -30,7 +30,7 @@ from mm_moe.model.moe.balance import update_expert_biases
 from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.checkpointing import backward_group
 from mm_moe.parallel.deepspeed_fixes import last_grad_norm, local_grads_finite, skip_optimizer_step
-from mm_moe.parallel.distributed import all_reduce_sum, all_reduce_sum_to_host, flatten_fp64
+from mm_moe.parallel.distributed import all_reduce_sum, flatten_fp64
 from mm_moe.parallel.parallelize import unsharded_grad_norm
 
 
@@ -272,10 +272,3 @@ def _means(host: dict[str, list[float]], shapes: dict, count: int) -> dict[str, 
         else:
             out.update({f"{name}_e{e}": v / count for e, v in enumerate(values)})
     return out
-
-
-def _mean_stats(stat_sums: dict[str, torch.Tensor], count: int, device) -> dict[str, float]:
-    """`_means` of statistics still on the device: one all-reduce and one device-to-host copy
-    for all (train_step joins them to its boundary's all-reduce and copy instead)."""
-    host = all_reduce_sum_to_host(stat_sums, device)
-    return _means(host, {name: value.shape for name, value in stat_sums.items()}, count)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from mm_moe.model.config import MoDConfig, ModelConfig
 from mm_moe.model.moe.config import MoEConfig
-from mm_moe.trainer.step import _mean_stats, _Sums
+from mm_moe.parallel.distributed import all_reduce_sum_to_host
+from mm_moe.trainer.step import _means, _Sums
 from mm_moe.utils.host_syncs import HostSyncCounter
 from tests.unit.test_moe_layer import MOMA_TC as MOMA_TC_BASE
 
@@ -77,7 +78,9 @@ def _fetch(stats):
     sums = _Sums(torch.device("cpu"))
     for name, value in stats.items():
         sums.add_stat(name, value)
-    return _mean_stats(sums.stats, 1, torch.device("cpu"))
+    # What train_step does with them at its boundary: one all-reduce, one copy, host means.
+    host = all_reduce_sum_to_host(sums.stats, torch.device("cpu"))
+    return _means(host, {name: value.shape for name, value in sums.stats.items()}, 1)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
