@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     jobs = "runs trained at once (their step times then share the machine)"
     p.add_argument("--jobs", type=int, default=1, help=jobs)
     p.add_argument("--override", action="append", default=[], help="Hydra override, all runs")
+    moe_only = "Hydra override, runs with experts only (dense and MoT keep theirs: one dense run)"
+    p.add_argument("--moe-override", action="append", default=[], help=moe_only)
     p.add_argument("--tiny", action="store_true", help="tiny shapes (smoke tests)")
     fresh = "retrain runs that a finished run with the same overrides could stand for"
     p.add_argument("--fresh", action="store_true", help=fresh)

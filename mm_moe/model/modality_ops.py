@@ -27,6 +27,23 @@ class TokenIndex:
         self.modality_ids_BS, self.valid_BS = modality_ids_BS, valid_BS
         self.num_modalities = num_modalities
         self._done = False
+        # Expert parallelism (set from outside, `share_sizes`): the sizes of every process
+        # that exchanges tokens with this one, gathered before the one host sync.
+        self._gather = None
+        self._peer = 0
+        self._peer_valid: list[list[int]] | None = None
+
+    def share_sizes(self, gather, peer: int) -> None:
+        """Every peer's group sizes (`peer_sizes`), by `gather`: a collective that maps this
+        process's [K] int64 sizes to every peer's [peers, K] (all-gather), and this process's
+        row in it. Every peer must ask in the same forwards. Before the first use, the
+        gathered sizes come in the forward's one host sync; after it, in one more."""
+        if self._gather is not None:
+            return
+        self._gather, self._peer = gather, peer
+        if self._done:  # computed already (MoT's rows): the sizes the host has, gathered
+            valid = torch.tensor(self.valid_M, device=self.modality_ids_BS.device)
+            self._peer_valid = gather(valid).tolist()
 
     def compute(self) -> None:
         """Now (before compiled code that must not break on the sync); idempotent."""
@@ -46,8 +63,14 @@ class TokenIndex:
         self.valid_first_T = torch.argsort((~valid_T).to(torch.int8), stable=True)
         all_M = modality_T.new_zeros(M).scatter_add_(0, modality_T, ones_T)
         valid_M = modality_T.new_zeros(M + 1).scatter_add_(0, group_key_T, ones_T)
-        sizes = torch.cat([all_M, valid_M]).tolist()  # the forward's one host sync
-        self.all_M, self.valid_M = sizes[:M], sizes[M : 2 * M]
+        sizes_K = torch.cat([valid_M[:M], all_M])
+        if self._gather is None:
+            sizes = sizes_K.tolist()  # the forward's one host sync
+        else:
+            peers = self._gather(sizes_K).tolist()  # the same one sync, every peer's sizes
+            self._peer_valid = [row[:M] for row in peers]
+            sizes = peers[self._peer]
+        self.valid_M, self.all_M = sizes[:M], sizes[M:]
         self.starts_M = [sum(self.valid_M[:m]) for m in range(M)]
         self._rows_M = tuple(self.by_modality_T.split(self.all_M))
         self._done = True
@@ -57,6 +80,13 @@ class TokenIndex:
         """Per modality, the positions of its tokens (padding included)."""
         self.compute()
         return self._rows_M
+
+    def peer_sizes(self, modalities: tuple[int, ...]) -> list[int]:
+        """The valid tokens of these modalities (one, or all) on each peer (`share_sizes`),
+        in peer order; without peers, this process's alone."""
+        self.compute()
+        peers = self._peer_valid if self._peer_valid is not None else [self.valid_M]
+        return [sum(valid_M[m] for m in modalities) for valid_M in peers]
 
     def group(self, modalities: tuple[int, ...]) -> tuple[torch.Tensor, int]:
         """(positions, count) of the valid tokens of these modalities (one, or all)."""

@@ -72,7 +72,55 @@ class AllToAllDispatcher:
         self.ep_size = placement.ep_size
         self.num_local = placement.experts_per_rank
         self.slot_of_expert = placement.slot_of_expert().to(device)
+        self.rank = dist.get_rank(group)
         self.timer = CommTimer()
+
+    def _gather_sizes(self, sizes_K: torch.Tensor) -> torch.Tensor:
+        """[R, K]: every EP rank's group sizes (a collective, no host sync of its own)."""
+        out_RK = sizes_K.new_empty((self.ep_size * sizes_K.numel(),))
+        dist.all_gather_single(out_RK, sizes_K.contiguous(), group=self.group)
+        return out_RK.view(self.ep_size, -1)
+
+    def prepare(self, tokens) -> None:
+        """Before the forward first reads its group sizes: have them gathered from every EP
+        rank in the same host sync, so that expert choice knows every rank's capacities (the
+        splits of its all-to-all) without a count exchange per layer."""
+        tokens.share_sizes(self._gather_sizes, self.rank)
+
+    def runs(self, x_Nd: torch.Tensor, runs_R: list[list[tuple[int, int]]], experts):
+        """Expert choice: rows in global expert order, group g's E_g experts taking C rows
+        each, where rank r's C for group g is runs_R[r][g] (every rank knows every rank's:
+        static splits, no count exchange, no host sync). Rows are reordered by views and one
+        cat per direction: to owner rank (each owns a contiguous share of every group),
+        exchanged, regrouped by local expert for the batched GEMMs, and back the same way."""
+        R, me = self.ep_size, self.rank
+        share_G = [E // R for E, _ in runs_R[me]]
+        caps_RG = [[C for _, C in runs] for runs in runs_R]
+        G = len(share_G)
+        # In: per group g, per owner q, the C_g(me) rows of each of q's share_g experts.
+        # Sent: per owner q, per group g.
+        mine = [share_G[g] * caps_RG[me][g] for g in range(G)]
+        pieces_GQ = x_Nd.split([mine[g] for g in range(G) for _ in range(R)])
+        x_send = torch.cat([pieces_GQ[g * R + q] for q in range(R) for g in range(G)])
+        send_splits = [sum(mine)] * R
+        recv_splits = [sum(share_G[g] * caps_RG[r][g] for g in range(G)) for r in range(R)]
+        x_recv = AllToAll.apply(x_send, recv_splits, send_splits, self.group, self.timer)
+        # Received: per source r, per group g, per local expert j, C_g(r) rows. The GEMMs
+        # want them per group g, per local expert j, then per source.
+        recv_keys = [(r, g, j) for r in range(R) for g in range(G) for j in range(share_G[g])]
+        by_expert = sorted(recv_keys, key=lambda key: (key[1], key[2], key[0]))
+        recv_at = {key: i for i, key in enumerate(recv_keys)}
+        expert_at = {key: i for i, key in enumerate(by_expert)}
+        pieces = x_recv.split([caps_RG[r][g] for r, g, _ in recv_keys])
+        x_local = torch.cat([pieces[recv_at[key]] for key in by_expert])
+        local_runs = [(share_G[g], sum(caps_RG[r][g] for r in range(R))) for g in range(G)]
+        y_local = experts.forward_runs(x_local, local_runs)
+        # Back: per source again, the reverse exchange, then global expert order.
+        pieces = y_local.split([caps_RG[r][g] for r, g, _ in by_expert])
+        y_send = torch.cat([pieces[expert_at[key]] for key in recv_keys])
+        y_recv = AllToAll.apply(y_send, send_splits, recv_splits, self.group, self.timer)
+        back_pieces = y_recv.split([mine[g] for q in range(R) for g in range(G)])
+        return torch.cat([back_pieces[q * G + g] for g in range(G) for q in range(R)])
 
     def _exchange_counts(self, send_counts_RL: torch.Tensor) -> torch.Tensor:
         recv_counts_RL = torch.empty_like(send_counts_RL)
@@ -85,8 +133,10 @@ class AllToAllDispatcher:
         send_counts_RL = counts_S.view(R, L)
         # recv_counts_RL[r, l]: rows rank r sends to this rank's local expert l.
         recv_counts_RL = self.timer(self._exchange_counts, send_counts_RL)
-        counts = torch.stack([send_counts_RL.sum(1), recv_counts_RL.sum(1)]).tolist()
-        send_splits, recv_splits = counts
+        # The layer's one host sync: the splits, and the local experts' counts with them.
+        counts = torch.cat([send_counts_RL.sum(1), recv_counts_RL.reshape(-1)]).tolist()
+        send_splits, recv_RL = counts[:R], [counts[R + r * L : R + (r + 1) * L] for r in range(R)]
+        recv_splits = [sum(row) for row in recv_RL]
         x_Md = AllToAll.apply(x_Nd, recv_splits, send_splits, self.group, self.timer)
         # Received rows come grouped by source rank, then local expert: regroup by local
         # expert (stable, so each expert sees rank 0's rows first) for the grouped GEMM.
@@ -95,7 +145,8 @@ class AllToAllDispatcher:
             recv_counts_RL.reshape(-1), output_size=sum(recv_splits)
         )
         order_M = torch.argsort(local_M, stable=True)
-        y_Md = experts(x_Md.index_select(0, order_M), recv_counts_RL.sum(0))
+        local_counts = [sum(col) for col in zip(*recv_RL)]  # known here: no second sync
+        y_Md = experts(x_Md.index_select(0, order_M), recv_counts_RL.sum(0), local_counts)
         inverse_M = torch.empty_like(order_M)
         inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
         y_Md = y_Md.index_select(0, inverse_M)

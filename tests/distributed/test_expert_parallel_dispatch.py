@@ -7,11 +7,13 @@ that get no tokens.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from mm_moe.model.context import ForwardContext
+from mm_moe.model.modality_ops import ModalityRows
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.experts import GroupedExperts
 from mm_moe.model.moe.layer import MoELayer
@@ -113,6 +115,30 @@ def _check_layer(rank: int, world: int, cfg: MoEConfig, rank1: str, device: str 
     for name in ("w_gate_up", "w_down"):
         want = _summed_over_ranks(getattr(ref.experts, name).grad)[ids]
         torch.testing.assert_close(getattr(layer.experts, name).grad, want, **TOL)
+    _check_syncs(layer, x, modality, valid)
+
+
+def _check_syncs(layer, x, modality, valid) -> None:
+    """Two MoE layers of one forward (the layer applied twice to one context), forward and
+    backward, under expert parallelism: expert choice makes the forward's one host sync (the
+    groups' sizes, gathered from every rank) and none per layer; token choice one more per
+    layer (its split sizes, with its experts' counts)."""
+    from mm_moe.utils.host_syncs import HostSyncCounter
+
+    ctx = _ctx(modality, valid)
+    with HostSyncCounter() as syncs:
+        y = layer(layer(x.clone().requires_grad_(), ctx), ctx)
+        y.sum().backward()
+    budget = 1 if layer.cfg.router == "expert_choice" else 1 + 2  # 2 layers
+    assert syncs.total <= budget, (layer.cfg.router, dict(syncs.by_op))
+    if layer.cfg.router == "expert_choice":
+        # MoT's per-modality rows fix the sizes before the first MoE layer: the ranks'
+        # sizes are then gathered in one more sync, for the whole forward, with equal results.
+        mot = replace(_ctx(modality, valid), rows=ModalityRows(modality, split=True), tokens=None)
+        with HostSyncCounter() as syncs:
+            y_mot = layer(layer(x, mot), mot)
+        assert syncs.total <= 2, dict(syncs.by_op)
+        torch.testing.assert_close(y_mot, y.detach(), **TOL)
 
 
 CASES = [

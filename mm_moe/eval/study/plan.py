@@ -49,6 +49,8 @@ ROUTING_MODELS = {
 }
 CPU_MODELS.update(ROUTING_MODELS)
 DEFAULT_MODELS = "dense,mixed8,moma,moma_tc,mot"
+# The models without experts: --moe-override leaves them alone (their runs stay the same run).
+NO_EXPERTS = ("dense", "mot")
 ROUTING = "dense,moma,moma_tc," + ",".join(ROUTING_MODELS)
 # The 1.4B presets (configs/model/*_1.4b.yaml) and their dense equivalent.
 GPU_MODELS = {
@@ -160,6 +162,7 @@ def overrides(args, name: str, seed: int, steps: int, run_dir: Path) -> list[str
         "logging.progress=lines",
         f"trainer.run_dir={run_dir}",
         *args.override,
+        *(getattr(args, "moe_override", []) if name not in NO_EXPERTS else []),
     ]
 
 

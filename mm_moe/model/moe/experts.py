@@ -235,13 +235,17 @@ class GroupedExperts(nn.Module):
         assert e0 == self.num_experts and n0 == len(x_Nd), (runs, self.num_experts, len(x_Nd))
         return _SwiGLUSpans.apply(x_Nd, self.w_gate_up, self.w_down, tuple(spans))
 
-    def forward(self, x_Nd: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_Nd: torch.Tensor, counts_E: torch.Tensor, counts: list[int] | None = None
+    ) -> torch.Tensor:
+        """counts: counts_E as the host already has it (else read: a host sync, unless the
+        grouped GEMM takes them on the device)."""
         path, _ = self.path(x_Nd.device, x_Nd.dtype)
         self.last_path = path
         if path == "grouped_mm":
             gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, counts_E).chunk(2, dim=1)
             return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, counts_E)
-        counts = counts_E.tolist()
+        counts = counts_E.tolist() if counts is None else counts
         max_count = max(counts) if counts else 0
         # On a GPU one batched GEMM beats a launch per expert, unless padding to the busiest
         # expert more than doubles the work; on a CPU the loop is faster (no work on padding,

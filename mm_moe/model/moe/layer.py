@@ -37,9 +37,11 @@ class LocalDispatcher:
     def __call__(self, x_Nd: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts):
         return experts(x_Nd, counts_E)
 
-    def runs(self, x_Nd: torch.Tensor, runs: list[tuple[int, int]], experts: GroupedExperts):
+    def runs(self, x_Nd: torch.Tensor, runs_R: list[list[tuple[int, int]]], experts):
         """Rows already in global expert order, in runs of (experts, rows each) that the host
-        knows (expert choice): no counts tensor needed."""
+        knows (expert choice): no counts tensor needed. runs_R: each peer's runs (here the
+        one process's: `TokenIndex.peer_sizes` without peers)."""
+        (runs,) = runs_R
         return experts.forward_runs(x_Nd, runs)
 
 
@@ -124,6 +126,9 @@ class MoELayer(nn.Module):
         B, S, d = x_BSd.shape
         T = B * S
         x_Td = x_BSd.reshape(T, d)
+        prepare = getattr(self.dispatcher, "prepare", None)
+        if prepare is not None:  # before the groups' sizes are first read (one host sync)
+            prepare(ctx.tokens)
         logits_TE = self._router_logits(x_Td)
         aux_TE = None
         if self.aux_routers:  # expert choice: every group's auxiliary router in one op
@@ -148,7 +153,7 @@ class MoELayer(nn.Module):
                 index = None if whole else group_tokens
                 shared_out_Td = _add_rows(shared_out_Td, shared_Td, index, x_Td)
         if all(r.capacity is not None for r in routings) and hasattr(self.dispatcher, "runs"):
-            out_Td = self._experts_static(x_Td, routings)
+            out_Td = self._experts_static(x_Td, routings, ctx)
         else:
             out_Td = self._experts(
                 x_Td,
@@ -162,14 +167,25 @@ class MoELayer(nn.Module):
             out_Td = out_Td + shared_out_Td
         return out_Td.view(B, S, d)
 
-    def _experts_static(self, x_Td, routings) -> torch.Tensor:
+    def _experts_static(self, x_Td, routings, ctx: ForwardContext) -> torch.Tensor:
         """Expert choice in training: every expert of a group takes C tokens, so the pairs
         arrive sorted by expert with counts the host knows: one gather, batched expert GEMMs
-        over [E, C, d], one scatter-add to combine (no sort, no counts, no host sync)."""
+        over [E, C, d], one scatter-add to combine (no sort, no counts, no host sync). Under
+        expert parallelism every peer's capacities follow from its group sizes, which the
+        forward's TokenIndex gathered: the all-to-all splits need no count exchange."""
         token_idx_N = torch.cat([r.token_idx_N for r in routings])
         gate_N = torch.cat([r.gate_N for r in routings])
         runs = [(g.num_experts, r.capacity) for g, r in zip(self.group_specs, routings)]
-        y_Nd = self.dispatcher.runs(x_Td.index_select(0, token_idx_N), runs, self.experts)
+        sizes_GR = [ctx.tokens.peer_sizes(g.modalities) for g in self.group_specs]
+        runs_R = [
+            [(g.num_experts, gr.capacity(n_R[r])) for g, gr, n_R in zip(
+                self.group_specs, self.group_routers, sizes_GR
+            )]
+            for r in range(len(sizes_GR[0]))
+        ]
+        assert runs in runs_R, (runs, runs_R)  # this process's own capacities among them
+        x_Nd = x_Td.index_select(0, token_idx_N)
+        y_Nd = self.dispatcher.runs(x_Nd, runs_R, self.experts)
         weighted_Nd = y_Nd * gate_N.unsqueeze(1).to(y_Nd.dtype)
         return y_Nd.new_zeros(x_Td.shape).index_add(0, token_idx_N, weighted_Nd)
 
