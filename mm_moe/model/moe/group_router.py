@@ -59,12 +59,12 @@ class GroupRouter:
     def capacity(self, num_tokens: int) -> int:
         """Expert choice in training: the tokens each of the group's experts takes from a
         batch with `num_tokens` of the group's tokens."""
-        cfg = self.cfg
-        return router.expert_capacity(num_tokens, self.group.num_experts, cfg.capacity_factor, cfg.k)
+        E, cfg = self.group.num_experts, self.cfg
+        return router.expert_capacity(num_tokens, E, cfg.capacity_factor, cfg.k)
 
     def _expert_choice(self, layer, aux_logits_TE, scores_TE, select_TE, ctx) -> router.Routing:
         """Top-C per expert in training; the auxiliary routers' causal prediction in eval."""
-        cfg, T, E = self.cfg, scores_TE.shape[0], self.group.num_experts
+        cfg, T = self.cfg, scores_TE.shape[0]
         if layer.training:
             capacity = self.capacity(T)
             normalize = cfg.expert_choice_gate == "normalized"

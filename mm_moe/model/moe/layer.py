@@ -178,9 +178,10 @@ class MoELayer(nn.Module):
         runs = [(g.num_experts, r.capacity) for g, r in zip(self.group_specs, routings)]
         sizes_GR = [ctx.tokens.peer_sizes(g.modalities) for g in self.group_specs]
         runs_R = [
-            [(g.num_experts, gr.capacity(n_R[r])) for g, gr, n_R in zip(
-                self.group_specs, self.group_routers, sizes_GR
-            )]
+            [
+                (g.num_experts, gr.capacity(n_R[r]))
+                for g, gr, n_R in zip(self.group_specs, self.group_routers, sizes_GR)
+            ]
             for r in range(len(sizes_GR[0]))
         ]
         assert runs in runs_R, (runs, runs_R)  # this process's own capacities among them
