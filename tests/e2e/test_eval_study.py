@@ -71,12 +71,7 @@ def test_eval_during_training_expert_parallel_and_flops_resume(tmp_path):
 
 
 def test_study_script_end_to_end(tmp_path, demo_assets):
-    tok_dir, heldout = demo_assets
-    corpus = heldout.parent
-    data = ",".join(
-        f"{{urls:{corpus / name},format:{name},weight:1}}"
-        for name in ("pairs", "interleaved", "text")
-    )
+    tok_dir, _ = demo_assets
     out = tmp_path / "study"
     cmd = [
         sys.executable,
@@ -88,17 +83,21 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
         "--eval-interval=2",
         "--seeds=1",
         "--models=dense,moma",
-        "--corpus=demo",  # the corpus of the overrides below (the study corpus: issue 31)
+        # The study corpus (the default), built by the study at its smallest, pretokenized
+        # with the tokenizers the runs read.
+        f"--corpus-dir={tmp_path / 'corpus'}",
+        "--corpus-pairs=40",
         "--zero-shot=10",
         "--t2i-per-label=1",
         f"--override=eval.text_to_image.cache_dir={tmp_path / 'cache'}",
         "--override=eval.text_to_image.classifier_steps=20",
         f"--override=tokenizer.path={tok_dir}",
-        f"--override=data.sources=[{data}]",
-        f"--override=eval.sources=[{{urls:{heldout},format:pairs,weight:1}}]",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert manifest["pairs"] == 40 and manifest["pretokenized"]
+    assert "Data: the study corpus" in (out / "study.md").read_text()
     table = (out / "study.md").read_text()
     assert "| dense |" in table and "| MoMa 4t4i |" in table
     assert "Routing health" in table and "| MoMa 4t4i | 0." in table  # its health row

@@ -116,17 +116,25 @@ class Corpus:
     ready: Path | None = None  # exists once the corpus is built
 
 
+def tokenizer_dir(args, repo: Path) -> Path:
+    """The tokenizers every run reads: the last `--override tokenizer.path=`, else the
+    demo's (experiment=demo's tokenizer group); the study corpus is pretokenized with them."""
+    paths = [o.split("=", 1)[1] for o in args.override if o.startswith("tokenizer.path=")]
+    return Path(paths[-1]) if paths else repo / "tokenizers" / "demo"
+
+
 def corpus_for(args, repo: Path, python: str) -> Corpus:
     """`demo`: experiment=demo's own data (data/demo), as the study always read it, so its
     run digests are those of earlier studies. `study`: the corpus of
     data_pipelines/build_study_corpus.py in --corpus-dir, where no training image repeats:
     pretokenized pairs (or the pairs, without tokenizers), held out on DIR/heldout."""
-    tokenizer_metrics = repo / "tokenizers" / "demo" / "metrics.json"
+    tokenizers = tokenizer_dir(args, repo)
+    tokenizer_metrics = tokenizers / "metrics.json"
     if args.corpus == "demo":
         return Corpus("demo", [], [repo / "data" / "demo" / "corpus.json", tokenizer_metrics])
     root = Path(args.corpus_dir)
     cmd = [python, str(repo / "data_pipelines" / "build_study_corpus.py"), f"output={root}"]
-    cmd += [f"pairs={args.corpus_pairs}", f"seed={args.corpus_seed}"]
+    cmd += [f"pairs={args.corpus_pairs}", f"seed={args.corpus_seed}", f"tokenizers={tokenizers}"]
     tokens = root / "pairs_tokens"
     pretokenized = tokens.is_dir() and any(tokens.glob("*.tar"))  # written with tokenizers
     train = f"{{urls:{tokens},format:tokens,weight:1}}" if pretokenized else None

@@ -105,10 +105,10 @@ class _SwiGLUSpans(torch.autograd.Function):
     Only the GEMMs loop over spans: the SwiGLU elementwise work runs once over all rows, so
     many small experts cost no more elementwise passes than one big one, and the backward
     makes three (two products and the fused silu derivative, reusing the forward's silu) where
-    the naive chain rule makes about ten. Gate and up projections are separate GEMMs (reading
-    column halves of the stacked weight) into separate buffers: CPU elementwise kernels run
-    about twice as fast on contiguous rows as on the column halves of one [N, 2h] product,
-    and the GEMMs cost the same.
+    the naive chain rule makes about ten. In the forward, gate and up projections are separate
+    GEMMs (reading column halves of the stacked weight) into separate buffers: CPU elementwise
+    kernels run faster on contiguous rows than on the column halves of one [N, 2h] product.
+    In the backward their gradients sit side by side, as the weight's do: one GEMM each way.
     """
 
     @staticmethod
@@ -152,20 +152,19 @@ class _SwiGLUSpans(torch.autograd.Function):
                 grad_down[e0 : e0 + E].zero_()
                 grad_gu[e0 : e0 + E].zero_()
         grad_a_Nh = a_Nh
-        grad_u_Nh = silu_Nh.mul_(grad_a_Nh)
+        # The gate and up gradients side by side, as the stacked weight holds them: one GEMM
+        # each way per span (K = 2h for the input's gradient), and the weight gradient written
+        # whole (BLAS writes into the column halves of [E, d, 2h] several times slower).
+        grad_gu_N2h = x_Nd.new_empty(x_Nd.shape[0], 2 * h)
+        torch.mul(silu_Nh, grad_a_Nh, out=grad_gu_N2h[:, h:])
         grad_a_Nh.mul_(u_Nh)
-        # silu_backward reads and writes g at the same positions: an exact elementwise alias.
-        grad_g_Nh = torch.ops.aten.silu_backward.grad_input(grad_a_Nh, g_Nh, grad_input=g_Nh)
+        torch.ops.aten.silu_backward.grad_input(grad_a_Nh, g_Nh, grad_input=grad_gu_N2h[:, :h])
         grad_x = torch.empty_like(x_Nd)
         for e0, E, n0, C in ctx.runs:
             if C:
-                x_EdC = view(x_Nd, e0, E, n0, C).transpose(1, 2)
-                dg, du = view(grad_g_Nh, e0, E, n0, C), view(grad_u_Nh, e0, E, n0, C)
-                _gemm(x_EdC, dg, out=grad_gu[e0 : e0 + E, :, :h])
-                _gemm(x_EdC, du, out=grad_gu[e0 : e0 + E, :, h:])
-                dx = view(grad_x, e0, E, n0, C)
-                _gemm(dg, w_gu[e0 : e0 + E, :, :h].transpose(1, 2), out=dx)
-                _gemm(du, w_gu[e0 : e0 + E, :, h:].transpose(1, 2), out=dx, add=True)
+                dgu_EC2h = view(grad_gu_N2h, e0, E, n0, C)
+                _gemm(view(x_Nd, e0, E, n0, C).transpose(1, 2), dgu_EC2h, out=grad_gu[e0 : e0 + E])
+                _gemm(dgu_EC2h, w_gu[e0 : e0 + E].transpose(1, 2), out=view(grad_x, e0, E, n0, C))
         return grad_x, grad_gu, grad_down, None
 
 
