@@ -25,7 +25,7 @@ from mm_moe.data.batch import Batch
 from mm_moe.eval.config import EvalConfig
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
 from mm_moe.model.losses import per_token_losses
-from mm_moe.parallel.distributed import all_reduce_sum_dict
+from mm_moe.parallel.distributed import all_reduce_sum_to_host
 
 _SUMS, _COUNT = " sums", " count"  # keys no statistic has
 
@@ -63,7 +63,7 @@ def heldout_batches(
 
 
 @torch.no_grad()
-def _score(model, batches: list[Batch], device) -> tuple[torch.Tensor, dict[str, float]]:
+def _score(model, batches: list[Batch], device) -> tuple[list[float], dict[str, float]]:
     """[2M] summed cross-entropy and token counts per modality over the batches (all ranks),
     and the routing statistics averaged over batches and ranks."""
     sums = torch.zeros(2 * NUM_MODALITIES, dtype=torch.float64, device=device)
@@ -74,22 +74,25 @@ def _score(model, batches: list[Batch], device) -> tuple[torch.Tensor, dict[str,
         ce_BS, _ = per_token_losses(out.logits, b.target_ids_BS, 0.0)
         for m in range(NUM_MODALITIES):
             sel_BS = b.loss_mask_BS & (b.target_modality_ids_BS == m)
-            sums[m] += ce_BS[sel_BS].sum().double()
+            # A weighted sum, not a boolean index (which makes the host wait on a GPU).
+            sums[m] += (ce_BS.double() * sel_BS).sum()
             sums[NUM_MODALITIES + m] += sel_BS.sum()
         for name, value in out.stats.items():
             if value.dim() == 0:
                 stat_sums[name] = stat_sums.get(name, 0.0) + value.to(device, torch.float64)
-    # The batch count rides in the same all-reduce: the sum over ranks is the divisor.
-    totals = all_reduce_sum_dict({**stat_sums, _SUMS: sums, _COUNT: len(batches)}, device)
-    sums, count = totals.pop(_SUMS), totals.pop(_COUNT)
-    return sums, {name: float(v / count) for name, v in totals.items()}
+    # The batch count rides in the same all-reduce (the sum over ranks is the divisor), and
+    # everything comes to the host in one copy.
+    count = torch.full((), len(batches), dtype=torch.float64, device=device)  # no host copy
+    totals = all_reduce_sum_to_host({**stat_sums, _SUMS: sums, _COUNT: count}, device)
+    sums, (count,) = totals.pop(_SUMS), totals.pop(_COUNT)
+    return sums, {name: v / count for name, (v,) in totals.items()}
 
 
-def _per_modality(prefix: str, sums: torch.Tensor) -> dict[str, float]:
+def _per_modality(prefix: str, sums: list[float]) -> dict[str, float]:
     out = {}
     total, count = 0.0, 0.0
     for m, name in enumerate(MODALITIES):
-        s, n = float(sums[m]), float(sums[NUM_MODALITIES + m])
+        s, n = sums[m], sums[NUM_MODALITIES + m]
         total, count = total + s, count + n
         loss = s / n if n else float("nan")
         out[f"{prefix}loss_{name}"] = loss

@@ -204,14 +204,6 @@ def flatten_fp64(values: dict, device: torch.device) -> tuple[torch.Tensor, dict
     return (torch.cat(parts) if len(parts) > 1 else parts[0]), layout
 
 
-def all_reduce_sum_dict(values: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """Each value (a tensor of any shape, or a number) summed over ranks, in one all-reduce
-    of fp64; every rank must hold the same keys (they follow from the config)."""
-    flat, layout = flatten_fp64(values, device)
-    flat = all_reduce_sum(flat) if flat.numel() else flat
-    return {n: flat[o : o + math.prod(shape)].view(shape) for n, (o, shape) in layout.items()}
-
-
 def all_reduce_sum_to_host(values: dict, device: torch.device) -> dict[str, list[float]]:
     """Each value summed over ranks and fetched to the host as a flat list: one all-reduce
     and one device-to-host copy for all of them (sliced on the host). A single process

@@ -303,3 +303,18 @@ def _tiny_mixed_moe(demo_assets):
     torch.manual_seed(0)
     model = TINY.with_vocab(tok.vocab.size).build(MoEConfig(experts_per_modality={"mixed": 2}))
     return tok, model.eval()
+
+
+def test_heldout_eval_of_a_dense_model_makes_one_host_sync():
+    """The sums stay on the device (weighted sums, no boolean indexing per batch) and come to
+    the host in one copy with the statistics: a dense model's held-out eval syncs once per
+    pass (inference routing, then training routing)."""
+    from mm_moe.utils.host_syncs import HostSyncCounter
+
+    batches = _synthetic_batches(num_batches=3)
+    vocab = max(int(b.input_ids_BS.max()) for b in batches) + 1
+    model = TINY.with_vocab(vocab).build(None).train()
+    with HostSyncCounter() as syncs:
+        out = HeldoutEval(batches, torch.device("cpu"))(model)
+    assert syncs.total == 2, dict(syncs.by_op)
+    assert math.isfinite(out["eval/loss_image"]) and math.isfinite(out["eval/loss_text"])
