@@ -106,12 +106,6 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    if dist.world_size == 1 and cfg.parallel.zero_stage == 0:
-        # Nothing to reduce, but DeepSpeed would still flatten every gradient into one
-        # buffer and copy it back at each boundary (a copy of all parameters, experts
-        # included: a tenth of the mid-shape MoMa step on CPU). ZeRO's epilogue runs there
-        # too, so only stage 0 skips it.
-        engine.enable_backward_allreduce = False
     if cfg.trainer.grad_accum_dtype != "auto":
         log.info(
             "gradient accumulation in %s (trainer.grad_accum_dtype): %s",

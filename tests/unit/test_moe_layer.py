@@ -380,7 +380,10 @@ def test_grouped_mm_path_is_guarded_and_runs_where_it_can():
     from mm_moe.model.moe.experts import GroupedExperts, choose_gemm
 
     cpu = torch.device("cpu")
-    assert choose_gemm("auto", cpu, torch.float32, 16, 32)[0] == "loop"
+    # auto on CPU: the grouped kernel in fp32 where rows align, else the loop
+    assert choose_gemm("auto", cpu, torch.float32, 16, 32)[0] == "grouped_mm"
+    assert choose_gemm("auto", cpu, torch.float32, 16, 30)[0] == "loop"
+    assert choose_gemm("auto", cpu, torch.bfloat16, 16, 32)[0] == "loop"
     # forced grouped_mm on CPU runs torch._grouped_mm and equals the loop
     x = torch.randn(10, 16)
     counts = torch.tensor([3, 0, 7])

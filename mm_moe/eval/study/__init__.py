@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mm_moe.eval.study import markdown, plot, run, summarise
-from mm_moe.eval.study.plan import MODALITIES, Planner, corpus_for
+from mm_moe.eval.study.plan import Planner, corpus_for
 
 
 def run_study(args, compose: Callable, repo: Path, python: str) -> Path:
@@ -38,7 +38,8 @@ def run_study(args, compose: Callable, repo: Path, python: str) -> Path:
     markdown.write_csv(out / "study.csv", summary)
     plot.plot(out / "loss_vs_flops.png", curves, labels, dense_curve)
     health_plot = plot.plot_health(out / "routing_health.png", run_dirs, labels)
-    dense_long = {f"loss_{m}": dense_curve[-1][f"eval/loss_{m}"] for m in MODALITIES}
+    dense_run = planner.run_dir("dense", 0, args.dense_steps)
+    dense_long = summarise.long_dense(dense_run, dense_curve, planner.source_sizes())
     wall_s = time.perf_counter() - t0
     markdown.write_markdown(out / "study.md", summary, args, dense_long, wall_s, health_plot)
     return out / "study.md"

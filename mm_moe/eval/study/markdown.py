@@ -71,9 +71,16 @@ def health_table(summary: list[dict]) -> list[str]:
 def _notes(summary: list[dict], args, dense_long: dict, wall_s: float) -> str:
     note = (
         f"Long dense run: final held-out loss text {dense_long['loss_text']:.3f}, image "
-        f"{dense_long['loss_image']:.3f}. Step time: median of the logged training steps, "
-        f"mean over seeds, relative to dense. "
+        f"{dense_long['loss_image']:.3f}"
     )
+    if "min_loss_text" in dense_long:
+        note += (
+            f" (its lowest: text {dense_long['min_loss_text']:.3f}, image "
+            f"{dense_long['min_loss_image']:.3f}); it read {dense_long['documents']:,} "
+            "documents, each source this many epochs: "
+            + ", ".join(f"{name} {e:.2f}" for name, e in dense_long["epochs"].items())
+        )
+    note += ". Step time: median of the logged training steps, mean over seeds, relative to dense. "
     if args.multimodal:
         judge = statistics.fmean(s["judge_accuracy_mean"] for s in summary)
         note += (

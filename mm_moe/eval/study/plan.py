@@ -263,6 +263,26 @@ class Planner:
         tasks += [(n, s, args.steps) for s in range(args.seeds) for n in args.model_list]
         return list(dict.fromkeys(tasks))
 
+    def source_sizes(self) -> list[tuple[str, float, int]]:
+        """(folder, weight, documents) of each training source of the dense runs: sizes from
+        the corpus's record (the study corpus's manifest.json, the demo's corpus.json) for
+        sources inside the corpus's folder; 0 for others (a source of --override's)."""
+        cfg = self.compose(self.overrides("dense", 0, self.args.steps, Path("runs/unused")))
+        records = {
+            path.parent.resolve(): json.loads(path.read_text())
+            for path in self.corpus.built
+            if path.is_file() and path.name in ("manifest.json", "corpus.json")
+        }
+        out = []
+        for src in cfg.data.sources:
+            first = src.urls if isinstance(src.urls, str) else src.urls[0]
+            folder = Path(first.split("{")[0])
+            folder = folder.parent if "{" in first or first.endswith(".tar") else folder
+            record = records.get(folder.resolve().parent, {})
+            size = record.get("pairs" if src.format == "tokens" else src.format, 0)
+            out.append((folder.name, src.weight, size if isinstance(size, int) else 0))
+        return out
+
     def flops_per_token(self, name: str) -> dict:
         cfg = self.compose(self.overrides(name, 0, self.args.steps, Path("runs/unused")))
         model = cfg.model.with_vocab(cfg.tokenizer.build().vocab.size)

@@ -17,7 +17,19 @@ from mm_moe.eval.study.plan import Corpus, Planner
 
 def ensure_corpus(corpus: Corpus, cwd: Path) -> None:
     """Builds the corpus with its command where it is not there yet."""
-    if corpus.ready is None or corpus.ready.is_file():
+    if corpus.ready is None:
+        return
+    if corpus.ready.is_file():
+        built = json.loads(corpus.ready.read_text())
+        want = {k.split("=")[0]: k.split("=")[1] for k in corpus.build_cmd[2:] if "=" in k}
+        asked = {k: want[k] for k in ("pairs", "seed") if str(built.get(k)) != want[k]}
+        if asked:
+            found = {k: built.get(k) for k in asked}
+            raise SystemExit(
+                f"study: the corpus in {corpus.ready.parent} was built with {found}, not "
+                f"{asked}: pass --corpus-pairs/--corpus-seed to match it, or another "
+                "--corpus-dir to build one there"
+            )
         return
     print(f"[study] building the {corpus.name} corpus: {' '.join(corpus.build_cmd)}", flush=True)
     proc = subprocess.run(corpus.build_cmd, cwd=cwd)

@@ -27,6 +27,24 @@ def eval_curve(run_dir: Path) -> list[dict]:
     return [r for r in _rows(run_dir) if "eval/loss_text" in r]
 
 
+def long_dense(run_dir: Path, curve: list[dict], sources: list[tuple[str, float, int]]) -> dict:
+    """The long dense run's final and lowest held-out loss per modality, the documents it
+    read, and each training source's epochs in it: (name, weight, documents in the source)
+    per source; sources are drawn by weight, document by document, so a source's expected
+    share of the documents read is its weight's share."""
+    out = {}
+    for m in MODALITIES:
+        losses = [r[f"eval/loss_{m}"] for r in curve]
+        out[f"loss_{m}"], out[f"min_loss_{m}"] = losses[-1], min(losses)
+    documents = [r["data/documents"] for r in _rows(run_dir) if "data/documents" in r]
+    out["documents"] = documents[-1] if documents else 0
+    total = sum(w for _, w, _ in sources) or 1.0
+    out["epochs"] = {
+        name: out["documents"] * w / total / size for name, w, size in sources if size > 0
+    }
+    return out
+
+
 def flops_needed(curve: list[dict], modality: str, target: float) -> tuple[float, str]:
     """Dense FLOPs (on `modality` tokens) to reach `target` held-out loss, and '' or the
     bound ('>' the dense run never got there, '<' it was there at its first evaluation)."""
