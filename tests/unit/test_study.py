@@ -87,7 +87,10 @@ def test_study_corpus_reads_its_shards_and_is_built_where_missing(tmp_path):
         f"output={tmp_path}",
         "pairs=300",
         "seed=0",
+        f"tokenizers={REPO / 'tokenizers' / 'demo'}",  # the runs' tokenizers pretokenize it
     ]
+    other = _args(f"--corpus-dir={tmp_path}", "--override=tokenizer.path=/elsewhere/tok")
+    assert corpus_for(other, REPO, "python").build_cmd[-1] == "tokenizers=/elsewhere/tok"
     assert corpus.overrides == [
         f"data.sources=[{{urls:{tmp_path / 'pairs'},format:pairs,weight:1}}]",
         f"eval.sources=[{{urls:{tmp_path / 'heldout'},format:pairs,weight:1}}]",
@@ -260,3 +263,29 @@ def test_a_missing_corpus_is_built_once(tmp_path):
     ready.unlink()
     with pytest.raises(SystemExit, match=r"building the study corpus failed \(3\)"):
         run.ensure_corpus(corpus, tmp_path)
+
+
+def test_a_corpus_built_with_other_pairs_or_seed_is_refused(tmp_path):
+    ready = tmp_path / "manifest.json"
+    ready.write_text(json.dumps({"pairs": 300, "seed": 0}))
+    corpus = Corpus("study", build_cmd=["py", "build.py", "pairs=300", "seed=0"], ready=ready)
+    run.ensure_corpus(corpus, tmp_path)  # the one asked for: used as it is
+    corpus.build_cmd = ["py", "build.py", "pairs=500", "seed=0"]
+    with pytest.raises(SystemExit, match=r"built with \{'pairs': 300\}.*--corpus-pairs"):
+        run.ensure_corpus(corpus, tmp_path)
+
+
+def test_the_long_dense_run_reports_its_minimum_and_each_sources_epochs(tmp_path):
+    rows = [
+        {"step": 1, "eval/loss_text": 2.0, "eval/loss_image": 3.0, "data/documents": 40},
+        {"step": 2, "eval/loss_text": 1.0, "eval/loss_image": 2.5, "data/documents": 80},
+        {"step": 3, "eval/loss_text": 1.2, "eval/loss_image": 2.6, "data/documents": 120},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    curve = summarise.eval_curve(tmp_path)
+    got = summarise.long_dense(tmp_path, curve, [("pairs", 3.0, 45), ("text", 1.0, 300)])
+    assert (got["loss_text"], got["min_loss_text"]) == (1.2, 1.0)
+    assert (got["loss_image"], got["min_loss_image"]) == (2.6, 2.5)
+    # 120 documents, three quarters from pairs (weight 3 of 4): 90 / 45 = 2 epochs
+    assert got["documents"] == 120
+    assert got["epochs"] == pytest.approx({"pairs": 2.0, "text": 0.1})

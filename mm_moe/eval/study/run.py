@@ -22,7 +22,8 @@ def ensure_corpus(corpus: Corpus, cwd: Path) -> None:
     if corpus.ready.is_file():
         built = json.loads(corpus.ready.read_text())
         want = {k.split("=")[0]: k.split("=")[1] for k in corpus.build_cmd[2:] if "=" in k}
-        asked = {k: want[k] for k in ("pairs", "seed") if str(built.get(k)) != want[k]}
+        keys = [k for k in ("pairs", "seed") if k in want]
+        asked = {k: want[k] for k in keys if str(built.get(k)) != want[k]}
         if asked:
             found = {k: built.get(k) for k in asked}
             raise SystemExit(
