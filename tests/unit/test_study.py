@@ -104,6 +104,7 @@ def test_study_corpus_reads_its_shards_and_is_built_where_missing(tmp_path):
     # after the base settings (experiment=demo sets data=demo); presets and --override win
     assert found.index(corpus.overrides[0]) == 7 and found[-1] == "optim.lr=1e-3"
     assert corpus.built[0] == tmp_path / "manifest.json" == corpus.ready
+    assert corpus.expected == {"pairs": 300, "seed": 0}
 
 
 def test_check_args_names_what_cannot_make_a_study():
@@ -268,9 +269,9 @@ def test_a_missing_corpus_is_built_once(tmp_path):
 def test_a_corpus_built_with_other_pairs_or_seed_is_refused(tmp_path):
     ready = tmp_path / "manifest.json"
     ready.write_text(json.dumps({"pairs": 300, "seed": 0}))
-    corpus = Corpus("study", build_cmd=["py", "build.py", "pairs=300", "seed=0"], ready=ready)
+    corpus = Corpus("study", ready=ready, expected={"pairs": 300, "seed": 0})
     run.ensure_corpus(corpus, tmp_path)  # the one asked for: used as it is
-    corpus.build_cmd = ["py", "build.py", "pairs=500", "seed=0"]
+    corpus.expected = {"pairs": 500, "seed": 0}
     with pytest.raises(SystemExit, match=r"built with \{'pairs': 300\}.*--corpus-pairs"):
         run.ensure_corpus(corpus, tmp_path)
 

@@ -114,6 +114,8 @@ class Corpus:
     built: list[Path] = field(default_factory=list)
     build_cmd: list[str] | None = None
     ready: Path | None = None  # exists once the corpus is built
+    # What a built corpus's record (`ready`) must say: another value is another corpus.
+    expected: dict = field(default_factory=dict)
 
 
 def tokenizer_dir(args, repo: Path) -> Path:
@@ -144,7 +146,8 @@ def corpus_for(args, repo: Path, python: str) -> Corpus:
         f"eval.sources=[{{urls:{root / 'heldout'},format:pairs,weight:1}}]",
     ]
     manifest = root / "manifest.json"
-    return Corpus("study", overrides, [manifest, tokenizer_metrics], cmd, manifest)
+    expected = {"pairs": args.corpus_pairs, "seed": args.corpus_seed}
+    return Corpus("study", overrides, [manifest, tokenizer_metrics], cmd, manifest, expected)
 
 
 def overrides(args, name: str, seed: int, steps: int, run_dir: Path) -> list[str]:

@@ -21,9 +21,7 @@ def ensure_corpus(corpus: Corpus, cwd: Path) -> None:
         return
     if corpus.ready.is_file():
         built = json.loads(corpus.ready.read_text())
-        want = {k.split("=")[0]: k.split("=")[1] for k in corpus.build_cmd[2:] if "=" in k}
-        keys = [k for k in ("pairs", "seed") if k in want]
-        asked = {k: want[k] for k in keys if str(built.get(k)) != want[k]}
+        asked = {k: v for k, v in corpus.expected.items() if built.get(k) != v}
         if asked:
             found = {k: built.get(k) for k in asked}
             raise SystemExit(
