@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-interval", type=int, default=100)
     p.add_argument("--zero-shot", type=int, default=100, help="held-out images scored")
     p.add_argument("--t2i-per-label", type=int, default=5, help="generated images per class")
+    whole = (
+        "micro-batches of packed rows scored from each whole held-out set (the corpus's "
+        "heldout/ and heldout_deformed/) with each final model; 0: none"
+    )
+    p.add_argument("--heldout-batches", type=int, default=32, help=whole)
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun if > 1)")
     jobs = "runs trained at once (their step times then share the machine)"

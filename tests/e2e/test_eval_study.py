@@ -89,6 +89,8 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
         "--corpus-pairs=40",
         "--zero-shot=10",
         "--t2i-per-label=1",
+        # As many micro-batches as the evaluation during training: the same rows of heldout/.
+        "--heldout-batches=1",
         f"--override=eval.text_to_image.cache_dir={tmp_path / 'cache'}",
         "--override=eval.text_to_image.classifier_steps=20",
         f"--override=tokenizer.path={tok_dir}",
@@ -123,6 +125,18 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
     want = sum(shares) / len(shares)
     assert float(rows["moma"]["taken_0_image_mean"]) == pytest.approx(want, rel=1e-9)
     assert math.isnan(float(rows["dense"]["taken_0_image_mean"]))
+    # The whole held-out sets scored after training: heldout/ at the evaluation's size gives
+    # the final evaluation during training again; heldout_deformed/ holds other images.
+    assert "heldout_deformed: image vs dense" in table
+    first_tokens = {}
+    for run in logs:
+        whole = json.loads((run / "evals.json").read_text())["heldout_sets"]
+        final = [r for r in metrics(run) if "eval/loss_image" in r][-1]
+        for key in ("loss_image", "loss_text", "train_routing_loss_image", "tokens_image"):
+            logged = final["eval/" + key.replace("train_routing_", "train_routing/")]
+            assert whole["heldout"][key] == pytest.approx(logged, rel=1e-6), key
+        assert whole["heldout_deformed"]["loss_image"] != whole["heldout"]["loss_image"]
+        first_tokens[run] = whole["heldout"]["tokens_image"]
 
     # Run again: every run is found by its overrides and reused, none retrained.
     logs = {p: p.stat().st_mtime for p in (out / "runs").glob("*/train.log")}
@@ -130,10 +144,12 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
     # Speed settings (the image cache, the fused AdamW) do not change what a run trains; other
     # sampling settings re-evaluate the finished runs without training them again.
     cmd += ["--override=data.image_cache_size=7", "--override=optim.fused=false"]
-    cmd += ["--override=eval.text_to_image.temperature=0.5"]
+    cmd += ["--override=eval.text_to_image.temperature=0.5", "--heldout-batches=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/train.log")} == logs
     for log in logs:
         evals = json.loads((log.parent / "evals.json").read_text())
         assert evals["multimodal_settings"]["text_to_image"]["temperature"] == 0.5
+        assert evals["heldout_settings"]["num_batches"] == 2
+        assert evals["heldout_sets"]["heldout"]["tokens_image"] > first_tokens[log.parent]

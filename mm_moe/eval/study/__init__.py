@@ -41,5 +41,6 @@ def run_study(args, compose: Callable, repo: Path, python: str) -> Path:
     dense_run = planner.run_dir("dense", 0, args.dense_steps)
     dense_long = summarise.long_dense(dense_run, dense_curve, planner.source_sizes())
     wall_s = time.perf_counter() - t0
-    markdown.write_markdown(out / "study.md", summary, args, dense_long, wall_s, health_plot)
+    sets = summarise.heldout_sets(rows)
+    markdown.write_markdown(out / "study.md", summary, args, dense_long, wall_s, health_plot, sets)
     return out / "study.md"

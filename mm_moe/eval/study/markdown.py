@@ -68,6 +68,37 @@ def health_table(summary: list[dict]) -> list[str]:
     return lines
 
 
+def heldout_table(summary: list[dict], sets: list[str]) -> list[str]:
+    """Each whole held-out set's loss after training: inference routing, mean ± std over
+    seeds, training routing in brackets, and the image loss against dense's."""
+    if not sets:
+        return []
+    dense = next(s for s in summary if s["model"] == "dense")
+    tokens = ", ".join(
+        f"{name} {dense[f'{name}_tokens_text_mean']:,.0f} text and "
+        f"{dense[f'{name}_tokens_image_mean']:,.0f} image tokens"
+        for name in sets
+    )
+    head = " | ".join(f"{name}: text | {name}: image | {name}: image vs dense" for name in sets)
+    lines = [
+        f"Held-out loss of the final models on each whole held-out set ({tokens}), inference "
+        "routing, mean ± std over seeds, training routing in brackets:",
+        "",
+        f"| model | {head} |",
+        "|---|" + "---|---|---|" * len(sets),
+    ]
+    for s in summary:
+        cells = []
+        for name in sets:
+            for m in MODALITIES:
+                train = s[f"{name}_train_routing_loss_{m}_mean"]
+                cells.append(f"{fmt(s, f'{name}_loss_{m}')} ({train:.3f})")
+            key = f"{name}_loss_image_mean"
+            cells.append(f"{100 * (s[key] / dense[key] - 1):+.1f}%")
+        lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _notes(summary: list[dict], args, dense_long: dict, wall_s: float) -> str:
     note = (
         f"Long dense run: final held-out loss text {dense_long['loss_text']:.3f}, image "
@@ -100,10 +131,13 @@ def write_markdown(
     dense_long: dict,
     wall_s: float,
     health_plot: bool = False,
+    sets: list[str] = (),
 ) -> None:
     dense = next(s for s in summary if s["model"] == "dense")
     lines = _header(args) + [_model_line(s, dense) for s in summary]
-    lines += ["", *health_table(summary), ""]
+    for block in (heldout_table(summary, sets), health_table(summary)):
+        lines += ["", *block] if block else []
+    lines.append("")
     lines.append(_notes(summary, args, dense_long, wall_s))
     lines += ["", "![loss vs FLOPs](loss_vs_flops.png)", ""]
     if health_plot:

@@ -97,6 +97,8 @@ def check_args(args) -> str | None:
         return "--models must include dense (the savings factor is measured against it)"
     if args.seeds < 1 or args.steps < 1 or args.eval_interval < 1:
         return "--seeds, --steps and --eval-interval must be >= 1"
+    if getattr(args, "heldout_batches", 0) < 0:
+        return "--heldout-batches must be >= 0"
     args.dense_steps = args.dense_steps or 2 * args.steps
     if args.dense_steps < args.steps:
         return "--dense-steps must be >= --steps"
@@ -116,6 +118,8 @@ class Corpus:
     ready: Path | None = None  # exists once the corpus is built
     # What a built corpus's record (`ready`) must say: another value is another corpus.
     expected: dict = field(default_factory=dict)
+    # The held-out sets scored whole after training, by name: folders of `pairs` shards.
+    heldout: dict[str, Path] = field(default_factory=dict)
 
 
 def tokenizer_dir(args, repo: Path) -> Path:
@@ -133,7 +137,9 @@ def corpus_for(args, repo: Path, python: str) -> Corpus:
     tokenizers = tokenizer_dir(args, repo)
     tokenizer_metrics = tokenizers / "metrics.json"
     if args.corpus == "demo":
-        return Corpus("demo", [], [repo / "data" / "demo" / "corpus.json", tokenizer_metrics])
+        demo = repo / "data" / "demo"
+        built = [demo / "corpus.json", tokenizer_metrics]
+        return Corpus("demo", [], built, heldout={"heldout": demo / "heldout"})
     root = Path(args.corpus_dir)
     cmd = [python, str(repo / "data_pipelines" / "build_study_corpus.py"), f"output={root}"]
     cmd += [f"pairs={args.corpus_pairs}", f"seed={args.corpus_seed}", f"tokenizers={tokenizers}"]
@@ -147,7 +153,9 @@ def corpus_for(args, repo: Path, python: str) -> Corpus:
     ]
     manifest = root / "manifest.json"
     expected = {"pairs": args.corpus_pairs, "seed": args.corpus_seed}
-    return Corpus("study", overrides, [manifest, tokenizer_metrics], cmd, manifest, expected)
+    heldout = {name: root / name for name in ("heldout", "heldout_deformed")}
+    built = [manifest, tokenizer_metrics]
+    return Corpus("study", overrides, built, cmd, manifest, expected, heldout)
 
 
 def overrides(args, name: str, seed: int, steps: int, run_dir: Path) -> list[str]:
@@ -258,6 +266,14 @@ class Planner:
             "text_to_image": asdict(replace(t2i, samples_per_label=self.args.t2i_per_label)),
         }
         return json.loads(json.dumps(settings))
+
+    def heldout_settings(self) -> dict:
+        """The whole held-out sets scored after training and how many micro-batches of each
+        (plain JSON, as evals.json records it); {} with --heldout-batches 0 or none."""
+        if not getattr(self.args, "heldout_batches", 0) or not self.corpus.heldout:
+            return {}
+        sets = {name: str(folder) for name, folder in self.corpus.heldout.items()}
+        return {"sets": sets, "num_batches": self.args.heldout_batches}
 
     def tasks(self) -> list[tuple[str, int, int]]:
         """(name, seed, steps) of every run: the long dense run first, then each seed's."""

@@ -57,40 +57,74 @@ def train_and_eval(planner: Planner, name: str, seed: int, steps: int, cwd: Path
     """Trains the run (or finds it trained) and evaluates it; what evals.json records."""
     args, run_dir = planner.args, planner.run_dir(name, seed, steps)
     done = None if args.fresh else trained(run_dir, steps)
-    settings = planner.multimodal_settings(name, seed, steps)
-    if done is not None:
-        # Evaluated without them, or with other sampling settings or sample counts.
-        if args.multimodal and done.get("multimodal_settings") != settings:
-            t0 = time.perf_counter()
-            done.update(multimodal(run_dir, seed, settings), eval_s=time.perf_counter() - t0)
-            (run_dir / "evals.json").write_text(json.dumps(done, indent=1))
-        return done
-    cmd = train_command(args, planner.overrides(name, seed, steps, run_dir))
+    if done is None:
+        cmd = train_command(args, planner.overrides(name, seed, steps, run_dir))
+        t0 = time.perf_counter()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "a") as log:  # a resumed run continues its log
+            proc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode:
+            tail = (run_dir / "train.log").read_text()[-3000:]
+            raise SystemExit(f"study: {name} seed {seed} failed ({proc.returncode}):\n{tail}")
+        done = {"steps": steps, "train_s": time.perf_counter() - t0}
+    # The evaluations after training, run again on a finished run evaluated without them or
+    # with other settings.
     t0 = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "a") as log:  # a resumed run continues its log
-        proc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        tail = (run_dir / "train.log").read_text()[-3000:]
-        raise SystemExit(f"study: {name} seed {seed} failed ({proc.returncode}):\n{tail}")
-    train_s = time.perf_counter() - t0
-    result = {"steps": steps, "train_s": train_s}
-    if args.multimodal:
-        result.update(multimodal(run_dir, seed, settings))
-    result["eval_s"] = time.perf_counter() - t0 - train_s
-    (run_dir / "evals.json").write_text(json.dumps(result, indent=1))
-    return result
+    evaluated = "eval_s" not in done
+    settings = planner.multimodal_settings(name, seed, steps)
+    if args.multimodal and done.get("multimodal_settings") != settings:
+        done.update(multimodal(run_dir, seed, settings))
+        evaluated = True
+    heldout = planner.heldout_settings()
+    if heldout and done.get("heldout_settings") != heldout:
+        done.update(heldout_sets=whole_heldout(run_dir, heldout), heldout_settings=heldout)
+        evaluated = True
+    if evaluated:
+        done["eval_s"] = time.perf_counter() - t0
+        (run_dir / "evals.json").write_text(json.dumps(done, indent=1))
+    return done
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def whole_heldout(run_dir: Path, settings: dict) -> dict:
+    """Held-out losses of the run's final model on each held-out set of `settings`
+    ({"sets": {name: folder}, "num_batches": n}): n micro-batches of packed rows from each, as
+    training reads them, with inference and training routing; {name: {"loss_<m>",
+    "train_routing_loss_<m>", "tokens_<m>"}}. The evaluation during training scores
+    eval.num_batches of the first set only, for the curves."""
+    from mm_moe.data.config import SourceConfig
+    from mm_moe.eval.heldout import HeldoutEval, heldout_batches
+    from mm_moe.eval.pretrained import load_pretrained
+
+    device = _device()
+    model = load_pretrained(run_dir, device)
+    cfg = model.train_config
+    out = {}
+    for name, folder in settings["sets"].items():
+        source = SourceConfig(urls=folder, format="pairs")
+        ev = replace(cfg.eval, sources=[source], num_batches=settings["num_batches"])
+        batches = heldout_batches(ev, cfg.data, cfg.tokenizer, 0, 1, cfg.trainer.micro_batch_size)
+        scores = HeldoutEval(batches, device)(model)
+        out[name] = {
+            key.removeprefix("eval/").replace("/", "_"): value
+            for key, value in scores.items()
+            if key.startswith(("eval/loss_", "eval/train_routing/loss_", "eval/tokens_"))
+        }
+    return out
 
 
 def multimodal(run_dir: Path, seed: int, settings: dict) -> dict:
     """Zero-shot classification and text->image accuracy of the run's final model."""
-    import torch
-
     from mm_moe.eval.config import TextToImageConfig, ZeroShotConfig
     from mm_moe.eval.multimodal import multimodal_evals
     from mm_moe.eval.pretrained import load_pretrained
 
-    model = load_pretrained(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(run_dir, _device())
     cfg = model.train_config
     ev = replace(
         cfg.eval,

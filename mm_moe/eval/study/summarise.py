@@ -17,6 +17,9 @@ from pathlib import Path
 from mm_moe.eval.study.plan import MODALITIES
 
 HEALTH = ("taken_0", "gate_mean", "router_cosine", "jaccard")
+# What each whole held-out set's evaluation after training gives (run.whole_heldout).
+WHOLE_HELDOUT = [f"{p}loss_{m}" for p in ("", "train_routing_") for m in MODALITIES]
+WHOLE_HELDOUT += [f"tokens_{m}" for m in MODALITIES]
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -107,7 +110,15 @@ def run_row(name: str, seed: int, run_dir: Path, result: dict, dense_curve) -> d
         row[f"savings_{m}"] = needed / row[f"flops_{m}"]
         row[f"savings_{m}_bound"] = bound
     row["flops"] = last["flops_cumulative"]
+    for set_name, scores in result.get("heldout_sets", {}).items():
+        row.update({f"{set_name}_{key}": value for key, value in scores.items()})
     return row
+
+
+def heldout_sets(rows: list[dict]) -> list[str]:
+    """The whole held-out sets the runs were scored on after training, in their order."""
+    names = (name for r in rows for name in r.get("heldout_sets", {}))
+    return list(dict.fromkeys(names))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -126,6 +137,7 @@ def summarize(rows: list[dict], labels: dict, flops_per_token: dict) -> list[dic
     keys += ["zero_shot_accuracy", "t2i_accuracy", "judge_accuracy"]
     keys += [f"savings_{m}" for m in MODALITIES]
     keys += [f"{stat}_{m}" for stat in HEALTH for m in MODALITIES]
+    keys += [f"{name}_{key}" for name in heldout_sets(rows) for key in WHOLE_HELDOUT]
     for name in labels:
         mine = [r for r in rows if r["model"] == name]
         if not mine:
