@@ -15,7 +15,6 @@ is written beside `out` and renamed into place at the end; a source inside `out`
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from mm_moe.cli import exits_on_failure, parse_args, setup_logging
 from mm_moe.errors import UserError
+from mm_moe.utils.folders import replace_dir, sibling_dir
 
 PROG = "mm_moe.export"
 log = logging.getLogger("mm_moe")
@@ -57,27 +57,6 @@ def _check_paths(source: Path, out: Path, overwrite: bool) -> None:
         raise UserError(f"out={out} is not empty; pass overwrite=true to replace it")
 
 
-def _sibling(out: Path, what: str) -> Path:
-    """A fresh hidden folder beside `out` (same filesystem: renames are atomic), named after
-    this process; mkdir, not mkdtemp, so the export keeps the usual permissions."""
-    path = out.parent / f".{out.name}.{what}-{os.getpid()}"
-    shutil.rmtree(path, ignore_errors=True)  # left by an earlier process with this pid
-    path.mkdir(parents=True)
-    return path
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Put the finished folder `tmp` in place of `out`; the previous export is removed only
-    once the new one is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    trash = _sibling(out, "old")
-    os.rename(out, trash / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(trash)
-
-
 def run(cfg: ExportConfig) -> str:
     """Load and check the source, write the folder beside `out`, then swap it in: a refused
     or failed export leaves a previous export at `out` as it was."""
@@ -87,10 +66,10 @@ def run(cfg: ExportConfig) -> str:
     out = Path(cfg.out)
     _check_paths(Path(cfg.source), out, cfg.overwrite)
     model = load_pretrained(cfg.source)
-    tmp = _sibling(out, "export")
+    tmp = sibling_dir(out, "export")
     try:
         kind = export(model, tmp, int(cfg.max_shard_mb * 2**20))
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful publish
     log.info("exported %s as a Hugging Face %s model to %s", cfg.source, kind, out)

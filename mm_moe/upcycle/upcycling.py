@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from mm_moe.model.config import ModelConfig
 from mm_moe.tokenization.vocab import Vocab
 from mm_moe.upcycle.config import UpcycleConfig
 from mm_moe.upcycle.ops import UpcycleOptions, build_state
+from mm_moe.utils.folders import replace_dir, sibling_dir
 from mm_moe.utils.scrub import scrub
 
 log = logging.getLogger(__name__)
@@ -249,17 +249,17 @@ def write(
         }
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / OVERLAY.parent).mkdir(parents=True)
-    torch.save(experts.split_experts(state, experts.expert_keys(model)), tmp / "model.pt")
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    (tmp / OVERLAY).write_text(_overlay(cfg_dict))
-    _write_tokenizer(tmp, ucfg, target, vocab, vq_dir)
-    meta["tokenizer_digest"] = _tokenizer_digest(target.tokenizer, out, tmp)
-    # meta.json last: a directory holding it is a complete checkpoint.
-    (tmp / layout.META).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    tmp = sibling_dir(out, "upcycle")
+    try:
+        (tmp / OVERLAY.parent).mkdir(parents=True, exist_ok=True)
+        torch.save(experts.split_experts(state, experts.expert_keys(model)), tmp / "model.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        (tmp / OVERLAY).write_text(_overlay(cfg_dict))
+        _write_tokenizer(tmp, ucfg, target, vocab, vq_dir)
+        meta["tokenizer_digest"] = _tokenizer_digest(target.tokenizer, out, tmp)
+        # meta.json last: a directory holding it is a complete checkpoint.
+        (tmp / layout.META).write_text(json.dumps(meta, indent=1))
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once in place
     return out, fresh

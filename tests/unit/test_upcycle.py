@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +209,33 @@ def test_drop_ratio_through_the_command(tmp_path, hf):
             gu = state[f"layers.0.ffn.experts.{group}.{i}.w_gate_up"]
             kept = (gu[:, :128].t() == w_gate).all(1)
             assert int((~kept).sum()) == 64
+
+
+def test_a_crash_while_replacing_leaves_a_whole_checkpoint(tmp_path, hf, monkeypatch):
+    """overwrite=true over an earlier upcycle, killed while the old folder is deleted: `out`
+    still holds a complete checkpoint (the new one), never a half-deleted old one."""
+    import shutil
+
+    src, _ = hf
+    out = tmp_path / "out"
+    base = [f"source={src}", "source_format=hf", f"out={out}", *DATA_VOCAB]
+    assert run(base) == 0
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        if not files:
+            return real_rmtree(path, *args, **kwargs)
+        files[-1].unlink()  # the first file gone, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run([*base, "overwrite=true", "drop_ratio=0.5"])
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["upcycled_from"]["drop_ratio"] == 0.5  # the new one, whole
+    load_pretrained(out)
 
 
 def test_bad_input_is_named(tmp_path, hf):
