@@ -9,6 +9,8 @@ DeepSpeed versions it was written and tested for (`check_version` warns at start
 - Reading gradients and norms inside the ZeRO / bf16 optimizers (`local_grads_finite`,
   `unsharded_grad_norm`, `last_grad_norm`).
 - ZeRO-0 fp32 clipping with the expert-parallel global norm (`fix_clipping`).
+- One process, ZeRO-0, a plain optimizer: no gradient flatten for an all-reduce of one
+  (`skip_lone_allreduce`).
 - Re-linking ZeRO's tensor fragments to the Adam state of every param group
   (`relink_optimizer_fragments`).
 - bf16 with ZeRO-0 runs DeepSpeed's ZeRO-1 optimizer (`zero_stage_for`).
@@ -150,6 +152,29 @@ def fix_clipping(engine, norm_fn) -> None:
 
     engine.clip_fp32_gradients = clip_fp32_gradients
     engine.clips_with_expert_parallel_norm = True
+
+
+def skip_lone_allreduce(engine) -> bool:
+    """With one process there is nothing to all-reduce, but DeepSpeed's ZeRO-0 path still
+    flattens every gradient into one buffer and copies it back at each accumulation boundary
+    (a copy of every parameter, experts included: up to a tenth of a CPU MoE step). Replaced,
+    for a plain optimizer (not DeepSpeed's bf16 or ZeRO ones, which reduce their own
+    buffers), by the one thing that path does that changes the numbers: a trainable parameter
+    with no gradient at the boundary (an expert no token reached) gets zeros, so AdamW decays
+    it and moves its moments as it does with more processes. True where replaced."""
+    wrapped = type(engine.optimizer).__module__.startswith("deepspeed.")
+    if engine.world_size != 1 or engine.zero_optimization_stage() != 0 or wrapped:
+        return False
+
+    def allreduce_gradients(bucket_size=None):
+        if not engine.is_gradient_accumulation_boundary():
+            return
+        for p in engine.module.parameters():
+            if p.requires_grad and p.numel() and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    engine.allreduce_gradients = allreduce_gradients
+    return True
 
 
 def unsharded_grad_norm(engine, norm_fn) -> torch.Tensor | None:

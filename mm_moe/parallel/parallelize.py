@@ -106,6 +106,7 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    deepspeed_fixes.skip_lone_allreduce(engine)
     if cfg.trainer.grad_accum_dtype != "auto":
         log.info(
             "gradient accumulation in %s (trainer.grad_accum_dtype): %s",

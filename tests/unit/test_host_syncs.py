@@ -216,3 +216,55 @@ def test_data_counters_come_to_the_host_in_one_copy():
     assert all(type(v) is int for v in got.values())
     # The host's numbers in one tensor, and one copy back: not one per counter.
     assert dict(syncs.by_op) == {"host_data": 1, "tolist": 1}
+
+
+def test_a_single_process_step_copies_no_gradient_buffer(real_training):
+    """One process has nothing to all-reduce: DeepSpeed's flatten of every gradient into one
+    buffer (and the copy back) is off, counted as the largest `cat` of the step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mm_moe.trainer.step import train_step
+
+    class LargestCat(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.cat.default:
+                self.numel = max(self.numel, out.numel())
+            return out
+
+    t = real_training
+    params = sum(p.numel() for p in t.engine.module.parameters() if p.requires_grad)
+    args = (t.model_cfg.z_loss, 1, torch.device("cpu"))
+    with LargestCat() as cats:
+        train_step(t.engine, t.loader.next(), *args, guard=t.guard, step=3)
+    assert 0 < cats.numel < params / 4, (cats.numel, params)
+
+
+def test_the_single_process_allreduce_does_what_deepspeeds_does_to_the_gradients(real_training):
+    """The replacement of DeepSpeed's all-reduce of one process leaves every gradient as
+    DeepSpeed's would: the same values, and zeros for a parameter without one (AdamW then
+    decays it; left None, it would skip the parameter, and a resume from more processes
+    would drift)."""
+    engine = real_training.engine
+    assert "allreduce_gradients" in vars(engine)  # replaced on this engine
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) for p in params]
+    grads[0] = grads[-1] = None
+    after = {}
+    original = type(engine).allreduce_gradients.__get__(engine)
+    for name, reduce in (("ours", engine.allreduce_gradients), ("deepspeed", original)):
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        engine.set_gradient_accumulation_boundary(True)
+        try:
+            reduce()
+        finally:
+            engine._is_gradient_accumulation_boundary = None
+        after[name] = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    assert not after["ours"][0].any() and not after["ours"][-1].any()
+    for ours, theirs in zip(after["ours"], after["deepspeed"]):
+        assert torch.equal(ours, theirs)
