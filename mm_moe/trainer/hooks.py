@@ -4,8 +4,10 @@ a loss spike, checkpoints (at the interval, and on preemption, which then ends t
 from __future__ import annotations
 
 import logging
+import math
 
 from mm_moe.checkpoint import layout
+from mm_moe.modality import MODALITIES
 from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.distributed import all_reduce_sum
 from mm_moe.trainer.preemption import PreemptionFlag
@@ -42,15 +44,38 @@ class EvalHook(Hook):
 
 class MetricsHook(Hook):
     """metrics.jsonl, wandb and the console, every trainer.log_interval steps (and at the
-    last step and after an evaluation)."""
+    last step and after an evaluation). A logged record also carries the training loss over
+    every step since the previous logged one (in this process), weighted by loss tokens:
+    `loss_interval`, `loss_<m>_interval` and `steps_interval`, less noisy than one step's."""
+
+    def __init__(self):
+        self._sums: dict[str, list[float]] = {}  # name: [loss x tokens, tokens]
+        self._steps = 0
+
+    def _add(self, record: dict) -> None:
+        self._steps += 1
+        pairs = [("loss", "tokens_loss")]
+        pairs += [(f"loss_{m}", f"tokens_{m}") for m in MODALITIES]
+        for loss, tokens in pairs:
+            value, count = record.get(loss), record.get(tokens, 0)
+            if value is None or not count or not math.isfinite(value):
+                continue
+            acc = self._sums.setdefault(loss, [0.0, 0.0])
+            acc[0] += value * count
+            acc[1] += count
 
     def after_step(self, trainer, step: int, record: dict) -> None:
         evaluated = record.pop("evaluated", False)
+        self._add(record)
         if (
             evaluated
             or step % trainer.training.cfg.trainer.log_interval == 0
             or _last(trainer, step)
         ):
+            for loss, (total, count) in self._sums.items():
+                record[f"{loss}_interval"] = total / count
+            record["steps_interval"] = self._steps
+            self._sums, self._steps = {}, 0
             trainer.training.metrics.log(record)
 
 

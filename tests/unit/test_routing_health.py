@@ -246,3 +246,13 @@ def test_statistics_are_computed_on_logged_steps_only(tmp_path):
     history = Trainer(training).fit()
     assert len(history) == len(computed) == 7  # one forward per step
     assert computed == [(s in (3, 6, 7),) * 2 for s in range(1, 8)], computed
+    # The logged steps carry the training loss of every step since the previous logged one,
+    # weighted by loss tokens (steps 1-3, 4-6, 7).
+    for last, first in ((3, 1), (6, 4), (7, 7)):
+        rows = history[first - 1 : last]
+        row = history[last - 1]
+        assert row["steps_interval"] == len(rows)
+        for loss, tokens in (("loss", "tokens_loss"), ("loss_text", "tokens_text")):
+            want = sum(r[loss] * r[tokens] for r in rows) / sum(r[tokens] for r in rows)
+            assert row[f"{loss}_interval"] == pytest.approx(want, rel=1e-12), (last, loss)
+    assert "loss_interval" not in history[3]
