@@ -153,3 +153,17 @@ def test_study_script_end_to_end(tmp_path, demo_assets):
         assert evals["multimodal_settings"]["text_to_image"]["temperature"] == 0.5
         assert evals["heldout_settings"]["num_batches"] == 2
         assert evals["heldout_sets"]["heldout"]["tokens_image"] > first_tokens[log.parent]
+
+    # Longer runs on the same schedule (--dense-steps unchanged): MoMa continues its finished
+    # 2-step run from that run's last checkpoint; dense seed 0 at 4 steps is the long dense run.
+    short = next(p for p in logs if p.parent.name.startswith("moma_s0_2_")).parent
+    cmd = [c for c in cmd if not c.startswith("--steps=")] + ["--steps=4"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"moma seed 0: continues {short.name}" in proc.stdout
+    longer = next((out / "runs").glob("moma_s0_4_*"))
+    assert json.loads((longer / "evals.json").read_text())["continued_from"] == short.name
+    rows = metrics(longer)
+    assert [r["step"] for r in rows if "eval/loss_image" in r] == [2, 4]
+    assert rows[: len(metrics(short))] == metrics(short)
+    assert len(list((out / "runs").glob("*/train.log"))) == 4  # no dense run trained again

@@ -165,6 +165,66 @@ def test_a_finished_run_is_reused_and_a_shorter_one_trained_again(tmp_path, monk
     assert f"trainer.run_dir={run_dir}" in trained[0]
 
 
+def _finished_run(run_dir: Path, steps: int, last_checkpoint: int) -> None:
+    """A finished run as training and the study leave it: evals.json, metrics rows and its
+    last checkpoint (meta.json written last, the `latest` pointer)."""
+    from mm_moe.checkpoint import layout
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "evals.json").write_text(json.dumps({"steps": steps, "train_s": 1.0}))
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, steps + 1)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    tmp = layout.new_tmp_dir(run_dir / "checkpoints", last_checkpoint)
+    (tmp / "model.pt").write_bytes(b"weights")
+    (tmp / "meta.json").write_text(json.dumps({"step": last_checkpoint}))
+    layout.publish(run_dir / "checkpoints", tmp, last_checkpoint)
+
+
+def test_a_longer_run_continues_a_finished_shorter_one(tmp_path, monkeypatch):
+    """A run that is a finished shorter run continued (the same config up to
+    trainer.max_steps, the schedule fixed by optim.decay_steps) starts from its last
+    checkpoint, linked, with its metrics rows; training then resumes there."""
+    cfg = TrainConfig()
+    cfg.optim.decay_steps = 10
+    args = _args("--corpus=demo", f"--out={tmp_path}", "--no-multimodal", "--seeds=1")
+    planner = Planner(args, lambda overrides: cfg, Corpus("demo"))
+    short = planner.run_dir("moma", 0, 4)
+    _finished_run(short, 4, last_checkpoint=4)
+    _finished_run(planner.run_dir("moma", 0, 2), 2, last_checkpoint=2)
+    _finished_run(planner.run_dir("mot", 0, 4), 4, last_checkpoint=4)  # another model
+    assert run.continued_from(planner, "moma", 0, 8) == short  # the longest shorter one
+    assert run.continued_from(planner, "moma", 0, 4) is None  # trained already
+    assert run.continued_from(planner, "moma", 1, 8) is None  # another seed
+
+    commands = []
+
+    def fake_train(cmd, **kwargs):
+        commands.append(cmd)
+        return argparse.Namespace(returncode=0)
+
+    monkeypatch.setattr(run.subprocess, "run", fake_train)
+    done = run.train_and_eval(planner, "moma", 0, 8, REPO, short)
+    longer = planner.run_dir("moma", 0, 8)
+    assert done["continued_from"] == short.name and len(commands) == 1
+    assert "checkpoint.resume=auto" in commands[0] and "trainer.max_steps=8" in commands[0]
+    weights = Path("checkpoints") / "step_00000004" / "model.pt"
+    assert (longer / weights).stat().st_ino == (short / weights).stat().st_ino  # linked
+    assert (longer / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert (longer / "metrics.jsonl").read_text() == (short / "metrics.jsonl").read_text()
+    # Started already (its own checkpoints, a resume): it continues itself, not a prefix.
+    assert run.continued_from(planner, "moma", 0, 8) is None
+
+    # A shorter run whose last checkpoint is not its final step, or a schedule that follows
+    # max_steps (decay_steps 0), is not a prefix.
+    _finished_run(planner.run_dir("mot", 1, 4), 4, last_checkpoint=3)
+    assert run.continued_from(planner, "mot", 1, 8) is None
+    assert run.continued_from(planner, "mot", 0, 8) == planner.run_dir("mot", 0, 4)
+    cfg.optim.decay_steps = 0
+    follows = Planner(args, lambda overrides: cfg, Corpus("demo"))
+    _finished_run(follows.run_dir("mot", 0, 4), 4, last_checkpoint=4)
+    assert run.continued_from(follows, "mot", 0, 8) is None
+
+
 def test_savings_interpolation():
     curve = [
         {"flops_cumulative_text": 10.0, "eval/loss_text": 4.0},

@@ -231,19 +231,20 @@ class Planner:
     def __init__(self, args, compose: Callable, corpus: Corpus):
         self.args, self.compose, self.corpus = args, compose, corpus
         args.corpus_overrides = corpus.overrides
-        self._composed: dict[tuple, tuple[str, tuple]] = {}
+        self._composed: dict[tuple, tuple[str, tuple, bool]] = {}
 
     def overrides(self, name: str, seed: int, steps: int, run_dir: Path) -> list[str]:
         return overrides(self.args, name, seed, steps, run_dir)
 
-    def _compose(self, name: str, seed: int, steps: int) -> tuple[str, tuple]:
+    def _compose(self, name: str, seed: int, steps: int) -> tuple[str, tuple, bool]:
         found = self.overrides(name, seed, steps, Path())
         key = tuple(o for o in found if "run_dir=" not in o)
         if key not in self._composed:
             composed = self.compose(list(key))
             built = [p.read_text() for p in self.corpus.built if p.is_file()]
             settings = (composed.eval.zero_shot, composed.eval.text_to_image)
-            self._composed[key] = (config_digest(asdict(composed), built), settings)
+            fixed = composed.optim.decay_steps > 0  # the schedule does not follow max_steps
+            self._composed[key] = (config_digest(asdict(composed), built), settings, fixed)
         return self._composed[key]
 
     def run_dir(self, name: str, seed: int, steps: int) -> Path:
@@ -253,6 +254,26 @@ class Planner:
         experiment or data is a new run."""
         digest = self._compose(name, seed, steps)[0]
         return Path(self.args.out) / "runs" / f"{name}_s{seed}_{steps}_{digest}"
+
+    def prefix_runs(self, name: str, seed: int, steps: int) -> list[tuple[int, Path]]:
+        """(steps, run directory) of the shorter runs of this model and seed in OUT/runs that
+        train what this run trains up to their length, longest first: their composed configs
+        differ from this run's only in trainer.max_steps (every run shares the long dense
+        run's schedule, set by optim.decay_steps), so this run is one of them continued."""
+        if not self._compose(name, seed, steps)[2]:
+            return []
+        stem = f"{name}_s{seed}_"
+        found = set()
+        for path in (Path(self.args.out) / "runs").glob(f"{stem}*"):
+            parts = path.name[len(stem) :].split("_")
+            if len(parts) == 2 and parts[0].isdigit() and 0 < int(parts[0]) < steps:
+                found.add(int(parts[0]))
+        out = []
+        for shorter in sorted(found, reverse=True):
+            run_dir = self.run_dir(name, seed, shorter)
+            if run_dir.is_dir() and self._compose(name, seed, shorter)[2]:
+                out.append((shorter, run_dir))
+        return out
 
     def multimodal_settings(self, name: str, seed: int, steps: int) -> dict:
         """The zero-shot and text->image settings of this run's composed config, with the

@@ -5,6 +5,8 @@ score the trained models zero-shot and text->image."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from mm_moe.checkpoint import layout
+from mm_moe.checkpoint.layout import step_dir_name
 from mm_moe.eval.study.plan import Corpus, Planner
 
 
@@ -53,10 +57,51 @@ def train_command(args, overrides: list[str]) -> list[str]:
     return cmd + overrides
 
 
-def train_and_eval(planner: Planner, name: str, seed: int, steps: int, cwd: Path) -> dict:
-    """Trains the run (or finds it trained) and evaluates it; what evals.json records."""
+def continued_from(planner: Planner, name: str, seed: int, steps: int) -> Path | None:
+    """The finished shorter run this run continues, where it has not started yet: the
+    longest whose last checkpoint is its final step (a 3000-step study continues the
+    1500-step one's runs instead of training their first 1500 steps again). Composes: call
+    in the main thread."""
+    if planner.args.fresh or planner.run_dir(name, seed, steps).exists():
+        return None
+    for shorter, run_dir in planner.prefix_runs(name, seed, steps):
+        last = layout.latest_step_dir(run_dir / "checkpoints")
+        if trained(run_dir, shorter) and last is not None and last.name == step_dir_name(shorter):
+            return run_dir
+    return None
+
+
+def _start_from(prefix: Path, run_dir: Path) -> None:
+    """Gives run_dir the shorter run's last checkpoint (hard links where the filesystem has
+    them: checkpoint files are never written in place) and its metrics rows; training then
+    resumes there (checkpoint.resume=auto), exactly as the shorter run would have gone on."""
+    source = layout.latest_step_dir(prefix / "checkpoints")
+    root = run_dir / "checkpoints"
+    step = int(source.name.rsplit("_", 1)[1])
+    tmp = layout.new_tmp_dir(root, step)
+    tmp.rmdir()
+    shutil.copytree(source, tmp, copy_function=_link_or_copy)
+    layout.publish(root, tmp, step)
+    shutil.copy2(prefix / "metrics.jsonl", run_dir / "metrics.jsonl")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def train_and_eval(
+    planner: Planner, name: str, seed: int, steps: int, cwd: Path, prefix: Path | None = None
+) -> dict:
+    """Trains the run (or finds it trained; continues `prefix`, a finished shorter run of the
+    same training, where given) and evaluates it; what evals.json records."""
     args, run_dir = planner.args, planner.run_dir(name, seed, steps)
     done = None if args.fresh else trained(run_dir, steps)
+    if done is None and prefix is not None and not run_dir.exists():
+        _start_from(prefix, run_dir)
+        print(f"[study] {name} seed {seed}: continues {prefix.name}", flush=True)
     if done is None:
         cmd = train_command(args, planner.overrides(name, seed, steps, run_dir))
         t0 = time.perf_counter()
@@ -67,6 +112,8 @@ def train_and_eval(planner: Planner, name: str, seed: int, steps: int, cwd: Path
             tail = (run_dir / "train.log").read_text()[-3000:]
             raise SystemExit(f"study: {name} seed {seed} failed ({proc.returncode}):\n{tail}")
         done = {"steps": steps, "train_s": time.perf_counter() - t0}
+        if prefix is not None:
+            done["continued_from"] = prefix.name
     # The evaluations after training, run again on a finished run evaluated without them or
     # with other settings.
     t0 = time.perf_counter()
@@ -146,13 +193,12 @@ def train_all(planner: Planner, cwd: Path) -> dict[tuple, dict]:
     """Train and evaluate every run (the long dense run and each model and seed), --jobs at a
     time; {(name, seed, steps): result}."""
     tasks = planner.tasks()
-    for task in tasks:  # composed here: Hydra is one per process
-        planner.run_dir(*task)
+    prefixes = {task: continued_from(planner, *task) for task in tasks}  # Hydra: main thread
 
     def work(task):
         name, seed, steps = task
         print(f"[study] {name} seed {seed}: {steps} steps", flush=True)
-        result = train_and_eval(planner, name, seed, steps, cwd)
+        result = train_and_eval(planner, name, seed, steps, cwd, prefixes[task])
         print(
             f"[study] {name} seed {seed} done: {result['train_s']:.0f}s train, "
             f"{result.get('eval_s', 0):.0f}s evals",
