@@ -8,7 +8,8 @@ DeepSpeed versions it was written and tested for (`check_version` warns at start
 - Dropping a step (`skip_optimizer_step`) through the optimizers' overflow paths.
 - Reading gradients and norms inside the ZeRO / bf16 optimizers (`local_grads_finite`,
   `unsharded_grad_norm`, `last_grad_norm`).
-- ZeRO-0 fp32 clipping with the expert-parallel global norm (`fix_clipping`).
+- ZeRO-0 fp32 clipping with the norm the step computed, every expert counted once
+  (`clip_with_step_norm`).
 - One process, ZeRO-0, a plain optimizer: no gradient flatten for an all-reduce of one
   (`skip_lone_allreduce`).
 - Re-linking ZeRO's tensor fragments to the Adam state of every param group
@@ -133,25 +134,37 @@ def split_moe_param_groups(optimizer: torch.optim.Optimizer) -> None:
 
 
 # ---- clipping, norms and dropped steps ----
-def fix_clipping(engine, norm_fn) -> None:
-    """DeepSpeed's ZeRO-0 fp32 clipping averages each rank's local norm (dense + its own
-    experts) over data-parallel ranks, which is not the global norm under expert parallelism:
-    clip with `norm_fn(module)` (every expert counted once) instead, and keep the norm where
-    the ZeRO optimizers keep theirs, so the logged grad_norm is the one clipping used. (ZeRO-1/2
-    sum the squared norms of expert partitions over all data-parallel ranks, which counts each
-    expert once; tests/distributed/test_expert_parallel.py checks grad_norm against EP=1's.)"""
+def _plain_zero0(engine) -> bool:
+    """ZeRO stage 0 with the client's torch optimizer (not DeepSpeed's bf16 or ZeRO ones,
+    which keep their own gradient buffers and norms): fp32 gradients whole on every rank."""
+    wrapped = type(engine.optimizer).__module__.startswith("deepspeed.")
+    return engine.zero_optimization_stage() == 0 and not wrapped
+
+
+def clip_with_step_norm(engine, norm_fn) -> bool:
+    """DeepSpeed's ZeRO-0 fp32 clipping computes the norm again, one parameter at a time, and
+    averages each rank's local norm over data-parallel ranks, which is not the global norm
+    under expert parallelism. Replaced by a clip with the norm the step computed before
+    `engine.step()` (`unsharded_grad_norm`: `norm_fn(module)`, every expert counted once),
+    the same device scalar the step copies to the host with its losses, so the logged
+    grad_norm is the one clipping used and costs no copy of its own; one foreach multiply.
+    (ZeRO-1/2 sum the squared norms of expert partitions over all data-parallel ranks, which
+    counts each expert once; tests/distributed/test_expert_parallel.py checks grad_norm
+    against EP=1's.) True where replaced."""
+    if not _plain_zero0(engine):
+        return False
 
     def clip_fp32_gradients():
-        max_norm = engine.gradient_clipping()
-        norm = norm_fn(engine.module)
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in engine.module.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device))
-        engine._global_grad_norm = norm  # a device scalar: `last_grad_norm` copies it once
+        norm = engine.__dict__.pop("norm_for_clip", None)
+        if norm is None:  # a step taken without `unsharded_grad_norm` before it
+            norm = norm_fn(engine.module)
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
+        engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_fp32_gradients
-    engine.clips_with_expert_parallel_norm = True
+    engine.clips_with_step_norm = True
+    return True
 
 
 def skip_lone_allreduce(engine) -> bool:
@@ -162,8 +175,7 @@ def skip_lone_allreduce(engine) -> bool:
     buffers), by the one thing that path does that changes the numbers: a trainable parameter
     with no gradient at the boundary (an expert no token reached) gets zeros, so AdamW decays
     it and moves its moments as it does with more processes. True where replaced."""
-    wrapped = type(engine.optimizer).__module__.startswith("deepspeed.")
-    if engine.world_size != 1 or engine.zero_optimization_stage() != 0 or wrapped:
+    if engine.world_size != 1 or not _plain_zero0(engine):
         return False
 
     def allreduce_gradients(bucket_size=None):
@@ -179,14 +191,15 @@ def skip_lone_allreduce(engine) -> bool:
 
 def unsharded_grad_norm(engine, norm_fn) -> torch.Tensor | None:
     """Global grad norm before clipping when gradients are whole on every rank (ZeRO-0 in
-    fp32, where DeepSpeed clips without keeping the norm), a device scalar for the step's one
-    copy to the host; None when the ZeRO/bf16 optimizer or `fix_clipping` computes it. Call
-    after the last backward of a step, before `engine.step()`."""
+    fp32), a device scalar for the step's one copy to the host, kept for the clip of
+    `clip_with_step_norm`; None when the ZeRO/bf16 optimizer computes it. Call after the last
+    backward of a step, before `engine.step()`; collective under expert parallelism."""
     if hasattr(engine.optimizer, "_global_grad_norm"):
         return None
-    if getattr(engine, "clips_with_expert_parallel_norm", False) and engine.gradient_clipping():
-        return None
-    return norm_fn(engine.module).detach()
+    norm = norm_fn(engine.module).detach()
+    if getattr(engine, "clips_with_step_norm", False):
+        engine.norm_for_clip = norm
+    return norm
 
 
 def last_grad_norm(engine) -> float:
@@ -249,6 +262,7 @@ def skip_optimizer_step(engine) -> None:
             else:
                 del opt.__dict__[k]
     assert engine.skipped_steps == skipped_before + 1 and not engine.was_step_applied()
+    engine.__dict__.pop("norm_for_clip", None)  # the dropped step's, never a later one's
 
 
 # ---- ZeRO tensor fragments ----

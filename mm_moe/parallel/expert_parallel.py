@@ -195,13 +195,16 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
     device = next(model.parameters()).device
     for p in model.parameters():
         if p.grad is not None:
-            (expert if is_moe_param(p) else dense).append(torch.linalg.vector_norm(p.grad.float()))
+            (expert if is_moe_param(p) else dense).append(p.grad.detach().float().norm(2))
+    ep = expert_parallel_of(model)
+    if ep is None and not expert:
+        # DeepSpeed's ZeRO-0 clip norm to the bit (per-parameter norms, squares summed, then
+        # the square root as a power): the clip that uses this norm replaces DeepSpeed's, and
+        # a different rounding of it can flip a later routing decision.
+        return torch.stack(dense).pow(2).sum().pow(0.5) if dense else torch.zeros((), device=device)
     total = (
         torch.linalg.vector_norm(torch.stack(dense)) if dense else torch.zeros((), device=device)
     )
-    ep = expert_parallel_of(model)
-    if ep is None and not expert:
-        return total
     expert_sq = torch.stack(expert).square().sum() if expert else torch.zeros((), device=device)
     if ep is not None:
         dist.all_reduce(expert_sq, group=ep.ep_group)

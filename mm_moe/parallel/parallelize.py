@@ -115,7 +115,7 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
         )
     if expert_parallel is not None:
         expert_parallel.check_deepspeed_groups()
-        deepspeed_fixes.fix_clipping(engine, grad_norm)
+    deepspeed_fixes.clip_with_step_norm(engine, grad_norm)
     # Trained apart from the engine (its clip, its bf16): aux_router_optim.py says why.
     engine.aux_routers = (
         AuxRouterOptimizer(model, cfg.optim, cfg.trainer.max_steps) if aux_params else None

@@ -268,3 +268,29 @@ def test_the_single_process_allreduce_does_what_deepspeeds_does_to_the_gradients
     assert not after["ours"][0].any() and not after["ours"][-1].any()
     for ours, theirs in zip(after["ours"], after["deepspeed"]):
         assert torch.equal(ours, theirs)
+
+
+def test_the_clip_uses_the_norm_the_step_fetched(real_training):
+    """ZeRO-0 in fp32 clips with the grad norm the step computed before `engine.step()` and
+    copied to the host with its losses: the logged grad_norm is the clip's, computed once."""
+    from mm_moe.trainer.step import train_step
+
+    t = real_training
+    engine = t.engine
+    assert engine.clips_with_step_norm
+    norms = []
+    real_clip = engine.clip_fp32_gradients
+
+    def clip():
+        norms.append(engine.__dict__.get("norm_for_clip"))
+        real_clip()
+
+    engine.clip_fp32_gradients = clip
+    try:
+        args = (t.model_cfg.z_loss, 1, torch.device("cpu"))
+        stats = train_step(engine, t.loader.next(), *args, guard=t.guard, step=4)
+    finally:
+        engine.clip_fp32_gradients = real_clip
+    assert len(norms) == 1 and norms[0] is not None
+    assert stats["grad_norm"] == float(norms[0]) == float(engine._global_grad_norm)
+    assert "norm_for_clip" not in engine.__dict__  # used once, never by a later step
