@@ -350,3 +350,22 @@ def test_the_long_dense_run_reports_its_minimum_and_each_sources_epochs(tmp_path
     # 120 documents, three quarters from pairs (weight 3 of 4): 90 / 45 = 2 epochs
     assert got["documents"] == 120
     assert got["epochs"] == pytest.approx({"pairs": 2.0, "text": 0.1})
+
+
+def test_the_gap_to_dense_is_paired_by_seed():
+    """Each run's gap is to dense of its own seed (the same batches), not to dense's mean:
+    seed-to-seed swings shared by both models cancel."""
+    rows = [
+        {"model": "dense", "seed": 0, "loss_image": 2.0, "heldout_sets": {"h": {}}},
+        {"model": "dense", "seed": 1, "loss_image": 3.0},
+        {"model": "moma", "seed": 0, "loss_image": 1.9, "h_loss_image": 1.0},
+        {"model": "moma", "seed": 1, "loss_image": 2.85},
+    ]
+    rows[0]["h_loss_image"] = 1.25
+    keys = summarise.paired_gaps(rows)
+    assert "loss_image_vs_dense" in keys and "h_loss_image_vs_dense" in keys
+    assert rows[2]["loss_image_vs_dense"] == pytest.approx(-0.05)
+    assert rows[3]["loss_image_vs_dense"] == pytest.approx(-0.05)  # 2.85 / 3.0 - 1
+    assert rows[2]["h_loss_image_vs_dense"] == pytest.approx(-0.2)
+    assert "h_loss_image_vs_dense" not in rows[3]  # dense seed 1 was not scored on h
+    assert rows[0]["loss_image_vs_dense"] == 0.0

@@ -18,8 +18,8 @@ from mm_moe.eval.study.plan import MODALITIES
 
 HEALTH = ("taken_0", "gate_mean", "router_cosine", "jaccard")
 # What each whole held-out set's evaluation after training gives (run.whole_heldout).
-WHOLE_HELDOUT = [f"{p}loss_{m}" for p in ("", "train_routing_") for m in MODALITIES]
-WHOLE_HELDOUT += [f"tokens_{m}" for m in MODALITIES]
+HELDOUT_LOSSES = [f"{p}loss_{m}" for p in ("", "train_routing_") for m in MODALITIES]
+WHOLE_HELDOUT = HELDOUT_LOSSES + [f"tokens_{m}" for m in MODALITIES]
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -121,6 +121,20 @@ def heldout_sets(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def paired_gaps(rows: list[dict]) -> list[str]:
+    """Adds to every run's row, for each held-out loss, its relative difference to dense's
+    of the same seed (`<key>_vs_dense`: the same batches in the same order, so the spread
+    over seeds of this paired gap is the one to read a sign from); returns the new keys."""
+    keys = HELDOUT_LOSSES + [f"{name}_{k}" for name in heldout_sets(rows) for k in HELDOUT_LOSSES]
+    dense = {r["seed"]: r for r in rows if r["model"] == "dense"}
+    for row in rows:
+        ref = dense.get(row["seed"], {})
+        for key in keys:
+            if key in row and key in ref:
+                row[f"{key}_vs_dense"] = row[key] / ref[key] - 1
+    return [f"{key}_vs_dense" for key in keys]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample std; NaN for both when any value is NaN (a metric a run did not
     measure, e.g. zero-shot with --no-multimodal: statistics.stdev raises on NaN)."""
@@ -138,6 +152,7 @@ def summarize(rows: list[dict], labels: dict, flops_per_token: dict) -> list[dic
     keys += [f"savings_{m}" for m in MODALITIES]
     keys += [f"{stat}_{m}" for stat in HEALTH for m in MODALITIES]
     keys += [f"{name}_{key}" for name in heldout_sets(rows) for key in WHOLE_HELDOUT]
+    keys += paired_gaps(rows)
     for name in labels:
         mine = [r for r in rows if r["model"] == name]
         if not mine:
