@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from mm_moe.checkpoint import layout
-from mm_moe.checkpoint.layout import step_dir_name
 from mm_moe.eval.study.plan import Corpus, Planner
 
 
@@ -66,7 +65,8 @@ def continued_from(planner: Planner, name: str, seed: int, steps: int) -> Path |
         return None
     for shorter, run_dir in planner.prefix_runs(name, seed, steps):
         last = layout.latest_step_dir(run_dir / "checkpoints")
-        if trained(run_dir, shorter) and last is not None and last.name == step_dir_name(shorter):
+        final = last is not None and last.name == layout.step_dir_name(shorter)
+        if final and trained(run_dir, shorter):
             return run_dir
     return None
 
@@ -76,11 +76,10 @@ def _start_from(prefix: Path, run_dir: Path) -> None:
     them: checkpoint files are never written in place) and its metrics rows; training then
     resumes there (checkpoint.resume=auto), exactly as the shorter run would have gone on."""
     source = layout.latest_step_dir(prefix / "checkpoints")
-    root = run_dir / "checkpoints"
     step = int(source.name.rsplit("_", 1)[1])
+    root = run_dir / "checkpoints"
     tmp = layout.new_tmp_dir(root, step)
-    tmp.rmdir()
-    shutil.copytree(source, tmp, copy_function=_link_or_copy)
+    shutil.copytree(source, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
     layout.publish(root, tmp, step)
     shutil.copy2(prefix / "metrics.jsonl", run_dir / "metrics.jsonl")
 
