@@ -31,6 +31,13 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(step_dir: Path) -> int:
+    """The step a step directory (`step_dir_name`) holds."""
+    m = _STEP_RE.match(step_dir.name)
+    assert m is not None, step_dir
+    return int(m.group(1))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -65,7 +65,7 @@ def continued_from(planner: Planner, name: str, seed: int, steps: int) -> Path |
         return None
     for shorter, run_dir in planner.prefix_runs(name, seed, steps):
         last = layout.latest_step_dir(run_dir / "checkpoints")
-        final = last is not None and last.name == layout.step_dir_name(shorter)
+        final = last is not None and layout.step_of(last) == shorter
         if final and trained(run_dir, shorter):
             return run_dir
     return None
@@ -76,7 +76,7 @@ def _start_from(prefix: Path, run_dir: Path) -> None:
     them: checkpoint files are never written in place) and its metrics rows; training then
     resumes there (checkpoint.resume=auto), exactly as the shorter run would have gone on."""
     source = layout.latest_step_dir(prefix / "checkpoints")
-    step = int(source.name.rsplit("_", 1)[1])
+    step = layout.step_of(source)
     root = run_dir / "checkpoints"
     tmp = layout.new_tmp_dir(root, step)
     shutil.copytree(source, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
