@@ -150,15 +150,25 @@ def profile_case(case: str, shape: str, args, tmp: Path) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if cfg.moe.enabled:
         for logged in (True, False):
-            total, top = moe_layer_ops(
-                cfg.moe, SHAPES[shape], args.micro_batch, args.seq_len, logged
-            )
+            counts = {
+                first: moe_layer_ops(
+                    cfg.moe, SHAPES[shape], args.micro_batch, args.seq_len, logged, first
+                )
+                for first in (False, True)
+            }
+            total, top = counts[False]
             print(f"# aten ops of one MoE layer, forward+backward, stats={logged}: {total}")
             print("  " + ", ".join(f"{name} {n}" for name, n in top))
+            print(
+                f"# the forward's first MoE layer, which also makes what every layer shares "
+                f"(the token index, the expert ids), stats={logged}: {counts[True][0]}"
+            )
 
 
-def moe_layer_ops(moe, dims: dict, batch: int, seq_len: int, stats: bool):
-    """(total, 10 most frequent) aten ops of one MoE layer's forward and backward."""
+def moe_layer_ops(moe, dims: dict, batch: int, seq_len: int, stats: bool, first: bool):
+    """(total, 10 most frequent) aten ops of one MoE layer's forward and backward: a later
+    layer of a forward, or (`first`) the forward's first, which makes what every layer of
+    the forward shares (its ForwardContext's token index and cache)."""
     from collections import Counter
 
     import torch
@@ -183,6 +193,10 @@ def moe_layer_ops(moe, dims: dict, batch: int, seq_len: int, stats: bool):
     for counting in (False, True):  # the first forward warms caches up
         ctx = ForwardContext.for_layer(modality_BS)
         ctx.collect_stats = stats
+        if not first:  # an earlier layer of the same forward made the shared parts
+            with torch.no_grad():
+                layer(x_BSd, ctx)
+            ctx.aux_losses.clear(), ctx.aux_router_losses.clear(), ctx.stats.clear()
         with Ops() if counting else _nothing() as ops:
             y_BSd = layer(x_BSd, ctx)
             losses = [*ctx.aux_losses.values(), *ctx.aux_router_losses.values()]

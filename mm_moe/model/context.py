@@ -43,6 +43,8 @@ class ForwardContext:
     collect_stats: bool = True
     # Positions of each modality group's tokens, for every layer (one host sync, first use).
     tokens: TokenIndex | None = None
+    # Tensors every layer of this forward shares, made by the first layer that needs them.
+    cache: dict = field(default_factory=dict)
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         self.aux_losses[name] = self.aux_losses[name] + value if name in self.aux_losses else value

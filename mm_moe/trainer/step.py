@@ -147,13 +147,17 @@ def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: torch.Tenso
             aux_routers.backward(aux_apart)
 
 
-def _agree(engine, sums: _Sums, world: int, rank: int, device) -> tuple[torch.Tensor, dict]:
+def _agree(engine, sums: _Sums, world: int, rank: int, device, norm) -> tuple[torch.Tensor, dict]:
     """The boundary: one all-reduce carries the loss sums, per rank whether it saw a
     non-finite loss or gradient (decided on the device), and the routing statistics, so
     every rank takes the same decision. Returns the reduced flat tensor ([losses..., bad
-    flag per rank..., statistics...]) and the statistics' {name: (offset, shape)} in it."""
+    flag per rank..., statistics...]) and the statistics' {name: (offset, shape)} in it.
+    `norm`: the norm of every gradient this rank holds where computed already (ZeRO-0 in
+    fp32): finite iff they all are (or it overflows fp32, no update to take either), which
+    spares a second pass over the gradients."""
     bad_W = torch.zeros(world, dtype=torch.float64, device=device)
-    finite = torch.isfinite(sums.losses).all() & local_grads_finite(engine).to(device)
+    grads_finite = norm.isfinite() if norm is not None else local_grads_finite(engine)
+    finite = torch.isfinite(sums.losses).all() & grads_finite.to(device)
     bad_W[rank] = (~finite).to(torch.float64)
     stats_K, layout = flatten_fp64(sums.stats, device)
     reduced = all_reduce_sum(torch.cat([sums.losses, bad_W, stats_K.to(device)]))
@@ -168,7 +172,7 @@ def _fetch_boundary(engine, sums: _Sums, counts_M, world: int, rank: int, device
     aux_routers = getattr(engine, "aux_routers", None)
     norm = unsharded_grad_norm(engine)
     norm_aux = aux_routers.reduce(world) if aux_routers is not None else None  # collective
-    reduced, layout = _agree(engine, sums, world, rank, device)
+    reduced, layout = _agree(engine, sums, world, rank, device, norm)
     n_losses = sums.losses.numel()
     fetch = _Fetch()
     fetch.add("losses", reduced[:n_losses])

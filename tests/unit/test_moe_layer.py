@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mm_moe.modality import IMAGE, TEXT
 from mm_moe.model.context import ForwardContext
+from mm_moe.model.moe import batched_choice
 from mm_moe.model.moe import router as router_mod
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.layer import MoELayer
@@ -338,14 +339,17 @@ def test_zero_token_group_is_fine():
     assert ctx.stats["moe/l0/image/load"].tolist() == [0.0, 0.0]
 
 
-def test_router_logits_are_fp32_from_fp32_copies_in_a_bf16_model():
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_group"])
+def test_router_logits_are_fp32_from_fp32_copies_in_a_bf16_model(batched):
     """A bf16 model routes on fp32 logits computed from fp32 copies of its bf16 input and
     weights: the expert-choice selection equals the fp32 model's on the same values (a bf16
-    product, cast after, rounds scores into ties and picks other tokens)."""
+    product, cast after, rounds scores into ties and picks other tokens). Both routing paths:
+    every group at once (moe/batched_choice.py) and group by group."""
     cfg = replace(CASES["ec_sigmoid_moma"], aux_router_coef=0.0)
     torch.manual_seed(0)
     d = 256  # long dot products: bf16 accumulation moves many scores across the top-C cut
     layer = MoELayer(cfg, d, 64, layer_index=0).train()
+    layer.batched_choice = batched
     with torch.no_grad():  # values that bf16 holds exactly, so both models see the same
         for p in layer.parameters():
             p.copy_(p.bfloat16().float())
@@ -356,22 +360,29 @@ def test_router_logits_are_fp32_from_fp32_copies_in_a_bf16_model():
     routes = {}
     for name, model, inp in [("fp32", layer, x.float()), ("bf16", layer_bf16, x)]:
         seen = {}
-        original = router_mod.expert_choice
+        module, attr = (batched_choice, "route") if batched else (router_mod, "expert_choice")
+        original = getattr(module, attr)
 
-        def spy(scores_TE, select_TE, capacity, normalize, _seen=seen, _original=original):
-            _seen.setdefault("dtypes", []).append(scores_TE.dtype)
-            routing = _original(scores_TE, select_TE, capacity, normalize)
-            _seen.setdefault("chosen", []).append(routing.chosen_TE.clone())
-            return routing
+        def spy(*args, _seen=seen, _original=original):
+            if batched:  # (layer, logits_TA, aux_TA, ctx)
+                dtype, choice = args[1].dtype, _original(*args)
+                chosen = choice.chosen_TA
+            else:  # (scores_TE, select_TE, capacity, normalize)
+                dtype, choice = args[0].dtype, _original(*args)
+                chosen = choice.chosen_TE
+            _seen.setdefault("dtypes", []).append(dtype)
+            _seen.setdefault("chosen", []).append(chosen.clone())
+            return choice
 
-        router_mod.expert_choice = spy
+        setattr(module, attr, spy)
         try:
             model(inp, _ctx(modality))
         finally:
-            router_mod.expert_choice = original
+            setattr(module, attr, original)
         routes[name] = seen
     assert set(routes["bf16"]["dtypes"]) == {torch.float32}
-    for a, b in zip(routes["fp32"]["chosen"], routes["bf16"]["chosen"]):
+    assert len(routes["fp32"]["chosen"]) == (1 if batched else 2)
+    for a, b in zip(routes["fp32"]["chosen"], routes["bf16"]["chosen"], strict=True):
         assert torch.equal(a, b)
 
 
@@ -410,3 +421,62 @@ def test_grouped_mm_auto_on_gpus_by_capability_dtype_and_alignment(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     path, why = choose_gemm("auto", cuda, torch.bfloat16, 4096, 1408)
     assert path == "padded" and "Hopper" in why
+
+
+BATCHED_CASES = {
+    "moma_3t2i": CASES["ec_sigmoid_moma"],
+    "normalized_cosine": CASES["ec_normalized_cosine"],
+    "granular_shared": CASES["ec_granular_shared"],
+    "mixed_noise_health": MoEConfig(
+        experts_per_modality={"mixed": 4},
+        capacity_factor=1.5,
+        router_noise=0.5,
+        health_stats=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("batch", ["mixed", "text_only", "few_images"])
+@pytest.mark.parametrize("name", sorted(BATCHED_CASES))
+def test_batched_expert_choice_equals_the_per_group_path(name, batch):
+    """Expert choice in training, every group at once (moe/batched_choice.py) against group
+    by group: the same output, input and parameter gradients (the auxiliary routers' through
+    their loss), the same losses and statistics; with padding, a group without
+    tokens, and a group with fewer tokens than experts. (The expert loads of aux-loss-free
+    balancing are not kept: moe.bias_update_rate is refused with expert choice.)"""
+    x, modality, valid = _inputs(seed=3, B=3, S=10)
+    if batch == "text_only":
+        modality = torch.full_like(modality, TEXT)
+    elif batch == "few_images":
+        modality = torch.full_like(modality, TEXT)
+        modality[0, :1] = IMAGE  # one image token for two image experts
+    results = []
+    for batched in (True, False):
+        layer = _layer(BATCHED_CASES[name]).train()
+        layer.batched_choice = batched
+        x_in = x.clone().requires_grad_()
+        torch.manual_seed(5)  # router noise draws the same numbers
+        ctx = _ctx(modality, valid)
+        out = layer(x_in, ctx)
+        losses = {**ctx.aux_losses, **ctx.aux_router_losses}
+        objective = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        (objective + sum(losses.values())).backward()
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        results.append((out, x_in.grad, grads, losses, ctx.stats))
+    (out, gx, grads, losses, stats), (out2, gx2, grads2, losses2, stats2) = results
+    close = dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, out2, **close)
+    torch.testing.assert_close(gx, gx2, **close)
+    assert grads.keys() == grads2.keys()
+    for n in grads:
+        if grads[n] is None or grads2[n] is None:
+            assert grads[n] is None or not grads[n].any(), n
+            assert grads2[n] is None or not grads2[n].any(), n
+        else:
+            torch.testing.assert_close(grads[n], grads2[n], **close, msg=n)
+    assert losses.keys() == losses2.keys() and losses
+    for n in losses:
+        torch.testing.assert_close(losses[n], losses2[n], **close, msg=n)
+    assert stats.keys() == stats2.keys()
+    for n in stats:
+        torch.testing.assert_close(stats[n], stats2[n], **close, msg=n)

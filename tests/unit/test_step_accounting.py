@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from mm_moe.data.config import DataConfig
 from mm_moe.modality import IMAGE, TEXT
 from mm_moe.model.config import ModelConfig
+from mm_moe.trainer.config import TrainerConfig
+from mm_moe.trainer.guard import StepGuard, TrainingHalted
 from mm_moe.trainer.step import train_step
 
 
@@ -78,3 +81,42 @@ def test_micro_batch_sums_equal_global_token_mean():
     assert stats["tokens_loss"] == ce.numel()
     expected_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
     assert abs(stats["grad_norm"] - expected_norm) < 1e-5
+
+
+class _NaNGradEngine(_LocalEngine):
+    """Finite loss, one non-finite gradient; `sharded`: the optimizer computes the grad norm
+    (ZeRO-1/2, bf16), so the step cannot read finiteness from its own norm."""
+
+    def __init__(self, module, sharded: bool):
+        super().__init__(module)
+        if sharded:
+            self.optimizer = type("Sharded", (), {"_global_grad_norm": None})()
+
+    def backward(self, loss, scale_wrt_gas=True):
+        super().backward(loss, scale_wrt_gas)
+        next(self.module.parameters()).grad[0] = float("nan")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["norm_in_step", "norm_in_optimizer"])
+def test_a_nonfinite_gradient_with_a_finite_loss_stops_the_step(sharded):
+    """The guard sees a NaN gradient whose loss is finite, whether the step computes the grad
+    norm (ZeRO-0 in fp32: read from the norm) or the optimizer does (a pass over the grads)."""
+    loader = DataConfig(seq_len=16).build(
+        seed=1, rank=0, dp_world_size=1, micro_batch_size=2, global_batch_size=2
+    )
+    torch.manual_seed(0)
+    model = (
+        ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=16, max_seq_len=32)
+        .with_vocab(loader.vocab.size)
+        .build()
+    )
+    guard = StepGuard(TrainerConfig(on_nonfinite="stop"))
+    with pytest.raises(TrainingHalted, match="non-finite loss or gradients on rank"):
+        train_step(
+            _NaNGradEngine(model, sharded),
+            loader.micro_batches(0),
+            z_loss=0.0,
+            dp_world_size=1,
+            device=torch.device("cpu"),
+            guard=guard,
+        )

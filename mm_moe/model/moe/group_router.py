@@ -23,7 +23,7 @@ class GroupRouter:
         self.cfg, self.group, self.offset = cfg, group, offset
         self.prefix = f"moe/l{layer_index}/{group.name}"
 
-    def _scores(self, layer, logits_TE: torch.Tensor):
+    def scores(self, layer, logits_TE: torch.Tensor):
         """(gate scores, selection scores), fp32, from the group's fp32 logits."""
         cfg, E = self.cfg, self.group.num_experts
         scores_TE = router.scores_from_logits(logits_TE, cfg.score)
@@ -41,7 +41,7 @@ class GroupRouter:
         (and auxiliary-router logits, expert choice); adds the routing losses and (when
         `ctx.collect_stats`) the statistics to `ctx`."""
         cfg, T, E = self.cfg, logits_TE.shape[0], self.group.num_experts
-        scores_TE, select_TE = self._scores(layer, logits_TE)
+        scores_TE, select_TE = self.scores(layer, logits_TE)
         if cfg.router == "expert_choice":
             routing = self._expert_choice(layer, aux_logits_TE, scores_TE, select_TE, ctx)
         else:
@@ -51,7 +51,9 @@ class GroupRouter:
             routing = router.token_choice(scores_TE, select_TE, cfg.k, cfg.renormalize, capacity)
         if layer.training:
             self._add_losses(logits_TE, routing, ctx)
-        self._add_stats(layer, logits_TE, routing, ctx)
+        self.add_counts(logits_TE.shape[0], routing.token_idx_N.numel(), ctx)
+        if ctx.collect_stats:
+            self.add_stats(layer, logits_TE, routing, ctx)
         if layer.training and cfg.bias_update_rate > 0:
             layer.load_accum[self.offset : self.offset + E] += routing.chosen_TE.sum(0).float()
         return routing
@@ -75,10 +77,13 @@ class GroupRouter:
             aux_loss = AuxRouter.loss(aux_logits_TE, routing.chosen_TE)
             ctx.add_aux_router_loss("moe/aux_router_bce", cfg.aux_router_coef * aux_loss)
         if ctx.collect_stats:
-            aux_acc, baseline = AuxRouter.accuracy(aux_logits_TE, routing.chosen_TE)
-            ctx.add_stat(f"{self.prefix}/aux_router_acc", aux_acc)
-            ctx.add_stat(f"{self.prefix}/aux_router_baseline", baseline)
+            self.add_aux_accuracy(aux_logits_TE, routing.chosen_TE, ctx)
         return routing
+
+    def add_aux_accuracy(self, aux_logits_TE, chosen_TE, ctx: ForwardContext) -> None:
+        aux_acc, baseline = AuxRouter.accuracy(aux_logits_TE, chosen_TE)
+        ctx.add_stat(f"{self.prefix}/aux_router_acc", aux_acc)
+        ctx.add_stat(f"{self.prefix}/aux_router_baseline", baseline)
 
     def _add_losses(self, logits_TE, routing: router.Routing, ctx: ForwardContext) -> None:
         """The enabled routing losses. An empty group still reports each (as zero), so every
@@ -103,14 +108,15 @@ class GroupRouter:
             if coef != 0:
                 ctx.add_loss(name, coef * (zero if empty else term()))
 
-    def _add_stats(self, layer, logits_TE, routing: router.Routing, ctx: ForwardContext) -> None:
-        # Routed (token, expert) pairs and the group's tokens, always (the host knows them):
-        # their ratio is the experts per token actually computed (expert-choice capacity
-        # rounds), which FLOPs accounting uses on every step.
-        ctx.add_stat(f"{self.prefix}/pairs", float(routing.token_idx_N.numel()))
-        ctx.add_stat(f"{self.prefix}/tokens", float(logits_TE.shape[0]))
-        if not ctx.collect_stats:
-            return
+    def add_counts(self, num_tokens: int, num_pairs: int, ctx: ForwardContext) -> None:
+        """Routed (token, expert) pairs and the group's tokens, on every step (the host knows
+        them): their ratio is the experts per token actually computed (expert-choice capacity
+        rounds), which FLOPs accounting uses on every step."""
+        ctx.add_stat(f"{self.prefix}/pairs", float(num_pairs))
+        ctx.add_stat(f"{self.prefix}/tokens", float(num_tokens))
+
+    def add_stats(self, layer, logits_TE, routing: router.Routing, ctx: ForwardContext) -> None:
+        """The statistics of the steps that log them."""
         if logits_TE.shape[0] == 0:
             load_E = logits_TE.new_zeros(logits_TE.shape[1])
             entropy = logits_TE.new_zeros(())

@@ -16,7 +16,9 @@ from torch import nn
 from mm_moe.errors import UserError
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mlp import SwiGLU
+from mm_moe.model.moe import batched_choice
 from mm_moe.model.moe.aux_router import AuxRouter, batched_logits
+from mm_moe.model.moe.batched_choice import cat_parts
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.dispatch import permute, sort_by_expert, unpermute
 from mm_moe.model.moe.experts import GroupedExperts
@@ -90,6 +92,9 @@ class MoELayer(nn.Module):
         # Routing-health statistics in this forward (moe.health_stats); training sets it for
         # the steps it logs only.
         self.collect_health = cfg.health_stats
+        # Expert choice in training routes every group at once where it can
+        # (moe/batched_choice.py); false: group by group (tests hold the two equal).
+        self.batched_choice = True
 
     @torch.no_grad()
     def init_routers(self, std: float) -> None:
@@ -133,7 +138,14 @@ class MoELayer(nn.Module):
         aux_TE = None
         if self.aux_routers:  # expert choice: every group's auxiliary router in one op
             aux_TE = batched_logits([self.aux_routers[g.name] for g in self.group_specs], x_Td)
-        routings, shared_out_Td = [], None
+        shared_out_Td = self._shared(x_Td, ctx)
+        if self.batched_choice and batched_choice.applies(self):
+            choice = batched_choice.route(self, logits_TE, aux_TE, ctx)
+            out_Td = self._experts_static(
+                x_Td, choice.token_idx_N, choice.gate_N, choice.capacities, ctx
+            )
+            return self._finish(out_Td, shared_out_Td, B, S)
+        routings = []
         for group, group_router in zip(self.group_specs, self.group_routers):
             # Positions from the forward's TokenIndex (its one host sync, shared by layers).
             group_tokens, count = ctx.tokens.group(group.modalities)
@@ -147,13 +159,14 @@ class MoELayer(nn.Module):
             if not whole:
                 routing.token_idx_N = group_tokens[routing.token_idx_N]
             routings.append(routing)
-            if group.name in self.shared:
-                x_group = x_Td if whole else x_Td.index_select(0, group_tokens)
-                shared_Td = self.shared[group.name](x_group)
-                index = None if whole else group_tokens
-                shared_out_Td = _add_rows(shared_out_Td, shared_Td, index, x_Td)
         if all(r.capacity is not None for r in routings) and hasattr(self.dispatcher, "runs"):
-            out_Td = self._experts_static(x_Td, routings, ctx)
+            out_Td = self._experts_static(
+                x_Td,
+                cat_parts([r.token_idx_N for r in routings]),
+                cat_parts([r.gate_N for r in routings]),
+                [r.capacity for r in routings],
+                ctx,
+            )
         else:
             out_Td = self._experts(
                 x_Td,
@@ -163,19 +176,38 @@ class MoELayer(nn.Module):
                 ),
                 torch.cat([r.gate_N for r in routings]),
             )
+        return self._finish(out_Td, shared_out_Td, B, S)
+
+    def _shared(self, x_Td: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """The shared experts' output (each group's on its own tokens); None without any."""
+        shared_out_Td, T = None, len(x_Td)
+        for group in self.group_specs:
+            if group.name not in self.shared:
+                continue
+            group_tokens, count = ctx.tokens.group(group.modalities)
+            whole = count == T  # no gather, and no scatter in the backward
+            x_group = x_Td if whole else x_Td.index_select(0, group_tokens)
+            shared_Td = self.shared[group.name](x_group)
+            shared_out_Td = _add_rows(
+                shared_out_Td, shared_Td, None if whole else group_tokens, x_Td
+            )
+        return shared_out_Td
+
+    @staticmethod
+    def _finish(out_Td, shared_out_Td, B: int, S: int) -> torch.Tensor:
         if shared_out_Td is not None:
             out_Td = out_Td + shared_out_Td
-        return out_Td.view(B, S, d)
+        return out_Td.view(B, S, -1)
 
-    def _experts_static(self, x_Td, routings, ctx: ForwardContext) -> torch.Tensor:
+    def _experts_static(
+        self, x_Td, token_idx_N, gate_N, capacities: list[int], ctx: ForwardContext
+    ) -> torch.Tensor:
         """Expert choice in training: every expert of a group takes C tokens, so the pairs
         arrive sorted by expert with counts the host knows: one gather, batched expert GEMMs
         over [E, C, d], one scatter-add to combine (no sort, no counts, no host sync). Under
         expert parallelism every peer's capacities follow from its group sizes, which the
         forward's TokenIndex gathered: the all-to-all splits need no count exchange."""
-        token_idx_N = torch.cat([r.token_idx_N for r in routings])
-        gate_N = torch.cat([r.gate_N for r in routings])
-        runs = [(g.num_experts, r.capacity) for g, r in zip(self.group_specs, routings)]
+        runs = [(g.num_experts, C) for g, C in zip(self.group_specs, capacities)]
         sizes_GR = [ctx.tokens.peer_sizes(g.modalities) for g in self.group_specs]
         runs_R = [
             [
