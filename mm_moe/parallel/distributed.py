@@ -14,6 +14,7 @@ first, so it is never taken for lost.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import functools
 import logging
@@ -112,10 +113,10 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    skip_shm_build()
     if not dist.is_initialized():
         import deepspeed
 
-        skip_shm_build()
         timeout = datetime.timedelta(seconds=timeout_s)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             _init_restarted_attempt(backend, timeout)
@@ -267,6 +268,9 @@ class Liveness:
         self._beat()
         self._thread = threading.Thread(target=self._run, name="mm_moe-liveness", daemon=True)
         self._thread.start()
+        # A process that ends without shutdown() (a script's own exit, a test harness) must
+        # not finalize with the thread inside a store call: see _stop_thread.
+        atexit.register(self._stop_thread)
 
     def _key(self, what: str, rank: int) -> str:
         return f"{self.prefix}{what}/{rank}"
@@ -370,11 +374,16 @@ class Liveness:
                 self.store.set(self._key("exit", self.rank), "ok" if ok else "error")
         except Exception:  # noqa: BLE001 - the store may be gone already; nothing to tell
             pass
-        # A daemon thread still inside a C++ store call when the interpreter finalizes is
-        # force-unwound, which aborts the process ("terminate called without an active
-        # exception") after a successful run: let it leave its loop first.
+        self._stop_thread()
+
+    def _stop_thread(self) -> None:
+        """A daemon thread still inside a C++ store call when the interpreter finalizes is
+        force-unwound, which aborts the process ("terminate called without an active
+        exception") after a successful run: let it leave its loop first. Runs at mark_exit and
+        at interpreter exit (atexit runs before daemon threads are stopped)."""
+        self._stop.set()
         if self._thread is not threading.current_thread():
-            self._thread.join(timeout=3 * self.interval_s)
+            self._thread.join(timeout=self.store.timeout.total_seconds() + self.interval_s)
 
 
 _LIVENESS: Liveness | None = None  # one per process, like the default process group
