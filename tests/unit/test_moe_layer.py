@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mm_moe.modality import IMAGE, TEXT
 from mm_moe.model.context import ForwardContext
-from mm_moe.model.moe import batched_choice
+from mm_moe.model.moe import batched_choice, batched_tokens
 from mm_moe.model.moe import router as router_mod
 from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.layer import MoELayer
@@ -349,7 +349,7 @@ def test_router_logits_are_fp32_from_fp32_copies_in_a_bf16_model(batched):
     torch.manual_seed(0)
     d = 256  # long dot products: bf16 accumulation moves many scores across the top-C cut
     layer = MoELayer(cfg, d, 64, layer_index=0).train()
-    layer.batched_choice = batched
+    layer.batched_routing = batched
     with torch.no_grad():  # values that bf16 holds exactly, so both models see the same
         for p in layer.parameters():
             p.copy_(p.bfloat16().float())
@@ -436,24 +436,31 @@ BATCHED_CASES = {
 }
 
 
-@pytest.mark.parametrize("batch", ["mixed", "text_only", "few_images"])
-@pytest.mark.parametrize("name", sorted(BATCHED_CASES))
-def test_batched_expert_choice_equals_the_per_group_path(name, batch):
-    """Expert choice in training, every group at once (moe/batched_choice.py) against group
-    by group: the same output, input and parameter gradients (the auxiliary routers' through
-    their loss), the same losses and statistics; with padding, a group without
-    tokens, and a group with fewer tokens than experts. (The expert loads of aux-loss-free
-    balancing are not kept: moe.bias_update_rate is refused with expert choice.)"""
+def _batch(kind: str):
+    """A mixed batch with padding; text only (an empty image group); one image token (fewer
+    than the image experts); every token valid (no gather where one group holds them all); no
+    token valid."""
     x, modality, valid = _inputs(seed=3, B=3, S=10)
-    if batch == "text_only":
+    if kind in ("text_only", "few_images"):
         modality = torch.full_like(modality, TEXT)
-    elif batch == "few_images":
-        modality = torch.full_like(modality, TEXT)
-        modality[0, :1] = IMAGE  # one image token for two image experts
+    if kind == "few_images":
+        modality[0, :1] = IMAGE
+    if kind == "all_valid":
+        valid = torch.ones_like(valid)
+    if kind == "all_padding":
+        valid = torch.zeros_like(valid)
+    return x, modality, valid
+
+
+def _assert_routing_paths_equal(cfg: MoEConfig, kind: str, training: bool = True) -> None:
+    """The layer routing every group at once and group by group: the same output, input and
+    parameter gradients (the auxiliary routers' through their loss), the same losses,
+    statistics and expert loads."""
+    x, modality, valid = _batch(kind)
     results = []
     for batched in (True, False):
-        layer = _layer(BATCHED_CASES[name]).train()
-        layer.batched_choice = batched
+        layer = _layer(cfg).train(training)
+        layer.batched_routing = batched
         x_in = x.clone().requires_grad_()
         torch.manual_seed(5)  # router noise draws the same numbers
         ctx = _ctx(modality, valid)
@@ -462,11 +469,12 @@ def test_batched_expert_choice_equals_the_per_group_path(name, batch):
         objective = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
         (objective + sum(losses.values())).backward()
         grads = {n: p.grad for n, p in layer.named_parameters()}
-        results.append((out, x_in.grad, grads, losses, ctx.stats))
-    (out, gx, grads, losses, stats), (out2, gx2, grads2, losses2, stats2) = results
+        results.append((out, x_in.grad, grads, losses, ctx.stats, layer.load_accum))
+    (out, gx, grads, losses, stats, load), (out2, gx2, grads2, losses2, stats2, load2) = results
     close = dict(atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out, out2, **close)
     torch.testing.assert_close(gx, gx2, **close)
+    torch.testing.assert_close(load, load2, **close)
     assert grads.keys() == grads2.keys()
     for n in grads:
         if grads[n] is None or grads2[n] is None:
@@ -474,9 +482,60 @@ def test_batched_expert_choice_equals_the_per_group_path(name, batch):
             assert grads2[n] is None or not grads2[n].any(), n
         else:
             torch.testing.assert_close(grads[n], grads2[n], **close, msg=n)
-    assert losses.keys() == losses2.keys() and losses
+    assert losses.keys() == losses2.keys() and (losses or not training)
     for n in losses:
         torch.testing.assert_close(losses[n], losses2[n], **close, msg=n)
     assert stats.keys() == stats2.keys()
     for n in stats:
         torch.testing.assert_close(stats[n], stats2[n], **close, msg=n)
+
+
+@pytest.mark.parametrize("batch", ["mixed", "text_only", "few_images"])
+@pytest.mark.parametrize("name", sorted(BATCHED_CASES))
+def test_batched_expert_choice_equals_the_per_group_path(name, batch):
+    """Expert choice in training, every group at once (moe/batched_choice.py), against group
+    by group. (The expert loads of aux-loss-free balancing are not kept: moe.bias_update_rate
+    is refused with expert choice.)"""
+    _assert_routing_paths_equal(BATCHED_CASES[name], batch)
+
+
+TOKEN_CHOICE_CASES = {
+    # The preset's losses, softmax top-2 over 4 text and 3 image experts.
+    "moma_top2_losses": replace(
+        CASES["tc_softmax_top2"], load_balance_coef=0.01, router_z_coef=0.001
+    ),
+    # Sigmoid scores without renormalising, one mixed group, every loss, expert loads.
+    "mixed_sigmoid_all": replace(
+        CASES["tc_sigmoid_raw_mixed"],
+        load_balance_coef=0.1,
+        router_z_coef=0.01,
+        entropy_local_coef=0.1,
+        entropy_global_coef=0.1,
+        bias_update_rate=0.01,
+        health_stats=True,
+    ),
+    # MoMa top-1 with sigmoid scores, entropies, expert loads, granular and shared experts.
+    "moma_granular_sigmoid": MoEConfig(
+        experts_per_modality={"text": 2, "image": 3},
+        router="token_choice",
+        capacity_factor=0.0,
+        granularity=2,
+        shared_experts=1,
+        entropy_local_coef=0.1,
+        entropy_global_coef=0.1,
+        bias_update_rate=0.01,
+        health_stats=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("batch", ["mixed", "text_only", "few_images", "all_valid", "all_padding"])
+@pytest.mark.parametrize("name", sorted(TOKEN_CHOICE_CASES))
+def test_batched_token_choice_equals_the_per_group_path(name, batch, training):
+    """Dropless token choice, every group at once (moe/batched_tokens.py), against group by
+    group, in training (with its losses and expert loads) and in evaluation."""
+    cfg = TOKEN_CHOICE_CASES[name]
+    layer = _layer(cfg).train(training)
+    assert batched_tokens.applies(layer)
+    _assert_routing_paths_equal(cfg, batch, training)

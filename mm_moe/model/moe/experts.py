@@ -85,9 +85,7 @@ def choose_gemm(gemm: str, device: torch.device, dtype: torch.dtype, d_model: in
     return "loop", f"moe.gemm=auto on CPU: a loop of GEMMs over experts ({why})"
 
 
-def _grouped_mm(x_Nd: torch.Tensor, w_Edh: torch.Tensor, counts_E=None, offs_E=None):
-    if offs_E is None:
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+def _grouped_mm(x_Nd: torch.Tensor, w_Edh: torch.Tensor, offs_E: torch.Tensor):
     return _ContiguousGrad.apply(torch._grouped_mm(x_Nd, w_Edh, offs=offs_E))
 
 
@@ -230,8 +228,8 @@ class GroupedExperts(nn.Module):
                     total += C
                     ends.append(total)
             offs_E = host_to_device(ends, x_Nd.device, torch.int32)
-            gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, offs_E=offs_E).chunk(2, dim=1)
-            return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, offs_E=offs_E)
+            gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, offs_E).chunk(2, dim=1)
+            return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, offs_E)
         spans: list[tuple[int, int, int, int]] = []
         e0 = n0 = 0
         for E, C in runs:
@@ -252,8 +250,9 @@ class GroupedExperts(nn.Module):
         path, _ = self.path(x_Nd.device, x_Nd.dtype)
         self.last_path = path
         if path == "grouped_mm":
-            gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, counts_E).chunk(2, dim=1)
-            return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, counts_E)
+            offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # once for both GEMMs
+            gate_Nh, up_Nh = _grouped_mm(x_Nd, self.w_gate_up, offs_E).chunk(2, dim=1)
+            return _grouped_mm(F.silu(gate_Nh) * up_Nh, self.w_down, offs_E)
         counts = counts_E.tolist() if counts is None else counts
         max_count = max(counts) if counts else 0
         # On a GPU one batched GEMM beats a launch per expert, unless padding to the busiest

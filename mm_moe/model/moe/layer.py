@@ -1,8 +1,9 @@
 """The modality-aware MoE feed-forward layer.
 
-tokens [T, d] with modality ids -> per group: router (fp32) -> selection -> one sort by expert
-over all groups -> (dispatcher: local experts, or all-to-all under expert parallelism) ->
-un-permute, weight by gates, index_add -> plus shared experts.
+tokens [T, d] with modality ids -> every group's router (one fp32 matmul) -> selection (all
+groups at once where moe/batched_choice.py or moe/batched_tokens.py applies, else per group)
+-> one sort by expert over all groups -> (dispatcher: local experts, or all-to-all under expert
+parallelism) -> un-permute, weight by gates, index_add -> plus shared experts.
 
 Shape legend: B batch, S sequence, T tokens, d width, E experts of a group, N selected pairs.
 """
@@ -16,7 +17,7 @@ from torch import nn
 from mm_moe.errors import UserError
 from mm_moe.model.context import ForwardContext
 from mm_moe.model.mlp import SwiGLU
-from mm_moe.model.moe import batched_choice
+from mm_moe.model.moe import batched_choice, batched_tokens
 from mm_moe.model.moe.aux_router import AuxRouter, batched_logits
 from mm_moe.model.moe.batched_choice import cat_parts
 from mm_moe.model.moe.config import MoEConfig
@@ -92,9 +93,10 @@ class MoELayer(nn.Module):
         # Routing-health statistics in this forward (moe.health_stats); training sets it for
         # the steps it logs only.
         self.collect_health = cfg.health_stats
-        # Expert choice in training routes every group at once where it can
-        # (moe/batched_choice.py); false: group by group (tests hold the two equal).
-        self.batched_choice = True
+        # Expert choice in training and dropless token choice route every group at once
+        # where they can (moe/batched_choice.py, moe/batched_tokens.py); false: group by
+        # group (tests hold the two equal).
+        self.batched_routing = True
 
     @torch.no_grad()
     def init_routers(self, std: float) -> None:
@@ -139,11 +141,14 @@ class MoELayer(nn.Module):
         if self.aux_routers:  # expert choice: every group's auxiliary router in one op
             aux_TE = batched_logits([self.aux_routers[g.name] for g in self.group_specs], x_Td)
         shared_out_Td = self._shared(x_Td, ctx)
-        if self.batched_choice and batched_choice.applies(self):
+        if self.batched_routing and batched_choice.applies(self):
             choice = batched_choice.route(self, logits_TE, aux_TE, ctx)
             out_Td = self._experts_static(
                 x_Td, choice.token_idx_N, choice.gate_N, choice.capacities, ctx
             )
+            return self._finish(out_Td, shared_out_Td, B, S)
+        if self.batched_routing and batched_tokens.applies(self):
+            out_Td = self._experts(x_Td, *batched_tokens.route(self, logits_TE, ctx))
             return self._finish(out_Td, shared_out_Td, B, S)
         routings = []
         for group, group_router in zip(self.group_specs, self.group_routers):
@@ -222,15 +227,17 @@ class MoELayer(nn.Module):
         weighted_Nd = y_Nd * gate_N.unsqueeze(1).to(y_Nd.dtype)
         return y_Nd.new_zeros(x_Td.shape).index_add(0, token_idx_N, weighted_Nd)
 
-    def _experts(self, x_Td, token_idx_N, expert_idx_N, gate_N) -> torch.Tensor:
+    def _experts(self, x_Td, token_idx_N, expert_idx_N, gate_N, slot_N=None) -> torch.Tensor:
         """Sort the pairs by dispatch slot, run them through the experts (locally or by
-        all-to-all), weight by gates and sum per token."""
+        all-to-all), weight by gates and sum per token. slot_N: with a fanout, each pair's
+        token * K + j where the caller has it already (batched token choice)."""
         T, fanout = len(x_Td), self._fanout()
         slot_of_expert = getattr(self.dispatcher, "slot_of_expert", None)
         if slot_of_expert is not None:
             expert_idx_N = slot_of_expert[expert_idx_N]
-        slot_N = None
-        if fanout:
+        if not fanout:
+            slot_N = None
+        elif slot_N is None:
             pair_N = torch.arange(len(token_idx_N), device=token_idx_N.device)
             slot_N = token_idx_N * fanout + pair_N % fanout
         perm = sort_by_expert(
