@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,29 @@ TINY = [
 
 # torch.distributed's launch variables: a subprocess starts its own world.
 _DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A free TCP port for a rendezvous that separately started processes must find by
+    number. Drawn below the kernel's ephemeral range (ip_local_port_range), where no
+    outgoing connection (a parallel test's gloo pairs) or port-0 bind can take it between this
+    check and the launcher's own bind."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()  # not the tests' seeded global generator: parallel workers differ
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low - 12000}, {low}) after 100 tries")
 
 
 def _env() -> dict:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 
-from tests.helpers import PYTHON, REPO, TINY, TORCHRUN, _env, losses, train
+from tests.helpers import PYTHON, REPO, TINY, TORCHRUN, _env, free_port, losses, train
 
 TIMEOUT_S = 20
 # Expert parallelism over both ranks: rank 0 waits for rank 1 inside the MoE all-to-all.
@@ -23,15 +22,9 @@ EP = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two(run_dir, fault: str) -> list[subprocess.Popen]:
     """Two ranks started like srun does (no torchrun agent to tear the others down)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         env = _env()

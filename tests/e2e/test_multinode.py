@@ -4,18 +4,11 @@ trains the same job as one node with two processes: the same losses."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 
-from tests.helpers import PYTHON, REPO, TINY, _env, losses, train
+from tests.helpers import PYTHON, REPO, TINY, _env, free_port, losses, train
 
 JOB = ["experiment=tiny_moma", "parallel.expert_parallel_size=2", "trainer.max_steps=4"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_on_localhost_equal_one_node_with_two_processes(tmp_path):
@@ -23,7 +16,7 @@ def test_two_nodes_on_localhost_equal_one_node_with_two_processes(tmp_path):
     train(one_node, *JOB, nproc=2)
 
     two_nodes = tmp_path / "two"
-    port = _free_port()
+    port = free_port()
     args = [*TINY, f"trainer.run_dir={two_nodes}", *JOB]
     nodes = []
     for rank in (0, 1):
