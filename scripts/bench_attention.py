@@ -27,6 +27,7 @@ import torch
 
 from mm_moe.model.attention import attend
 from mm_moe.model.attention_mask import AttentionMask
+from mm_moe.utils.cuda_check import cuda_missing
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 4, 64  # grouped-query, as the 1.4B presets
 
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="S=128, 4 documents, 1 iteration")
     args = parser.parse_args()
+    if args.device == "cuda" and cuda_missing():
+        parser.error(f"--device cuda: {cuda_missing()}; use --device cpu")
     if args.smoke:
         args.seq_lens, args.docs, args.iters = "128", "4", 1
     device = torch.device(args.device)

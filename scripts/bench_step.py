@@ -238,6 +238,10 @@ def _parse() -> argparse.Namespace:
         p.error(f"unknown {bad}: shapes {', '.join(SHAPES)}; cases {', '.join(CASES)}")
     if args.rounds < 2 or args.steps < 1:
         p.error("--rounds must be at least 2 (the first is warm-up) and --steps at least 1")
+    from mm_moe.utils.cuda_check import cuda_missing
+
+    if args.device == "cuda" and cuda_missing():
+        p.error(f"--device cuda: {cuda_missing()}; use --device cpu")
     return args
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from mm_moe.errors import UserError
 from mm_moe.parallel.deepspeed_fixes import skip_shm_build
+from mm_moe.utils.cuda_check import cuda_missing
 from mm_moe.utils.host_to_device import host_to_device
 
 
@@ -96,8 +97,8 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
         )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but CUDA is not available on this machine")
+    if use_cuda and cuda_missing():
+        raise UserError(f"trainer.device=cuda: {cuda_missing()}; use trainer.device=cpu or auto")
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if backend == "nccl" and not use_cuda:

@@ -181,3 +181,24 @@ def test_bench_step_profiles_a_case_and_counts_its_moe_layer_ops():
             counts[line.split("stats=")[1].split(":")[0]] = int(line.rsplit(":", 1)[1])
     assert set(counts) == {"True", "False"}, proc.stdout[-2000:]
     assert 0 < counts["False"] < counts["True"]
+
+
+@pytest.mark.parametrize("script", ["bench_attention.py", "bench_moe.py", "bench_step.py"])
+def test_benchmarks_refuse_cuda_where_there_is_none(script):
+    """--device cuda without CUDA: the usage error (exit 2) that says so, not a traceback from
+    deep inside torch after the benchmark started."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = subprocess.run(
+        [PYTHON, f"scripts/{script}", "--device", "cuda", "--smoke"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--device cuda: CUDA is not available on this machine" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
