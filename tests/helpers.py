@@ -35,25 +35,29 @@ _DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 def free_port() -> int:
     """A free TCP port for a rendezvous that separately started processes must find by
-    number. Drawn below the kernel's ephemeral range (ip_local_port_range), where no
+    number. Drawn outside the kernel's ephemeral range (ip_local_port_range), where no
     outgoing connection (a parallel test's gloo pairs) or port-0 bind can take it between this
-    check and the launcher's own bind."""
-    low = 32768
+    check and the launcher's own bind; where that range leaves no room, a port-0 bind's."""
+    low, high = 32768, 60999
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
+            low, high = map(int, f.read().split()[:2])
+    except (OSError, ValueError):
         pass
+    ranges = [(max(1024, low - 12000), low), (high + 1, min(65536, high + 12001))]
     rng = random.Random()  # not the tests' seeded global generator: parallel workers differ
-    for _ in range(100):
-        port = rng.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in [{low - 12000}, {low}) after 100 tries")
+    for first, end in [r for r in ranges if r[0] < r[1]]:
+        for _ in range(50):
+            port = rng.randrange(first, end)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _env() -> dict:

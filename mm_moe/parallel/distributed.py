@@ -376,6 +376,7 @@ class Liveness:
         except Exception:  # noqa: BLE001 - the store may be gone already; nothing to tell
             pass
         self._stop_thread()
+        atexit.unregister(self._stop_thread)  # drop the reference to this monitor and store
 
     def _stop_thread(self) -> None:
         """A daemon thread still inside a C++ store call when the interpreter finalizes is

@@ -23,6 +23,8 @@ def _worker(rank: int, world_size: int, backend: str, port: int, func, args) -> 
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
+    from mm_moe.parallel.distributed import shutdown
+
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_TIMEOUT)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=_TIMEOUT
@@ -31,8 +33,6 @@ def _worker(rank: int, world_size: int, backend: str, port: int, func, args) -> 
         func(rank, world_size, *args)
         dist.barrier()
     finally:
-        from mm_moe.parallel.distributed import shutdown
-
         shutdown()  # marks this rank's exit and stops its heartbeat thread, as training does
 
 

@@ -7,7 +7,9 @@ op a per-group one: softmax or sigmoid scores, top-k, gates and the routing loss
 group's mean turned into one weighted sum, with weights made once per forward). Autograd then
 records one chain per layer instead of one per group (MoMa 4t4i TC at d=128: see
 scripts/bench_step.py --profile). `MoELayer` takes this path where it applies (`applies`)
-and the per-group one (group_router.py) elsewhere; tests hold the two equal.
+and the per-group one (group_router.py) elsewhere; tests hold the two equal. (Where a token's
+scores tie exactly, e.g. saturated sigmoids, top-k over a wider row may pick another of the tied
+experts than the per-group path: both are top-k selections.)
 
 Shape legend: T tokens, V routed (valid) tokens, A experts of all groups, E experts of a group,
 K experts per token, N pairs (V * K, token-major).
