@@ -57,6 +57,14 @@ class GenerateConfig:
     tokenizer: GenerateTokenizer = field(default_factory=GenerateTokenizer)
 
     def __post_init__(self) -> None:
+        for key, value, least, meaning in (
+            ("n", self.n, 1, "samples"),
+            ("max_new_tokens", self.max_new_tokens, 1, "tokens to sample"),
+            ("temperature", self.temperature, 0, "0: greedy"),
+            ("top_k", self.top_k, 0, "0: every allowed token"),
+        ):
+            if value < least:
+                raise UserError(f"{key}={value} must be >= {least} ({meaning})")
         if self.guidance < 1:
             raise UserError(f"guidance={self.guidance} must be >= 1 (1: no guidance)")
         if self.guidance != 1 and self.mode != "image":

@@ -26,6 +26,7 @@ NOT_FUNCTION = {
     "moe.entropy_local_coef",
     "moe.entropy_global_coef",
     "moe.aux_router_coef",
+    "moe.top1_straight_through",  # the gradient of a top-1 gate of value 1, not its value
     # logging and speed only
     "moe.health_stats",
     "moe.gemm",

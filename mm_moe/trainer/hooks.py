@@ -131,12 +131,25 @@ REMEDIES = (
 )
 
 
+def raw_sigmoid_gates(moe) -> bool:
+    """Whether the selected pairs' gates are their sigmoid scores as they are: then a low mean
+    gate means a router that silences its experts. Softmax gates shrink with the number of
+    experts by design, and normalized ones (renormalized token choice, normalized expert
+    choice) average 1/k."""
+    if moe.router == "token_choice":
+        normalized = moe.renormalize
+    else:
+        normalized = moe.expert_choice_gate == "normalized"
+    return moe.score == "sigmoid" and not normalized
+
+
 class RoutingHealthHook(Hook):
     """A warning, once per layer and group, when a group's routing degenerates over
-    logging.routing_warning.intervals consecutive logged steps (moe/health.py's metrics)."""
+    logging.routing_warning.intervals consecutive logged steps (moe/health.py's metrics;
+    without moe.health_stats, the share of tokens no expert took alone, from `dropped`)."""
 
     def __init__(self, cfg, sigmoid_gates: bool):
-        self.cfg, self.sigmoid_gates = cfg, sigmoid_gates
+        self.cfg, self.sigmoid_gates = cfg, sigmoid_gates  # raw_sigmoid_gates(moe)
         self.streak: dict[str, int] = {}
         self.warned: set[str] = set()
 
@@ -144,10 +157,11 @@ class RoutingHealthHook(Hook):
         t = trainer.training
         if step % t.cfg.trainer.log_interval or not t.dist.is_main:
             return
-        for key, unprocessed in record.items():
-            if not (key.startswith("moe/l") and key.endswith("/taken_0")):
+        for key, dropped in record.items():
+            if not (key.startswith("moe/l") and key.endswith("/dropped")):
                 continue
-            group = key.removesuffix("/taken_0")
+            group = key.removesuffix("/dropped")
+            unprocessed = record.get(f"{group}/taken_0", dropped)
             gate = record.get(f"{group}/gate_mean", 1.0)
             bad = unprocessed > self.cfg.unprocessed or (
                 self.sigmoid_gates and gate < self.cfg.gate_mean

@@ -27,6 +27,7 @@ from mm_moe.trainer.hooks import (
     RollbackHook,
     RouterNoiseHook,
     RoutingHealthHook,
+    raw_sigmoid_gates,
     summary,
 )
 from mm_moe.trainer.profiler import ProfileHook
@@ -44,8 +45,8 @@ def default_hooks(training: Training) -> list[Hook]:
         hooks.append(EvalHook(training.evaluator, cfg.eval.interval))
     hooks.append(MetricsHook())
     warning = cfg.logging.routing_warning
-    if cfg.moe.enabled and cfg.moe.health_stats and warning.intervals > 0:
-        hooks.append(RoutingHealthHook(warning, sigmoid_gates=cfg.moe.score == "sigmoid"))
+    if cfg.moe.enabled and warning.intervals > 0:
+        hooks.append(RoutingHealthHook(warning, sigmoid_gates=raw_sigmoid_gates(cfg.moe)))
     hooks += [RollbackHook(), CheckpointHook()]
     if cfg.trainer.profile:  # trainer.profile=START:END (profiler.py)
         hooks.append(ProfileHook(*cfg.trainer.profile_steps()))

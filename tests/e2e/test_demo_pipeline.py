@@ -138,6 +138,14 @@ def test_demo_corpus_tokenizers_training_and_sampling(tmp_path):
         np.testing.assert_array_equal(got, np.asarray(tok.image.decode(codes)))
     with pytest.raises(UserError, match="needs mode=image"):
         GenerateConfig(checkpoint=str(run_dir), guidance=3.0)
+    for bad, message in [
+        (dict(top_k=-3), "top_k=-3 must be >= 0"),
+        (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+        (dict(n=0), "n=0 must be >= 1"),
+        (dict(max_new_tokens=0), "max_new_tokens=0 must be >= 1"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            GenerateConfig(checkpoint=str(run_dir), **bad)
 
 
 def _check_step_3_against_a_recount(run_dir, row: dict) -> None:

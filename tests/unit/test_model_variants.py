@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -181,10 +182,18 @@ def test_moe_stats_equal_a_naive_recount():
         (dict(experts_per_modality={"text": 2, "image": 0}), "moe.experts_per_modality"),
         (dict(experts_per_modality={"mixed": 2}, router="token_choice", top_k=3), "moe.top_k"),
         (dict(capacity_factor=0.0), "moe.capacity_factor"),
+        # expert choice: each expert would take more than every token of its group
+        (dict(top_k=3), "moe.capacity_factor=1.0 x moe.top_k=3 exceeds the 2 experts"),
+        (dict(capacity_factor=2.5), "moe.capacity_factor=2.5 x moe.top_k=1 exceeds"),
+        (dict(layers=[-1]), "moe.layers=[-1] must be layer indices >= 0"),
+        (dict(layers=[]), "moe.layers=[] makes no layer MoE"),
+        (dict(granularity=0), "moe.granularity=0 must be >= 1"),
+        (dict(shared_experts=-1), "moe.shared_experts=-1 must be >= 0"),
+        (dict(router_noise=-1.0), "moe.router_noise=-1.0 must be >= 0"),
     ],
 )
 def test_bad_moe_config_names_the_key(bad, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(key)):
         MoEConfig(**{"experts_per_modality": {"mixed": 2}, **bad})
 
 

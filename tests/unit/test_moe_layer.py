@@ -75,7 +75,9 @@ def _naive(layer: MoELayer, x_BSd, modality_BS, valid_BS, training: bool):
             for t in tokens:
                 top = sorted(range(E), key=lambda e: -scores[t][e].item())[: cfg.k]
                 gates = [scores[t][e] for e in top]
-                if cfg.renormalize:
+                if cfg.renormalize and len(gates) == 1 and cfg.top1_straight_through:
+                    gates = [1.0 + (g - g.detach()) for g in gates]  # 1, with the score's grad
+                elif cfg.renormalize:
                     total = sum(gates)
                     gates = [g / total for g in gates]
                 for e, g in zip(top, gates):
@@ -125,6 +127,13 @@ CASES = {
         router="token_choice",
         top_k=2,
         renormalize=False,
+        capacity_factor=0.0,
+    ),
+    # Renormalized top-1: gates of 1 whose gradient is the score's (straight-through).
+    "tc_top1_renormalized": MoEConfig(
+        experts_per_modality={"text": 3, "image": 2},
+        router="token_choice",
+        score="softmax",
         capacity_factor=0.0,
     ),
     "tc_capacity": MoEConfig(
@@ -539,3 +548,29 @@ def test_batched_token_choice_equals_the_per_group_path(name, batch, training):
     layer = _layer(cfg).train(training)
     assert batched_tokens.applies(layer)
     _assert_routing_paths_equal(cfg, batch, training)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_group"])
+def test_renormalized_top1_gates_are_one_and_still_train_the_router(batched):
+    """Renormalized top-1 token choice: every gate is 1 (the output is the chosen expert's, so
+    upcycling stays function-preserving), yet the router gets the model loss's gradient
+    through its score (straight-through); moe.top1_straight_through=false gives it none."""
+    x, modality, valid = _inputs(seed=2)
+    results = {}
+    for straight in (True, False):
+        cfg = replace(CASES["tc_top1_renormalized"], top1_straight_through=straight)
+        layer = _layer(cfg).train()
+        layer.batched_routing = batched
+        ctx = _ctx(modality, valid)
+        ctx.collect_stats = True
+        out = layer(x, ctx)
+        assert not ctx.aux_losses  # the model's loss alone reaches the router
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        stats = {n: v for n, v in ctx.stats.items() if n.endswith("/gate_mean")}
+        assert stats and all(float(v) == 1.0 for v in stats.values()), stats
+        results[straight] = (out.detach(), layer.routers["text"].weight.grad)
+    torch.testing.assert_close(results[True][0], results[False][0], atol=0, rtol=0)
+    with_grad, without = results[True][1], results[False][1]
+    assert with_grad is not None and with_grad.abs().max() > 1e-3
+    # p / p: zero up to rounding
+    assert without is None or without.abs().max() < 1e-4 * with_grad.abs().max()

@@ -17,7 +17,7 @@ from mm_moe.model.moe.config import MoEConfig
 from mm_moe.model.moe.health import routing_health
 from mm_moe.model.moe.layer import MoELayer
 from mm_moe.trainer.config import OptimConfig, RoutingWarningConfig
-from mm_moe.trainer.hooks import RouterNoiseHook, RoutingHealthHook
+from mm_moe.trainer.hooks import RouterNoiseHook, RoutingHealthHook, raw_sigmoid_gates
 
 D = 32
 MOMA = MoEConfig(experts_per_modality={"text": 4, "image": 4})
@@ -94,6 +94,41 @@ def test_a_collapsed_router_shows_and_the_warning_names_it(caplog):
     message = caplog.records[0].getMessage()
     assert "layer 2, group image" in message and "75% of its tokens" in message
     assert "moe.expert_choice_gate=normalized" in message
+
+
+def test_without_health_stats_the_warning_reads_the_unprocessed_share(caplog):
+    """moe.health_stats=false: no taken_0 or gate_mean, and the warning still fires from the
+    `dropped` share (for expert choice: tokens no expert took)."""
+    layer = _layer(replace(MOMA, health_stats=False))
+    _collapse(layer, "image")
+    stats = _forward(layer)
+    assert "moe/l2/image/taken_0" not in stats
+    assert stats["moe/l2/image/dropped"] == pytest.approx(0.75)
+    hook = RoutingHealthHook(RoutingWarningConfig(intervals=2), sigmoid_gates=True)
+    trainer = SimpleNamespace(training=SimpleNamespace(cfg=_cfg(log_interval=1), dist=MAIN))
+    with caplog.at_level(logging.WARNING, logger="mm_moe"):
+        for step in range(1, 4):
+            hook.after_step(trainer, step, dict(stats))
+    assert len(caplog.records) == 1
+    assert "layer 2, group image" in caplog.records[0].getMessage()
+
+
+def test_the_low_gate_rule_only_where_gates_are_raw_sigmoid_scores():
+    """Renormalized token choice and normalized expert choice average 1/k by design; softmax
+    gates shrink with the experts: neither is a silenced expert."""
+    tc = MoEConfig(experts_per_modality={"text": 4, "image": 4}, router="token_choice")
+    assert raw_sigmoid_gates(MOMA)
+    assert not raw_sigmoid_gates(replace(MOMA, expert_choice_gate="normalized"))
+    assert not raw_sigmoid_gates(replace(MOMA, score="softmax"))
+    assert not raw_sigmoid_gates(replace(tc, top_k=3))  # renormalized: gates average 1/3
+    assert raw_sigmoid_gates(replace(tc, top_k=3, renormalize=False))
+    layer = _layer(replace(tc, top_k=3))
+    stats = _forward(layer)
+    assert stats["moe/l2/text/gate_mean"] == pytest.approx(1 / 3)  # 1/k, below gate_mean=0.4
+    hook = RoutingHealthHook(RoutingWarningConfig(intervals=1, gate_mean=0.4), sigmoid_gates=False)
+    trainer = SimpleNamespace(training=SimpleNamespace(cfg=_cfg(log_interval=1), dist=MAIN))
+    hook.after_step(trainer, 1, dict(stats))
+    assert not hook.warned
 
 
 def test_a_healthy_router_does_not_warn(caplog):

@@ -63,6 +63,27 @@ def test_todays_schema_digests_the_dense_run_as_before():
     assert config_digest(composed, []) != "1195206f"
 
 
+def test_the_straight_through_top1_gate_is_another_run_only_where_it_acts():
+    """Token choice top-1 renormalized (the TC arm): true trains another run than the first
+    runs (constant gates, false); for expert choice the key changes nothing: the same run."""
+    from dataclasses import asdict
+
+    from mm_moe.cli import compose
+
+    args = _args("--corpus=demo")
+    planner = Planner(args, None, corpus_for(args, REPO, "python"))
+
+    def digest(name: str, straight: bool, drop: bool = False) -> str:
+        composed = asdict(compose(planner.overrides(name, 0, args.steps, Path("RUN"))))
+        composed["moe"]["top1_straight_through"] = straight
+        if drop:  # a config from before the key
+            del composed["moe"]["top1_straight_through"]
+        return config_digest(composed, [])
+
+    assert digest("moma_tc", True) != digest("moma_tc", False) == digest("moma_tc", True, True)
+    assert digest("moma", True) == digest("moma", False) == digest("moma", True, True)
+
+
 def test_demo_corpus_overrides_are_the_ones_before_the_option():
     args = _args("--corpus=demo")
     planner = Planner(args, None, corpus_for(args, REPO, "python"))

@@ -219,6 +219,18 @@ def _as_first_digested(cfg: dict) -> None:
     for (section, key), value in ADDED_AT_NO_EFFECT.items():
         if cfg.get(section, {}).get(key, value) == value:
             cfg.get(section, {}).pop(key, None)
+    # moe.top1_straight_through: the first runs' renormalized top-1 gates had no gradient
+    # (false). Where the key changes nothing (not token choice top-1 renormalized) or is
+    # false, they are the same run; true there trains another run.
+    moe = cfg.get("moe", {})
+    top1_renormalized = (
+        moe.get("experts_per_modality")
+        and moe.get("router") == "token_choice"
+        and moe.get("renormalize")
+        and moe.get("top_k", 1) * moe.get("granularity", 1) == 1
+    )
+    if not (top1_renormalized and moe.get("top1_straight_through")):
+        moe.pop("top1_straight_through", None)
     trainer = cfg.get("trainer", {})
     if "peak_tflops" in trainer:  # trainer.peak_flops (FLOP/s) before: MFU only
         trainer["peak_flops"] = float(trainer.pop("peak_tflops")) * 1e12

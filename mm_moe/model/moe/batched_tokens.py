@@ -69,7 +69,7 @@ def route(layer, logits_TA: torch.Tensor, ctx: ForwardContext):
     _, expert_VK = torch.topk(select_VA, k, dim=1)
     gate_VK = scores_VA.gather(1, expert_VK)
     if cfg.renormalize:
-        gate_VK = gate_VK / gate_VK.sum(1, keepdim=True).clamp_min(1e-20)
+        gate_VK = router.renormalized(gate_VK, cfg.top1_straight_through)
     expert_N, gate_N = expert_VK.reshape(-1), gate_VK.reshape(-1)
     counts_A = None
     if layer.training and (cfg.load_balance_coef or cfg.bias_update_rate > 0):

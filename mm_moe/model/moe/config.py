@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -45,6 +47,12 @@ class MoEConfig:
     capacity_factor: float | None = None
     # Renormalize the selected gates of a token to sum to 1 (token_choice).
     renormalize: bool = True
+    # Renormalized top-1 (k = top_k x granularity = 1): the gate is 1 whatever the score, so
+    # the router would get no gradient from the model's loss (only from routing losses).
+    # true: the gate's value stays 1 (function-preserving upcycling still holds) and its
+    # gradient is the score's, as an unnormalized Switch gate's (a straight-through gate).
+    # false: a constant gate of 1.
+    top1_straight_through: bool = True
     # Fine-grained experts: expert hidden = dense hidden / granularity; the number of experts
     # and top_k are multiplied by it, so active FLOPs stay those of the dense FFN.
     granularity: int = 1
@@ -102,24 +110,48 @@ class MoEConfig:
     def __post_init__(self) -> None:
         if self.capacity_factor is None:
             self.capacity_factor = 1.0 if self.router == "expert_choice" else 0.0
+        self._check_groups()
+        self._check_ranges()
+        self._check_per_token()
+        self._check_no_effect()
+        if not self.experts_per_modality:
+            _warn_unused(self)
+
+    def _check_groups(self) -> None:
         epm = self.experts_per_modality
         if epm:
             keys = set(epm)
             if keys != {MIXED} and keys != set(MODALITIES):
                 raise UserError(
                     f"moe.experts_per_modality={epm}: give every modality "
-                    f"({', '.join(MODALITIES)}) a count, or one '{MIXED}' group"
+                    f"({', '.join(MODALITIES)}) a count, or one '{MIXED}' group. A command-line "
+                    "override of this dict merges into the preset's: to replace its groups, "
+                    "start from moe=none (or choose the preset: moe=mixed8_ec) or delete the "
+                    "preset's keys, e.g. ~moe.experts_per_modality.text"
                 )
             if any(n < 1 for n in epm.values()):
                 raise UserError(f"moe.experts_per_modality={epm}: counts must be >= 1")
-        if self.top_k < 1 or self.granularity < 1 or self.shared_experts < 0:
-            raise UserError("moe.top_k and moe.granularity must be >= 1, shared_experts >= 0")
-        if self.router == "token_choice":
-            for name, n in epm.items():
-                if self.top_k > n:
-                    raise UserError(
-                        f"moe.top_k={self.top_k} exceeds the {n} experts of group '{name}'"
-                    )
+        if self.layers != "all":
+            if any(i < 0 for i in self.layers):
+                raise UserError(f"moe.layers={self.layers} must be layer indices >= 0, or 'all'")
+            if epm and not self.layers:
+                raise UserError(
+                    "moe.layers=[] makes no layer MoE while moe.experts_per_modality is set: "
+                    "list layer indices or 'all' (moe=none for a dense model)"
+                )
+
+    def _check_ranges(self) -> None:
+        for key, value, least in (
+            ("top_k", self.top_k, 1),
+            ("granularity", self.granularity, 1),
+            ("shared_experts", self.shared_experts, 0),
+            ("aux_router_hidden", self.aux_router_hidden, 1),
+            ("router_noise", self.router_noise, 0),
+            ("bias_update_rate", self.bias_update_rate, 0),
+            ("router_noise_anneal_steps", self.router_noise_anneal_steps, 0),
+        ):
+            if value < least:
+                raise UserError(f"moe.{key}={value} must be >= {least}")
         if self.capacity_factor < 0 or (
             self.router == "expert_choice" and self.capacity_factor <= 0
         ):
@@ -127,38 +159,61 @@ class MoEConfig:
                 f"moe.capacity_factor={self.capacity_factor} must be > 0 for expert_choice "
                 "(>= 0 for token_choice, where 0 is dropless)"
             )
-        if self.aux_router_hidden < 1 or self.router_noise < 0 or self.bias_update_rate < 0:
-            raise UserError("moe.aux_router_hidden >= 1, router_noise and bias_update_rate >= 0")
         if self.router_lr_scale <= 0 or self.cosine_router_scale <= 0:
             raise UserError(
                 f"moe.router_lr_scale={self.router_lr_scale} and moe.cosine_router_scale="
                 f"{self.cosine_router_scale} must be positive"
             )
-        if self.router_noise_anneal_steps < 0:
-            raise UserError(
-                f"moe.router_noise_anneal_steps={self.router_noise_anneal_steps} must be >= 0"
-            )
+
+    def _check_per_token(self) -> None:
+        """No more experts per token than a group has."""
+        for name, n in self.experts_per_modality.items():
+            if self.router == "token_choice" and self.top_k > n:
+                raise UserError(f"moe.top_k={self.top_k} exceeds the {n} experts of group '{name}'")
+            # Expert choice: each expert would take more than every token of its group.
+            if self.router == "expert_choice" and self.capacity_factor * self.top_k > n:
+                raise UserError(
+                    f"moe.capacity_factor={self.capacity_factor} x moe.top_k={self.top_k} "
+                    f"exceeds the {n} experts of group '{name}': with expert choice each "
+                    "expert would take more than all of the group's tokens; at most "
+                    f"{n} experts per token (capacity_factor x top_k <= {n})"
+                )
+
+    def _check_no_effect(self) -> None:
+        """Keys set to something that changes nothing here are refused, saying why."""
         if self.router == "token_choice" and self.expert_choice_gate != "sigmoid":
             raise UserError(
                 f"moe.expert_choice_gate={self.expert_choice_gate} applies to "
                 "moe.router=expert_choice; token choice normalizes with moe.renormalize=true"
             )
-        if self.router == "expert_choice":
-            # Both balance token choice; expert choice is balanced by construction.
-            if self.bias_update_rate > 0:
-                raise UserError(
-                    f"moe.bias_update_rate={self.bias_update_rate} has no effect with "
-                    "moe.router=expert_choice: a per-expert bias shifts all of an expert's "
-                    "scores alike, so it never changes which tokens are its top-C. Set it to 0, "
-                    "or use moe.router=token_choice"
-                )
-            if self.load_balance_coef > 0:
-                raise UserError(
-                    f"moe.load_balance_coef={self.load_balance_coef} has no effect with "
-                    "moe.router=expert_choice: every expert takes exactly C tokens, so the "
-                    "Switch load-balance loss is a constant. Set it to 0, or use "
-                    "moe.router=token_choice"
-                )
+        if self.router_noise_anneal_steps > 0 and self.router_noise == 0:
+            raise UserError(
+                f"moe.router_noise_anneal_steps={self.router_noise_anneal_steps} has no effect "
+                "with moe.router_noise=0: give the noise to anneal (e.g. moe.router_noise=1.0), "
+                "or set it to 0"
+            )
+        if self.router != "expert_choice":
+            return
+        if not self.renormalize:
+            raise UserError(
+                "moe.renormalize=false has no effect with moe.router=expert_choice (it applies "
+                "to token choice; expert choice's gates are set by moe.expert_choice_gate)"
+            )
+        # Both balance token choice; expert choice is balanced by construction.
+        if self.bias_update_rate > 0:
+            raise UserError(
+                f"moe.bias_update_rate={self.bias_update_rate} has no effect with "
+                "moe.router=expert_choice: a per-expert bias shifts all of an expert's "
+                "scores alike, so it never changes which tokens are its top-C. Set it to 0, "
+                "or use moe.router=token_choice"
+            )
+        if self.load_balance_coef > 0:
+            raise UserError(
+                f"moe.load_balance_coef={self.load_balance_coef} has no effect with "
+                "moe.router=expert_choice: every expert takes exactly C tokens, so the "
+                "Switch load-balance loss is a constant. Set it to 0, or use "
+                "moe.router=token_choice"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -193,3 +248,22 @@ class MoEConfig:
         if self.router == "expert_choice":
             return self.capacity_factor * self.k
         return float(self.k)
+
+
+def _warn_unused(cfg: MoEConfig) -> None:
+    """Without experts the model is dense: MoE keys set away from their defaults do nothing.
+    Said once at start (a warning, not an error: a dense run of a script that also sets them
+    for its MoE runs is fine)."""
+    changed = []
+    for f in dataclasses.fields(MoEConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(cfg, f.name)
+        if f.name == "capacity_factor" or value == default:
+            continue  # capacity_factor: resolved from the router, set either way
+        changed.append(f"moe.{f.name}={value}")
+    if changed:
+        logging.getLogger("mm_moe").warning(
+            "%s set, but moe.experts_per_modality is empty: the model has no MoE layer (dense); "
+            "give it experts (e.g. moe=moma_4t4i_ec) or drop these keys",
+            ", ".join(changed),
+        )

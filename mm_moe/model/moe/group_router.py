@@ -48,7 +48,9 @@ class GroupRouter:
             capacity = None
             if layer.training and cfg.capacity_factor > 0:
                 capacity = router.token_capacity(T, E, cfg.capacity_factor, cfg.k)
-            routing = router.token_choice(scores_TE, select_TE, cfg.k, cfg.renormalize, capacity)
+            routing = router.token_choice(
+                scores_TE, select_TE, cfg.k, cfg.renormalize, capacity, cfg.top1_straight_through
+            )
         if layer.training:
             self._add_losses(logits_TE, routing, ctx)
         self.add_counts(logits_TE.shape[0], routing.token_idx_N.numel(), ctx)

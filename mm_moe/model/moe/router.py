@@ -84,20 +84,31 @@ def from_mask(scores_TE: torch.Tensor, chosen_TE: torch.Tensor) -> Routing:
     return Routing(token_idx_N, expert_idx_N, scores_TE[token_idx_N, expert_idx_N], chosen_TE, None)
 
 
+def renormalized(gate_TK: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    """A token's gates over its k experts divided by their sum. With k = 1 that is 1 whatever
+    the score, with zero gradient; `straight_through` keeps the value 1 and passes the
+    score's gradient (1 + p - sg(p)), so the router learns from the model's loss."""
+    if gate_TK.shape[1] == 1 and straight_through:
+        return 1.0 + (gate_TK - gate_TK.detach())
+    return gate_TK / gate_TK.sum(1, keepdim=True).clamp_min(1e-20)
+
+
 def token_choice(
     scores_TE: torch.Tensor,
     select_TE: torch.Tensor,
     k: int,
     renormalize: bool,
     capacity: int | None,
+    straight_through: bool = True,
 ) -> Routing:
     """Each token takes its top-k experts by `select_TE`; beyond `capacity` tokens per expert,
-    later tokens are dropped (first come, first served). capacity None is dropless."""
+    later tokens are dropped (first come, first served). capacity None is dropless.
+    straight_through: see `renormalized`."""
     T, E = scores_TE.shape
     _, expert_idx_TK = torch.topk(select_TE, k, dim=1)
     gate_TK = scores_TE.gather(1, expert_idx_TK)
     if renormalize:
-        gate_TK = gate_TK / gate_TK.sum(1, keepdim=True).clamp_min(1e-20)
+        gate_TK = renormalized(gate_TK, straight_through)
     chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
     chosen_TE.scatter_(1, expert_idx_TK, True)
     token_idx_N = torch.arange(T, device=scores_TE.device).repeat_interleave(k)
