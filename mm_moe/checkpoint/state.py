@@ -173,8 +173,8 @@ def _load_scheduler(scheduler, state: dict) -> None:
 
 
 def _check_same_architecture(step_dir: Path, module) -> None:
-    """Name the config keys in which a weights-only checkpoint's model differs from this
-    run's, in shape or in function (rope_theta, norm_eps, moe.top_k, ...: every model and moe
+    """Name the config keys in which a checkpoint's model differs from this run's, in shape
+    or in function (rope_theta, norm_eps, moe.top_k, ...: every model and moe
     field but the training- and speed-only ones, same_function.py), rather than listing
     missing tensors or training another function without a word: such a checkpoint
     (mm_moe.upcycle) usually has another architecture than the run's defaults."""
@@ -236,6 +236,9 @@ def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
         )
     if meta.get("weights_only"):
         return _load_weights_only(step_dir, meta, engine)
+    # A resumed run that changed what the weights compute (moe.score, rope_theta, ...) would
+    # go on training another function without a word; training-only keys may change.
+    _check_same_architecture(step_dir, engine.module)
     saved = tensors.read(step_dir, engine.module)
     rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     # The one hand-over to parallel/: every file is read before the engine changes.

@@ -155,3 +155,23 @@ def test_token_shards_accept_a_moved_tokenizer_and_refuse_a_changed_one(
     record.write_text(yaml.safe_dump({**old, "text": "hf"}))
     with pytest.raises(UserError, match="is not the run's tokenizer config"):
         check_tokens_vocab(shards, moved, vocab, "data.sources[0]")
+
+
+def test_a_full_resume_refuses_a_config_that_changes_the_function(tmp_path):
+    """checkpoint.resume of a whole run checks the same keys before anything is read: a
+    resumed run with another moe.score would train another function without a word."""
+    import json
+    from types import SimpleNamespace
+
+    from mm_moe.checkpoint import state
+
+    step = _weights_only_dir(tmp_path, MODEL, MOE)
+    (step / "meta.json").write_text(json.dumps({"format_version": 2, "step": 3}))
+    engine = SimpleNamespace(module=MODEL.build(replace(MOE, score="softmax")), lr_scheduler=None)
+    with pytest.raises(UserError, match="moe.score: checkpoint 'sigmoid', this run 'softmax'"):
+        state.load(step, engine, loader=None, rank=0, world_size=1)
+    # training-only changes pass the check (and reach the tensors, absent here)
+    engine.module = MODEL.build(replace(MOE, router_noise=0.5))
+    with pytest.raises(Exception) as err:
+        state.load(step, engine, loader=None, rank=0, world_size=1)
+    assert "differs from this run's" not in str(err.value)
