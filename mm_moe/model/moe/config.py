@@ -252,8 +252,7 @@ class MoEConfig:
 
 def _warn_unused(cfg: MoEConfig) -> None:
     """Without experts the model is dense: MoE keys set away from their defaults do nothing.
-    Said once at start (a warning, not an error: a dense run of a script that also sets them
-    for its MoE runs is fine)."""
+    A warning, not an error: a dense arm of a script that sets them for its MoE arms is fine."""
     changed = []
     for f in dataclasses.fields(MoEConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
