@@ -172,6 +172,15 @@ def _load_scheduler(scheduler, state: dict) -> None:
     scheduler._last_lr = lrs
 
 
+def _written_model(step_dir: Path) -> bool:
+    """Whether the step's config.yaml holds a run's model section."""
+    path = step_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    written = yaml.safe_load(path.read_text())
+    return isinstance(written, dict) and "model" in written
+
+
 def _check_same_architecture(step_dir: Path, module) -> None:
     """Name the config keys in which a checkpoint's model differs from this run's, in shape
     or in function (rope_theta, norm_eps, moe.top_k, ...: every model and moe
@@ -237,8 +246,10 @@ def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
     if meta.get("weights_only"):
         return _load_weights_only(step_dir, meta, engine)
     # A resumed run that changed what the weights compute (moe.score, rope_theta, ...) would
-    # go on training another function without a word; training-only keys may change.
-    _check_same_architecture(step_dir, engine.module)
+    # go on training another function without a word; training-only keys may change. (A
+    # step without the run's config, made by hand or by a test, has nothing to compare.)
+    if _written_model(step_dir):
+        _check_same_architecture(step_dir, engine.module)
     saved = tensors.read(step_dir, engine.module)
     rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     # The one hand-over to parallel/: every file is read before the engine changes.
