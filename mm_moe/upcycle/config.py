@@ -7,6 +7,7 @@ the same schemas training uses; this dataclass holds only what says how to get t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,7 +54,8 @@ class UpcycleConfig:
         if not 0.0 <= self.drop_ratio < 1.0:
             raise UserError(f"drop_ratio={self.drop_ratio} must be in [0, 1)")
         for name in ("router_init_std", "expert_noise", "new_rows_noise"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name}={getattr(self, name)} must be >= 0")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:  # NaN passes a "< 0" test
+                raise UserError(f"{name}={value} must be a finite number >= 0")
         if self.verify_batch_size < 1 or self.verify_seq_len < 1:
             raise UserError("verify_batch_size and verify_seq_len must be >= 1")

@@ -164,3 +164,66 @@ def test_builder_scripts_run_and_name_bad_keys(tmp_path):
     assert "format: text" in ok.stdout and (tmp_path / "out" / "text-000000.tar").is_file()
     typo = run(f"input={tmp_path / 'in.txt'}", f"output={tmp_path / 'o2'}", "shard_sise=3")
     assert typo.returncode == 2 and "shard_sise" in typo.stderr and "shard_size" in typo.stderr
+
+
+def test_a_bad_argument_leaves_the_shards_already_there(tmp_path):
+    """overwrite=true with a shard_size no writer takes: refused before anything is removed."""
+    src = _photo_folder(tmp_path / "photos")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("one document\n")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"content": [{"type": "text", "text": "hi"}]}) + "\n")
+    jobs = [
+        (build_pairs, BuildPairsConfig, dict(input=str(src))),
+        (build_text, BuildTextConfig, dict(input=str(tmp_path / "texts"))),
+        (build_interleaved, BuildInterleavedConfig, dict(input=str(jsonl))),
+    ]
+    for build, config, kwargs in jobs:
+        out = tmp_path / f"out_{config.__name__}"
+        build(config(output=str(out), **kwargs))
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(ValueError, match="shard_size=0 must be positive"):
+            build(config(output=str(out), shard_size=0, overwrite=True, **kwargs))
+        assert sorted(p.name for p in out.iterdir()) == before and before, config.__name__
+
+
+def test_non_utf8_input_is_left_out_by_name(tmp_path, caplog):
+    """A caption that is not UTF-8 is left out with a warning (not stored with replacement
+    characters); an interleaved line that is not UTF-8 is left out by its line number; a
+    JSONL with nothing usable leaves no empty shard behind."""
+    src = _photo_folder(tmp_path / "photos", count=3)
+    (src / "img0.txt").write_bytes("café crème".encode("latin-1"))
+    with caplog.at_level("WARNING"):
+        pattern = build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "p")))
+    assert len(_samples(pattern)) == 2
+    assert "captions are not UTF-8 and are left out" in caplog.text and "img0.txt" in caplog.text
+    jsonl = tmp_path / "docs.jsonl"
+    good = json.dumps({"content": [{"type": "text", "text": "fine"}]}).encode()
+    bad = json.dumps({"content": [{"type": "text", "text": "X"}]}).encode().replace(b"X", b"\xe9")
+    jsonl.write_bytes(good + b"\n\n" + bad + b"\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pattern = build_interleaved(
+            BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "i"))
+        )
+    assert len(_samples(pattern)) == 1
+    assert f"{jsonl} line 3: not UTF-8" in caplog.text
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no usable document"):
+        build_interleaved(BuildInterleavedConfig(input=str(empty), output=str(tmp_path / "e")))
+    assert not list((tmp_path / "e").glob("*.tar"))
+
+
+def test_pretokenize_refuses_input_with_nothing_usable(tmp_path):
+    (tmp_path / "junk-000000.tar").write_bytes(b"not a tar file at all")
+    cfg = PretokenizeConfig(
+        input=str(tmp_path / "junk-000000.tar"),
+        format="pairs",
+        output=str(tmp_path / "tok"),
+        tokenizer=TOKENIZER,
+    )
+    with pytest.raises(ValueError, match="no usable document in 1 shard"):
+        pretokenize(cfg)
+    with pytest.raises(ValueError, match="processes=0 must be >= 1"):
+        PretokenizeConfig(input="x", format="pairs", output="y", processes=0)

@@ -248,6 +248,10 @@ def test_bad_input_is_named(tmp_path, hf):
         run([*base, f"out={out}", "drop_rato=0.5"])
     with pytest.raises(ConfigError, match="top_kk"):
         run([*base, f"out={out}", "moe.top_kk=2"])
+    for key in ("router_init_std=nan", "expert_noise=inf", "new_rows_noise=nan"):
+        with pytest.raises(ConfigError, match=f"{key}.* must be a finite number >= 0"):
+            run([*base, f"out={out}", key])
+    assert not out.exists()  # nothing written
     out.mkdir()
     (out / "keep").write_text("x")
     with pytest.raises(ValueError, match="overwrite=true"):

@@ -75,38 +75,43 @@ def to_sample(key: str, line: str, image_root: Path) -> dict:
     return sample
 
 
+def _numbered_lines(src: Path):
+    """(line number from 1, raw bytes) of the file's non-blank lines: each decoded on its own,
+    so a line that is not UTF-8 is left out by its number, not the whole file."""
+    with open(src, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
+                yield number, raw
+
+
 def build(cfg: BuildInterleavedConfig) -> str:
     src = Path(cfg.input)
     if not src.is_file():
         raise UserError(f"input={cfg.input} is not a file")
     image_root = Path(cfg.image_root) if cfg.image_root else src.parent
-    with open(src, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()] if cfg.shuffle else None
+    lines = list(_numbered_lines(src)) if cfg.shuffle else None
     if lines is not None:
         order = np.random.default_rng(cfg.seed).permutation(len(lines))
         lines = [lines[i] for i in order]
-    out = prepare_output(cfg.output, cfg.overwrite)
+    out = prepare_output(cfg.output, cfg.overwrite, cfg.shard_size)
     left_out = []
 
-    def streamed():
-        with open(src, encoding="utf-8") as f:
-            yield from f
-
     def samples():
-        source = lines if lines is not None else streamed()
         n = 0
-        for number, line in enumerate(source):
-            if not line.strip():
-                continue
+        for number, raw in lines if lines is not None else _numbered_lines(src):
             try:
-                yield to_sample(f"{n:09d}", line, image_root)
+                yield to_sample(f"{n:09d}", raw.decode("utf-8"), image_root)
                 n += 1
+            except UnicodeDecodeError:
+                left_out.append(f"{src} line {number}: not UTF-8")
             except (ValueError, OSError, AttributeError) as exc:
-                left_out.append(f"document {number}: {exc}")
+                left_out.append(f"{src} line {number}: {exc}")
 
     count = write_shards(samples(), out, cfg.prefix, cfg.shard_size, lines and len(lines), "docs")
     if left_out:
         log.warning("%d documents left out, e.g. %s", len(left_out), left_out[0])
     if not count:
+        for empty in out.glob(f"{cfg.prefix}-*.tar"):  # written by this run, with nothing in
+            empty.unlink()
         raise UserError(f"input={cfg.input}: no usable document")
     return shard_pattern(out, cfg.prefix, count, cfg.shard_size)

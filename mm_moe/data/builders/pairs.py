@@ -48,6 +48,22 @@ def find_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
     return pairs, orphans
 
 
+def _utf8_captions(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """The pairs whose caption is UTF-8; the others are reported and left out (as build_text
+    leaves out such files), not stored with replacement characters no later check can see."""
+    kept, bad = [], []
+    for image, caption in pairs:
+        try:
+            caption.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(caption)
+            continue
+        kept.append((image, caption))
+    if bad:
+        log.warning("%d captions are not UTF-8 and are left out, e.g. %s", len(bad), bad[0])
+    return kept
+
+
 def _sample(key: str, image: Path, caption: Path, root: Path) -> dict:
     ext = image.suffix.lower().lstrip(".")
     data = image.read_bytes()
@@ -59,7 +75,7 @@ def _sample(key: str, image: Path, caption: Path, root: Path) -> dict:
     return {
         "__key__": key,
         ext: data,
-        "txt": caption.read_text(encoding="utf-8", errors="replace").strip(),
+        "txt": caption.read_text(encoding="utf-8").strip(),  # checked by _utf8_captions
         "json": {"path": str(image.relative_to(root))},
     }
 
@@ -73,9 +89,10 @@ def build(cfg: BuildPairsConfig) -> str:
         log.warning(
             "%d images have no caption file and are left out, e.g. %s", len(orphans), orphans[0]
         )
+    pairs = _utf8_captions(pairs)
     if not pairs:
-        raise UserError(f"input={cfg.input} holds no image with a same-stem .txt caption")
-    out = prepare_output(cfg.output, cfg.overwrite)
+        raise UserError(f"input={cfg.input} holds no image with a same-stem UTF-8 .txt caption")
+    out = prepare_output(cfg.output, cfg.overwrite, cfg.shard_size)
     if cfg.shuffle:
         order = np.random.default_rng(cfg.seed).permutation(len(pairs))
         pairs = [pairs[i] for i in order]

@@ -28,6 +28,7 @@ from mm_moe.data.defects import REASONS, SampleError
 from mm_moe.data.documents import DecodeOptions, DocumentBuilder
 from mm_moe.data.shards import TOKENIZER_RECORD, expand_urls, tokenizer_record
 from mm_moe.data.tar_reader import iter_raw_samples
+from mm_moe.errors import UserError
 from mm_moe.tokenization.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class PretokenizeConfig:
     processes: int = 1  # shards tokenized in parallel
     seed: int = 0  # pair order of shard i is drawn from (seed, i)
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise UserError(f"processes={self.processes} must be >= 1")
 
 
 def pretokenize_shard(index: int, url: str, cfg: PretokenizeConfig, out: Path) -> dict[str, int]:
@@ -91,6 +96,12 @@ def build(cfg: PretokenizeConfig) -> str:
                 totals[k] += v
     skipped = {k: v for k, v in totals.items() if k != "documents" and v}
     log.info("%d documents written; skipped: %s", totals["documents"], skipped or "none")
+    if not totals["documents"]:
+        raise UserError(
+            f"input={cfg.input}: no usable document in {len(shards)} shard(s) with "
+            f"format={cfg.format} (skipped: {skipped or 'nothing readable'}); the shards "
+            f"written to {out} are empty. Check the input and its format"
+        )
     return shard_pattern(out, cfg.prefix, len(shards), 1)
 
 

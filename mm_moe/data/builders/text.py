@@ -57,7 +57,7 @@ def build(cfg: BuildTextConfig) -> str:
             log.warning("%s is not UTF-8: left out", path)
     if not docs:
         raise UserError(f"input={cfg.input}: no non-empty UTF-8 text")
-    out = prepare_output(cfg.output, cfg.overwrite)
+    out = prepare_output(cfg.output, cfg.overwrite, cfg.shard_size)
     if cfg.shuffle:
         order = np.random.default_rng(cfg.seed).permutation(len(docs))
         docs = [docs[i] for i in order]

@@ -18,7 +18,11 @@ from mm_moe.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def prepare_output(output: str, overwrite: bool) -> Path:
+def prepare_output(output: str, overwrite: bool, shard_size: int | None = None) -> Path:
+    """The output folder, emptied of this job's kind of files under overwrite=true. The
+    arguments it can check come first: a bad one must not cost the shards already there."""
+    if shard_size is not None:
+        _check_shard_size(shard_size)
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"output={output} exists and is not a directory")
@@ -44,8 +48,7 @@ def write_shards(
     desc: str = "samples",
 ) -> int:
     """Write `samples` to out/prefix-000000.tar, ...; returns how many were written."""
-    if shard_size < 1:
-        raise UserError(f"shard_size={shard_size} must be positive")
+    _check_shard_size(shard_size)
     pattern = str(out / f"{prefix}-%06d.tar")
     count = 0
     with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
@@ -53,6 +56,11 @@ def write_shards(
             sink.write(sample)
             count += 1
     return count
+
+
+def _check_shard_size(shard_size: int) -> None:
+    if shard_size < 1:
+        raise UserError(f"shard_size={shard_size} must be positive")
 
 
 def shard_pattern(out: Path, prefix: str, count: int, shard_size: int) -> str:
