@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from mm_moe.cli import CONFIG_DIR, ENTRY_GROUPS, compose, exits_on_failure, setup_logging
+from mm_moe.cli import CONFIG_DIR, ENTRY_GROUPS, compose, exits_on_failure, setup_logging, usage
 from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.config.legacy import upgrade_saved_config
 from mm_moe.config.overrides import check_overrides
@@ -151,6 +151,10 @@ def run(argv: list[str]) -> int:
 
 def main() -> None:
     setup_logging()
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__.strip() + "\n\n" + usage(UpcycleConfig, PROG))
+        print("  ... and any training-config key (model.*, moe.*, tokenizer.*, data.*)")
+        sys.exit(0)
     with exits_on_failure(PROG):
         code = run(sys.argv[1:])
     sys.exit(code)

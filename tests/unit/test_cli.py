@@ -58,3 +58,24 @@ def test_config_and_data_errors_are_user_errors():
 
     assert issubclass(ConfigError, UserError) and issubclass(DataError, UserError)
     assert issubclass(UserError, ValueError)  # callers catching ValueError still see them
+
+
+@pytest.mark.parametrize(
+    "module, key",
+    [
+        ("mm_moe.upcycle", "router_init_std"),
+        ("mm_moe.export", "source"),
+        ("mm_moe.generate", "max_new_tokens"),
+    ],
+)
+def test_entry_points_answer_help_with_their_keys(module, key):
+    """`--help` lists the keys and exits 0 (the upcycle entry parsed it as a Hydra override
+    and printed a lexer error)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"  {key}:" in done.stdout, done.stdout
