@@ -126,8 +126,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="S=128, 4 documents, 1 iteration")
     args = parser.parse_args()
-    if args.device == "cuda" and cuda_missing():
-        parser.error(f"--device cuda: {cuda_missing()}; use --device cpu")
+    if args.device == "cuda" and (why := cuda_missing()):
+        parser.error(f"--device cuda: {why}; use --device cpu")
     if args.smoke:
         args.seq_lens, args.docs, args.iters = "128", "4", 1
     device = torch.device(args.device)

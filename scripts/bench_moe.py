@@ -194,8 +194,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--smoke", action="store_true", help="128 tokens, 2 iterations")
     args = parser.parse_args()
-    if args.device == "cuda" and cuda_missing():
-        parser.error(f"--device cuda: {cuda_missing()}; use --device cpu")
+    if args.device == "cuda" and (why := cuda_missing()):
+        parser.error(f"--device cuda: {why}; use --device cpu")
     if args.smoke:
         args.tokens, args.iters = 128, 2
     device = torch.device(args.device)

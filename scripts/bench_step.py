@@ -240,8 +240,8 @@ def _parse() -> argparse.Namespace:
         p.error("--rounds must be at least 2 (the first is warm-up) and --steps at least 1")
     from mm_moe.utils.cuda_check import cuda_missing
 
-    if args.device == "cuda" and cuda_missing():
-        p.error(f"--device cuda: {cuda_missing()}; use --device cpu")
+    if args.device == "cuda" and (why := cuda_missing()):
+        p.error(f"--device cuda: {why}; use --device cpu")
     return args
 
 

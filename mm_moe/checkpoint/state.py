@@ -172,16 +172,13 @@ def _load_scheduler(scheduler, state: dict) -> None:
     scheduler._last_lr = lrs
 
 
-def _written_model(step_dir: Path) -> bool:
-    """Whether the step's config.yaml holds a run's model section."""
+def _written_config(step_dir: Path):
+    """The step's config.yaml as written (None where there is none)."""
     path = step_dir / "config.yaml"
-    if not path.is_file():
-        return False
-    written = yaml.safe_load(path.read_text())
-    return isinstance(written, dict) and "model" in written
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def _check_same_architecture(step_dir: Path, module) -> None:
+def _check_same_architecture(step_dir: Path, module, written: dict | None = None) -> None:
     """Name the config keys in which a checkpoint's model differs from this run's, in shape
     or in function (rope_theta, norm_eps, moe.top_k, ...: every model and moe
     field but the training- and speed-only ones, same_function.py), rather than listing
@@ -192,7 +189,8 @@ def _check_same_architecture(step_dir: Path, module) -> None:
     from mm_moe.model.config import ModelConfig
     from mm_moe.model.moe.config import MoEConfig
 
-    written = yaml.safe_load((step_dir / "config.yaml").read_text())
+    if written is None:
+        written = yaml.safe_load((step_dir / "config.yaml").read_text())
     saved = {
         **function_fields(from_dict(ModelConfig, written.get("model", {}), "model"), "model"),
         **function_fields(from_dict(MoEConfig, written.get("moe", {}), "moe"), "moe"),
@@ -248,8 +246,9 @@ def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
     # A resumed run that changed what the weights compute (moe.score, rope_theta, ...) would
     # go on training another function without a word; training-only keys may change. (A
     # step without the run's config, made by hand or by a test, has nothing to compare.)
-    if _written_model(step_dir):
-        _check_same_architecture(step_dir, engine.module)
+    written = _written_config(step_dir)
+    if isinstance(written, dict) and "model" in written:
+        _check_same_architecture(step_dir, engine.module, written)
     saved = tensors.read(step_dir, engine.module)
     rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     # The one hand-over to parallel/: every file is read before the engine changes.

@@ -97,8 +97,8 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
         )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and cuda_missing():
-        raise UserError(f"trainer.device=cuda: {cuda_missing()}; use trainer.device=cpu or auto")
+    if use_cuda and (why := cuda_missing()):
+        raise UserError(f"trainer.device=cuda: {why}; use trainer.device=cpu or auto")
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if backend == "nccl" and not use_cuda:

@@ -41,16 +41,11 @@ class Plan:
 
 
 def applies(layer) -> bool:
-    """Whether `route` computes this layer's routing: token choice without capacity (in
-    training; evaluation is always dropless) and without router noise (whose draws are per
-    group)."""
-    cfg = layer.cfg
-    training = layer.training
-    return (
-        cfg.router == "token_choice"
-        and not (training and cfg.capacity_factor > 0)
-        and not (training and cfg.router_noise * layer.noise_scale > 0)
-    )
+    """Whether `route` computes this layer's routing: dropless token choice (a fanout: the
+    layer's own test; evaluation is always dropless) without router noise (whose draws are
+    per group)."""
+    noisy = layer.training and layer.cfg.router_noise * layer.noise_scale > 0
+    return bool(layer.fanout()) and not noisy
 
 
 def route(layer, logits_TA: torch.Tensor, ctx: ForwardContext):

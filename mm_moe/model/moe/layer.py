@@ -108,7 +108,7 @@ class MoELayer(nn.Module):
             torch.nn.init.orthogonal_(linear.weight)
             linear.weight.mul_(std * linear.weight.shape[1] ** 0.5)
 
-    def _fanout(self) -> int:
+    def fanout(self) -> int:
         """Dropless token choice gives every routed token exactly k pairs, in token-major
         order (the combine is then a fused gather-sum); 0 otherwise."""
         cfg = self.cfg
@@ -231,7 +231,7 @@ class MoELayer(nn.Module):
         """Sort the pairs by dispatch slot, run them through the experts (locally or by
         all-to-all), weight by gates and sum per token. slot_N: with a fanout, each pair's
         token * K + j where the caller has it already (batched token choice)."""
-        T, fanout = len(x_Td), self._fanout()
+        T, fanout = len(x_Td), self.fanout()
         slot_of_expert = getattr(self.dispatcher, "slot_of_expert", None)
         if slot_of_expert is not None:
             expert_idx_N = slot_of_expert[expert_idx_N]
