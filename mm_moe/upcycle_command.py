@@ -95,7 +95,32 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
         conf.model.untie = list(ucfg.untie)
     container = OmegaConf.to_container(conf, resolve=True)
     container["checkpoint"]["resume"] = "none"
+    if ucfg.source_format != "hf":
+        _check_tokenizer_is_used(base.get("tokenizer") or {}, container)
     return from_dict(TrainConfig, container)
+
+
+def _check_tokenizer_is_used(source_tok: dict, target: dict) -> None:
+    """A tokenizer change the target's vocabulary cannot see is refused: synthetic data makes
+    its vocabulary without a tokenizer, so the model would keep the source's ids while its
+    config names a tokenizer of another vocabulary (training on real shards then fails)."""
+    changed = {
+        k: v
+        for k, v in target.get("tokenizer", {}).items()
+        if k != "allow_changed" and k in source_tok and source_tok[k] != v
+    }
+    source = target.get("data", {}).get("source")
+    if changed and source == "synthetic_patterns":
+        given = ", ".join(
+            f"tokenizer.{k}={v} (the source's {source_tok[k]})" for k, v in changed.items()
+        )
+        raise ConfigError(
+            f"{given}: data.source=synthetic_patterns makes the vocabulary without a tokenizer, "
+            "so the upcycled model would keep the source's vocabulary while its config names "
+            "another tokenizer. Give the shards the target will train on (data.source=webdataset "
+            "data.sources=[...]) to size the vocabulary for that tokenizer, or keep the source's "
+            "tokenizer"
+        )
 
 
 def run(argv: list[str]) -> int:

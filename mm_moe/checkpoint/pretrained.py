@@ -16,7 +16,11 @@ from mm_moe.errors import UserError
 
 
 def find_step_dir(path: str | Path) -> Path:
+    """The step directory `path` names: a step directory, a checkpoint directory (its latest
+    step), a run directory (its checkpoints' latest), or the `latest` pointer file itself."""
     path = Path(path)
+    if path.name == layout.LATEST and path.is_file():
+        path = path.parent
     for candidate in (path, path / "checkpoints"):
         if (candidate / layout.META).is_file():
             return candidate

@@ -32,6 +32,8 @@ def type_name(tp: Any) -> str:
         return " | ".join(type_name(a) for a in get_args(tp))
     if tp is type(None):
         return "null"
+    if origin in (list, tuple) and get_args(tp):
+        return f"a list of {type_name(get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -61,9 +63,10 @@ def _union(value: Any, tp: Any, key: str) -> Any:
         if type(None) in args:
             return None
         raise ConfigError(f"{key} must not be null; expected {type_name(tp)}")
-    for arg in args:
-        if arg is type(None):
-            continue
+    candidates = [arg for arg in args if arg is not type(None)]
+    if len(candidates) == 1:  # Optional[X]: X's own error says more (which item, what choices)
+        return _convert(value, candidates[0], key)
+    for arg in candidates:
         try:
             return _convert(value, arg, key)
         except ConfigError:

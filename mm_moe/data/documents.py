@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,6 +30,15 @@ from mm_moe.modality import IMAGE, TEXT
 from mm_moe.tokenization.interface import Tokenizers
 
 FORMATS = ("pairs", "interleaved", "text", "tokens")
+log = logging.getLogger(__name__)
+
+
+def images_left_unread(fmt: str, raw: RawSample) -> list[str]:
+    """The image members of a sample that format `fmt` does not read: format text on pairs (or
+    interleaved) shards would keep the captions and drop every image without a skip count."""
+    if fmt != "text":
+        return []
+    return sorted(m for m in raw.members if m.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
 
 
 @dataclass
@@ -93,6 +103,7 @@ class DocumentBuilder:
         # Encoded images by the digest of their bytes: a corpus read for several epochs is
         # encoded once per worker (encoding is deterministic, so resume stays exact).
         self._images: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._warned_unread = False
 
     def build(self, fmt: str, raw: RawSample, rng: np.random.Generator) -> Document:
         assert fmt in FORMATS, fmt
@@ -153,6 +164,14 @@ class DocumentBuilder:
         return self._document([caption, image] if caption_first else [image, caption])
 
     def _from_text(self, raw: RawSample, rng: np.random.Generator) -> Document:
+        if not self._warned_unread and (unread := images_left_unread("text", raw)):
+            self._warned_unread = True
+            log.warning(
+                "format text reads only KEY.txt, but sample %s holds images (%s): they are not "
+                "read; format pairs or interleaved reads them",
+                raw.key,
+                ", ".join(unread),
+            )
         return self._document([self._encode_text(self._member_text(raw, "txt"))])
 
     def _from_interleaved(self, raw: RawSample, rng: np.random.Generator) -> Document:

@@ -20,6 +20,7 @@ transformers itself writes).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -156,9 +157,19 @@ def hf_tensors(model, kind: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, the file then given the mode every other file gets (0666 less
+    the umask): safetensors writes 0600, which other users of a shared model folder cannot read."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors with the index when larger."""
-    from safetensors.torch import save_file
 
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
@@ -169,12 +180,12 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
         current[name], size = t, size + nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(shards[0], out / "model.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        _save_file(shard, out / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (out / INDEX).write_text(

@@ -32,6 +32,8 @@ class Outer:
     names: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)
     maybe: str | None = None
+    parts: list[Literal["ffn", "norms"]] | None = None
+    either: int | list[int] = 0
 
 
 def test_from_dict_converts_and_nests():
@@ -58,7 +60,11 @@ def test_from_dict_converts_and_nests():
         ({"inner": {"k": True}}, "inner.k=True is not valid"),
         ({"rate": "fast"}, "rate='fast' is not valid; expected a number"),
         ({"sizes": {"text": 1.5}}, "sizes.text=1.5 is not valid"),
-        ({"ratee": 1}, "Valid keys at the top level: inner, maybe, names, rate, sizes"),
+        ({"ratee": 1}, "Valid keys at the top level: either, inner, maybe, names, parts, rate"),
+        # an optional value's own error: which item, and the choices
+        ({"parts": ["foo"]}, "parts[0]='foo' is not valid; choose one of 'ffn', 'norms'"),
+        ({"parts": "ffn"}, "parts must be a list, got 'ffn'"),
+        ({"either": "x"}, "either='x' is not valid; expected int | a list of int"),
     ],
 )
 def test_from_dict_errors_name_the_key(data, message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,7 +20,7 @@ from mm_moe.data.builders.pretokenize import build as pretokenize
 from mm_moe.data.builders.text import BuildTextConfig
 from mm_moe.data.builders.text import build as build_text
 from mm_moe.data.config import DataConfig, SourceConfig
-from mm_moe.data.documents import DocumentBuilder
+from mm_moe.data.documents import DecodeOptions, DocumentBuilder
 from mm_moe.data.shards import expand_urls
 from mm_moe.data.stream import Stream
 from mm_moe.data.tar_reader import iter_raw_samples
@@ -213,6 +214,55 @@ def test_non_utf8_input_is_left_out_by_name(tmp_path, caplog):
     with pytest.raises(ValueError, match="no usable document"):
         build_interleaved(BuildInterleavedConfig(input=str(empty), output=str(tmp_path / "e")))
     assert not list((tmp_path / "e").glob("*.tar"))
+
+
+def test_images_pillow_cannot_decode_are_left_out_by_name(tmp_path, caplog):
+    """A truncated PNG is left out when the shards are built (with a warning naming it), not
+    packed for the loader to skip on every epoch; nothing decodable leaves no empty shard."""
+    src = _photo_folder(tmp_path / "photos", count=3)
+    (src / "img0.png").write_bytes((src / "img0.png").read_bytes()[:23])
+    with caplog.at_level("WARNING"):
+        pattern = build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "p")))
+    samples = _samples(pattern)
+    assert len(samples) == 2 and {s.key for s in samples} == {"000000000", "000000001"}
+    assert "1 images cannot be decoded and are left out" in caplog.text
+    assert "img0.png" in caplog.text
+    jsonl = tmp_path / "docs.jsonl"
+    lines = [
+        {"content": [{"type": "text", "text": t}, {"type": "image", "path": f"photos/{path}"}]}
+        for t, path in (("a", "img0.png"), ("b", "sub/img1.jpg"))
+    ]
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pattern = build_interleaved(
+            BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "i"), shuffle=False)
+        )
+    assert len(_samples(pattern)) == 1
+    assert f"{jsonl} line 1: image photos/img0.png" in caplog.text
+    for other in [*src.glob("img2.*"), *src.glob("sub/img1.*")]:
+        if other.suffix != ".txt":
+            other.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError, match="no image that Pillow can decode"):
+        build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "none")))
+    assert not list((tmp_path / "none").glob("*.tar"))
+
+
+def test_format_text_on_pairs_shards_is_refused_or_warned(tmp_path, caplog):
+    """Format text reads only the captions of pairs shards: pretokenize refuses it (naming the
+    image members and the formats that read them); the training loader warns once."""
+    src = _photo_folder(tmp_path / "photos", count=2)
+    pattern = build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "p")))
+    cfg = PretokenizeConfig(
+        input=pattern, format="text", output=str(tmp_path / "tok"), tokenizer=TOKENIZER
+    )
+    with pytest.raises(ValueError, match=r"format=text reads only KEY.txt.*\(png\).*pairs"):
+        pretokenize(cfg)
+    builder = DocumentBuilder(TOKENIZER.build(), DecodeOptions(1, 4.0, "random", 0.5))
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING"):
+        docs = [builder.build("text", raw, rng) for raw in _samples(pattern)]
+    assert len(docs) == 2 and caplog.text.count("format text reads only KEY.txt") == 1
 
 
 def test_pretokenize_refuses_input_with_nothing_usable(tmp_path):

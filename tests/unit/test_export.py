@@ -6,6 +6,7 @@ the key and the value Mixtral needs."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,21 @@ def test_a_supported_mixtral_still_exports(tmp_path):
     assert export(ExportConfig(str(source), str(out))) == "mixtral"
     config = json.loads((out / "config.json").read_text())
     assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+
+
+def test_export_from_the_latest_pointer_writes_files_others_can_read(tmp_path):
+    """`source=<checkpoints>/latest` (the pointer file) names the step it points at; the
+    safetensors file gets the umask's mode as config.json does (safetensors writes 0600)."""
+    from mm_moe.checkpoint import layout
+
+    checkpoints = tmp_path / "checkpoints"
+    _checkpoint(checkpoints / "step_00000003", MIXTRAL, NO_QK_NORM)
+    (checkpoints / layout.LATEST).write_text("step_00000003")
+    out = tmp_path / "hf"
+    umask = os.umask(0o022)
+    try:
+        assert export(ExportConfig(str(checkpoints / layout.LATEST), str(out))) == "mixtral"
+    finally:
+        os.umask(umask)
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o644
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644

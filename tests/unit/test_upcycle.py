@@ -138,6 +138,10 @@ def test_native_source_upcycles_exactly(tmp_path, hf, ids, capsys):
     dense = tmp_path / "dense"
     assert run([f"source={src}", "source_format=hf", f"out={dense}", *DATA_VOCAB]) == 0
     out = tmp_path / "moe"
+    # A tokenizer change synthetic data cannot see would be stored with the source's vocabulary.
+    with pytest.raises(ConfigError, match=r"tokenizer.levels=8 \(the source's \d+\).*data.sources"):
+        run([f"source={dense}", f"out={out}", *TC_TOP2, "tokenizer.levels=8"])
+    assert not out.exists()
     code = run([f"source={dense}", f"out={out}", "verify=true", *TC_TOP2, "untie=[attention]"])
     printed = capsys.readouterr().out
     assert code == 0 and "function preserved" in printed and "native dense source" in printed

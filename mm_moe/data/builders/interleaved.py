@@ -5,7 +5,7 @@ Input line (image paths relative to `image_root`, by default the JSONL's folder)
 or OBELICS-style parallel lists: {"texts": ["...", null], "images": [null, "img/a.jpg"]}.
 Output sample `KEY`: `KEY.json` = {"content": [..., {"type": "image", "member": "0.jpg"}]} and
 the images as members `KEY.0.jpg`, `KEY.1.png`, ... (original bytes). Documents with a missing
-image file or a malformed line are reported and left out.
+image file, an image Pillow cannot decode or a malformed line are reported and left out.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
-from mm_moe.data.decode import IMAGE_EXTENSIONS
+from mm_moe.data.builders.writer import (
+    prepare_output,
+    remove_empty_shards,
+    shard_pattern,
+    write_shards,
+)
+from mm_moe.data.decode import IMAGE_EXTENSIONS, decode_image
+from mm_moe.data.defects import SampleError
 from mm_moe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,7 +59,8 @@ def _entries(doc: dict) -> list[tuple[str, str]]:
 
 
 def to_sample(key: str, line: str, image_root: Path) -> dict:
-    """One JSONL line as a webdataset sample; ValueError/OSError when it cannot be used."""
+    """One JSONL line as a webdataset sample; ValueError/OSError (SampleError for an image
+    Pillow cannot decode) when it cannot be used."""
     doc = json.loads(line)
     sample: dict = {"__key__": key}
     content = []
@@ -67,6 +74,7 @@ def to_sample(key: str, line: str, image_root: Path) -> dict:
             raise UserError(f"image {value}: extension must be one of {IMAGE_EXTENSIONS}")
         member = f"{len(content)}.{ext}"
         sample[member] = path.read_bytes()
+        decode_image(sample[member], f"image {value}", min_side=1, max_aspect_ratio=float("inf"))
         content.append({"type": "image", "member": member})
     if not content:
         raise UserError("empty document")
@@ -104,6 +112,8 @@ def build(cfg: BuildInterleavedConfig) -> str:
                 n += 1
             except UnicodeDecodeError:
                 left_out.append(f"{src} line {number}: not UTF-8")
+            except SampleError as exc:
+                left_out.append(f"{src} line {number}: {exc.detail}")
             except (ValueError, OSError, AttributeError) as exc:
                 left_out.append(f"{src} line {number}: {exc}")
 
@@ -111,7 +121,6 @@ def build(cfg: BuildInterleavedConfig) -> str:
     if left_out:
         log.warning("%d documents left out, e.g. %s", len(left_out), left_out[0])
     if not count:
-        for empty in out.glob(f"{cfg.prefix}-*.tar"):  # written by this run, with nothing in
-            empty.unlink()
+        remove_empty_shards(out, cfg.prefix)
         raise UserError(f"input={cfg.input}: no usable document")
     return shard_pattern(out, cfg.prefix, count, cfg.shard_size)

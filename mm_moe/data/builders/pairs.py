@@ -3,7 +3,8 @@
 `photos/cat.jpg` + `photos/cat.txt` becomes sample `000000012` with members `.jpg` (the original
 bytes), `.txt` (the caption) and `.json` (`{"path": "photos/cat.jpg"}`), as img2dataset writes
 them. Images in other formats Pillow reads (bmp, gif, tiff) are re-encoded as PNG; images without
-a caption are reported and left out.
+a caption, images Pillow cannot decode and captions that are not UTF-8 are reported and left out
+(the loader would skip them on every epoch).
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mm_moe.data.builders.writer import prepare_output, shard_pattern, write_shards
-from mm_moe.data.decode import IMAGE_EXTENSIONS
+from mm_moe.data.builders.writer import (
+    prepare_output,
+    remove_empty_shards,
+    shard_pattern,
+    write_shards,
+)
+from mm_moe.data.decode import IMAGE_EXTENSIONS, decode_image
+from mm_moe.data.defects import SampleError
 from mm_moe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,8 +72,10 @@ def _utf8_captions(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
 
 
 def _sample(key: str, image: Path, caption: Path, root: Path) -> dict:
+    """The pair as a webdataset sample; SampleError when Pillow cannot decode the image."""
     ext = image.suffix.lower().lstrip(".")
     data = image.read_bytes()
+    decode_image(data, str(image), min_side=1, max_aspect_ratio=float("inf"))
     if f".{ext}" in _CONVERTED:
         out = io.BytesIO()
         with Image.open(io.BytesIO(data)) as img:
@@ -96,6 +105,24 @@ def build(cfg: BuildPairsConfig) -> str:
     if cfg.shuffle:
         order = np.random.default_rng(cfg.seed).permutation(len(pairs))
         pairs = [pairs[i] for i in order]
-    samples = (_sample(f"{i:09d}", img, cap, root) for i, (img, cap) in enumerate(pairs))
-    count = write_shards(samples, out, cfg.prefix, cfg.shard_size, len(pairs), "pairs")
+    undecodable = []
+
+    def samples():
+        n = 0
+        for image, caption in pairs:
+            try:
+                sample = _sample(f"{n:09d}", image, caption, root)
+            except SampleError as error:
+                undecodable.append(error.detail)
+                continue
+            n += 1
+            yield sample
+
+    count = write_shards(samples(), out, cfg.prefix, cfg.shard_size, len(pairs), "pairs")
+    if undecodable:
+        n, example = len(undecodable), undecodable[0]
+        log.warning("%d images cannot be decoded and are left out, e.g. %s", n, example)
+    if not count:
+        remove_empty_shards(out, cfg.prefix)
+        raise UserError(f"input={cfg.input}: no image that Pillow can decode")
     return shard_pattern(out, cfg.prefix, count, cfg.shard_size)

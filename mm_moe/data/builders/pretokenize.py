@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mm_moe.data.builders.writer import prepare_output, shard_pattern
 from mm_moe.data.defects import REASONS, SampleError
-from mm_moe.data.documents import DecodeOptions, DocumentBuilder
+from mm_moe.data.documents import DecodeOptions, DocumentBuilder, images_left_unread
 from mm_moe.data.shards import TOKENIZER_RECORD, expand_urls, tokenizer_record
 from mm_moe.data.tar_reader import iter_raw_samples
 from mm_moe.errors import UserError
@@ -82,8 +82,27 @@ def pretokenize_shard(index: int, url: str, cfg: PretokenizeConfig, out: Path) -
     return counts
 
 
+def _check_format(cfg: PretokenizeConfig, first_shard: str) -> None:
+    """Refuse a format that would drop what the shards hold (format text on pairs shards keeps
+    the captions only), from the first sample of the first shard."""
+    samples = iter_raw_samples(first_shard)
+    try:
+        raw = next(samples, None)
+    except SampleError:
+        return  # unreadable: counted and reported by the run itself
+    finally:
+        samples.close()
+    if raw is not None and (unread := images_left_unread(cfg.format, raw)):
+        raise UserError(
+            f"input={cfg.input}: format={cfg.format} reads only KEY.txt, but sample {raw.key} "
+            f"of {first_shard} holds images ({', '.join(unread)}) that would be dropped; "
+            "format=pairs reads a caption and its image, format=interleaved a .json document"
+        )
+
+
 def build(cfg: PretokenizeConfig) -> str:
     shards = expand_urls(cfg.input, "input")
+    _check_format(cfg, shards[0])
     out = prepare_output(cfg.output, cfg.overwrite)
     cfg.tokenizer.build().vocab.save(out / "vocab.yaml")
     record = tokenizer_record(cfg.tokenizer)  # the config and its files' digest

@@ -58,6 +58,13 @@ def write_shards(
     return count
 
 
+def remove_empty_shards(out: Path, prefix: str) -> None:
+    """Remove the shards a run that wrote nothing left (one empty tar): no shard to mistake for
+    data."""
+    for empty in out.glob(f"{prefix}-*.tar"):
+        empty.unlink()
+
+
 def _check_shard_size(shard_size: int) -> None:
     if shard_size < 1:
         raise UserError(f"shard_size={shard_size} must be positive")
