@@ -134,7 +134,7 @@ def split_moe_param_groups(optimizer: torch.optim.Optimizer) -> None:
 
 
 # ---- clipping, norms and dropped steps ----
-def _plain_zero0(engine) -> bool:
+def plain_zero0(engine) -> bool:
     """ZeRO stage 0 with the client's torch optimizer (not DeepSpeed's bf16 or ZeRO ones,
     which keep their own gradient buffers and norms): fp32 gradients whole on every rank."""
     wrapped = type(engine.optimizer).__module__.startswith("deepspeed.")
@@ -151,7 +151,7 @@ def clip_with_step_norm(engine, norm_fn) -> bool:
     (ZeRO-1/2 sum the squared norms of expert partitions over all data-parallel ranks, which
     counts each expert once; tests/distributed/test_expert_parallel.py checks grad_norm
     against EP=1's.) True where replaced."""
-    if not _plain_zero0(engine):
+    if not plain_zero0(engine):
         return False
 
     def clip_fp32_gradients():
@@ -175,7 +175,7 @@ def skip_lone_allreduce(engine) -> bool:
     buffers), by the one thing that path does that changes the numbers: a trainable parameter
     with no gradient at the boundary (an expert no token reached) gets zeros, so AdamW decays
     it and moves its moments as it does with more processes. True where replaced."""
-    if engine.world_size != 1 or not _plain_zero0(engine):
+    if engine.world_size != 1 or not plain_zero0(engine):
         return False
 
     def allreduce_gradients(bucket_size=None):

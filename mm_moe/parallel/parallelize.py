@@ -7,6 +7,7 @@ the single-device model, in one place (torchtitan's `parallelize_*`).
     the optimizer with expert param groups and its LR schedule   (the config's builders)
     the DeepSpeed engine: ZeRO, bf16, accumulation, clipping     here; its workarounds in
                                                                  deepspeed_fixes.py
+    ZeRO-0: expert gradients accumulated inside their GEMMs      here
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 
 import torch
 
+from mm_moe.model.moe.experts import GroupedExperts
 from mm_moe.parallel import deepspeed_fixes
 from mm_moe.parallel.aux_router_optim import AuxRouterOptimizer, aux_router_parameters
 from mm_moe.parallel.checkpointing import apply_activation_checkpointing
@@ -107,6 +109,7 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     deepspeed_fixes.skip_lone_allreduce(engine)
+    fuse_expert_grad_accumulation(model, engine)
     if cfg.trainer.grad_accum_dtype != "auto":
         log.info(
             "gradient accumulation in %s (trainer.grad_accum_dtype): %s",
@@ -121,6 +124,21 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
         AuxRouterOptimizer(model, cfg.optim, cfg.trainer.max_steps) if aux_params else None
     )
     return engine
+
+
+def fuse_expert_grad_accumulation(model: torch.nn.Module, engine) -> int:
+    """Let the experts add their weight gradients into `.grad` inside their backward GEMMs
+    (`GroupedExperts.accumulate_grads`) where the engine reads `.grad` and nothing else: ZeRO-0
+    with the torch optimizer. ZeRO-1/2 and DeepSpeed's bf16 optimizer move each gradient out of
+    `.grad` in a hook on its accumulation, which must fire. Returns how many expert modules do."""
+    if not deepspeed_fixes.plain_zero0(engine):
+        return 0
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    for m in experts:
+        m.accumulate_grads = True
+    if experts:
+        log.info("expert weight gradients accumulate inside their backward GEMMs (ZeRO-0)")
+    return len(experts)
 
 
 def unsharded_grad_norm(engine) -> torch.Tensor | None:
