@@ -103,6 +103,13 @@ def test_autograd_grad_and_backward_of_other_inputs_leave_grad_alone():
     assert not any(p.grad.any() for p in experts.parameters())
     loss().backward()  # and a plain backward does add into .grad
     torch.testing.assert_close(experts.w_down.grad, want[0])
+    # A post-accumulate-grad hook (how DeepSpeed's ZeRO watches gradients) keeps autograd's
+    # own accumulation, so the hook sees every micro-batch's gradient arrive.
+    seen = []
+    experts.w_down.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    loss().backward()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], 2 * want[0])
 
 
 def test_zero0_turns_it_on_and_deepspeed_optimizers_keep_it_off(tmp_path):

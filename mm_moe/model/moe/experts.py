@@ -205,6 +205,8 @@ def _accumulates_into_grad(w: torch.Tensor, grad_node) -> bool:
         return False
     if not g.is_contiguous() or g.requires_grad:
         return False
+    if getattr(w, "_post_accumulate_grad_hooks", None):  # a hook that watches the accumulation
+        return False
     try:
         return bool(torch._C._will_engine_execute_node(grad_node))
     except RuntimeError:  # torch.autograd.grad(..., w): the gradient is returned, not added
@@ -323,6 +325,12 @@ class GroupedExperts(nn.Module):
         return _SwiGLUSpans.apply(x_Nd, self.w_gate_up, self.w_down, spans, self.accumulate_grads)
 
 
+LOOP_ACCUMULATES = (
+    "moe.gemm=auto on CPU with gradients accumulated in place (ZeRO-0): a loop of GEMMs over "
+    "uneven counts, whose backward adds into .grad; batched GEMMs for equal counts"
+)
+
+
 def gemm_paths(model: nn.Module, device: torch.device) -> dict[str, str]:
     """{GEMM path: why} that the model's expert layers take for their weights' dtype on
     `device` (one entry when all agree). Raises the UserError of a forced path that cannot
@@ -332,13 +340,6 @@ def gemm_paths(model: nn.Module, device: torch.device) -> dict[str, str]:
         if isinstance(m, GroupedExperts):
             path, why = m.path(device, m.w_down.dtype)
             if path == "grouped_mm" and m.loop_accumulates(device):
-                path, why = (
-                    "loop",
-                    (
-                        "moe.gemm=auto on CPU with gradients accumulated in place (ZeRO-0): a loop "
-                        "of GEMMs over uneven counts, whose backward adds into .grad; batched GEMMs "
-                        "for expert choice's equal counts"
-                    ),
-                )
+                path, why = "loop", LOOP_ACCUMULATES
             paths[path] = why
     return paths
