@@ -75,6 +75,7 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
     else:
         step_dir = find_step_dir(ucfg.source)
         base = upgrade_saved_config(yaml.safe_load((step_dir / "config.yaml").read_text()))
+        source_tokenizer = dict(base.get("tokenizer") or {})  # before group choices replace it
         if any(c.startswith("experiment=") for c in choices):
             raise ConfigError(
                 "experiment=... applies to source_format=hf only; with a native source the "
@@ -96,7 +97,7 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
     container = OmegaConf.to_container(conf, resolve=True)
     container["checkpoint"]["resume"] = "none"
     if ucfg.source_format != "hf":
-        _check_tokenizer_is_used(base.get("tokenizer") or {}, container)
+        _check_tokenizer_is_used(source_tokenizer, container)
     return from_dict(TrainConfig, container)
 
 

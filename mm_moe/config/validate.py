@@ -32,7 +32,7 @@ def type_name(tp: Any) -> str:
         return " | ".join(type_name(a) for a in get_args(tp))
     if tp is type(None):
         return "null"
-    if origin in (list, tuple) and get_args(tp):
+    if origin is list and get_args(tp):
         return f"a list of {type_name(get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 

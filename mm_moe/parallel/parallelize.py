@@ -129,9 +129,11 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
 def fuse_expert_grad_accumulation(model: torch.nn.Module, engine) -> int:
     """Let the experts add their weight gradients into `.grad` inside their backward GEMMs
     (`GroupedExperts.accumulate_grads`) where the engine reads `.grad` and nothing else: ZeRO-0
-    with the torch optimizer. ZeRO-1/2 and DeepSpeed's bf16 optimizer move each gradient out of
-    `.grad` in a hook on its accumulation, which must fire. Returns how many expert modules do."""
-    if not deepspeed_fixes.plain_zero0(engine):
+    with the torch optimizer, over more than one micro-batch per step (with one, there is
+    nothing to accumulate into). ZeRO-1/2 and DeepSpeed's bf16 optimizer move each gradient out
+    of `.grad` in a hook on its accumulation, which must fire. Returns how many expert modules
+    do."""
+    if not deepspeed_fixes.plain_zero0(engine) or engine.gradient_accumulation_steps() < 2:
         return 0
     experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     for m in experts:

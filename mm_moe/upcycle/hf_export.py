@@ -158,14 +158,18 @@ def hf_tensors(model, kind: str) -> dict[str, torch.Tensor]:
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, the file then given the mode every other file gets (0666 less
-    the umask): safetensors writes 0600, which other users of a shared model folder cannot read."""
+    """safetensors' save_file, the file then given the mode a file created here gets (0666 less
+    the umask, read off a probe file: os.umask would change it for every thread a moment):
+    safetensors writes 0600, which other users of a shared model folder cannot read."""
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    probe = path.with_name(path.name + ".mode")
+    probe.touch()
+    try:
+        os.chmod(path, probe.stat().st_mode & 0o777)
+    finally:
+        probe.unlink()
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from mm_moe.model.moe.experts import GroupedExperts
 from tests.unit.test_moe_layer import CASES, _batch, _ctx, _layer
@@ -42,9 +43,10 @@ class _AddsInto(TorchDispatchMode):
         return out
 
 
-def _accumulate(name: str, fused: bool):
+def _accumulate(name: str, fused: bool, checkpointed: bool = False):
     """The layer's `.grad`s after the micro-batches, and the ops that added into the expert
-    weights' gradients during the backward of each micro-batch after the first."""
+    weights' gradients during the backward of each micro-batch after the first; `checkpointed`
+    runs the layer under activation checkpointing (its saved weights are detached copies)."""
     layer = _layer(CASES[name]).train()
     experts = [m for m in layer.modules() if isinstance(m, GroupedExperts)]
     assert experts
@@ -54,7 +56,10 @@ def _accumulate(name: str, fused: bool):
     for i, kind in enumerate(MICRO_BATCHES):
         x, modality, valid = _batch(kind)
         ctx = _ctx(modality, valid)
-        out = layer(x, ctx)
+        if checkpointed:
+            out = checkpoint(layer, x, ctx, use_reentrant=False)
+        else:
+            out = layer(x, ctx)
         losses = {**ctx.aux_losses, **ctx.aux_router_losses}
         objective = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
         counter = _AddsInto([p.grad for m in experts for p in m.parameters() if i])
@@ -65,9 +70,10 @@ def _accumulate(name: str, fused: bool):
     return {n: p.grad for n, p in layer.named_parameters()}, adds
 
 
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("name", FUSABLE)
-def test_accumulating_in_the_gemm_gives_autograds_gradients(name):
-    fused, fused_adds = _accumulate(name, fused=True)
+def test_accumulating_in_the_gemm_gives_autograds_gradients(name, checkpointed):
+    fused, fused_adds = _accumulate(name, fused=True, checkpointed=checkpointed)
     plain, plain_adds = _accumulate(name, fused=False)
     assert fused.keys() == plain.keys()
     for n in plain:
@@ -110,16 +116,40 @@ def test_autograd_grad_and_backward_of_other_inputs_leave_grad_alone():
     loss().backward()
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], 2 * want[0])
+    hooked = []  # a tensor hook sees (and may change) every micro-batch's own gradient
+    experts.w_gate_up.register_hook(lambda g: hooked.append(g) or g * 0)
+    before = experts.w_gate_up.grad.clone()
+    loss().backward()
+    assert len(hooked) == 1 and hooked[0].abs().sum() > 0
+    torch.testing.assert_close(experts.w_gate_up.grad, before)
+
+
+def test_inference_and_frozen_experts_run_with_the_flag_on():
+    layer = _layer(CASES["ec_sigmoid_moma"]).train()
+    experts = next(m for m in layer.modules() if isinstance(m, GroupedExperts))
+    experts.accumulate_grads = True
+    x, modality, valid = _batch("mixed")
+    with torch.inference_mode():
+        want = layer(x, _ctx(modality, valid))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, _ctx(modality, valid)), want)
+    experts.requires_grad_(False)
+    x = x.requires_grad_()
+    layer(x, _ctx(modality, valid)).sum().backward()
+    assert x.grad is not None and experts.w_down.grad is None
 
 
 def test_zero0_turns_it_on_and_deepspeed_optimizers_keep_it_off(tmp_path):
-    """Through the training builder: ZeRO-0 in fp32 (the torch optimizer reads `.grad`) fuses,
-    and token choice then takes the loop (whose backward fuses) over torch._grouped_mm on CPU;
-    ZeRO-1 (DeepSpeed's optimizer, hooks on each gradient's accumulation) does neither."""
+    """Through the training builder: ZeRO-0 in fp32 (the torch optimizer reads `.grad`) with
+    several micro-batches a step fuses, and token choice then takes the loop (whose backward
+    fuses) over torch._grouped_mm on CPU; ZeRO-1 (DeepSpeed's optimizer, hooks on each
+    gradient's accumulation) and one micro-batch a step do neither."""
     from mm_moe.cli import compose
     from mm_moe.trainer.build import build_training
 
-    for zero_stage, fused, gemm in ((0, True, "loop"), (1, False, "grouped_mm")):
+    # (ZeRO stage, micro-batch of the global 16: 4 accumulates, 16 has nothing to accumulate)
+    cases = ((0, 4, True, "loop"), (1, 4, False, "grouped_mm"), (0, 16, False, "grouped_mm"))
+    for zero_stage, micro, fused, gemm in cases:
         cfg = compose(
             [
                 "experiment=tiny_moma",
@@ -130,7 +160,8 @@ def test_zero0_turns_it_on_and_deepspeed_optimizers_keep_it_off(tmp_path):
                 "model.ffn_hidden=64",
                 "model.n_layers=2",
                 f"parallel.zero_stage={zero_stage}",
-                f"trainer.run_dir={tmp_path / str(zero_stage)}",
+                f"trainer.micro_batch_size={micro}",
+                f"trainer.run_dir={tmp_path / f'{zero_stage}_{micro}'}",
                 "logging.wandb.mode=disabled",
                 "eval=none",
             ]
@@ -139,8 +170,8 @@ def test_zero0_turns_it_on_and_deepspeed_optimizers_keep_it_off(tmp_path):
         try:
             model = training.engine.module
             flags = {m.accumulate_grads for m in model.modules() if isinstance(m, GroupedExperts)}
-            assert flags == {fused}, zero_stage
-            assert training.facts["moe/gemm"] == gemm, zero_stage
+            assert flags == {fused}, (zero_stage, micro)
+            assert training.facts["moe/gemm"] == gemm, (zero_stage, micro)
         finally:
             training.checkpointer.close()
             training.metrics.close()

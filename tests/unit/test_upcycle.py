@@ -141,6 +141,8 @@ def test_native_source_upcycles_exactly(tmp_path, hf, ids, capsys):
     # A tokenizer change synthetic data cannot see would be stored with the source's vocabulary.
     with pytest.raises(ConfigError, match=r"tokenizer.levels=8 \(the source's \d+\).*data.sources"):
         run([f"source={dense}", f"out={out}", *TC_TOP2, "tokenizer.levels=8"])
+    with pytest.raises(ConfigError, match=r"tokenizer.text=sentencepiece \(the source's"):
+        run([f"source={dense}", f"out={out}", *TC_TOP2, "tokenizer=demo"])  # a group choice
     assert not out.exists()
     code = run([f"source={dense}", f"out={out}", "verify=true", *TC_TOP2, "untie=[attention]"])
     printed = capsys.readouterr().out

@@ -141,8 +141,9 @@ class _SwiGLUSpans(torch.autograd.Function):
             _gemm(a_ECh, w_down_Ehd[e0 : e0 + E], out=view(out_Nd, e0, E, n0, C))
         ctx.save_for_backward(x_Nd, w_gate_up_Ed2h, w_down_Ehd, g_Nh, u_Nh, silu_Nh, a_Nh)
         ctx.runs = runs
-        # The weights' gradient accumulators, asked in the backward whether this backward
-        # runs them (it does not under torch.autograd.grad or backward(inputs=...)).
+        # The weights' gradient accumulators: the backward asks whether it runs them (not under
+        # torch.autograd.grad, nor backward(inputs=...) without the weights) and reaches the
+        # parameters through them (activation checkpointing saves detached copies).
         ctx.grad_nodes = (
             [get_gradient_edge(w).node for w in (w_gate_up_Ed2h, w_down_Ehd)] if accumulate else []
         )
@@ -158,11 +159,9 @@ class _SwiGLUSpans(torch.autograd.Function):
         grad_Nd = grad_Nd.contiguous()
         h = a_Nh.shape[1]
         view = lambda t, e0, E, n0, C: t[n0 : n0 + E * C].view(E, C, t.shape[1])
-        into = ctx.grad_nodes and all(
-            _accumulates_into_grad(w, node) for w, node in zip((w_gu, w_down), ctx.grad_nodes)
-        )
+        into = bool(ctx.grad_nodes) and all(map(_accumulates_into_grad, ctx.grad_nodes))
         if into:
-            grad_gu, grad_down = w_gu.grad, w_down.grad
+            grad_gu, grad_down = (node.variable.grad for node in ctx.grad_nodes)
         else:
             grad_gu, grad_down = torch.empty_like(w_gu), torch.empty_like(w_down)
         for e0, E, n0, C in ctx.runs:
@@ -194,18 +193,20 @@ class _SwiGLUSpans(torch.autograd.Function):
         return grad_x, grad_gu, grad_down, None, None
 
 
-def _accumulates_into_grad(w: torch.Tensor, grad_node) -> bool:
-    """Whether the backward may add w's gradient into w.grad in place: this backward would
-    accumulate it there (a backward() that runs w's AccumulateGrad, not autograd.grad), a
-    gradient is there already (a later micro-batch), laid out as w, and no graph is built."""
+def _accumulates_into_grad(grad_node) -> bool:
+    """Whether the backward may add a weight's gradient into its `.grad` in place: this
+    backward runs the weight's accumulator (a backward(), not torch.autograd.grad), a gradient
+    is there already (a later micro-batch), laid out as the weight, no graph is built, and no
+    hook watches the gradient (DeepSpeed's ZeRO reads each micro-batch's in one)."""
+    w = grad_node.variable
     g = w.grad
-    if g is None or torch.is_grad_enabled() or not w.is_leaf:
+    if g is None or torch.is_grad_enabled():
         return False
     if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
         return False
     if not g.is_contiguous() or g.requires_grad:
         return False
-    if getattr(w, "_post_accumulate_grad_hooks", None):  # a hook that watches the accumulation
+    if w._backward_hooks or getattr(w, "_post_accumulate_grad_hooks", None):
         return False
     try:
         return bool(torch._C._will_engine_execute_node(grad_node))
@@ -286,8 +287,14 @@ class GroupedExperts(nn.Module):
             e0, n0 = e0 + E, n0 + E * C
         assert e0 == self.num_experts and n0 == len(x_Nd), (runs, self.num_experts, len(x_Nd))
         return _SwiGLUSpans.apply(
-            x_Nd, self.w_gate_up, self.w_down, tuple(spans), self.accumulate_grads
+            x_Nd, self.w_gate_up, self.w_down, tuple(spans), self._accumulates()
         )
+
+    def _accumulates(self) -> bool:
+        """Accumulate into `.grad` in the backward: set from outside, and a graph is being
+        built for trained weights (not under no_grad or inference_mode, nor frozen experts)."""
+        trained = self.w_gate_up.requires_grad and self.w_down.requires_grad
+        return self.accumulate_grads and torch.is_grad_enabled() and trained
 
     def loop_accumulates(self, device: torch.device) -> bool:
         """moe.gemm=auto on CPU, where the weights' gradients accumulate in place: the loop
@@ -322,7 +329,7 @@ class GroupedExperts(nn.Module):
         # The loop: a span of one expert per expert (no padding, one GEMM each way per expert).
         starts = [0, *itertools.accumulate(counts)]
         spans = tuple((e, 1, starts[e], C) for e, C in enumerate(counts))
-        return _SwiGLUSpans.apply(x_Nd, self.w_gate_up, self.w_down, spans, self.accumulate_grads)
+        return _SwiGLUSpans.apply(x_Nd, self.w_gate_up, self.w_down, spans, self._accumulates())
 
 
 LOOP_ACCUMULATES = (
