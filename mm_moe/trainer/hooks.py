@@ -40,6 +40,7 @@ class EvalHook(Hook):
     def after_step(self, trainer, step: int, record: dict) -> None:
         if step % self.interval == 0 or _last(trainer, step):
             record.update(self.evaluator(trainer.training.engine.module))
+            record["evaluated"] = True  # MetricsHook logs this step, whatever its interval
 
 
 class MetricsHook(Hook):
