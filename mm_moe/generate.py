@@ -5,7 +5,8 @@
 
 mode=image continues `prompt` with an image (decoded to PNG by the VQ decoder, or saved as its
 codes, `.codes.npy`, where the image tokenizer has no decoder: Chameleon's), mode=text with
-text, mode=auto lets the model choose. Images go to `out` (default: <run dir>/samples).
+text, mode=auto lets the model choose. Images go to `out` (default: `samples/` in the run folder
+the checkpoint sits in, <run>/checkpoints/step_N; beside a step folder that sits elsewhere).
 With mode=image, `guidance` > 1 samples with classifier-free guidance (the demo report's
 text->image uses 3 at temperature 0.7: docs/evaluation.md); the n samples are drawn together.
 """
@@ -95,6 +96,20 @@ def open_image(path: str) -> Image.Image:
     return image
 
 
+def default_out(checkpoint: str, model) -> Path:
+    """`samples/` where the checkpoint is now (not the run folder its config recorded, which
+    may have moved or belong to another copy): <run>/samples for <run>/checkpoints/step_N,
+    else beside the step folder; the recorded run folder for a model given without a path."""
+    from mm_moe.checkpoint.pretrained import find_step_dir
+
+    if not checkpoint:
+        return Path(model.train_config.trainer.run_dir) / "samples"
+    step_dir = find_step_dir(checkpoint).resolve()
+    if step_dir.parent.name == "checkpoints":  # a run's checkpoint.dir default
+        return step_dir.parent.parent / "samples"
+    return step_dir.parent / "samples"
+
+
 def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     """One dict per sample: {"text": str, "images": [PNG paths]}."""
     from mm_moe.api import load_pretrained
@@ -105,7 +120,7 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
         model = load_pretrained(cfg.checkpoint, tokenizer=overrides)
     tok = tokenizers if tokenizers is not None else model.train_config.tokenizer.build()
     prompt = prompt_ids(tok, cfg.prompt, image, cfg.mode)
-    out_dir = Path(cfg.out) if cfg.out else Path(model.train_config.trainer.run_dir) / "samples"
+    out_dir = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, model)
     if cfg.guidance != 1:
         return _guided_images(cfg, model, tok, prompt, out_dir)
     results = []

@@ -1,0 +1,50 @@
+"""Where a run's outputs go: every held-out evaluation reaches the metrics, whatever
+trainer.log_interval is (an evaluation between logged steps was computed and lost); samples
+go where the checkpoint is now."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mm_moe.trainer.hooks import EvalHook, MetricsHook
+
+
+def test_every_evaluation_is_logged_between_log_intervals():
+    logged = []
+    cfg = SimpleNamespace(trainer=SimpleNamespace(log_interval=5, max_steps=12))
+    metrics = SimpleNamespace(log=lambda record: logged.append(dict(record)))
+    trainer = SimpleNamespace(
+        training=SimpleNamespace(cfg=cfg, metrics=metrics, engine=SimpleNamespace(module=None))
+    )
+    calls = []
+    evaluator = lambda module: calls.append(1) or {"eval/loss": float(len(calls))}  # noqa: E731
+    hooks = [EvalHook(evaluator, interval=4), MetricsHook()]
+    for step in range(1, 13):
+        record = {"step": step, "loss": 1.0, "tokens_loss": 10}
+        for hook in hooks:
+            hook.after_step(trainer, step, record)
+    evals = {r["step"]: r["eval/loss"] for r in logged if "eval/loss" in r}
+    assert evals == {4: 1.0, 8: 2.0, 12: 3.0}
+    assert sorted(r["step"] for r in logged) == [4, 5, 8, 10, 12]
+    assert all("evaluated" not in r for r in logged)
+
+
+def test_generated_samples_go_where_the_checkpoint_is_now(tmp_path):
+    """mm_moe.generate's default out: the run folder the checkpoint sits in now (a moved run,
+    its `latest` pointer), beside a step folder copied elsewhere; never the run folder the
+    checkpoint's config recorded."""
+    from mm_moe.checkpoint import layout
+    from mm_moe.generate import default_out
+
+    step = tmp_path / "moved_run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / layout.META).write_text("{}")
+    (step.parent / layout.LATEST).write_text(step.name)
+    recorded = SimpleNamespace(train_config=SimpleNamespace(trainer=SimpleNamespace(run_dir="/r")))
+    for given in (step, step.parent, step.parent / layout.LATEST, tmp_path / "moved_run"):
+        assert default_out(str(given), recorded) == (tmp_path / "moved_run" / "samples").resolve()
+    lone = tmp_path / "copies" / "lone_step"
+    lone.mkdir(parents=True)
+    (lone / layout.META).write_text("{}")
+    assert default_out(str(lone), recorded) == (tmp_path / "copies" / "samples").resolve()
+    assert str(default_out("", recorded)) == "/r/samples"  # a model given without a path
