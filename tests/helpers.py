@@ -74,6 +74,7 @@ def train(
     check: bool = True,
     launcher: list[str] | None = None,
     timeout: int = 600,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """`python -m mm_moe.train` (or torchrun with nproc > 1) on the tiny job."""
     args = [*TINY, f"trainer.run_dir={run_dir}", *overrides]
@@ -84,7 +85,12 @@ def train(
     else:
         cmd = [PYTHON, "-m", "mm_moe.train", *args]
     proc = subprocess.run(
-        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        cmd,
+        cwd=REPO,
+        env={**_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -100,7 +100,20 @@ def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     an existing one unasked (also when resuming another run's or an upcycled checkpoint)."""
     root = Path(cfg.checkpoint.dir)
     resume_dir = layout.resolve_resume(cfg.checkpoint.resume, root)
-    if resume_dir is None or root.resolve() not in resume_dir.resolve().parents:
+    own = resume_dir is not None and root.resolve() in resume_dir.resolve().parents
+    if not own and (restarts := restart_count()) and layout.complete_steps(root):
+        # A requeued or restarted job reruns its first command: where that started from (a
+        # fresh start, another run's checkpoint) is behind it; its own checkpoints are not.
+        resume_dir = layout.latest_step_dir(root)
+        log.warning(
+            "restart %d of this job: resuming its own latest checkpoint %s (checkpoint.resume=%s "
+            "and checkpoint.overwrite apply to its first start only)",
+            restarts,
+            resume_dir,
+            cfg.checkpoint.resume,
+        )
+        own = True
+    if not own:
         steps = layout.complete_steps(root)
         if steps and not cfg.checkpoint.overwrite:
             raise UserError(
@@ -118,6 +131,13 @@ def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
     barrier()
     return resume_dir
+
+
+def restart_count() -> int:
+    """How many times the scheduler has restarted this job: Slurm's requeue (launch/slurm.sbatch,
+    Hydra's submitit launcher) or torchrun's --max-restarts; 0 on a first start."""
+    counts = (os.environ.get(k, "") for k in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    return max((int(c) for c in counts if c.isdigit()), default=0)
 
 
 def _refuse_earlier_metrics(cfg: TrainConfig) -> None:

@@ -29,6 +29,30 @@ def test_resume_continues_exactly(tmp_path, straight):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
 
 
+def test_a_requeued_job_resumes_its_own_checkpoints(tmp_path):
+    """Slurm requeues (and torchrun restarts) rerun the first command: a job that started from
+    another run's checkpoint continues from its own latest on a restart, where a plain rerun
+    of that command is refused (it would start a second line of checkpoints on the first)."""
+    source, run_dir = tmp_path / "source", tmp_path / "run"
+    train(source, "trainer.max_steps=2", "checkpoint.interval=2")
+    first = (
+        "trainer.max_steps=6",
+        "checkpoint.interval=2",
+        f"checkpoint.resume={source}/checkpoints",
+    )
+    train(run_dir, *first[1:], "trainer.max_steps=4")  # "preempted" after its step-4 checkpoint
+    before = losses(run_dir)
+    refused = train(run_dir, *first, check=False)
+    assert refused.returncode != 0 and "already holds checkpoints" in refused.stderr
+    restarted = train(run_dir, *first, env={"SLURM_RESTART_COUNT": "1"})
+    printed = restarted.stdout + restarted.stderr
+    assert "restart 1 of this job: resuming its own latest checkpoint" in printed
+    assert "step_00000004" in printed
+    after = losses(run_dir)
+    assert max(before) == 4 and sorted(after) == [*sorted(before), 5, 6]
+    assert all(after[step] == loss for step, loss in before.items())
+
+
 def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path, straight):
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
