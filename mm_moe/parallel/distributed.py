@@ -218,6 +218,15 @@ def all_reduce_sum_to_host(values: dict, device: torch.device) -> dict[str, list
     return {n: host[o : o + math.prod(shape)] for n, (o, shape) in layout.items()}
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable, small), in rank order; [obj] without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -5,6 +5,8 @@ held-out evaluation). `Trainer` (trainer.py) runs it; benchmarks and tests build
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import secrets
@@ -26,7 +28,13 @@ from mm_moe.model.attention_mask import check_backend, resolve_backend, sdpa_cal
 from mm_moe.model.config import ModelConfig
 from mm_moe.model.flops import FlopsMeter
 from mm_moe.model.moe.experts import gemm_paths
-from mm_moe.parallel.distributed import DistInfo, adopt_slurm_env, barrier, init_distributed
+from mm_moe.parallel.distributed import (
+    DistInfo,
+    adopt_slurm_env,
+    barrier,
+    gather_objects,
+    init_distributed,
+)
 from mm_moe.parallel.expert_parallel import check_expert_parallel
 from mm_moe.parallel.parallelize import parallelize, uses_bf16
 from mm_moe.tokenization.digest import check as check_tokenizer
@@ -89,10 +97,39 @@ def start_processes(cfg: TrainConfig) -> tuple[TrainConfig, DistInfo]:
     cfg = cfg.for_world(world)
     check_expert_parallel(cfg.parallel, cfg.moe, world)
     dist = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, cfg.trainer.device)
+    check_same_config(cfg)  # before the first collective that assumes it (expert groups)
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     cfg.trainer.grad_accumulation_steps(dist.world_size)  # validates divisibility
     return cfg, dist
+
+
+def check_same_config(cfg: TrainConfig) -> None:
+    """Every rank must run the same config: nodes launched with different overrides trained
+    with a learning rate per rank, or hung building expert-parallel groups of different sizes.
+    One all-gather of a digest; the differing keys are named on a mismatch."""
+    flat = _flat(scrub(to_dict(cfg)))
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+    if len(set(gather_objects(digest))) == 1:
+        return
+    every = gather_objects(flat)
+    keys = sorted({k for f in every for k in f if len({repr(g.get(k)) for g in every}) > 1})
+    by_rank = lambda k: ", ".join(f"rank {r} {f.get(k)!r}" for r, f in enumerate(every))  # noqa: E731
+    shown = "; ".join(f"{k}: {by_rank(k)}" for k in keys[:5])
+    raise UserError(
+        f"the ranks run different configs ({len(keys)} keys differ: {shown}). Launch every node "
+        "with the same overrides"
+    )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
