@@ -1,6 +1,6 @@
 """Plan a job before launching it: parameters, FLOPs, memory per GPU and all-to-all volume.
 
-    python -m mm_moe.plan experiment=moma_4t4i_1.4b cluster.nodes=8 cluster.gpus_per_node=8
+    python -m mm_moe.plan model=moma_4t4i_1.4b cluster.nodes=8 cluster.gpus_per_node=8
 
 Takes the training command's overrides plus `cluster.*` (nodes, gpus_per_node,
 gpu_memory_gb, data_vocab_size). Estimates assume bf16 weights and gradients, fp32 master
@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         cluster = from_dict(ClusterConfig, cluster_args, prefix="cluster")
         cfg = compose(rest)
         result = plan(cfg, cluster)
-    _print(cfg.name if cfg.name != "default" else "the default config", result)
+    choices = [a for a in rest if "=" in a and "." not in a.split("=", 1)[0]]  # model=..., moe=...
+    named = cfg.name if cfg.name != "default" else "the default config"
+    _print(f"{named} with {' '.join(choices)}" if choices else named, result)
     return result
 
 
