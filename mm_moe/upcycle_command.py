@@ -65,6 +65,7 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
     """The target's training config: the base (see module doc), group choices, overrides."""
     from omegaconf import OmegaConf
 
+    from mm_moe.checkpoint.layout import read_config
     from mm_moe.checkpoint.pretrained import find_step_dir
     from mm_moe.upcycle import hf_import
 
@@ -74,7 +75,7 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
         base["model"].update(fields)
     else:
         step_dir = find_step_dir(ucfg.source)
-        base = upgrade_saved_config(yaml.safe_load((step_dir / "config.yaml").read_text()))
+        base = upgrade_saved_config(read_config(step_dir))
         source_tokenizer = dict(base.get("tokenizer") or {})  # before group choices replace it
         if any(c.startswith("experiment=") for c in choices):
             raise ConfigError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 META = "meta.json"
+CONFIG = "config.yaml"
 VOCAB = "vocab.yaml"  # where text, special and image ids live (checkpoints since format 2)
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -91,9 +93,16 @@ def read_tensors(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+            why = (
+                "checkpoint files must hold only tensors and plain values (they are read with "
+                "weights_only=True, which never runs code)"
+            )
+        else:
+            why = "the file is damaged or truncated; resume from an earlier step (step_*)"
+        first_line = str(exc).splitlines()[0].rstrip(" .") if str(exc) else ""
         raise UserError(
-            f"cannot load {path}: {exc.__class__.__name__}: {exc}. Checkpoint files must hold "
-            "only tensors and plain values (they are read with weights_only=True)"
+            f"cannot load {path}: {exc.__class__.__name__}: {first_line}. {why}"
         ) from exc
 
 
@@ -112,6 +121,31 @@ def read_meta(step_dir: Path) -> dict:
             "directory) or checkpoint.resume=auto, which skips damaged steps"
         )
     return meta
+
+
+def read_config(step_dir: Path, required: bool = True) -> dict | None:
+    """A step's config.yaml as the run wrote it; None where there is none and it is not
+    `required`. A missing (when required) or damaged file is a UserError naming it."""
+    import yaml
+
+    path = Path(step_dir) / CONFIG
+    if not path.is_file():
+        if not required:
+            return None
+        raise UserError(
+            f"{path} is missing: a checkpoint's {CONFIG} holds the config its model was built "
+            "from. Use a whole step_XXXXXXXX directory as the save wrote it"
+        )
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        config = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{path} is damaged ({config}): it must be the YAML mapping the save wrote. Use "
+            "another step (checkpoint.resume=PATH of a step_XXXXXXXX directory)"
+        )
+    return config
 
 
 def _is_complete(step_dir: Path) -> bool:

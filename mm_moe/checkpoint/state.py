@@ -174,8 +174,7 @@ def _load_scheduler(scheduler, state: dict) -> None:
 
 def _written_config(step_dir: Path):
     """The step's config.yaml as written (None where there is none)."""
-    path = step_dir / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    return layout.read_config(step_dir, required=False)
 
 
 def _check_same_architecture(step_dir: Path, module, written: dict | None = None) -> None:
@@ -190,7 +189,7 @@ def _check_same_architecture(step_dir: Path, module, written: dict | None = None
     from mm_moe.model.moe.config import MoEConfig
 
     if written is None:
-        written = yaml.safe_load((step_dir / "config.yaml").read_text())
+        written = layout.read_config(step_dir)
     saved = {
         **function_fields(from_dict(ModelConfig, written.get("model", {}), "model"), "model"),
         **function_fields(from_dict(MoEConfig, written.get("moe", {}), "moe"), "moe"),

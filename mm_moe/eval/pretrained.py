@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 
 log = logging.getLogger("mm_moe")
 
@@ -63,14 +62,14 @@ def load_tokenizers(path: str | Path, tokenizer: dict | None = None):
 def _train_config(step_dir: Path, tokenizer: dict | None):
     """The checkpoint's training config, its tokenizer keys overridden by `tokenizer`, and
     that tokenizer checked against the digest the checkpoint recorded."""
-    from mm_moe.checkpoint.layout import read_meta
+    from mm_moe.checkpoint.layout import read_config, read_meta
     from mm_moe.config import TrainConfig, from_dict
     from mm_moe.config.legacy import upgrade_saved_config
     from mm_moe.config.validate import to_dict
     from mm_moe.tokenization.config import TokenizerConfig
     from mm_moe.tokenization.digest import check
 
-    saved = yaml.safe_load((step_dir / "config.yaml").read_text())
+    saved = read_config(step_dir)
     cfg = from_dict(TrainConfig, upgrade_saved_config(saved))
     if tokenizer:
         merged = {**to_dict(cfg.tokenizer), **tokenizer}

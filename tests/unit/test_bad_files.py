@@ -121,3 +121,46 @@ def test_a_defective_labelled_sample_is_named(tmp_path, defect, match):
     with pytest.raises(UserError, match=rf"eval.zero_shot.urls: .*shard-000000.tar, {match}"):
         labelled_images(urls, 10, "eval.zero_shot.urls", 3)
     assert len(labelled_images(urls, 2, "eval.zero_shot.urls", 3)) == 2  # before the defect
+
+
+class _Planted:
+    def __reduce__(self):
+        return (print, ("a planted pickle ran",))
+
+
+def test_a_truncated_checkpoint_file_is_called_damaged_and_a_pickle_unsafe(tmp_path):
+    """Two causes, two remedies: a truncated file (a copy cut short) is named damaged with the
+    way out (an earlier step); a file holding code objects is named as refused by
+    weights_only, and the planted code does not run."""
+    import torch
+
+    from mm_moe.checkpoint.layout import read_tensors
+
+    whole = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(64, 64)}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"cut.pt.*damaged or truncated; resume from an earlier"):
+        read_tensors(cut)
+    planted = tmp_path / "planted.pt"
+    torch.save({"w": _Planted()}, planted)
+    with pytest.raises(UserError, match=r"planted.pt.*only tensors and plain values"):
+        read_tensors(planted)
+
+
+def test_a_missing_or_damaged_config_yaml_is_named(tmp_path):
+    """A step's config.yaml: missing (where a model must be built from it) or not the YAML
+    mapping the save wrote is a UserError naming the file, not a YAML traceback."""
+    from mm_moe.checkpoint.layout import read_config
+
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    with pytest.raises(UserError, match=r"config.yaml is missing"):
+        read_config(step)
+    assert read_config(step, required=False) is None
+    for text in ("model: {d_model: [unclosed", "just a string", ""):
+        (step / "config.yaml").write_text(text)
+        with pytest.raises(UserError, match=r"config.yaml is damaged"):
+            read_config(step, required=False)
+    (step / "config.yaml").write_text("model: {d_model: 32}\n")
+    assert read_config(step) == {"model": {"d_model": 32}}
