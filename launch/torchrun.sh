@@ -40,7 +40,7 @@ else
        --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
 fi
 cmd+=("${grace[@]}" -m mm_moe.train "$@")
-if [[ -n "${DRY_RUN:-}" ]]; then
+if [[ -n "${DRY_RUN:-}" && "${DRY_RUN}" != "0" ]]; then
   printf '%q ' "${cmd[@]}"
   echo
   exit 0

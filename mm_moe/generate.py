@@ -121,6 +121,8 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     tok = tokenizers if tokenizers is not None else model.train_config.tokenizer.build()
     prompt = prompt_ids(tok, cfg.prompt, image, cfg.mode)
     out_dir = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, model)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"out={out_dir} is a file; it must be a folder (or not exist yet)")
     if cfg.guidance != 1:
         return _guided_images(cfg, model, tok, prompt, out_dir)
     results = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from mm_moe.checkpoint import state as ckpt_state
 from mm_moe.checkpoint.async_save import Checkpointer
 from mm_moe.checkpoint.rng import seed_all
 from mm_moe.config.schema import TrainConfig
-from mm_moe.config.validate import to_dict
+from mm_moe.config.validate import from_dict, to_dict
 from mm_moe.data.prefetch import Prefetcher
 from mm_moe.errors import UserError
 from mm_moe.eval.heldout import HeldoutEval, heldout_batches
@@ -135,6 +136,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     """The checkpoint to resume from; a fresh line of checkpoints is never started on top of
     an existing one unasked (also when resuming another run's or an upcycled checkpoint)."""
+    folders = {"trainer.run_dir": cfg.trainer.run_dir, "checkpoint.dir": cfg.checkpoint.dir}
+    for key, path in folders.items():
+        if Path(path).exists() and not Path(path).is_dir():
+            raise UserError(f"{key}={path} is a file; it must be a folder (or not exist yet)")
     root = Path(cfg.checkpoint.dir)
     resume_dir = layout.resolve_resume(cfg.checkpoint.resume, root)
     own = resume_dir is not None and root.resolve() in resume_dir.resolve().parents
@@ -168,6 +173,37 @@ def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
     barrier()
     return resume_dir
+
+
+def _warn_schedule_changes(resume_dir: Path, cfg: TrainConfig, step: int) -> None:
+    """A resume rebuilds the learning-rate schedule from this run's keys: a changed
+    trainer.max_steps (or optim.*) moves the LR at once, and max_steps at or below the
+    checkpoint's step trains nothing. Both are said, not left to be found in the metrics."""
+    if step >= cfg.trainer.max_steps:
+        log.warning(
+            "the checkpoint is at step %d and trainer.max_steps=%d: nothing to train; raise "
+            "trainer.max_steps to continue",
+            step,
+            cfg.trainer.max_steps,
+        )
+    written = layout.read_config(resume_dir, required=False) or {}
+    try:
+        was_optim = from_dict(type(cfg.optim), written["optim"], "optim")
+        was_max = int(written["trainer"]["max_steps"])
+    except (KeyError, TypeError, ValueError):  # no run config (an upcycled checkpoint)
+        return
+    lr = lambda optim, max_steps: optim.lr * optim.lr_factor(step, max_steps)  # noqa: E731
+    before, now = lr(was_optim, was_max), lr(cfg.optim, cfg.trainer.max_steps)
+    if not math.isclose(before, now, rel_tol=1e-9):
+        log.warning(
+            "the learning-rate schedule follows this run's trainer.max_steps and optim.* "
+            "(the checkpoint's: max_steps %d): the learning rate at step %d is %.3g, where the "
+            "checkpoint's schedule had %.3g",
+            was_max,
+            step + 1,
+            now,
+            before,
+        )
 
 
 def restart_count() -> int:
@@ -284,6 +320,7 @@ def build_training(cfg: TrainConfig) -> Training:
         meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size)
         guard.load_state_dict(meta)
         log.info("resumed from %s at step %d", resume_dir, meta["step"])
+        _warn_schedule_changes(resume_dir, cfg, meta["step"])
     if dist.is_main:
         _describe(cfg, model_cfg, dist)
     wandb_init = _wandb_init(cfg, config_dict, meta.get("wandb_id")) if dist.is_main else None

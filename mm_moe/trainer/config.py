@@ -84,6 +84,10 @@ class TrainerConfig:
         for name in ("max_steps", "log_interval", "global_batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"trainer.{name}={getattr(self, name)} must be positive")
+        if self.cpu_threads < 0:
+            raise UserError(
+                f"trainer.cpu_threads={self.cpu_threads} must be >= 0 (0: torch's default)"
+            )
         if self.micro_batch_size < 0:
             raise UserError(
                 f"trainer.micro_batch_size={self.micro_batch_size} must be positive, or 0 to "

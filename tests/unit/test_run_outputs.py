@@ -48,3 +48,50 @@ def test_generated_samples_go_where_the_checkpoint_is_now(tmp_path):
     (lone / layout.META).write_text("{}")
     assert default_out(str(lone), recorded) == (tmp_path / "copies" / "samples").resolve()
     assert str(default_out("", recorded)) == "/r/samples"  # a model given without a path
+
+
+def test_a_resume_says_when_the_learning_rate_schedule_moves(tmp_path, caplog):
+    """A resume rebuilds the LR schedule from this run's keys: a trainer.max_steps that moves
+    the next step's LR is named with both rates; one that does not (optim.decay_steps fixes
+    the decay) says nothing; max_steps at the checkpoint's step says nothing is left."""
+    import yaml
+
+    from mm_moe.cli import compose
+    from mm_moe.config.validate import to_dict
+    from mm_moe.trainer.build import _warn_schedule_changes
+
+    def config(*overrides):
+        return compose(["experiment=tiny_dense", "optim.warmup_steps=2", *overrides])
+
+    step = tmp_path / "step_00000010"
+    step.mkdir()
+    (step / "config.yaml").write_text(yaml.safe_dump(to_dict(config("trainer.max_steps=20"))))
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        _warn_schedule_changes(step, config("trainer.max_steps=40"), 10)
+    assert "the learning rate at step 11 is" in caplog.text
+    caplog.clear()
+    (step / "config.yaml").write_text(
+        yaml.safe_dump(to_dict(config("trainer.max_steps=20", "optim.decay_steps=30")))
+    )
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        _warn_schedule_changes(step, config("trainer.max_steps=40", "optim.decay_steps=30"), 10)
+        assert not caplog.text
+        _warn_schedule_changes(step, config("trainer.max_steps=10", "optim.decay_steps=30"), 10)
+    assert "nothing to train" in caplog.text
+
+
+def test_a_file_where_a_run_folder_goes_is_named(tmp_path):
+    import pytest
+
+    from mm_moe.cli import compose
+    from mm_moe.errors import UserError
+    from mm_moe.trainer.build import _resume_dir
+    from mm_moe.trainer.config import TrainerConfig
+
+    taken = tmp_path / "a_file"
+    taken.write_text("x")
+    cfg = compose(["experiment=tiny_dense", f"trainer.run_dir={taken}"])
+    with pytest.raises(UserError, match=r"trainer.run_dir=.*a_file is a file; it must be a folder"):
+        _resume_dir(cfg, None)
+    with pytest.raises(UserError, match=r"trainer.cpu_threads=-1 must be >= 0"):
+        TrainerConfig(cpu_threads=-1)
