@@ -40,7 +40,7 @@ from mm_moe.parallel.expert_parallel import check_expert_parallel
 from mm_moe.parallel.parallelize import parallelize, uses_bf16
 from mm_moe.tokenization.digest import check as check_tokenizer
 from mm_moe.tokenization.digest import tokenizer_digest
-from mm_moe.trainer import fault_injection
+from mm_moe.trainer import fault_injection, run_lock
 from mm_moe.trainer.guard import StepGuard
 from mm_moe.trainer.metrics import METRICS_FILE, MetricsLogger
 from mm_moe.trainer.peak import device_name, peak_flops
@@ -133,13 +133,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
-    """The checkpoint to resume from; a fresh line of checkpoints is never started on top of
-    an existing one unasked (also when resuming another run's or an upcycled checkpoint)."""
+def _check_folders(cfg: TrainConfig) -> None:
     folders = {"trainer.run_dir": cfg.trainer.run_dir, "checkpoint.dir": cfg.checkpoint.dir}
     for key, path in folders.items():
         if Path(path).exists() and not Path(path).is_dir():
             raise UserError(f"{key}={path} is a file; it must be a folder (or not exist yet)")
+
+
+def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
+    """The checkpoint to resume from; a fresh line of checkpoints is never started on top of
+    an existing one unasked (also when resuming another run's or an upcycled checkpoint)."""
+    _check_folders(cfg)
     root = Path(cfg.checkpoint.dir)
     resume_dir = layout.resolve_resume(cfg.checkpoint.resume, root)
     own = resume_dir is not None and root.resolve() in resume_dir.resolve().parents
@@ -298,6 +302,9 @@ def _evaluator(cfg: TrainConfig, dist: DistInfo) -> HeldoutEval | None:
 def build_training(cfg: TrainConfig) -> Training:
     """Every part of the run; resumes when checkpoint.resume says so. Collective."""
     cfg, dist = start_processes(cfg)
+    _check_folders(cfg)
+    # Before anything reads or replaces the folder's checkpoints and metrics.
+    lock = run_lock.acquire(cfg.trainer.run_dir) if dist.is_main else None
     resume_dir = _resume_dir(cfg, dist)
     seed_all(cfg.trainer.seed)  # same initial weights on every rank
     t = cfg.trainer
@@ -334,7 +341,13 @@ def build_training(cfg: TrainConfig) -> Training:
         guard=guard,
         checkpointer=Checkpointer(cfg.checkpoint, dist.device),
         metrics=MetricsLogger(
-            Path(t.run_dir), dist.is_main, t.max_steps, meta["step"], cfg.logging, wandb_init
+            Path(t.run_dir),
+            dist.is_main,
+            t.max_steps,
+            meta["step"],
+            cfg.logging,
+            wandb_init,
+            lock=lock,
         ),
         flops=FlopsMeter(
             per_token,

@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+from mm_moe.trainer import run_lock
 from mm_moe.utils.scrub import scrub
 
 log = logging.getLogger("mm_moe")
@@ -34,7 +35,9 @@ class MetricsLogger:
         start_step: int,
         logging_cfg,
         wandb_init: dict | None,
+        lock: Path | None = None,
     ):
+        self.lock = lock  # trainer/run_lock.py's key: released when the run closes
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self.first_row: dict = {}  # facts of the run (e.g. kernels chosen) for the first row
@@ -104,6 +107,8 @@ class MetricsLogger:
             log.info(short)
 
     def close(self) -> None:
+        run_lock.release(self.lock)
+        self.lock = None
         if not self.enabled:
             return
         if self.bar is not None:

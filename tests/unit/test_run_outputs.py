@@ -95,3 +95,40 @@ def test_a_file_where_a_run_folder_goes_is_named(tmp_path):
         _resume_dir(cfg, None)
     with pytest.raises(UserError, match=r"trainer.cpu_threads=-1 must be >= 0"):
         TrainerConfig(cpu_threads=-1)
+
+
+def test_a_second_run_into_a_busy_run_folder_is_refused(tmp_path):
+    """The lock on <run_dir>/.run.lock: another process is refused with the holder named (and
+    this one, while another holds it); the same process may build again (benchmarks,
+    notebooks); once released, or once the holder dies, the folder is free."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from mm_moe.errors import UserError
+    from mm_moe.trainer import run_lock
+
+    folder = str(tmp_path / "run")
+    take = f"from mm_moe.trainer import run_lock; run_lock.acquire({folder!r})"
+    other = lambda: subprocess.run([sys.executable, "-c", take], capture_output=True, text=True)  # noqa: E731
+    key = run_lock.acquire(folder)
+    assert run_lock.acquire(folder) == key  # the same process: shared
+    run_lock.release(key)
+    refused = other()
+    assert refused.returncode != 0 and "is in use by another run (pid" in refused.stderr
+    run_lock.release(key)
+    assert other().returncode == 0  # free again (and that holder's exit released it)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"{take}; print('held', flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=r"is in use by another run \(pid"):
+            run_lock.acquire(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_lock.release(run_lock.acquire(folder))  # a killed holder leaves no stale lock

@@ -1,0 +1,66 @@
+"""One training run per run folder at a time.
+
+Two runs started into the same `trainer.run_dir` (a command run twice, two terminals) used to
+both report success while each replaced the other's metrics.jsonl and checkpoints. The main
+rank now holds an advisory lock (`flock`) on `<run_dir>/.run.lock` from before it touches the
+folder until the run closes; the kernel drops it when the process dies, so a crash leaves no
+stale lock. The file names its holder. A file system without locks (Lustre mounted without
+`flock`) runs unlocked, with a warning. Runs built again in the same process (notebooks,
+benchmarks) share the process's lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from mm_moe.errors import UserError
+
+log = logging.getLogger("mm_moe")
+LOCK_FILE = ".run.lock"
+_HELD: dict[Path, list] = {}  # resolved run folder -> [open lock file, holders in this process]
+
+
+def acquire(run_dir: str | Path) -> Path:
+    """Lock `run_dir` (created if missing) for this process; UserError naming the holder when
+    another process has it. Returns the key to `release`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    path = run_dir / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            f"trainer.run_dir={run_dir} is in use by another run ({holder}); wait for it to end, "
+            "or choose another trainer.run_dir"
+        ) from None
+    except OSError as exc:  # no locks on this file system
+        log.warning("cannot lock %s (%s): runs into the same folder are not detected", path, exc)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
+    handle.flush()
+    _HELD[key] = [handle, 1]
+    return key
+
+
+def release(key: Path | None) -> None:
+    """Drop this process's hold on the folder (the lock goes with the last holder)."""
+    if key is None or key not in _HELD:
+        return
+    _HELD[key][1] -= 1
+    if _HELD[key][1] == 0:
+        handle, _ = _HELD.pop(key)
+        handle.close()  # closing the file releases the flock
