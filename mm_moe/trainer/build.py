@@ -133,7 +133,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_folders(cfg: TrainConfig) -> None:
+def check_folders(cfg: TrainConfig) -> None:
+    """trainer.run_dir and checkpoint.dir are folders or do not exist yet."""
     folders = {"trainer.run_dir": cfg.trainer.run_dir, "checkpoint.dir": cfg.checkpoint.dir}
     for key, path in folders.items():
         if Path(path).exists() and not Path(path).is_dir():
@@ -143,7 +144,6 @@ def _check_folders(cfg: TrainConfig) -> None:
 def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     """The checkpoint to resume from; a fresh line of checkpoints is never started on top of
     an existing one unasked (also when resuming another run's or an upcycled checkpoint)."""
-    _check_folders(cfg)
     root = Path(cfg.checkpoint.dir)
     resume_dir = layout.resolve_resume(cfg.checkpoint.resume, root)
     own = resume_dir is not None and root.resolve() in resume_dir.resolve().parents
@@ -302,7 +302,7 @@ def _evaluator(cfg: TrainConfig, dist: DistInfo) -> HeldoutEval | None:
 def build_training(cfg: TrainConfig) -> Training:
     """Every part of the run; resumes when checkpoint.resume says so. Collective."""
     cfg, dist = start_processes(cfg)
-    _check_folders(cfg)
+    check_folders(cfg)
     # Before anything reads or replaces the folder's checkpoints and metrics.
     lock = run_lock.acquire(cfg.trainer.run_dir) if dist.is_main else None
     resume_dir = _resume_dir(cfg, dist)

@@ -85,14 +85,14 @@ def test_a_file_where_a_run_folder_goes_is_named(tmp_path):
 
     from mm_moe.cli import compose
     from mm_moe.errors import UserError
-    from mm_moe.trainer.build import _resume_dir
+    from mm_moe.trainer.build import check_folders
     from mm_moe.trainer.config import TrainerConfig
 
     taken = tmp_path / "a_file"
     taken.write_text("x")
     cfg = compose(["experiment=tiny_dense", f"trainer.run_dir={taken}"])
     with pytest.raises(UserError, match=r"trainer.run_dir=.*a_file is a file; it must be a folder"):
-        _resume_dir(cfg, None)
+        check_folders(cfg)
     with pytest.raises(UserError, match=r"trainer.cpu_threads=-1 must be >= 0"):
         TrainerConfig(cpu_threads=-1)
 
