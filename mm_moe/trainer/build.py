@@ -299,12 +299,31 @@ def _evaluator(cfg: TrainConfig, dist: DistInfo) -> HeldoutEval | None:
     return HeldoutEval(batches, dist.device)
 
 
+def _lock_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
+    """The run folder's lock (rank 0), taken before anything reads or replaces the folder's
+    checkpoints and metrics (trainer/run_lock.py)."""
+    check_folders(cfg)
+    return run_lock.acquire(cfg.trainer.run_dir) if dist.is_main else None
+
+
+def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard, digest) -> dict:
+    """The checkpoint's meta after loading it into the run's parts ({"step": 0} without one),
+    its tokenizer checked against the run's first."""
+    if resume_dir is None:
+        return {"step": 0}
+    recorded = layout.read_meta(resume_dir).get("tokenizer_digest")
+    check_tokenizer(recorded, cfg.tokenizer, f"checkpoint {resume_dir}", digest)
+    meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size)
+    guard.load_state_dict(meta)
+    log.info("resumed from %s at step %d", resume_dir, meta["step"])
+    _warn_schedule_changes(resume_dir, cfg, meta["step"])
+    return meta
+
+
 def build_training(cfg: TrainConfig) -> Training:
     """Every part of the run; resumes when checkpoint.resume says so. Collective."""
     cfg, dist = start_processes(cfg)
-    check_folders(cfg)
-    # Before anything reads or replaces the folder's checkpoints and metrics.
-    lock = run_lock.acquire(cfg.trainer.run_dir) if dist.is_main else None
+    lock = _lock_run_dir(cfg, dist)
     resume_dir = _resume_dir(cfg, dist)
     seed_all(cfg.trainer.seed)  # same initial weights on every rank
     t = cfg.trainer
@@ -319,15 +338,8 @@ def build_training(cfg: TrainConfig) -> Training:
     config_dict = scrub(to_dict(cfg))  # secrets never reach the saved config or wandb
     config_dict["model"]["vocab_size"] = model_cfg.vocab_size
     guard = StepGuard(t)  # non-finite steps and loss spikes
-    meta = {"step": 0}
     digest = tokenizer_digest(cfg.tokenizer)
-    if resume_dir is not None:
-        recorded = layout.read_meta(resume_dir).get("tokenizer_digest")
-        check_tokenizer(recorded, cfg.tokenizer, f"checkpoint {resume_dir}", digest)
-        meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size)
-        guard.load_state_dict(meta)
-        log.info("resumed from %s at step %d", resume_dir, meta["step"])
-        _warn_schedule_changes(resume_dir, cfg, meta["step"])
+    meta = _resume(resume_dir, cfg, dist, engine, loader, guard, digest)
     if dist.is_main:
         _describe(cfg, model_cfg, dist)
     wandb_init = _wandb_init(cfg, config_dict, meta.get("wandb_id")) if dist.is_main else None
