@@ -21,6 +21,7 @@ DeepSpeed versions it was written and tested for (`check_version` warns at start
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
@@ -277,3 +278,23 @@ def relink_optimizer_fragments(engine) -> None:
     if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
         zero_opt._hp_optimizer_states_linked = False
         zero_opt._lazy_init_hp_params_optimizer_state()
+
+
+def forget_process_groups() -> None:
+    """DeepSpeed caches the process groups it makes (a clone of the world group, the expert
+    groups) in module globals that outlive the process group: a run built again in the same
+    process after `shutdown()` (a notebook, a test) met "Group ... is not registered". Called
+    when the process group is destroyed; nothing to do where DeepSpeed was never imported."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    groups._WORLD_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
+        getattr(groups, name).clear()

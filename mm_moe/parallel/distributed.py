@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mm_moe.errors import UserError
-from mm_moe.parallel.deepspeed_fixes import skip_shm_build
+from mm_moe.parallel.deepspeed_fixes import forget_process_groups, skip_shm_build
 from mm_moe.utils.cuda_check import cuda_missing
 from mm_moe.utils.host_to_device import host_to_device
 
@@ -242,6 +242,7 @@ def shutdown() -> None:
         mpu.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+        forget_process_groups()
 
 
 log = logging.getLogger("mm_moe")

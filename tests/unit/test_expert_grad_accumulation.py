@@ -142,14 +142,18 @@ def test_inference_and_frozen_experts_run_with_the_flag_on():
 def test_zero0_turns_it_on_and_deepspeed_optimizers_keep_it_off(tmp_path):
     """Through the training builder: ZeRO-0 in fp32 (the torch optimizer reads `.grad`) with
     several micro-batches a step fuses, and token choice then takes the loop (whose backward
-    fuses) over torch._grouped_mm on CPU; ZeRO-1 (DeepSpeed's optimizer, hooks on each
-    gradient's accumulation) and one micro-batch a step do neither."""
+    fuses) over torch._grouped_mm on CPU; one micro-batch a step does neither. ZeRO-1/2 and
+    DeepSpeed's bf16 optimizer (hooks on each gradient's accumulation) keep it off: checked on
+    the engine's answers here (an in-process ZeRO-1 engine would leave DeepSpeed's cached
+    process groups behind for later tests; tests/distributed trains ZeRO-1/2 for real)."""
+    from types import SimpleNamespace
+
     from mm_moe.cli import compose
+    from mm_moe.parallel.parallelize import fuse_expert_grad_accumulation
     from mm_moe.trainer.build import build_training
 
-    # (ZeRO stage, micro-batch of the global 16: 4 accumulates, 16 has nothing to accumulate)
-    cases = ((0, 4, True, "loop"), (1, 4, False, "grouped_mm"), (0, 16, False, "grouped_mm"))
-    for zero_stage, micro, fused, gemm in cases:
+    # (micro-batch of the global 16: 4 accumulates, 16 has nothing to accumulate)
+    for micro, fused, gemm in ((4, True, "loop"), (16, False, "grouped_mm")):
         cfg = compose(
             [
                 "experiment=tiny_moma",
@@ -159,9 +163,9 @@ def test_zero0_turns_it_on_and_deepspeed_optimizers_keep_it_off(tmp_path):
                 "model.n_kv_heads=1",
                 "model.ffn_hidden=64",
                 "model.n_layers=2",
-                f"parallel.zero_stage={zero_stage}",
+                "parallel.zero_stage=0",
                 f"trainer.micro_batch_size={micro}",
-                f"trainer.run_dir={tmp_path / f'{zero_stage}_{micro}'}",
+                f"trainer.run_dir={tmp_path / str(micro)}",
                 "logging.wandb.mode=disabled",
                 "eval=none",
             ]
@@ -170,8 +174,25 @@ def test_zero0_turns_it_on_and_deepspeed_optimizers_keep_it_off(tmp_path):
         try:
             model = training.engine.module
             flags = {m.accumulate_grads for m in model.modules() if isinstance(m, GroupedExperts)}
-            assert flags == {fused}, (zero_stage, micro)
-            assert training.facts["moe/gemm"] == gemm, (zero_stage, micro)
+            assert flags == {fused}, micro
+            assert training.facts["moe/gemm"] == gemm, micro
         finally:
             training.checkpointer.close()
             training.metrics.close()
+    layer = _layer(CASES["ec_sigmoid_moma"])
+    torch_adamw = torch.optim.AdamW(layer.parameters())
+    deepspeed_bf16 = type("BF16_Optimizer", (), {"__module__": "deepspeed.runtime.bf16_optimizer"})
+    for stage, optimizer in ((1, torch_adamw), (2, torch_adamw), (0, deepspeed_bf16())):
+        engine = SimpleNamespace(
+            zero_optimization_stage=lambda stage=stage: stage,
+            optimizer=optimizer,
+            gradient_accumulation_steps=lambda: 4,
+        )
+        assert fuse_expert_grad_accumulation(layer, engine) == 0, stage
+        assert not any(m.accumulate_grads for m in layer.modules() if isinstance(m, GroupedExperts))
+    engine = SimpleNamespace(
+        zero_optimization_stage=lambda: 0,
+        optimizer=torch_adamw,
+        gradient_accumulation_steps=lambda: 4,
+    )
+    assert fuse_expert_grad_accumulation(layer, engine) == 1  # the same layer, a plain ZeRO-0

@@ -132,3 +132,27 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     run_lock.release(run_lock.acquire(folder))  # a killed holder leaves no stale lock
+
+
+def test_a_run_builds_again_in_the_same_process_after_shutdown(tmp_path):
+    """A notebook (or a test) builds a run, shuts its process group down and builds another:
+    DeepSpeed's cached groups of the first process group are forgotten with it."""
+    from mm_moe.cli import compose
+    from mm_moe.parallel.distributed import shutdown
+    from mm_moe.trainer.build import build_training
+
+    for i in range(2):
+        cfg = compose(
+            [
+                "experiment=tiny_dense",
+                "model.d_model=32",
+                "model.n_layers=1",
+                f"trainer.run_dir={tmp_path / str(i)}",
+                "logging.wandb.mode=disabled",
+                "eval=none",
+            ]
+        )
+        training = build_training(cfg)
+        training.checkpointer.close()
+        training.metrics.close()
+        shutdown()
