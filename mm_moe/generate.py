@@ -110,6 +110,31 @@ def default_out(checkpoint: str, model) -> Path:
     return step_dir.parent / "samples"
 
 
+def _room_for(cfg: GenerateConfig, model, tok, prompt: list[int]) -> int:
+    """The tokens to sample: max_new_tokens (an image's codes and eoi in mode=image), at most
+    what model.max_seq_len leaves after the prompt (said, rather than found after sampling);
+    a prompt that fills it is refused."""
+    wanted = cfg.max_new_tokens if cfg.mode != "image" else tok.image.tokens_per_image + 1
+    room = model.cfg.max_seq_len - len(prompt)
+    if room <= 0:
+        raise UserError(
+            f"the prompt ({len(prompt)} tokens) fills model.max_seq_len={model.cfg.max_seq_len}; "
+            "shorten the prompt"
+        )
+    if wanted > room and cfg.mode != "image":
+        log.warning(
+            "max_new_tokens=%d is more than the %d tokens model.max_seq_len=%d leaves after the "
+            "%d-token prompt: sampling at most %d",
+            wanted,
+            room,
+            model.cfg.max_seq_len,
+            len(prompt),
+            room,
+        )
+        return room
+    return wanted
+
+
 def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     """One dict per sample: {"text": str, "images": [PNG paths]}."""
     from mm_moe.api import load_pretrained
@@ -126,9 +151,10 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     if cfg.guidance != 1:
         return _guided_images(cfg, model, tok, prompt, out_dir)
     results = []
+    max_new = _room_for(cfg, model, tok, prompt)
     for i in range(cfg.n):
         sample_cfg = SampleConfig(
-            cfg.max_new_tokens if cfg.mode != "image" else tok.image.tokens_per_image + 1,
+            max_new,
             cfg.temperature,
             cfg.top_k,
             cfg.seed + i,

@@ -98,9 +98,11 @@ def generate(
             remaining = None
         else:
             if len(ids) > model.cfg.max_seq_len:
+                what = f"the prompt and {len(new)} sampled tokens" if new else "the prompt"
                 raise UserError(
-                    f"the prompt and {len(new)} sampled tokens ({len(ids)}) exceed "
-                    f"model.max_seq_len={model.cfg.max_seq_len}; sample fewer tokens"
+                    f"{what} ({len(ids)} tokens) exceed model.max_seq_len="
+                    f"{model.cfg.max_seq_len}; "
+                    + ("sample fewer tokens" if new else "shorten the prompt")
                 )
             logits = decoding.logits()[0]
             allowed = image_ok if remaining is not None else text_ok

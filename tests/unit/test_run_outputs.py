@@ -156,3 +156,24 @@ def test_a_run_builds_again_in_the_same_process_after_shutdown(tmp_path):
         training.checkpointer.close()
         training.metrics.close()
         shutdown()
+
+
+def test_generate_samples_at_most_what_max_seq_len_leaves(caplog):
+    """max_new_tokens beyond what model.max_seq_len leaves after the prompt is cut to the room
+    with a warning (it failed after sampling, losing every sample); a prompt that fills the
+    context is refused before sampling."""
+    import pytest
+
+    from mm_moe.errors import UserError
+    from mm_moe.generate import GenerateConfig, _room_for
+
+    model = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=100))
+    tok = SimpleNamespace(image=SimpleNamespace(tokens_per_image=16))
+    text = GenerateConfig(checkpoint="x", mode="text", max_new_tokens=3000)
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        assert _room_for(text, model, tok, list(range(30))) == 70
+    assert "max_new_tokens=3000 is more than the 70 tokens" in caplog.text
+    assert _room_for(GenerateConfig(checkpoint="x", max_new_tokens=8), model, tok, [1] * 30) == 8
+    assert _room_for(GenerateConfig(checkpoint="x", mode="image"), model, tok, [1] * 30) == 17
+    with pytest.raises(UserError, match=r"the prompt \(100 tokens\) fills model.max_seq_len=100"):
+        _room_for(text, model, tok, [1] * 100)
