@@ -5,6 +5,9 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh experiment=dense_1b   # on node0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh experiment=dense_1b   # on node1
 #
+# Several nodes: with NODE_RANK, each node takes the rank given (torchrun's static rendezvous;
+# node 0 runs at MASTER_ADDR and holds global rank 0, which writes the checkpoints); without
+# it, torchrun's c10d rendezvous at MASTER_ADDR numbers the nodes in the order they join.
 # Every argument is a Hydra override passed to mm_moe.train. The environment is passed through.
 # Knobs: NPROC_PER_NODE (default: the GPUs, or 2 CPU processes), PYTHON_BIN, MASTER_PORT
 # (default 29500), SHUTDOWN_TIMEOUT: seconds torchrun waits after SIGTERM before SIGKILL
@@ -17,9 +20,13 @@ cd "$(dirname "$0")/.."
 
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
 NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-180}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+if ! "$PYTHON_BIN" -c 'import torch' >/dev/null 2>&1; then
+  echo "[torchrun.sh] PYTHON_BIN=$PYTHON_BIN is not a python that imports torch: set PYTHON_BIN" \
+    "to the environment that has mm_moe installed (make setup-run creates .venv)" >&2
+  exit 2
+fi
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$("$PYTHON_BIN" -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi
@@ -34,8 +41,12 @@ fi
 
 if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
   cmd=("$PYTHON_BIN" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE")
-else
+elif [[ -n "${NODE_RANK:-}" ]]; then
   cmd=("$PYTHON_BIN" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
+       --nproc_per_node="$NPROC_PER_NODE" --master_addr="${MASTER_ADDR:?set MASTER_ADDR}"
+       --master_port="${MASTER_PORT:-29500}")
+else
+  cmd=("$PYTHON_BIN" -m torch.distributed.run --nnodes="$NNODES"
        --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d
        --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
 fi

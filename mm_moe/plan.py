@@ -3,11 +3,15 @@
     python -m mm_moe.plan model=moma_4t4i_1.4b cluster.nodes=8 cluster.gpus_per_node=8
 
 Takes the training command's overrides plus `cluster.*` (nodes, gpus_per_node,
-gpu_memory_gb, data_vocab_size). Estimates assume bf16 weights and gradients, fp32 master
-weights and Adam moments, ZeRO partitioning of optimizer state (stage >= 1) and gradients
+gpu_memory_gb, data_vocab_size). Estimates assume what training on GPUs does: under
+`trainer.precision` auto or bf16, bf16 weights and gradients with fp32 master weights and Adam
+moments (DeepSpeed's bf16 optimizer, which runs at ZeRO stage 1 or above); under fp32, fp32
+weights, gradients and moments. ZeRO partitions optimizer state (stage >= 1) and gradients
 (stage 2) over the data-parallel group for dense parameters and over the expert-data-parallel
-group for expert parameters; activations per layer from the model's shapes and
-`trainer.activation_checkpointing`, and the output layer's chunked loss (plan_memory.py).
+group for expert parameters. Activations per layer come from the model's shapes and
+`trainer.activation_checkpointing`, plus the output layer's chunked loss (plan_memory.py).
+A model whose vocabulary comes from the data (`model.vocab_size=0`, the tiny presets) is
+planned with the configured data's vocabulary, as training would build it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from dataclasses import dataclass
 from mm_moe.cli import compose, exits_on_failure, usage
 from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.errors import UserError
+from mm_moe.parallel.config import optimizer_zero_stage
 from mm_moe.plan_memory import activation_bytes, logits_bytes
+
+# 65,536 text ids, 5 specials and Chameleon's 8,192 image codes.
+FALLBACK_DATA_VOCAB = 65536 + 5 + 8192
 
 
 @dataclass
@@ -26,14 +34,18 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 8
     gpu_memory_gb: float = 80.0
-    # Vocabulary size assumed when the model takes it from the data (model.vocab_size=0).
-    data_vocab_size: int = 65536 + 5 + 8192
+    # Vocabulary size when the model takes it from the data (model.vocab_size=0). 0: the
+    # configured data's (data.source and tokenizer, as training builds it); where that cannot
+    # be read here (tokenizer files elsewhere), FALLBACK_DATA_VOCAB with a warning.
+    data_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1 or self.gpu_memory_gb <= 0:
             raise UserError(
                 "cluster.nodes and cluster.gpus_per_node must be >= 1, cluster.gpu_memory_gb > 0"
             )
+        if self.data_vocab_size < 0:
+            raise UserError(f"cluster.data_vocab_size={self.data_vocab_size} must be >= 0")
 
     @property
     def world_size(self) -> int:
@@ -49,8 +61,27 @@ def _expert_params(cfg: TrainConfig, model) -> int:
     return per_layer * sum(moe.is_moe_layer(i) for i in range(model.n_layers))
 
 
+def data_vocab_size(cfg: TrainConfig, cluster: ClusterConfig, warnings: list[str]) -> int:
+    """The vocabulary a model with `vocab_size=0` gets from the configured data."""
+    if cluster.data_vocab_size:
+        return cluster.data_vocab_size
+    try:
+        return cfg.data.vocab(cfg.tokenizer).size
+    except (UserError, OSError) as e:
+        warnings.append(
+            f"the data's vocabulary could not be read here ({e}); planned with "
+            f"{FALLBACK_DATA_VOCAB:,} ids: set cluster.data_vocab_size"
+        )
+        return FALLBACK_DATA_VOCAB
+
+
 def _layout_warnings(cfg: TrainConfig, world: int, ep: int) -> list[str]:
     warnings = []
+    if ep > 1 and not cfg.moe.enabled:
+        warnings.append(
+            f"parallel.expert_parallel_size={ep} without MoE layers (moe=none): training "
+            "refuses it; use parallel.expert_parallel_size=1"
+        )
     if world % ep:
         warnings.append(
             f"parallel.expert_parallel_size={ep} does not divide the world size {world}"
@@ -70,19 +101,25 @@ def _layout_warnings(cfg: TrainConfig, world: int, ep: int) -> list[str]:
 
 
 def _memory_gib(cfg: TrainConfig, model, total_params: int, world: int, ep: int) -> dict:
-    """Per GPU: bf16 weights and gradients, fp32 master weights and Adam moments (ZeRO shards
-    optimizer state from stage 1, gradients from stage 2: dense over data-parallel ranks,
-    experts over expert-data-parallel ranks), and activations."""
-    zero = cfg.parallel.zero_stage
+    """Per GPU: weights, gradients and optimizer state (ZeRO shards optimizer state from stage
+    1, gradients from stage 2: dense over data-parallel ranks, experts over
+    expert-data-parallel ranks), and activations. bf16 (GPU's auto): 2-byte weights and
+    gradients, fp32 master weights and moments (12 bytes); fp32: 4, 4 and the moments (8)."""
+    bf16 = cfg.trainer.precision != "fp32"
+    zero = optimizer_zero_stage(cfg.parallel.zero_stage, bf16)
+    weight_bytes, state_bytes = (2, 12) if bf16 else (4, 8)
     expert = _expert_params(cfg, model)
     dense = total_params - expert
     edp = max(1, world // ep)
     shard = lambda stage_needed, n, group: n / group if zero >= stage_needed else n
+    sharded = lambda stage_needed: (
+        shard(stage_needed, dense, world) + shard(stage_needed, expert / ep, edp)
+    )
     gib = 2**30
     mem = {
-        "params_gib": (2 * dense + 2 * expert / ep) / gib,
-        "grads_gib": (2 * shard(2, dense, world) + 2 * shard(2, expert / ep, edp)) / gib,
-        "optimizer_gib": (12 * shard(1, dense, world) + 12 * shard(1, expert / ep, edp)) / gib,
+        "params_gib": weight_bytes * (dense + expert / ep) / gib,
+        "grads_gib": weight_bytes * sharded(2) / gib,
+        "optimizer_gib": state_bytes * sharded(1) / gib,
     }
     tokens_micro = cfg.trainer.micro_batch_size * cfg.data.seq_len
     mode = cfg.trainer.activation_checkpointing
@@ -105,11 +142,12 @@ def _all_to_all_gib(cfg: TrainConfig, model, world: int, ep: int) -> float:
 
 def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
     cfg = cfg.for_world(cluster.world_size)
-    # The data's vocabulary is assumed only where the model takes its size from the data.
-    model = cfg.model if cfg.model.vocab_size else cfg.model.with_vocab(cluster.data_vocab_size)
-    params = model.num_params(cfg.moe)
     world, ep = cluster.world_size, cfg.parallel.expert_parallel_size
     warnings = _layout_warnings(cfg, world, ep)
+    model = cfg.model
+    if not model.vocab_size:  # taken from the data, as training does
+        model = model.with_vocab(data_vocab_size(cfg, cluster, warnings))
+    params = model.num_params(cfg.moe)
     mem = _memory_gib(cfg, model, params["total"], world, ep)
     if mem["total_gib"] > cluster.gpu_memory_gb:
         warnings.append(
@@ -118,6 +156,7 @@ def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
         )
     return {
         "world_size": world,
+        "vocab_size": model.vocab_size,
         "params_total": params["total"],
         "params_expert": _expert_params(cfg, model),
         "params_active": params["active"],
@@ -136,6 +175,7 @@ def _print(name: str, p: dict) -> None:
         f"({p['params_expert'] / 1e9:.3f}B in experts); active per token: "
         + ", ".join(f"{m} {v / 1e9:.3f}B" for m, v in p["params_active"].items())
     )
+    print(f"  vocabulary: {p['vocab_size']:,} ids")
     print(
         "  training FLOPs per token: "
         + ", ".join(f"{m} {v / 1e9:.2f} GFLOP" for m, v in p["flops_per_token"].items())

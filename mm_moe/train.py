@@ -69,6 +69,9 @@ def _hydra_main(cfg: DictConfig) -> None:
             from mm_moe.parallel.distributed import shutdown
 
             shutdown()
+    from mm_moe.trainer.preemption import pass_on
+
+    pass_on()  # a launcher's handler of the signal that stopped the run (submitit requeues)
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ import mm_moe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_pipelines/, the demo's
 from data_pipelines.demo_corpus import WORDS  # noqa: E402
+from mm_moe.checkpoint import layout  # noqa: E402
+from mm_moe.checkpoint.pretrained import find_step_dir  # noqa: E402
 from mm_moe.eval.captioning import caption_accuracy  # noqa: E402
 from mm_moe.eval.judge import load_or_train_judge  # noqa: E402
 from mm_moe.eval.labelled import labelled_images  # noqa: E402
@@ -43,7 +45,9 @@ KEYS = ("zero_shot_accuracy", "text_to_image_accuracy", "caption_accuracy", "jud
 def _args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
-    p.add_argument("--heldout", default="", help="labelled shards (default: the run's eval)")
+    p.add_argument(
+        "--heldout", default="", help="labelled shards (default: the run's eval.sources)"
+    )
     p.add_argument("--zero-shot", type=int, default=200, help="held-out digits classified")
     p.add_argument("--captions", type=int, default=200, help="held-out digits captioned")
     p.add_argument("--per-digit", type=int, default=10, help="images generated per digit")
@@ -89,11 +93,13 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 
 
 def _judge_beside(tok, cfg, args, classes: int):
-    """Trains and caches the judge in a forked process, on the other core, while this one runs
-    the model's image->text evaluations. Returns a function that waits for it and loads it (or
-    trains it here, should the process have failed)."""
+    """Trains and caches the judge (beside the run's folder, unless the run's
+    eval.text_to_image.cache_dir says where) in a forked process, on the other core, while
+    this one runs the model's image->text evaluations. Returns a function that waits for it
+    and loads it (or trains it here, should the process have failed)."""
     t2i = cfg.eval.text_to_image
-    judge_args = (tok, cfg.tokenizer, args.heldout, classes, t2i.classifier_steps, t2i.cache_dir)
+    cache = t2i.judge_cache(args.run_dir)
+    judge_args = (tok, cfg.tokenizer, args.heldout, classes, t2i.classifier_steps, cache)
 
     def train_and_cache() -> None:
         torch.set_num_threads(1)
@@ -160,14 +166,44 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
     }
 
 
+def _metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl rows (none, with a warning, where the folder has none: a copied
+    checkpoint)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        print(
+            f"WARNING: no {path}: the losses, the routing plot and the throughput are left out "
+            "(give the run's folder, where training wrote metrics.jsonl)",
+            file=sys.stderr,
+        )
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _heldout_loss(rows: list[dict], step: int) -> dict:
+    """The last held-out loss per modality at or before the checkpoint's `step`, and its step."""
+    held = [r for r in rows if "eval/loss_text" in r and r.get("step", 0) <= step]
+    if not held:
+        return {}
+    last = held[-1]
+    return {"step": last["step"], **{m: last[f"eval/loss_{m}"] for m in ("text", "image")}}
+
+
 def main() -> None:
     args = _args()
     run_dir = Path(args.run_dir)
     model = mm_moe.load_pretrained(run_dir)
     cfg = model.train_config
+    step = int(layout.read_meta(find_step_dir(run_dir)).get("step", 0))
+    rows = _metrics(run_dir)  # read before the evaluations, which take minutes
     tok = cfg.tokenizer.build()
     if not args.heldout:
-        args.heldout = cfg.eval.zero_shot.urls or cfg.eval.labelled_urls()
+        if not cfg.eval.zero_shot.urls and not cfg.eval.sources:
+            sys.exit(
+                f"{run_dir}: the run has no held-out labelled shards (eval.sources); give "
+                "--heldout with shards whose samples hold an image and a `cls` member"
+            )
+        args.heldout = cfg.eval.labelled_urls()
     heldout = labelled_images(
         args.heldout,
         max(args.zero_shot, args.captions),
@@ -178,15 +214,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = _evaluate(model, tok, cfg, heldout, args, out)
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    plot_losses(rows, out / "losses.png")
-    routing = unprocessed_heatmap(rows, out / "routing.png")
+    routing = None
+    if rows:
+        plot_losses(rows, out / "losses.png")
+        routing = unprocessed_heatmap(rows, out / "routing.png")
     steps = [r for r in rows if "loss" in r]
-    held = [r for r in rows if "eval/loss_text" in r]
     report.update(
-        steps=steps[-1]["step"],
-        tokens_per_s=float(np.mean([r["tokens_per_s"] for r in steps[1:] or steps])),
-        heldout_loss={m: held[-1][f"eval/loss_{m}"] for m in ("text", "image")} if held else {},
+        steps=step,
+        tokens_per_s=float(np.mean([r["tokens_per_s"] for r in steps[1:] or steps]))
+        if steps
+        else None,
+        heldout_loss=_heldout_loss(rows, step),
         wall_s=time.time() - args.started if args.started else None,
     )
     lines = [
@@ -204,8 +242,6 @@ def main() -> None:
 
 def _steps_table(run_dir: Path, tok, cfg, heldout, args, out: Path) -> None:
     """The same figures at every saved checkpoint: how they grow with training."""
-    from mm_moe.checkpoint import layout
-
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     rows = []
     for step in layout.complete_steps(root):
@@ -221,10 +257,15 @@ def _steps_table(run_dir: Path, tok, cfg, heldout, args, out: Path) -> None:
 def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) -> None:
     n = report["num_heldout"]
     print("\n=== mm_moe demo ===")
-    print(
-        f"{report['steps']} steps, {report['tokens_per_s']:.0f} tokens/s; held-out loss "
-        + ", ".join(f"{m} {v:.3f}" for m, v in report["heldout_loss"].items())
+    speed = f", {report['tokens_per_s']:.0f} tokens/s" if report["tokens_per_s"] else ""
+    held = report["heldout_loss"]
+    loss = (
+        f"; held-out loss at step {held['step']}: text {held['text']:.3f}, "
+        f"image {held['image']:.3f}"
+        if held
+        else ""
     )
+    print(f"{report['steps']} steps{speed}{loss}")
     print(
         f"image -> text: zero-shot digit classification {100 * report['zero_shot_accuracy']:.1f}% "
         f"of {n['zero_shot']} held-out digits (chance 10%); captions naming the right digit "
@@ -245,10 +286,11 @@ def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) ->
     print("\n".join(lines[:5]))
     if report["wall_s"]:
         print(f"make train: {report['wall_s'] / 60:.1f} min wall")
-    print(f"samples: {out / 'digits.png'} (labelled columns: digits 0-9), {out / 'losses.png'}")
+    losses = f", {out / 'losses.png'}" if report["tokens_per_s"] is not None else ""
+    print(f"samples: {out / 'digits.png'} (labelled columns: digits 0-9){losses}")
     if routing is not None:
         print(f"routing: {routing} (per layer and step, the tokens no expert processed)")
-    print(f"report: {out / 'report.json'}; metrics: {run_dir / 'metrics.jsonl'}")
+    print(f"report: {out / 'report.json'}")
 
 
 if __name__ == "__main__":

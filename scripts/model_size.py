@@ -3,7 +3,9 @@
     .venv/bin/python scripts/model_size.py [PRESET ...] [--seq-len N]
 
 Presets are configs/model/*.yaml (some select an MoE config too); counts are analytic
-(tests check them against built models).
+(tests check them against built models). A preset whose vocabulary comes from the data
+(vocab_size 0, the tiny ones) is counted with the default data's, as `mm_moe.train
+model=PRESET` would build it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from mm_moe.train import CONFIG_DIR, build_config
-
-DATA_VOCAB = 65536 + 5 + 8192  # for presets whose vocab_size is 0 (taken from the data)
 
 
 def main() -> None:
@@ -31,7 +31,9 @@ def main() -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         for name in names:
             cfg = build_config(compose("train", overrides=[f"model={name}"]))
-            model = cfg.model.with_vocab(DATA_VOCAB)
+            model = cfg.model
+            if not model.vocab_size:
+                model = model.with_vocab(cfg.data.vocab(cfg.tokenizer).size)
             params = model.num_params(cfg.moe)
             flops = model.flops_per_token(args.seq_len, cfg.moe)
             print(

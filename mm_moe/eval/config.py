@@ -11,6 +11,7 @@ shards: samples with an image member (png/jpg/webp) and a `cls` member holding t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mm_moe.data.config import SourceConfig
 from mm_moe.errors import UserError
@@ -48,12 +49,22 @@ class TextToImageConfig:
     rerank: int = 1
     # The judge: a small classifier trained on real labelled images (the zero-shot shards if
     # empty), seen through the image tokenizer (encoded and decoded, like generated images);
-    # cached under cache_dir.
+    # cached under cache_dir; empty: `eval_cache` beside the run's folder (runs/eval_cache for
+    # runs/NAME), which the runs beside it share.
     classifier_urls: str | list[str] = ""
     classifier_steps: int = 300
-    cache_dir: str = "runs/eval_cache"
+    cache_dir: str = ""
     # Columns of the saved PNG grid per class (0: none).
     grid_samples: int = 3
+
+    def judge_cache(self, run_dir: str | Path | None) -> Path:
+        """Where the judge is cached for the run in `run_dir` (None: the working folder's
+        runs/eval_cache)."""
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        if run_dir is None:
+            return Path("runs") / "eval_cache"
+        return Path(run_dir).resolve().parent / "eval_cache"
 
 
 @dataclass

@@ -15,7 +15,8 @@ def multimodal_evals(
     model, tok, tokenizer_cfg, cfg: EvalConfig, out_dir: Path | None = None, seed: int = 0
 ) -> dict:
     """{"zero_shot": ..., "text_to_image": ..., "judge_accuracy": ...}; the PNG grid of
-    generated images goes to out_dir/text_to_image.png."""
+    generated images goes to out_dir/text_to_image.png (out_dir: the run's folder, beside
+    which the judge is cached unless eval.text_to_image.cache_dir says where)."""
     zs, t2i = cfg.zero_shot, cfg.text_to_image
     urls = cfg.labelled_urls()
     images = labelled_images(urls, zs.num_samples, "eval.zero_shot.urls", len(zs.labels))
@@ -26,7 +27,7 @@ def multimodal_evals(
         t2i.classifier_urls or urls,
         len(zs.labels),
         t2i.classifier_steps,
-        t2i.cache_dir,
+        t2i.judge_cache(out_dir),
     )
     grid = Path(out_dir) / "text_to_image.png" if out_dir is not None else None
     generated = text_to_image_eval(

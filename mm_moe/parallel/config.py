@@ -8,6 +8,13 @@ from typing import Literal
 from mm_moe.errors import UserError
 
 
+def optimizer_zero_stage(zero_stage: int, bf16: bool) -> int:
+    """The ZeRO stage the optimizer runs at: bf16 at stage 0 takes DeepSpeed's ZeRO-1 bf16
+    optimizer (parallel/deepspeed_fixes.py `zero_stage_for` says why), which shards the
+    optimizer state over the data-parallel ranks."""
+    return 1 if bf16 and zero_stage == 0 else zero_stage
+
+
 @dataclass
 class ParallelConfig:
     # ZeRO optimizer-state (1) and gradient (2) sharding over the data-parallel group.

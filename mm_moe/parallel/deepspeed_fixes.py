@@ -28,6 +28,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import is_moe_param
 
 from mm_moe.errors import UserError
+from mm_moe.parallel.config import optimizer_zero_stage
 
 log = logging.getLogger("mm_moe")
 
@@ -67,13 +68,13 @@ def zero_stage_for(zero_stage: int, bf16: bool) -> int:
     """DeepSpeed 0.19's ZeRO-0 bf16 path (FP16_UnfusedOptimizer) keeps its fp32 master weights
     apart from the parameters and leaves expert gradients out of its clipping norm; its ZeRO-1
     optimizer has neither problem and, at one rank per data-parallel group, shards nothing."""
-    if bf16 and zero_stage == 0:
+    stage = optimizer_zero_stage(zero_stage, bf16)
+    if stage != zero_stage:
         log.warning(
             "trainer.precision=bf16 with parallel.zero_stage=0: using DeepSpeed's ZeRO-1 bf16 "
             "optimizer (fp32 master weights, optimizer state sharded over data-parallel ranks)"
         )
-        return 1
-    return zero_stage
+    return stage
 
 
 # ---- the MoE class swap ----

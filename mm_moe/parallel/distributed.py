@@ -80,13 +80,53 @@ def slurm_env(environ: dict) -> dict:
     }
 
 
-def adopt_slurm_env() -> None:
-    os.environ.update(slurm_env(dict(os.environ)))
+_FROM_SLURM = False  # this process's RANK/WORLD_SIZE were taken from Slurm's variables
+
+
+def adopt_slurm_env() -> bool:
+    """torch.distributed's variables from Slurm's (`slurm_env`); True where they were taken
+    (by this call or an earlier one)."""
+    global _FROM_SLURM
+    env = slurm_env(dict(os.environ))
+    if env:
+        _FROM_SLURM = True
+        log.info(
+            "rank %s of %s from Slurm's SLURM_PROCID/SLURM_NTASKS (no torchrun); rendezvous at "
+            "%s:%s",
+            env["RANK"],
+            env["WORLD_SIZE"],
+            env["MASTER_ADDR"],
+            env["MASTER_PORT"],
+        )
+    os.environ.update(env)
+    return _FROM_SLURM
+
+
+def _rendezvous_failed(exc: Exception, from_slurm: bool, timeout_s: int) -> UserError:
+    """The process group did not form (a rank never came): say where this rank's place in the
+    world came from, and how ranks are started."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if from_slurm:
+        how = (
+            f"this process took rank {rank} of {world} from Slurm's SLURM_PROCID/SLURM_NTASKS "
+            "(no torchrun): start one process per task with srun (as launch/slurm.sbatch "
+            "does), or run a single process with SLURM_NTASKS unset or 1"
+        )
+    else:
+        how = (
+            f"this process is rank {rank} of {world} (RANK/WORLD_SIZE): start every rank "
+            "(torchrun --nnodes/--nproc_per_node) with the same MASTER_ADDR:MASTER_PORT"
+        )
+    return UserError(
+        f"the process group did not form at {where} within parallel.timeout_s={timeout_s} "
+        f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): {how}"
+    )
 
 
 def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> DistInfo:
     """Start (or join) the default process group; one plain process gets a world of one."""
-    adopt_slurm_env()
+    from_slurm = adopt_slurm_env()
     if "RANK" not in os.environ:  # not launched by torchrun: a world of one
         os.environ.update(
             RANK="0",
@@ -119,9 +159,12 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
         import deepspeed
 
         timeout = datetime.timedelta(seconds=timeout_s)
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            _init_restarted_attempt(backend, timeout)
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group
+        try:
+            if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+                _init_restarted_attempt(backend, timeout)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group
+        except dist.DistStoreError as exc:
+            raise _rendezvous_failed(exc, from_slurm, timeout_s) from exc
     else:  # a process group made by the caller (tests, notebooks): DeepSpeed wraps it too
         import deepspeed
 

@@ -102,8 +102,9 @@ class SentencePieceTextTokenizer:
         path = Path(model_path)
         if not path.is_file():
             raise UserError(
-                f"sentencepiece model {path} not found; train it with "
-                "`python -m mm_moe.tokenization.train_text`"
+                f"sentencepiece model {path} not found: set tokenizer.path to the folder "
+                "that holds text.model (the demo's, tokenizers/demo, is built by `make "
+                "train`), or train one with `python -m mm_moe.tokenization.train_text`"
             )
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.get_piece_size()

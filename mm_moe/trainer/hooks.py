@@ -199,8 +199,8 @@ class RollbackHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """A checkpoint every checkpoint.interval steps and at the last one; SIGTERM or SIGUSR1
-    on any rank (agreed by one all-reduce a step) saves at once and ends the run."""
+    """A checkpoint every checkpoint.interval steps and at the last one; SIGTERM, SIGUSR1 or
+    SIGUSR2 on any rank (agreed by one all-reduce a step) saves at once and ends the run."""
 
     def before_fit(self, trainer) -> None:
         self.preemption = PreemptionFlag()
@@ -220,7 +220,7 @@ class CheckpointHook(Hook):
             trainer.stop = True
 
     def after_fit(self, trainer) -> None:
-        self.preemption.restore_defaults()
+        self.preemption.restore()
 
 
 def summary(history: list[dict], training) -> None:

@@ -72,7 +72,18 @@ class ProfileHook(Hook):
                 t.start_step + 1,
                 t.cfg.trainer.max_steps,
             )
-        elif t.start_step + 1 >= self.first:  # resumed inside the window: what is left of it
+            return
+        if self.last > t.cfg.trainer.max_steps:
+            log.warning(
+                "trainer.profile=%d:%d ends after trainer.max_steps=%d: steps %d-%d profiled",
+                self.first,
+                self.last,
+                t.cfg.trainer.max_steps,
+                max(self.first, t.start_step + 1),
+                t.cfg.trainer.max_steps,
+            )
+            self.last = t.cfg.trainer.max_steps  # the trace's name says the steps it holds
+        if t.start_step + 1 >= self.first:  # resumed inside the window: what is left of it
             self._start(trainer, t.start_step + 1)
 
     def after_step(self, trainer, step: int, record: dict) -> None:

@@ -167,6 +167,30 @@ def test_demo_report_runs_on_a_two_step_demo_run(tmp_path, demo_assets):
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-3000:]
     written = json.loads((run_dir / "samples" / "report.json").read_text())
     assert {"zero_shot_accuracy", "caption_accuracy", "text_to_image_accuracy"} <= set(written)
+    assert written["steps"] == 2 and written["heldout_loss"]["step"] == 2
+    assert list((tmp_path / "cache").glob("judge_*.pt"))  # the run's judge cache, reused
+
+
+def test_demo_report_takes_the_loss_of_its_checkpoint_and_runs_without_metrics(tmp_path, capsys):
+    """The held-out loss reported is the checkpoint's (not a later evaluation's, when the run
+    went on past it), and a folder without metrics.jsonl (a copied checkpoint) is warned about
+    up front instead of failing after the evaluations."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_report", REPO / "scripts/demo_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report._metrics(tmp_path) == []
+    assert f"no {tmp_path / 'metrics.jsonl'}" in capsys.readouterr().err
+    rows = [{"step": s, "loss": 1.0} for s in range(1, 7)]
+    rows += [{"step": s, "eval/loss_text": s, "eval/loss_image": -s} for s in (2, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert report._heldout_loss(report._metrics(tmp_path), 5) == {
+        "step": 4,
+        "text": 4,
+        "image": -4,
+    }
+    assert report._heldout_loss(rows, 1) == {}
 
 
 def test_bench_step_profiles_a_case_and_counts_its_moe_layer_ops():

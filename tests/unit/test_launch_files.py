@@ -53,25 +53,48 @@ def test_slurm_task_environment_maps_to_torch_distributed():
     assert slurm_env({**env, "SLURM_NTASKS": "1"}) == {}  # one task: torchrun inside
 
 
+def test_a_slurm_task_whose_peers_never_come_is_told_where_its_rank_came_from(tmp_path):
+    """A plain `python -m mm_moe.train` inside an allocation of 2 tasks (no srun) takes rank
+    0 of 2 from Slurm's variables and waits for a peer: after parallel.timeout_s it stops with
+    one message naming them, not a rendezvous traceback."""
+    from tests.helpers import free_port, train
+
+    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_PORT": str(free_port())}
+    proc = train(tmp_path / "run", "parallel.timeout_s=2", check=False, env=slurm, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "did not form" in error and "SLURM_PROCID/SLURM_NTASKS" in error, error
+    assert "Traceback" not in proc.stderr
+
+
 def test_torchrun_launcher_gives_workers_time_to_checkpoint_after_sigterm():
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env.update(DRY_RUN="1", PYTHON_BIN=sys.executable, NPROC_PER_NODE="2")
-    run = lambda **extra: (
-        subprocess.run(
-            ["bash", str(REPO / "launch" / "torchrun.sh"), "experiment=tiny_dense"],
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+    launch = lambda **extra: subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), "experiment=tiny_dense"],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
     )
+
+    def run(**extra) -> str:
+        done = launch(**extra)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
     # more than the 120 s signal lead of launch/slurm.sbatch (torchrun's own default is 30 s)
     assert "--shutdown-timeout=180 " in run()
     assert "--shutdown-timeout=600 " in run(SHUTDOWN_TIMEOUT="600")
-    multi = run(NNODES="2", NODE_RANK="1", MASTER_ADDR="node0")
-    assert "--rdzv-endpoint=node0:29500" in multi and "--shutdown-timeout=180" in multi
+    # NODE_RANK given: the nodes take those ranks (static rendezvous); else c10d numbers them
+    ranked = run(NNODES="2", NODE_RANK="1", MASTER_ADDR="node0")
+    assert "--node_rank=1 " in ranked and "--master_addr=node0 --master_port=29500" in ranked
+    assert "rdzv" not in ranked and "--shutdown-timeout=180" in ranked
+    joined = run(NNODES="2", MASTER_ADDR="node0")
+    assert "--rdzv-endpoint=node0:29500" in joined and "node_rank" not in joined
+    wrong = launch(PYTHON_BIN=str(REPO / "no_such_python"))
+    assert wrong.returncode == 2 and "PYTHON_BIN=" in wrong.stderr and "torch" in wrong.stderr
     sbatch = (REPO / "launch" / "slurm.sbatch").read_text()
     lead = int(sbatch.split("#SBATCH --signal=B:USR1@")[1].split()[0])
     default = int(sbatch.split("SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-")[1].split("}")[0])

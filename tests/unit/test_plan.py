@@ -23,8 +23,11 @@ def test_plan_counts_equal_built_model(preset, capsys):
     result = main([f"model={preset}", "cluster.nodes=1", "cluster.gpus_per_node=8"])
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = build_config(compose("train", overrides=[f"model={preset}"]))
+    # The tiny presets take their vocabulary from the data, as training builds it (325 ids).
+    vocab = cfg.model.vocab_size or cfg.data.vocab(cfg.tokenizer).size
+    assert result["vocab_size"] == vocab
     with torch.device("meta"):
-        model = cfg.model.with_vocab(65536 + 5 + 8192).build(cfg.moe)
+        model = cfg.model.with_vocab(vocab).build(cfg.moe)
     assert result["params_total"] == sum(p.numel() for p in model.parameters())
     expert = sum(
         p.numel()
@@ -51,6 +54,39 @@ def test_plan_warns_and_shards_experts():
     bad = main([*base, "parallel.expert_parallel_size=8", "cluster.gpu_memory_gb=0.5"])
     assert any("not divisible by EP=8" in w for w in bad["warnings"])
     assert any("exceeds cluster.gpu_memory_gb" in w for w in bad["warnings"])
+
+
+def test_plan_sizes_state_as_training_keeps_it():
+    """bf16 at ZeRO-0 runs DeepSpeed's ZeRO-1 optimizer (state sharded over data-parallel
+    ranks), fp32 keeps 4-byte weights and gradients and 8 bytes of moments; a dense model
+    with expert parallelism is warned about, as training refuses it."""
+    base = ["model=moma_4t4i_1.4b", "cluster.nodes=1", "cluster.gpus_per_node=8"]
+    plans = {
+        (p, z): main([*base, f"trainer.precision={p}", f"parallel.zero_stage={z}"])
+        for p in ("bf16", "fp32")
+        for z in (0, 1)
+    }
+    mem = {key: plan["memory_per_gpu"] for key, plan in plans.items()}
+    assert mem["bf16", 0] == mem["bf16", 1]
+    assert mem["fp32", 0]["optimizer_gib"] == pytest.approx(8 * mem["fp32", 1]["optimizer_gib"])
+    assert mem["fp32", 0]["params_gib"] == pytest.approx(2 * mem["bf16", 0]["params_gib"])
+    n = plans["fp32", 0]["params_total"]
+    assert mem["fp32", 0]["optimizer_gib"] == pytest.approx(8 * n / 2**30)
+    dense = main(["model=dense_1b", "parallel.expert_parallel_size=2", *base[1:]])
+    assert any("without MoE layers" in w and "refuses" in w for w in dense["warnings"])
+
+
+def test_plan_takes_the_vocabulary_from_the_configured_data(tmp_path, capsys):
+    """A data vocabulary that cannot be read here (tokenizer files elsewhere) falls back to
+    the published size with a warning; cluster.data_vocab_size sets it."""
+    args = ["experiment=demo", f"tokenizer.path={tmp_path}"]
+    missing = main(args)
+    assert missing["vocab_size"] == 65536 + 5 + 8192
+    assert any("cluster.data_vocab_size" in w for w in missing["warnings"])
+    assert "text.model not found" in capsys.readouterr().out
+    given = main([*args, "cluster.data_vocab_size=1000"])
+    assert given["vocab_size"] == 1000 and not given["warnings"]
+    assert main(["model=tiny_moma", "data.synthetic.text_vocab_size=500"])["vocab_size"] == 569
 
 
 def test_plan_rejects_unknown_cluster_key(capsys):

@@ -47,8 +47,9 @@ def load_model(path: str | Path) -> VQVAE:
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise UserError(
-            f"no VQ tokenizer in {path} (expected {WEIGHTS} and {CONFIG}); train "
-            "one with `python -m mm_moe.tokenization.train_image`"
+            f"no VQ tokenizer in {path} (expected {WEIGHTS} and {CONFIG}): set "
+            "tokenizer.path to the folder that holds them (the demo's, tokenizers/demo, is "
+            "built by `make train`), or train one with `python -m mm_moe.tokenization.train_image`"
         )
     model = VQVAE(VQConfig(**yaml.safe_load((path / CONFIG).read_text())))
     model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
