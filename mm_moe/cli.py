@@ -142,17 +142,28 @@ def build_config(cfg, schema: type = TrainConfig) -> Any:
     return from_dict(schema, container)
 
 
-def compose(overrides: list[str], config_name: str = "train", schema: type | None = TrainConfig):
+def compose(
+    overrides: list[str],
+    config_name: str = "train",
+    schema: type | None = TrainConfig,
+    config_dir: str | None = None,
+):
     """configs/<config_name>.yaml with `overrides`, validated against `schema` (keys are
     checked before Hydra sees them, so a typo names the key and what is valid); with
-    `schema=None`, the resolved plain dict."""
+    `schema=None`, the resolved plain dict. `config_dir`: the user's own config folder, or a
+    checkpoint's (its overlay checked as the training command checks it), searched first, as
+    Hydra's --config-dir is."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    if config_dir:
+        check_config_dir(config_dir, list(overrides), config_name, CONFIG_DIR)
     if config_name == "train":
         overrides = check_overrides(list(overrides), TrainConfig, ENTRY_GROUPS)
+    if config_dir:
+        overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
     if GlobalHydra.instance().is_initialized():  # composed again in one process
         GlobalHydra.instance().clear()
     from hydra.errors import HydraException

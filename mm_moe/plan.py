@@ -1,6 +1,7 @@
 """Plan a job before launching it: parameters, FLOPs, memory per GPU and all-to-all volume.
 
     python -m mm_moe.plan model=moma_4t4i_1.4b cluster.nodes=8 cluster.gpus_per_node=8
+    python -m mm_moe.plan --config-dir my_configs experiment=mine cluster.nodes=2
 
 Takes the training command's overrides plus `cluster.*` (nodes, gpus_per_node,
 gpu_memory_gb, data_vocab_size). Estimates assume what training on GPUs does: under
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from mm_moe.cli import compose, exits_on_failure, usage
 from mm_moe.config import ConfigError, TrainConfig, from_dict
+from mm_moe.config.overrides import command_line
 from mm_moe.errors import UserError
 from mm_moe.parallel.config import optimizer_zero_stage
 from mm_moe.plan_memory import activation_bytes, logits_bytes
@@ -214,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     with exits_on_failure("mm_moe.plan"):  # every error: exit status, secrets masked
         cluster_args, rest = _cluster_args(argv)
         cluster = from_dict(ClusterConfig, cluster_args, prefix="cluster")
-        cfg = compose(rest)
+        args = command_line(rest)  # Hydra's own flags: --config-dir as the training takes it
+        rest = args.overrides
+        cfg = compose(rest, config_dir=args.config_dir)
         result = plan(cfg, cluster)
     choices = [a for a in rest if "=" in a and "." not in a.split("=", 1)[0]]  # model=..., moe=...
     named = cfg.name if cfg.name != "default" else "the default config"

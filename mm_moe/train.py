@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -46,6 +47,32 @@ def _sweep_run_dir(cfg: DictConfig) -> None:
         cfg.trainer.run_dir = hydra_cfg.runtime.output_dir
 
 
+def _warn_upcycled_without_weights(cfg: TrainConfig) -> None:
+    """`--config-dir FOLDER experiment=upcycled` gives the upcycled model's shape; its weights
+    come only with checkpoint.resume=FOLDER (an overlay may not set it). Without, the model
+    would train from random weights: said before the run starts."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from mm_moe.checkpoint import layout
+
+    runtime = HydraConfig.get().runtime
+    if runtime.choices.get("experiment") != "upcycled":
+        return
+    resume = cfg.checkpoint.resume
+    if resume != "none" and (resume != "auto" or layout.complete_steps(Path(cfg.checkpoint.dir))):
+        return
+    folders = [s.path for s in runtime.config_sources if s.provider == "command-line"]
+    folder = folders[0].removeprefix("file://") if folders else "<the upcycled folder>"
+    logging.getLogger("mm_moe").warning(
+        "experiment=upcycled with checkpoint.resume=%s: the model has the upcycled shape but "
+        "random weights. To train the upcycled weights, pass checkpoint.resume=%s",
+        resume,
+        folder,
+    )
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     _sweep_run_dir(cfg)
@@ -57,6 +84,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     setup_logging(
         train_cfg.logging.level, f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
     )
+    _warn_upcycled_without_weights(train_cfg)
     from mm_moe.trainer.trainer import run
 
     try:

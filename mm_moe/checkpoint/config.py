@@ -17,6 +17,11 @@ class CheckpointConfig:
     # none: start fresh; auto: the latest complete checkpoint in `dir` (fresh if there is none);
     # or a path to a step directory or to a checkpoint directory holding `latest`.
     resume: str = "none"
+    # true: take only the model weights of checkpoint.resume (a path, or auto on its first
+    # start), with a fresh optimizer, LR schedule and data position from step 0: continue a
+    # trained model on other data (other data.sources, num_streams or seed), or fine-tune.
+    # The run's own checkpoints (its later resumes, a restarted job) resume whole.
+    weights_only: bool = False
     # Keep the newest `keep_last` step directories; 0 keeps all.
     keep_last: int = 0
     # A fresh run (resume=none) refuses a `dir` that already holds checkpoints, or a run_dir with

@@ -216,9 +216,13 @@ def _check_same_architecture(step_dir: Path, module, written: dict | None = None
 
 def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     """A checkpoint with model weights but no optimizer, schedule, RNG or data state (an
-    upcycled or imported model): load the weights at any expert-parallel size and start
-    training from step 0 with this run's fresh optimizer, LR schedule and data position."""
-    _check_same_architecture(step_dir, engine.module)
+    upcycled or imported model), or a whole one asked for its weights alone
+    (checkpoint.weights_only): load the weights at any expert-parallel size and start
+    training from step 0 with this run's fresh optimizer, LR schedule, data position and step
+    guard (nothing else of the source's meta: its wandb run, its FLOPs)."""
+    written = _written_config(step_dir)
+    if isinstance(written, dict) and "model" in written:
+        _check_same_architecture(step_dir, engine.module, written)
     weights = tensors.read(step_dir, engine.module, optimizer=False)
     full_state.load_local_state(engine, weights, str(step_dir))
     log.info(
@@ -227,12 +231,15 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
         step_dir,
     )
     engine.global_steps = 0
-    return {**meta, "step": 0}
+    return {"step": 0, "weights_only": True}
 
 
-def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
+def load(
+    step_dir: Path, engine, loader, rank: int, world_size: int, weights_only: bool = False
+) -> dict:
     """Collective under ZeRO. Restores everything `stage` captured (the LR schedule into
-    `engine.lr_scheduler`); returns the meta dict."""
+    `engine.lr_scheduler`), or with `weights_only` the model weights alone; returns the meta
+    dict."""
     scheduler = engine.lr_scheduler
     meta = layout.read_meta(step_dir)
     if meta.get("format_version") not in READABLE_VERSIONS:
@@ -240,7 +247,7 @@ def load(step_dir: Path, engine, loader, rank: int, world_size: int) -> dict:
             f"{step_dir}: checkpoint format {meta.get('format_version')} is not "
             f"supported (this version reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
-    if meta.get("weights_only"):
+    if meta.get("weights_only") or weights_only:
         return _load_weights_only(step_dir, meta, engine)
     # A resumed run that changed what the weights compute (moe.score, rope_theta, ...) would
     # go on training another function without a word; training-only keys may change. (A

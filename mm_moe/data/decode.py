@@ -8,6 +8,7 @@ converted to RGB here (mm_moe/tokenization/image_preprocess.py holds that policy
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image
@@ -30,6 +31,13 @@ def decode_text(data: bytes, what: str) -> str:
     return text
 
 
+def pillow_error(exc: Exception) -> str:
+    """Pillow's error, without the repr of the in-memory file it read (`cannot identify image
+    file <_io.BytesIO object at 0x7f...>`), which says nothing to a user."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+    return f"{exc.__class__.__name__}: {text}"
+
+
 def decode_image(data: bytes, what: str, min_side: int, max_aspect_ratio: float) -> Image.Image:
     """An RGB image, or SampleError: corrupt_image, small_image or aspect_ratio."""
     # Pillow raises many exception types on hostile bytes; each one means "cannot decode".
@@ -39,7 +47,7 @@ def decode_image(data: bytes, what: str, min_side: int, max_aspect_ratio: float)
             image = Image.open(io.BytesIO(data))
             width, height = image.size  # read from the header: cheap checks before decoding
         except Exception as exc:  # noqa: BLE001
-            raise SampleError("corrupt_image", f"{what}: {exc.__class__.__name__}: {exc}") from exc
+            raise SampleError("corrupt_image", f"{what}: {pillow_error(exc)}") from exc
         if min(width, height) < min_side:
             raise SampleError(
                 "small_image", f"{what} is {width}x{height}, below data.min_image_side={min_side}"
@@ -53,4 +61,4 @@ def decode_image(data: bytes, what: str, min_side: int, max_aspect_ratio: float)
             image.load()
             return to_rgb(image)
         except Exception as exc:  # noqa: BLE001
-            raise SampleError("corrupt_image", f"{what}: {exc.__class__.__name__}: {exc}") from exc
+            raise SampleError("corrupt_image", f"{what}: {pillow_error(exc)}") from exc

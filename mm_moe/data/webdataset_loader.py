@@ -208,7 +208,9 @@ class WebDatasetLoader:
         if state.get("kind") != STATE_KIND:
             raise UserError(
                 "the checkpoint's data position is not from the webdataset source "
-                f"(it holds {sorted(state)}); resume with the data.source it was trained on"
+                f"(it holds {sorted(state)}); resume with the data.source it was trained on, "
+                "or pass checkpoint.weights_only=true to take its weights alone and train "
+                "them on from step 0 (fresh optimizer, schedule and data position)"
             )
         if state["version"] != STATE_VERSION:
             raise UserError(f"data state version {state['version']} is not {STATE_VERSION}")
@@ -219,7 +221,9 @@ class WebDatasetLoader:
             raise UserError(
                 "the checkpoint's data position was saved for other data.sources, "
                 f"data.num_streams (it had {state['num_streams']}) or trainer.seed; resuming "
-                "exactly needs the same ones"
+                "exactly needs the same ones. To train its weights on other data, pass "
+                "checkpoint.weights_only=true (fresh optimizer, schedule and data position "
+                "from step 0)"
             )
         self.states = {j: state["streams"][str(j)] for j in range(self.spec.num_streams)}
         self.step = int(state["step"])

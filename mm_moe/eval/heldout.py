@@ -25,6 +25,7 @@ from mm_moe.data.batch import Batch
 from mm_moe.eval.config import EvalConfig
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
 from mm_moe.model.losses import per_token_losses
+from mm_moe.model.moe import stat_means
 from mm_moe.parallel.distributed import all_reduce_sum_to_host
 
 _SUMS, _COUNT = " sums", " count"  # keys no statistic has
@@ -77,7 +78,7 @@ def _score(model, batches: list[Batch], device) -> tuple[list[float], dict[str, 
             # A weighted sum, not a boolean index (which makes the host wait on a GPU).
             sums[m] += (ce_BS.double() * sel_BS).sum()
             sums[NUM_MODALITIES + m] += sel_BS.sum()
-        for name, value in out.stats.items():
+        for name, value in stat_means.weighted(out.stats).items():
             if value.dim() == 0:
                 stat_sums[name] = stat_sums.get(name, 0.0) + value.to(device, torch.float64)
     # The batch count rides in the same all-reduce (the sum over ranks is the divisor), and
@@ -85,7 +86,7 @@ def _score(model, batches: list[Batch], device) -> tuple[list[float], dict[str, 
     count = torch.full((), len(batches), dtype=torch.float64, device=device)  # no host copy
     totals = all_reduce_sum_to_host({**stat_sums, _SUMS: sums, _COUNT: count}, device)
     sums, (count,) = totals.pop(_SUMS), totals.pop(_COUNT)
-    return sums, {name: v / count for name, (v,) in totals.items()}
+    return sums, stat_means.means({name: v for name, (v,) in totals.items()}, count)
 
 
 def _per_modality(prefix: str, sums: list[float]) -> dict[str, float]:

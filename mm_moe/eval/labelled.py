@@ -7,6 +7,7 @@ import io
 
 from PIL import Image
 
+from mm_moe.data.decode import pillow_error
 from mm_moe.errors import UserError
 
 IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
@@ -35,7 +36,7 @@ def _image(raw: bytes, where: str) -> Image.Image:
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(
-            f"{where} cannot be read as an image ({exc.__class__.__name__}: {exc}); a labelled "
+            f"{where} cannot be read as an image ({pillow_error(exc)}); a labelled "
             f"sample holds an image member ({', '.join(IMAGE_MEMBERS)}) Pillow reads"
         ) from exc
     return image

@@ -313,10 +313,13 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
         return {"step": 0}
     recorded = layout.read_meta(resume_dir).get("tokenizer_digest")
     check_tokenizer(recorded, cfg.tokenizer, f"checkpoint {resume_dir}", digest)
-    meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size)
+    root = Path(cfg.checkpoint.dir).resolve()
+    weights_only = cfg.checkpoint.weights_only and root not in resume_dir.resolve().parents
+    meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size, weights_only)
     guard.load_state_dict(meta)
     log.info("resumed from %s at step %d", resume_dir, meta["step"])
-    _warn_schedule_changes(resume_dir, cfg, meta["step"])
+    if not meta.get("weights_only"):
+        _warn_schedule_changes(resume_dir, cfg, meta["step"])
     return meta
 
 

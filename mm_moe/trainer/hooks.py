@@ -10,6 +10,7 @@ from mm_moe.checkpoint import layout
 from mm_moe.modality import MODALITIES
 from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.distributed import all_reduce_sum
+from mm_moe.trainer.metrics import loss_text
 from mm_moe.trainer.preemption import PreemptionFlag
 from mm_moe.trainer.rollback import rollback
 
@@ -227,10 +228,19 @@ def summary(history: list[dict], training) -> None:
     first, last = history[0], history[-1]
     tok_s = sum(r["tokens_per_s"] for r in history) / len(history)
     cfg = training.cfg
+    trained = (
+        f"{len(history)} steps ({first['step']}-{last['step']}, resumed from step "
+        f"{first['step'] - 1})"
+        if first["step"] > 1
+        else f"{last['step']} steps"
+    )
+    losses = ", ".join(
+        f"{m} {loss_text(first[f'loss_{m}'], 3)} -> {loss_text(last[f'loss_{m}'], 3)}"
+        for m in ("text", "image")
+    )
     lines = [
-        f"done: {last['step']} steps; loss {first['loss']:.3f} -> {last['loss']:.3f} "
-        f"(text {first['loss_text']:.3f} -> {last['loss_text']:.3f}, "
-        f"image {first['loss_image']:.3f} -> {last['loss_image']:.3f}); {tok_s:.0f} tokens/s",
+        f"done: {trained}; loss {first['loss']:.3f} -> {last['loss']:.3f} ({losses}); "
+        f"{tok_s:.0f} tokens/s",
         f"metrics: {training.metrics.path}",
     ]
     if cfg.checkpoint.interval:

@@ -96,7 +96,7 @@ class MetricsLogger:
             self.wandb_run.log(metrics, step=metrics["step"])
         short = (
             f"step {metrics['step']} loss {metrics['loss']:.4f} "
-            f"text {metrics['loss_text']:.4f} image {metrics['loss_image']:.4f} "
+            f"text {loss_text(metrics['loss_text'])} image {loss_text(metrics['loss_image'])} "
             f"lr {metrics['lr']:.2e} gnorm {metrics['grad_norm']:.3f} "
             f"tok/s {metrics['tokens_per_s']:.0f}"
         )
@@ -116,3 +116,9 @@ class MetricsLogger:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def loss_text(loss: float, digits: int = 4) -> str:
+    """A modality's loss for the log: `-` on a step without its tokens (the loss is NaN
+    there, null in metrics.jsonl), not a `nan` that reads as a diverged run."""
+    return "-" if math.isnan(loss) else f"{loss:.{digits}f}"

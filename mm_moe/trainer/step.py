@@ -26,6 +26,7 @@ import torch
 from mm_moe.data.batch import Batch
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
 from mm_moe.model.losses import chunked_lm_losses, per_token_losses
+from mm_moe.model.moe import stat_means
 from mm_moe.model.moe.balance import update_expert_biases
 from mm_moe.model.moe.layer import MoELayer
 from mm_moe.parallel.checkpointing import backward_group
@@ -108,7 +109,7 @@ def _micro_step(engine, b: Batch, sums: _Sums, z_loss: float, scale: torch.Tenso
     token mean (sum of token losses x `scale`, a device scalar) plus its aux losses /
     micro-batches."""
     out = engine(*b.model_inputs(), return_hidden=True)
-    for name, value in out.stats.items():
+    for name, value in stat_means.weighted(out.stats).items():
         sums.add_stat(name, value)
     ce_BS, z_BS = _token_losses(engine.module, out, b.target_ids_BS, z_loss)
     mask_BS = b.loss_mask_BS.to(ce_BS.dtype)
@@ -267,12 +268,13 @@ def _discard_expert_loads(model: torch.nn.Module) -> None:
 
 
 def _means(host: dict[str, list[float]], shapes: dict, count: int) -> dict[str, float]:
-    """Routing statistics (summed over micro-batches and ranks, on the host) averaged; vector
-    stats (per-expert load) become one metric per element."""
+    """Routing statistics (summed over micro-batches and ranks, on the host) averaged (an
+    expert group's per-token ones over its tokens: moe/stat_means.py); vector stats
+    (per-expert load) become one metric per element."""
     out = {}
-    for name, values in host.items():
+    for name, values in stat_means.means(host, count).items():
         if len(shapes[name]) == 0:
-            out[name] = values[0] / count
+            out[name] = values[0]
         else:
-            out.update({f"{name}_e{e}": v / count for e, v in enumerate(values)})
+            out.update({f"{name}_e{e}": v for e, v in enumerate(values)})
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mm_moe.checkpoint import layout
-from tests.helpers import PYTHON, REPO, losses, train
+from tests.helpers import PYTHON, REPO, losses, metrics, train
 
 STEPS = 20
 
@@ -32,16 +32,23 @@ def test_resume_continues_exactly(tmp_path, straight):
 def test_a_requeued_job_resumes_its_own_checkpoints(tmp_path):
     """Slurm requeues (and torchrun restarts) rerun the first command: a job that started from
     another run's checkpoint continues from its own latest on a restart, where a plain rerun
-    of that command is refused (it would start a second line of checkpoints on the first)."""
+    of that command is refused (it would start a second line of checkpoints on the first).
+    The job takes the other run's weights alone (checkpoint.weights_only: other data, step 0,
+    a fresh schedule); its own checkpoints still resume whole."""
     source, run_dir = tmp_path / "source", tmp_path / "run"
-    train(source, "trainer.max_steps=2", "checkpoint.interval=2")
+    train(source, "trainer.max_steps=4", "checkpoint.interval=4")
     first = (
         "trainer.max_steps=6",
         "checkpoint.interval=2",
         f"checkpoint.resume={source}/checkpoints",
+        "checkpoint.weights_only=true",
+        "trainer.seed=7",  # other data (the synthetic source would not refuse it whole)
     )
     train(run_dir, *first[1:], "trainer.max_steps=4")  # "preempted" after its step-4 checkpoint
-    before = losses(run_dir)
+    before, source_rows = losses(run_dir), metrics(source)
+    assert sorted(before) == [1, 2, 3, 4]  # from step 0, on the source's trained weights
+    assert before[1] < source_rows[0]["loss"] - 0.05
+    assert metrics(run_dir)[0]["lr"] == source_rows[0]["lr"]  # a fresh schedule
     refused = train(run_dir, *first, check=False)
     assert refused.returncode != 0 and "already holds checkpoints" in refused.stderr
     restarted = train(run_dir, *first, env={"SLURM_RESTART_COUNT": "1"})

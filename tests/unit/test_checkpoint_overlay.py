@@ -72,6 +72,17 @@ def test_a_command_planted_in_a_checkpoint_overlay_is_refused_and_never_runs(tmp
     assert f"key '{key}' is refused" in proc.stderr and "upcycled.yaml" in proc.stderr
 
 
+def test_training_an_upcycled_shape_without_its_weights_is_warned_about(tmp_path):
+    """`--config-dir FOLDER experiment=upcycled` without checkpoint.resume=FOLDER trains the
+    upcycled shape from random weights: said before the run starts, naming the fix."""
+    ckpt = _checkpoint(tmp_path / "ckpt", HEADER + "model: {d_model: 64}\n")
+    proc = _train_from(ckpt, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"random weights. To train the upcycled weights, pass checkpoint.resume={ckpt}" in (
+        proc.stdout + proc.stderr
+    )
+
+
 @pytest.mark.parametrize(
     "body, named",
     [

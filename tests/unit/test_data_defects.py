@@ -235,6 +235,7 @@ def test_on_error_raise_names_shard_and_key(tmp_path, members, key):
         for _ in range(4):
             loader.next()
     assert str(tmp_path / "bad-7.tar") in str(err.value) and f"key '{key}'" in str(err.value)
+    assert "BytesIO" not in str(err.value)  # Pillow's in-memory file says nothing to a user
 
 
 def test_on_error_raise_on_a_truncated_tar(tmp_path):

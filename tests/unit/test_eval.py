@@ -68,17 +68,21 @@ def test_heldout_matches_reference_and_leaves_training_untouched():
     assert out["eval/routing_gap_text"] == pytest.approx(gap)
     assert gap != 0.0  # expert choice over the batch vs the untrained aux routers
     # Training routing's aux-router accuracy: each layer and group's, over training-mode
-    # forwards from the same RNG state (router noise), averaged over batches, layers, groups.
+    # forwards from the same RNG state (router noise), over the group's tokens of every batch
+    # (moe/stat_means.py), then averaged over layers and groups.
     model.train()
-    accs: dict[str, float] = {}
+    hits: dict[str, float] = {}
+    tokens: dict[str, float] = {}
     with torch.no_grad():
         for b in batches:
             stats = model(*b.model_inputs()).stats
             for k, v in stats.items():
                 if k.endswith("/aux_router_acc"):
-                    accs[k] = accs.get(k, 0.0) + float(v) / len(batches)
-    assert len(accs) == TINY.n_layers * 2
-    want = sum(accs.values()) / len(accs)
+                    n = float(stats[k.replace("/aux_router_acc", "/tokens")])
+                    hits[k] = hits.get(k, 0.0) + float(v) * n
+                    tokens[k] = tokens.get(k, 0.0) + n
+    assert len(hits) == TINY.n_layers * 2
+    want = sum(hits[k] / tokens[k] for k in hits) / len(hits)
     assert out["eval/train_routing/aux_router_acc"] == pytest.approx(want, rel=1e-6)
 
 

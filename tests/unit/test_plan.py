@@ -181,3 +181,17 @@ def test_moe_activation_estimate_matches_the_saved_tensors_measured():
         one = replace(cfg, n_layers=1)
         want = activation_bytes(one, moe, B * S, "none", 4, fp32_norms=False, peak=False)
         assert (measured[1] - measured[0]) / 2 == pytest.approx(want, rel=0.1), moe.router
+
+
+def test_plan_reads_the_users_own_config_dir(tmp_path):
+    """--config-dir as the training command takes it: the user's own experiment is planned."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: tiny_moma\n"
+        "name: mine\nmodel: {d_model: 96, n_layers: 3}\n"
+    )
+    got = main(["--config-dir", str(tmp_path), "experiment=mine", "cluster.gpus_per_node=2"])
+    builtin = main(["model=tiny_moma", "model.d_model=96", "model.n_layers=3"])
+    assert (
+        got["params_total"] == builtin["params_total"] != main(["model=tiny_moma"])["params_total"]
+    )

@@ -144,6 +144,22 @@ def test_a_healthy_router_does_not_warn(caplog):
     assert not caplog.records
 
 
+def test_a_group_without_tokens_in_a_step_is_not_called_degenerate(caplog):
+    """A step where a group had no tokens at all logs its per-token figures as NaN (null in
+    metrics.jsonl): no evidence either way, never a warning."""
+    stats = _forward(_layer())
+    empty = {
+        k: float("nan") if "/image/" in k and "router_cosine" not in k else v
+        for k, v in stats.items()
+    }
+    hook = RoutingHealthHook(RoutingWarningConfig(intervals=1), sigmoid_gates=True)
+    trainer = SimpleNamespace(training=SimpleNamespace(cfg=_cfg(log_interval=1), dist=MAIN))
+    with caplog.at_level(logging.WARNING, logger="mm_moe"):
+        for step in range(1, 4):
+            hook.after_step(trainer, step, dict(empty))
+    assert not caplog.records
+
+
 def _cfg(log_interval=1, noise=1.0, anneal=10):
     return SimpleNamespace(
         trainer=SimpleNamespace(log_interval=log_interval),

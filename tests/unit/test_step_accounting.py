@@ -120,3 +120,40 @@ def test_a_nonfinite_gradient_with_a_finite_loss_stops_the_step(sharded):
             device=torch.device("cpu"),
             guard=guard,
         )
+
+
+def test_a_groups_statistics_average_over_its_tokens_not_over_micro_batches():
+    """A micro-batch without image tokens reports the image group's statistics as zeros (so
+    every rank has the same keys); the step's figure is the mean over the group's tokens of
+    the step, not pulled towards zero by that micro-batch. The router rows' cosine needs no
+    tokens and averages over every micro-batch."""
+    from mm_moe.model.moe.config import MoEConfig
+
+    loader = DataConfig(seq_len=32).build(
+        seed=3, rank=0, dp_world_size=1, micro_batch_size=2, global_batch_size=6
+    )
+    batches = loader.micro_batches(0)
+    batches[0].modality_ids_BS.fill_(TEXT)  # no image tokens in the first micro-batch
+    torch.manual_seed(0)
+    moe = MoEConfig(experts_per_modality={"text": 2, "image": 2})
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=32)
+    model = cfg.with_vocab(loader.vocab.size).build(moe).train()
+    stats = train_step(
+        _LocalEngine(model), batches, z_loss=0.0, dp_world_size=1, device=torch.device("cpu")
+    )
+    alone = []  # each micro-batch's own statistics (the weights did not move: no optimizer)
+    with torch.no_grad():
+        for b in batches:
+            out = model(b.input_ids_BS, b.modality_ids_BS, b.doc_ids_BS, b.position_ids_BS)
+            alone.append({k: v.item() for k, v in out.stats.items() if v.dim() == 0})
+    group = "moe/l0/image"
+    tokens = [s[f"{group}/tokens"] for s in alone]
+    assert tokens[0] == 0 and sum(tokens) > 0
+    for name in ("gate_mean", "taken_0", "dropped", "router_entropy"):
+        want = sum(s[f"{group}/{name}"] * t for s, t in zip(alone, tokens)) / sum(tokens)
+        assert stats[f"{group}/{name}"] == pytest.approx(want, rel=1e-5), name
+    plain = sum(s[f"{group}/gate_mean"] for s in alone) / len(alone)
+    assert stats[f"{group}/gate_mean"] > plain * 1.2  # what the equal mean read
+    cosine = [s[f"{group}/router_cosine"] for s in alone]
+    assert stats[f"{group}/router_cosine"] == pytest.approx(sum(cosine) / 3, rel=1e-5)
+    assert cosine[0] == pytest.approx(cosine[1], rel=1e-5) and cosine[0] != 0

@@ -56,11 +56,12 @@ def routing_health(
     logits_TE: torch.Tensor, routing: Routing, weight_Ed: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The NAMES statistics (fp32 scalars); zeros for a group without tokens, so every rank
-    reports the same keys."""
+    reports the same keys (its token count, zero, leaves them out of the step's means:
+    moe/stat_means.py), except the router rows' cosine, which needs no tokens."""
     T, E = logits_TE.shape
     if T == 0:
         zero = logits_TE.new_zeros(())
-        return {name: zero for name in NAMES}
+        return {**{name: zero for name in NAMES}, "router_cosine": router_cosine(weight_Ed)}
     token_idx_N, gate_N = routing.token_idx_N, routing.gate_N.detach().float()
     # Scatter-adds, not bincount (which reads the input's max on CUDA: a host sync).
     zeros_T = gate_N.new_zeros(T)
