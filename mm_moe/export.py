@@ -6,7 +6,9 @@ Dense models become `llama`, `qwen3` (QK-norm) or `chameleon` (Chameleon's vocab
 QK-norm); one-group token-choice softmax top-k renormalized MoE models become `mixtral`.
 MoMa, MoT, expert-choice and mixture-of-depths models are refused with the reason
 (mm_moe/upcycle/hf_export.py), and so is an option Mixtral cannot express (the key and the value
-it needs named). The folder loads with transformers' from_pretrained.
+it needs named). The folder loads with transformers' from_pretrained; beside config.json it
+records this project's vocabulary layout (vocab.yaml, mm_moe_tokenizer.yaml), so that
+`python -m mm_moe.upcycle source=DIR source_format=hf` keeps every id where it was.
 
 Every check (paths, source loadable, architecture) comes before anything is removed: the folder
 is written beside `out` and renamed into place at the end; a source inside `out` is refused.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +70,15 @@ class GenerateConfig:
             raise UserError(f"guidance={self.guidance} must be >= 1 (1: no guidance)")
         if self.guidance != 1 and self.mode != "image":
             raise UserError(f"guidance={self.guidance} needs mode=image (got mode={self.mode})")
+        default = GenerateConfig.__dataclass_fields__["max_new_tokens"].default
+        if self.mode == "image" and self.max_new_tokens != default:
+            raise UserError(
+                f"max_new_tokens={self.max_new_tokens} has no effect with mode=image: an image "
+                "is always its image tokenizer's fixed number of codes and end-of-image. Drop "
+                "the key, or use mode=text or mode=auto"
+            )
+        if self.prompt is None:  # prompt=null: no prompt, as prompt=""
+            self.prompt = ""
 
 
 def prompt_ids(tok, text: str, image: Image.Image | None, mode: str) -> list[int]:
@@ -212,8 +221,35 @@ def _save_image(image_tokenizer, codes, out_dir: Path, seed: int, index: int) ->
     return path
 
 
+def prompt_text(value, raw: str) -> str:
+    """The prompt `prompt=RAW` gives: free text, so a value YAML reads as something else (a
+    number, true/false, `Q: hi` as a mapping, `[a, b]` as a list) is the text as typed; null
+    (or nothing) is no prompt; a quoted string is its content."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else raw
+
+
+def _parse(argv: list[str]) -> GenerateConfig:
+    """GenerateConfig from `key=value` arguments, `prompt=` taken as text (`prompt_text`)."""
+    from omegaconf import OmegaConf
+
+    prompts = [a.split("=", 1)[1] for a in argv if a.startswith("prompt=")]
+    rest = [a for a in argv if not a.startswith("prompt=")]
+    cfg = parse_args(GenerateConfig, rest, PROG)
+    if not prompts:
+        return cfg
+    raw = prompts[-1]
+    try:
+        value = OmegaConf.from_dotlist([f"prompt={raw}"])
+        value = OmegaConf.to_container(value, resolve=False)["prompt"]  # no ${...} lookups
+    except Exception:  # not YAML (say, "[a,"), an interpolation that fails: text as typed
+        value = raw
+    return replace(cfg, prompt=prompt_text(value, raw))
+
+
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(GenerateConfig, sys.argv[1:] if argv is None else argv, PROG)
+    cfg = _parse(sys.argv[1:] if argv is None else argv)
     with exits_on_failure(PROG):
         results = run(cfg)
     for i, result in enumerate(results):

@@ -47,9 +47,11 @@ def split_args(argv: list[str]) -> tuple[dict, list[str], list[tuple[str, object
         if key in upcycle_keys:
             options[key] = o.value()
         elif key in ENTRY_GROUPS and isinstance(o.value(), str):
+            _check_used(arg, key)
             choices.append(f"{key}={o.value()}")
         elif "." in key or key in valid_keys(TrainConfig, []):
             check_overrides([arg.lstrip("+")], TrainConfig, ENTRY_GROUPS)
+            _check_used(arg, key.split(".", 1)[0])
             train.append((key, o.value()))
         else:
             options_all = sorted({*upcycle_keys, *valid_keys(TrainConfig, [])})
@@ -61,18 +63,38 @@ def split_args(argv: list[str]) -> tuple[dict, list[str], list[tuple[str, object
     return options, choices, train
 
 
+# The training-config groups the upcycle reads: the target's architecture (model, moe), and its
+# vocabulary (tokenizer, data); `experiment` chooses a Hugging Face source's base.
+USED_GROUPS = ("model", "moe", "tokenizer", "data", "experiment")
+
+
+def _check_used(arg: str, group: str) -> None:
+    """A training key the upcycle never reads (trainer.max_steps, optim.lr, name, ...) is
+    refused: it would be written to config.yaml and change nothing, not even the training that
+    starts from the result (`experiment=upcycled` brings only model, moe and tokenizer)."""
+    if group not in USED_GROUPS:
+        raise ConfigError(
+            f"{arg!r}: the upcycle does not use '{group}' (it reads only "
+            f"{', '.join(g + '.*' for g in USED_GROUPS[:-1])} and the group choices "
+            f"{', '.join(g + '=...' for g in USED_GROUPS)}); give training keys to mm_moe.train "
+            "when you train the result: --config-dir OUT experiment=upcycled checkpoint.resume=OUT"
+        )
+
+
 def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> TrainConfig:
     """The target's training config: the base (see module doc), group choices, overrides."""
     from omegaconf import OmegaConf
 
     from mm_moe.checkpoint.layout import read_config
     from mm_moe.checkpoint.pretrained import find_step_dir
-    from mm_moe.upcycle import hf_import
+    from mm_moe.upcycle import hf_import, recorded_vocab
 
     if ucfg.source_format == "hf":
         base = compose(choices, schema=None)
         fields = hf_import.model_fields(hf_import.read_config(ucfg.source), ucfg.source)
         base["model"].update(fields)
+        if not any(c.startswith("tokenizer=") for c in choices):  # an mm_moe export's
+            base["tokenizer"].update(recorded_vocab.tokenizer_fields(ucfg.source))
     else:
         step_dir = find_step_dir(ucfg.source)
         base = upgrade_saved_config(read_config(step_dir))

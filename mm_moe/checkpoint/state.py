@@ -184,12 +184,14 @@ def _check_same_architecture(step_dir: Path, module, written: dict | None = None
     missing tensors or training another function without a word: such a checkpoint
     (mm_moe.upcycle) usually has another architecture than the run's defaults."""
     from mm_moe.checkpoint.same_function import differences, function_fields
+    from mm_moe.config.legacy import upgrade_saved_config
     from mm_moe.config.validate import from_dict
     from mm_moe.model.config import ModelConfig
     from mm_moe.model.moe.config import MoEConfig
 
     if written is None:
         written = layout.read_config(step_dir)
+    written = upgrade_saved_config(written)  # keys renamed since, or dropped as no-ops
     saved = {
         **function_fields(from_dict(ModelConfig, written.get("model", {}), "model"), "model"),
         **function_fields(from_dict(MoEConfig, written.get("moe", {}), "moe"), "moe"),

@@ -24,6 +24,18 @@ class MoDConfig:
             raise UserError(f"model.mod.capacity={self.capacity} must be in (0, 1]")
         if any(i < 0 for i in self.layers):
             raise UserError(f"model.mod.layers={self.layers} must be layer indices >= 0")
+        defaults = MoDConfig.__dataclass_fields__
+        inert = [
+            f"model.mod.{name}={getattr(self, name)}"
+            for name in ("capacity", "aux_router_hidden", "aux_router_coef")
+            if getattr(self, name) != defaults[name].default
+        ]
+        if inert and not self.layers:
+            raise UserError(
+                f"{', '.join(inert)} has no effect with model.mod.layers=[] (no layer is routed "
+                "by mixture-of-depths): list the routed layers, e.g. model.mod.layers=[1,3], or "
+                "drop the key"
+            )
 
 
 @dataclass
@@ -132,11 +144,9 @@ class ModelConfig:
                 f"moe.granularity={moe.granularity} must divide the FFN hidden size "
                 f"{self.ffn_dim} (model.ffn_hidden)"
             )
-        if moe.enabled and "ffn" in self.untie and moe.experts_per_modality.get("mixed"):
-            raise UserError(
-                "model.untie=[ffn] with moe.experts_per_modality={mixed: N} is "
-                "contradictory; MoMa groups already untie the FFN per modality"
-            )
+        every_layer_moe = all(moe.is_moe_layer(i) for i in range(self.n_layers))
+        if "ffn" in self.untie and every_layer_moe:
+            raise UserError(_untie_ffn_message(moe))
 
     def build(self, moe: MoEConfig | None = None):
         from mm_moe.model.decoder import EarlyFusionDecoder
@@ -220,3 +230,22 @@ class ModelConfig:
         from mm_moe.model.flops import training_flops_per_token
 
         return training_flops_per_token(self, moe or MoEConfig(), seq_len, attention)
+
+
+def _untie_ffn_message(moe: MoEConfig) -> str:
+    """Why model.untie=[ffn] changes nothing when every layer's FFN is an MoE layer: it gives
+    per-modality copies to dense FFNs only (model/block.py), and there are none."""
+    if "mixed" in moe.experts_per_modality:
+        groups = (
+            "whose one 'mixed' expert group is shared by the modalities; for experts per "
+            "modality use MoMa groups (moe.experts_per_modality.text=N "
+            "moe.experts_per_modality.image=N, e.g. moe=moma_4t4i_ec)"
+        )
+    else:
+        groups = "whose expert groups are already per modality (MoMa)"
+    return (
+        "model.untie=[ffn] has no effect: it gives the dense layers' FFNs per-modality copies, "
+        f"and every layer's FFN is an MoE layer (moe.layers={moe.layers}) {groups}. Drop ffn "
+        "from model.untie, or list the MoE layers in moe.layers so that the others stay "
+        "dense and get per-modality FFNs"
+    )

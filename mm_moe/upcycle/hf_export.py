@@ -1,5 +1,7 @@
 """This project's models -> Hugging Face folders (`python -m mm_moe.export`): config.json,
-sharded safetensors with their index, and the tokenizer when the run used a published one.
+sharded safetensors with their index, the tokenizer when the run used a published one, and
+mm_moe's vocabulary layout (vocab.yaml and the tokenizer keys: recorded_vocab.py), which an
+import of the folder reads back.
 
 What maps exactly onto a transformers architecture:
 - dense, pre-norm, no QK-norm: `llama`;
@@ -231,4 +233,8 @@ def export(model, out: Path, max_shard_bytes: int = 5 * 2**30) -> str:
         for name in TOKENIZER_FILES:
             if (Path(tok_cfg.path) / name).is_file():
                 shutil.copy(Path(tok_cfg.path) / name, out / name)
+    if vocab is not None:  # the layout, so that an import of this folder keeps every id
+        from mm_moe.upcycle import recorded_vocab
+
+        recorded_vocab.write(out, vocab, tok_cfg)
     return kind

@@ -6,6 +6,9 @@ A source folder holds `config.json` and either `model.safetensors` or shards
 - Llama (and Mistral without a sliding window): grouped-query attention, tied or untied
   embeddings, RoPE configured either way transformers has written it (`rope_theta` +
   `rope_scaling` before v5, `rope_parameters` since);
+- Qwen3 (dense, without a sliding window): Llama's block with QK-norm as an RMSNorm over the
+  head dim (model.qk_norm=true), the architecture mm_moe.export writes for this project's
+  default dense model;
 - Chameleon (`model_type: chameleon`, and the models built on it): RMSNorm blocks, QK-norm as
   a LayerNorm over the head dim with a weight and bias per head (model.qk_norm=
   head_layernorm), `swin_norm` (res-post-norm: model.norm_placement=post), grouped-query
@@ -17,7 +20,7 @@ Why the mapping is exact: both models compute norms in fp32, rotate query/key ha
 way (mm_moe/model/rope.py is Llama's `rotate_half` layout, so q/k rows need no permutation),
 share key/value heads with the same grouping (head h reads kv head h // (H / K)), scale scores
 by head_dim^-1/2 and apply SwiGLU as down(silu(gate(x)) * up(x)). Llama has no QK-norm, so the
-imported model uses model.qk_norm=false.
+imported model uses model.qk_norm=false (Qwen3: true, its q_norm / k_norm weights copied).
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ log = logging.getLogger(__name__)
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-SUPPORTED_TYPES = ("llama", "mistral", "chameleon")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen3", "chameleon")
+# What each imports as, for the refusal of any other type.
+SUPPORTED_NAMES = (
+    "llama, mistral (without a sliding window), qwen3 (dense, QK-norm; without a sliding "
+    "window) and chameleon"
+)
 # Chameleon's begin/end-of-image tokens in its vocabulary_map.
 CHAMELEON_BOI, CHAMELEON_EOI = "<racm3:break>", "<eoss>"
 
@@ -82,10 +90,17 @@ def model_fields(hf: dict, folder: str | Path) -> dict:
     path = Path(folder) / CONFIG
     kind = hf.get("model_type")
     if kind not in SUPPORTED_TYPES:
+        moe = (
+            "; an MoE cannot be a source (upcycling starts from a dense model): for a mixtral "
+            "that mm_moe exported, use the mm_moe checkpoint it was exported from "
+            "(source=<that checkpoint> source_format=native)"
+            if kind in ("mixtral", "qwen3_moe")
+            else ""
+        )
         _refuse(
             path,
-            f"model_type={kind!r} is not supported; Llama-family types: "
-            f"{', '.join(SUPPORTED_TYPES)} (architectures {hf.get('architectures')})",
+            f"model_type={kind!r} is not supported; these import: {SUPPORTED_NAMES} "
+            f"(architectures {hf.get('architectures')}){moe}",
         )
     if kind == "chameleon" and not hf.get("vocabulary_map"):
         _refuse(path, "a Chameleon config without vocabulary_map (the image tokens' ids)")
@@ -96,6 +111,9 @@ def model_fields(hf: dict, folder: str | Path) -> dict:
         _refuse(path, f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
     if kind == "mistral" and hf.get("sliding_window") is not None:
         _refuse(path, f"sliding_window={hf['sliding_window']} is not supported (global attention)")
+    sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
+    if kind == "qwen3" and (hf.get("use_sliding_window") or sliding):
+        _refuse(path, "a sliding window is not supported (use_sliding_window, layer_types)")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // heads
     if head_dim * heads != d:
@@ -114,7 +132,8 @@ def model_fields(hf: dict, folder: str | Path) -> dict:
         "rope_theta": _rope_theta(hf, path),
         "max_seq_len": hf.get("max_position_embeddings", 4096),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "qk_norm": "head_layernorm" if kind == "chameleon" else False,
+        # Qwen3's q_norm / k_norm: RMSNorm over the head dim (model.qk_norm=true, "rms").
+        "qk_norm": {"chameleon": "head_layernorm", "qwen3": True}.get(kind, False),
         "norm_placement": "post" if hf.get("swin_norm") else "pre",
         # transformers' Llama and Mistral configs default to untied embeddings.
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),

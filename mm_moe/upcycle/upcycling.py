@@ -24,6 +24,7 @@ import torch
 import yaml
 
 import mm_moe.upcycle.hf_import as hf_import
+import mm_moe.upcycle.recorded_vocab as recorded_vocab
 from mm_moe.checkpoint import experts, layout
 from mm_moe.config.overlay import OVERLAY_KEYS
 from mm_moe.config.schema import TrainConfig
@@ -76,12 +77,20 @@ def load_source(source: str, source_format: str) -> tuple[ModelConfig, dict[str,
     one_expert = moe.enabled and not moe.shared_experts
     one_expert = one_expert and all(g.num_experts == 1 for g in moe.groups())
     layers_ok = moe.layers == "all" or sorted(moe.layers) == list(range(cfg.n_layers))
-    if cfg.mod.layers or (moe.enabled and not (one_expert and layers_ok)):
+    if cfg.mod.layers:
+        raise UserError(
+            f"source={source} has mixture-of-depths layers (model.mod.layers={cfg.mod.layers}): "
+            "upcycling does not support mixture-of-depths sources. It maps a dense block's "
+            "weights onto the experts and has no mapping for the MoD routers, which decide "
+            "the tokens a routed block skips, so the result would not keep the source's "
+            "function. Upcycle a source trained without model.mod.layers"
+        )
+    if moe.enabled and not (one_expert and layers_ok):
         raise UserError(
             f"source={source} is neither dense (model.untie allowed) nor one expert per "
             f"modality group in every layer (moe.experts_per_modality="
             f"{moe.experts_per_modality}, moe.granularity={moe.granularity}, "
-            f"model.mod.layers={cfg.mod.layers}): upcycling copies one FFN per modality"
+            f"moe.layers={moe.layers}): upcycling copies one FFN per modality"
         )
     return cfg, saved_state(model)
 
@@ -95,10 +104,11 @@ TOKENIZER_DIR, VOCAB_FILE = "tokenizer", "vocab.yaml"
 
 
 def hf_layout(ucfg: UpcycleConfig, target: TrainConfig) -> Vocab:
-    """The vocabulary of a Hugging Face source, laid out by the import (hf_import.source_layout),
-    and the target's tokenizer config pointed at what `write` puts in `out`: the source's own
-    tokenizer (tokenizer.text=hf), Chameleon's VQGAN (tokenizer.image=chameleon) or the
-    target's trained VQ, copied to <out>/tokenizer/, and the layout, <out>/vocab.yaml."""
+    """The vocabulary of a Hugging Face source, laid out by the import (hf_import.source_layout)
+    or, for an mm_moe export, as it recorded it (recorded_vocab.py), and the target's tokenizer
+    config pointed at what `write` puts in `out`: the source's own tokenizer (tokenizer.text=hf),
+    Chameleon's VQGAN (tokenizer.image=chameleon) or the target's trained VQ (or an export's
+    recorded sentencepiece and VQ), copied to <out>/tokenizer/, and the layout, <out>/vocab.yaml."""
     from mm_moe.tokenization.hf_text import has_tokenizer
 
     hf = hf_import.read_config(ucfg.source)
@@ -106,13 +116,29 @@ def hf_layout(ucfg: UpcycleConfig, target: TrainConfig) -> Vocab:
     if hf.get("model_type") == "chameleon":
         tok.image = "chameleon"
     codebook = None if tok.image == "chameleon" else tok._image().codebook_size
-    vocab = hf_import.source_layout(ucfg.source, hf, codebook or 0)
+    # An mm_moe export records its layout (recorded_vocab.py): kept, not appended to.
+    recorded = recorded_vocab.read_vocab(ucfg.source, hf)
+    if recorded is None:
+        vocab = hf_import.source_layout(ucfg.source, hf, codebook or 0)
+    else:
+        vocab = recorded
+        if codebook is not None:
+            recorded_vocab.check_image_tokenizer(vocab, codebook, tok, ucfg.source)
+    # sentencepiece: only an export's own, its text.model in the source's mm_moe_tokenizer/
+    own_sp = recorded is not None and (Path(tok.path) / "text.model").is_file()
     if has_tokenizer(ucfg.source):
         tok.text = "hf"
-    elif tok.text in ("hf", "sentencepiece"):
+    elif tok.text == "hf" or (tok.text == "sentencepiece" and not own_sp):
         raise UserError(
             f"source={ucfg.source} has no tokenizer file; tokenizer.text={tok.text} cannot "
             "follow it (use the default or a pre-tokenized data source)"
+        )
+    elif (Path(ucfg.source) / recorded_vocab.TOKENIZER_FILE).is_file():
+        log.info(
+            "source=%s: keeping the vocabulary layout and tokenizers its export recorded (%s, %s)",
+            ucfg.source,
+            recorded_vocab.VOCAB_FILE,
+            recorded_vocab.TOKENIZER_FILE,
         )
     else:
         log.warning(
@@ -136,11 +162,13 @@ def _write_tokenizer(
         return
     hf_import.copy_tokenizer(ucfg.source, tmp / TOKENIZER_DIR)
     tok = target.tokenizer
-    if tok.image == "vq":  # the target's trained VQ, beside the source's text tokenizer
-        for name in ("vq.pt", "vq.yaml", "metrics.json"):
-            src = Path(vq_dir) / name
-            if src.is_file():
-                shutil.copy(src, tmp / TOKENIZER_DIR / name)
+    names = ("vq.pt", "vq.yaml", "metrics.json") if tok.image == "vq" else ()
+    # the target's trained VQ beside the source's text tokenizer; an export's own sentencepiece
+    names += ("text.model",) if tok.text == "sentencepiece" else ()
+    for name in names:
+        src = Path(vq_dir) / name
+        if src.is_file():
+            shutil.copy(src, tmp / TOKENIZER_DIR / name)
 
 
 def resolve_target(

@@ -5,6 +5,12 @@ The reference is the source itself: transformers' model for a Hugging Face folde
 project's dense import when transformers is not installed), `load_pretrained` for a native
 checkpoint. The result is loaded back from the written checkpoint, so the check covers the file
 format too. Logits are compared over the source's vocabulary (new rows have no counterpart).
+
+The logits cannot see where image codes live (every expert starts as a copy of the same FFN,
+so an image token taken for text computes the same): for a Hugging Face folder that records
+mm_moe's vocabulary (an mm_moe export, recorded_vocab.py) the written layout and the rows of its
+image codes and specials are compared with the source's too; for one that does not, the output
+says that the image vocabulary was not checked.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ class VerifyResult:
     # Why the function is not expected to be preserved (empty: it is).
     reasons: list[str] = field(default_factory=list)
     images: bool = False  # the input held image tokens too
+    # What was found of the vocabulary layout (one line; empty: nothing to say), and how the
+    # written layout differs from the source's recorded one (non-empty: FAILED).
+    vocabulary: str = ""
+    layout_problems: list[str] = field(default_factory=list)
 
     @property
     def within_tolerance(self) -> bool:
@@ -40,6 +50,8 @@ class VerifyResult:
     def status(self) -> str:
         """passed | FAILED | not checked (the function is not preserved by construction, so
         a logit difference proves nothing either way)."""
+        if self.layout_problems:
+            return "FAILED"
         if self.reasons:
             return "not checked"
         return "passed" if self.within_tolerance else "FAILED"
@@ -56,31 +68,39 @@ class VerifyResult:
             f"verify: max |logit difference| = {self.max_abs_diff:.3g} "
             f"(largest |logit| {self.max_abs_logit:.3g}, tolerance {TOLERANCE:g})",
         ]
-        if self.status == "passed":
-            out.append("verify: function preserved")
-        elif self.status == "FAILED":
-            out.append("verify: FAILED: expected exact")
-        else:
+        if self.vocabulary:
+            out.append(f"verify: {self.vocabulary}")
+        if self.layout_problems:
+            out.append("verify: FAILED: the vocabulary layout is not the source's:")
+            out += [f"  - {p}" for p in self.layout_problems]
+        if self.reasons:
             out.append(
                 "verify: not checked: not function-preserving by construction, so the logits "
                 "may differ:"
             )
             out += [f"  - {r}" for r in self.reasons]
+        elif not self.within_tolerance:
+            out.append("verify: FAILED: expected exact")
+        elif not self.layout_problems:
+            out.append("verify: function preserved")
         return out
 
 
 def _reference(source: str, source_format: str, ids_BS: torch.Tensor):
+    """(logits, what computed them, the source's input embedding [V, D])."""
     if source_format == "native":
         from mm_moe.eval.pretrained import load_pretrained
 
-        return load_pretrained(source)(ids_BS).logits, "the native dense source"
+        model = load_pretrained(source)
+        return model(ids_BS).logits, "the native dense source", model.embed.weight
     try:
         import transformers
     except ImportError:
         from mm_moe.upcycle.hf_import import import_dense
 
         _, model = import_dense(source)
-        return model(ids_BS).logits, "the dense import (transformers is not installed)"
+        name = "the dense import (transformers is not installed)"
+        return model(ids_BS).logits, name, model.embed.weight
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     from mm_moe.upcycle.hf_import import read_config
@@ -90,7 +110,8 @@ def _reference(source: str, source_format: str, ids_BS: torch.Tensor):
     else:
         cls = transformers.AutoModelForCausalLM
     model = cls.from_pretrained(source).float().eval()
-    return model(input_ids=ids_BS).logits, f"transformers {type(model).__name__}"
+    embed_VD = model.get_input_embeddings().weight
+    return model(input_ids=ids_BS).logits, f"transformers {type(model).__name__}", embed_VD
 
 
 def verify_ids(vocab, num_source_ids: int, shape: tuple[int, int], gen, images: bool):
@@ -173,12 +194,15 @@ def verify(
     seq_len = min(ucfg.verify_seq_len, source_cfg.max_seq_len, target.model.max_seq_len)
     gen = torch.Generator().manual_seed(ucfg.seed)
     V = source_cfg.vocab_size
-    images = ucfg.source_format == "native" or bool(vocab.image_ids)
-    ids_BS = verify_ids(vocab, V, (ucfg.verify_batch_size, seq_len), gen, images)
-    ref_BSV, reference = _reference(ucfg.source, ucfg.source_format, ids_BS)
+    recorded = _recorded_vocab(ucfg)  # the input in the source's ids, wherever they went
+    images = ucfg.source_format == "native" or bool(vocab.image_ids) or recorded is not None
+    layout = vocab if recorded is None else recorded
+    ids_BS = verify_ids(layout, V, (ucfg.verify_batch_size, seq_len), gen, images)
+    ref_BSV, reference, source_VD = _reference(ucfg.source, ucfg.source_format, ids_BS)
     model = load_pretrained(ucfg.out)
     model.collect_stats = True  # eval forwards skip routing statistics unless asked
     result = model(ids_BS)  # modality ids from the vocabulary
+    vocabulary, problems = _vocabulary_check(ucfg, recorded, model, source_VD)
     columns = ~vocab.image_id_mask()[:V] if vocab.image_ids else torch.ones(V, dtype=torch.bool)
     ours, ref = result.logits[..., :V][..., columns].float(), ref_BSV[..., :V][..., columns].float()
     reasons = expected_differences(target, ucfg, source_cfg)
@@ -191,4 +215,44 @@ def verify(
         tokens=tuple(ids_BS.shape),
         reasons=reasons,
         images=images,
+        vocabulary=vocabulary,
+        layout_problems=problems,
+    )
+
+
+def _recorded_vocab(ucfg: UpcycleConfig):
+    """The layout a Hugging Face source records (an mm_moe export), else None."""
+    if ucfg.source_format != "hf":
+        return None
+    from mm_moe.upcycle.hf_import import read_config
+    from mm_moe.upcycle.recorded_vocab import read_vocab
+
+    return read_vocab(ucfg.source, read_config(ucfg.source))
+
+
+def _vocabulary_check(ucfg: UpcycleConfig, recorded, model, source_VD) -> tuple[str, list[str]]:
+    """(what was found of the vocabulary, how the written layout differs from the recorded
+    one): a native source keeps its own vocabulary (nothing to say), Chameleon's comes from its
+    vocabulary_map, a Llama from elsewhere has no image vocabulary to compare with."""
+    from mm_moe.upcycle.recorded_vocab import VOCAB_FILE, layout_problems
+
+    if ucfg.source_format != "hf":
+        return "", []
+    written = model.vocab  # the import always writes <out>/vocab.yaml
+    if recorded is not None:
+        problems = layout_problems(recorded, written, model.embed.weight, source_VD)
+        found = (
+            f"vocabulary: the source's {VOCAB_FILE} (its image codes and specials at their ids, "
+            "their embedding rows copied)"
+        )
+        return ("" if problems else found), problems
+    if written.image_ids:
+        return "vocabulary: Chameleon's vocabulary_map (image codes inside its vocabulary)", []
+    codes = written.image_token_ids(range(written.image_size))
+    where = f" (ids {codes.min()}..{codes.max()})" if len(codes) else ""
+    return (
+        f"vocabulary not checked: the source records no image vocabulary (no {VOCAB_FILE}), "
+        f"so all its ids are text; the {written.image_size} image codes{where}, boi and eoi "
+        "are new rows, untested (the input was text-only)",
+        [],
     )

@@ -15,7 +15,16 @@ PACKAGE = REPO / "mm_moe"
 
 # Lowest first: a module may import from its own layer or a lower one (longest prefix wins).
 LAYERS = [
-    ("base", ["mm_moe.errors", "mm_moe.modality", "mm_moe.utils", "mm_moe.config.validate"]),
+    (
+        "base",
+        [
+            "mm_moe.errors",
+            "mm_moe.modality",
+            "mm_moe.utils",
+            "mm_moe.config.validate",
+            "mm_moe.config.legacy",  # saved configs' dicts upgraded: plain dict edits, no imports
+        ],
+    ),
     ("model", ["mm_moe.model"]),
     ("components", ["mm_moe.tokenization", "mm_moe.parallel", "mm_moe.data"]),
     ("checkpoint", ["mm_moe.checkpoint"]),

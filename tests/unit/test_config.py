@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -191,3 +192,134 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ValueError, match="local rank 1 has no GPU: this node has 1 GPU"):
         distributed.init_distributed("auto", 60)
+
+
+# ---- keys that change nothing are refused (docs/configuration.md: exit status 2) ----
+_MOMA = {"experts_per_modality": {"text": 2, "image": 2}}
+_TC = {**_MOMA, "router": "token_choice", "score": "softmax"}
+
+
+@pytest.mark.parametrize(
+    "moe, message",
+    [
+        # the straight-through gate replaces only a renormalized token-choice top-1 gate
+        ({**_TC, "top_k": 2, "top1_straight_through": False}, "moe.top1_straight_through=false"),
+        ({**_TC, "granularity": 2, "top1_straight_through": False}, "granularity = 2"),
+        ({**_TC, "renormalize": False, "top1_straight_through": False}, "renormalize=false"),
+        ({**_MOMA, "top1_straight_through": False}, "moe.router=expert_choice"),
+        ({**_MOMA, "cosine_router_scale": 5.0}, "moe.cosine_router_scale=5.0 has no effect"),
+        ({**_TC, "aux_router_hidden": 16}, "moe.aux_router_hidden=16 has no effect"),
+        ({**_TC, "aux_router_coef": 0.5}, "moe.aux_router_coef=0.5 has no effect"),
+    ],
+)
+def test_moe_keys_that_change_nothing_are_refused(moe, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(TrainConfig, {"moe": moe})
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        {**_TC, "top1_straight_through": False},  # renormalized top-1: the gradient changes
+        {**_MOMA, "router_logits": "cosine", "cosine_router_scale": 5.0},
+        {**_MOMA, "aux_router_hidden": 16, "aux_router_coef": 0.5},  # expert choice
+        {**_TC, "aux_router_hidden": 64, "aux_router_coef": 1.0},  # the defaults, as YAML
+    ],
+)
+def test_the_same_keys_are_accepted_where_they_act(moe):
+    from_dict(TrainConfig, {"moe": moe})
+
+
+@pytest.mark.parametrize(
+    "mod", [{"capacity": 0.25}, {"aux_router_coef": 2.0}, {"aux_router_hidden": 8, "layers": []}]
+)
+def test_mixture_of_depths_keys_without_its_layers_are_refused(mod):
+    with pytest.raises(ConfigError, match=r"model\.mod\.\w+=\S+ has no effect .*mod.layers=\[\]"):
+        from_dict(TrainConfig, {"model": {"mod": mod}})
+    cfg = from_dict(TrainConfig, {"model": {"mod": {**mod, "layers": [1]}}})
+    assert cfg.model.mod.layers == [1]
+
+
+def _built_ffns(cfg: TrainConfig) -> list[str]:
+    model = cfg.model.with_vocab(100)
+    with torch.device("meta"):
+        net = model.build(cfg.moe)
+    return [type(block.ffn).__name__ for block in net.layers]
+
+
+@pytest.mark.parametrize(
+    "moe, says",
+    [
+        (_MOMA, "already per modality (MoMa)"),
+        ({"experts_per_modality": {"mixed": 4}}, "one 'mixed' expert group is shared"),
+        ({**_MOMA, "layers": [0, 1, 2, 3]}, "already per modality"),  # every layer listed
+    ],
+)
+def test_untie_ffn_where_every_layer_is_moe_is_refused(moe, says):
+    """model.untie=[ffn] gives per-modality copies to dense FFNs only (model/block.py)."""
+    with pytest.raises(ConfigError, match=r"model.untie=\[ffn\] has no effect") as err:
+        from_dict(TrainConfig, {"model": {"untie": ["ffn"]}, "moe": moe})
+    assert says in str(err.value)
+    if "mixed" in moe["experts_per_modality"]:
+        assert "MoMa groups already" not in str(err.value)
+
+
+@pytest.mark.parametrize("groups", [_MOMA, {"experts_per_modality": {"mixed": 4}}])
+def test_untie_ffn_with_some_dense_layers_unties_them(groups):
+    moe = {**groups, "layers": [0, 2]}
+    cfg = from_dict(TrainConfig, {"model": {"untie": ["ffn"]}, "moe": moe})
+    assert _built_ffns(cfg) == ["MoELayer", "ModalityFFN", "MoELayer", "ModalityFFN"]
+
+
+def test_mixing_groups_from_an_overlay_and_a_preset_names_the_deletions_that_work(tmp_path):
+    """An experiment overlay's moe.experts_per_modality merges into the preset chosen on the
+    command line: the message names the deletions, and they compose."""
+    from mm_moe.config.validate import to_dict as plain
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /moe: moma_4t4i_tc\n"
+        "moe:\n  experts_per_modality: {text: 2, image: 4}\n"
+    )
+    base = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine", "moe=mixed8_ec"]
+    deletions = ["~moe.experts_per_modality.image", "~moe.experts_per_modality.text"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        with pytest.raises(ConfigError) as err:
+            build_config(compose("train", overrides=base))
+        cfg = build_config(compose("train", overrides=[*base, *deletions]))
+    message = str(err.value)
+    assert " ".join(deletions) in message and "choose the preset" not in message
+    assert "~moe.experts_per_modality.mixed" in message and "overlay" in message
+    assert plain(cfg.moe)["experts_per_modality"] == {"mixed": 8}
+
+
+def test_a_saved_config_with_keys_that_changed_nothing_still_loads():
+    """Checkpoints written before these keys were refused: the keys are dropped (defaults),
+    which changes nothing, so generate, export, the upcycle and load_pretrained still read
+    them."""
+    from mm_moe.config.legacy import upgrade_saved_config
+
+    saved = to_dict(TrainConfig())
+    saved["moe"].update(
+        experts_per_modality={"text": 2, "image": 2},
+        router="token_choice",
+        top_k=2,
+        top1_straight_through=False,
+        cosine_router_scale=5.0,
+        aux_router_hidden=16,
+        aux_router_coef=0.5,
+    )
+    saved["model"]["mod"].update(capacity=0.25, aux_router_coef=2.0)
+    saved["model"]["untie"] = ["ffn", "norms"]
+    with pytest.raises(ConfigError):
+        from_dict(TrainConfig, saved)
+    cfg = from_dict(TrainConfig, upgrade_saved_config(saved))
+    assert cfg.model.untie == ["norms"] and cfg.moe.top_k == 2
+    assert cfg.moe.cosine_router_scale == 10.0 and cfg.model.mod.capacity == 0.5
+    # where a key acts it is kept
+    saved["moe"].update(top_k=1, router_logits="cosine", top1_straight_through=False)
+    saved["moe"].update(cosine_router_scale=5.0, layers=[0])
+    saved["model"]["untie"] = ["ffn"]
+    kept = from_dict(TrainConfig, upgrade_saved_config(saved))
+    assert not kept.moe.top1_straight_through and kept.moe.cosine_router_scale == 5.0
+    assert kept.model.untie == ["ffn"]

@@ -29,13 +29,18 @@ TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1}
 NO_QK_NORM = {"qk_norm": False}  # Mixtral has none
 
 
-def _checkpoint(path: Path, moe: dict, model: dict | None = None) -> Path:
-    """A weights-only checkpoint of a tiny model (random weights) at `path`."""
+def _checkpoint(path: Path, moe: dict, model: dict | None = None, tokenizer=None) -> Path:
+    """A weights-only checkpoint of a tiny model (random weights) at `path`; `tokenizer`: the
+    tokenizer keys (default: the stand-ins)."""
     from mm_moe.checkpoint import experts, layout
     from mm_moe.config import TrainConfig, from_dict, to_dict
 
     model = {**TINY, **(model or {})}
-    cfg = from_dict(TrainConfig, {"model": model, "moe": moe, "data": {"seq_len": 32}})
+    data = {"seq_len": 32}
+    if tokenizer:  # the vocabulary the tokenizers make (synthetic data makes its own)
+        data.update(source="webdataset", sources=[{"urls": str(path), "format": "text"}])
+    cfg = {"model": model, "moe": moe, "data": data, "tokenizer": tokenizer or {}}
+    cfg = from_dict(TrainConfig, cfg)
     torch.manual_seed(0)
     vocab = cfg.data.vocab(cfg.tokenizer)
     model_cfg = cfg.model.with_vocab(vocab.size)

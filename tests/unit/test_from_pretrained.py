@@ -302,6 +302,11 @@ def test_import_then_export_reproduces_the_source_and_its_logits(llama, chameleo
             logits = ours(ids).logits
         theirs = _hf_logits(out, ids, chameleon=name == "chameleon")
         assert _text_columns_max_diff(logits, theirs, ours.vocab) <= 1e-5 * logits.abs().max()
+        # imported again: the layout the export recorded, the same tokenizers
+        again = tmp_path / f"{name}_again"
+        assert upcycle([f"source={out}", "source_format=hf", f"out={again}"]) == 0
+        assert mm_moe.load_tokenizers(again).vocab == ours.vocab
+        assert mm_moe.load_pretrained(again).cfg.vocab_size == ours.cfg.vocab_size
 
 
 def test_export_refuses_what_no_hugging_face_architecture_holds(tmp_path):

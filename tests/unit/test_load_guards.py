@@ -16,7 +16,10 @@ from mm_moe.model.config import ModelConfig
 from mm_moe.model.moe.config import MoEConfig
 
 MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
-MOE = MoEConfig(experts_per_modality={"text": 2, "image": 2}, router="token_choice")
+# Cosine router logits: moe.cosine_router_scale acts only with them (refused with linear ones).
+MOE = MoEConfig(
+    experts_per_modality={"text": 2, "image": 2}, router="token_choice", router_logits="cosine"
+)
 
 
 def _weights_only_dir(tmp_path, model: ModelConfig, moe: MoEConfig):
@@ -35,7 +38,7 @@ FUNCTION_CHANGES = [
     ("model.document_masking", False),
     ("moe.top_k", 2),
     ("moe.score", "softmax"),
-    ("moe.router_logits", "cosine"),
+    ("moe.router_logits", "linear"),
     ("moe.cosine_router_scale", 5.0),
     ("moe.capacity_factor", 1.5),
     ("moe.renormalize", False),
@@ -62,6 +65,17 @@ def test_weights_only_load_accepts_identical_and_training_only_differences(tmp_p
     # losses, noise, initialisation and kernels do not change what the weights compute
     training_only = replace(MOE, router_noise=0.5, load_balance_coef=0.01, gemm="loop")
     _check_same_architecture(step, replace(MODEL, z_loss=1e-4, init_std=0.01).build(training_only))
+
+
+def test_a_checkpoint_saved_with_keys_refused_since_as_no_ops_still_resumes(tmp_path):
+    """A checkpoint written before `moe.cosine_router_scale` with linear logits was refused
+    (it changes nothing there) is compared after the same upgrade that loads it elsewhere."""
+    linear = replace(MOE, router_logits="linear")
+    step = _weights_only_dir(tmp_path, MODEL, MOE)
+    config = yaml.safe_load((step / "config.yaml").read_text())
+    config["moe"].update(router_logits="linear", cosine_router_scale=5.0)
+    (step / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _check_same_architecture(step, MODEL.build(linear))
 
 
 def test_the_allow_list_names_real_fields_and_everything_else_is_compared():

@@ -177,3 +177,39 @@ def test_generate_samples_at_most_what_max_seq_len_leaves(caplog):
     assert _room_for(GenerateConfig(checkpoint="x", mode="image"), model, tok, [1] * 30) == 17
     with pytest.raises(UserError, match=r"the prompt \(100 tokens\) fills model.max_seq_len=100"):
         _room_for(text, model, tok, [1] * 100)
+
+
+def test_generate_takes_the_prompt_as_the_text_typed():
+    """prompt= is free text: what YAML reads as a mapping (`Q: hi`), a bool or a number is the
+    text as typed; a quoted value is its content; null is no prompt, as an empty one."""
+    from mm_moe.generate import GenerateConfig, _parse
+
+    typed = {
+        "prompt=Q: hi": "Q: hi",
+        "prompt=true": "true",
+        "prompt=100": "100",
+        "prompt=007": "007",
+        "prompt=[a, b]": "[a, b]",
+        'prompt="a: b"': "a: b",
+        "prompt=a handwritten digit 7": "a handwritten digit 7",
+        "prompt=null": "",
+        "prompt=": "",
+    }
+    for arg, text in typed.items():
+        assert _parse(["checkpoint=x", arg]).prompt == text, arg
+    assert _parse(["checkpoint=x"]).prompt == ""
+    assert GenerateConfig(checkpoint="x", prompt=None).prompt == ""
+
+
+def test_generate_refuses_max_new_tokens_with_mode_image(capsys):
+    """An image is a fixed number of tokens: max_new_tokens would be ignored."""
+    import pytest
+
+    from mm_moe.generate import _parse
+
+    with pytest.raises(SystemExit) as exit_:
+        _parse(["checkpoint=x", "mode=image", "max_new_tokens=5"])
+    assert exit_.value.code == 2
+    assert "max_new_tokens=5 has no effect with mode=image" in capsys.readouterr().err
+    assert _parse(["checkpoint=x", "mode=text", "max_new_tokens=5"]).max_new_tokens == 5
+    assert _parse(["checkpoint=x", "mode=image"]).mode == "image"

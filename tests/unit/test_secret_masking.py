@@ -75,7 +75,8 @@ def test_the_files_the_upcycle_writes_hold_no_secret(tmp_path):
         f"out={out}",
         "moe.experts_per_modality.mixed=2",
         "moe.router=token_choice",
-        f"logging.wandb.project={TOKEN}",  # say, a secret pasted into a config value
+        # say, a secret pasted into a shard url (a key the upcycle keeps in config.yaml)
+        f"data.sources=[{{urls:'pipe:curl -H {TOKEN} x',format:text}}]",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "config.yaml").is_file() and (out / "meta.json").is_file()

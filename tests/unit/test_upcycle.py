@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,48 @@ def test_bad_input_is_named(tmp_path, hf):
         (bad / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=f"config.json.*{match}"):
             hf_import.model_fields(json.loads((bad / "config.json").read_text()), bad)
+
+
+@pytest.mark.parametrize(
+    "arg, group",
+    [
+        ("trainer.max_steps=5", "trainer"),
+        ("optim.lr=1e-3", "optim"),
+        ("parallel.zero_stage=2", "parallel"),
+        ("name=mine", "name"),
+        ("optim=adamw", "optim"),  # a group choice
+    ],
+)
+def test_training_keys_the_upcycle_does_not_use_are_refused(tmp_path, arg, group):
+    from mm_moe.upcycle_command import split_args
+
+    base = ["source=x", f"out={tmp_path / 'out'}"]
+    says = rf"'{re.escape(arg)}': the upcycle does not use '{group}'"
+    with pytest.raises(ConfigError, match=says):
+        split_args([*base, arg])
+    options, choices, train = split_args([*base, "moe=moma_4t4i_tc", "data.seq_len=64"])
+    assert choices == ["moe=moma_4t4i_tc"] and train == [("data.seq_len", 64)]
+
+
+def test_a_mixture_of_depths_source_is_refused_as_such(tmp_path):
+    from tests.unit.test_export import _checkpoint
+
+    source = _checkpoint(tmp_path / "mod", {}, {"mod": {"layers": [1]}})
+    with pytest.raises(ValueError) as err:
+        run([f"source={source}", f"out={tmp_path / 'out'}", "moe=moma_4t4i_tc"])
+    message = str(err.value)
+    assert "mixture-of-depths" in message and "model.mod.layers=[1]" in message
+    assert "neither dense" not in message and not (tmp_path / "out").exists()
+
+
+def test_untie_ffn_on_a_mixed_target_says_what_is_true_for_it(tmp_path):
+    from tests.unit.test_export import _checkpoint
+
+    source = _checkpoint(tmp_path / "dense", {})
+    with pytest.raises(ConfigError) as err:
+        run([f"source={source}", f"out={tmp_path / 'out'}", "moe=mixed8_ec", "untie=[ffn]"])
+    message = str(err.value)
+    assert "one 'mixed' expert group" in message and "MoMa groups already" not in message
 
 
 def test_resume_names_architecture_differences(tmp_path, hf):

@@ -116,19 +116,15 @@ class MoEConfig:
         self._check_no_effect()
         if not self.experts_per_modality:
             _warn_unused(self)
+        else:
+            self._check_routing_no_effect()
 
     def _check_groups(self) -> None:
         epm = self.experts_per_modality
         if epm:
             keys = set(epm)
             if keys != {MIXED} and keys != set(MODALITIES):
-                raise UserError(
-                    f"moe.experts_per_modality={epm}: give every modality "
-                    f"({', '.join(MODALITIES)}) a count, or one '{MIXED}' group. A command-line "
-                    "override of this dict merges into the preset's: to replace its groups, "
-                    "start from moe=none (or choose the preset: moe=mixed8_ec) or delete the "
-                    "preset's keys, e.g. ~moe.experts_per_modality.text"
-                )
+                raise UserError(_groups_message(epm))
             if any(n < 1 for n in epm.values()):
                 raise UserError(f"moe.experts_per_modality={epm}: counts must be >= 1")
         if self.layers != "all":
@@ -215,6 +211,36 @@ class MoEConfig:
                 "moe.router=token_choice"
             )
 
+    def _check_routing_no_effect(self) -> None:
+        """Routing keys away from their defaults where this routing never reads them (the
+        dense case warns instead: `_warn_unused`)."""
+        changed = lambda name: getattr(self, name) != _default(name)
+        # router.renormalized: only a renormalized token-choice gate over k = 1 expert
+        # (top_k x granularity) is the constant 1 the straight-through gate replaces.
+        top1_renormalized = self.router == "token_choice" and self.renormalize and self.k == 1
+        if not self.top1_straight_through and not top1_renormalized:
+            raise UserError(
+                "moe.top1_straight_through=false has no effect here: it applies only to "
+                "token choice with moe.renormalize=true and one expert per token "
+                f"(moe.top_k x moe.granularity = 1), and this is moe.router={self.router}, "
+                f"moe.renormalize={str(self.renormalize).lower()}, moe.top_k x "
+                f"moe.granularity = {self.k}; drop the key"
+            )
+        if self.router_logits == "linear" and changed("cosine_router_scale"):
+            raise UserError(
+                f"moe.cosine_router_scale={self.cosine_router_scale} has no effect with "
+                "moe.router_logits=linear (it scales cosine logits): set "
+                "moe.router_logits=cosine, or drop the key"
+            )
+        inert = [f"moe.{n}={getattr(self, n)}" for n in AUX_ROUTER_KEYS if changed(n)]
+        if self.router == "token_choice" and inert:
+            raise UserError(
+                f"{', '.join(inert)} has no effect with moe.router=token_choice: the auxiliary "
+                "routers predict expert choice's selection for causal inference, and token "
+                "choice is causal without them (none is built). Drop the key, or use "
+                "moe.router=expert_choice (mixture-of-depths has its own: model.mod.aux_router_*)"
+            )
+
     @property
     def enabled(self) -> bool:
         return bool(self.experts_per_modality)
@@ -248,6 +274,42 @@ class MoEConfig:
         if self.router == "expert_choice":
             return self.capacity_factor * self.k
         return float(self.k)
+
+
+AUX_ROUTER_KEYS = ("aux_router_hidden", "aux_router_coef")
+
+
+def _default(name: str):
+    """The dataclass default of MoEConfig field `name`."""
+    f = MoEConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _groups_message(epm: dict[str, int]) -> str:
+    """Why these groups are refused, and the deletions that leave valid ones. The dict is
+    merged from every place that sets it (the moe=... preset, then an experiment overlay's
+    moe.experts_per_modality, then the command line): choosing another preset does not remove
+    the keys an overlay sets, so the advice names the keys to delete, whatever set them."""
+    keys, modalities = set(epm), set(MODALITIES)
+    head = (
+        f"moe.experts_per_modality={epm}: give every modality ({', '.join(MODALITIES)}) a "
+        f"count, or one '{MIXED}' group. The dict merges the moe=... preset's with an "
+        "experiment overlay's moe.experts_per_modality and the command line's keys, so "
+        "choosing another preset does not remove keys an overlay sets"
+    )
+    delete = lambda names: " ".join(f"~moe.experts_per_modality.{n}" for n in sorted(names))
+    unknown = keys - modalities - {MIXED}
+    if unknown:
+        return f"{head}. Unknown group(s) {sorted(unknown)}: delete them ({delete(unknown)})"
+    if MIXED in keys:
+        per_modality = "" if modalities <= keys else " and give every modality a count"
+        return (
+            f"{head}. For the one '{MIXED}' group delete the modality groups on the command "
+            f"line ({delete(keys - {MIXED})}); for per-modality groups delete "
+            f"{delete([MIXED])}{per_modality}; or leave experts_per_modality out of the overlay"
+        )
+    missing = sorted(modalities - keys)
+    return f"{head}. Add {', '.join(f'moe.experts_per_modality.{m}=N' for m in missing)}"
 
 
 def _warn_unused(cfg: MoEConfig) -> None:
