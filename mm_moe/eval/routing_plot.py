@@ -10,7 +10,8 @@ KEY = re.compile(r"^moe/l(\d+)/([^/]+)/taken_0$")
 
 
 def unprocessed_grid(rows: list[dict]) -> tuple[list[int], dict[str, list[list[float]]]]:
-    """(steps, {group: [layer][step index] share}) from metrics rows (NaN where not logged)."""
+    """(steps, {group: [layer][step index] share}) from metrics rows (NaN where not logged, or
+    null: a step without the group's tokens)."""
     found = {(int(m[1]), m[2]) for r in rows for k in r if (m := KEY.match(k))}
     logged = [r for r in rows if any(KEY.match(k) for k in r)]
     steps = [r["step"] for r in logged]
@@ -18,8 +19,7 @@ def unprocessed_grid(rows: list[dict]) -> tuple[list[int], dict[str, list[list[f
     grid = {}
     for group in sorted({g for _, g in found}):
         grid[group] = [
-            [float(r.get(f"moe/l{layer}/{group}/taken_0", float("nan"))) for r in logged]
-            for layer in layers
+            [_share(r.get(f"moe/l{layer}/{group}/taken_0")) for r in logged] for layer in layers
         ]
     return steps, grid
 
@@ -54,3 +54,7 @@ def unprocessed_heatmap(rows: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _share(value) -> float:
+    return float("nan") if value is None else float(value)

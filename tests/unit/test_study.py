@@ -390,3 +390,15 @@ def test_the_gap_to_dense_is_paired_by_seed():
     assert rows[2]["h_loss_image_vs_dense"] == pytest.approx(-0.2)
     assert "h_loss_image_vs_dense" not in rows[3]  # dense seed 1 was not scored on h
     assert rows[0]["loss_image_vs_dense"] == 0.0
+
+
+def test_a_step_without_a_groups_tokens_logs_null_and_the_readers_skip_it(tmp_path):
+    """Training logs a group's statistics as null on a step where it had no tokens: the
+    study's layer means and the routing heatmap read them as missing, not as a crash."""
+    from mm_moe.eval.routing_plot import unprocessed_grid
+
+    row = {"step": 10, "moe/l0/image/taken_0": None, "moe/l1/image/taken_0": 0.25}
+    assert summarise.layer_mean(row, "image", "taken_0") == 0.25
+    assert math.isnan(summarise.layer_mean({"moe/l0/image/taken_0": None}, "image", "taken_0"))
+    steps, grid = unprocessed_grid([row])
+    assert steps == [10] and math.isnan(grid["image"][0][0]) and grid["image"][1] == [0.25]

@@ -68,7 +68,11 @@ def flops_needed(curve: list[dict], modality: str, target: float) -> tuple[float
 
 def layer_mean(row: dict, modality: str, stat: str) -> float:
     """A metrics row's `moe/l*/{modality}/{stat}`, averaged over layers (NaN when absent)."""
-    values = [v for k, v in row.items() if k.endswith(f"/{modality}/{stat}")]
+    values = [
+        v
+        for k, v in row.items()
+        if k.endswith(f"/{modality}/{stat}") and v is not None and not math.isnan(v)
+    ]  # null: a step without the group's tokens
     return statistics.fmean(values) if values else math.nan
 
 
