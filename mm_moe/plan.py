@@ -166,6 +166,7 @@ def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
         "tokens_per_step": cfg.trainer.global_batch_size * cfg.data.seq_len,
         "memory_per_gpu": mem,
         "all_to_all_gib_per_gpu_per_step": _all_to_all_gib(cfg, model, world, ep),
+        "expert_parallel_size": ep,
         "warnings": warnings,
     }
 
@@ -187,7 +188,13 @@ def _print(name: str, p: dict) -> None:
         "  memory per GPU: "
         + ", ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in p["memory_per_gpu"].items())
     )
-    print(f"  all-to-all per GPU per step: {p['all_to_all_gib_per_gpu_per_step']:.2f} GiB")
+    ep = p["expert_parallel_size"]
+    print(
+        f"  all-to-all per GPU per step: {p['all_to_all_gib_per_gpu_per_step']:.2f} GiB "
+        f"(parallel.expert_parallel_size={ep}"
+        + ("; every rank holds every expert: none" if ep == 1 else "")
+        + ")"
+    )
     for w in p["warnings"]:
         print(f"  WARNING: {w}")
 

@@ -25,11 +25,19 @@ class SampleConfig:
     seed: int = 0
 
 
-def allowed_masks(vocab: Vocab, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[V] bool masks of the ids text mode and image mode may sample."""
-    ids = torch.arange(vocab.size, device=device)
-    image = vocab.image_id_mask().to(device)
-    text = ~image & (ids != vocab.pad) & (ids != vocab.bos) & (ids != vocab.eoi)
+def allowed_masks(
+    vocab: Vocab, device, size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[V] bool masks of the ids text mode and image mode may sample; V is the model's
+    logits width `size` (model.vocab_size, which may exceed the vocabulary's: padded to a
+    multiple, or set larger), whose ids beyond the vocabulary are never sampled."""
+    size = vocab.size if size is None else size
+    assert size >= vocab.size, (size, vocab.size)
+    ids = torch.arange(size, device=device)
+    image = torch.zeros(size, dtype=torch.bool, device=device)
+    image[: vocab.size] = vocab.image_id_mask().to(device)
+    real = ids < vocab.size
+    text = real & ~image & (ids != vocab.pad) & (ids != vocab.bos) & (ids != vocab.eoi)
     return text, image
 
 
@@ -81,7 +89,7 @@ def generate(
     """Continue `prompt` (ids in the unified vocabulary); returns only the new ids."""
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    text_ok, image_ok = allowed_masks(vocab, device)
+    text_ok, image_ok = allowed_masks(vocab, device, model.cfg.vocab_size)
     ids = list(prompt)
     decoding = Decoding(
         model,

@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_pipelines/,
 from data_pipelines.demo_corpus import WORDS  # noqa: E402
 from mm_moe.checkpoint import layout  # noqa: E402
 from mm_moe.checkpoint.pretrained import find_step_dir  # noqa: E402
+from mm_moe.cli import exits_on_failure  # noqa: E402
+from mm_moe.errors import UserError  # noqa: E402
 from mm_moe.eval.captioning import caption_accuracy  # noqa: E402
 from mm_moe.eval.judge import load_or_train_judge  # noqa: E402
 from mm_moe.eval.labelled import labelled_images  # noqa: E402
@@ -199,7 +201,7 @@ def main() -> None:
     tok = cfg.tokenizer.build()
     if not args.heldout:
         if not cfg.eval.zero_shot.urls and not cfg.eval.sources:
-            sys.exit(
+            raise UserError(
                 f"{run_dir}: the run has no held-out labelled shards (eval.sources); give "
                 "--heldout with shards whose samples hold an image and a `cls` member"
             )
@@ -294,4 +296,5 @@ def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) ->
 
 
 if __name__ == "__main__":
-    main()
+    with exits_on_failure("demo_report"):  # a user's mistake: its message, exit 2
+        main()

@@ -87,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         "study: no training image repeats (data_pipelines/build_study_corpus.py); demo: data/demo"
     )
     p.add_argument("--corpus", choices=("study", "demo"), default="study", help=corpus)
-    p.add_argument("--corpus-dir", default="data/study", help="the study corpus (built if missing)")
+    p.add_argument(
+        "--corpus-dir",
+        default="data/study",
+        help="the study corpus (built if missing; a relative path is the repository's)",
+    )
     # 32 pairs a step at the CPU defaults: the 3000-step long dense run reads about 96,000.
     pairs = "its training pairs (built with them where missing): no image repeats below that"
     p.add_argument("--corpus-pairs", type=int, default=100000, help=pairs)
@@ -101,6 +105,9 @@ def _args(argv=None) -> argparse.Namespace:
     error = check_args(args)
     if error:
         p.error(error)
+    # The runs start in the repository (a relative --corpus-dir is the repository's, as the
+    # runs' digests have always named it); --out is where the study was started.
+    args.out = str(Path(args.out).resolve())
     return args
 
 

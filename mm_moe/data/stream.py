@@ -103,17 +103,19 @@ class SourceReader:
     def _url(self) -> str:
         return self.source.shards[self._unit().shard]
 
-    def _next_unit(self) -> None:
+    def _next_unit(self, counters: dict[str, int]) -> None:
         self._samples = None
         self.position, self.offset = self.position + 1, 0
         if self.position < len(self.units):
             return
         if self.epoch_documents == 0 and self.borrowing:
             shards = list(self.source.shards)
+            skipped = ", ".join(f"{n} {reason}" for reason, n in counters.items() if n)
             raise DataError(
                 f"data.sources[{self.source.index}] ({self.source.format}): a whole epoch of "
                 f"its shards {shards[:3]}{' ...' if len(shards) > 3 else ''} without one "
-                "usable sample: the data/skipped_* counters (or data.on_error=raise) say why"
+                f"usable sample (this stream skipped: {skipped or 'nothing'}); "
+                "data.on_error=raise names the first bad sample"
             )
         if self.epoch_documents == 0:
             log.warning(
@@ -145,11 +147,11 @@ class SourceReader:
             try:
                 raw = next(self._samples)
             except StopIteration:
-                self._next_unit()
+                self._next_unit(counters)
                 continue
             except SampleError as error:
                 self._defect(error, counters)
-                self._next_unit()
+                self._next_unit(counters)
                 continue
             if raw.index < self.offset:
                 continue  # resuming: already consumed before the checkpoint

@@ -48,6 +48,25 @@ def fingerprint(spec: PipelineSpec) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
+def described(spec: PipelineSpec) -> dict[str, object]:
+    """What `fingerprint` covers, key by key, so that a refused resume can name what changed
+    (a source's shards by count and digest: meta.json stays small)."""
+    out: dict[str, object] = {"trainer.seed": spec.seed, "data.num_streams": spec.num_streams}
+    for i, s in enumerate(spec.sources):
+        shards = hashlib.sha256(json.dumps(list(s.shards)).encode()).hexdigest()[:12]
+        out[f"data.sources[{i}].format"] = s.format
+        out[f"data.sources[{i}].weight"] = s.weight
+        out[f"data.sources[{i}].urls"] = f"{len(s.shards)} shards, sha256 {shards}"
+    return out
+
+
+def changed_keys(saved: dict, now: dict) -> str:
+    """`key: checkpoint X, this run Y` for each key that differs (a source added or removed
+    shows as its keys on one side only)."""
+    keys = [k for k in {**saved, **now} if saved.get(k) != now.get(k)]
+    return "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}" for k in keys)
+
+
 class WebDatasetLoader:
     def __init__(
         self,
@@ -201,6 +220,7 @@ class WebDatasetLoader:
             "step": local["step"],
             "num_streams": self.spec.num_streams,
             "fingerprint": self.fingerprint,
+            "described": described(self.spec),
             "streams": {str(j): states[j] for j in range(self.spec.num_streams)},
         }
 
@@ -218,9 +238,11 @@ class WebDatasetLoader:
             state["num_streams"] != self.spec.num_streams
             or state["fingerprint"] != self.fingerprint
         ):
+            saved = state.get("described")  # checkpoints from before it: no detail
+            what = f" ({changed_keys(saved, described(self.spec))})" if saved else ""
             raise UserError(
                 "the checkpoint's data position was saved for other data.sources, "
-                f"data.num_streams (it had {state['num_streams']}) or trainer.seed; resuming "
+                f"data.num_streams (it had {state['num_streams']}) or trainer.seed{what}; resuming "
                 "exactly needs the same ones. To train its weights on other data, pass "
                 "checkpoint.weights_only=true (fresh optimizer, schedule and data position "
                 "from step 0)"

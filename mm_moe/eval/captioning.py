@@ -32,7 +32,7 @@ def sample_captions(
     """One caption per image (temperature 0: greedy)."""
     vocab = tok.vocab
     device = next(model.parameters()).device
-    text_ok_V, _ = allowed_masks(vocab, device)
+    text_ok_V, _ = allowed_masks(vocab, device, model.cfg.vocab_size)
     text_ok_V = text_ok_V.clone()
     text_ok_V[vocab.boi] = False  # a caption, not an image
     prompts = image_prefixes(tok, images)

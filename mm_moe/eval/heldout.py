@@ -103,7 +103,8 @@ def _per_modality(prefix: str, sums: list[float]) -> dict[str, float]:
 
 
 def _mean_of(stats: dict[str, float], suffix: str) -> float | None:
-    values = [v for k, v in stats.items() if k.endswith(suffix)]
+    """The mean over layers and groups, of those that had tokens (NaN: none in the batches)."""
+    values = [v for k, v in stats.items() if k.endswith(suffix) and not math.isnan(v)]
     return sum(values) / len(values) if values else None
 
 

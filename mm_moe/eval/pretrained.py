@@ -30,6 +30,8 @@ def load_pretrained(
     load_weights(step_dir, model)
     model.train_config = cfg
     vocab = _vocab(step_dir, cfg)
+    if tokenizer and vocab is not None:
+        _check_same_vocabulary(step_dir, cfg, vocab)
     if vocab is not None:
         model.set_vocab(vocab)  # modality ids derived from input ids when not given
     return model.to(device).eval()
@@ -48,6 +50,25 @@ def _vocab(step_dir: Path, cfg):
     except (UserError, OSError) as exc:  # tokenizer artifacts moved: modality all text
         log.warning("%s: no vocabulary (%s); modality ids default to text", step_dir, exc)
         return None
+
+
+def _check_same_vocabulary(step_dir: Path, cfg, vocab) -> None:
+    """A tokenizer given in place of the checkpoint's (moved, or changed files with
+    tokenizer.allow_changed) must make the vocabulary the weights were trained on: another
+    size is other ids for every row (sampling would fail on the shapes, or read garbage)."""
+    from mm_moe.errors import UserError
+
+    try:
+        size = cfg.data.vocab(cfg.tokenizer).size
+    except (UserError, OSError):
+        return  # cannot be read here: the tokenizer's own loading says why when it is used
+    if size != vocab.size:
+        raise UserError(
+            f"tokenizer.path={cfg.tokenizer.path}: its vocabulary has {size} ids, the "
+            f"checkpoint's {vocab.size} ({step_dir}): these weights need the tokenizer they "
+            "were trained with (tokenizer.allow_changed accepts changed files that keep the "
+            "vocabulary)"
+        )
 
 
 def load_tokenizers(path: str | Path, tokenizer: dict | None = None):

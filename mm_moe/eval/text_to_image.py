@@ -44,7 +44,7 @@ def sample_image_codes(
     """Image codes (in [0, codebook)) that follow each prompt (which ends with boi)."""
     vocab, tpi = tok.vocab, tok.image.tokens_per_image
     device = next(model.parameters()).device
-    _, image_ok_V = allowed_masks(vocab, device)
+    _, image_ok_V = allowed_masks(vocab, device, model.cfg.vocab_size)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out: list[list[int] | None] = [None] * len(prompts)
     by_len: dict[int, list[int]] = {}

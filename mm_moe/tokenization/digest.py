@@ -100,8 +100,9 @@ def check(recorded: str | None, cfg, what: str, current: str | None = None) -> N
     message = (
         f"{what} was made with the tokenizer {recorded}, but tokenizer.path={cfg.path} "
         f"(tokenizer.text={cfg.text}, tokenizer.image={cfg.image}"
-        f"{f', tokenizer.vocab={cfg.vocab}' if cfg.vocab else ''}) is {current}: its files "
-        "changed (rebuilt?), so ids would mean other tokens"
+        f"{f', tokenizer.vocab={cfg.vocab}' if cfg.vocab else ''}) is {current}: other "
+        "tokenizer files (another tokenizer, or this folder's rebuilt), so ids would mean other "
+        "tokens"
     )
     if cfg.allow_changed:
         log.warning("%s; going on: tokenizer.allow_changed=true", message)

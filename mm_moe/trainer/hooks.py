@@ -37,11 +37,23 @@ class EvalHook(Hook):
 
     def __init__(self, evaluator, interval: int):
         self.evaluator, self.interval = evaluator, interval
+        self.warned = False
 
     def after_step(self, trainer, step: int, record: dict) -> None:
         if step % self.interval == 0 or _last(trainer, step):
-            record.update(self.evaluator(trainer.training.engine.module))
+            scores = self.evaluator(trainer.training.engine.module)
+            record.update(scores)
             record["evaluated"] = True  # MetricsHook logs this step, whatever its interval
+            missing = [m for m in MODALITIES if scores.get(f"eval/tokens_{m}", 1) == 0]
+            if missing and not self.warned and trainer.training.dist.is_main:
+                self.warned = True  # the same batches at every evaluation: said once
+                log.warning(
+                    "the held-out batches hold no %s tokens: eval/loss_%s is not computed. "
+                    "A source's documents fill whole micro-batches (long text documents do): "
+                    "raise eval.num_batches, or give eval.sources a source with them",
+                    " or ".join(missing),
+                    missing[0],
+                )
 
 
 class MetricsHook(Hook):

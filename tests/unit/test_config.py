@@ -323,3 +323,18 @@ def test_a_saved_config_with_keys_that_changed_nothing_still_loads():
     kept = from_dict(TrainConfig, upgrade_saved_config(saved))
     assert not kept.moe.top1_straight_through and kept.moe.cosine_router_scale == 5.0
     assert kept.model.untie == ["ffn"]
+
+
+def test_a_dense_model_warns_about_moe_keys_but_not_the_kernel_choice(caplog):
+    """Without experts, MoE keys set away from their defaults change nothing: a warning names
+    them; moe.gemm, a kernel choice scripts set for every arm (the study's dense runs), is
+    left out of it."""
+    from mm_moe.model.moe.config import MoEConfig
+
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        MoEConfig(gemm="loop")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        MoEConfig(gemm="loop", top_k=2)
+    assert "moe.top_k=2 set, but moe.experts_per_modality is empty" in caplog.text
+    assert "gemm" not in caplog.text

@@ -277,3 +277,103 @@ def test_pretokenize_refuses_input_with_nothing_usable(tmp_path):
         pretokenize(cfg)
     with pytest.raises(ValueError, match="processes=0 must be >= 1"):
         PretokenizeConfig(input="x", format="pairs", output="y", processes=0)
+
+
+def test_odd_image_modes_are_converted_and_unwritable_ones_skipped(tmp_path, caplog, monkeypatch):
+    """A mode I (32-bit) or CMYK TIFF is converted by the loader's RGB policy and stored as PNG
+    (Pillow cannot write those modes as PNG); bmp/gif/tif in interleaved documents are converted
+    too; an image that still cannot be written is left out by name, not an abort with a tar."""
+    src = tmp_path / "tif"
+    src.mkdir()
+    pixels = np.arange(12 * 10, dtype=np.int32).reshape(10, 12) * 500
+    Image.fromarray(pixels, "I").save(src / "wide.tif")
+    Image.open(__import__("io").BytesIO(image_bytes(1))).convert("CMYK").save(src / "cmyk.tif")
+    Image.open(__import__("io").BytesIO(image_bytes(2))).save(src / "plain.bmp")
+    for stem in ("wide", "cmyk", "plain"):
+        (src / f"{stem}.txt").write_text(f"a {stem} image")
+    samples = _samples(build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "p"))))
+    pngs = {
+        s.members["txt"].decode(): Image.open(__import__("io").BytesIO(s.members["png"]))
+        for s in samples
+    }
+    assert {k: (v.mode, v.size) for k, v in pngs.items()} == {
+        f"a {stem} image": ("RGB", (12, 10) if stem == "wide" else (16, 16))
+        for stem in ("wide", "cmyk", "plain")
+    }
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"texts": ["x", None], "images": [None, "tif/wide.tif"]}) + "\n")
+    doc = _samples(
+        build_interleaved(BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "i")))
+    )[0]
+    assert json.loads(doc.members["json"])["content"][1] == {"type": "image", "member": "1.png"}
+    assert Image.open(__import__("io").BytesIO(doc.members["1.png"])).mode == "RGB"
+
+    def refuse(self, fp, format=None, **kwargs):
+        raise OSError(f"cannot write mode {self.mode} as {format}")
+
+    (src / "ok.png").write_bytes(image_bytes(3))
+    (src / "ok.txt").write_text("fine")
+    monkeypatch.setattr(Image.Image, "save", refuse)
+    with caplog.at_level("WARNING"):
+        pattern = build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "q")))
+    assert [s.members["txt"] for s in _samples(pattern)] == [b"fine"]
+    assert "3 images cannot be decoded and are left out" in caplog.text
+    assert "cannot write mode RGB as PNG" in caplog.text
+
+
+def test_obelics_lists_need_exactly_one_string_per_position(tmp_path, caplog):
+    """A parallel-list document with a position that is not exactly one string (both null,
+    both set, a number) is left out by file and line, not an abort and not written for the
+    loader to skip on every epoch; a document with no content left is left out too."""
+    (tmp_path / "a.png").write_bytes(image_bytes(0))
+    docs = [
+        {"texts": [None], "images": [None]},
+        {"texts": [1, None], "images": [None, "a.png"]},
+        {"texts": ["t"], "images": ["a.png"]},
+        {"texts": ["  ", "\n"], "images": [None, None]},
+        {"texts": ["kept", None], "images": [None, "a.png"]},
+    ]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    with caplog.at_level("WARNING"):
+        pattern = build_interleaved(
+            BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "i"), shuffle=False)
+        )
+    samples = _samples(pattern)
+    assert [json.loads(s.members["json"])["content"] for s in samples] == [
+        [{"type": "text", "text": "kept"}, {"type": "image", "member": "1.png"}]
+    ]
+    assert "4 documents left out" in caplog.text
+    for line in (1, 2, 3, 4):
+        assert f"{jsonl} line {line}: " in caplog.text
+
+
+def test_bom_and_blank_captions(tmp_path, caplog):
+    """A UTF-8 BOM is not kept in captions, text documents or the first JSONL line; a
+    whitespace-only caption is left out with a warning (the loader would skip it every epoch)."""
+    src = _photo_folder(tmp_path / "photos", count=3)
+    (src / "img0.txt").write_bytes(b"\xef\xbb\xbfa red square\n")
+    (src / "img2.txt").write_text(" \n\t\n")
+    with caplog.at_level("WARNING"):
+        pattern = build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "p")))
+    assert sorted(s.members["txt"] for s in _samples(pattern)) == sorted(
+        [b"a red square", caption(1).encode()]
+    )
+    assert "1 captions are empty and are left out" in caplog.text and "img2.txt" in caplog.text
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_bytes(b"\xef\xbb\xbfone\n\ntwo")
+    (tmp_path / "t" / "blank.txt").write_text("\n  \n")
+    with caplog.at_level("WARNING"):
+        pattern = build_text(
+            BuildTextConfig(
+                input=str(tmp_path / "t"), output=str(tmp_path / "to"), unit="paragraph"
+            )
+        )
+    assert sorted(s.members["txt"] for s in _samples(pattern)) == [b"one", b"two"]
+    assert "1 files hold no text and are left out" in caplog.text and "blank.txt" in caplog.text
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps({"texts": ["x"], "images": [None]}).encode())
+    pattern = build_interleaved(
+        BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "i"))
+    )
+    assert len(_samples(pattern)) == 1

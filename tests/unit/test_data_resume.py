@@ -5,7 +5,7 @@ worker count and micro-batch size, also across epoch boundaries."""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -168,8 +168,13 @@ def test_sources_are_mixed_by_weight_and_pair_order_is_configurable(sources):
 def test_mismatched_resume_and_batch_layout_fail_clearly(sources):
     loader = _loader(sources)
     loader.next()
-    with pytest.raises(ValueError, match="data.num_streams"):
+    with pytest.raises(ValueError, match="data.num_streams: checkpoint 4, this run 2"):
         _loader(sources, streams=2).load_state_dict(_json(loader.state_dict()))
+    weight = sources[0].weight
+    reweighted = [replace(sources[0], weight=weight + 1), *sources[1:]]
+    changed = rf"\(data.sources\[0\].weight: checkpoint {weight}, this run {weight + 1}\)"
+    with pytest.raises(ValueError, match=changed):
+        _loader(reweighted).load_state_dict(_json(loader.state_dict()))
     with pytest.raises(ValueError, match="webdataset source"):
         _loader(sources).load_state_dict({"step": 3})
     with pytest.raises(ValueError, match="multiple of data.num_streams=3"):
@@ -236,3 +241,5 @@ def test_a_source_without_one_usable_sample_fails_naming_it(tmp_path):
     loader = _loader([SourceConfig(str(tmp_path / "only-bad.tar"), "pairs")], streams=8)
     with pytest.raises(DataError, match=r"data.sources\[0\] \(pairs\): a whole epoch .*only-bad"):
         loader.next()
+    with pytest.raises(DataError, match=r"this stream skipped: \d+ corrupt_image\)"):
+        _loader([SourceConfig(str(tmp_path / "only-bad.tar"), "pairs")], streams=8).next()

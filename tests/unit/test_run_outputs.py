@@ -29,6 +29,24 @@ def test_every_evaluation_is_logged_between_log_intervals():
     assert all("evaluated" not in r for r in logged)
 
 
+def test_held_out_batches_without_a_modality_are_said_once(caplog):
+    """Held-out batches that hold no image tokens (long text documents fill the micro-batches)
+    score text only: said once, not left to be found as a missing eval/loss_image."""
+    cfg = SimpleNamespace(trainer=SimpleNamespace(log_interval=1, max_steps=4))
+    trainer = SimpleNamespace(
+        training=SimpleNamespace(
+            cfg=cfg, engine=SimpleNamespace(module=None), dist=SimpleNamespace(is_main=True)
+        )
+    )
+    scores = {"eval/loss_text": 2.0, "eval/tokens_text": 40, "eval/tokens_image": 0}
+    hook = EvalHook(lambda module: dict(scores), interval=1)
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        for step in range(1, 5):
+            hook.after_step(trainer, step, {"step": step})
+    assert len(caplog.records) == 1
+    assert "hold no image tokens: eval/loss_image is not computed" in caplog.text
+
+
 def test_generated_samples_go_where_the_checkpoint_is_now(tmp_path):
     """mm_moe.generate's default out: the run folder the checkpoint sits in now (a moved run,
     its `latest` pointer), beside a step folder copied elsewhere; never the run folder the
@@ -213,3 +231,46 @@ def test_generate_refuses_max_new_tokens_with_mode_image(capsys):
     assert "max_new_tokens=5 has no effect with mode=image" in capsys.readouterr().err
     assert _parse(["checkpoint=x", "mode=text", "max_new_tokens=5"]).max_new_tokens == 5
     assert _parse(["checkpoint=x", "mode=image"]).mode == "image"
+
+
+def test_sampling_from_a_model_wider_than_its_vocabulary():
+    """model.vocab_size may exceed the vocabulary (padded to a multiple, or set larger): text
+    and image sampling mask the model's whole logits width and never sample an id beyond the
+    vocabulary (the masks were the vocabulary's width, a shape error)."""
+    import torch
+
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.sampling import SampleConfig, generate
+    from mm_moe.tokenization.vocab import Vocab
+
+    vocab = Vocab.from_sizes(40, 16)
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=32)
+    torch.manual_seed(0)
+    model = cfg.with_vocab(vocab.size + 7).build().eval()
+    model.set_vocab(vocab)
+    sample = SampleConfig(max_new_tokens=24, temperature=1.0, seed=1)
+    text = generate(model, vocab, [vocab.bos, 5, 6], 4, sample)
+    image = generate(model, vocab, [vocab.bos, 5, vocab.boi], 4, sample)
+    assert text and all(t < vocab.size for t in text + image)
+    codes = image[:4]
+    assert all(vocab.image_offset <= c < vocab.image_offset + vocab.image_size for c in codes)
+
+
+def test_a_tokenizer_with_another_vocabulary_is_refused_for_a_checkpoint(tmp_path):
+    """load_pretrained (generate, eval) with tokenizer.path (and allow_changed) pointing at a
+    tokenizer of another vocabulary size: refused naming both sizes, instead of a shape error
+    deep in sampling; the same size passes."""
+    import pytest
+
+    from mm_moe.errors import UserError
+    from mm_moe.eval.pretrained import _check_same_vocabulary
+    from mm_moe.tokenization.vocab import Vocab
+
+    recorded = Vocab.from_sizes(800, 9)
+    cfg = lambda size: SimpleNamespace(
+        data=SimpleNamespace(vocab=lambda tok: Vocab.from_sizes(size, 9)),
+        tokenizer=SimpleNamespace(path="tok/b"),
+    )
+    _check_same_vocabulary(tmp_path, cfg(800), recorded)
+    with pytest.raises(UserError, match=r"tok/b: its vocabulary has 545 ids, the checkpoint's 814"):
+        _check_same_vocabulary(tmp_path, cfg(531), recorded)

@@ -402,3 +402,11 @@ def test_a_step_without_a_groups_tokens_logs_null_and_the_readers_skip_it(tmp_pa
     assert math.isnan(summarise.layer_mean({"moe/l0/image/taken_0": None}, "image", "taken_0"))
     steps, grid = unprocessed_grid([row])
     assert steps == [10] and math.isnan(grid["image"][0][0]) and grid["image"][1] == [0.25]
+
+
+def test_the_output_folder_is_where_the_study_was_started(tmp_path, monkeypatch):
+    """The runs start in the repository; a relative --out is made absolute first, so that
+    training and the evaluations after it read the same folder from any working folder."""
+    monkeypatch.chdir(tmp_path)
+    args = _args("--corpus=demo", "--out=mine")
+    assert args.out == str(tmp_path / "mine")

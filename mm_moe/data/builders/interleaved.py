@@ -4,8 +4,10 @@ Input line (image paths relative to `image_root`, by default the JSONL's folder)
   {"content": [{"type": "text", "text": "..."}, {"type": "image", "path": "img/a.jpg"}, ...]}
 or OBELICS-style parallel lists: {"texts": ["...", null], "images": [null, "img/a.jpg"]}.
 Output sample `KEY`: `KEY.json` = {"content": [..., {"type": "image", "member": "0.jpg"}]} and
-the images as members `KEY.0.jpg`, `KEY.1.png`, ... (original bytes). Documents with a missing
-image file, an image Pillow cannot decode or a malformed line are reported and left out.
+the images as members `KEY.0.jpg`, `KEY.1.png`, ... (original bytes; bmp, gif, tif and tiff are
+converted to RGB and stored as PNG, as build_pairs does). Documents with a missing image file, an
+image Pillow cannot decode or write, a malformed line (a parallel-list position that is not
+exactly one string) or no content (only blank texts) are reported by line and left out.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mm_moe.data.builders.images import READABLE, image_member
 from mm_moe.data.builders.writer import (
     prepare_output,
     remove_empty_shards,
     shard_pattern,
     write_shards,
 )
-from mm_moe.data.decode import IMAGE_EXTENSIONS, decode_image
 from mm_moe.data.defects import SampleError
 from mm_moe.errors import UserError
 
@@ -52,10 +54,24 @@ def _entries(doc: dict) -> list[tuple[str, str]]:
                 raise UserError(f"bad entry {entry!r}")
             out.append((kind, value))
         return out
-    texts, images = doc.get("texts"), doc.get("images")
-    if isinstance(texts, list) and isinstance(images, list) and len(texts) == len(images):
-        return [("text", t) if t is not None else ("image", i) for t, i in zip(texts, images)]
-    raise UserError("expected 'content' or equal-length 'texts' and 'images'")
+    return _list_entries(doc.get("texts"), doc.get("images"))
+
+
+def _list_entries(texts, images) -> list[tuple[str, str]]:
+    """The OBELICS parallel lists as entries: each position holds exactly one string (the
+    loader skips any other document as bad_json on every epoch)."""
+    if not (isinstance(texts, list) and isinstance(images, list) and len(texts) == len(images)):
+        raise UserError("expected 'content' or equal-length 'texts' and 'images'")
+    out = []
+    for i, (text, image) in enumerate(zip(texts, images)):
+        kind, value = ("text", text) if text is not None else ("image", image)
+        if (text is None) == (image is None) or not isinstance(value, str):
+            raise UserError(
+                f"position {i} must hold exactly one string, in texts or in images "
+                f"(got {text!r} and {image!r})"
+            )
+        out.append((kind, value))
+    return out
 
 
 def to_sample(key: str, line: str, image_root: Path) -> dict:
@@ -70,14 +86,14 @@ def to_sample(key: str, line: str, image_root: Path) -> dict:
             continue
         path = Path(value) if Path(value).is_absolute() else image_root / value
         ext = path.suffix.lower().lstrip(".")
-        if ext not in IMAGE_EXTENSIONS:
-            raise UserError(f"image {value}: extension must be one of {IMAGE_EXTENSIONS}")
+        if ext not in READABLE:
+            raise UserError(f"image {value}: extension must be one of {READABLE}")
+        ext, data = image_member(path.read_bytes(), ext, f"image {value}")
         member = f"{len(content)}.{ext}"
-        sample[member] = path.read_bytes()
-        decode_image(sample[member], f"image {value}", min_side=1, max_aspect_ratio=float("inf"))
+        sample[member] = data
         content.append({"type": "image", "member": member})
-    if not content:
-        raise UserError("empty document")
+    if not any(e["type"] == "image" or e["text"].strip() for e in content):
+        raise UserError("no content: no image and no text that is not blank")
     meta = {k: v for k, v in doc.items() if k not in ("content", "texts", "images")}
     sample["json"] = {"content": content, **({"meta": meta} if meta else {})}
     return sample
@@ -108,7 +124,8 @@ def build(cfg: BuildInterleavedConfig) -> str:
         n = 0
         for number, raw in lines if lines is not None else _numbered_lines(src):
             try:
-                yield to_sample(f"{n:09d}", raw.decode("utf-8"), image_root)
+                # utf-8-sig: a byte order mark before the first line is not JSON
+                yield to_sample(f"{n:09d}", raw.decode("utf-8-sig"), image_root)
                 n += 1
             except UnicodeDecodeError:
                 left_out.append(f"{src} line {number}: not UTF-8")
@@ -119,7 +136,8 @@ def build(cfg: BuildInterleavedConfig) -> str:
 
     count = write_shards(samples(), out, cfg.prefix, cfg.shard_size, lines and len(lines), "docs")
     if left_out:
-        log.warning("%d documents left out, e.g. %s", len(left_out), left_out[0])
+        examples = "; ".join(left_out[:5])
+        log.warning("%d documents left out, e.g. %s", len(left_out), examples)
     if not count:
         remove_empty_shards(out, cfg.prefix)
         raise UserError(f"input={cfg.input}: no usable document")

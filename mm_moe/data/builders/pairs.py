@@ -2,33 +2,31 @@
 
 `photos/cat.jpg` + `photos/cat.txt` becomes sample `000000012` with members `.jpg` (the original
 bytes), `.txt` (the caption) and `.json` (`{"path": "photos/cat.jpg"}`), as img2dataset writes
-them. Images in other formats Pillow reads (bmp, gif, tiff) are re-encoded as PNG; images without
-a caption, images Pillow cannot decode and captions that are not UTF-8 are reported and left out
-(the loader would skip them on every epoch).
+them. Images in other formats Pillow reads (bmp, gif, tif, tiff) are converted to RGB (the
+loader's policy) and stored as PNG. Images without a caption, images Pillow cannot decode or
+write, and captions that are not UTF-8 or hold only whitespace are reported and left out (the
+loader would skip them on every epoch). A UTF-8 byte order mark before a caption is dropped.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from mm_moe.data.builders.images import READABLE, image_member
 from mm_moe.data.builders.writer import (
     prepare_output,
     remove_empty_shards,
     shard_pattern,
     write_shards,
 )
-from mm_moe.data.decode import IMAGE_EXTENSIONS, decode_image
 from mm_moe.data.defects import SampleError
 from mm_moe.errors import UserError
 
 log = logging.getLogger(__name__)
-_CONVERTED = (".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -45,7 +43,7 @@ class BuildPairsConfig:
 def find_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """(image, caption) paths in sorted order, and the images that have no caption."""
     pairs, orphans = [], []
-    suffixes = {f".{e}" for e in IMAGE_EXTENSIONS} | set(_CONVERTED)
+    suffixes = {f".{e}" for e in READABLE}
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes):
         caption = image.with_suffix(".txt")
         if caption.is_file():
@@ -55,36 +53,38 @@ def find_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
     return pairs, orphans
 
 
-def _utf8_captions(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
-    """The pairs whose caption is UTF-8; the others are reported and left out (as build_text
-    leaves out such files), not stored with replacement characters no later check can see."""
-    kept, bad = [], []
+def read_caption(caption: Path) -> str:
+    """The caption's text without a UTF-8 byte order mark or surrounding whitespace."""
+    return caption.read_text(encoding="utf-8-sig").strip()
+
+
+def _usable_captions(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """The pairs whose caption is UTF-8 and not blank; the others are reported and left out (as
+    build_text leaves out such files), not stored with replacement characters no later check can
+    see, nor as empty captions the loader skips (empty_text) on every epoch."""
+    kept, bad, empty = [], [], []
     for image, caption in pairs:
         try:
-            caption.read_bytes().decode("utf-8")
+            text = read_caption(caption)
         except UnicodeDecodeError:
             bad.append(caption)
             continue
-        kept.append((image, caption))
+        (kept if text else empty).append((image, caption))
     if bad:
         log.warning("%d captions are not UTF-8 and are left out, e.g. %s", len(bad), bad[0])
+    if empty:
+        log.warning("%d captions are empty and are left out, e.g. %s", len(empty), empty[0][1])
     return kept
 
 
 def _sample(key: str, image: Path, caption: Path, root: Path) -> dict:
-    """The pair as a webdataset sample; SampleError when Pillow cannot decode the image."""
-    ext = image.suffix.lower().lstrip(".")
-    data = image.read_bytes()
-    decode_image(data, str(image), min_side=1, max_aspect_ratio=float("inf"))
-    if f".{ext}" in _CONVERTED:
-        out = io.BytesIO()
-        with Image.open(io.BytesIO(data)) as img:
-            img.save(out, format="PNG")
-        ext, data = "png", out.getvalue()
+    """The pair as a webdataset sample; SampleError when Pillow cannot decode or write the
+    image."""
+    ext, data = image_member(image.read_bytes(), image.suffix.lower().lstrip("."), str(image))
     return {
         "__key__": key,
         ext: data,
-        "txt": caption.read_text(encoding="utf-8").strip(),  # checked by _utf8_captions
+        "txt": read_caption(caption),  # checked by _usable_captions
         "json": {"path": str(image.relative_to(root))},
     }
 
@@ -98,9 +98,11 @@ def build(cfg: BuildPairsConfig) -> str:
         log.warning(
             "%d images have no caption file and are left out, e.g. %s", len(orphans), orphans[0]
         )
-    pairs = _utf8_captions(pairs)
+    pairs = _usable_captions(pairs)
     if not pairs:
-        raise UserError(f"input={cfg.input} holds no image with a same-stem UTF-8 .txt caption")
+        raise UserError(
+            f"input={cfg.input} holds no image with a same-stem, non-empty UTF-8 .txt caption"
+        )
     out = prepare_output(cfg.output, cfg.overwrite, cfg.shard_size)
     if cfg.shuffle:
         order = np.random.default_rng(cfg.seed).permutation(len(pairs))
@@ -114,6 +116,9 @@ def build(cfg: BuildPairsConfig) -> str:
                 sample = _sample(f"{n:09d}", image, caption, root)
             except SampleError as error:
                 undecodable.append(error.detail)
+                continue
+            except OSError as error:  # unreadable file: one left out, not a partly written tar
+                undecodable.append(f"{image}: {error}")
                 continue
             n += 1
             yield sample

@@ -1,7 +1,8 @@
 """Text-only shards (`KEY.txt`) from text files.
 
 unit=file makes each file one document; unit=paragraph splits files at blank lines; unit=line
-makes every non-empty line a document. Files that are not UTF-8 are reported and left out.
+makes every non-empty line a document. Files that are not UTF-8 or hold only whitespace are
+reported and left out. A UTF-8 byte order mark at the start of a file is dropped.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class BuildTextConfig:
 
 
 def documents(path: Path, unit: str) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if unit == "file":
         parts = [text]
     elif unit == "paragraph":
@@ -50,11 +51,18 @@ def build(cfg: BuildTextConfig) -> str:
     if not files:
         raise UserError(f"input={cfg.input} holds no files matching glob={cfg.glob}")
     docs: list[str] = []
+    blank = []
     for path in files:
         try:
-            docs += documents(path, cfg.unit)
+            found = documents(path, cfg.unit)
         except UnicodeDecodeError:
             log.warning("%s is not UTF-8: left out", path)
+            continue
+        docs += found
+        if not found:
+            blank.append(path)
+    if blank:
+        log.warning("%d files hold no text and are left out, e.g. %s", len(blank), blank[0])
     if not docs:
         raise UserError(f"input={cfg.input}: no non-empty UTF-8 text")
     out = prepare_output(cfg.output, cfg.overwrite, cfg.shard_size)

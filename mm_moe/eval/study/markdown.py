@@ -28,7 +28,8 @@ def _header(args) -> list[str]:
         "Held-out loss with inference routing (causal auxiliary routers), mean ± std over "
         "seeds; in brackets the loss with training routing. Savings: dense FLOPs to reach the "
         "model's final held-out loss / the model's FLOPs, per modality (>X: below anything "
-        "the long dense run reached).",
+        "the long dense run reached; <X: the long dense run was already there at its first "
+        "evaluation, so a run this short reads only a bound).",
         "",
         "| model | FLOPs/token vs dense (text, image) | step time vs dense | text loss | "
         "image loss | image vs dense (paired) | zero-shot acc | text->image acc | savings text "

@@ -319,8 +319,10 @@ def _warn_unused(cfg: MoEConfig) -> None:
     for f in dataclasses.fields(MoEConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         value = getattr(cfg, f.name)
-        if f.name == "capacity_factor" or value == default:
-            continue  # capacity_factor: resolved from the router, set either way
+        if f.name in ("capacity_factor", "gemm") or value == default:
+            # capacity_factor: resolved from the router, set either way; gemm: a kernel
+            # choice that scripts set for every arm (the study's dense runs), harmless here
+            continue
         changed.append(f"moe.{f.name}={value}")
     if changed:
         logging.getLogger("mm_moe").warning(
