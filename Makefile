@@ -71,11 +71,13 @@ $(DEMO_CORPUS): | $(STAMP)
 
 $(DEMO_TOKENIZERS): $(DEMO_CORPUS)
 	@# Side by side (they write different files): sentencepiece's seconds hide in the VQ-VAE's.
+	@# overwrite=true: make runs this only when vq.pt is missing or older than the corpus, and
+	@# then the tokenizers there (a half-built pair, or one of an older corpus) are to go.
 	$(PY) -m mm_moe.tokenization.train_text \
 	  "sources=[data/demo/text,data/demo/pairs,data/demo/interleaved]" \
-	  output=tokenizers/demo vocab_size=2048 & text=$$!; \
+	  output=tokenizers/demo vocab_size=2048 overwrite=true & text=$$!; \
 	$(PY) -m mm_moe.tokenization.train_image "sources=[data/demo/pairs]" \
-	  "heldout=[data/demo/heldout]" output=tokenizers/demo; \
+	  "heldout=[data/demo/heldout]" output=tokenizers/demo overwrite=true; \
 	status=$$?; wait $$text && exit $$status
 
 demo-assets: $(DEMO_TOKENIZERS)

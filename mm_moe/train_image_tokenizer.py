@@ -43,9 +43,11 @@ def load_images(urls: list[str], resolution: int, limit: int = 0) -> torch.Tenso
 
 
 def train(cfg: TrainImageConfig) -> dict:
-    from mm_moe.tokenization.vq.tokenizer import save
+    from mm_moe.tokenization.artifacts import refuse_to_replace
+    from mm_moe.tokenization.vq.tokenizer import CONFIG, METRICS, WEIGHTS, save
     from mm_moe.tokenization.vq.train import evaluate, train_vq
 
+    refuse_to_replace(cfg.output, [WEIGHTS, CONFIG, METRICS], cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_x = load_images(cfg.sources, cfg.vq.resolution, cfg.max_images)

@@ -16,10 +16,21 @@ import logging
 from pathlib import Path
 
 from mm_moe.cli import hydra_entry
+from mm_moe.errors import UserError
 from mm_moe.tokenization.config import TrainTextConfig
 
 log = logging.getLogger("mm_moe")
 PROG = "mm_moe.tokenization.train_text"
+
+
+def read_file(path: str) -> list[str]:
+    """The file's text (a UTF-8 byte order mark dropped); one that is not UTF-8 is left out
+    with a warning, as the data builders leave it out."""
+    try:
+        return [Path(path).read_bytes().decode("utf-8-sig")]
+    except UnicodeDecodeError:
+        log.warning("files: %s is not UTF-8: left out", path)
+        return []
 
 
 def texts(cfg: TrainTextConfig):
@@ -27,7 +38,7 @@ def texts(cfg: TrainTextConfig):
 
     total = 0
     streams = [iter_texts(cfg.sources)] if cfg.sources else []
-    streams += [iter([Path(f).read_text(encoding="utf-8")]) for f in cfg.files]
+    streams += [iter(read_file(f)) for f in cfg.files]
     for stream in streams:
         for text in stream:
             yield text
@@ -36,10 +47,27 @@ def texts(cfg: TrainTextConfig):
                 return
 
 
-def train(cfg: TrainTextConfig) -> Path:
-    from mm_moe.tokenization.sentencepiece_text import train_sentencepiece
+def check_files(files: list[str]) -> None:
+    for f in files:
+        if not Path(f).is_file():
+            what = "is a folder" if Path(f).is_dir() else "does not exist"
+            raise UserError(
+                f"files: {f} {what}; files=[...] takes plain UTF-8 text files "
+                "(shards and folders of shards go in sources=[...])"
+            )
 
-    path = train_sentencepiece(texts(cfg), Path(cfg.output), cfg.vocab_size, cfg.model_type)
+
+def train(cfg: TrainTextConfig) -> Path:
+    from mm_moe.tokenization.artifacts import refuse_to_replace
+    from mm_moe.tokenization.sentencepiece_text import MODEL_FILE, train_sentencepiece
+
+    refuse_to_replace(cfg.output, [MODEL_FILE], cfg.overwrite)
+    check_files(cfg.files)
+    given = {"sources": cfg.sources, "files": cfg.files}
+    source = " ".join(f"{k}=[{','.join(v)}]" for k, v in given.items() if v)
+    path = train_sentencepiece(
+        texts(cfg), Path(cfg.output), cfg.vocab_size, cfg.model_type, source=source
+    )
     log.info("sentencepiece %s (%d pieces) written to %s", cfg.model_type, cfg.vocab_size, path)
     return path
 

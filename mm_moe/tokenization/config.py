@@ -183,15 +183,24 @@ class TrainTextConfig:
     model_type: Literal["bpe", "unigram"] = "bpe"
     # Read at most this many characters (0: all).
     max_chars: int = 0
+    # Replace a text.model already in `output` (false: refuse, naming the folder).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.sources and not self.files:
             raise UserError("give text to train on: sources=[SHARDS...] and/or files=[...]")
         if self.vocab_size < 300:
+            # 262 fixed pieces, then one per character the text needs: the text sets the real
+            # minimum, which training names when vocab_size falls short of it.
             raise UserError(
-                f"vocab_size={self.vocab_size} must be at least 300 "
-                "(256 byte-fallback pieces, specials, and merges)"
+                f"vocab_size={self.vocab_size} must be at least 300 (256 byte-fallback "
+                "pieces and 6 special pieces, then one per character of the text: most "
+                "texts need more, and training names how many)"
             )
+
+
+# The VQ-VAE's GroupNorm groups (vq/model.py): vq.channels must divide into them.
+GROUP_NORM_GROUPS = 8
 
 
 @dataclass
@@ -216,6 +225,12 @@ class VQConfig:
             )
         if self.codebook_size < 2 or self.code_dim < 1 or self.channels < 1:
             raise UserError("codebook_size >= 2, code_dim and channels >= 1")
+        if self.channels % GROUP_NORM_GROUPS:
+            raise UserError(
+                f"vq.channels={self.channels} must be a multiple of {GROUP_NORM_GROUPS} (the "
+                f"VQ-VAE normalises its channels in {GROUP_NORM_GROUPS} groups), e.g. "
+                f"{max(GROUP_NORM_GROUPS, self.channels // GROUP_NORM_GROUPS * GROUP_NORM_GROUPS)}"
+            )
 
     @property
     def grid(self) -> int:
@@ -240,6 +255,8 @@ class TrainImageConfig:
     # Use at most this many training images (0: all).
     max_images: int = 0
     threads: int = 0
+    # Replace a vq.pt, vq.yaml or metrics.json already in `output` (false: refuse).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.sources:

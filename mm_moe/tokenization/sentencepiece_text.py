@@ -27,12 +27,32 @@ def train_sentencepiece(
     vocab_size: int,
     model_type: str = "bpe",
     max_sentence_length: int = 16384,
+    source: str = "the text",
 ) -> Path:
-    """Train on `texts` (one sample each; newlines split sentences) and write text.model."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sentences = (line for text in texts for line in text.splitlines() if line.strip())
+    """Train on `texts` (one sample each; newlines split sentences) and write text.model.
+    A text that cannot make `vocab_size` pieces, or no text at all, is a UserError naming
+    `source` (what the texts came from) and the vocab_size that would do."""
+    sentences = [0]  # how many the trainer was given: none is the user's mistake
+
+    def counted():
+        for text in texts:
+            for line in text.splitlines():
+                if line.strip():
+                    sentences[0] += 1
+                    yield line
+
     proto = io.BytesIO()
+    try:
+        _train(counted(), proto, vocab_size, model_type, max_sentence_length)
+    except RuntimeError as exc:
+        raise _explained(exc, sentences[0], vocab_size, max_sentence_length, source) from None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # only once there is a model to write
+    path = Path(out_dir) / MODEL_FILE
+    path.write_bytes(proto.getvalue())
+    return path
+
+
+def _train(sentences, proto, vocab_size: int, model_type: str, max_sentence_length: int):
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences,
         model_writer=proto,
@@ -54,9 +74,36 @@ def train_sentencepiece(
         num_threads=1,
         minloglevel=2,
     )
-    path = out_dir / MODEL_FILE
-    path.write_bytes(proto.getvalue())
-    return path
+
+
+# Sentencepiece's own checks (trainer_interface.cc), as it words them.
+_TOO_SMALL = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
+_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)")
+
+
+def _explained(exc: RuntimeError, sentences: int, vocab_size: int, max_len: int, source: str):
+    """Sentencepiece's refusal of the user's text or vocab_size as a one-line UserError;
+    anything else stays the RuntimeError it is."""
+    message = str(exc)
+    if not sentences:
+        return UserError(f"no text to train on in {source}: it holds no non-blank line")
+    if "sentences_.empty()" in message:
+        return UserError(
+            f"no text to train on in {source}: every line is longer than {max_len} bytes"
+        )
+    if small := _TOO_SMALL.search(message):
+        return UserError(
+            f"vocab_size={vocab_size} is too small for {source}: it needs at least "
+            f"{small.group(1)} (256 byte pieces, 6 special pieces and one per character "
+            "sentencepiece keeps: those covering 99.95% of the text); set vocab_size to that "
+            "or more"
+        )
+    if large := _TOO_LARGE.search(message):
+        return UserError(
+            f"vocab_size={vocab_size} is more than {source} supports: it makes at most "
+            f"{large.group(1)} pieces; set vocab_size to that or less, or give more text"
+        )
+    return exc
 
 
 def user_defined_symbols(sp: spm.SentencePieceProcessor) -> list[str]:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_moe.tokenization.config import GROUP_NORM_GROUPS
+
 if TYPE_CHECKING:  # annotations only: the config's one import path is its config.py
     from mm_moe.tokenization.config import VQConfig
 
@@ -20,10 +22,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.GroupNorm(8, channels),
+            nn.GroupNorm(GROUP_NORM_GROUPS, channels),
             nn.SiLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(8, channels),
+            nn.GroupNorm(GROUP_NORM_GROUPS, channels),
             nn.SiLU(),
             nn.Conv2d(channels, channels, 3, padding=1),
         )
@@ -37,7 +39,7 @@ def _encoder(cfg: VQConfig) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1), ResBlock(c)]
     for _ in range(int(math.log2(cfg.downsample))):
         layers += [nn.Conv2d(c, c, 4, stride=2, padding=1), ResBlock(c)]
-    layers += [nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, cfg.code_dim, 1)]
+    layers += [nn.GroupNorm(GROUP_NORM_GROUPS, c), nn.SiLU(), nn.Conv2d(c, cfg.code_dim, 1)]
     return nn.Sequential(*layers)
 
 
@@ -50,7 +52,7 @@ def _decoder(cfg: VQConfig) -> nn.Sequential:
             nn.Conv2d(c, c, 3, padding=1),
             ResBlock(c),
         ]
-    layers += [nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+    layers += [nn.GroupNorm(GROUP_NORM_GROUPS, c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
     return nn.Sequential(*layers)
 
 

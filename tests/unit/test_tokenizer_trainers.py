@@ -1,0 +1,139 @@
+"""The tokenizer trainers' commands (`python -m mm_moe.tokenization.train_text` / `train_image`):
+a user's mistake is one UserError naming the key or file, never sentencepiece's or torch's
+traceback; a trained tokenizer is never replaced without overwrite=true."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from mm_moe import train_image_tokenizer as train_image
+from mm_moe import train_text_tokenizer as train_text
+from mm_moe.errors import UserError
+from mm_moe.tokenization.config import TrainImageConfig, TrainTextConfig, VQConfig
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def doc_file(tmp_path_factory):
+    """Python's own docs: 87 distinct characters, more than 300 - 262 fixed pieces cover."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("text") / "topics.txt"
+    path.write_text("\n".join(topics[k] for k in sorted(topics)[:40]), encoding="utf-8")
+    return path
+
+
+def _train(tmp_path, files, **kw):
+    return train_text.train(TrainTextConfig(output=str(tmp_path / "tok"), files=files, **kw))
+
+
+def test_vocab_size_below_what_the_text_needs_names_the_minimum(doc_file, tmp_path):
+    with pytest.raises(UserError, match=r"vocab_size=300 .*at least \d+") as err:
+        _train(tmp_path, [str(doc_file)], vocab_size=300)
+    assert "\n" not in str(err.value) and not (tmp_path / "tok").exists()
+    need = int(re.search(r"at least (\d+)", str(err.value)).group(1))
+    assert need > 300  # the number named is the real minimum: training with it works
+    assert _train(tmp_path, [str(doc_file)], vocab_size=need).is_file()
+
+
+def test_vocab_size_above_what_the_text_supports_names_the_maximum(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("a small text\nwith few words in it\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"vocab_size=50000 .*at most \d+") as err:
+        _train(tmp_path, [str(small)], vocab_size=50000)
+    most = int(re.search(r"at most (\d+)", str(err.value)).group(1))
+    assert _train(tmp_path, [str(small)], vocab_size=most).is_file()
+
+
+def test_input_mistakes_are_user_errors(doc_file, tmp_path, caplog):
+    with pytest.raises(UserError, match="missing.txt"):
+        _train(tmp_path, [str(doc_file), str(tmp_path / "missing.txt")], vocab_size=400)
+    empty, blank, latin = tmp_path / "empty.txt", tmp_path / "blank.txt", tmp_path / "latin1.txt"
+    empty.write_bytes(b"")
+    blank.write_text(" \n\t\n", encoding="utf-8")
+    latin.write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
+    for files in ([empty], [empty, blank], [latin]):
+        with pytest.raises(UserError, match="no text to train on"):
+            _train(tmp_path, [str(f) for f in files], vocab_size=400)
+    # Shards with no text (a tokens shard's members) give the same message.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "tokens-000000.tar", "w") as tar:
+        for name in ("doc0.tokens.npy", "doc0.modality.npy"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"\0\0\0\0"))
+    with pytest.raises(UserError, match="no text to train on"):
+        train_text.train(TrainTextConfig(output=str(tmp_path / "s"), sources=[str(shards)]))
+    # A file that is not UTF-8 is left out with a warning naming it; the rest trains.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mm_moe"):
+        assert _train(tmp_path, [str(latin), str(doc_file)], vocab_size=400).is_file()
+    assert any("latin1.txt" in r.getMessage() for r in caplog.records)
+
+
+def test_a_trained_tokenizer_is_never_replaced_silently(doc_file, tmp_path):
+    out = tmp_path / "tok"
+    model = _train(tmp_path, [str(doc_file)], vocab_size=400)
+    before = model.read_bytes()
+    with pytest.raises(UserError, match=rf"{re.escape(str(out))}.*overwrite=true"):
+        _train(tmp_path, [str(doc_file)], vocab_size=500)
+    assert model.read_bytes() == before
+    assert _train(tmp_path, [str(doc_file)], vocab_size=500, overwrite=True) == model
+    assert model.read_bytes() != before
+    # The image trainer refuses before reading any image (its sources need not exist), and
+    # does not count the text tokenizer beside it as its own.
+    (out / "vq.yaml").write_text("{}")
+    image_cfg = dict(output=str(out), sources=[str(tmp_path / "none")], steps=1)
+    with pytest.raises(UserError, match=rf"{re.escape(str(out))}.*vq.yaml.*overwrite=true"):
+        train_image.train(TrainImageConfig(**image_cfg))
+    with pytest.raises(UserError) as err:  # overwrite=true: on to reading the images
+        train_image.train(TrainImageConfig(**image_cfg, overwrite=True))
+    assert "overwrite" not in str(err.value)
+    (out / "vq.yaml").unlink()
+    with pytest.raises(UserError) as err:
+        train_image.train(TrainImageConfig(**image_cfg))
+    assert "overwrite" not in str(err.value)
+
+
+def test_vq_channels_must_suit_the_group_norm():
+    from mm_moe.tokenization.vq.model import VQVAE
+
+    for channels in (4, 12, 30):
+        with pytest.raises(UserError, match=rf"vq.channels={channels} .*multiple of 8"):
+            VQConfig(channels=channels)
+    VQVAE(VQConfig(channels=24, codebook_size=4, code_dim=4))  # every accepted value builds
+
+
+def test_train_text_command_help_and_exit_status(tmp_path):
+    """One line and exit 2 for a missing file; --help lists the command's own keys only."""
+    cmd = [sys.executable, "-m", "mm_moe.tokenization.train_text"]
+    runs = {
+        "missing": subprocess.Popen(
+            [*cmd, f"files=[{tmp_path / 'missing.txt'}]", f"output={tmp_path / 'tok'}"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        "help": subprocess.Popen(
+            [*cmd, "--help"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ),
+    }
+    out = {name: (*p.communicate(timeout=120), p.returncode) for name, p in runs.items()}
+    _, err, code = out["missing"]
+    assert code == 2 and "missing.txt" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    help_text, _, code = out["help"]
+    assert code == 0
+    for key in ("output", "sources", "files", "vocab_size", "model_type", "max_chars", "overwrite"):
+        assert re.search(rf"^\s*{key}:", help_text, re.M), (key, help_text)
+    for group in ("model:", "moe:", "data:", "optim:", "Configuration groups"):
+        assert group not in help_text, help_text
