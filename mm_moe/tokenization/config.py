@@ -218,13 +218,19 @@ class VQConfig:
 
     def __post_init__(self) -> None:
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
-            raise UserError(f"downsample={self.downsample} must be a power of two")
+            raise UserError(f"vq.downsample={self.downsample} must be a power of two")
         if self.resolution % self.downsample:
             raise UserError(
-                f"resolution={self.resolution} must be a multiple of downsample={self.downsample}"
+                f"vq.resolution={self.resolution} must be a multiple of "
+                f"vq.downsample={self.downsample}"
             )
-        if self.codebook_size < 2 or self.code_dim < 1 or self.channels < 1:
-            raise UserError("codebook_size >= 2, code_dim and channels >= 1")
+        for key, value, least in (
+            ("codebook_size", self.codebook_size, 2),
+            ("code_dim", self.code_dim, 1),
+            ("channels", self.channels, 1),
+        ):
+            if value < least:
+                raise UserError(f"vq.{key}={value} must be >= {least}")
         if self.channels % GROUP_NORM_GROUPS:
             raise UserError(
                 f"vq.channels={self.channels} must be a multiple of {GROUP_NORM_GROUPS} (the "

@@ -355,3 +355,19 @@ def test_readers_without_on_error_refuse_a_shard_cut_at_a_member_boundary(tmp_pa
     with pytest.raises(UserError, match=r"eval\.urls: shard .*cut\.tar is broken"):
         labelled_images(url, 10, "eval.urls", 10)
     assert len(list(iter_texts([_cut_tar_url(tmp_path, whole, "plain")]))) == len(_SIX_TEXTS)
+
+
+def test_tokenizer_corpora_count_what_they_leave_out(tmp_path, caplog):
+    """The tokenizer trainers read shards through iter_texts and iter_images, which skip what
+    does not decode: once read through, a warning counts it and names one."""
+    from mm_moe.data.corpus import iter_images, iter_texts
+
+    write_raw_tar(tmp_path / "mixed.tar", PAIRS_MEMBERS)
+    url = str(tmp_path / "mixed.tar")
+    with caplog.at_level("WARNING", logger="mm_moe.data.corpus"):
+        texts, images = list(iter_texts([url])), list(iter_images([url]))
+    assert texts and images
+    # e1's blank caption and u1's Latin-1 one; the shard's broken and too-small images
+    assert "2 text samples could not be decoded and were left out, e.g." in caplog.text
+    assert "mixed.tar:e1 (" in caplog.text
+    assert "3 images could not be decoded and were left out, e.g." in caplog.text

@@ -110,6 +110,15 @@ def test_vq_channels_must_suit_the_group_norm():
         with pytest.raises(UserError, match=rf"vq.channels={channels} .*multiple of 8"):
             VQConfig(channels=channels)
     VQVAE(VQConfig(channels=24, codebook_size=4, code_dim=4))  # every accepted value builds
+    # every refusal names its vq. key
+    for bad, named in [
+        ({"codebook_size": 1}, "vq.codebook_size=1 must be >= 2"),
+        ({"code_dim": 0}, "vq.code_dim=0 must be >= 1"),
+        ({"downsample": 3}, "vq.downsample=3 must be a power of two"),
+        ({"resolution": 30}, "vq.resolution=30 must be a multiple of vq.downsample=4"),
+    ]:
+        with pytest.raises(UserError, match=named):
+            VQConfig(**bad)
 
 
 def test_train_text_command_help_and_exit_status(tmp_path):
