@@ -127,6 +127,8 @@ def setup_logging(level: str = "INFO", fmt: str = "%(message)s") -> None:
         stream=sys.stdout,
         force=True,
     )
+    # DeepSpeed's op builders log each compiler probe (`gcc ... -laio`) at INFO on every start.
+    logging.getLogger("compilers").setLevel(logging.WARNING)
     from mm_moe.utils.scrub import install_log_scrubber
 
     install_log_scrubber()  # secrets masked in every log line, from the first

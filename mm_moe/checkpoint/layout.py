@@ -148,6 +148,15 @@ def read_config(step_dir: Path, required: bool = True) -> dict | None:
     return config
 
 
+_warned_incomplete: set[str] = set()  # each skipped step said once per process
+
+
+def _skipped(step_dir: Path, why: str) -> None:
+    if str(step_dir) not in _warned_incomplete:
+        _warned_incomplete.add(str(step_dir))
+        log.warning("skipping %s as incomplete: %s", step_dir, why)
+
+
 def _is_complete(step_dir: Path) -> bool:
     """Holds a readable meta.json (written last); a damaged one is skipped with a warning."""
     if not (step_dir / META).is_file():
@@ -155,7 +164,7 @@ def _is_complete(step_dir: Path) -> bool:
     try:
         read_meta(step_dir)
     except UserError as exc:
-        log.warning("skipping %s as incomplete: %s", step_dir, exc)
+        _skipped(step_dir, str(exc))
         return False
     return True
 
@@ -179,6 +188,8 @@ def latest_step_dir(root: Path) -> Path | None:
         target = root / pointer.read_text().strip()
         if _STEP_RE.match(target.name) and _is_complete(target):
             return target
+        if target.is_dir() and not (target / META).is_file():
+            _skipped(target, f"{LATEST} names it, but it holds no {META} (removed or unwritten)")
     steps = complete_steps(root)
     return root / step_dir_name(steps[-1]) if steps else None
 
@@ -210,12 +221,15 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     path = Path(resume)
     if (path / META).is_file():
         return path
-    if path.is_dir():
-        found = latest_step_dir(path)
+    if path.name == LATEST and path.is_file():  # the pointer file itself
+        path = path.parent
+    for folder in (path, path / "checkpoints"):  # a checkpoint folder, or a run folder
+        found = latest_step_dir(folder) if folder.is_dir() else None
         if found is not None:
             return found
     raise UserError(
         f"checkpoint.resume={resume!r}: no complete checkpoint there (expected a step_XXXXXXXX "
-        f"directory holding {META}, or a directory with a '{LATEST}' pointer); "
+        f"directory holding {META}, a directory with a '{LATEST}' pointer, or a run folder "
+        "holding checkpoints/); "
         "valid values are none, auto or such a path"
     )

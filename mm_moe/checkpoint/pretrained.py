@@ -28,9 +28,16 @@ def find_step_dir(path: str | Path) -> Path:
             found = layout.latest_step_dir(candidate)
             if found is not None:
                 return found
+    run_folder = (path / "metrics.jsonl").is_file() and not (path / "checkpoints").is_dir()
     raise UserError(
         f"no checkpoint at {path}: expected a step_XXXXXXXX directory, a "
         f"checkpoint directory with '{layout.LATEST}', or a run directory"
+        + (
+            " holding checkpoints/; this run folder has none: its checkpoint.dir was set "
+            "elsewhere (give that folder), or it saved none (checkpoint.interval=0)"
+            if run_folder
+            else ""
+        )
     )
 
 

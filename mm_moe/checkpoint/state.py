@@ -203,11 +203,19 @@ def _check_same_architecture(step_dir: Path, module, written: dict | None = None
     diffs = differences(saved, run)
     if diffs:
         overlay = step_dir / "experiment" / "upcycled.yaml"
-        hint = (
-            f" Train with the checkpoint's model: --config-dir {step_dir} experiment=upcycled"
-            if overlay.is_file()
-            else " Pass the model.* and moe.* values it was written with."
-        )
+        saved_moe = written.get("moe", {}).get("experts_per_modality")
+        if overlay.is_file():
+            hint = (
+                f" Train with the checkpoint's model: --config-dir {step_dir} experiment=upcycled"
+            )
+        elif not saved_moe and module.moe_cfg.enabled:  # dense weights into an MoE run
+            hint = (
+                " A dense checkpoint becomes an MoE one with `python -m mm_moe.upcycle "
+                f"source={step_dir} out=FOLDER moe=...` (docs/upcycling.md), which trains on "
+                "with --config-dir FOLDER experiment=upcycled checkpoint.resume=FOLDER."
+            )
+        else:
+            hint = " Pass the model.* and moe.* values it was written with."
         raise UserError(
             f"checkpoint.resume={step_dir}: its model differs from this run's: "
             + "; ".join(diffs)

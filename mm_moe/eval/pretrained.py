@@ -80,6 +80,20 @@ def load_tokenizers(path: str | Path, tokenizer: dict | None = None):
     return _train_config(find_step_dir(path), tokenizer).tokenizer.build()
 
 
+def _launch_relative(step_dir: Path, cfg, path: str) -> str:
+    """A relative path of the training config (tokenizer.path=tokenizers/demo) is relative to
+    where the training was started: found from any working folder where the checkpoint sits
+    below its relative checkpoint.dir (runs/demo/checkpoints/step_...)."""
+    if not path or Path(path).is_absolute() or Path(path).exists():
+        return path
+    saved_root = Path(cfg.checkpoint.dir)
+    root = step_dir.resolve().parent
+    if saved_root.is_absolute() or root.parts[-len(saved_root.parts) :] != saved_root.parts:
+        return path
+    launched = Path(*root.parts[: -len(saved_root.parts)])
+    return str(launched / path) if (launched / path).exists() else path
+
+
 def _train_config(step_dir: Path, tokenizer: dict | None):
     """The checkpoint's training config, its tokenizer keys overridden by `tokenizer`, and
     that tokenizer checked against the digest the checkpoint recorded."""
@@ -92,6 +106,8 @@ def _train_config(step_dir: Path, tokenizer: dict | None):
 
     saved = read_config(step_dir)
     cfg = from_dict(TrainConfig, upgrade_saved_config(saved))
+    if not (tokenizer or {}).get("path"):
+        cfg.tokenizer.path = _launch_relative(step_dir, cfg, cfg.tokenizer.path)
     if tokenizer:
         merged = {**to_dict(cfg.tokenizer), **tokenizer}
         cfg.tokenizer = from_dict(TokenizerConfig, merged, "tokenizer")

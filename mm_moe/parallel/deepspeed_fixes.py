@@ -6,6 +6,8 @@ DeepSpeed versions it was written and tested for (`check_version` warns at start
   partitions expert optimizer state there; expert parameters carry DeepSpeed's tags and sit
   in param groups marked `'moe': True`.
 - Dropping a step (`skip_optimizer_step`) through the optimizers' overflow paths.
+- Zeroing the bf16 `.grad`s before each backward for DeepSpeed's bf16 optimizer with fp32
+  accumulation (`clear_bf16_grads_before_backward`).
 - Reading gradients and norms inside the ZeRO / bf16 optimizers (`local_grads_finite`,
   `unsharded_grad_norm`, `last_grad_norm`).
 - ZeRO-0 fp32 clipping with the norm the step computed, every expert counted once
@@ -191,12 +193,39 @@ def skip_lone_allreduce(engine) -> bool:
     return True
 
 
+def clear_bf16_grads_before_backward(engine) -> bool:
+    """DeepSpeed's bf16 optimizer with fp32 accumulation (trainer.grad_accum_dtype=fp32) adds
+    every bf16 `.grad` into its fp32 accumulators after each backward, and zeroes the `.grad`s
+    in its backward prologue, which the engine runs from hooks on the forward's output tensors.
+    It finds tensors only in a tensor, tuple, list or dict, not in the model's ModelOutput
+    dataclass: the prologue never ran, the `.grad`s summed over the micro-batches and each sum
+    was added again, 4*g1 + 3*g2 + 2*g3 + g4 at 4 micro-batches (a norm ~2.5x too large, the
+    micro-batches weighted unequally). Zeroed here before every `engine.backward` (twice where
+    the prologue also runs: harmless, no gradient exists yet). True where installed."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, BF16_Optimizer) or opt.immediate_grad_update:
+        return False  # immediate_grad_update moves each `.grad` out in a hook and drops it
+    backward = engine.backward
+
+    def backward_after_clearing(loss, *args, **kwargs):
+        opt.clear_lp_grads()
+        return backward(loss, *args, **kwargs)
+
+    engine.backward = backward_after_clearing
+    return True
+
+
 def unsharded_grad_norm(engine, norm_fn) -> torch.Tensor | None:
     """Global grad norm before clipping when gradients are whole on every rank (ZeRO-0 in
     fp32), a device scalar for the step's one copy to the host, kept for the clip of
     `clip_with_step_norm`; None when the ZeRO/bf16 optimizer computes it. Call after the last
     backward of a step, before `engine.step()`; collective under expert parallelism."""
-    if hasattr(engine.optimizer, "_global_grad_norm"):
+    opt = engine.optimizer
+    # DeepSpeed's bf16 optimizer sets `_global_grad_norm` only in its first step: its class
+    # says it computes the norm (over its fp32 accumulators; `.grad` holds one micro-batch's).
+    if hasattr(opt, "_global_grad_norm") or type(opt).__module__.startswith("deepspeed."):
         return None
     norm = norm_fn(engine.module).detach()
     if getattr(engine, "clips_with_step_norm", False):

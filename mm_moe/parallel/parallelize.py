@@ -109,6 +109,7 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     deepspeed_fixes.skip_lone_allreduce(engine)
+    deepspeed_fixes.clear_bf16_grads_before_backward(engine)
     fuse_expert_grad_accumulation(model, engine)
     if cfg.trainer.grad_accum_dtype != "auto":
         log.info(

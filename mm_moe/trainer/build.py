@@ -134,11 +134,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def check_folders(cfg: TrainConfig) -> None:
-    """trainer.run_dir and checkpoint.dir are folders or do not exist yet."""
+    """trainer.run_dir and checkpoint.dir are folders, or can be made: said at the start, not
+    at the first save after the steps before it are spent."""
     folders = {"trainer.run_dir": cfg.trainer.run_dir, "checkpoint.dir": cfg.checkpoint.dir}
     for key, path in folders.items():
         if Path(path).exists() and not Path(path).is_dir():
             raise UserError(f"{key}={path} is a file; it must be a folder (or not exist yet)")
+        existing = next(
+            p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists()
+        )
+        if not existing.is_dir():
+            raise UserError(f"{key}={path} cannot be made: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{key}={path} cannot be written: {existing} is not writable")
 
 
 def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:

@@ -90,7 +90,7 @@ class StepGuard:
         self.counts["skipped_steps"] += 1
         log.warning(
             "step %d: %s; update skipped (parameters, optimizer state and LR schedule "
-            "unchanged; %d skipped steps so far)",
+            "unchanged; skipped steps so far: %d)",
             step,
             reason,
             self.counts["skipped_steps"],

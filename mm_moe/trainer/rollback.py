@@ -51,7 +51,7 @@ def rollback(guard, checkpointer, step: int, engine, loader, rank: int, world: i
     guard.counts["rollbacks"] += 1
     log.warning(
         "step %d: rolled back to the checkpoint of step %d (%s); training continues with the "
-        "batches after step %d's, so %d steps of data are skipped",
+        "batches after step %d's (data of steps skipped: %d)",
         step,
         steps[-1],
         target,

@@ -54,6 +54,21 @@ def test_resume_values(tmp_path):
     assert layout.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == step_dir
     with pytest.raises(ValueError, match="checkpoint.resume"):
         layout.resolve_resume(str(tmp_path / "missing"), tmp_path)
+    # a run folder (its checkpoints/), and the latest pointer file itself
+    run = tmp_path / "run"
+    in_run = _save(run / "checkpoints", 7)
+    assert layout.resolve_resume(str(run), tmp_path / "elsewhere") == in_run
+    assert layout.resolve_resume(str(run / "checkpoints" / "latest"), tmp_path) == in_run
+
+
+def test_a_latest_step_without_its_meta_is_said_before_the_one_before_is_taken(tmp_path, caplog):
+    _save(tmp_path, 10)
+    twelve = _save(tmp_path, 12)
+    (twelve / layout.META).unlink()
+    with caplog.at_level("WARNING"):
+        for _ in range(3):  # a resume looks several times: said once
+            assert layout.resolve_resume("auto", tmp_path) == tmp_path / "step_00000010"
+    assert caplog.text.count(f"skipping {twelve} as incomplete: latest names it") == 1
 
 
 def test_damaged_meta_is_a_clear_error_and_auto_resume_takes_the_previous_step(tmp_path, caplog):
@@ -67,7 +82,8 @@ def test_damaged_meta_is_a_clear_error_and_auto_resume_takes_the_previous_step(t
     (damaged / layout.META).write_text('{"format_version": 2, "step": 1')  # cut mid-write
     with caplog.at_level("WARNING"):
         assert layout.resolve_resume("auto", tmp_path) == tmp_path / "step_00000005"
-    assert f"skipping {damaged}" in caplog.text and "meta.json" in caplog.text
+        assert layout.resolve_resume("auto", tmp_path) == tmp_path / "step_00000005"
+    assert caplog.text.count(f"skipping {damaged}") == 1 and "meta.json" in caplog.text
     assert layout.complete_steps(tmp_path) == [5]
     # named explicitly: a UserError naming the file, not a JSONDecodeError traceback
     engine = SimpleNamespace(lr_scheduler=None)

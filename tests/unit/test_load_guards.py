@@ -189,3 +189,11 @@ def test_a_full_resume_refuses_a_config_that_changes_the_function(tmp_path):
     with pytest.raises(Exception) as err:
         state.load(step, engine, loader=None, rank=0, world_size=1)
     assert "differs from this run's" not in str(err.value)
+
+
+def test_dense_weights_into_an_moe_run_point_at_the_upcycle(tmp_path):
+    """checkpoint.resume (or weights_only) from a dense checkpoint into an MoE run: the keys
+    differ, and what the user needs is mm_moe.upcycle, which the message names."""
+    step = _weights_only_dir(tmp_path, MODEL, MoEConfig())
+    with pytest.raises(UserError, match=r"A dense checkpoint becomes an MoE one with .*mm_moe"):
+        _check_same_architecture(step, MODEL.build(MOE))

@@ -111,6 +111,13 @@ def test_a_file_where_a_run_folder_goes_is_named(tmp_path):
     cfg = compose(["experiment=tiny_dense", f"trainer.run_dir={taken}"])
     with pytest.raises(UserError, match=r"trainer.run_dir=.*a_file is a file; it must be a folder"):
         check_folders(cfg)
+    # under a file: said at the start, not at the first save after the steps are spent
+    run = tmp_path / "run"
+    cfg = compose(
+        ["experiment=tiny_dense", f"trainer.run_dir={run}", f"checkpoint.dir={taken}/sub"]
+    )
+    with pytest.raises(UserError, match=rf"checkpoint.dir=.*sub cannot be made: {taken} is a file"):
+        check_folders(cfg)
     with pytest.raises(UserError, match=r"trainer.cpu_threads=-1 must be >= 0"):
         TrainerConfig(cpu_threads=-1)
 
@@ -274,3 +281,22 @@ def test_a_tokenizer_with_another_vocabulary_is_refused_for_a_checkpoint(tmp_pat
     _check_same_vocabulary(tmp_path, cfg(800), recorded)
     with pytest.raises(UserError, match=r"tok/b: its vocabulary has 545 ids, the checkpoint's 814"):
         _check_same_vocabulary(tmp_path, cfg(531), recorded)
+
+
+def test_a_checkpoints_relative_tokenizer_path_is_found_from_any_folder(tmp_path, monkeypatch):
+    """tokenizer.path=tokenizers/demo is relative to where training started: load_pretrained
+    and load_tokenizers find it from another working folder through the checkpoint's place
+    under its relative checkpoint.dir; elsewhere the path stays as written."""
+    from mm_moe.eval.pretrained import _launch_relative
+
+    launched = tmp_path / "repo"
+    step_dir = launched / "runs" / "x" / "checkpoints" / "step_00000004"
+    step_dir.mkdir(parents=True)
+    (launched / "tokenizers" / "demo").mkdir(parents=True)
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(dir="runs/x/checkpoints"))
+    monkeypatch.chdir(tmp_path)
+    found = _launch_relative(step_dir, cfg, "tokenizers/demo")
+    assert found == str(launched / "tokenizers" / "demo")
+    assert _launch_relative(step_dir, cfg, "tokenizers/other") == "tokenizers/other"
+    moved = SimpleNamespace(checkpoint=SimpleNamespace(dir="elsewhere/checkpoints"))
+    assert _launch_relative(step_dir, moved, "tokenizers/demo") == "tokenizers/demo"
