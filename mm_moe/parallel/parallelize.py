@@ -40,11 +40,14 @@ def deepspeed_config(
 ) -> dict:
     """DeepSpeed's config. overlap_comm: the gradient reduction overlaps the backward (on GPU:
     NCCL on its own stream; over gloo on CPU it only adds copies). grad_accum_dtype:
-    trainer.grad_accum_dtype (fp32: DeepSpeed's bf16 optimizer accumulates in fp32)."""
+    trainer.grad_accum_dtype (fp32: DeepSpeed's bf16 optimizer accumulates in fp32, and the
+    accumulators are reduced in fp32: in bf16, DeepSpeed's default under bf16, the reduction
+    rounds them to bf16 even on one process)."""
     gas = global_batch_size // (micro_batch_size * dp_world_size)
     assert gas * micro_batch_size * dp_world_size == global_batch_size
     assert grad_accum_dtype in ("auto", "fp32"), grad_accum_dtype
     data_types = {} if grad_accum_dtype == "auto" else {"grad_accum_dtype": grad_accum_dtype}
+    comm_dtype = {} if grad_accum_dtype == "auto" else {"communication_data_type": "fp32"}
     return {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -58,6 +61,7 @@ def deepspeed_config(
         },
         "bf16": {"enabled": bf16},
         **({"data_types": data_types} if data_types else {}),
+        **comm_dtype,
         # Our AdamW is torch's; DeepSpeed shards its state under ZeRO like its own.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,

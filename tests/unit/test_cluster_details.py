@@ -133,6 +133,12 @@ def test_grad_accum_dtype_fp32_reaches_deepspeed_and_is_validated():
     ds = deepspeed_config_for(cfg, DistInfo(0, 1, 0, torch.device("cuda"), "nccl"))
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["bf16"]["enabled"]
     assert ds["gradient_accumulation_steps"] == 4
+    # DeepSpeed reduces the fp32 accumulators in bf16 under bf16 otherwise (rounded, even alone)
+    assert ds["communication_data_type"] == "fp32"
+    auto = deepspeed_config_for(
+        _cfg("trainer.micro_batch_size=2"), DistInfo(0, 1, 0, torch.device("cuda"), "nccl")
+    )
+    assert "communication_data_type" not in auto
     with pytest.raises(UserError, match="trainer.grad_accum_dtype"):
         _cfg("trainer.grad_accum_dtype=fp16")
     with pytest.raises(UserError, match="trainer.grad_accum_dtype=fp32 needs parallel.zero"):
@@ -153,6 +159,29 @@ def test_bf16_with_fp32_gradient_accumulation_trains(tmp_path):
     )
     rows = metrics(tmp_path)
     assert len(rows) == 3 and all(r["grad_norm"] > 0 for r in rows)
+
+
+def test_fp32_gradient_accumulation_logs_the_norm_of_bf16_accumulation(tmp_path):
+    """The same steps (weights all but frozen: lr 1e-12) with gradients accumulated over 2
+    micro-batches in fp32 and in bf16 have the same grad norm to bf16 rounding. DeepSpeed's
+    bf16 optimizer never zeroed `.grad` between micro-batches (its backward prologue runs from
+    hooks it cannot attach to the model's output) and held 2*g1 + g2 from step 2 on, where
+    it computes the norm, ~1.5x too large (~2.5x at 4 micro-batches); the step read step 1's
+    norm from the last micro-batch's `.grad` once that was zeroed."""
+    norms = {}
+    for accum in ("fp32", "auto"):
+        run_dir = tmp_path / accum
+        train(
+            run_dir,
+            "trainer.max_steps=3",
+            "trainer.precision=bf16",
+            f"trainer.grad_accum_dtype={accum}",
+            "optim.lr=1e-12",
+            "checkpoint.interval=0",
+        )
+        norms[accum] = [r["grad_norm"] for r in metrics(run_dir)]
+    assert len(norms["fp32"]) == 3
+    assert norms["fp32"] == pytest.approx(norms["auto"], rel=0.02)
 
 
 # Top-level paths of the repository that `make train` never reads.
