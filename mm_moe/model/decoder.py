@@ -121,6 +121,11 @@ class EarlyFusionDecoder(nn.Module):
         ids continue the positions the cache holds, and their keys and values join it.
         return_hidden: the final-normed hidden states instead of the logits (never [B, S, V]:
         the training loss applies `lm_head.weight` in chunks)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:  # shapes: no host sync
+            raise UserError(
+                f"input_ids must be [batch, sequence] token ids with at least one token, got "
+                f"shape {tuple(input_ids.shape)} (one sequence: ids[None])"
+            )
         input_ids_BS = input_ids
         S = input_ids_BS.shape[1]
         past = kv_cache.length if kv_cache is not None else 0

@@ -13,11 +13,13 @@ to bos/eos/pad/boi/eoi.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
+from mm_moe.errors import UserError
 from mm_moe.tokenization.vocab import Vocab
 
 
@@ -82,6 +84,36 @@ class Tokenizers:
         """Vocabulary ids of a text (no special tokens)."""
         return list(self.text.encode(text))
 
-    def image_token_ids(self, image: Image.Image) -> np.ndarray:
-        """Vocabulary ids of an image's codes, raster order, without begin/end-of-image."""
-        return self.vocab.image_token_ids(self.image.encode(image))
+    def image_token_ids(self, image: Image.Image | str | Path | np.ndarray) -> np.ndarray:
+        """Vocabulary ids of an image's codes, raster order, without begin/end-of-image. The
+        image: a PIL image, a file Pillow reads, or an H x W (x C) uint8 array."""
+        return self.vocab.image_token_ids(self.image.encode(as_image(image)))
+
+
+def as_image(image) -> Image.Image:
+    """A PIL image from what a user may hold, or a UserError saying what is taken."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"image {image} cannot be read: {exc.__class__.__name__}: {exc}"
+            ) from None
+    elif isinstance(image, np.ndarray):
+        try:
+            image = Image.fromarray(image)
+        except (TypeError, ValueError) as exc:
+            raise UserError(
+                f"an image array must be H x W (x 3 or 4) uint8; got shape {image.shape}, "
+                f"dtype {image.dtype} ({exc})"
+            ) from None
+    elif not isinstance(image, Image.Image):
+        raise UserError(
+            f"an image is a PIL image, a path to one or an H x W (x C) uint8 array, not a "
+            f"{type(image).__name__}"
+        )
+    if min(image.size) == 0:
+        raise UserError(f"the image is {image.size[0]}x{image.size[1]}: it has no pixels")
+    return image

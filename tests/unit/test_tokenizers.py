@@ -158,3 +158,43 @@ def test_hf_tokenizer_encodes_special_token_strings_as_text(tmp_path):
     ids = tok.encode(SPECIAL_STRINGS)
     assert not special_ids & set(ids)
     assert tok.decode(ids) == SPECIAL_STRINGS
+
+
+def test_image_token_ids_takes_what_a_notebook_holds(tmp_path):
+    """A PIL image, a path to one, or an H x W x C uint8 array give the same ids; anything
+    else, an unreadable file and an image without pixels are UserErrors saying what is taken
+    (they were AttributeErrors and a ZeroDivisionError)."""
+    from mm_moe.errors import UserError
+    from mm_moe.tokenization.config import TokenizerConfig
+
+    tok = TokenizerConfig().build()
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    image.save(tmp_path / "red.png")
+    ids = tok.image_token_ids(image)
+    assert np.array_equal(tok.image_token_ids(tmp_path / "red.png"), ids)
+    assert np.array_equal(tok.image_token_ids(str(tmp_path / "red.png")), ids)
+    assert np.array_equal(tok.image_token_ids(np.asarray(image)), ids)
+    for bad, says in [
+        (Image.new("RGB", (0, 0)), "0x0: it has no pixels"),
+        (3.0, "not a float"),
+        (tmp_path / "missing.png", "missing.png cannot be read"),
+        (np.zeros((2, 2, 7), np.uint8), r"shape \(2, 2, 7\)"),
+    ]:
+        with pytest.raises(UserError, match=says):
+            tok.image_token_ids(bad)
+
+
+def test_a_forward_names_the_input_shape_it_takes():
+    """input_ids of one dimension, or with no token, are a UserError naming the shape
+    ([batch, sequence]), not an IndexError or a reshape error from deep inside."""
+    from mm_moe.errors import UserError
+    from mm_moe.model.config import ModelConfig
+
+    model = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1).build()
+    assert model(torch.arange(5)[None]).logits.shape == (1, 5, 64)
+    for ids, shape in [
+        (torch.arange(5), r"\(5,\)"),
+        (torch.zeros(1, 0, dtype=torch.long), r"\(1, 0\)"),
+    ]:
+        with pytest.raises(UserError, match=rf"input_ids must be \[batch, sequence\].*{shape}"):
+            model(ids)
