@@ -138,11 +138,15 @@ def split_moe_param_groups(optimizer: torch.optim.Optimizer) -> None:
 
 
 # ---- clipping, norms and dropped steps ----
+def _deepspeeds_optimizer(optimizer) -> bool:
+    """DeepSpeed's bf16 or ZeRO optimizer, which keeps its own gradient buffers and norm (not
+    the client's torch optimizer)."""
+    return type(optimizer).__module__.startswith("deepspeed.")
+
+
 def plain_zero0(engine) -> bool:
-    """ZeRO stage 0 with the client's torch optimizer (not DeepSpeed's bf16 or ZeRO ones,
-    which keep their own gradient buffers and norms): fp32 gradients whole on every rank."""
-    wrapped = type(engine.optimizer).__module__.startswith("deepspeed.")
-    return engine.zero_optimization_stage() == 0 and not wrapped
+    """ZeRO stage 0 with the client's torch optimizer: fp32 gradients whole on every rank."""
+    return engine.zero_optimization_stage() == 0 and not _deepspeeds_optimizer(engine.optimizer)
 
 
 def clip_with_step_norm(engine, norm_fn) -> bool:
@@ -222,10 +226,10 @@ def unsharded_grad_norm(engine, norm_fn) -> torch.Tensor | None:
     fp32), a device scalar for the step's one copy to the host, kept for the clip of
     `clip_with_step_norm`; None when the ZeRO/bf16 optimizer computes it. Call after the last
     backward of a step, before `engine.step()`; collective under expert parallelism."""
-    opt = engine.optimizer
-    # DeepSpeed's bf16 optimizer sets `_global_grad_norm` only in its first step: its class
-    # says it computes the norm (over its fp32 accumulators; `.grad` holds one micro-batch's).
-    if hasattr(opt, "_global_grad_norm") or type(opt).__module__.startswith("deepspeed."):
+    # By its class, not by `_global_grad_norm`, which DeepSpeed's bf16 optimizer sets only in
+    # its first step (it computes the norm over its fp32 accumulators; `.grad` holds one
+    # micro-batch's).
+    if _deepspeeds_optimizer(engine.optimizer):
         return None
     norm = norm_fn(engine.module).detach()
     if getattr(engine, "clips_with_step_norm", False):

@@ -149,12 +149,17 @@ def check_folders(cfg: TrainConfig) -> None:
             raise UserError(f"{key}={path} cannot be written: {existing} is not writable")
 
 
+def _own(root: Path, step_dir: Path) -> bool:
+    """The step is one of this run's own checkpoints (in its checkpoint.dir)."""
+    return root.resolve() in step_dir.resolve().parents
+
+
 def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     """The checkpoint to resume from; a fresh line of checkpoints is never started on top of
     an existing one unasked (also when resuming another run's or an upcycled checkpoint)."""
     root = Path(cfg.checkpoint.dir)
     resume_dir = layout.resolve_resume(cfg.checkpoint.resume, root)
-    own = resume_dir is not None and root.resolve() in resume_dir.resolve().parents
+    own = resume_dir is not None and _own(root, resume_dir)
     if not own and (restarts := restart_count()) and layout.complete_steps(root):
         # A requeued or restarted job reruns its first command: where that started from (a
         # fresh start, another run's checkpoint) is behind it; its own checkpoints are not.
@@ -321,8 +326,8 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
         return {"step": 0}
     recorded = layout.read_meta(resume_dir).get("tokenizer_digest")
     check_tokenizer(recorded, cfg.tokenizer, f"checkpoint {resume_dir}", digest)
-    root = Path(cfg.checkpoint.dir).resolve()
-    weights_only = cfg.checkpoint.weights_only and root not in resume_dir.resolve().parents
+    own = _own(Path(cfg.checkpoint.dir), resume_dir)
+    weights_only = cfg.checkpoint.weights_only and not own
     meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size, weights_only)
     guard.load_state_dict(meta)
     log.info("resumed from %s at step %d", resume_dir, meta["step"])

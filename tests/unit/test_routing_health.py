@@ -104,11 +104,7 @@ def test_without_health_stats_the_warning_reads_the_unprocessed_share(caplog):
     stats = _forward(layer)
     assert "moe/l2/image/taken_0" not in stats
     assert stats["moe/l2/image/dropped"] == pytest.approx(0.75)
-    hook = RoutingHealthHook(RoutingWarningConfig(intervals=2), sigmoid_gates=True)
-    trainer = SimpleNamespace(training=SimpleNamespace(cfg=_cfg(log_interval=1), dist=MAIN))
-    with caplog.at_level(logging.WARNING, logger="mm_moe"):
-        for step in range(1, 4):
-            hook.after_step(trainer, step, dict(stats))
+    _log_steps(caplog, stats, steps=3, intervals=2)
     assert len(caplog.records) == 1
     assert "layer 2, group image" in caplog.records[0].getMessage()
 
@@ -136,11 +132,7 @@ def test_a_healthy_router_does_not_warn(caplog):
     layer.init_routers(0.02)
     stats = _forward(layer)
     assert abs(stats["moe/l2/image/router_cosine"]) < 1e-5
-    hook = RoutingHealthHook(RoutingWarningConfig(intervals=2), sigmoid_gates=True)
-    trainer = SimpleNamespace(training=SimpleNamespace(cfg=_cfg(log_interval=1), dist=MAIN))
-    with caplog.at_level(logging.WARNING, logger="mm_moe"):
-        for step in range(1, 6):
-            hook.after_step(trainer, step, dict(stats))
+    _log_steps(caplog, stats, steps=5, intervals=2)
     assert not caplog.records
 
 
@@ -152,12 +144,17 @@ def test_a_group_without_tokens_in_a_step_is_not_called_degenerate(caplog):
         k: float("nan") if "/image/" in k and "router_cosine" not in k else v
         for k, v in stats.items()
     }
-    hook = RoutingHealthHook(RoutingWarningConfig(intervals=1), sigmoid_gates=True)
+    _log_steps(caplog, empty, steps=3, intervals=1)
+    assert not caplog.records
+
+
+def _log_steps(caplog, stats: dict, steps: int, intervals: int) -> None:
+    """The warning hook on `steps` logged steps in a row, each with these statistics."""
+    hook = RoutingHealthHook(RoutingWarningConfig(intervals=intervals), sigmoid_gates=True)
     trainer = SimpleNamespace(training=SimpleNamespace(cfg=_cfg(log_interval=1), dist=MAIN))
     with caplog.at_level(logging.WARNING, logger="mm_moe"):
-        for step in range(1, 4):
-            hook.after_step(trainer, step, dict(empty))
-    assert not caplog.records
+        for step in range(1, steps + 1):
+            hook.after_step(trainer, step, dict(stats))
 
 
 def _cfg(log_interval=1, noise=1.0, anneal=10):

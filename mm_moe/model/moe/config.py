@@ -317,8 +317,7 @@ def _warn_unused(cfg: MoEConfig) -> None:
     A warning, not an error: a dense arm of a script that sets them for its MoE arms is fine."""
     changed = []
     for f in dataclasses.fields(MoEConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        value = getattr(cfg, f.name)
+        default, value = _default(f.name), getattr(cfg, f.name)
         if f.name in ("capacity_factor", "gemm") or value == default:
             # capacity_factor: resolved from the router, set either way; gemm: a kernel
             # choice that scripts set for every arm (the study's dense runs), harmless here
