@@ -29,6 +29,11 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     # Timeout of every collective, so a lost rank ends the job instead of hanging it.
     timeout_s: int = 600
+    # ZeRO's gradient reduction overlapping the backward; null: on GPUs (NCCL on its own
+    # stream), off on CPU (over gloo it only adds copies).
+    overlap_comm: bool | None = None
+    # Elements per gradient bucket that ZeRO reduces at once (DeepSpeed's default).
+    reduce_bucket_size: int = 500_000_000
 
     def __post_init__(self) -> None:
         if self.expert_parallel_size < 0:
@@ -42,3 +47,8 @@ class ParallelConfig:
                 raise UserError(f"parallel.{name}={value} is not supported yet; use 1")
         if self.timeout_s <= 0:
             raise UserError(f"parallel.timeout_s={self.timeout_s} must be positive")
+        if self.reduce_bucket_size <= 0:
+            raise UserError(
+                f"parallel.reduce_bucket_size={self.reduce_bucket_size} must be positive "
+                "(elements per gradient bucket; DeepSpeed's default is 500000000)"
+            )

@@ -6,8 +6,9 @@ DeepSpeed versions it was written and tested for (`check_version` warns at start
   partitions expert optimizer state there; expert parameters carry DeepSpeed's tags and sit
   in param groups marked `'moe': True`.
 - Dropping a step (`skip_optimizer_step`) through the optimizers' overflow paths.
-- Zeroing the bf16 `.grad`s before each backward for DeepSpeed's bf16 optimizer with fp32
-  accumulation (`clear_bf16_grads_before_backward`).
+- DeepSpeed's backward prologue, which it runs from hooks on the model's output and cannot
+  find in a ModelOutput, hooked to the loss (`run_backward_prologue`): ZeRO's accumulation
+  boundary, and the bf16 optimizer's `.grad`s zeroed before each backward.
 - Reading gradients and norms inside the ZeRO / bf16 optimizers (`local_grads_finite`,
   `unsharded_grad_norm`, `last_grad_norm`).
 - ZeRO-0 fp32 clipping with the norm the step computed, every expert counted once
@@ -197,28 +198,32 @@ def skip_lone_allreduce(engine) -> bool:
     return True
 
 
-def clear_bf16_grads_before_backward(engine) -> bool:
-    """DeepSpeed's bf16 optimizer with fp32 accumulation (trainer.grad_accum_dtype=fp32) adds
-    every bf16 `.grad` into its fp32 accumulators after each backward, and zeroes the `.grad`s
-    in its backward prologue, which the engine runs from hooks on the forward's output tensors.
-    It finds tensors only in a tensor, tuple, list or dict, not in the model's ModelOutput
-    dataclass: the prologue never ran, the `.grad`s summed over the micro-batches and each sum
-    was added again, 4*g1 + 3*g2 + 2*g3 + g4 at 4 micro-batches (a norm ~2.5x too large, the
-    micro-batches weighted unequally). Zeroed here before every `engine.backward` (twice where
-    the prologue also runs: harmless, no gradient exists yet). True where installed."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+def run_backward_prologue(engine) -> None:
+    """DeepSpeed runs its backward prologue from hooks that its forward registers on the output
+    tensors, which it finds only in a tensor, tuple, list or dict, not in the model's
+    ModelOutput dataclass. The prologue tells a ZeRO optimizer whether this backward ends the
+    step's accumulation; without it, the optimizer read the flag the last backward's epilogue
+    left: the step's first micro-batch ran as the boundary and its last one did not. Under
+    overlap_comm (on GPUs) a gradient bucket that filled during the first micro-batch's
+    backward was then reduced on its own, and ZeRO-1 trained on wrong gradients
+    (tests/distributed/test_zero_equivalence.py, buckets small enough to fill). The prologue
+    also zeroes the `.grad`s of DeepSpeed's bf16 optimizer (trainer.grad_accum_dtype=fp32),
+    which adds them into its fp32 accumulators after each backward: without it they summed
+    over the micro-batches and each sum was added again (4*g1 + 3*g2 + 2*g3 + g4). The loss
+    given to `engine.backward`, where the backward starts, gets DeepSpeed's own hooks here.
+    (The auxiliary routers' loss is not given to it: their backward is a
+    torch.autograd.grad of its own.)"""
+    from deepspeed.runtime.utils import register_output_backward_hooks
 
-    opt = engine.optimizer
-    if not isinstance(opt, BF16_Optimizer) or opt.immediate_grad_update:
-        return False  # immediate_grad_update moves each `.grad` out in a hook and drops it
     backward = engine.backward
 
-    def backward_after_clearing(loss, *args, **kwargs):
-        opt.clear_lp_grads()
+    def backward_with_prologue(loss, *args, **kwargs):
+        # No per-tensor hook: engine.backward scales for the accumulation itself (that hook
+        # would divide again, running before engine.backward marks the graph as scaled).
+        register_output_backward_hooks(loss, preprocess_once_fn=engine._backward_prologue)
         return backward(loss, *args, **kwargs)
 
-    engine.backward = backward_after_clearing
-    return True
+    engine.backward = backward_with_prologue
 
 
 def unsharded_grad_norm(engine, norm_fn) -> torch.Tensor | None:

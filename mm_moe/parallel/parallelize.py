@@ -37,6 +37,7 @@ def deepspeed_config(
     bf16: bool,
     overlap_comm: bool = False,
     grad_accum_dtype: str = "auto",
+    reduce_bucket_size: int = 500_000_000,
 ) -> dict:
     """DeepSpeed's config. overlap_comm: the gradient reduction overlaps the backward (on GPU:
     NCCL on its own stream; over gloo on CPU it only adds copies). grad_accum_dtype:
@@ -58,6 +59,7 @@ def deepspeed_config(
             "contiguous_gradients": True,
             "overlap_comm": overlap_comm,
             "reduce_scatter": True,
+            "reduce_bucket_size": reduce_bucket_size,
         },
         "bf16": {"enabled": bf16},
         **({"data_types": data_types} if data_types else {}),
@@ -70,7 +72,9 @@ def deepspeed_config(
 
 
 def deepspeed_config_for(cfg, dist: DistInfo) -> dict:
-    """DeepSpeed's config for a TrainConfig on this world: overlap_comm on GPUs."""
+    """DeepSpeed's config for a TrainConfig on this world: overlap_comm on GPUs unless
+    parallel.overlap_comm says otherwise."""
+    overlap = cfg.parallel.overlap_comm
     return deepspeed_config(
         global_batch_size=cfg.trainer.global_batch_size,
         micro_batch_size=cfg.trainer.micro_batch_size,
@@ -78,8 +82,9 @@ def deepspeed_config_for(cfg, dist: DistInfo) -> dict:
         zero_stage=cfg.parallel.zero_stage,
         grad_clip=cfg.optim.grad_clip,
         bf16=uses_bf16(cfg.trainer.precision, dist.device),
-        overlap_comm=dist.device.type == "cuda",
+        overlap_comm=dist.device.type == "cuda" if overlap is None else overlap,
         grad_accum_dtype=cfg.trainer.grad_accum_dtype,
+        reduce_bucket_size=cfg.parallel.reduce_bucket_size,
     )
 
 
@@ -113,7 +118,7 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     deepspeed_fixes.skip_lone_allreduce(engine)
-    deepspeed_fixes.clear_bf16_grads_before_backward(engine)
+    deepspeed_fixes.run_backward_prologue(engine)
     fuse_expert_grad_accumulation(model, engine)
     if cfg.trainer.grad_accum_dtype != "auto":
         log.info(

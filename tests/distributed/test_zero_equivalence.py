@@ -27,8 +27,17 @@ def _assert_close(got: dict, want: dict, steps) -> None:
         assert rel <= REL_TOL, (step, got[step], want[step], rel)
 
 
+# What GPUs run (overlap_comm), with buckets small enough to fill during a backward, as a
+# billion-parameter model's 5e8-element buckets do: ZeRO must know which micro-batch ends the
+# accumulation before its backward starts (DeepSpeed's backward prologue, which it could not
+# hook to the model's output: deepspeed_fixes.run_backward_prologue). Without it, ZeRO-1
+# reduced the first micro-batch's full buckets on their own.
+OVERLAPPED_SMALL_BUCKETS = ("parallel.overlap_comm=true", "parallel.reduce_bucket_size=5000")
+
+
+@pytest.mark.parametrize("buckets", ["default", "overlapped_small"])
 @pytest.mark.parametrize("zero_stage", [2, 1])
-def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, single, zero_stage):
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, single, zero_stage, buckets):
     run_dir = tmp_path / "run"
     train(
         run_dir,
@@ -36,6 +45,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, single, zero_stage
         "trainer.micro_batch_size=2",
         f"parallel.zero_stage={zero_stage}",
         "checkpoint.interval=4",
+        *(OVERLAPPED_SMALL_BUCKETS if buckets == "overlapped_small" else ()),
         nproc=2,
     )
     _assert_close(losses(run_dir), single, range(1, STEPS + 1))

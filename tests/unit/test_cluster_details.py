@@ -128,6 +128,22 @@ def test_deepspeed_overlaps_communication_on_gpus(device):
     assert ds["gradient_accumulation_steps"] == 1
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_overlap_and_bucket_size_keys_reach_deepspeed_and_are_validated(device):
+    dist = DistInfo(0, 2, 0, torch.device(device), "gloo")
+    for overlap in (True, False):
+        ds = deepspeed_config_for(
+            _cfg(f"parallel.overlap_comm={str(overlap).lower()}", "parallel.reduce_bucket_size=7"),
+            dist,
+        )
+        assert ds["zero_optimization"]["overlap_comm"] is overlap
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 7
+    default = deepspeed_config_for(_cfg(), dist)["zero_optimization"]
+    assert default["reduce_bucket_size"] == 500_000_000
+    with pytest.raises(UserError, match=r"parallel.reduce_bucket_size=0 must be positive"):
+        _cfg("parallel.reduce_bucket_size=0")
+
+
 def test_grad_accum_dtype_fp32_reaches_deepspeed_and_is_validated():
     cfg = _cfg("trainer.micro_batch_size=2", "trainer.grad_accum_dtype=fp32")
     ds = deepspeed_config_for(cfg, DistInfo(0, 1, 0, torch.device("cuda"), "nccl"))
