@@ -205,14 +205,14 @@ def run_backward_prologue(engine) -> None:
     step's accumulation; without it, the optimizer read the flag the last backward's epilogue
     left: the step's first micro-batch ran as the boundary and its last one did not. Under
     overlap_comm (on GPUs) a gradient bucket that filled during the first micro-batch's
-    backward was then reduced on its own, and ZeRO-1 trained on wrong gradients
-    (tests/distributed/test_zero_equivalence.py, buckets small enough to fill). The prologue
-    also zeroes the `.grad`s of DeepSpeed's bf16 optimizer (trainer.grad_accum_dtype=fp32),
+    backward was then reduced on its own, and ZeRO-1 on several ranks trained on wrong
+    gradients (tests/distributed/test_zero_equivalence.py, buckets small enough to fill). The
+    prologue also zeroes the `.grad`s of DeepSpeed's bf16 optimizer (grad_accum_dtype=fp32),
     which adds them into its fp32 accumulators after each backward: without it they summed
     over the micro-batches and each sum was added again (4*g1 + 3*g2 + 2*g3 + g4). The loss
     given to `engine.backward`, where the backward starts, gets DeepSpeed's own hooks here.
-    (The auxiliary routers' loss is not given to it: their backward is a
-    torch.autograd.grad of its own.)"""
+    (The auxiliary routers' loss is not given to it: their backward is a torch.autograd.grad
+    of its own.)"""
     from deepspeed.runtime.utils import register_output_backward_hooks
 
     backward = engine.backward
