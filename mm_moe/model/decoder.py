@@ -126,6 +126,13 @@ class EarlyFusionDecoder(nn.Module):
                 f"input_ids must be [batch, sequence] token ids with at least one token, got "
                 f"shape {tuple(input_ids.shape)} (one sequence: ids[None])"
             )
+        _check_per_token(
+            input_ids,
+            modality_ids=modality_ids,
+            doc_ids=doc_ids,
+            position_ids=position_ids,
+            token_mask=token_mask,
+        )
         input_ids_BS = input_ids
         S = input_ids_BS.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
@@ -192,3 +199,20 @@ class EarlyFusionDecoder(nn.Module):
             kv_cache=kv_cache,
             collect_stats=self.training if self.collect_stats is None else self.collect_stats,
         )
+
+
+def _check_per_token(input_ids_BS: torch.Tensor, **given: torch.Tensor | None) -> None:
+    """Each per-token argument given has input_ids' [batch, sequence] shape and its dtype kind
+    (integer ids, a bool token_mask): their shapes and dtypes only, no host sync."""
+    for name, t in given.items():
+        if t is None:
+            continue
+        shape, want = tuple(t.shape), tuple(input_ids_BS.shape)
+        if shape != want:
+            raise UserError(
+                f"{name} must have input_ids' [batch, sequence] shape {want}, got {shape}"
+            )
+        ok = t.dtype == torch.bool if name == "token_mask" else not t.is_floating_point()
+        if not ok or t.is_complex():
+            kind = "bool" if name == "token_mask" else "an integer dtype (torch.long)"
+            raise UserError(f"{name} must be {kind}, got {t.dtype}")

@@ -198,3 +198,23 @@ def test_a_forward_names_the_input_shape_it_takes():
     ]:
         with pytest.raises(UserError, match=rf"input_ids must be \[batch, sequence\].*{shape}"):
             model(ids)
+    # the per-token arguments: input_ids' shape, and integer ids or a bool mask (their
+    # shapes and dtypes only: no host sync). A dense model ignored them before.
+    ids = torch.arange(5)[None]
+    for kwargs, message in [
+        (
+            {"modality_ids": torch.zeros(5, dtype=torch.long)},
+            r"modality_ids must have .*\(1, 5\), got \(5,\)",
+        ),
+        ({"doc_ids": torch.zeros(1, 4, dtype=torch.long)}, r"doc_ids must have .*got \(1, 4\)"),
+        (
+            {"position_ids": torch.zeros(1, 5)},
+            r"position_ids must be an integer dtype.*torch.float32",
+        ),
+        ({"modality_ids": torch.zeros(1, 5)}, r"modality_ids must be an integer dtype"),
+        ({"token_mask": torch.ones(1, 5)}, r"token_mask must be bool, got torch.float32"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            model(ids, **kwargs)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    assert model(ids, torch.zeros_like(ids), token_mask=mask).logits.shape == (1, 5, 64)
