@@ -81,12 +81,21 @@ def _scrubbing_excepthook(exc_type, exc, tb) -> None:
 
 
 @contextlib.contextmanager
-def exits_on_failure(prog: str) -> Iterator[None]:
-    """Run the body; an exception ends the process with `failure`'s status
-    (MM_MOE_TRACEBACK=1 lets it propagate, for debugging; still printed with secrets masked)."""
+def exits_on_failure(prog: str, interrupted: str = "") -> Iterator[None]:
+    """Run the body; an exception ends the process with `failure`'s status, Ctrl-C with one
+    line (and `interrupted`, what to do next) and status 130 (MM_MOE_TRACEBACK=1 lets either
+    propagate, for debugging; still printed with secrets masked)."""
     sys.excepthook = _scrubbing_excepthook
     try:
         yield
+    except KeyboardInterrupt:
+        if os.environ.get("MM_MOE_TRACEBACK"):
+            raise
+        print(
+            f"{prog}: interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - reported by failure(), secrets masked
         if os.environ.get("MM_MOE_TRACEBACK"):
             raise

@@ -73,6 +73,12 @@ def _warn_upcycled_without_weights(cfg: TrainConfig) -> None:
     )
 
 
+INTERRUPTED = (
+    "checkpoint.resume=auto continues from the last checkpoint written (a SIGTERM, SIGUSR1 or "
+    "SIGUSR2 writes one first)"
+)
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     _sweep_run_dir(cfg)
@@ -88,7 +94,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from mm_moe.trainer.trainer import run
 
     try:
-        with exits_on_failure(PROG):
+        with exits_on_failure(PROG, INTERRUPTED):
             run(train_cfg)
     finally:
         # Sequential multirun jobs share this process (and DeepSpeed's communicator): keep the

@@ -93,14 +93,13 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path, straight):
     assert (root / "latest").read_text().strip() == f"step_{STEPS:08d}"
 
 
-def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, straight):
-    import signal
+def _signalled_run(run_dir, sig) -> tuple[int, str]:
+    """(exit status, output) of a long training run sent `sig` after its third logged step."""
     import subprocess
     import time
 
     from tests.helpers import TINY, _env
 
-    run_dir = tmp_path / "run"
     cmd = [
         PYTHON,
         "-m",
@@ -118,9 +117,28 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, straight)
         if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
+    return proc.returncode, out
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_resume(tmp_path):
+    """Ctrl-C (SIGINT) stops at once, with one line that says how to continue and status 130,
+    not a 59-line traceback."""
+    import signal
+
+    status, out = _signalled_run(tmp_path / "run", signal.SIGINT)
+    assert status == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "mm_moe.train: interrupted (Ctrl-C); checkpoint.resume=auto continues" in out
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, straight):
+    import signal
+
+    run_dir = tmp_path / "run"
+    status, out = _signalled_run(run_dir, signal.SIGTERM)
+    assert status == 0, out[-3000:]
     saved = layout.latest_step_dir(run_dir / "checkpoints")
     assert saved is not None and "SIGTERM received" in out
     stopped_at = int(saved.name.split("_")[1])
