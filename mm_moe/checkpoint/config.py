@@ -22,7 +22,8 @@ class CheckpointConfig:
     # trained model on other data (other data.sources, num_streams or seed), or fine-tune.
     # The run's own checkpoints (its later resumes, a restarted job) resume whole.
     weights_only: bool = False
-    # Keep the newest `keep_last` step directories; 0 keeps all.
+    # Keep the newest `keep_last` step directories; 0 keeps all (configs/checkpoint/default.yaml
+    # keeps 3).
     keep_last: int = 0
     # A fresh run (resume=none) refuses a `dir` that already holds checkpoints, or a run_dir with
     # an earlier run's metrics.jsonl, unless this is true.

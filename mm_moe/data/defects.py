@@ -24,6 +24,14 @@ REASONS = (
 )
 
 
+# The detail of a `split_key` sample, with the usual cause and its fix.
+SPLIT_KEY = (
+    "its members are not adjacent in the tar (its key was met earlier in the shard, or a "
+    "member repeats): a plain `tar cf` of a folder stores files in directory order; write "
+    "shards with `tar --sort=name` or data_pipelines/build_*.py"
+)
+
+
 def counter_key(reason: str) -> str:
     return f"data/skipped_{reason}"
 

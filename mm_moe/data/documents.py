@@ -41,6 +41,10 @@ def images_left_unread(fmt: str, raw: RawSample) -> list[str]:
     return sorted(m for m in raw.members if m.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
 
 
+# The usual cause of ids that do not fit the run's vocabulary.
+OTHER_TOKENIZER = " (were these shards pretokenized with another tokenizer?)"
+
+
 @dataclass
 class Document:
     tokens: np.ndarray  # [L] int32 unified-vocabulary ids
@@ -210,11 +214,15 @@ class DocumentBuilder:
         if tokens.dtype.kind not in "iu" or modality.dtype.kind not in "iu":
             raise SampleError("bad_tokens", f"dtypes {tokens.dtype}, {modality.dtype} not integer")
         if tokens.min() < 0 or tokens.max() >= self.vocab.size:
-            raise SampleError("bad_tokens", f"ids outside the vocabulary [0, {self.vocab.size})")
+            raise SampleError(
+                "bad_tokens", f"ids outside the vocabulary [0, {self.vocab.size}){OTHER_TOKENIZER}"
+            )
         is_code = self.vocab.is_image(tokens)
         if (
             not np.array_equal(modality == IMAGE, is_code)
             or not np.isin(modality, (TEXT, IMAGE)).all()
         ):
-            raise SampleError("bad_tokens", "modality ids disagree with the image-code range")
+            raise SampleError(
+                "bad_tokens", f"modality ids disagree with the image-code range{OTHER_TOKENIZER}"
+            )
         return Document(tokens.astype(np.int32), modality.astype(np.uint8))

@@ -10,6 +10,7 @@ seeded with (seed, source); each epoch a stream walks its own units in an order 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 
 from mm_moe.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _ASSIGN_TAG, _EPOCH_TAG = 0x5A5D, 0xE90C
 
@@ -116,6 +119,17 @@ def check_tokens_vocab(shards: list[str], tokenizer, vocab, key: str) -> None:
     from mm_moe.tokenization import digest
     from mm_moe.tokenization.vocab import Vocab
 
+    remote = sorted({s for s in shards if is_remote(s)})
+    if remote:
+        log.warning(
+            "%s: tokens shards read from %s%s are not checked against the run's tokenizer "
+            "(only local folders' vocab.yaml and %s are): their ids must come from the same "
+            "tokenizer",
+            key,
+            remote[0],
+            f" and {len(remote) - 1} more" if len(remote) > 1 else "",
+            TOKENIZER_RECORD,
+        )
     for folder in sorted({os.path.dirname(s) for s in shards if not is_remote(s)}):
         path = os.path.join(folder, "vocab.yaml")
         if os.path.isfile(path) and (theirs := Vocab.load(path)) != vocab:
@@ -124,6 +138,20 @@ def check_tokens_vocab(shards: list[str], tokenizer, vocab, key: str) -> None:
                 f"({vocab}); pretokenize again with the same tokenizer settings"
             )
         path = os.path.join(folder, TOKENIZER_RECORD)
+        missing = [
+            n
+            for n in ("vocab.yaml", TOKENIZER_RECORD)
+            if not os.path.isfile(os.path.join(folder, n))
+        ]
+        if missing:
+            log.warning(
+                "%s: the tokens shards in %s have no %s beside them (pretokenize writes them): "
+                "their ids are not checked against the run's tokenizer. Copy those files "
+                "with the shards, or make sure they were pretokenized with this tokenizer",
+                key,
+                folder,
+                " or ".join(missing),
+            )
         if not os.path.isfile(path):
             continue
         with open(path) as f:

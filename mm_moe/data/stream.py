@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mm_moe.data.defects import REASONS, DataError, SampleError
+from mm_moe.data.defects import REASONS, SPLIT_KEY, DataError, SampleError
 from mm_moe.data.documents import DecodeOptions, Document, DocumentBuilder
 from mm_moe.data.packing import Packer
 from mm_moe.data.shards import Unit, assign_units, epoch_order, source_units
@@ -22,6 +22,9 @@ from mm_moe.tokenization.config import TokenizerConfig
 
 _RNG_TAG = 0x57EA
 log = logging.getLogger(__name__)
+
+# (source index, reason) of the skips this process has named in a warning.
+_NAMED_SKIPS: set[tuple[int, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -131,10 +134,27 @@ class SourceReader:
 
     def _defect(self, error: SampleError, counters: dict[str, int]) -> None:
         counters[error.reason] += 1
+        where = "the shard itself" if error.key is None else f"key {error.key!r}"
         if self.spec.on_error == "raise":
             raise DataError(
-                f"data.on_error=raise: {error.reason} in shard {self._url()}, key {error.key!r} "
+                f"data.on_error=raise: {error.reason} in shard {self._url()}, {where} "
                 f"(data.sources[{self.source.index}], format {self.source.format}): {error.detail}"
+            )
+        # The first skip of each reason per source in this process is named (the counters
+        # data/skipped_<reason> count the rest), so a user sees what is wrong without a rerun.
+        first = (self.source.index, error.reason)
+        if first not in _NAMED_SKIPS:
+            _NAMED_SKIPS.add(first)
+            log.warning(
+                "data.sources[%d] (%s): skipped %s in shard %s, %s: %s. Further skips of this "
+                "kind are counted in data/skipped_%s; data.on_error=raise stops at the first",
+                self.source.index,
+                self.source.format,
+                error.reason,
+                self._url(),
+                where,
+                error.detail,
+                error.reason,
             )
 
     def next_document(
@@ -160,7 +180,7 @@ class SourceReader:
                 continue  # another stream's slice of this shard
             try:
                 if raw.defect is not None:
-                    raise SampleError(raw.defect, "key seen earlier in the shard", raw.key)
+                    raise SampleError(raw.defect, SPLIT_KEY, raw.key)
                 document = builder.build(self.source.format, raw, rng)
             except SampleError as error:
                 error.key = raw.key

@@ -116,6 +116,29 @@ def test_every_pairs_defect_is_counted_and_good_samples_are_used(tmp_path):
     assert all(int((d.tokens == vocab.boi).sum()) == 1 for d in docs)  # every image used
 
 
+def test_the_first_skip_of_each_reason_is_named_with_its_shard_and_key(tmp_path, caplog):
+    """With data.on_error=skip (the default), one warning per reason names the shard, the key
+    and why (split_key with its usual cause and fix); the counters count the rest."""
+    import logging
+
+    from mm_moe.data import stream as stream_module
+
+    stream_module._NAMED_SKIPS.clear()
+    write_raw_tar(tmp_path / "pairs.tar", PAIRS_MEMBERS)
+    stream = _stream(str(tmp_path / "pairs.tar"), "pairs")
+    with caplog.at_level(logging.WARNING, logger="mm_moe.data.stream"):
+        for _ in range(2 * len(GOOD_CAPTIONS)):  # two epochs: each reason is named once
+            stream._next_document()
+    named = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(named) == len(PAIRS_EXPECTED), named
+    for reason in PAIRS_EXPECTED:
+        (line,) = [m for m in named if f"skipped {reason} in shard" in m]
+        assert str(tmp_path / "pairs.tar") in line and "key '" in line, line
+        assert f"counted in data/skipped_{reason}" in line
+    (split,) = [m for m in named if "skipped split_key" in m]
+    assert "key 's1'" in split and "tar --sort=name" in split
+
+
 def _tar_bytes(members) -> bytes:
     path = io.BytesIO()
     with tarfile.open(fileobj=path, mode="w") as tar:

@@ -170,6 +170,20 @@ def test_token_shards_accept_a_moved_tokenizer_and_refuse_a_changed_one(
     with pytest.raises(UserError, match="is not the run's tokenizer config"):
         check_tokens_vocab(shards, moved, vocab, "data.sources[0]")
 
+    # shards copied without the files beside them (or read from a remote store): read, and
+    # said to be unchecked, naming the folder and what is missing
+    caplog.clear()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokens-000000.tar").touch()  # only the folder's side files are read here
+    with caplog.at_level("WARNING"):
+        check_tokens_vocab([str(bare / "tokens-000000.tar")], moved, vocab, "data.sources[0]")
+        check_tokens_vocab(["pipe:cat x/tokens-0.tar"], moved, vocab, "data.sources[1]")
+    assert f"the tokens shards in {bare} have no vocab.yaml or {TOKENIZER_RECORD}" in caplog.text
+    assert "data.sources[1]: tokens shards read from pipe:cat x/tokens-0.tar are not checked" in (
+        caplog.text
+    )
+
 
 def test_a_full_resume_refuses_a_config_that_changes_the_function(tmp_path):
     """checkpoint.resume of a whole run checks the same keys before anything is read: a

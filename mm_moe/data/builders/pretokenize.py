@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from mm_moe.data.builders.writer import prepare_output, shard_pattern
-from mm_moe.data.defects import REASONS, SampleError
+from mm_moe.data.defects import REASONS, SPLIT_KEY, SampleError
 from mm_moe.data.documents import DecodeOptions, DocumentBuilder, images_left_unread
 from mm_moe.data.shards import TOKENIZER_RECORD, expand_urls, tokenizer_record
 from mm_moe.data.tar_reader import iter_raw_samples
@@ -68,7 +68,7 @@ def pretokenize_shard(index: int, url: str, cfg: PretokenizeConfig, out: Path) -
             for raw in iter_raw_samples(url):
                 try:
                     if raw.defect is not None:
-                        raise SampleError(raw.defect, "key seen earlier in the shard")
+                        raise SampleError(raw.defect, SPLIT_KEY)
                     doc = builder.build(cfg.format, raw, rng)
                 except SampleError as error:
                     counts[error.reason] += 1
