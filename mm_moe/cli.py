@@ -248,6 +248,14 @@ def parse_args(cls: type, argv: list[str], prog: str):
     try:
         if bad:
             raise ConfigError(f"arguments must be key=value, got {bad[0]!r}")
+        for arg in argv:  # a value YAML cannot read (glob=*.txt reads as an alias): its name
+            try:
+                OmegaConf.from_dotlist([arg])
+            except Exception as exc:  # noqa: BLE001 - YAML's and OmegaConf's parse errors
+                first = str(exc).splitlines()[0]
+                raise ConfigError(
+                    f"cannot read {arg!r} ({first}); quote the value, e.g. 'glob=\"*.txt\"'"
+                ) from exc
         values = OmegaConf.to_container(OmegaConf.from_dotlist(argv), resolve=True)
         return from_dict(cls, values)
     except ConfigError as exc:

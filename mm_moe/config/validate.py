@@ -128,6 +128,16 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             f"unknown config key '{full}'.{did_you_mean(str(name), list(fields))} "
             f"Valid keys {where}: {', '.join(sorted(fields))}"
         )
+    required = [
+        k
+        for k, f in fields.items()
+        if k not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if required:
+        full = f"{prefix}.{required[0]}" if prefix else required[0]
+        raise ConfigError(f"{full}=... is required (it has no default)")
     kwargs = {}
     for name, value in data.items():
         full = f"{prefix}.{name}" if prefix else name

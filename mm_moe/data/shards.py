@@ -30,7 +30,8 @@ def is_remote(url: str) -> bool:
 
 
 def expand_urls(urls: str | list[str], key: str) -> list[str]:
-    """Brace patterns, local globs and directories (every *.tar inside) to a list of shards.
+    """Brace patterns, local globs and directories (the shards directly inside: SHARD_SUFFIXES)
+    to a list of shards.
 
     `key` names the config entry in error messages."""
     entries = [urls] if isinstance(urls, str) else list(urls)
@@ -42,9 +43,11 @@ def expand_urls(urls: str | list[str], key: str) -> list[str]:
             if is_remote(url):
                 shards.append(url)
             elif os.path.isdir(url):
-                found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                found = _folder_shards(url, key)
                 if not found:
-                    raise UserError(f"{key}: directory {url} holds no *.tar shards")
+                    raise UserError(
+                        f"{key}: directory {url} holds no shards ({', '.join(SHARD_SUFFIXES)})"
+                    )
                 shards += found
             elif any(c in url for c in "*?["):
                 found = sorted(glob.glob(url))
@@ -55,7 +58,32 @@ def expand_urls(urls: str | list[str], key: str) -> list[str]:
                 raise UserError(f"{key}: shard {url} does not exist")
             else:
                 shards.append(url)
+    log.info("%s: %d shard(s)", key, len(shards))
     return shards
+
+
+# What a folder url reads (any case): plain and gzipped tars.
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _is_shard(name: str) -> bool:
+    return name.lower().endswith(SHARD_SUFFIXES)
+
+
+def _folder_shards(folder: str, key: str) -> list[str]:
+    """The shards directly in `folder`; its subfolders are not read, and are named in a
+    warning when they hold shards."""
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    nested = [e.path for e in entries if e.is_dir() and any(map(_is_shard, os.listdir(e.path)))]
+    if nested:
+        log.warning(
+            "%s: directory %s: its subfolders are not read, and %s holds shards: list them in "
+            "the urls too (or a glob)",
+            key,
+            folder,
+            nested[0] if len(nested) == 1 else f"{nested[0]} (and {len(nested) - 1} more)",
+        )
+    return [e.path for e in entries if e.is_file() and _is_shard(e.name)]
 
 
 def open_shard(url: str):

@@ -74,6 +74,24 @@ def test_from_dict_errors_name_the_key(data, message):
     assert message in str(err.value)
 
 
+def test_a_missing_required_key_and_an_unreadable_value_are_named(capsys):
+    """`key=value` commands: a key without a default names itself (not a Python signature
+    error); a value YAML cannot read (`glob=*.txt` is an alias there) names the argument and
+    says to quote it, instead of a YAML traceback."""
+    from mm_moe.cli import parse_args
+    from mm_moe.export import ExportConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(ExportConfig, ["out=/tmp/x"], "mm_moe.export")
+    assert exit_.value.code == 2
+    assert "mm_moe.export: error: source=... is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(ExportConfig, ["source=a", "out=*.txt"], "mm_moe.export")
+    err = capsys.readouterr().err
+    assert "cannot read 'out=*.txt'" in err and "quote the value" in err
+    assert parse_args(ExportConfig, ["source=a", 'out="*.txt"'], "mm_moe.export").out == "*.txt"
+
+
 def test_post_init_errors_are_config_errors():
     with pytest.raises(ConfigError, match="trainer.micro_batch_size"):
         from_dict(TrainConfig, {"trainer": {"global_batch_size": 6, "micro_batch_size": 4}})

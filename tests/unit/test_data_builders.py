@@ -4,6 +4,7 @@ offline pre-tokenization (whose shards must feed training exactly like on-the-fl
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import numpy as np
@@ -377,3 +378,37 @@ def test_bom_and_blank_captions(tmp_path, caplog):
         BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "i"))
     )
     assert len(_samples(pattern)) == 1
+
+
+def test_a_folder_url_reads_every_shard_in_it_and_names_subfolders_it_does_not(tmp_path, caplog):
+    """Plain and gzipped tars in any case (.tar, .TAR, .tar.gz, .tgz) are the folder's shards;
+    a subfolder holding shards is named in a warning (before, four of these five shards were
+    left out without a word), and the shard count is logged."""
+    import gzip
+    import logging
+    import tarfile
+
+    def tar(path, key):
+        raw = tmp_path / f"{key}.txt"
+        raw.write_text(f"text of {key}")
+        with tarfile.open(path, "w") as t:
+            t.add(raw, arcname=f"{key}.txt")
+        if path.suffix in (".gz", ".tgz"):
+            data = path.read_bytes()
+            path.write_bytes(gzip.compress(data))
+
+    folder = tmp_path / "shards"
+    (folder / "sub").mkdir(parents=True)
+    for name, key in [("a.tar", "a"), ("B.TAR", "b"), ("c.tar.gz", "c"), ("d.tgz", "d")]:
+        tar(folder / name, key)
+    tar(folder / "sub" / "e.tar", "e")
+    (folder / "notes.txt").write_text("not a shard")
+    with caplog.at_level(logging.INFO, logger="mm_moe.data.shards"):
+        shards = expand_urls(str(folder), "data.sources[0]")
+    assert [os.path.basename(s) for s in shards] == ["B.TAR", "a.tar", "c.tar.gz", "d.tgz"]
+    keys = sorted(s.key for url in shards for s in iter_raw_samples(url))
+    assert keys == ["a", "b", "c", "d"]
+    assert (
+        f"{folder}: its subfolders are not read, and {folder / 'sub'} holds shards" in caplog.text
+    )
+    assert "data.sources[0]: 4 shard(s)" in caplog.text
