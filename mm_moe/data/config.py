@@ -88,6 +88,12 @@ class DataConfig:
             raise UserError(
                 "data.source=webdataset needs data.sources: a list of {urls, format, weight}"
             )
+        if self.source != "webdataset" and self.sources:
+            raise UserError(
+                f"data.sources is set but data.source={self.source}, which does not read it: "
+                "set data.source=webdataset (or data=webdataset, or `defaults: [webdataset]` in "
+                "your data config) to train on the shards, or drop data.sources"
+            )
         for i, src in enumerate(self.sources):
             if not src.weight > 0:
                 raise UserError(f"data.sources[{i}].weight={src.weight} must be positive")

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 # (source index, reason) of the skips this process has named in a warning.
 _NAMED_SKIPS: set[tuple[int, str]] = set()
+# Sources this process has warned about a mostly skipped shard, and the fewest skips in one
+# slice of a shard that can be called "most".
+_MOSTLY_SKIPPED: set[int] = set()
+MOSTLY_SKIPPED_MIN = 4
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,9 @@ class SourceReader:
         self.borrowing = not units  # more streams than units: nothing of its own to read
         self._order = self._epoch_order()
         self._samples = None
+        # This unit's skips by reason and its documents: a unit mostly skipped is warned about.
+        self._unit_skips: dict[str, int] = {}
+        self._unit_documents = 0
 
     @property
     def units(self) -> list[Unit]:
@@ -107,7 +114,9 @@ class SourceReader:
         return self.source.shards[self._unit().shard]
 
     def _next_unit(self, counters: dict[str, int]) -> None:
+        self._warn_if_mostly_skipped()
         self._samples = None
+        self._unit_skips, self._unit_documents = {}, 0
         self.position, self.offset = self.position + 1, 0
         if self.position < len(self.units):
             return
@@ -132,8 +141,31 @@ class SourceReader:
         self.epoch, self.position, self.epoch_documents = self.epoch + 1, 0, 0
         self._order = self._epoch_order()
 
+    def _warn_if_mostly_skipped(self) -> None:
+        """Once per source in this process: a slice of a shard where most samples were
+        skipped (at least MOSTLY_SKIPPED_MIN), naming the shard and the main reason."""
+        skipped = sum(self._unit_skips.values())
+        if skipped < MOSTLY_SKIPPED_MIN or skipped <= self._unit_documents:
+            return
+        if self.source.index in _MOSTLY_SKIPPED:
+            return
+        _MOSTLY_SKIPPED.add(self.source.index)
+        reason = max(self._unit_skips, key=self._unit_skips.get)
+        log.warning(
+            "data.sources[%d] (%s): shard %s: %d of its %d samples read here were skipped "
+            "(%d %s): check the shard (the first skip of each kind is named above)",
+            self.source.index,
+            self.source.format,
+            self._url(),
+            skipped,
+            skipped + self._unit_documents,
+            self._unit_skips[reason],
+            reason,
+        )
+
     def _defect(self, error: SampleError, counters: dict[str, int]) -> None:
         counters[error.reason] += 1
+        self._unit_skips[error.reason] = self._unit_skips.get(error.reason, 0) + 1
         where = "the shard itself" if error.key is None else f"key {error.key!r}"
         if self.spec.on_error == "raise":
             raise DataError(
@@ -187,6 +219,7 @@ class SourceReader:
                 self._defect(error, counters)
                 continue
             self.epoch_documents += 1
+            self._unit_documents += 1
             return document
 
 

@@ -92,6 +92,16 @@ def test_a_missing_required_key_and_an_unreadable_value_are_named(capsys):
     assert parse_args(ExportConfig, ["source=a", 'out="*.txt"'], "mm_moe.export").out == "*.txt"
 
 
+def test_shards_given_to_a_source_that_does_not_read_them_are_refused():
+    """data.sources with data.source left at synthetic_patterns (a data config without
+    `defaults: [webdataset]`) trained on synthetic data without a word, the shards unopened."""
+    sources = [{"urls": "/no/such/shards", "format": "pairs"}]
+    with pytest.raises(ConfigError, match=r"data.sources is set but data.source=synthetic"):
+        from_dict(TrainConfig, {"data": {"source": "synthetic_patterns", "sources": sources}})
+    with pytest.raises(ConfigError, match=r"data.source=webdataset needs data.sources"):
+        from_dict(TrainConfig, {"data": {"source": "webdataset"}})
+
+
 def test_post_init_errors_are_config_errors():
     with pytest.raises(ConfigError, match="trainer.micro_batch_size"):
         from_dict(TrainConfig, {"trainer": {"global_batch_size": 6, "micro_batch_size": 4}})

@@ -124,13 +124,19 @@ def test_the_first_skip_of_each_reason_is_named_with_its_shard_and_key(tmp_path,
     from mm_moe.data import stream as stream_module
 
     stream_module._NAMED_SKIPS.clear()
+    stream_module._MOSTLY_SKIPPED.clear()
     write_raw_tar(tmp_path / "pairs.tar", PAIRS_MEMBERS)
     stream = _stream(str(tmp_path / "pairs.tar"), "pairs")
     with caplog.at_level(logging.WARNING, logger="mm_moe.data.stream"):
         for _ in range(2 * len(GOOD_CAPTIONS)):  # two epochs: each reason is named once
             stream._next_document()
-    named = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    named = [r.getMessage() for r in caplog.records if "Further skips" in r.getMessage()]
     assert len(named) == len(PAIRS_EXPECTED), named
+    # more of the shard skipped than used: said once, with the main reason
+    good, bad = len(GOOD_CAPTIONS), sum(PAIRS_EXPECTED.values())
+    assert bad > good
+    (most,) = [r.getMessage() for r in caplog.records if "samples read here" in r.getMessage()]
+    assert f"{bad} of its {good + bad} samples read here were skipped (2 corrupt_image)" in most
     for reason in PAIRS_EXPECTED:
         (line,) = [m for m in named if f"skipped {reason} in shard" in m]
         assert str(tmp_path / "pairs.tar") in line and "key '" in line, line
