@@ -21,6 +21,8 @@ import copy
 import hashlib
 import json
 import logging
+import os
+import tarfile
 
 import numpy as np
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from mm_moe.data.batch import Batch
 from mm_moe.data.defects import REASONS, DataError, counter_key
+from mm_moe.data.shards import is_remote
 from mm_moe.data.stream import PipelineSpec
 from mm_moe.data.stream_dataset import StreamsDataset, identity
 from mm_moe.errors import UserError
@@ -57,6 +60,39 @@ def described(spec: PipelineSpec) -> dict[str, object]:
         out[f"data.sources[{i}].format"] = s.format
         out[f"data.sources[{i}].weight"] = s.weight
         out[f"data.sources[{i}].urls"] = f"{len(s.shards)} shards, sha256 {shards}"
+    return out
+
+
+# Bytes of each local shard's first member read for `contents`.
+CONTENT_PROBE_BYTES = 1024
+
+
+def _first_member(url: str) -> bytes:
+    """A local shard's size, its first member's name and size, and the start of its data:
+    not the headers' times (a rebuild of the same samples writes other ones)."""
+    with tarfile.open(url, "r|*") as tar:
+        member = tar.next()
+        if member is None:
+            return f"{os.path.getsize(url)}:empty".encode()
+        head = tar.extractfile(member).read(CONTENT_PROBE_BYTES) if member.isfile() else b""
+    return f"{os.path.getsize(url)}:{member.name}:{member.size}:".encode() + head
+
+
+def contents(spec: PipelineSpec) -> dict[str, str | None]:
+    """Per source, a digest of its local shards' sizes and first bytes: shards rebuilt in
+    place (the same names, other samples) no longer match a saved position; copies do. Remote
+    shards are not read for it; a source with a shard that cannot be read has None (not
+    compared)."""
+    out: dict[str, str | None] = {}
+    for i, s in enumerate(spec.sources):
+        h = hashlib.sha256()
+        try:
+            for url in s.shards:
+                if not is_remote(url):
+                    h.update(_first_member(url))
+            out[f"data.sources[{i}]"] = h.hexdigest()[:16]
+        except (OSError, tarfile.TarError):
+            out[f"data.sources[{i}]"] = None
     return out
 
 
@@ -111,6 +147,7 @@ class WebDatasetLoader:
                 len(shared),
             )
         self.fingerprint = fingerprint(spec)
+        self._content_digests: dict[str, str | None] | None = None
         self.states: dict[int, dict | None] = dict.fromkeys(range(num_streams))
         self.step = 0
         self._iter = None
@@ -221,8 +258,15 @@ class WebDatasetLoader:
             "num_streams": self.spec.num_streams,
             "fingerprint": self.fingerprint,
             "described": described(self.spec),
+            "contents": self._contents(),
             "streams": {str(j): states[j] for j in range(self.spec.num_streams)},
         }
+
+    def _contents(self) -> dict[str, str | None]:
+        """`contents` of the run's shards, read once (the shards do not change under a run)."""
+        if self._content_digests is None:
+            self._content_digests = contents(self.spec)
+        return self._content_digests
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != STATE_KIND:
@@ -246,6 +290,15 @@ class WebDatasetLoader:
                 "exactly needs the same ones. To train its weights on other data, pass "
                 "checkpoint.weights_only=true (fresh optimizer, schedule and data position "
                 "from step 0)"
+            )
+        saved = state.get("contents", {})  # checkpoints from before it: not compared
+        changed = [k for k, v in self._contents().items() if v and saved.get(k) not in (None, v)]
+        if changed:
+            raise UserError(
+                f"the shards of {', '.join(changed)} changed since the checkpoint (the same "
+                "names, other sizes or samples: rebuilt in place?), so its data position points "
+                "into other data. Resume with the shards it was saved with, or pass "
+                "checkpoint.weights_only=true to train its weights on these from step 0"
             )
         self.states = {j: state["streams"][str(j)] for j in range(self.spec.num_streams)}
         self.step = int(state["step"])

@@ -191,6 +191,34 @@ def test_mismatched_resume_and_batch_layout_fail_clearly(sources):
     _assert_equal(_cat(loader.next()), _cat(resumed.next()), 1)
 
 
+def test_shards_rebuilt_in_place_refuse_an_exact_resume_and_copies_do_not(tmp_path):
+    """The same shard names with other samples (a builder rerun with overwrite=true and
+    another seed) no longer match a saved position; the same shards copied elsewhere under the
+    same names do (the names are compared as before)."""
+    import shutil
+    import time
+
+    folder = tmp_path / "pairs"
+    source = [SourceConfig(write_shards(folder, pairs(12), 4), "pairs", 1.0)]
+    loader = _loader(source)
+    loader.next()
+    state = _json(loader.state_dict())
+    _loader(source).load_state_dict(state)  # unchanged: fine
+    shutil.copytree(folder, tmp_path / "kept")
+    write_shards(folder, pairs(12)[::-1], 4)  # other samples under the same names
+    with pytest.raises(ValueError, match=r"the shards of data.sources\[0\] changed since"):
+        _loader(source).load_state_dict(state)
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "kept", folder)  # the originals back (copied: other mtimes)
+    _loader(source).load_state_dict(state)
+    time.sleep(1.1)  # tar headers record whole seconds
+    write_shards(folder, pairs(12), 4)  # the same samples written again: other mtimes, fine
+    _loader(source).load_state_dict(state)
+    del state["contents"]  # a checkpoint from before the digest: not compared
+    write_shards(folder, pairs(12)[::-1], 4)
+    _loader(source).load_state_dict(state)
+
+
 def _small_source_with_a_bad_shard(root) -> list[SourceConfig]:
     """3 img2dataset shards of 6 samples; the last holds one good sample among 5 corrupt
     ones, so with 8 streams (3 slices a shard) two of its slices hold only bad samples."""
