@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from PIL import Image
 
-from mm_moe.data.decode import IMAGE_EXTENSIONS, decode_image, decode_text
+from mm_moe.data.decode import READ_IMAGE_EXTENSIONS, decode_image, decode_text
 from mm_moe.data.documents import parse_interleaved
 from mm_moe.data.shards import expand_urls
 from mm_moe.data.tar_reader import iter_whole_shard
@@ -57,7 +57,7 @@ def iter_images(urls: list[str], key: str = "sources", min_side: int = 8) -> Ite
     skipped: list[str] = []
     for shard, sample in _samples(urls, key):
         for ext, data in sample.members.items():
-            if ext.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+            if ext.rsplit(".", 1)[-1] not in READ_IMAGE_EXTENSIONS:
                 continue
             try:
                 yield decode_image(data, f"{shard}:{sample.key}.{ext}", min_side, 100.0)

@@ -17,6 +17,9 @@ from mm_moe.data.defects import SampleError
 from mm_moe.tokenization.image_preprocess import to_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# What the loader and the tokenizer trainers read from shards: also the formats the builders
+# convert to PNG (a hand-made shard may hold them), after the usual ones.
+READ_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS + ("bmp", "gif", "tif", "tiff")
 
 
 def decode_text(data: bytes, what: str) -> str:

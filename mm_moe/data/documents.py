@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mm_moe.data.decode import IMAGE_EXTENSIONS, decode_image, decode_text
+from mm_moe.data.decode import READ_IMAGE_EXTENSIONS, decode_image, decode_text
 from mm_moe.data.defects import SampleError
 from mm_moe.data.tar_reader import RawSample
 from mm_moe.modality import IMAGE, TEXT
@@ -38,7 +38,22 @@ def images_left_unread(fmt: str, raw: RawSample) -> list[str]:
     interleaved) shards would keep the captions and drop every image without a skip count."""
     if fmt != "text":
         return []
-    return sorted(m for m in raw.members if m.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+    return _image_members(raw)
+
+
+def _image_members(raw: RawSample, but: tuple[str, ...] = ()) -> list[str]:
+    return sorted(
+        m for m in raw.members if m.rsplit(".", 1)[-1] in READ_IMAGE_EXTENSIONS and m not in but
+    )
+
+
+# Why a format leaves some of a sample's images unread.
+UNREAD_WHY = {
+    "pairs": "a pairs sample reads one image (the first of "
+    + ", ".join(READ_IMAGE_EXTENSIONS)
+    + "): give each image its own sample, or use format interleaved",
+    "interleaved": "an interleaved sample reads the images its .json names",
+}
 
 
 # The usual cause of ids that do not fit the run's vocabulary.
@@ -156,9 +171,14 @@ class DocumentBuilder:
 
     # ---- formats ----
     def _from_pairs(self, raw: RawSample, rng: np.random.Generator) -> Document:
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw.members), None)
+        ext = next((e for e in READ_IMAGE_EXTENSIONS if e in raw.members), None)
         if ext is None:
-            raise SampleError("missing_image", f"no image member (members: {sorted(raw.members)})")
+            raise SampleError(
+                "missing_image",
+                f"no image member (members: {sorted(raw.members)}; a pairs sample's image is "
+                f"KEY.{'|'.join(READ_IMAGE_EXTENSIONS)}, and a key ends at its first dot)",
+            )
+        self._warn_unread(raw, "pairs", (ext,))
         caption = self._encode_text(self._member_text(raw, "txt"))
         image = self._encode_image(raw.members[ext], f"{raw.key}.{ext}")
         if self.opt.pair_order == "random":
@@ -166,6 +186,19 @@ class DocumentBuilder:
         else:
             caption_first = self.opt.pair_order == "caption_first"
         return self._document([caption, image] if caption_first else [image, caption])
+
+    def _warn_unread(self, raw: RawSample, fmt: str, read: tuple[str, ...]) -> None:
+        """Once per builder (a data worker): a sample with image members its format does not
+        read (not a defect: the sample is used)."""
+        if not self._warned_unread and (unread := _image_members(raw, read)):
+            self._warned_unread = True
+            log.warning(
+                "format %s: sample %s holds images it does not read (%s): %s",
+                fmt,
+                raw.key,
+                ", ".join(f"{raw.key}.{m}" for m in unread),
+                UNREAD_WHY[fmt],
+            )
 
     def _from_text(self, raw: RawSample, rng: np.random.Generator) -> Document:
         if not self._warned_unread and (unread := images_left_unread("text", raw)):
@@ -181,7 +214,7 @@ class DocumentBuilder:
     def _from_interleaved(self, raw: RawSample, rng: np.random.Generator) -> Document:
         if "json" not in raw.members:
             raise SampleError("missing_text", f"no .json member (members: {sorted(raw.members)})")
-        parts = []
+        parts, named = [], []
         for kind, value in parse_interleaved(raw.members["json"], f"{raw.key}.json"):
             if kind == "text":
                 if value.strip():  # an empty paragraph is layout, not a defect
@@ -190,7 +223,9 @@ class DocumentBuilder:
             member = value.lower()
             if member not in raw.members:
                 raise SampleError("missing_image", f"image member {raw.key}.{value} is absent")
+            named.append(member)
             parts.append(self._encode_image(raw.members[member], f"{raw.key}.{value}"))
+        self._warn_unread(raw, "interleaved", tuple(named))
         if not parts:
             raise SampleError("empty_text", f"{raw.key}.json has no text and no image")
         return self._document(parts)

@@ -145,6 +145,35 @@ def test_the_first_skip_of_each_reason_is_named_with_its_shard_and_key(tmp_path,
     assert "key 's1'" in split and "tar --sort=name" in split
 
 
+def test_hand_made_samples_bmp_tiff_and_extra_images(tmp_path, caplog):
+    """A pairs sample whose image is .bmp, .gif or .tiff is read (it was missing_image); a
+    sample with more images than its format reads is used and said once, naming them."""
+    import logging
+
+    def as_(fmt: str) -> bytes:
+        out = io.BytesIO()
+        Image.open(io.BytesIO(image_bytes(1))).save(out, format=fmt)
+        return out.getvalue()
+
+    members = [
+        ("b.bmp", as_("BMP")),
+        ("b.txt", b"a bitmap"),
+        ("t.tiff", as_("TIFF")),
+        ("t.txt", b"a tiff"),
+        ("x.jpg", as_("JPEG")),
+        ("x.png", image_bytes(2)),
+        ("x.txt", b"two images"),
+    ]
+    write_raw_tar(tmp_path / "hand.tar", members)
+    stream = _stream(str(tmp_path / "hand.tar"), "pairs")
+    with caplog.at_level(logging.WARNING, logger="mm_moe.data.documents"):
+        docs = [stream._next_document() for _ in range(3)]
+    assert sorted(_texts(docs)) == [b"a bitmap", b"a tiff", b"two images"]
+    assert not any(stream.skipped.values())
+    unread = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+    assert len(unread) == 1 and "sample x holds images it does not read (x.png)" in unread[0]
+
+
 def _tar_bytes(members) -> bytes:
     path = io.BytesIO()
     with tarfile.open(fileobj=path, mode="w") as tar:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import io
 
-from mm_moe.data.decode import IMAGE_EXTENSIONS, decode_image, pillow_error
+from mm_moe.data.decode import IMAGE_EXTENSIONS, READ_IMAGE_EXTENSIONS, decode_image, pillow_error
 from mm_moe.data.defects import SampleError
 
-CONVERTED = ("bmp", "gif", "tif", "tiff")
-READABLE = IMAGE_EXTENSIONS + CONVERTED  # the extensions the builders take
+READABLE = READ_IMAGE_EXTENSIONS  # the extensions the builders take (the others become PNG)
 
 
 def image_member(data: bytes, ext: str, what: str) -> tuple[str, bytes]:
