@@ -23,6 +23,9 @@ from mm_moe.tokenization.config import TokenizerConfig
 _RNG_TAG = 0x57EA
 log = logging.getLogger(__name__)
 
+# The keys that set the limit behind a reason (a corpus of small images needs a lower one).
+REASON_KEYS = {"small_image": "data.min_image_side", "aspect_ratio": "data.max_aspect_ratio"}
+
 # (source index, reason) of the skips this process has named in a warning.
 _NAMED_SKIPS: set[tuple[int, str]] = set()
 # Sources this process has warned about a mostly skipped shard, and the fewest skips in one
@@ -123,11 +126,20 @@ class SourceReader:
         if self.epoch_documents == 0 and self.borrowing:
             shards = list(self.source.shards)
             skipped = ", ".join(f"{n} {reason}" for reason, n in counters.items() if n)
+            keys = [
+                f"{key} ({reason})"
+                for reason, key in REASON_KEYS.items()
+                if counters.get(reason) and self.spec.on_error == "skip"
+            ]
+            hint = (f"; the limits are {', '.join(keys)}" if keys else "") + (
+                "; data.on_error=raise names the first bad sample"
+                if skipped
+                else ": its shards hold no samples"
+            )
             raise DataError(
                 f"data.sources[{self.source.index}] ({self.source.format}): a whole epoch of "
                 f"its shards {shards[:3]}{' ...' if len(shards) > 3 else ''} without one "
-                f"usable sample (this stream skipped: {skipped or 'nothing'}); "
-                "data.on_error=raise names the first bad sample"
+                f"usable sample (this stream skipped: {skipped or 'nothing'}){hint}"
             )
         if self.epoch_documents == 0:
             log.warning(

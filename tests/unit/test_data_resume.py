@@ -13,7 +13,7 @@ import torch
 from mm_moe.data.batch import Batch
 from mm_moe.data.config import DataConfig, SourceConfig
 from mm_moe.tokenization.config import TokenizerConfig
-from tests.data_shards import interleaved, pairs, texts, write_shards
+from tests.data_shards import image_bytes, interleaved, pairs, texts, write_shards
 
 SEED, GLOBAL = 3, 8
 TOKENIZER = TokenizerConfig(image_size=16, grid=4, levels=4)
@@ -271,3 +271,16 @@ def test_a_source_without_one_usable_sample_fails_naming_it(tmp_path):
         loader.next()
     with pytest.raises(DataError, match=r"this stream skipped: \d+ corrupt_image\)"):
         _loader([SourceConfig(str(tmp_path / "only-bad.tar"), "pairs")], streams=8).next()
+    # images all too small: the message names the key that sets the limit
+    small = [
+        m
+        for i in range(4)
+        for m in ((f"s{i}.png", image_bytes(i, size=(8, 8))), (f"s{i}.txt", b"a"))
+    ]
+    write_raw_tar(tmp_path / "small.tar", small)
+    with pytest.raises(DataError, match=r"small_image\); the limits are data.min_image_side"):
+        _loader([SourceConfig(str(tmp_path / "small.tar"), "pairs")], streams=2).next()
+    # a tar without samples: said so, not "on_error=raise names the first bad sample"
+    write_raw_tar(tmp_path / "empty.tar", [])
+    with pytest.raises(DataError, match=r"skipped: nothing\): its shards hold no samples"):
+        _loader([SourceConfig(str(tmp_path / "empty.tar"), "pairs")], streams=2).next()
