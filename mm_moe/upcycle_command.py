@@ -54,11 +54,11 @@ def split_args(argv: list[str]) -> tuple[dict, list[str], list[tuple[str, object
             _check_used(arg, key.split(".", 1)[0])
             train.append((key, o.value()))
         else:
-            options_all = sorted({*upcycle_keys, *valid_keys(TrainConfig, [])})
+            options_all = sorted({*upcycle_keys, *USED_GROUPS})
             raise ConfigError(
                 f"unknown key '{key}'.{did_you_mean(key, options_all)} Upcycling options: "
-                f"{', '.join(sorted(upcycle_keys))}; or a training-config key "
-                f"({', '.join(ENTRY_GROUPS)}, dotted: moe.top_k=2)"
+                f"{', '.join(sorted(upcycle_keys))}; or a key or group choice of the target's "
+                f"{', '.join(USED_GROUPS[:-1])} (dotted: moe.top_k=2), or experiment=..."
             )
     return options, choices, train
 

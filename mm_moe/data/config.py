@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -132,6 +133,7 @@ class DataConfig:
             from mm_moe.tokenization.vocab import Vocab
 
             layout = Vocab.load(tokenizer.vocab) if tokenizer.vocab else None
+            _warn_tokenizer_unread(tokenizer)
             source = SyntheticPatterns(self.synthetic, self.seq_len, seed, layout)
             return StepLoader(source, rank, dp_world_size, micro_batch_size, global_batch_size)
 
@@ -196,4 +198,22 @@ class DataConfig:
             tokenizer=tokenizer,
             whole_documents=self.whole_documents,
             pad_id=pad_id,
+        )
+
+
+def _warn_tokenizer_unread(tokenizer: TokenizerConfig) -> None:
+    """The synthetic source makes its own ids (the stand-in layout, or tokenizer.vocab's): a
+    chosen tokenizer is not used, yet the checkpoint records it (sampling would then read it)."""
+    unread = [
+        f"tokenizer.{k}={getattr(tokenizer, k)}"
+        for k, default in (("text", "utf8_bytes"), ("image", "grid_quantizer"), ("path", ""))
+        if getattr(tokenizer, k) != default
+    ]
+    if unread:
+        logging.getLogger("mm_moe").warning(
+            "data.source=synthetic_patterns makes its own token ids: %s %s not used (and the "
+            "checkpoint records it); to train with this tokenizer, give data.sources "
+            "(data=webdataset, docs/data.md)",
+            ", ".join(unread),
+            "is" if len(unread) == 1 else "are",
         )

@@ -66,3 +66,21 @@ def test_images_follow_their_pattern():
         i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
         assert np.array_equal(grid, (grid[0, 0] + row_step * i + col_step * j) % k)
         assert (modality[start : start + side * side] == IMAGE).all()
+
+
+def test_a_tokenizer_the_synthetic_data_does_not_read_is_warned_about(caplog):
+    """tokenizer=demo with the synthetic source trained on the stand-in ids without a word,
+    while the checkpoint recorded the demo tokenizer."""
+    from mm_moe.tokenization.config import TokenizerConfig
+
+    cfg = DataConfig(seq_len=16)
+    with caplog.at_level("WARNING"):
+        cfg.build(0, 0, 1, 2, 2, tokenizer=TokenizerConfig())
+    assert "makes its own token ids" not in caplog.text
+    chosen = TokenizerConfig(text="sentencepiece", image="vq", path="tokenizers/demo")
+    with caplog.at_level("WARNING"):
+        cfg.build(0, 0, 1, 2, 2, tokenizer=chosen)
+    assert (
+        "makes its own token ids: tokenizer.text=sentencepiece, tokenizer.image=vq, "
+        "tokenizer.path=tokenizers/demo are not used"
+    ) in caplog.text
