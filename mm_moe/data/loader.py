@@ -7,9 +7,12 @@ The loader's state is just the next step, so a checkpoint resumes at any world s
 
 from __future__ import annotations
 
+from dataclasses import asdict, is_dataclass
+
 import numpy as np
 
 from mm_moe.data.batch import Batch
+from mm_moe.errors import UserError
 
 
 class StepLoader:
@@ -42,8 +45,31 @@ class StepLoader:
         self.step += 1
         return batches
 
+    def described(self) -> dict:
+        """What the rows of a step depend on besides the step: a resume needs the same."""
+        out = {"trainer.global_batch_size": self.global_batch_size}
+        for key, attr in (("trainer.seed", "seed"), ("data.seq_len", "seq_len")):
+            if hasattr(self.source, attr):
+                out[key] = getattr(self.source, attr)
+        if is_dataclass(getattr(self.source, "cfg", None)):
+            out["data.synthetic"] = asdict(self.source.cfg)
+        return out
+
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "described": self.described()}
 
     def load_state_dict(self, state: dict) -> None:
+        saved, now = state.get("described"), self.described()  # older checkpoints: none
+        if saved is not None and saved != now:
+            changed = "; ".join(
+                f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}"
+                for k in {**saved, **now}
+                if saved.get(k) != now.get(k)
+            )
+            raise UserError(
+                f"the checkpoint's data position was saved for other synthetic data ({changed}); "
+                "resuming exactly needs the same. To train its weights on other data, pass "
+                "checkpoint.weights_only=true (fresh optimizer, schedule and data position from "
+                "step 0)"
+            )
         self.step = int(state["step"])

@@ -84,3 +84,21 @@ def test_a_tokenizer_the_synthetic_data_does_not_read_is_warned_about(caplog):
         "makes its own token ids: tokenizer.text=sentencepiece, tokenizer.image=vq, "
         "tokenizer.path=tokenizers/demo are not used"
     ) in caplog.text
+
+
+def test_a_resume_with_another_seed_or_global_batch_is_refused_naming_it():
+    """The rows of a step depend on the seed, the global batch and the sequence length: an
+    exact resume with others went on silently with other data (the webdataset source refused
+    it); micro-batch and world size stay free."""
+    import pytest
+
+    from mm_moe.errors import UserError
+
+    state = _loader().state_dict()
+    _loader(micro=4).load_state_dict(state)
+    _loader(rank=1, world=2).load_state_dict(state)
+    with pytest.raises(UserError, match=r"trainer.seed: checkpoint 3, this run 5"):
+        _loader(seed=5).load_state_dict(state)
+    with pytest.raises(UserError, match=r"trainer.global_batch_size: checkpoint 8, this run 16"):
+        _loader(global_batch=16).load_state_dict(state)
+    _loader().load_state_dict({"step": 4})  # a checkpoint from before: not compared
