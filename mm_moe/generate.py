@@ -144,6 +144,27 @@ def _room_for(cfg: GenerateConfig, model, tok, prompt: list[int]) -> int:
     return wanted
 
 
+def _check_tokenizer_made_the_ids(model, tok, checkpoint) -> None:
+    """The tokenizer must make the vocabulary the model was trained on (the one its checkpoint
+    recorded): a run on the synthetic data records its tokenizer config but trains on the
+    stand-in ids."""
+    trained = getattr(model, "vocab", None)
+    if trained is None or trained.size == tok.vocab.size:
+        return
+    source = model.train_config.data.source
+    why = (
+        f"it was trained with data.source={source}, which makes its own ids and does not use "
+        "the tokenizer its config names"
+        if source == "synthetic_patterns"
+        else "its tokenizer has changed since"
+    )
+    raise UserError(
+        f"{checkpoint}: the model was trained on a vocabulary of {trained.size} ids and its "
+        f"tokenizer makes {tok.vocab.size} ({why}); sampling needs the tokenizer that made "
+        "the training ids"
+    )
+
+
 def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     """One dict per sample: {"text": str, "images": [PNG paths]}."""
     from mm_moe.api import load_pretrained
@@ -153,6 +174,7 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
         overrides = {k: v for k, v in asdict(cfg.tokenizer).items() if v}
         model = load_pretrained(cfg.checkpoint, tokenizer=overrides)
     tok = tokenizers if tokenizers is not None else model.train_config.tokenizer.build()
+    _check_tokenizer_made_the_ids(model, tok, cfg.checkpoint)
     prompt = prompt_ids(tok, cfg.prompt, image, cfg.mode)
     out_dir = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, model)
     if out_dir.exists() and not out_dir.is_dir():

@@ -283,6 +283,28 @@ def test_a_tokenizer_with_another_vocabulary_is_refused_for_a_checkpoint(tmp_pat
         _check_same_vocabulary(tmp_path, cfg(531), recorded)
 
 
+def test_generate_refuses_a_tokenizer_that_did_not_make_the_training_ids():
+    """A run on the synthetic data records its tokenizer config (tokenizer=demo) but trains on
+    the stand-in ids: generate then stopped on an AssertionError (325, 2304) in sampling; now
+    one line says why."""
+    import pytest
+
+    from mm_moe.errors import UserError
+    from mm_moe.generate import _check_tokenizer_made_the_ids
+    from mm_moe.tokenization.vocab import Vocab
+
+    model = lambda source: SimpleNamespace(
+        vocab=Vocab.from_sizes(256, 64),
+        train_config=SimpleNamespace(data=SimpleNamespace(source=source)),
+    )
+    tok = lambda text: SimpleNamespace(vocab=Vocab.from_sizes(text, 64))
+    _check_tokenizer_made_the_ids(model("synthetic_patterns"), tok(256), "ck")
+    with pytest.raises(UserError, match=r"ck: the model was trained on a vocabulary of 325 ids"):
+        _check_tokenizer_made_the_ids(model("synthetic_patterns"), tok(2000), "ck")
+    with pytest.raises(UserError, match="its tokenizer has changed since"):
+        _check_tokenizer_made_the_ids(model("webdataset"), tok(2000), "ck")
+
+
 def test_a_checkpoints_relative_tokenizer_path_is_found_from_any_folder(tmp_path, monkeypatch):
     """tokenizer.path=tokenizers/demo is relative to where training started: load_pretrained
     and load_tokenizers find it from another working folder through the checkpoint's place
