@@ -80,6 +80,15 @@ def check_overrides(argv: list[str], schema: type, groups: tuple[str, ...]) -> l
             out[-1] = "++" + arg
             continue
         if leaf not in options:
+            for depth, parent in enumerate(parents):  # the first unknown part of the key
+                above = valid_keys(schema, parents[:depth]) or set()
+                if parent not in above:
+                    where = f"under '{'.'.join(parents[:depth])}'" if depth else "at the top level"
+                    raise ConfigError(
+                        f"unknown config key '{key}': '{parent}' is not a key "
+                        f"{where}.{did_you_mean(parent, above)} Valid keys {where}: "
+                        f"{', '.join(sorted(above))}"
+                    )
             where = f"under '{'.'.join(parents)}'" if parents else "at the top level"
             hint = did_you_mean(leaf, options)
             raise ConfigError(

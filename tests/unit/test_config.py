@@ -126,6 +126,19 @@ def test_override_prescan(argv, ok):
             check_overrides(argv, TrainConfig, ENTRY)
 
 
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("traner.max_steps=5", "'traner' is not a key at the top level. Did you mean 'trainer'?"),
+        ("logging.wandbb.mode=offline", "'wandbb' is not a key under 'logging'. Did you mean"),
+    ],
+)
+def test_a_misspelt_group_in_a_key_is_named_with_its_neighbours(arg, message):
+    """Before: "Valid keys under 'traner': (none: not a mapping)", with no suggestion."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_overrides([arg], TrainConfig, ENTRY)
+
+
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 
