@@ -213,6 +213,8 @@ def hydra_entry(prog: str, config_name: str, schema: type, run: Callable[[Any], 
 
     with hydra_errors(prog):
         check_command_line(sys.argv[1:])
+        # its own keys only (no config groups): an unknown key is named, with a did-you-mean
+        sys.argv[1:] = check_overrides(sys.argv[1:], schema, ())
         try:
             _main()
         finally:

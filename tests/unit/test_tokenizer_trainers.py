@@ -135,11 +135,21 @@ def test_train_text_command_help_and_exit_status(tmp_path):
         "help": subprocess.Popen(
             [*cmd, "--help"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ),
+        # a misspelt key: named with a did-you-mean (Hydra's own advice was `+vocab_sise=300`)
+        "misspelt": subprocess.Popen(
+            [*cmd, "vocab_sise=300"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
     }
     out = {name: (*p.communicate(timeout=120), p.returncode) for name, p in runs.items()}
     _, err, code = out["missing"]
     assert code == 2 and "missing.txt" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+    _, err, code = out["misspelt"]
+    assert code == 2 and "unknown config key 'vocab_sise'. Did you mean 'vocab_size'?" in err, err
     help_text, _, code = out["help"]
     assert code == 0
     for key in ("output", "sources", "files", "vocab_size", "model_type", "max_chars", "overwrite"):
