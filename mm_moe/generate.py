@@ -229,15 +229,26 @@ def _guided_images(cfg: GenerateConfig, model, tok, prompt: list[int], out_dir: 
     ]
 
 
+def _say_if_replaced(path: Path) -> None:
+    """Samples are named by seed: another checkpoint's (or another prompt's) sample of the
+    same seed in the same folder is replaced, which is said."""
+    if path.exists():
+        log.warning(
+            "replacing %s (an earlier sample of the same seed): out=FOLDER keeps both", path
+        )
+
+
 def _save_image(image_tokenizer, codes, out_dir: Path, seed: int, index: int) -> Path:
     """The image as a PNG, or its codes as .npy where the tokenizer has no decoder (Chameleon's
     VQGAN: published without one) to decode with the original release's decoder."""
     stem = out_dir / f"sample_{seed:03d}_{index}"
     if getattr(image_tokenizer, "can_decode", True):
         path = stem.with_suffix(".png")
+        _say_if_replaced(path)
         image_tokenizer.decode(codes).save(path)
         return path
     path = stem.with_suffix(".codes.npy")
+    _say_if_replaced(path)
     np.save(path, np.asarray(codes))
     log.warning("%s: the image tokenizer has no decoder; saved the image's codes", path)
     return path
