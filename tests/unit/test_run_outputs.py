@@ -322,3 +322,18 @@ def test_a_checkpoints_relative_tokenizer_path_is_found_from_any_folder(tmp_path
     assert _launch_relative(step_dir, cfg, "tokenizers/other") == "tokenizers/other"
     moved = SimpleNamespace(checkpoint=SimpleNamespace(dir="elsewhere/checkpoints"))
     assert _launch_relative(step_dir, moved, "tokenizers/demo") == "tokenizers/demo"
+
+
+def test_a_sample_replacing_an_earlier_one_of_the_same_seed_is_said(tmp_path, caplog):
+    """Samples are named by seed: a second checkpoint's sample into the same samples/ folder
+    replaced the first without a word."""
+    from mm_moe.generate import _save_image
+    from mm_moe.tokenization.config import TokenizerConfig
+
+    image = TokenizerConfig().build().image
+    codes = list(range(image.tokens_per_image))
+    with caplog.at_level("WARNING"):
+        first = _save_image(image, codes, tmp_path, 0, 0)
+        assert "replacing" not in caplog.text
+        assert _save_image(image, codes, tmp_path, 0, 0) == first
+    assert f"replacing {first} (an earlier sample of the same seed)" in caplog.text
