@@ -42,6 +42,7 @@ from mm_moe.tokenization.digest import check as check_tokenizer
 from mm_moe.tokenization.digest import tokenizer_digest
 from mm_moe.trainer import fault_injection, run_lock
 from mm_moe.trainer.guard import StepGuard
+from mm_moe.trainer.host_memory import warn_if_beyond_host_memory
 from mm_moe.trainer.metrics import METRICS_FILE, MetricsLogger
 from mm_moe.trainer.peak import device_name, peak_flops
 from mm_moe.utils.scrub import install_log_scrubber, scrub
@@ -336,6 +337,13 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
     return meta
 
 
+def _engine(cfg: TrainConfig, model_cfg, dist):
+    """The model, built and parallelized (said first where its state will not fit on a CPU)."""
+    model = model_cfg.build(cfg.moe)
+    warn_if_beyond_host_memory(model, dist.device)
+    return parallelize(model.to(dist.device), cfg, dist)
+
+
 def build_training(cfg: TrainConfig) -> Training:
     """Every part of the run; resumes when checkpoint.resume says so. Collective."""
     cfg, dist = start_processes(cfg)
@@ -349,7 +357,7 @@ def build_training(cfg: TrainConfig) -> Training:
     # The next step's batches are built while this one runs (pinned for async copies on CUDA).
     loader = Prefetcher(loader, pin_memory=dist.device.type == "cuda", device=dist.device)
     model_cfg = cfg.model.with_vocab(loader.vocab.size)
-    engine = parallelize(model_cfg.build(cfg.moe).to(dist.device), cfg, dist)
+    engine = _engine(cfg, model_cfg, dist)
     seed_all(t.seed * 100_003 + dist.rank)  # randomness in training differs across ranks
     config_dict = scrub(to_dict(cfg))  # secrets never reach the saved config or wandb
     config_dict["model"]["vocab_size"] = model_cfg.vocab_size

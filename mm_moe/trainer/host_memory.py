@@ -1,0 +1,53 @@
+"""A run on CPU whose weights, gradients and Adam state alone exceed the machine's free memory
+is killed by the kernel mid-way, with no word from Python: said before it starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+log = logging.getLogger("mm_moe")
+
+# fp32 weights and gradients, Adam's two moments: what every parameter holds during training
+# (a bf16 model keeps fp32 master weights instead of fp32 ones: about the same).
+BYTES_PER_PARAMETER = 16
+
+
+def available_bytes() -> int | None:
+    """The kernel's MemAvailable; None where /proc/meminfo does not say it (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def warn_if_beyond_host_memory(model: nn.Module, device: torch.device) -> None:
+    """On CPU: warn when this machine's processes (torchrun's LOCAL_WORLD_SIZE) need more for
+    weights, gradients and Adam state than the memory free now (activations come on top)."""
+    if device.type != "cpu":
+        return
+    free = available_bytes()
+    if free is None:
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    params = sum(p.numel() for p in model.parameters())
+    need = params * BYTES_PER_PARAMETER * processes
+    if need > free:
+        gib = 2**30
+        log.warning(
+            "%.2fB parameters: about %.1f GiB of weights, gradients and Adam state for %d "
+            "process(es) on this machine, more than the %.1f GiB free: the run will likely be "
+            "killed for memory (without a message). A smaller model.*, or `python -m mm_moe.plan` "
+            "to size it",
+            params / 1e9,
+            need / gib,
+            processes,
+            free / gib,
+        )
