@@ -63,13 +63,24 @@ def failure(prog: str, exc: BaseException) -> int:
     from mm_moe.utils.scrub import scrub_text
 
     if isinstance(exc, UserError) or _is_hydra_user_error(exc):
-        text, code = str(exc).strip(), 2
+        text, code = _hydra_brief(str(exc).strip()), 2
     elif getattr(exc, "brief", False):
         text, code = f"{exc.__class__.__name__}: {exc}", 1
     else:
         text, code = "".join(traceback.format_exception(exc)).rstrip(), 1
     print(f"{prog}: error: {scrub_text(text)}", file=sys.stderr)
     return code
+
+
+def _hydra_brief(text: str) -> str:
+    """A missing group option in one line with its choices (Hydra lists them one per line,
+    then its config search path, which says nothing to a user)."""
+    head, sep, options = text.partition("\n\nAvailable options in ")
+    if not sep:
+        return text
+    group, _, rest = options.partition(":")
+    names = [line.strip() for line in rest.split("Config search path:")[0].splitlines()]
+    return f"{head}; {group.strip(chr(39))} options: {', '.join(n for n in names if n)}"
 
 
 def _scrubbing_excepthook(exc_type, exc, tb) -> None:

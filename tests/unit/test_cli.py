@@ -79,3 +79,23 @@ def test_entry_points_answer_help_with_their_keys(module, key):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"  {key}:" in done.stdout, done.stdout
+
+
+def test_a_missing_group_option_is_one_line_with_the_choices(capsys):
+    """Hydra lists a group's options one per line and then its config search path; the
+    message is one line with the choices."""
+    from hydra.errors import MissingConfigException
+
+    from mm_moe.cli import failure
+
+    text = (
+        "In 'train': Could not find 'model/tiny_mom'\n\nAvailable options in 'model':\n"
+        "\tdense_1b\n\ttiny_dense\n\ttiny_moma\nConfig search path:\n"
+        "\tprovider=hydra, path=pkg://hydra.conf\n\tprovider=main, path=file:///x/configs\n"
+    )
+    assert failure("mm_moe.train", MissingConfigException(text)) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "mm_moe.train: error: In 'train': Could not find 'model/tiny_mom'; model options: "
+        "dense_1b, tiny_dense, tiny_moma"
+    )

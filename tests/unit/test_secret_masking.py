@@ -76,6 +76,7 @@ def test_the_files_the_upcycle_writes_hold_no_secret(tmp_path):
         "moe.experts_per_modality.mixed=2",
         "moe.router=token_choice",
         # say, a secret pasted into a shard url (a key the upcycle keeps in config.yaml)
+        "data.source=webdataset",
         f"data.sources=[{{urls:'pipe:curl -H {TOKEN} x',format:text}}]",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
