@@ -21,6 +21,9 @@ import torch
 
 def _args() -> dict:
     args = {"d_model": 256, "n_layers": 8, "repeats": 3, "dir": ""}
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        raise SystemExit(0)
     for arg in sys.argv[1:]:
         key, _, value = arg.partition("=")
         if key not in args:

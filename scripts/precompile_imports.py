@@ -42,6 +42,9 @@ THIRD_PARTY = [
 
 
 def main() -> None:
+    if sys.argv[1:]:  # it takes no arguments: --help (or anything) prints what it does
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1] in ("-h", "--help") else 2)
     t0 = time.perf_counter()
     warnings.simplefilter("ignore")
     import mm_moe

@@ -87,6 +87,16 @@ def test_script_runs_at_its_smallest_size(script):
         json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("script", ["scripts/bench_checkpoint.py", "scripts/precompile_imports.py"])
+def test_help_prints_what_a_key_value_script_does_and_runs_nothing(script):
+    """--help exited 1 on bench_checkpoint ("unknown argument '--help'"); precompile_imports
+    ignored it and ran, writing bytecode."""
+    proc = _run([script, "--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = (REPO / script).read_text().split('"""')[1].splitlines()[0]
+    assert first in proc.stdout and HERE[script][1] not in proc.stdout
+
+
 def test_pairs_pretokenize_and_interleaved_builders_run_as_commands(tmp_path):
     from tests.data_shards import caption, image_bytes
 
