@@ -211,6 +211,8 @@ ADDED_AT_NO_EFFECT = {
     ("trainer", "grad_accum_dtype"): "auto",  # the behaviour before the key
     ("trainer", "profile"): "",  # a trace file only
     ("tokenizer", "allow_changed"): False,  # a check, not the data
+    ("parallel", "overlap_comm"): None,  # how ZeRO reduces, not what: the default before
+    ("parallel", "reduce_bucket_size"): 500_000_000,  # DeepSpeed's default, as before the key
 }
 
 
