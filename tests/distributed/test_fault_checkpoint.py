@@ -38,6 +38,14 @@ def _parts(zero_stage: int, root: Path):
     return build_training(cfg)
 
 
+def _close(training) -> None:
+    """What Trainer.fit closes at the end: the prefetch thread (a daemon thread left running
+    torch ops while the process exits can abort it) and the checkpoint writer."""
+    training.loader.close()
+    training.checkpointer.close()
+    training.metrics.close()
+
+
 def _step(training):
     from mm_moe.trainer.step import train_step
 
@@ -96,6 +104,7 @@ def _check_async_save(rank: int, world: int, root: str) -> None:
         assert layout.latest_step_dir(ckpts) == ckpts / "step_00000001"
         _assert_saved(ckpts / "step_00000001", *at_save)
         assert not torch.equal(after[0]["norm.weight"], at_save[0]["norm.weight"])
+    _close(training)
 
 
 def _check_write_error(rank: int, world: int, root: str) -> None:
@@ -144,6 +153,7 @@ def _check_write_error(rank: int, world: int, root: str) -> None:
     checkpointer.save(training.state(3))
     checkpointer.wait()
     assert layout.latest_step_dir(root) == root / "step_00000003"
+    _close(training)
 
 
 def _check_both(rank: int, world: int, root: str) -> None:
