@@ -58,8 +58,15 @@ def expand_urls(urls: str | list[str], key: str) -> list[str]:
                 raise UserError(f"{key}: shard {url} does not exist")
             else:
                 shards.append(url)
-    log.info("%s: %d shard(s)", key, len(shards))
-    return shards
+    unique = list(dict.fromkeys(shards))  # a shard named twice (a folder and a glob) once
+    if len(unique) < len(shards):
+        log.warning(
+            "%s: %d shard(s) named more than once by the urls are read once per epoch",
+            key,
+            len(shards) - len(unique),
+        )
+    log.info("%s: %d shard(s)", key, len(unique))
+    return unique
 
 
 # What a folder url reads (any case): plain and gzipped tars.

@@ -412,3 +412,9 @@ def test_a_folder_url_reads_every_shard_in_it_and_names_subfolders_it_does_not(t
         f"{folder}: its subfolders are not read, and {folder / 'sub'} holds shards" in caplog.text
     )
     assert "data.sources[0]: 4 shard(s)" in caplog.text
+    # a folder and a glob naming the same shards: each read once, and said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mm_moe.data.shards"):
+        both = expand_urls([str(folder), str(folder / "*.tar"), str(folder / "a.tar")], "k")
+    assert both == shards
+    assert "k: 2 shard(s) named more than once by the urls are read once per epoch" in (caplog.text)
