@@ -261,18 +261,28 @@ def parse_args(cls: type, argv: list[str], prog: str):
     try:
         if bad:
             raise ConfigError(f"arguments must be key=value, got {bad[0]!r}")
-        for arg in argv:  # a value YAML cannot read (glob=*.txt reads as an alias): its name
-            try:
-                OmegaConf.from_dotlist([arg])
-            except Exception as exc:  # noqa: BLE001 - YAML's and OmegaConf's parse errors
-                first = str(exc).splitlines()[0]
-                raise ConfigError(
-                    f"cannot read {arg!r} ({first}); quote the value, e.g. 'glob=\"*.txt\"'"
-                ) from exc
-        values = OmegaConf.to_container(OmegaConf.from_dotlist(argv), resolve=True)
-        return from_dict(cls, values)
+        try:
+            dotlist = OmegaConf.from_dotlist(argv)
+        except Exception as exc:  # noqa: BLE001 - YAML's and OmegaConf's parse errors
+            raise _unreadable(argv) from exc
+        return from_dict(cls, OmegaConf.to_container(dotlist, resolve=True))
     except ConfigError as exc:
         fail(prog, f"{exc}\n{usage(cls, prog)}")
+
+
+def _unreadable(argv: list[str]) -> ConfigError:
+    """The error naming the argument YAML cannot read (glob=*.txt reads as an alias)."""
+    from omegaconf import OmegaConf
+
+    for arg in argv:
+        try:
+            OmegaConf.from_dotlist([arg])
+        except Exception as exc:  # noqa: BLE001 - YAML's and OmegaConf's parse errors
+            first = str(exc).splitlines()[0]
+            return ConfigError(
+                f"cannot read {arg!r} ({first}); quote the value, e.g. 'glob=\"*.txt\"'"
+            )
+    return ConfigError(f"cannot read the arguments {argv}")
 
 
 def run_job(prog: str, cls: type, job: Callable[[Any], Any], argv: list[str] | None = None):

@@ -53,6 +53,7 @@ UNREAD_WHY = {
     + ", ".join(READ_IMAGE_EXTENSIONS)
     + "): give each image its own sample, or use format interleaved",
     "interleaved": "an interleaved sample reads the images its .json names",
+    "text": "format text reads only KEY.txt; format pairs or interleaved reads images",
 }
 
 
@@ -201,14 +202,7 @@ class DocumentBuilder:
             )
 
     def _from_text(self, raw: RawSample, rng: np.random.Generator) -> Document:
-        if not self._warned_unread and (unread := images_left_unread("text", raw)):
-            self._warned_unread = True
-            log.warning(
-                "format text reads only KEY.txt, but sample %s holds images (%s): they are not "
-                "read; format pairs or interleaved reads them",
-                raw.key,
-                ", ".join(unread),
-            )
+        self._warn_unread(raw, "text", ())
         return self._document([self._encode_text(self._member_text(raw, "txt"))])
 
     def _from_interleaved(self, raw: RawSample, rng: np.random.Generator) -> Document:

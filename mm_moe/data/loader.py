@@ -61,15 +61,18 @@ class StepLoader:
     def load_state_dict(self, state: dict) -> None:
         saved, now = state.get("described"), self.described()  # older checkpoints: none
         if saved is not None and saved != now:
-            changed = "; ".join(
-                f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}"
-                for k in {**saved, **now}
-                if saved.get(k) != now.get(k)
-            )
             raise UserError(
-                f"the checkpoint's data position was saved for other synthetic data ({changed}); "
+                "the checkpoint's data position was saved for other synthetic data "
+                f"({changed_keys(saved, now)}); "
                 "resuming exactly needs the same. To train its weights on other data, pass "
                 "checkpoint.weights_only=true (fresh optimizer, schedule and data position from "
                 "step 0)"
             )
         self.step = int(state["step"])
+
+
+def changed_keys(saved: dict, now: dict) -> str:
+    """`key: checkpoint X, this run Y` for each key that differs (a source added or removed
+    shows as its keys on one side only)."""
+    keys = [k for k in {**saved, **now} if saved.get(k) != now.get(k)]
+    return "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}" for k in keys)

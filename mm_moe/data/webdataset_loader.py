@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from mm_moe.data.batch import Batch
 from mm_moe.data.defects import REASONS, DataError, counter_key
+from mm_moe.data.loader import changed_keys
 from mm_moe.data.shards import is_remote
 from mm_moe.data.stream import PipelineSpec
 from mm_moe.data.stream_dataset import StreamsDataset, identity
@@ -94,13 +95,6 @@ def contents(spec: PipelineSpec) -> dict[str, str | None]:
         except (OSError, tarfile.TarError):
             out[f"data.sources[{i}]"] = None
     return out
-
-
-def changed_keys(saved: dict, now: dict) -> str:
-    """`key: checkpoint X, this run Y` for each key that differs (a source added or removed
-    shows as its keys on one side only)."""
-    keys = [k for k in {**saved, **now} if saved.get(k) != now.get(k)]
-    return "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {now.get(k)!r}" for k in keys)
 
 
 class WebDatasetLoader:
