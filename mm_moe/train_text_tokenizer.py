@@ -41,6 +41,8 @@ def texts(cfg: TrainTextConfig):
     streams += [iter(read_file(f)) for f in cfg.files]
     for stream in streams:
         for text in stream:
+            if cfg.max_chars:  # the last text cut to what is left: at most max_chars in all
+                text = text[: cfg.max_chars - total]
             yield text
             total += len(text)
             if cfg.max_chars and total >= cfg.max_chars:

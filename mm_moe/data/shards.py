@@ -94,8 +94,26 @@ def _folder_shards(folder: str, key: str) -> list[str]:
 
 
 def open_shard(url: str):
-    """A binary file object; `pipe:CMD` runs CMD in a shell (configs must be trusted)."""
-    return wds.gopen(url, "rb")
+    """A binary file object; `pipe:CMD` runs CMD in a shell (configs must be trusted), its
+    exit status checked when it is closed (`_StatusAtClose`)."""
+    stream = wds.gopen(url, "rb")
+    return _StatusAtClose(stream) if url.startswith("pipe:") else stream
+
+
+class _StatusAtClose:
+    """A `pipe:` shard's output read to its end before the command's exit status is checked
+    (at close, where a failure still counts against the shard): webdataset's Pipe checks it on
+    every read and drops the bytes of the read that saw the exit, so a command that wrote a
+    whole tar and then failed lost a tail whose size depended on timing."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def read(self, *args):
+        return self.pipe.stream.read(*args)
+
+    def close(self) -> None:
+        self.pipe.close()  # waits for the command; a failure status raises OSError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ Layout defects do not stop the shard:
   broken member already belongs to the next key. A tar is whole only when it ends with its
   end-of-archive blocks (two zero blocks): `tarfile` ends quietly on a stream cut at a member
   boundary or inside a header (also under gzip or `pipe:`), so that is checked here;
-- a shard that cannot be opened or read at all raises `SampleError("unreadable_shard")`.
+- a shard that cannot be opened or read at all raises `SampleError("unreadable_shard")`;
+- a `pipe:` command that fails after writing a whole tar raises `SampleError("truncated_tar")`
+  after all of its samples.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ def _header_recorder(last_block: list[bytes]) -> type[tarfile.TarInfo]:
 _ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
 
 
+class _FailedAtClose(OSError):
+    """The tar was whole, but closing its source failed (a `pipe:` command's exit status)."""
+
+
 class _BrokenMember(Exception):
     """Reading the data of member `name` failed (its header was fine)."""
 
@@ -96,7 +102,10 @@ def _members(url: str) -> Iterator[tuple[str, bytes]]:
         completed = True
     finally:
         if completed:
-            fileobj.close()  # a `pipe:` command's failure status raises here
+            try:
+                fileobj.close()  # a `pipe:` command's failure status raises here
+            except _TAR_ERRORS as exc:
+                raise _FailedAtClose(str(exc)) from exc
         else:
             # Abandoned (or already failing): a pipe cut short exits with SIGPIPE; ignore it.
             with contextlib.suppress(Exception):
@@ -130,10 +139,12 @@ def iter_raw_samples(url: str) -> Iterator[RawSample]:
     except (*_TAR_ERRORS, _BrokenMember) as exc:
         broken = exc.name if isinstance(exc, _BrokenMember) else None
         cause = exc.__cause__ if broken else exc
-        if current is not None and broken and base_plus_ext(broken)[0] != current.key:
-            yield current  # the break is in the next sample: this one is complete
+        whole = isinstance(exc, _FailedAtClose)
+        if current is not None and (whole or broken and base_plus_ext(broken)[0] != current.key):
+            yield current  # the break is in the next sample (or after the end): it is complete
             current = None
         where = f"reading member {broken!r}" if broken else "reading a member header"
+        where = "after the tar's end, closing it" if whole else where
         opened = members_read or broken or isinstance(exc, _CutShort)
         reason = "truncated_tar" if opened else "unreadable_shard"
         raise SampleError(

@@ -276,6 +276,7 @@ def test_pretokenize_refuses_input_with_nothing_usable(tmp_path):
     )
     with pytest.raises(ValueError, match="no usable document in 1 shard"):
         pretokenize(cfg)
+    assert list((tmp_path / "tok").iterdir()) == []  # no empty shard to mistake for data
     with pytest.raises(ValueError, match="processes=0 must be >= 1"):
         PretokenizeConfig(input="x", format="pairs", output="y", processes=0)
 
@@ -418,3 +419,44 @@ def test_a_folder_url_reads_every_shard_in_it_and_names_subfolders_it_does_not(t
         both = expand_urls([str(folder), str(folder / "*.tar"), str(folder / "a.tar")], "k")
     assert both == shards
     assert "k: 2 shard(s) named more than once by the urls are read once per epoch" in (caplog.text)
+
+
+def test_upper_case_captions_and_images_the_loader_would_skip(tmp_path, caplog):
+    """`IMG.JPG` + `IMG.TXT` is a pair; images below data.min_image_side's default or beyond
+    data.max_aspect_ratio's are stored but said, with the key, in both image builders (training
+    would skip them on every epoch), counting only the images of stored samples."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.new("RGB", (32, 32), "red").save(src / "A.JPG")
+    (src / "A.TXT").write_text("a red square")
+    Image.new("RGB", (8, 8), "blue").save(src / "tiny.png")
+    (src / "tiny.txt").write_text("a small blue square")
+    Image.new("RGB", (200, 20), "green").save(src / "wide.png")
+    (src / "wide.Txt").write_text("a green strip")
+    with caplog.at_level("WARNING"):
+        pattern = build_pairs(BuildPairsConfig(input=str(src), output=str(tmp_path / "p")))
+    assert sorted(s.members["txt"] for s in _samples(pattern)) == [
+        b"a green strip",
+        b"a red square",
+        b"a small blue square",
+    ]
+    assert "have no caption" not in caplog.text
+    assert "1 of 3 stored images have a shorter side below 16 pixels" in caplog.text
+    assert "data.min_image_side" in caplog.text and "tiny.png (8x8)" in caplog.text
+    assert "1 of 3 stored images have a longer side over 4.0x" in caplog.text
+    assert "data.max_aspect_ratio" in caplog.text and "wide.png (200x20)" in caplog.text
+
+    caplog.clear()
+    docs = [
+        {"texts": ["small", None], "images": [None, "photos/tiny.png"]},
+        {"texts": [None, None], "images": ["photos/tiny.png", "photos/missing.png"]},
+        {"texts": ["fine", None], "images": [None, "photos/A.JPG"]},
+    ]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(d) for d in docs))
+    with caplog.at_level("WARNING"):
+        build_interleaved(BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "i")))
+    assert "1 documents left out" in caplog.text  # the missing image's: its tiny.png uncounted
+    assert "1 of 2 stored images have a shorter side below 16 pixels" in caplog.text
+    assert "image photos/tiny.png (8x8)" in caplog.text
+    assert "longer side" not in caplog.text

@@ -7,15 +7,17 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from mm_moe.data.config import DataConfig, SourceConfig
-from mm_moe.data.defects import REASONS, DataError, counter_key
+from mm_moe.data.defects import REASONS, DataError, SampleError, counter_key
 from mm_moe.data.documents import DocumentBuilder
 from mm_moe.data.stream import Stream
+from mm_moe.data.tar_reader import iter_raw_samples
 from mm_moe.tokenization.config import TokenizerConfig
 from tests.data_shards import image_bytes, write_raw_tar
 
@@ -315,6 +317,22 @@ def test_pipe_urls_stream_the_same_samples_and_a_failing_command_is_counted(tmp_
     stream = _stream(urls, "pairs")
     [stream._next_document() for _ in range(4)]  # two epochs of the good shard
     assert stream.skipped["unreadable_shard"] >= 1
+
+
+def test_a_pipe_command_failing_after_a_whole_tar_loses_no_sample(tmp_path):
+    """Every sample the command wrote is read, whenever it exits; its failure status is then
+    counted against the shard (truncated_tar: it was opened). 40 KiB: more than tarfile's
+    first read, less than a pipe's buffer (the command writes it all and exits at once)."""
+    write_raw_tar(tmp_path / "good.tar", [(f"t{i}.txt", b"x" * 5000) for i in range(8)])
+    keys = [raw.key for raw in iter_raw_samples(str(tmp_path / "good.tar"))]
+    url = f"pipe:cat {tmp_path / 'good.tar'}; exit 3"
+    samples = iter_raw_samples(url)
+    got = [next(samples).key]
+    time.sleep(0.3)  # the command has exited before the rest is read
+    with pytest.raises(SampleError, match="exit 3") as err:
+        for raw in samples:
+            got.append(raw.key)
+    assert got == keys and err.value.reason == "truncated_tar"
 
 
 def _cut_points(whole: bytes) -> dict[str, tuple[int, list[str], str | None]]:

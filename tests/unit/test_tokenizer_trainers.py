@@ -156,3 +156,16 @@ def test_train_text_command_help_and_exit_status(tmp_path):
         assert re.search(rf"^\s*{key}:", help_text, re.M), (key, help_text)
     for group in ("model:", "moe:", "data:", "optim:", "Configuration groups"):
         assert group not in help_text, help_text
+
+
+def test_max_chars_bounds_the_text_read(tmp_path):
+    """max_chars cuts the text it reaches, not at the end of that text's file or document."""
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text("a" * 5000)
+    small.write_text("b" * 10)
+    cfg = TrainTextConfig(output=str(tmp_path / "tok"), files=[str(big), str(small)])
+    assert [len(t) for t in train_text.texts(cfg)] == [5000, 10]
+    cfg.max_chars = 1200
+    assert list(train_text.texts(cfg)) == ["a" * 1200]
+    cfg.max_chars = 5004
+    assert list(train_text.texts(cfg)) == ["a" * 5000, "b" * 4]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mm_moe.data.builders.images import READABLE, image_member
+from mm_moe.data.builders.images import READABLE, LoaderDefaults, image_member
 from mm_moe.data.builders.writer import (
     prepare_output,
     remove_empty_shards,
@@ -74,7 +74,9 @@ def _list_entries(texts, images) -> list[tuple[str, str]]:
     return out
 
 
-def to_sample(key: str, line: str, image_root: Path) -> dict:
+def to_sample(
+    key: str, line: str, image_root: Path, defaults: LoaderDefaults | None = None
+) -> dict:
     """One JSONL line as a webdataset sample; ValueError/OSError (SampleError for an image
     Pillow cannot decode) when it cannot be used."""
     doc = json.loads(line)
@@ -88,7 +90,7 @@ def to_sample(key: str, line: str, image_root: Path) -> dict:
         ext = path.suffix.lower().lstrip(".")
         if ext not in READABLE:
             raise UserError(f"image {value}: extension must be one of {READABLE}")
-        ext, data = image_member(path.read_bytes(), ext, f"image {value}")
+        ext, data = image_member(path.read_bytes(), ext, f"image {value}", defaults)
         member = f"{len(content)}.{ext}"
         sample[member] = data
         content.append({"type": "image", "member": member})
@@ -119,25 +121,32 @@ def build(cfg: BuildInterleavedConfig) -> str:
         lines = [lines[i] for i in order]
     out = prepare_output(cfg.output, cfg.overwrite, cfg.shard_size)
     left_out = []
+    defaults = LoaderDefaults()
 
     def samples():
         n = 0
         for number, raw in lines if lines is not None else _numbered_lines(src):
             try:
                 # utf-8-sig: a byte order mark before the first line is not JSON
-                yield to_sample(f"{n:09d}", raw.decode("utf-8-sig"), image_root)
-                n += 1
+                sample = to_sample(f"{n:09d}", raw.decode("utf-8-sig"), image_root, defaults)
             except UnicodeDecodeError:
                 left_out.append(f"{src} line {number}: not UTF-8")
             except SampleError as exc:
                 left_out.append(f"{src} line {number}: {exc.detail}")
             except (ValueError, OSError, AttributeError) as exc:
                 left_out.append(f"{src} line {number}: {exc}")
+            else:
+                defaults.commit()
+                n += 1
+                yield sample
+                continue
+            defaults.discard()
 
     count = write_shards(samples(), out, cfg.prefix, cfg.shard_size, lines and len(lines), "docs")
     if left_out:
         examples = "; ".join(left_out[:5])
         log.warning("%d documents left out, e.g. %s", len(left_out), examples)
+    defaults.warn()
     if not count:
         remove_empty_shards(out, cfg.prefix)
         raise UserError(f"input={cfg.input}: no usable document")

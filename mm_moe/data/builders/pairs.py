@@ -1,11 +1,13 @@
 """Image-text pairs from a folder: every image with a caption file of the same stem.
 
-`photos/cat.jpg` + `photos/cat.txt` becomes sample `000000012` with members `.jpg` (the original
-bytes), `.txt` (the caption) and `.json` (`{"path": "photos/cat.jpg"}`), as img2dataset writes
-them. Images in other formats Pillow reads (bmp, gif, tif, tiff) are converted to RGB (the
-loader's policy) and stored as PNG. Images without a caption, images Pillow cannot decode or
-write, and captions that are not UTF-8 or hold only whitespace are reported and left out (the
-loader would skip them on every epoch). A UTF-8 byte order mark before a caption is dropped.
+`photos/cat.jpg` + `photos/cat.txt` (or `.TXT`) becomes sample `000000012` with members `.jpg`
+(the original bytes), `.txt` (the caption) and `.json` (`{"path": "photos/cat.jpg"}`), as
+img2dataset writes them. Images in other formats Pillow reads (bmp, gif, tif, tiff) are
+converted to RGB (the loader's policy) and stored as PNG. Images without a caption, images
+Pillow cannot decode or write, and captions that are not UTF-8 or hold only whitespace are
+reported and left out (the loader would skip them on every epoch). A UTF-8 byte order mark
+before a caption is dropped. Images the loader's default size filters would skip are stored
+and said (`LoaderDefaults`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mm_moe.data.builders.images import READABLE, image_member
+from mm_moe.data.builders.images import READABLE, LoaderDefaults, image_member
 from mm_moe.data.builders.writer import (
     prepare_output,
     remove_empty_shards,
@@ -41,12 +43,20 @@ class BuildPairsConfig:
 
 
 def find_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """(image, caption) paths in sorted order, and the images that have no caption."""
+    """(image, caption) paths in sorted order, and the images that have no caption. Extensions
+    in any case, as cameras and Windows tools write them (`IMG_1.JPG` + `IMG_1.TXT`)."""
     pairs, orphans = [], []
     suffixes = {f".{e}" for e in READABLE}
-    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes):
-        caption = image.with_suffix(".txt")
-        if caption.is_file():
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    captions: dict[Path, Path] = {}
+    for path in files:
+        if path.suffix.lower() == ".txt":  # .txt first where both cases exist (sorted: .TXT)
+            stem = path.with_suffix("")
+            if stem not in captions or path.suffix == ".txt":
+                captions[stem] = path
+    for image in (p for p in files if p.suffix.lower() in suffixes):
+        caption = captions.get(image.with_suffix(""))
+        if caption is not None:
             pairs.append((image, caption))
         else:
             orphans.append(image)
@@ -77,10 +87,11 @@ def _usable_captions(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
     return kept
 
 
-def _sample(key: str, image: Path, caption: Path, root: Path) -> dict:
+def _sample(key: str, image: Path, caption: Path, root: Path, defaults: LoaderDefaults) -> dict:
     """The pair as a webdataset sample; SampleError when Pillow cannot decode or write the
     image."""
-    ext, data = image_member(image.read_bytes(), image.suffix.lower().lstrip("."), str(image))
+    ext = image.suffix.lower().lstrip(".")
+    ext, data = image_member(image.read_bytes(), ext, str(image), defaults)
     return {
         "__key__": key,
         ext: data,
@@ -108,18 +119,22 @@ def build(cfg: BuildPairsConfig) -> str:
         order = np.random.default_rng(cfg.seed).permutation(len(pairs))
         pairs = [pairs[i] for i in order]
     undecodable = []
+    defaults = LoaderDefaults()
 
     def samples():
         n = 0
         for image, caption in pairs:
             try:
-                sample = _sample(f"{n:09d}", image, caption, root)
+                sample = _sample(f"{n:09d}", image, caption, root, defaults)
             except SampleError as error:
                 undecodable.append(error.detail)
+                defaults.discard()
                 continue
             except OSError as error:  # unreadable file: one left out, not a partly written tar
                 undecodable.append(f"{image}: {error}")
+                defaults.discard()
                 continue
+            defaults.commit()
             n += 1
             yield sample
 
@@ -127,6 +142,7 @@ def build(cfg: BuildPairsConfig) -> str:
     if undecodable:
         n, example = len(undecodable), undecodable[0]
         log.warning("%d images cannot be decoded and are left out, e.g. %s", n, example)
+    defaults.warn()
     if not count:
         remove_empty_shards(out, cfg.prefix)
         raise UserError(f"input={cfg.input}: no image that Pillow can decode")

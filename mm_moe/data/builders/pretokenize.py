@@ -23,7 +23,7 @@ import webdataset as wds
 import yaml
 from tqdm import tqdm
 
-from mm_moe.data.builders.writer import prepare_output, shard_pattern
+from mm_moe.data.builders.writer import prepare_output, remove_empty_shards, shard_pattern
 from mm_moe.data.defects import REASONS, SPLIT_KEY, SampleError
 from mm_moe.data.documents import DecodeOptions, DocumentBuilder, images_left_unread
 from mm_moe.data.shards import TOKENIZER_RECORD, expand_urls, tokenizer_record
@@ -116,10 +116,14 @@ def build(cfg: PretokenizeConfig) -> str:
     skipped = {k: v for k, v in totals.items() if k != "documents" and v}
     log.info("%d documents written; skipped: %s", totals["documents"], skipped or "none")
     if not totals["documents"]:
+        # Nothing for training to mistake for data: the empty shards and their records go.
+        remove_empty_shards(out, cfg.prefix)
+        for record_file in (out / "vocab.yaml", out / TOKENIZER_RECORD):
+            record_file.unlink(missing_ok=True)
         raise UserError(
             f"input={cfg.input}: no usable document in {len(shards)} shard(s) with "
-            f"format={cfg.format} (skipped: {skipped or 'nothing readable'}); the shards "
-            f"written to {out} are empty. Check the input and its format"
+            f"format={cfg.format} (skipped: {skipped or 'nothing readable'}); nothing is "
+            f"left in {out}. Check the input and its format"
         )
     return shard_pattern(out, cfg.prefix, len(shards), 1)
 
