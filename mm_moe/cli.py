@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mm_moe.config.overlay import check_config_dir
-from mm_moe.config.overrides import check_overrides, check_syntax, command_line
+from mm_moe.config.overrides import check_overrides, check_syntax, command_line, options_first
 from mm_moe.config.schema import GROUPS, TrainConfig
 from mm_moe.config.validate import ConfigError, from_dict, type_name
 from mm_moe.errors import UserError
@@ -223,6 +223,7 @@ def hydra_entry(prog: str, config_name: str, schema: type, run: Callable[[Any], 
     from mm_moe.utils.sweep_secrets import scrub_sweep_config
 
     with hydra_errors(prog):
+        sys.argv[1:] = options_first(sys.argv[1:])
         check_command_line(sys.argv[1:])
         # its own keys only (no config groups): an unknown key is named, with a did-you-mean
         sys.argv[1:] = check_overrides(sys.argv[1:], schema, ())

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from mm_moe.cli import compose, exits_on_failure, usage
 from mm_moe.config import ConfigError, TrainConfig, from_dict
-from mm_moe.config.overrides import command_line
+from mm_moe.config.overrides import command_line, options_first
 from mm_moe.errors import UserError
 from mm_moe.parallel.config import optimizer_zero_stage
 from mm_moe.plan_memory import activation_bytes, logits_bytes
@@ -77,29 +77,32 @@ def data_vocab_size(cfg: TrainConfig, cluster: ClusterConfig, warnings: list[str
         return FALLBACK_DATA_VOCAB
 
 
-def _layout_warnings(cfg: TrainConfig, world: int, ep: int) -> list[str]:
-    warnings = []
+def _refuse_layout(cfg: TrainConfig, world: int, ep: int) -> None:
+    """The layouts training refuses, refused here with every reason: a plan for a split that
+    cannot exist (1.5 experts per rank) would size memory nobody can train in."""
+    problems = []
     if ep > 1 and not cfg.moe.enabled:
-        warnings.append(
-            f"parallel.expert_parallel_size={ep} without MoE layers (moe=none): training "
-            "refuses it; use parallel.expert_parallel_size=1"
+        problems.append(
+            f"parallel.expert_parallel_size={ep} without MoE layers (moe=none); use "
+            "parallel.expert_parallel_size=1"
         )
     if world % ep:
-        warnings.append(
+        problems.append(
             f"parallel.expert_parallel_size={ep} does not divide the world size {world}"
         )
     for group in cfg.moe.groups() if cfg.moe.enabled else []:
         if group.num_experts % ep:
-            warnings.append(
+            problems.append(
                 f"group '{group.name}' has {group.num_experts} experts, not divisible by EP={ep}"
             )
     per_step = cfg.trainer.micro_batch_size * world
     if cfg.trainer.global_batch_size % per_step:
-        warnings.append(
+        problems.append(
             f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not a "
             f"multiple of micro_batch_size x world size = {per_step}"
         )
-    return warnings
+    if problems:
+        raise UserError(f"training refuses this layout on {world} GPUs: " + "; ".join(problems))
 
 
 def _memory_gib(cfg: TrainConfig, model, total_params: int, world: int, ep: int) -> dict:
@@ -145,7 +148,8 @@ def _all_to_all_gib(cfg: TrainConfig, model, world: int, ep: int) -> float:
 def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
     cfg = cfg.for_world(cluster.world_size)
     world, ep = cluster.world_size, cfg.parallel.expert_parallel_size
-    warnings = _layout_warnings(cfg, world, ep)
+    _refuse_layout(cfg, world, ep)
+    warnings: list[str] = []
     model = cfg.model
     if not model.vocab_size:  # taken from the data, as training does
         model = model.with_vocab(data_vocab_size(cfg, cluster, warnings))
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     with exits_on_failure("mm_moe.plan"):  # every error: exit status, secrets masked
         cluster_args, rest = _cluster_args(argv)
         cluster = from_dict(ClusterConfig, cluster_args, prefix="cluster")
-        args = command_line(rest)  # Hydra's own flags: --config-dir as the training takes it
+        # Hydra's own flags, anywhere: --config-dir as the training takes it
+        args = command_line(options_first(rest))
         rest = args.overrides
         cfg = compose(rest, config_dir=args.config_dir)
         result = plan(cfg, cluster)

@@ -24,7 +24,7 @@ from mm_moe.cli import (
     setup_logging,
 )
 from mm_moe.config import ConfigError, TrainConfig
-from mm_moe.config.overrides import check_overrides
+from mm_moe.config.overrides import check_overrides, options_first
 from mm_moe.utils.sweep_secrets import scrub_sweep_config
 
 PROG = "mm_moe.train"
@@ -112,6 +112,7 @@ def main() -> None:
     # Every error, Hydra's own included, ends in cli.failure: exit 2 for the user's mistakes,
     # one message, secrets masked.
     with hydra_errors(PROG):
+        sys.argv[1:] = options_first(sys.argv[1:])
         check_command_line(sys.argv[1:])
         sys.argv[1:] = check_overrides(sys.argv[1:], TrainConfig, ENTRY_GROUPS)
         try:

@@ -27,6 +27,11 @@ NOT_FUNCTION = {
     "moe.entropy_global_coef",
     "moe.aux_router_coef",
     "moe.top1_straight_through",  # the gradient of a top-1 gate of value 1, not its value
+    # training-time selection: expert choice's top-C per expert and token choice's drops
+    # apply in training only (evaluation and sampling route by the auxiliary routers, or
+    # dropless), as does mixture-of-depths' top-k per sequence: a fine-tune may change them
+    "moe.capacity_factor",
+    "model.mod.capacity",
     # logging and speed only
     "moe.health_stats",
     "moe.gemm",
@@ -41,6 +46,10 @@ NOT_FUNCTION = {
 # Fields whose value only matters through a derived one: the expert bias of aux-loss-free
 # balancing is added at selection whenever its update rate is > 0; the rate itself is training.
 _COMPARED_AS = {"moe.bias_update_rate": lambda rate: rate > 0}
+# Changes that keep the function in one direction, (checkpoint, this run) -> same: turning
+# aux-loss-free balancing on adds a bias that was never moved (zeros); turning it off would
+# drop a learned one.
+_ONE_WAY = {"moe.bias_update_rate": lambda saved, run: not saved and bool(run)}
 # The key that turns a part on: off, none of its other fields matter.
 _OFF = {"moe": "experts_per_modality", "model.mod": "layers"}
 # Properties that stand for allow-listed fields.
@@ -70,11 +79,12 @@ def function_fields(cfg, prefix: str) -> dict[str, object]:
 
 def differences(saved: dict[str, object], run: dict[str, object]) -> list[str]:
     """'key: checkpoint A, this run B' for each key whose values differ."""
-    return [
-        f"{key}: checkpoint {saved.get(key)!r}, this run {run.get(key)!r}"
-        for key in sorted(set(saved) | set(run))
-        if _as(key, saved.get(key)) != _as(key, run.get(key))
-    ]
+    out = []
+    for key in sorted(set(saved) | set(run)):
+        was, now = _as(key, saved.get(key)), _as(key, run.get(key))
+        if was != now and not (key in _ONE_WAY and _ONE_WAY[key](was, now)):
+            out.append(f"{key}: checkpoint {saved.get(key)!r}, this run {run.get(key)!r}")
+    return out
 
 
 def _as(key: str, value):

@@ -25,6 +25,28 @@ _FLAGS_WITH_VALUE = {
 }
 
 
+def options_first(argv: list[str]) -> list[str]:
+    """argv with Hydra's flags (and their values) moved before the overrides, in their order:
+    argparse refuses a flag after the overrides (`experiment=x --config-dir DIR`: "unrecognized
+    arguments"), which users and wrapper scripts that append their own flags write. A bare
+    `--info` (its value is optional) goes last, where it cannot take an override as its value."""
+    flags, overrides, last, i = [], [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        elif arg == "--info" and (following is None or "=" in following or following[0] == "-"):
+            last.append(arg)
+        else:
+            flags.append(arg)
+            if arg in _FLAGS_WITH_VALUE and following is not None:
+                flags.append(following)
+                i += 1
+        i += 1
+    return flags + overrides + last
+
+
 def command_line(argv: list[str]):
     """argv as Hydra's own parser reads it (`.overrides`, `.config_dir`, `.config_name`, ...):
     flags abbreviated as argparse allows (`--config-d DIR`) included."""

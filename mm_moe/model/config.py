@@ -7,7 +7,7 @@ from typing import Literal
 
 from mm_moe.errors import UserError
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
-from mm_moe.model.moe.config import MoEConfig
+from mm_moe.model.moe.config import MoEConfig, refuse_repeated_layers
 
 
 @dataclass
@@ -24,6 +24,7 @@ class MoDConfig:
             raise UserError(f"model.mod.capacity={self.capacity} must be in (0, 1]")
         if any(i < 0 for i in self.layers):
             raise UserError(f"model.mod.layers={self.layers} must be layer indices >= 0")
+        refuse_repeated_layers("model.mod.layers", self.layers)
         defaults = MoDConfig.__dataclass_fields__
         inert = [
             f"model.mod.{name}={getattr(self, name)}"

@@ -224,6 +224,30 @@ def _warn_schedule_changes(resume_dir: Path, cfg: TrainConfig, step: int) -> Non
         )
 
 
+def _warn_micro_batch_change(resume_dir: Path, cfg: TrainConfig) -> None:
+    """MoE routing that is computed over each micro-batch continues otherwise at another
+    micro-batch size (trainer.micro_batch_size=0 follows the world size): said, with the
+    size that continues the run as it was."""
+    written = layout.read_config(resume_dir, required=False) or {}
+    try:
+        was = int(written["trainer"]["micro_batch_size"])
+    except (KeyError, TypeError, ValueError):
+        return
+    now, moe = cfg.trainer.micro_batch_size, cfg.moe
+    reasons = moe.per_micro_batch_routing() if moe.enabled else []
+    if was and was != now and reasons:
+        log.warning(
+            "the checkpoint trained with micro-batches of %d sequences per rank, this run "
+            "takes %d (trainer.micro_batch_size): %s over each micro-batch, so the routing "
+            "goes on differently from the checkpoint's run; trainer.micro_batch_size=%d "
+            "continues it as it was",
+            was,
+            now,
+            " and ".join(reasons),
+            was,
+        )
+
+
 def restart_count() -> int:
     """How many times the scheduler has restarted this job: Slurm's requeue (launch/slurm.sbatch,
     Hydra's submitit launcher) or torchrun's --max-restarts; 0 on a first start."""
@@ -286,6 +310,20 @@ def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
     )
 
 
+def _warn_short_warmup(cfg: TrainConfig) -> None:
+    """A warmup longer than the run: the peak learning rate is never reached."""
+    optim, max_steps = cfg.optim, cfg.trainer.max_steps
+    if optim.warmup_steps > max_steps:
+        log.warning(
+            "optim.warmup_steps=%d is beyond trainer.max_steps=%d: the learning rate only "
+            "warms up, to %.3g of optim.lr=%g at the last step, with no decay",
+            optim.warmup_steps,
+            max_steps,
+            optim.lr_factor(max_steps - 1, max_steps),
+            optim.lr,
+        )
+
+
 def _wandb_init(cfg: TrainConfig, config_dict: dict, run_id: str | None) -> dict | None:
     if cfg.logging.wandb.mode == "disabled":
         return None
@@ -334,6 +372,7 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
     log.info("resumed from %s at step %d", resume_dir, meta["step"])
     if not meta.get("weights_only"):
         _warn_schedule_changes(resume_dir, cfg, meta["step"])
+        _warn_micro_batch_change(resume_dir, cfg)
     return meta
 
 
@@ -366,6 +405,7 @@ def build_training(cfg: TrainConfig) -> Training:
     meta = _resume(resume_dir, cfg, dist, engine, loader, guard, digest)
     if dist.is_main:
         _describe(cfg, model_cfg, dist)
+        _warn_short_warmup(cfg)
     wandb_init = _wandb_init(cfg, config_dict, meta.get("wandb_id")) if dist.is_main else None
     per_token = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
     training = Training(

@@ -172,11 +172,13 @@ def expected_differences(
     return reasons
 
 
-def _unprocessed(stats: dict[str, torch.Tensor]) -> str:
+def _unprocessed(stats: dict[str, torch.Tensor], images: bool) -> str:
+    """Each group's share of its tokens that no expert took, per layer (image groups only
+    where the input held images)."""
     parts = [
         f"{k.removeprefix('moe/').removesuffix('/dropped')} {float(v):.2f}"
         for k, v in stats.items()
-        if k.startswith("moe/") and k.endswith("/dropped") and "/image/" not in k
+        if k.startswith("moe/") and k.endswith("/dropped") and (images or "/image/" not in k)
     ]
     return ", ".join(parts)
 
@@ -207,7 +209,8 @@ def verify(
     ours, ref = result.logits[..., :V][..., columns].float(), ref_BSV[..., :V][..., columns].float()
     reasons = expected_differences(target, ucfg, source_cfg)
     if target.moe.enabled and target.moe.router == "expert_choice":
-        reasons.append(f"tokens processed by no expert, per layer: {_unprocessed(result.stats)}")
+        unprocessed = _unprocessed(result.stats, images)
+        reasons.append(f"tokens processed by no expert, per layer: {unprocessed}")
     return VerifyResult(
         max_abs_diff=(ours - ref).abs().max().item(),
         max_abs_logit=ref.abs().max().item(),

@@ -24,7 +24,7 @@ MOE = MoEConfig(
 
 def _weights_only_dir(tmp_path, model: ModelConfig, moe: MoEConfig):
     step = tmp_path / "step_00000000"
-    step.mkdir()
+    step.mkdir(parents=True)
     config = to_dict(TrainConfig(model=model, moe=moe))
     (step / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return step
@@ -40,7 +40,6 @@ FUNCTION_CHANGES = [
     ("moe.score", "softmax"),
     ("moe.router_logits", "linear"),
     ("moe.cosine_router_scale", 5.0),
-    ("moe.capacity_factor", 1.5),
     ("moe.renormalize", False),
 ]
 
@@ -65,6 +64,23 @@ def test_weights_only_load_accepts_identical_and_training_only_differences(tmp_p
     # losses, noise, initialisation and kernels do not change what the weights compute
     training_only = replace(MOE, router_noise=0.5, load_balance_coef=0.01, gemm="loop")
     _check_same_architecture(step, replace(MODEL, z_loss=1e-4, init_std=0.01).build(training_only))
+
+
+def test_training_time_selection_may_change_and_balancing_may_be_turned_on(tmp_path):
+    """Capacities (expert choice's top-C, token choice's drops, mixture-of-depths' top-k)
+    select only in training: a fine-tune may change them. Aux-loss-free balancing may be
+    turned on (its bias, never moved, is zero) but not off (a learned bias would be dropped)."""
+    ec = replace(MOE, router="expert_choice", router_logits="linear", capacity_factor=1.0)
+    mod = replace(MODEL, mod=replace(MODEL.mod, layers=[1], capacity=0.5))
+    step = _weights_only_dir(tmp_path, mod, ec)
+    wider = replace(mod, mod=replace(mod.mod, capacity=0.25))
+    _check_same_architecture(step, wider.build(replace(ec, capacity_factor=2.0)))
+    tc = _weights_only_dir(tmp_path / "tc", MODEL, MOE)
+    _check_same_architecture(tc, MODEL.build(replace(MOE, bias_update_rate=0.01)))
+    balanced = _weights_only_dir(tmp_path / "b", MODEL, replace(MOE, bias_update_rate=0.01))
+    _check_same_architecture(balanced, MODEL.build(replace(MOE, bias_update_rate=0.05)))
+    with pytest.raises(UserError, match="moe.bias_update_rate: checkpoint 0.01, this run 0.0"):
+        _check_same_architecture(balanced, MODEL.build(MOE))
 
 
 def test_a_checkpoint_saved_with_keys_refused_since_as_no_ops_still_resumes(tmp_path):

@@ -187,6 +187,7 @@ def test_moe_stats_equal_a_naive_recount():
         (dict(capacity_factor=2.5), "moe.capacity_factor=2.5 x moe.top_k=1 exceeds"),
         (dict(layers=[-1]), "moe.layers=[-1] must be layer indices >= 0"),
         (dict(layers=[]), "moe.layers=[] makes no layer MoE"),
+        (dict(layers=[1, 1, 3]), "moe.layers=[1, 1, 3] lists layer(s) [1] more than once"),
         (dict(granularity=0), "moe.granularity=0 must be >= 1"),
         (dict(shared_experts=-1), "moe.shared_experts=-1 must be >= 0"),
         (dict(router_noise=-1.0), "moe.router_noise=-1.0 must be >= 0"),
@@ -195,6 +196,15 @@ def test_moe_stats_equal_a_naive_recount():
 def test_bad_moe_config_names_the_key(bad, key):
     with pytest.raises(ValueError, match=re.escape(key)):
         MoEConfig(**{"experts_per_modality": {"mixed": 2}, **bad})
+
+
+def test_mixture_of_depths_layers_listed_twice_are_refused():
+    from mm_moe.model.config import MoDConfig
+
+    with pytest.raises(
+        ValueError, match=re.escape("model.mod.layers=[0, 2, 2] lists layer(s) [2]")
+    ):
+        MoDConfig(layers=[0, 2, 2])
 
 
 def test_granularity_must_divide_ffn():

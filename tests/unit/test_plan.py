@@ -51,15 +51,47 @@ def test_plan_warns_and_shards_experts():
     ep4 = main([*base, "parallel.expert_parallel_size=4"])
     assert ep4["memory_per_gpu"]["params_gib"] < ep1["memory_per_gpu"]["params_gib"]
     assert ep1["all_to_all_gib_per_gpu_per_step"] == 0 < ep4["all_to_all_gib_per_gpu_per_step"]
-    bad = main([*base, "parallel.expert_parallel_size=8", "cluster.gpu_memory_gb=0.5"])
-    assert any("not divisible by EP=8" in w for w in bad["warnings"])
-    assert any("exceeds cluster.gpu_memory_gb" in w for w in bad["warnings"])
+    small = main([*base, "parallel.expert_parallel_size=4", "cluster.gpu_memory_gb=0.5"])
+    assert any("exceeds cluster.gpu_memory_gb" in w for w in small["warnings"])
+
+
+def test_plan_refuses_a_layout_training_refuses(capsys):
+    """3 + 5 experts at EP=2, EP=4 on 6 GPUs, EP without MoE: exit 2 with every reason, no
+    memory figures for a split that cannot exist (1.5 experts per rank)."""
+    base = ["model=moma_4t4i_1.4b", "cluster.nodes=1", "trainer.global_batch_size=48"]
+    odd = ["moe.experts_per_modality.text=3", "moe.experts_per_modality.image=5"]
+    for args, reasons in (
+        (
+            [*odd, "cluster.gpus_per_node=8", "parallel.expert_parallel_size=2"],
+            [
+                "group 'text' has 3 experts, not divisible by EP=2",
+                "group 'image' has 5 experts, not divisible by EP=2",
+            ],
+        ),
+        (
+            ["cluster.gpus_per_node=6", "parallel.expert_parallel_size=4"],
+            [
+                "parallel.expert_parallel_size=4 does not divide the world size 6",
+            ],
+        ),
+        (
+            ["model=dense_1b", "cluster.gpus_per_node=8", "parallel.expert_parallel_size=2"],
+            [
+                "parallel.expert_parallel_size=2 without MoE layers",
+            ],
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main([*base, *args])
+        out = capsys.readouterr()
+        assert exit_.value.code == 2 and "memory per GPU" not in out.out
+        assert "training refuses this layout" in out.err
+        assert all(reason in out.err for reason in reasons), out.err
 
 
 def test_plan_sizes_state_as_training_keeps_it():
     """bf16 at ZeRO-0 runs DeepSpeed's ZeRO-1 optimizer (state sharded over data-parallel
-    ranks), fp32 keeps 4-byte weights and gradients and 8 bytes of moments; a dense model
-    with expert parallelism is warned about, as training refuses it."""
+    ranks), fp32 keeps 4-byte weights and gradients and 8 bytes of moments."""
     base = ["model=moma_4t4i_1.4b", "cluster.nodes=1", "cluster.gpus_per_node=8"]
     plans = {
         (p, z): main([*base, f"trainer.precision={p}", f"parallel.zero_stage={z}"])
@@ -72,8 +104,6 @@ def test_plan_sizes_state_as_training_keeps_it():
     assert mem["fp32", 0]["params_gib"] == pytest.approx(2 * mem["bf16", 0]["params_gib"])
     n = plans["fp32", 0]["params_total"]
     assert mem["fp32", 0]["optimizer_gib"] == pytest.approx(8 * n / 2**30)
-    dense = main(["model=dense_1b", "parallel.expert_parallel_size=2", *base[1:]])
-    assert any("without MoE layers" in w and "refuses" in w for w in dense["warnings"])
 
 
 def test_plan_takes_the_vocabulary_from_the_configured_data(tmp_path, capsys):

@@ -98,6 +98,77 @@ def test_a_resume_says_when_the_learning_rate_schedule_moves(tmp_path, caplog):
     assert "nothing to train" in caplog.text
 
 
+def test_a_resume_at_another_micro_batch_size_says_when_routing_follows_it(tmp_path, caplog):
+    """Expert choice (and token choice's balance loss) compute over each micro-batch: a resume
+    at another size (micro_batch_size=0 at another world size) names the size that continues
+    the run as it was; dense models and the same size say nothing."""
+    import yaml
+
+    from mm_moe.cli import compose
+    from mm_moe.config.validate import to_dict
+    from mm_moe.trainer.build import _warn_micro_batch_change
+
+    def config(moe, micro, world):
+        cfg = compose(
+            [f"moe={moe}", "trainer.global_batch_size=16", f"trainer.micro_batch_size={micro}"]
+        )
+        return cfg.for_world(world)
+
+    step = tmp_path / "step_00000004"
+    step.mkdir()
+    for moe, said in (
+        ("moma_4t4i_ec", "expert choice selects"),
+        ("moma_4t4i_tc", "balance losses"),
+    ):
+        (step / "config.yaml").write_text(yaml.safe_dump(to_dict(config(moe, 0, 2))))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mm_moe"):
+            _warn_micro_batch_change(step, config(moe, 0, 2))
+            _warn_micro_batch_change(step, config(moe, 8, 1))
+            assert not caplog.text
+            _warn_micro_batch_change(step, config(moe, 0, 1))
+        assert "micro-batches of 8 sequences per rank, this run takes 16" in caplog.text
+        assert said in caplog.text and "trainer.micro_batch_size=8 continues it" in caplog.text
+    (step / "config.yaml").write_text(yaml.safe_dump(to_dict(config("none", 0, 2))))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        _warn_micro_batch_change(step, config("none", 0, 1))
+    assert not caplog.text
+
+
+def test_a_warmup_beyond_the_run_is_said(caplog):
+    from mm_moe.cli import compose
+    from mm_moe.trainer.build import _warn_short_warmup
+
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        _warn_short_warmup(compose(["optim.warmup_steps=10", "trainer.max_steps=10"]))
+        assert not caplog.text
+        _warn_short_warmup(compose(["optim.warmup_steps=10", "trainer.max_steps=4"]))
+    assert "optim.warmup_steps=10 is beyond trainer.max_steps=4" in caplog.text
+    assert "to 0.4 of optim.lr" in caplog.text
+
+
+def test_hydra_flags_may_follow_the_overrides():
+    """`experiment=x --config-dir DIR` (flags after overrides, as wrapper scripts append them)
+    reaches Hydra as `--config-dir DIR experiment=x`: argparse refused it before."""
+    from mm_moe.config.overrides import command_line, options_first
+
+    argv = ["trainer.max_steps=2", "--config-dir", "/cfg", "moe=my", "-m", "--info", "x=1"]
+    ordered = options_first(argv)
+    assert ordered == [
+        "--config-dir",
+        "/cfg",
+        "-m",
+        "trainer.max_steps=2",
+        "moe=my",
+        "x=1",
+        "--info",
+    ]
+    args = command_line(ordered)
+    assert args.config_dir == "/cfg" and args.overrides == ["trainer.max_steps=2", "moe=my", "x=1"]
+    assert options_first(["--info", "config", "a=1"]) == ["--info", "config", "a=1"]
+
+
 def test_a_file_where_a_run_folder_goes_is_named(tmp_path):
     import pytest
 

@@ -175,6 +175,21 @@ def test_expert_choice_verify_reports_why(tmp_path, hf, capsys):
     assert diff > 1e-5
 
 
+def test_unprocessed_tokens_are_listed_for_every_group_the_input_fed():
+    """Image groups are listed where verify's input held images (a native or Chameleon
+    source), left out for a text-only one."""
+    from mm_moe.upcycle.verify import _unprocessed
+
+    stats = {
+        "moe/l0/text/dropped": torch.tensor(0.0),
+        "moe/l0/image/dropped": torch.tensor(0.25),
+        "moe/l0/image/pairs": torch.tensor(3.0),
+        "moe/l2/text/dropped": torch.tensor(0.5),
+    }
+    assert _unprocessed(stats, images=True) == "l0/text 0.00, l0/image 0.25, l2/text 0.50"
+    assert _unprocessed(stats, images=False) == "l0/text 0.00, l2/text 0.50"
+
+
 @pytest.mark.parametrize("granularity", [1, 2])
 def test_drop_upcycling_changes_exact_fraction_per_expert(granularity):
     gen = torch.Generator().manual_seed(0)

@@ -130,6 +130,7 @@ class MoEConfig:
         if self.layers != "all":
             if any(i < 0 for i in self.layers):
                 raise UserError(f"moe.layers={self.layers} must be layer indices >= 0, or 'all'")
+            refuse_repeated_layers("moe.layers", self.layers)
             if epm and not self.layers:
                 raise UserError(
                     "moe.layers=[] makes no layer MoE while moe.experts_per_modality is set: "
@@ -241,6 +242,21 @@ class MoEConfig:
                 "moe.router=expert_choice (mixture-of-depths has its own: model.mod.aux_router_*)"
             )
 
+    def per_micro_batch_routing(self) -> list[str]:
+        """What training computes over each micro-batch as a whole (so its result depends on
+        the micro-batch size): expert choice's selection, token choice's drops, the balance
+        losses."""
+        out = []
+        if self.router == "expert_choice":
+            out.append("expert choice selects each expert's tokens")
+        elif self.capacity_factor > 0:
+            out.append("token choice drops tokens beyond moe.capacity_factor")
+        if self.load_balance_coef or self.entropy_global_coef:
+            out.append(
+                "the balance losses (moe.load_balance_coef, moe.entropy_global_coef) are averaged"
+            )
+        return out
+
     @property
     def enabled(self) -> bool:
         return bool(self.experts_per_modality)
@@ -329,3 +345,11 @@ def _warn_unused(cfg: MoEConfig) -> None:
             "give it experts (e.g. moe=moma_4t4i_ec) or drop these keys",
             ", ".join(changed),
         )
+
+
+def refuse_repeated_layers(key: str, indices: list[int]) -> None:
+    """A layer listed twice is most likely a typo for another layer (`[1,1,3]` for `[1,2,3]`):
+    refused, not read as the set."""
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise UserError(f"{key}={indices} lists layer(s) {repeated} more than once")
