@@ -46,6 +46,9 @@ NOT_FUNCTION = {
 # Fields whose value only matters through a derived one: the expert bias of aux-loss-free
 # balancing is added at selection whenever its update rate is > 0; the rate itself is training.
 _COMPARED_AS = {"moe.bias_update_rate": lambda rate: rate > 0}
+# Lists that name a set (of layers, of untied parts): the order they are written in changes
+# nothing.
+_SETS = {"model.untie", "moe.layers", "model.mod.layers"}
 # Changes that keep the function in one direction, (checkpoint, this run) -> same: turning
 # aux-loss-free balancing on adds a bias that was never moved (zeros); turning it off would
 # drop a learned one.
@@ -88,4 +91,6 @@ def differences(saved: dict[str, object], run: dict[str, object]) -> list[str]:
 
 
 def _as(key: str, value):
+    if key in _SETS and isinstance(value, list | tuple):
+        return sorted(value)
     return _COMPARED_AS[key](value) if key in _COMPARED_AS and value is not None else value

@@ -83,6 +83,17 @@ def test_training_time_selection_may_change_and_balancing_may_be_turned_on(tmp_p
         _check_same_architecture(balanced, MODEL.build(MOE))
 
 
+def test_lists_of_layers_and_untied_parts_compare_as_sets(tmp_path):
+    written = replace(MODEL, untie=["attention", "norms"], mod=replace(MODEL.mod, layers=[0, 1]))
+    step = _weights_only_dir(tmp_path, written, replace(MOE, layers=[0, 1]))
+    reordered = replace(
+        written, untie=["norms", "attention"], mod=replace(written.mod, layers=[1, 0])
+    )
+    _check_same_architecture(step, reordered.build(replace(MOE, layers=[1, 0])))
+    with pytest.raises(UserError, match=r"moe\.layers: checkpoint \[0, 1\], this run \[1\]"):
+        _check_same_architecture(step, reordered.build(replace(MOE, layers=[1])))
+
+
 def test_a_checkpoint_saved_with_keys_refused_since_as_no_ops_still_resumes(tmp_path):
     """A checkpoint written before `moe.cosine_router_scale` with linear logits was refused
     (it changes nothing there) is compared after the same upgrade that loads it elsewhere."""

@@ -400,8 +400,28 @@ def test_a_step_without_a_groups_tokens_logs_null_and_the_readers_skip_it(tmp_pa
     row = {"step": 10, "moe/l0/image/taken_0": None, "moe/l1/image/taken_0": 0.25}
     assert summarise.layer_mean(row, "image", "taken_0") == 0.25
     assert math.isnan(summarise.layer_mean({"moe/l0/image/taken_0": None}, "image", "taken_0"))
-    steps, grid = unprocessed_grid([row])
-    assert steps == [10] and math.isnan(grid["image"][0][0]) and grid["image"][1] == [0.25]
+    steps, layers, grid = unprocessed_grid([row])
+    assert steps == [10] and layers == [0, 1]
+    assert math.isnan(grid["image"][0][0]) and grid["image"][1] == [0.25]
+
+
+def test_the_routing_heatmap_labels_layers_by_index_and_places_irregular_steps(tmp_path):
+    """MoE on layers [0, 2, 3] (layer 1 dense) reads as 0, 2, 3, not 0, 1, 2; a last step off
+    the log interval sits at its own step."""
+    import matplotlib.image
+
+    from mm_moe.eval.routing_plot import _edges, unprocessed_grid, unprocessed_heatmap
+
+    rows = [
+        {"step": s, **{f"moe/l{layer}/text/taken_0": 0.1 * layer for layer in (0, 2, 3)}}
+        for s in (10, 20, 30, 33)
+    ]
+    steps, layers, grid = unprocessed_grid(rows)
+    assert steps == [10, 20, 30, 33] and layers == [0, 2, 3] and len(grid["text"]) == 3
+    assert _edges(steps) == [5.0, 15.0, 25.0, 31.5, 34.5] and _edges([7]) == [6.5, 7.5]
+    path = unprocessed_heatmap(rows, tmp_path / "routing.png")
+    assert matplotlib.image.imread(path).shape[0] > 100
+    assert unprocessed_heatmap([{"step": 1, "loss": 2.0}], tmp_path / "none.png") is None
 
 
 def test_the_output_folder_is_where_the_study_was_started(tmp_path, monkeypatch):
