@@ -118,12 +118,46 @@ def _chosen_files(overrides: list[str], config_name: str | None, folder: Path) -
 def check_config_dir(
     config_dir: str | None, overrides: list[str], config_name: str | None, main_dir: str
 ) -> None:
-    """Refuse what a checkpoint folder given as `--config-dir` would bring (UserError)."""
+    """Refuse what a checkpoint folder given as `--config-dir` would bring, and a user's
+    config that a shipped one of the same name hides (UserError)."""
     if not config_dir:
         return
     folder = Path(config_dir)
-    if not folder.is_dir() or not is_checkpoint_dir(folder):
+    if not folder.is_dir():
+        return
+    if not is_checkpoint_dir(folder):
+        _refuse_hidden(folder, Path(main_dir))
         return
     for rel in _chosen_files(overrides, config_name, folder):
         if (folder / rel).is_file() and not (Path(main_dir) / rel).is_file():  # main wins
             read_overlay(folder / rel)
+
+
+def _refuse_hidden(folder: Path, main_dir: Path) -> None:
+    """Hydra searches the shipped configs before a `--config-dir`: a user's edited copy of a
+    preset under the preset's own name (`moe/moma_4t4i_ec.yaml`) is never read, and the run
+    would train the shipped one without a word. Identical copies change nothing and pass."""
+    hidden = []
+    for path in sorted(folder.rglob("*.yaml")):
+        rel = path.relative_to(folder)
+        shipped = main_dir / rel
+        if shipped.is_file() and shipped.read_bytes() != path.read_bytes():
+            hidden.append(rel)
+    if hidden:
+        first = hidden[0]
+        mine = first.with_name(f"{first.stem}_mine.yaml")
+        more = (
+            f" (and {len(hidden) - 1} more: {', '.join(map(str, hidden[1:4]))})"
+            if len(hidden) > 1
+            else ""
+        )
+        choice = (
+            f"{first.parent.as_posix()}={mine.stem}"
+            if first.parent != Path(".")
+            else f"--config-name {mine.stem}"
+        )
+        raise UserError(
+            f"--config-dir {folder}: {first}{more} has the name of a shipped config, which "
+            "Hydra reads instead of yours (the shipped configs are searched first); give "
+            f"yours a name of its own, e.g. {mine}, and choose it: {choice}"
+        )

@@ -115,12 +115,15 @@ class AuxRouterOptimizer:
 
     # ---- checkpoints: moments by parameter name, in the model's optimizer.pt ----
     def moments(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{name: {exp_avg, exp_avg_sq}} on CPU (empty before the first step)."""
+        """{name: {exp_avg, exp_avg_sq}} on CPU, every parameter's: zeros for one never
+        stepped (moe.aux_router_coef=0 gives them no gradient), as Adam would hold them."""
         out = {}
         for name, p in self.params.items():
             state = self.optimizer.state.get(p)
             if state:
                 out[name] = {k: state[k].detach().float().cpu().clone() for k in ADAM_KEYS}
+            else:
+                out[name] = {k: torch.zeros(p.shape, dtype=torch.float32) for k in ADAM_KEYS}
         return out
 
     def load_moments(self, moments: dict, step: int) -> None:

@@ -100,7 +100,7 @@ def gather_optimizer(engine) -> dict:
     aux = getattr(engine, "aux_routers", None)
     moments = aux.moments() if aux is not None else {}
     for name, p in engine.module.named_parameters():
-        if name in moments:
+        if name in moments:  # the auxiliary routers' own optimizer holds them
             continue
         per_key = {}
         for k in ADAM_KEYS:

@@ -310,6 +310,22 @@ def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
     )
 
 
+def _warn_untrained_routers(cfg: TrainConfig) -> None:
+    """Auxiliary routers with a zero coefficient are never trained, yet they route every
+    token outside training (evaluation, sampling): said, not found in a poor eval/loss."""
+    untrained = []
+    if cfg.moe.enabled and cfg.moe.router == "expert_choice" and not cfg.moe.aux_router_coef:
+        untrained.append("moe.aux_router_coef=0: expert choice's")
+    if cfg.model.mod.layers and not cfg.model.mod.aux_router_coef:
+        untrained.append("model.mod.aux_router_coef=0: mixture-of-depths'")
+    for what in untrained:
+        log.warning(
+            "%s auxiliary routers are not trained, and they make the routing decisions of "
+            "evaluation (eval/loss) and sampling (mm_moe.generate)",
+            what,
+        )
+
+
 def _warn_short_warmup(cfg: TrainConfig) -> None:
     """A warmup longer than the run: the peak learning rate is never reached."""
     optim, max_steps = cfg.optim, cfg.trainer.max_steps
@@ -406,6 +422,7 @@ def build_training(cfg: TrainConfig) -> Training:
     if dist.is_main:
         _describe(cfg, model_cfg, dist)
         _warn_short_warmup(cfg)
+        _warn_untrained_routers(cfg)
     wandb_init = _wandb_init(cfg, config_dict, meta.get("wandb_id")) if dist.is_main else None
     per_token = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
     training = Training(

@@ -51,3 +51,15 @@ def test_mot_mod_token_choice_trains(tmp_path):
     rows = metrics(tmp_path)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert "mod/l1/aux_router_acc" in rows[-1] and "aux/moe/load_balance" in rows[-1]
+
+
+def test_untrained_auxiliary_routers_are_said_and_checkpoint(tmp_path):
+    """moe.aux_router_coef=0 gives the auxiliary routers no gradient and no Adam state: the
+    run says they are untrained (evaluation routes by them), saves and resumes."""
+    args = ("experiment=tiny_moma", "moe.aux_router_coef=0", "checkpoint.interval=1")
+    first = train(tmp_path, *args, "trainer.max_steps=2")
+    assert "moe.aux_router_coef=0: expert choice's auxiliary routers are not trained" in (
+        first.stdout + first.stderr
+    )
+    train(tmp_path, *args, "trainer.max_steps=3", "checkpoint.resume=auto")
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]

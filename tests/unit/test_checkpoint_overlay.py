@@ -150,3 +150,25 @@ def test_a_users_own_config_dir_may_still_set_data(tmp_path):
     (mine / "data").mkdir(parents=True)
     (mine / "data" / "mine.yaml").write_text("defaults: [webdataset]\nsources: []\n")
     check_config_dir(str(mine), ["data=mine"], None, CONFIG_DIR)  # not a checkpoint: as before
+
+
+def test_a_users_edited_copy_of_a_preset_under_its_name_is_refused(tmp_path):
+    """Hydra reads the shipped configs first: an edited copy named as the preset would never
+    be read. Refused, naming the file and a name that is read; an identical copy passes."""
+    from mm_moe.cli import CONFIG_DIR, compose
+    from mm_moe.config.overlay import check_config_dir
+
+    mine = tmp_path / "configs"
+    (mine / "moe").mkdir(parents=True)
+    shipped = (Path(CONFIG_DIR) / "moe" / "moma_4t4i_ec.yaml").read_text()
+    (mine / "moe" / "moma_4t4i_ec.yaml").write_text(shipped)
+    check_config_dir(str(mine), ["experiment=tiny_moma"], None, CONFIG_DIR)
+    edited = shipped.replace("{text: 4, image: 4}", "{text: 2, image: 6}")
+    assert edited != shipped
+    (mine / "moe" / "moma_4t4i_ec.yaml").write_text(edited)
+    with pytest.raises(UserError, match="moe/moma_4t4i_ec.yaml has the name of a shipped") as err:
+        compose(["experiment=tiny_moma"], config_dir=str(mine))
+    assert "choose it: moe=moma_4t4i_ec_mine" in str(err.value)
+    (mine / "moe" / "moma_4t4i_ec.yaml").rename(mine / "moe" / "moma_4t4i_ec_mine.yaml")
+    cfg = compose(["experiment=tiny_moma", "moe=moma_4t4i_ec_mine"], config_dir=str(mine))
+    assert cfg.moe.experts_per_modality == {"text": 2, "image": 6}
