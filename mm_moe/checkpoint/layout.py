@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from mm_moe.errors import UserError
@@ -99,11 +100,27 @@ def read_tensors(path: Path):
                 "weights_only=True, which never runs code)"
             )
         else:
-            why = "the file is damaged or truncated; resume from an earlier step (step_*)"
+            state = "missing" if isinstance(exc, FileNotFoundError) else "damaged or truncated"
+            why = f"The file is {state}; {_other_steps(Path(path).parent)}"
         first_line = str(exc).splitlines()[0].rstrip(" .") if str(exc) else ""
         raise UserError(
             f"cannot load {path}: {exc.__class__.__name__}: {first_line}. {why}"
         ) from exc
+
+
+def _other_steps(step_dir: Path) -> str:
+    """Where to resume instead of a step with a bad file: the complete steps beside it."""
+    others = [
+        step_dir_name(s)
+        for s in complete_steps(step_dir.parent)
+        if step_dir_name(s) != step_dir.name
+    ]
+    if not others:
+        return "resume from another checkpoint (checkpoint.resume=PATH)"
+    return (
+        f"resume from a complete step beside it ({', '.join(others[-3:])} in {step_dir.parent}: "
+        "checkpoint.resume=auto takes the newest, skipping damaged ones)"
+    )
 
 
 def read_meta(step_dir: Path) -> dict:
@@ -158,15 +175,39 @@ def _skipped(step_dir: Path, why: str) -> None:
 
 
 def _is_complete(step_dir: Path) -> bool:
-    """Holds a readable meta.json (written last); a damaged one is skipped with a warning."""
+    """Holds a readable meta.json (written last) and the whole tensor files a save of its kind
+    writes; a damaged one is skipped with a warning."""
     if not (step_dir / META).is_file():
         return False
     try:
-        read_meta(step_dir)
+        meta = read_meta(step_dir)
     except UserError as exc:
         _skipped(step_dir, str(exc))
         return False
+    why = _damaged_file(step_dir, meta)
+    if why is not None:
+        _skipped(step_dir, why)
+        return False
     return True
+
+
+def _damaged_file(step_dir: Path, meta: dict) -> str | None:
+    """Why a tensor file of a saved step cannot be whole (missing, or cut short: a disk error,
+    a copy interrupted), or None. torch.save writes zip archives, whose directory sits at the
+    end: reading the tail finds a truncation without loading the tensors."""
+    if "scheduler" in meta:  # a training save
+        names = ("model.pt", "optimizer.pt", "rng.pt")
+    elif meta.get("weights_only"):  # an upcycled or imported model
+        names = ("model.pt",)
+    else:
+        return None
+    for name in names:
+        path = step_dir / name
+        if not path.is_file():
+            return f"its {name} is missing"
+        if not zipfile.is_zipfile(path):
+            return f"its {name} is damaged or truncated (not a whole torch.save archive)"
+    return None
 
 
 def complete_steps(root: Path) -> list[int]:
@@ -182,25 +223,48 @@ def complete_steps(root: Path) -> list[int]:
 
 def latest_step_dir(root: Path) -> Path | None:
     """The checkpoint `latest` points at; falls back to the newest complete step directory
-    when the pointer is missing or names something that is not there."""
+    when the pointer is missing or names something that is not there (said)."""
     pointer = root / LATEST
     if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if _STEP_RE.match(target.name) and _is_complete(target):
+        name = pointer.read_text().strip()
+        target = root / name
+        if _STEP_RE.match(name) and _is_complete(target):
             return target
-        if target.is_dir() and not (target / META).is_file():
+        if not _STEP_RE.match(name):
+            _said(pointer, f"{pointer} holds {name!r}, not a step folder's name")
+        elif not target.is_dir():
+            _said(pointer, f"{pointer} names {name}, which is not there")
+        elif not (target / META).is_file():
             _skipped(target, f"{LATEST} names it, but it holds no {META} (removed or unwritten)")
     steps = complete_steps(root)
     return root / step_dir_name(steps[-1]) if steps else None
 
 
-def prune(root: Path, keep_last: int) -> None:
+def _said(path: Path, message: str) -> None:
+    """A pointer that names no step: said once per process, then the newest complete one
+    is taken."""
+    if str(path) not in _warned_incomplete:
+        _warned_incomplete.add(str(path))
+        log.warning("%s: taking the newest complete step", message)
+
+
+def prune(root: Path, keep_last: int, current: int | None = None) -> None:
+    """Remove unfinished writes and all but the newest `keep_last` steps up to `current` (the
+    step just written). Steps after `current` are another line of the run, from before a
+    resume at an earlier step: never counted against this line's (which would remove the step
+    just written); `newer_steps` names them at the resume."""
     for tmp in root.glob(".tmp-step_*"):
         shutil.rmtree(tmp, ignore_errors=True)
     if keep_last <= 0:
         return
-    for step in complete_steps(root)[:-keep_last]:
+    steps = [s for s in complete_steps(root) if current is None or s <= current]
+    for step in steps[:-keep_last]:
         shutil.rmtree(root / step_dir_name(step), ignore_errors=True)
+
+
+def newer_steps(root: Path, step: int) -> list[int]:
+    """Complete steps after `step` in `root`."""
+    return [s for s in complete_steps(root) if s > step]
 
 
 def remove_all(root: Path) -> None:

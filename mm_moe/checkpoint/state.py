@@ -152,7 +152,7 @@ def write(staged: StagedCheckpoint, root: Path, keep_last: int, save=save_file) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
-        layout.prune(root, keep_last)
+        layout.prune(root, keep_last, staged.step)
     except OSError as exc:  # the checkpoint is complete; old ones go at the next save
         log.warning("checkpoint.keep_last: could not remove old checkpoints in %s: %s", root, exc)
     return final

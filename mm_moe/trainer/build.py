@@ -386,6 +386,17 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
     meta = ckpt_state.load(resume_dir, engine, loader, dist.rank, dist.world_size, weights_only)
     guard.load_state_dict(meta)
     log.info("resumed from %s at step %d", resume_dir, meta["step"])
+    newer = layout.newer_steps(Path(cfg.checkpoint.dir), meta["step"]) if own else []
+    if newer and dist.is_main:
+        log.warning(
+            "%s holds steps after the resumed step %d (%s): a line of this run from before "
+            "this resume. They stay as they are, outside checkpoint.keep_last; this run's saves "
+            "replace those of the same step, and `latest` names this run's newest. Remove them "
+            "when they are no longer needed",
+            cfg.checkpoint.dir,
+            meta["step"],
+            ", ".join(layout.step_dir_name(s) for s in newer),
+        )
     if not meta.get("weights_only"):
         _warn_schedule_changes(resume_dir, cfg, meta["step"])
         _warn_micro_batch_change(resume_dir, cfg)

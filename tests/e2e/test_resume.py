@@ -147,3 +147,25 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_zero(tmp_path, straight)
     resumed = losses(run_dir)
     for step in range(1, STEPS + 1):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+
+
+def test_a_rewound_run_keeps_its_own_checkpoints_under_an_older_line(tmp_path):
+    """Resumed at step 4 of a run that had saved 8 and 12: the warning names the older line,
+    keep_last never removes the step just written, and resume=auto continues the new line
+    (metrics without a hole)."""
+    ckpts = tmp_path / "checkpoints"
+    train(tmp_path, "trainer.max_steps=12", "checkpoint.interval=4", "checkpoint.keep_last=0")
+    rewound = train(
+        tmp_path,
+        "trainer.max_steps=8",
+        "checkpoint.interval=4",
+        "checkpoint.keep_last=1",
+        f"checkpoint.resume={ckpts}/step_00000004",
+    )
+    assert "holds steps after the resumed step 4 (step_00000008, step_00000012)" in (
+        rewound.stdout + rewound.stderr
+    )
+    assert (ckpts / "latest").read_text().strip() == "step_00000008"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000008", "step_00000012"]
+    train(tmp_path, "trainer.max_steps=10", "checkpoint.interval=4", "checkpoint.resume=auto")
+    assert sorted(losses(tmp_path)) == list(range(1, 11))

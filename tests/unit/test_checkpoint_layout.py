@@ -94,6 +94,60 @@ def test_damaged_meta_is_a_clear_error_and_auto_resume_takes_the_previous_step(t
         layout.read_meta(damaged)
 
 
+def _training_save(root, step):
+    """A step as a training save writes it: meta with a schedule, three torch.save files."""
+    import json
+
+    import torch
+
+    tmp = layout.new_tmp_dir(root, step)
+    for name in ("model.pt", "optimizer.pt", "rng.pt"):
+        torch.save({"w": torch.full((64, 64), float(step))}, tmp / name)
+    (tmp / layout.META).write_text(json.dumps({"format_version": 2, "step": step, "scheduler": {}}))
+    return layout.publish(root, tmp, step)
+
+
+def test_auto_resume_skips_a_step_with_a_truncated_or_missing_file_and_says_why(tmp_path, caplog):
+    """A latest step whose model.pt was cut short (or whose rng.pt is gone) is skipped by
+    checkpoint.resume=auto with the reason; named explicitly, the load error names the complete
+    steps beside it."""
+    from mm_moe.errors import UserError
+
+    for step in (4, 8):
+        _training_save(tmp_path, step)
+    twelve = _training_save(tmp_path, 12)
+    whole = (twelve / "model.pt").read_bytes()
+    (twelve / "model.pt").write_bytes(whole[:1000])
+    with caplog.at_level("WARNING"):
+        assert layout.resolve_resume("auto", tmp_path) == tmp_path / "step_00000008"
+    assert f"skipping {twelve} as incomplete: its model.pt is damaged or truncated" in caplog.text
+    with pytest.raises(UserError, match=r"resume from a complete step beside it \(step_00000004, "):
+        layout.read_tensors(twelve / "model.pt")
+    (twelve / "model.pt").write_bytes(whole)
+    (twelve / "rng.pt").unlink()
+    layout._warned_incomplete.clear()
+    with caplog.at_level("WARNING"):
+        assert layout.resolve_resume("auto", tmp_path) == tmp_path / "step_00000008"
+    assert "its rng.pt is missing" in caplog.text
+
+
+def test_pruning_keeps_the_step_just_written_below_an_older_line(tmp_path, caplog):
+    """Resumed at step 4 of a run that had saved 8 and 12, the new line's step 8 (replacing
+    the old 8) is kept with keep_last=1, where the highest steps used to be kept and the step
+    just written was removed; the old line's 12 stays, and a pointer naming no step is said."""
+    for step in (4, 8, 12):
+        _save(tmp_path, step)
+    assert layout.newer_steps(tmp_path, 4) == [8, 12]
+    _save(tmp_path, 8)  # the resumed line's first save
+    layout.prune(tmp_path, keep_last=1, current=8)
+    assert layout.complete_steps(tmp_path) == [8, 12]
+    assert (tmp_path / "latest").read_text().strip() == "step_00000008"
+    (tmp_path / "latest").write_text("")
+    with caplog.at_level("WARNING"):
+        assert layout.latest_step_dir(tmp_path) == tmp_path / "step_00000012"
+    assert "holds '', not a step folder's name: taking the newest complete step" in caplog.text
+
+
 def _train_cfg(run_dir, *overrides):
     from hydra import compose, initialize_config_dir
 
