@@ -131,6 +131,10 @@ def read_meta(step_dir: Path) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         meta = exc
+    if isinstance(meta, dict):  # the counts it holds are whole numbers, where it has them
+        bad = [k for k in ("step", "world_size", "format_version") if k in meta]
+        bad = [f"{k}={meta[k]!r}" for k in bad if type(meta[k]) is not int or meta[k] < 0]
+        meta = f"not a count: {', '.join(bad)}" if bad else meta
     if not isinstance(meta, dict):
         raise UserError(
             f"{path} is damaged ({meta}): a checkpoint's {META} must be the JSON object the "
