@@ -25,7 +25,9 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -293,7 +295,24 @@ EXIT_RANK_LOST = 1
 
 
 class RankLostError(RuntimeError):
-    """A rank died or stopped responding; the message names it."""
+    """A rank died or stopped responding; the message names it, and where this rank waited
+    (no traceback: gloo's and NCCL's own chain says less than that)."""
+
+    brief = True
+
+
+def _waiting_in(exc: BaseException) -> str:
+    """Where the failed call was: its innermost frame, and the project's frame that made it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    ours = [f for f in frames if f"{os.sep}mm_moe{os.sep}" in f.filename]
+    inner = frames[-1]
+    where = f"{inner.name} ({Path(inner.filename).name}:{inner.lineno})"
+    if ours and ours[-1] is not inner:
+        caller = ours[-1]
+        where += f", called from {caller.name} ({Path(caller.filename).name}:{caller.lineno})"
+    return f" This rank was waiting in {where}."
 
 
 class Liveness:
@@ -463,7 +482,8 @@ def names_lost_ranks(fn):
                 raise
             raise RankLostError(
                 f"{verdict}. Rank {live.rank} stops too; under torchrun --max-restarts=N with "
-                "checkpoint.resume=auto the job restarts from the last complete checkpoint"
+                "checkpoint.resume=auto the job restarts from the last complete checkpoint."
+                + _waiting_in(exc)
             ) from exc
 
     return wrapper

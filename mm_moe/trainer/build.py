@@ -367,11 +367,21 @@ def _evaluator(cfg: TrainConfig, dist: DistInfo) -> HeldoutEval | None:
     return HeldoutEval(batches, dist.device)
 
 
-def _lock_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
+def _lock_run_dir(cfg: TrainConfig, dist: DistInfo) -> list[Path] | None:
     """The run folder's lock (rank 0), taken before anything reads or replaces the folder's
     checkpoints and metrics (trainer/run_lock.py)."""
     check_folders(cfg)
-    return run_lock.acquire(cfg.trainer.run_dir) if dist.is_main else None
+    if not dist.is_main:
+        return None
+    run_dir, ckpt_dir = Path(cfg.trainer.run_dir), Path(cfg.checkpoint.dir)
+    keys = [run_lock.acquire(run_dir)]
+    if not ckpt_dir.resolve().is_relative_to(run_dir.resolve()):
+        try:
+            keys.append(run_lock.acquire(ckpt_dir, "checkpoint.dir"))
+        except UserError:
+            run_lock.release(keys)
+            raise
+    return keys
 
 
 def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard, digest) -> dict:

@@ -35,7 +35,7 @@ class MetricsLogger:
         start_step: int,
         logging_cfg,
         wandb_init: dict | None,
-        lock: Path | None = None,
+        lock: list[Path] | None = None,
     ):
         self.lock = lock  # trainer/run_lock.py's key: released when the run closes
         self.enabled = enabled

@@ -1,7 +1,9 @@
 """One training run per run folder at a time.
 
 Two runs started into the same `trainer.run_dir` (a command run twice, two terminals) used to
-both report success while each replaced the other's metrics.jsonl and checkpoints. The main
+both report success while each replaced the other's metrics.jsonl and checkpoints; the same for
+a `checkpoint.dir` outside the run folder that two runs share (a sweep given one), which is
+locked too. The main
 rank now holds an advisory lock (`flock`) on `<run_dir>/.run.lock` from before it touches the
 folder until the run closes; the kernel drops it when the process dies, so a crash leaves no
 stale lock. The file names its holder. A file system without locks (Lustre mounted without
@@ -25,11 +27,15 @@ LOCK_FILE = ".run.lock"
 _HELD: dict[Path, list] = {}  # resolved run folder -> [open lock file, holders in this process]
 
 
-def acquire(run_dir: str | Path) -> Path:
-    """Lock `run_dir` (created if missing) for this process; UserError naming the holder when
-    another process has it. Returns the key to `release`."""
+def acquire(run_dir: str | Path, key_name: str = "trainer.run_dir") -> Path:
+    """Lock `run_dir` (created if missing) for this process; UserError naming the holder (and
+    the config key that chose the folder) when another process has it. Returns the key to
+    `release`."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{key_name}={run_dir} cannot be created: {exc.strerror or exc}") from None
     key = run_dir.resolve()
     if key in _HELD:
         _HELD[key][1] += 1
@@ -43,8 +49,8 @@ def acquire(run_dir: str | Path) -> Path:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise UserError(
-            f"trainer.run_dir={run_dir} is in use by another run ({holder}); wait for it to end, "
-            "or choose another trainer.run_dir"
+            f"{key_name}={run_dir} is in use by another run ({holder}); wait for it to end, "
+            f"or choose another {key_name}"
         ) from None
     except OSError as exc:  # no locks on this file system
         log.warning("cannot lock %s (%s): runs into the same folder are not detected", path, exc)
@@ -56,8 +62,12 @@ def acquire(run_dir: str | Path) -> Path:
     return key
 
 
-def release(key: Path | None) -> None:
-    """Drop this process's hold on the folder (the lock goes with the last holder)."""
+def release(key: Path | list[Path] | None) -> None:
+    """Drop this process's hold on the folder(s) (the lock goes with the last holder)."""
+    if isinstance(key, list):
+        for one in key:
+            release(one)
+        return
     if key is None or key not in _HELD:
         return
     _HELD[key][1] -= 1

@@ -230,6 +230,49 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(tmp_path):
     run_lock.release(run_lock.acquire(folder))  # a killed holder leaves no stale lock
 
 
+def test_a_checkpoint_dir_outside_the_run_folder_is_locked_too(tmp_path):
+    """Two runs with their own run folders but one checkpoint.dir (a sweep given one): the
+    second is refused naming checkpoint.dir, and releases the run folder it had taken."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import pytest
+
+    from mm_moe.cli import compose
+    from mm_moe.errors import UserError
+    from mm_moe.trainer import run_lock
+    from mm_moe.trainer.build import _lock_run_dir
+
+    shared = tmp_path / "ckpt"
+    take = (
+        f"from mm_moe.trainer import run_lock; run_lock.acquire({str(shared)!r}, 'checkpoint.dir')"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"{take}; print('held', flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    main = SimpleNamespace(is_main=True)
+    cfg = compose([f"trainer.run_dir={tmp_path / 'b'}", f"checkpoint.dir={shared}"])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=r"checkpoint.dir=.*ckpt is in use by another run"):
+            _lock_run_dir(cfg, main)
+        run_lock.release(run_lock.acquire(tmp_path / "b"))  # not left held by the refusal
+        assert not run_lock._HELD
+    finally:
+        holder.kill()
+        holder.wait()
+    keys = _lock_run_dir(cfg, main)
+    assert len(keys) == 2
+    run_lock.release(keys)
+    inside = compose([f"trainer.run_dir={tmp_path / 'c'}"])  # checkpoints inside the run folder
+    keys = _lock_run_dir(inside, main)
+    assert len(keys) == 1
+    run_lock.release(keys)
+
+
 def test_a_run_builds_again_in_the_same_process_after_shutdown(tmp_path):
     """A notebook (or a test) builds a run, shuts its process group down and builds another:
     DeepSpeed's cached groups of the first process group are forgotten with it."""
