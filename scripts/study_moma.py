@@ -43,7 +43,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mm_moe.cli import compose
+from mm_moe.cli import compose, exits_on_failure
 from mm_moe.eval.study import run_study
 from mm_moe.eval.study.plan import CPU_MODELS, DEFAULT_MODELS, ROUTING, check_args
 
@@ -113,7 +113,8 @@ def _args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = _args(argv)
-    study_md = run_study(args, compose, REPO, sys.executable)
+    with exits_on_failure("study_moma.py"):  # a config error: one line, exit 2
+        study_md = run_study(args, compose, REPO, sys.executable)
     print(study_md.read_text())
     out = study_md.parent
     health = ", routing_health.png" if (out / "routing_health.png").is_file() else ""

@@ -159,6 +159,27 @@ def test_run_digests_follow_what_trains():
     assert run_dir("optim.lr=1e-3") != plain
 
 
+def test_moe_overrides_label_the_runs_and_an_arm_they_break_is_named(tmp_path):
+    """--moe-override changes every model with experts: the tables label those runs with it,
+    study.md's header names it, and an arm it breaks (mixed8 cannot take modality groups) is
+    a one-line error naming the arm."""
+    from mm_moe.cli import compose
+    from mm_moe.errors import UserError
+    from mm_moe.eval.study.plan import label
+
+    odd = ["moe.experts_per_modality.text=3", "moe.experts_per_modality.image=5"]
+    args = _args("--corpus=demo", "--tiny", *(f"--moe-override={o}" for o in odd))
+    assert label(args, "moma") == f"MoMa 4t4i ({', '.join(odd)})"
+    assert label(args, "dense") == "dense" and label(args, "mot") == "MoT"
+    assert f"--moe-override (runs with experts): {' '.join(odd)}" in "\n".join(
+        markdown._header(args)
+    )
+    planner = Planner(args, compose, Corpus("demo"))
+    assert planner.run_dir("moma", 0, args.steps).name.startswith("moma_s0_")
+    with pytest.raises(UserError, match=r"^model mixed8 \(--moe-override applies to every"):
+        planner.run_dir("mixed8", 0, args.steps)
+
+
 def _fake_planner(tmp_path) -> Planner:
     """Every run composes to the default TrainConfig (no Hydra)."""
     args = _args("--corpus=demo", f"--out={tmp_path}", "--no-multimodal", "--seeds=1")

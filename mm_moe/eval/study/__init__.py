@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mm_moe.eval.study import markdown, plot, run, summarise
-from mm_moe.eval.study.plan import Planner, corpus_for
+from mm_moe.eval.study.plan import Planner, corpus_for, label
 
 
 def run_study(args, compose: Callable, repo: Path, python: str) -> Path:
@@ -27,7 +27,7 @@ def run_study(args, compose: Callable, repo: Path, python: str) -> Path:
     run.ensure_corpus(corpus_for(args, repo, python), repo)
     corpus = corpus_for(args, repo, python)  # after the build: its pretokenized shards, if any
     planner = Planner(args, compose, corpus)
-    labels = {m: args.table[m][0] for m in args.model_list}
+    labels = {m: label(args, m) for m in args.model_list}
     t0 = time.perf_counter()
     results = run.train_all(planner, repo)
     dense_curve = summarise.eval_curve(planner.run_dir("dense", 0, args.dense_steps))

@@ -21,10 +21,19 @@ def fmt(s: dict, key: str, digits: int = 3, pct: bool = False) -> str:
 
 
 def _header(args) -> list[str]:
+    given = [
+        f"{flag} {' '.join(values)}"
+        for flag, values in (
+            ("--override (every run):", getattr(args, "override", [])),
+            ("--moe-override (runs with experts):", getattr(args, "moe_override", [])),
+        )
+        if values
+    ]
     return [
         f"# MoMa study ({args.scale}, {args.steps} steps, {args.seeds} seeds; long dense run "
         f"{args.dense_steps} steps)",
         "",
+        *([f"Runs trained with {'; '.join(given)}.", ""] if given else []),
         "Held-out loss with inference routing (causal auxiliary routers), mean ± std over "
         "seeds; in brackets the loss with training routing. Savings: dense FLOPs to reach the "
         "model's final held-out loss / the model's FLOPs, per modality (>X: below anything "

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mm_moe.errors import UserError
+
 MODALITIES = ("text", "image")
 
 # name -> (label, Hydra overrides); CPU shapes are tiny_dense's (d=128, 4 layers).
@@ -51,6 +53,16 @@ CPU_MODELS.update(ROUTING_MODELS)
 DEFAULT_MODELS = "dense,mixed8,moma,moma_tc,mot"
 # The models without experts: --moe-override leaves them alone (their runs stay the same run).
 NO_EXPERTS = ("dense", "mot")
+
+
+def label(args, name: str) -> str:
+    """A model's name in the tables and plots: its preset's, with the --moe-override values
+    its runs took (a 3t5i run is not labelled "MoMa 4t4i" alone)."""
+    mine = [] if name in NO_EXPERTS else list(getattr(args, "moe_override", []))
+    text = args.table[name][0]
+    return f"{text} ({', '.join(mine)})" if mine else text
+
+
 ROUTING = "dense,moma,moma_tc," + ",".join(ROUTING_MODELS)
 # The 1.4B presets (configs/model/*_1.4b.yaml) and their dense equivalent.
 GPU_MODELS = {
@@ -254,7 +266,12 @@ class Planner:
         found = self.overrides(name, seed, steps, Path())
         key = tuple(o for o in found if "run_dir=" not in o)
         if key not in self._composed:
-            composed = self.compose(list(key))
+            try:
+                composed = self.compose(list(key))
+            except UserError as exc:  # a config error of one arm: name it, in one line
+                given = " (--moe-override applies to every model with experts)"
+                given = given if getattr(self.args, "moe_override", None) else ""
+                raise UserError(f"model {name}{given}: {exc}") from None
             built = [p.read_text() for p in self.corpus.built if p.is_file()]
             settings = (composed.eval.zero_shot, composed.eval.text_to_image)
             fixed = composed.optim.decay_steps > 0  # the schedule does not follow max_steps
