@@ -53,6 +53,9 @@ _SETS = {"model.untie", "moe.layers", "model.mod.layers"}
 # aux-loss-free balancing on adds a bias that was never moved (zeros); turning it off would
 # drop a learned one.
 _ONE_WAY = {"moe.bias_update_rate": lambda saved, run: not saved and bool(run)}
+# Fields that steer training alone under some configs: expert choice's top_k only scales its
+# capacity (evaluation and sampling route by the auxiliary routers), as capacity_factor does.
+_TRAINING_ONLY_WHEN = {"moe.top_k": lambda moe: moe.router == "expert_choice"}
 # The key that turns a part on: off, none of its other fields matter.
 _OFF = {"moe": "experts_per_modality", "model.mod": "layers"}
 # Properties that stand for allow-listed fields.
@@ -69,7 +72,7 @@ def function_fields(cfg, prefix: str) -> dict[str, object]:
     out: dict[str, object] = {}
     for f in dataclasses.fields(cfg):
         key, value = f"{prefix}.{f.name}", getattr(cfg, f.name)
-        if key in NOT_FUNCTION:
+        if key in NOT_FUNCTION or (key in _TRAINING_ONLY_WHEN and _TRAINING_ONLY_WHEN[key](cfg)):
             continue
         if dataclasses.is_dataclass(value):
             out.update(function_fields(value, key))

@@ -75,6 +75,7 @@ def test_training_time_selection_may_change_and_balancing_may_be_turned_on(tmp_p
     step = _weights_only_dir(tmp_path, mod, ec)
     wider = replace(mod, mod=replace(mod.mod, capacity=0.25))
     _check_same_architecture(step, wider.build(replace(ec, capacity_factor=2.0)))
+    _check_same_architecture(step, wider.build(replace(ec, capacity_factor=0.5, top_k=2)))
     tc = _weights_only_dir(tmp_path / "tc", MODEL, MOE)
     _check_same_architecture(tc, MODEL.build(replace(MOE, bias_update_rate=0.01)))
     balanced = _weights_only_dir(tmp_path / "b", MODEL, replace(MOE, bias_update_rate=0.01))
