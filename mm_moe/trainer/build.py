@@ -308,6 +308,8 @@ def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
         "bf16" if uses_bf16(cfg.trainer.precision, dist.device) else "fp32",
         dist.device,
     )
+    _warn_short_warmup(cfg)
+    _warn_untrained_routers(cfg)
 
 
 def _warn_untrained_routers(cfg: TrainConfig) -> None:
@@ -442,8 +444,6 @@ def build_training(cfg: TrainConfig) -> Training:
     meta = _resume(resume_dir, cfg, dist, engine, loader, guard, digest)
     if dist.is_main:
         _describe(cfg, model_cfg, dist)
-        _warn_short_warmup(cfg)
-        _warn_untrained_routers(cfg)
     wandb_init = _wandb_init(cfg, config_dict, meta.get("wandb_id")) if dist.is_main else None
     per_token = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
     training = Training(
