@@ -225,6 +225,14 @@ def complete_steps(root: Path) -> list[int]:
     return sorted(steps)
 
 
+def step_folders(root: Path) -> list[str]:
+    """The names of every step folder in `root`, complete or not, in step order (a folder is
+    published whole, so one that is not complete now was damaged after its save)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir())
+
+
 def latest_step_dir(root: Path) -> Path | None:
     """The checkpoint `latest` points at; falls back to the newest complete step directory
     when the pointer is missing or names something that is not there (said)."""

@@ -259,6 +259,13 @@ def load(
         )
     if meta.get("weights_only") or weights_only:
         return _load_weights_only(step_dir, meta, engine)
+    missing = [k for k in ("step", "world_size", "scheduler", "data") if k not in meta]
+    if missing:
+        raise UserError(
+            f"{step_dir / layout.META} is damaged (no {', '.join(missing)}): a training save "
+            "writes them all. Resume from another step, or checkpoint.weights_only=true for "
+            "its weights alone"
+        )
     # A resumed run that changed what the weights compute (moe.score, rope_theta, ...) would
     # go on training another function without a word; training-only keys may change. (A
     # step without the run's config, made by hand or by a test, has nothing to compare.)

@@ -175,16 +175,26 @@ def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
         own = True
     if not own:
         steps = layout.complete_steps(root)
+        damaged = [] if steps else layout.step_folders(root)  # saved once, none whole now
         if steps and not cfg.checkpoint.overwrite:
             raise UserError(
                 f"checkpoint.dir={root} already holds checkpoints (latest step {steps[-1]}). "
                 "Pass checkpoint.resume=auto to continue that run, checkpoint.overwrite=true "
                 "to start over and replace them, or choose another trainer.run_dir"
             )
+        if damaged and not cfg.checkpoint.overwrite:
+            raise UserError(
+                f"checkpoint.dir={root} holds saved steps ({', '.join(damaged[-3:])}) but none is "
+                "complete (the warnings above say what each lacks): nothing is started over "
+                "them. Repair them, name one (checkpoint.resume=PATH says which file is bad), "
+                "or pass checkpoint.overwrite=true to start over and remove them"
+            )
         _refuse_earlier_metrics(cfg)
-        if steps and dist.is_main:
+        if (steps or damaged) and dist.is_main:
             log.warning(
-                "checkpoint.overwrite=true: removing %d checkpoints in %s", len(steps), root
+                "checkpoint.overwrite=true: removing %d checkpoints in %s",
+                len(steps or damaged),
+                root,
             )
             layout.remove_all(root)
     if dist.is_main:

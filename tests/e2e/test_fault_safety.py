@@ -23,7 +23,8 @@ class _Payload:
 def test_planted_pickle_is_refused_and_does_not_run(tmp_path):
     step_dir = tmp_path / "planted" / "step_00000002"
     step_dir.mkdir(parents=True)
-    (step_dir / "meta.json").write_text(json.dumps({"format_version": 2, "step": 2}))
+    meta = {"format_version": 2, "step": 2, "world_size": 1, "scheduler": {}, "data": {}}
+    (step_dir / "meta.json").write_text(json.dumps(meta))
     marker = tmp_path / "pwned"
     torch.save({"embed.weight": _Payload(str(marker))}, step_dir / "model.pt")
 

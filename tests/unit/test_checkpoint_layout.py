@@ -92,6 +92,9 @@ def test_damaged_meta_is_a_clear_error_and_auto_resume_takes_the_previous_step(t
     (damaged / layout.META).write_text("[1, 2]")  # valid JSON, but not the object saved
     with pytest.raises(UserError, match="must be the JSON object"):
         layout.read_meta(damaged)
+    (damaged / layout.META).write_text('{"format_version": 2, "step": 1, "world_size": 1}')
+    with pytest.raises(UserError, match=r"damaged \(no scheduler, data\)"):
+        state.load(damaged, engine, None, 0, 1)
     (damaged / layout.META).write_text('{"format_version": 2, "step": "x"}')  # a hand edit
     with pytest.raises(UserError, match=r"damaged \(not a count: step='x'\)"):
         layout.read_meta(damaged)
@@ -189,6 +192,29 @@ def test_fresh_run_refuses_a_run_dir_with_metrics_but_no_checkpoint(tmp_path):
     assert _resume_dir(cfg, main) is None
     MetricsLogger(run_dir, True, 10, 0, cfg.logging, None).close()
     assert (run_dir / "metrics.jsonl").read_text() == ""  # replaced, as asked
+
+
+def test_resume_auto_over_only_damaged_steps_is_refused_not_started_over(tmp_path, caplog):
+    """Every saved step damaged (a storage incident, a bad copy): resume=auto used to start at
+    step 0 over them, cutting the metrics and replacing the steps. Refused, naming them;
+    checkpoint.overwrite=true starts over and removes them."""
+    import torch
+
+    from mm_moe.errors import UserError
+    from mm_moe.parallel.distributed import DistInfo
+    from mm_moe.trainer.build import _resume_dir
+
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    for step in (4, 8):
+        cut = _training_save(ckpts, step) / "model.pt"
+        cut.write_bytes(cut.read_bytes()[:100])
+    main = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+    with pytest.raises(UserError, match=r"saved steps \(step_00000004, step_00000008\) but none"):
+        _resume_dir(_train_cfg(run_dir, "checkpoint.resume=auto"), main)
+    assert layout.step_folders(ckpts) == ["step_00000004", "step_00000008"]
+    _resume_dir(_train_cfg(run_dir, "checkpoint.resume=auto", "checkpoint.overwrite=true"), main)
+    assert layout.step_folders(ckpts) == []
 
 
 def moe_engine():

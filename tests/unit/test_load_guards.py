@@ -222,7 +222,8 @@ def test_a_full_resume_refuses_a_config_that_changes_the_function(tmp_path):
     from mm_moe.checkpoint import state
 
     step = _weights_only_dir(tmp_path, MODEL, MOE)
-    (step / "meta.json").write_text(json.dumps({"format_version": 2, "step": 3}))
+    meta = {"format_version": 2, "step": 3, "world_size": 1, "scheduler": {}, "data": {}}
+    (step / "meta.json").write_text(json.dumps(meta))
     engine = SimpleNamespace(module=MODEL.build(replace(MOE, score="softmax")), lr_scheduler=None)
     with pytest.raises(UserError, match="moe.score: checkpoint 'sigmoid', this run 'softmax'"):
         state.load(step, engine, loader=None, rank=0, world_size=1)
