@@ -124,6 +124,16 @@ def save_file(obj, path: Path) -> None:
         torch.save(obj, path)
 
 
+def _free_space(root: Path) -> str:
+    """What torch.save's zip writer does not say: how full the disk is (a full disk reads
+    `unexpected pos ...`). A save needs room for one more step: keep_last prunes after it."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:.0f} MiB free on the disk of {root}; a full disk fails this way)"
+
+
 def write(staged: StagedCheckpoint, root: Path, keep_last: int, save=save_file) -> Path:
     """Rank 0: write under a temporary name (each file with `save(obj, path)`), then publish
     (rename, move `latest`). On any error the temporary directory is removed and the previous
@@ -146,7 +156,7 @@ def write(staged: StagedCheckpoint, root: Path, keep_last: int, save=save_file) 
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
             except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError
-                raise OSError(errno.EIO, str(exc), str(path)) from exc
+                raise OSError(errno.EIO, f"{exc}{_free_space(root)}", str(path)) from exc
         final = layout.publish(root, tmp, staged.step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

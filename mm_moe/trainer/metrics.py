@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class MetricsLogger:
         self.first_row: dict = {}  # facts of the run (e.g. kernels chosen) for the first row
         self.wandb_run = None
         self.bar = None
+        self.write_failed = False
         if not enabled:
             return
         self._truncate(start_step)
@@ -69,19 +71,52 @@ class MetricsLogger:
                 sys.argv = argv
 
     def _truncate(self, start_step: int) -> None:
+        """Keep the rows up to the resumed step: rewritten under a temporary name and renamed
+        over the file (a kill meanwhile leaves the old file whole). A line cut short (a crash,
+        a full disk) is dropped, and said."""
         if not self.path.exists():
             return
         if start_step == 0:
             self.path.unlink()
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
+        kept, cut = [], []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
             try:
                 if json.loads(line).get("step", 0) <= start_step:
                     kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-        self.path.write_text("".join(line + "\n" for line in kept))
+            except (json.JSONDecodeError, AttributeError):
+                cut.append(number)
+        if cut:
+            log.warning(
+                "%s: %d line(s) that are not whole JSON rows dropped (line %s): a row cut "
+                "short by a crash or a full disk; its step is missing from the metrics",
+                self.path,
+                len(cut),
+                ", ".join(map(str, cut[:5])),
+            )
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def _write(self, record: dict) -> None:
+        """One row; a failed write (a full disk) is said once and training goes on: losing
+        rows costs less than losing the steps since the last checkpoint."""
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            if not self.write_failed:
+                log.error(
+                    "%s: cannot write the row of step %s (%s): training goes on, its rows are "
+                    "missing until a write succeeds",
+                    self.path,
+                    record.get("step"),
+                    exc.strerror or exc,
+                )
+            self.write_failed = True
+            return
+        if self.write_failed:
+            log.warning("%s: rows are written again from step %s", self.path, record.get("step"))
+            self.write_failed = False
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
@@ -89,7 +124,7 @@ class MetricsLogger:
         metrics = scrub(metrics)
         facts, self.first_row = self.first_row, {}
         record = {**{k: _clean(v) for k, v in metrics.items()}, **facts}
-        self.file.write(json.dumps(record) + "\n")
+        self._write(record)
         if self.wandb_run is not None:
             if facts:
                 self.wandb_run.config.update(facts, allow_val_change=True)

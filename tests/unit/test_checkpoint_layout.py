@@ -278,3 +278,25 @@ def test_engine_state_round_trips_through_the_files_with_experts_one_entry_each(
     back = tensors.read(tmp_path, engine.module, optimizer=False)
     assert back.keys() == {"model/" + k for k in stacked}
     assert all(torch.equal(back["model/" + k], v) for k, v in stacked.items())
+
+
+def test_a_save_that_fails_inside_torch_save_says_how_full_the_disk_is(tmp_path):
+    """torch.save reports a full disk as 'unexpected pos' (a RuntimeError without errno): the
+    error names the file and the free space, and the step folder is not published."""
+    from types import SimpleNamespace
+
+    from mm_moe.checkpoint import state
+
+    staged = SimpleNamespace(
+        step=3, model={}, optimizer={}, rng=[], config_yaml="a: 1\n", vocab_yaml=None,
+        meta_json="{}",
+    )  # fmt: skip
+
+    def full(obj, path):
+        if path.name == "optimizer.pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2713280")
+        path.write_text("x")
+
+    with pytest.raises(OSError, match=r"MiB free on the disk of .*a full disk.*optimizer.pt"):
+        state.write(staged, tmp_path, keep_last=3, save=full)
+    assert layout.step_folders(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))

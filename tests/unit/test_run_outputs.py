@@ -4,6 +4,7 @@ go where the checkpoint is now."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 from mm_moe.trainer.hooks import EvalHook, MetricsHook
@@ -450,3 +451,40 @@ def test_a_sample_replacing_an_earlier_one_of_the_same_seed_is_said(tmp_path, ca
         assert "replacing" not in caplog.text
         assert _save_image(image, codes, tmp_path, 0, 0) == first
     assert f"replacing {first} (an earlier sample of the same seed)" in caplog.text
+
+
+def test_metrics_rows_cut_short_are_said_and_a_full_disk_does_not_stop_training(tmp_path, caplog):
+    """A resume drops a row cut short (said, with its line); a row that cannot be written (a
+    full disk) is said once and the run goes on, and said again when rows are written again."""
+    import errno
+
+    from mm_moe.cli import compose
+    from mm_moe.trainer.metrics import MetricsLogger
+
+    cfg = compose([f"trainer.run_dir={tmp_path}"])
+    rows = '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.25}\n{"step": 3, "lo'
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        logger = MetricsLogger(tmp_path, True, 10, 3, cfg.logging, None)
+    assert "1 line(s) that are not whole JSON rows dropped (line 3)" in caplog.text
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    whole, logger.file = logger.file, Full()
+    row = {"step": 4, "loss": 2.0, "loss_text": 2.0, "loss_image": 2.0, "lr": 1e-3,
+           "grad_norm": 1.0, "tokens_per_s": 10.0}  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        logger.log(row)
+        logger.log({**row, "step": 5})
+        logger.file = whole
+        logger.log({**row, "step": 6})
+    assert caplog.text.count("cannot write the row of step 4 (No space left on device)") == 1
+    assert "step 5" not in caplog.text and "rows are written again from step 6" in caplog.text
+    logger.close()
+    assert [
+        json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2, 6]
