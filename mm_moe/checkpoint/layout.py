@@ -249,6 +249,10 @@ def latest_step_dir(root: Path) -> Path | None:
         elif not (target / META).is_file():
             _skipped(target, f"{LATEST} names it, but it holds no {META} (removed or unwritten)")
     steps = complete_steps(root)
+    if pointer.is_file() and (named := _STEP_RE.match(pointer.read_text().strip())):
+        # Before the step `latest` named: its own line (a rewound run keeps an older line's
+        # higher steps, which are not where it stood).
+        steps = [s for s in steps if s <= int(named.group(1))] or steps
     return root / step_dir_name(steps[-1]) if steps else None
 
 

@@ -148,6 +148,9 @@ def test_pruning_keeps_the_step_just_written_below_an_older_line(tmp_path, caplo
     layout.prune(tmp_path, keep_last=1, current=8)
     assert layout.complete_steps(tmp_path) == [8, 12]
     assert (tmp_path / "latest").read_text().strip() == "step_00000008"
+    _save(tmp_path, 10)
+    (tmp_path / "step_00000010" / layout.META).unlink()  # this line's newest, damaged
+    assert layout.latest_step_dir(tmp_path) == tmp_path / "step_00000008"  # not the older 12
     (tmp_path / "latest").write_text("")
     with caplog.at_level("WARNING"):
         assert layout.latest_step_dir(tmp_path) == tmp_path / "step_00000012"
