@@ -126,6 +126,27 @@ def _rendezvous_failed(exc: Exception, from_slurm: bool, timeout_s: int) -> User
     )
 
 
+def end_with_launcher() -> None:
+    """A torchrun worker asks the kernel for SIGTERM when its agent dies (kill -9 of torchrun,
+    the OOM killer): the preemption handler then checkpoints and ends it. Without this the
+    workers trained on as orphans (the agent's store gone, its errors every half second), and
+    the run folder's lock refused a relaunch until they ended. Linux only."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot ask for a signal when torchrun's agent dies (%s)", exc)
+        return
+    if os.getppid() != parent:  # the agent died before the request: act on it now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> DistInfo:
     """Start (or join) the default process group; one plain process gets a world of one."""
     from_slurm = adopt_slurm_env()
@@ -137,6 +158,7 @@ def init_distributed(backend: str, timeout_s: int, device: str = "auto") -> Dist
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(_free_port()),
         )
+    end_with_launcher()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and (why := cuda_missing()):

@@ -255,9 +255,10 @@ def summary(history: list[dict], training) -> None:
         f"{tok_s:.0f} tokens/s",
         f"metrics: {training.metrics.path}",
     ]
-    if cfg.checkpoint.interval:
-        root = training.checkpointer.root
-        lines.append(f"checkpoints: {root} (latest: {layout.latest_step_dir(root)})")
+    root = training.checkpointer.root
+    latest = layout.latest_step_dir(root)
+    if cfg.checkpoint.interval or latest is not None:  # a preemption's save included
+        lines.append(f"checkpoints: {root} (latest: {latest})")
     else:
         lines.append(
             "no checkpoint written: checkpoint.interval=0 (N saves every N steps and the last)"

@@ -133,3 +133,51 @@ def test_start_up_does_not_wait_on_a_stale_extension_build_lock(tmp_path):
     launcher = ["env", f"TORCH_EXTENSIONS_DIR={ext}", PYTHON, "-m", "mm_moe.train"]
     train(tmp_path / "run", "trainer.max_steps=1", launcher=launcher, timeout=120)
     assert losses(tmp_path / "run")
+
+
+def test_workers_of_a_killed_torchrun_agent_checkpoint_and_end(tmp_path):
+    """kill -9 of torchrun (the OOM killer, a launcher killed outside Slurm's cleanup): its
+    workers get SIGTERM from the kernel (PR_SET_PDEATHSIG), write a checkpoint and end, where
+    they used to train on as orphans that a relaunch could not replace."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"trainer.run_dir={run_dir}", "experiment=tiny_moma", "trainer.max_steps=500"]
+    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115 - closed below
+    agent = subprocess.Popen(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "mm_moe.train", *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while "step 3 " not in (tmp_path / "log.txt").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True)
+        workers = [int(pid) for pid in children.stdout.split()]
+        assert len(workers) == 2, children.stdout
+        agent.kill()
+        agent.wait()
+        deadline = time.time() + 60
+        while any(_alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers), "workers outlived their agent"
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        agent.kill()
+        log.close()
+    printed = (tmp_path / "log.txt").read_text()
+    assert "SIGTERM received: checkpoint of step" in printed, printed[-3000:]
+    assert (run_dir / "checkpoints" / "latest").is_file()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has ended
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
