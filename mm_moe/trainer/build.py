@@ -271,13 +271,45 @@ def _refuse_earlier_metrics(cfg: TrainConfig) -> None:
     finds nothing is this run restarting at step 0 (say, preempted before its first
     checkpoint): its rows are cut back like any resume's."""
     rows = Path(cfg.trainer.run_dir) / METRICS_FILE
-    if cfg.checkpoint.overwrite or cfg.checkpoint.resume == "auto":
+    if cfg.checkpoint.overwrite:
+        return
+    if cfg.checkpoint.resume == "auto":
+        _refuse_lost_checkpoints(cfg, rows)
         return
     if rows.is_file() and rows.stat().st_size > 0:
         raise UserError(
             f"trainer.run_dir={cfg.trainer.run_dir} already holds {METRICS_FILE} of an earlier "
             "run, which a fresh start would replace. Pass checkpoint.overwrite=true to start "
             "over and replace it, or choose another trainer.run_dir"
+        )
+
+
+def _refuse_lost_checkpoints(cfg: TrainConfig, rows: Path) -> None:
+    """resume=auto found no checkpoint. Rows only before the first save: the run restarts at
+    step 0 (preempted before its first checkpoint), said. Rows past a step that saved: its
+    checkpoints are elsewhere (another checkpoint.dir) or gone, and restarting would replace
+    its metrics: refused."""
+    last = 0
+    if rows.is_file():
+        for line in rows.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line).get("step", 0)))
+            except (ValueError, TypeError, AttributeError):
+                continue
+    interval = cfg.checkpoint.interval
+    if interval and last >= interval:
+        raise UserError(
+            f"checkpoint.resume=auto: no checkpoint in checkpoint.dir={cfg.checkpoint.dir}, but "
+            f"{rows} has rows up to step {last}, past checkpoint.interval={interval}: the run's "
+            "checkpoints are elsewhere (give its checkpoint.dir) or gone. Pass "
+            "checkpoint.overwrite=true to start over and replace its metrics"
+        )
+    if last:
+        log.warning(
+            "checkpoint.resume=auto: no checkpoint in %s; the run restarts at step 0 and its "
+            "metrics rows (up to step %d) are replaced",
+            cfg.checkpoint.dir,
+            last,
         )
 
 
@@ -387,12 +419,11 @@ def _lock_run_dir(cfg: TrainConfig, dist: DistInfo) -> list[Path] | None:
         return None
     run_dir, ckpt_dir = Path(cfg.trainer.run_dir), Path(cfg.checkpoint.dir)
     keys = [run_lock.acquire(run_dir)]
-    if not ckpt_dir.resolve().is_relative_to(run_dir.resolve()):
-        try:
-            keys.append(run_lock.acquire(ckpt_dir, "checkpoint.dir"))
-        except UserError:
-            run_lock.release(keys)
-            raise
+    try:  # also inside the run folder: another run may name it as its checkpoint.dir
+        keys.append(run_lock.acquire(ckpt_dir, "checkpoint.dir"))
+    except UserError:
+        run_lock.release(keys)
+        raise
     return keys
 
 

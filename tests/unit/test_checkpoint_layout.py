@@ -191,6 +191,11 @@ def test_fresh_run_refuses_a_run_dir_with_metrics_but_no_checkpoint(tmp_path):
     # resume=auto with nothing to resume restarts this run at step 0 (preempted before its
     # first checkpoint): its rows are cut back like any resume's.
     assert _resume_dir(_train_cfg(run_dir, "checkpoint.resume=auto"), main) is None
+    # ... but rows past a step that saved mean its checkpoints are elsewhere: refused
+    auto_every_2 = ("checkpoint.resume=auto", "checkpoint.interval=2")
+    with pytest.raises(UserError, match=r"rows up to step 2, past checkpoint.interval=2"):
+        _resume_dir(_train_cfg(run_dir, *auto_every_2), main)
+    assert (run_dir / "metrics.jsonl").read_text() == rows
     cfg = _train_cfg(run_dir, "checkpoint.overwrite=true")
     assert _resume_dir(cfg, main) is None
     MetricsLogger(run_dir, True, 10, 0, cfg.logging, None).close()

@@ -232,8 +232,9 @@ def test_a_second_run_into_a_busy_run_folder_is_refused(tmp_path):
 
 
 def test_a_checkpoint_dir_outside_the_run_folder_is_locked_too(tmp_path):
-    """Two runs with their own run folders but one checkpoint.dir (a sweep given one): the
-    second is refused naming checkpoint.dir, and releases the run folder it had taken."""
+    """Two runs with their own run folders but one checkpoint.dir (a sweep given one, or one
+    run's checkpoints/ named by another): the second is refused naming checkpoint.dir, and
+    releases the run folder it had taken."""
     import subprocess
     import sys
     from types import SimpleNamespace
@@ -267,9 +268,10 @@ def test_a_checkpoint_dir_outside_the_run_folder_is_locked_too(tmp_path):
     keys = _lock_run_dir(cfg, main)
     assert len(keys) == 2
     run_lock.release(keys)
-    inside = compose([f"trainer.run_dir={tmp_path / 'c'}"])  # checkpoints inside the run folder
+    # checkpoints inside the run folder are locked too: another run may name them
+    inside = compose([f"trainer.run_dir={tmp_path / 'c'}"])
     keys = _lock_run_dir(inside, main)
-    assert len(keys) == 1
+    assert keys[1] == (tmp_path / "c" / "checkpoints").resolve()
     run_lock.release(keys)
 
 
