@@ -14,6 +14,14 @@ import numpy as np
 from mm_moe.data.batch import Batch
 from mm_moe.errors import UserError
 
+# The way to train a checkpoint's weights on other data, as every refused resume says it: a
+# run's own checkpoints always resume whole (a restart must not start over), so another folder.
+WEIGHTS_ONLY = (
+    "checkpoint.weights_only=true with checkpoint.resume=<that step> and another "
+    "trainer.run_dir (fresh optimizer, schedule and data position from step 0; in the run's "
+    "own folder its checkpoints resume whole)"
+)
+
 
 class StepLoader:
     # next() is local work (no collectives): data/prefetch.py may call it on its own thread.
@@ -63,10 +71,8 @@ class StepLoader:
         if saved is not None and saved != now:
             raise UserError(
                 "the checkpoint's data position was saved for other synthetic data "
-                f"({changed_keys(saved, now)}); "
-                "resuming exactly needs the same. To train its weights on other data, pass "
-                "checkpoint.weights_only=true (fresh optimizer, schedule and data position from "
-                "step 0)"
+                f"({changed_keys(saved, now)}); resuming exactly needs the same. To train "
+                f"its weights on other data: {WEIGHTS_ONLY}"
             )
         self.step = int(state["step"])
 

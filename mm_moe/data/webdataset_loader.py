@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from mm_moe.data.batch import Batch
 from mm_moe.data.defects import REASONS, DataError, counter_key
-from mm_moe.data.loader import changed_keys
+from mm_moe.data.loader import WEIGHTS_ONLY, changed_keys
 from mm_moe.data.shards import is_remote
 from mm_moe.data.stream import PipelineSpec
 from mm_moe.data.stream_dataset import StreamsDataset, identity
@@ -267,8 +267,7 @@ class WebDatasetLoader:
             raise UserError(
                 "the checkpoint's data position is not from the webdataset source "
                 f"(it holds {sorted(state)}); resume with the data.source it was trained on, "
-                "or pass checkpoint.weights_only=true to take its weights alone and train "
-                "them on from step 0 (fresh optimizer, schedule and data position)"
+                f"or take its weights alone: {WEIGHTS_ONLY}"
             )
         if state["version"] != STATE_VERSION:
             raise UserError(f"data state version {state['version']} is not {STATE_VERSION}")
@@ -281,9 +280,7 @@ class WebDatasetLoader:
             raise UserError(
                 "the checkpoint's data position was saved for other data.sources, "
                 f"data.num_streams (it had {state['num_streams']}) or trainer.seed{what}; resuming "
-                "exactly needs the same ones. To train its weights on other data, pass "
-                "checkpoint.weights_only=true (fresh optimizer, schedule and data position "
-                "from step 0)"
+                f"exactly needs the same ones. To train its weights on other data: {WEIGHTS_ONLY}"
             )
         saved = state.get("contents", {})  # checkpoints from before it: not compared
         changed = [k for k, v in self._contents().items() if v and saved.get(k) not in (None, v)]
@@ -291,8 +288,8 @@ class WebDatasetLoader:
             raise UserError(
                 f"the shards of {', '.join(changed)} changed since the checkpoint (the same "
                 "names, other sizes or samples: rebuilt in place?), so its data position points "
-                "into other data. Resume with the shards it was saved with, or pass "
-                "checkpoint.weights_only=true to train its weights on these from step 0"
+                "into other data. Resume with the shards it was saved with, or train its "
+                f"weights on these: {WEIGHTS_ONLY}"
             )
         self.states = {j: state["streams"][str(j)] for j in range(self.spec.num_streams)}
         self.step = int(state["step"])

@@ -515,7 +515,8 @@ def build_training(cfg: TrainConfig) -> Training:
         evaluator=_evaluator(cfg, dist),
         config_dict=config_dict,
         start_step=meta["step"],
-        wandb_id=wandb_init["id"] if wandb_init else None,
+        # Kept through a resume with wandb off: the next one with wandb on continues the run.
+        wandb_id=wandb_init["id"] if wandb_init else meta.get("wandb_id"),
         peak_flops=peak_flops(device_name(dist.device), t.peak_tflops),
         facts=_kernels(engine.module, model_cfg, dist.device),
         tokenizer_digest=digest,

@@ -117,3 +117,25 @@ def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path):
     second = metrics(tmp_path / "1")
     # Step 2 of a 10-step warmup: 2/10 of each sweep point's learning rate.
     assert [first[-1]["lr"], second[-1]["lr"]] == pytest.approx([2e-4, 4e-4])
+
+
+def test_a_resume_with_wandb_off_keeps_the_wandb_run_for_the_next(tmp_path):
+    """The wandb run id travels in meta.json through a resume with wandb disabled: the next
+    resume with wandb on continues the same wandb run, not a new one."""
+    import json
+
+    steps = tmp_path / "checkpoints"
+    train(tmp_path, "trainer.max_steps=1", "checkpoint.interval=1", "logging.wandb.mode=offline")
+    first = json.loads((steps / "step_00000001" / "meta.json").read_text())["wandb_id"]
+    assert first
+    train(tmp_path, "trainer.max_steps=2", "checkpoint.interval=1", "checkpoint.resume=auto")
+    assert json.loads((steps / "step_00000002" / "meta.json").read_text())["wandb_id"] == first
+    train(
+        tmp_path,
+        "trainer.max_steps=3",
+        "checkpoint.interval=1",
+        "checkpoint.resume=auto",
+        "logging.wandb.mode=offline",
+    )
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{first}") for name in runs), runs
