@@ -85,8 +85,18 @@ def function_fields(cfg, prefix: str) -> dict[str, object]:
 
 def differences(saved: dict[str, object], run: dict[str, object]) -> list[str]:
     """'key: checkpoint A, this run B' for each key whose values differ."""
+    # A part on in one and off in the other (a dense checkpoint, an MoE run): its switch says
+    # it all; the fields only the side with the part has are not listed one by one.
+    switched = [
+        prefix
+        for prefix, on in _OFF.items()
+        if bool(saved.get(f"{prefix}.{on}")) != bool(run.get(f"{prefix}.{on}"))
+    ]
     out = []
     for key in sorted(set(saved) | set(run)):
+        one_side = (key in saved) != (key in run)
+        if one_side and any(key.startswith(f"{prefix}.") for prefix in switched):
+            continue
         was, now = _as(key, saved.get(key)), _as(key, run.get(key))
         if was != now and not (key in _ONE_WAY and _ONE_WAY[key](was, now)):
             out.append(f"{key}: checkpoint {saved.get(key)!r}, this run {run.get(key)!r}")

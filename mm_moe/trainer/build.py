@@ -352,6 +352,7 @@ def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
     )
     _warn_short_warmup(cfg)
     _warn_untrained_routers(cfg)
+    _warn_rollback_without_checkpoints(cfg)
 
 
 def _warn_untrained_routers(cfg: TrainConfig) -> None:
@@ -367,6 +368,16 @@ def _warn_untrained_routers(cfg: TrainConfig) -> None:
             "%s auxiliary routers are not trained, and they make the routing decisions of "
             "evaluation (eval/loss) and sampling (mm_moe.generate)",
             what,
+        )
+
+
+def _warn_rollback_without_checkpoints(cfg: TrainConfig) -> None:
+    """Said at the start, not found at the first spike of a long run."""
+    spike = cfg.trainer.spike
+    if spike.action == "rollback" and spike.window and not cfg.checkpoint.interval:
+        log.warning(
+            "trainer.spike.action=rollback with checkpoint.interval=0: no checkpoint is "
+            "written to roll back to, so a spike's update is only skipped"
         )
 
 

@@ -40,6 +40,19 @@ def _record_env_and_args(path: Path) -> str:
     )
 
 
+def test_the_slurm_script_run_by_hand_says_how_to_submit_it_and_makes_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["LOG_DIR"] = str(tmp_path / "logs")
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "not inside a Slurm job; submit it: sbatch" in proc.stderr
+    assert not (tmp_path / "logs").exists()
+
+
 def test_slurm_job_gives_the_task_every_cpu_of_the_node(tmp_path):
     sbatch = (REPO / "launch" / "slurm.sbatch").read_text()
     assert re.search(r"^#SBATCH --exclusive$", sbatch, re.M)

@@ -238,5 +238,10 @@ def test_dense_weights_into_an_moe_run_point_at_the_upcycle(tmp_path):
     """checkpoint.resume (or weights_only) from a dense checkpoint into an MoE run: the keys
     differ, and what the user needs is mm_moe.upcycle, which the message names."""
     step = _weights_only_dir(tmp_path, MODEL, MoEConfig())
-    with pytest.raises(UserError, match=r"A dense checkpoint becomes an MoE one with .*mm_moe"):
+    with pytest.raises(
+        UserError, match=r"A dense checkpoint becomes an MoE one with .*mm_moe"
+    ) as e:
         _check_same_architecture(step, MODEL.build(MOE))
+    # the switch alone, not every MoE field the dense side lacks ("checkpoint None")
+    assert "moe.experts_per_modality: checkpoint {}" in str(e.value)
+    assert "checkpoint None" not in str(e.value)

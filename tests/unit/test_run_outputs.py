@@ -147,6 +147,17 @@ def test_a_warmup_beyond_the_run_is_said(caplog):
         _warn_short_warmup(compose(["optim.warmup_steps=10", "trainer.max_steps=4"]))
     assert "optim.warmup_steps=10 is beyond trainer.max_steps=4" in caplog.text
     assert "to 0.4 of optim.lr" in caplog.text
+    from mm_moe.trainer.build import _warn_rollback_without_checkpoints
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        _warn_rollback_without_checkpoints(
+            compose(["trainer.spike.action=rollback", "checkpoint.interval=5"])
+        )
+        assert not caplog.text
+        rollback = ["trainer.spike.action=rollback", "checkpoint.interval=0"]
+        _warn_rollback_without_checkpoints(compose(rollback))
+    assert "no checkpoint is written to roll back to" in caplog.text
 
 
 def test_hydra_flags_may_follow_the_overrides():
