@@ -39,15 +39,18 @@ class StepGuard:
         self.consecutive = 0
         self.last_action = "apply"
 
-    def decide(self, step: int, loss: float, bad_ranks: list[int]) -> str:
-        """The update of this step: "apply", "skip" or "rollback". May raise TrainingHalted."""
-        self.last_action = self._decide(step, loss, bad_ranks)
+    def decide(
+        self, step: int, loss: float, bad_ranks: list[int], what: str = "loss or gradients"
+    ) -> str:
+        """The update of this step: "apply", "skip" or "rollback". May raise TrainingHalted.
+        `what` the bad ranks saw non-finite."""
+        self.last_action = self._decide(step, loss, bad_ranks, what)
         return self.last_action
 
-    def _decide(self, step: int, loss: float, bad_ranks: list[int]) -> str:
+    def _decide(self, step: int, loss: float, bad_ranks: list[int], what: str) -> str:
         if bad_ranks:
             self.counts["nonfinite_steps"] += 1
-            where = f"non-finite loss or gradients on rank(s) {', '.join(map(str, bad_ranks))}"
+            where = f"non-finite {what} on rank(s) {', '.join(map(str, bad_ranks))}"
             if self.cfg.on_nonfinite == "stop":
                 raise TrainingHalted(
                     f"step {step}: {where}; trainer.on_nonfinite=stop: stopping before the "

@@ -158,8 +158,10 @@ def _agree(engine, sums: _Sums, world: int, rank: int, device, norm) -> tuple[to
     spares a second pass over the gradients."""
     bad_W = torch.zeros(world, dtype=torch.float64, device=device)
     grads_finite = norm.isfinite() if norm is not None else local_grads_finite(engine)
-    finite = torch.isfinite(sums.losses).all() & grads_finite.to(device)
-    bad_W[rank] = (~finite).to(torch.float64)
+    losses_finite = torch.isfinite(sums.losses).all()
+    # 2: this rank's own loss (where a bad batch or device shows); 1: gradients only, which
+    # the data-parallel reduction has already spread to every rank.
+    bad_W[rank] = torch.where(losses_finite, (~grads_finite.to(device)).to(torch.float64), 2.0)
     stats_K, layout = flatten_fp64(sums.stats, device)
     reduced = all_reduce_sum(torch.cat([sums.losses, bad_W, stats_K.to(device)]))
     offset = sums.losses.numel() + world
@@ -219,8 +221,11 @@ def train_step(
     host = _fetch_boundary(engine, sums, counts_M, world, rank, device)
     n_global = max(host["n_global"][0], 1.0)
     loss = host["loss_sum"][0] / n_global
-    bad_ranks = [r for r, bad in enumerate(host["bad"]) if bad > 0]
-    action = guard.decide(step, loss, bad_ranks) if guard is not None else "apply"
+    # Ranks whose own loss went bad where any did: the others' gradients came from them.
+    own = [r for r, bad in enumerate(host["bad"]) if bad >= 2]
+    bad_ranks = own or [r for r, bad in enumerate(host["bad"]) if bad > 0]
+    what = "loss" if own else "gradients"
+    action = guard.decide(step, loss, bad_ranks, what) if guard is not None else "apply"
     grad_norm, grad_norm_aux = _finish(engine, action, host, world)
     stats = {"loss": loss, "grad_norm": grad_norm, "tokens_loss": int(n_global)}
     aux_routers = getattr(engine, "aux_routers", None)
