@@ -263,7 +263,21 @@ def summary(history: list[dict], training) -> None:
         lines.append(
             "no checkpoint written: checkpoint.interval=0 (N saves every N steps and the last)"
         )
+    failed = write_errors_line(last, training.checkpointer.write_errors)
     if cfg.logging.wandb.mode != "disabled":
         lines.append(f"wandb ({cfg.logging.wandb.mode}): {cfg.trainer.run_dir}/wandb")
     for line in lines:
         log.info(line)
+    if failed:
+        log.warning(failed)
+
+
+def write_errors_line(last_row: dict, write_errors: int) -> str | None:
+    """The checkpoint writes that failed (checkpoint.on_write_error=continue), with those the
+    metrics' last row cannot count: an asynchronous write fails after its step's row, the last
+    one at the end of the run."""
+    if not write_errors:
+        return None
+    unlogged = write_errors - int(last_row.get("checkpoint/write_errors") or 0)
+    later = f" ({unlogged} after the last metrics row)" if unlogged > 0 else ""
+    return f"checkpoint writes that failed: {write_errors}{later}"

@@ -501,3 +501,15 @@ def test_metrics_rows_cut_short_are_said_and_a_full_disk_does_not_stop_training(
     assert [
         json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ] == [1, 2, 6]
+
+
+def test_the_summary_counts_checkpoint_writes_that_failed_after_the_last_row():
+    from mm_moe.trainer.hooks import write_errors_line
+
+    assert write_errors_line({"checkpoint/write_errors": 0}, 0) is None
+    row = {"checkpoint/write_errors": 1}
+    assert (
+        write_errors_line(row, 3)
+        == "checkpoint writes that failed: 3 (2 after the last metrics row)"
+    )
+    assert write_errors_line(row, 1) == "checkpoint writes that failed: 1"
