@@ -262,6 +262,11 @@ def load(
     dict."""
     scheduler = engine.lr_scheduler
     meta = layout.read_meta(step_dir)
+    if "format_version" not in meta:
+        raise UserError(
+            f"{step_dir / layout.META} is damaged (no format_version): every save writes it. "
+            "Resume from another step (checkpoint.resume=PATH of a step_XXXXXXXX directory)"
+        )
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise UserError(
             f"{step_dir}: checkpoint format {meta.get('format_version')} is not "

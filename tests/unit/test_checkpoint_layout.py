@@ -92,6 +92,9 @@ def test_damaged_meta_is_a_clear_error_and_auto_resume_takes_the_previous_step(t
     (damaged / layout.META).write_text("[1, 2]")  # valid JSON, but not the object saved
     with pytest.raises(UserError, match="must be the JSON object"):
         layout.read_meta(damaged)
+    (damaged / layout.META).write_text('{"step": 1}')
+    with pytest.raises(UserError, match=r"damaged \(no format_version\)"):
+        state.load(damaged, engine, None, 0, 1)
     (damaged / layout.META).write_text('{"format_version": 2, "step": 1, "world_size": 1}')
     with pytest.raises(UserError, match=r"damaged \(no scheduler, data\)"):
         state.load(damaged, engine, None, 0, 1)
