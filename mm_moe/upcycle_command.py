@@ -121,7 +121,21 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
     container["checkpoint"]["resume"] = "none"
     if ucfg.source_format != "hf":
         _check_tokenizer_is_used(source_tokenizer, container)
+    else:
+        _check_sequence_fits(ucfg.source, container)
     return from_dict(TrainConfig, container)
+
+
+def _check_sequence_fits(source: str, target: dict) -> None:
+    """The source's max_position_embeddings bounds the target's sequences: named as such, not
+    as a model.max_seq_len the user never set."""
+    seq_len, limit = target["data"]["seq_len"], target["model"]["max_seq_len"]
+    if seq_len > limit:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds the source's max_position_embeddings={limit} "
+            f"({source}/config.json, the target's model.max_seq_len): pass data.seq_len={limit} "
+            "or less"
+        )
 
 
 def _check_tokenizer_is_used(source_tok: dict, target: dict) -> None:
@@ -190,6 +204,7 @@ def run(argv: list[str]) -> int:
         out,
         out,
     )
+    _say_exportable(target, vocab)
     if not ucfg.verify:
         return 0
     result = verify(ucfg, target, source_cfg, vocab)
@@ -211,3 +226,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _say_exportable(target: TrainConfig, vocab) -> None:
+    """Whether mm_moe.export can write the result back as a Hugging Face model, said now: a
+    user who upcycles to train and export back learns before training, not after it."""
+    from types import SimpleNamespace
+
+    from mm_moe.errors import UserError
+    from mm_moe.upcycle.hf_export import architecture
+
+    model = SimpleNamespace(cfg=target.model, moe_cfg=target.moe, vocab=vocab)
+    try:
+        log.info(
+            "mm_moe.export writes it (trained or not) as a Hugging Face %s", architecture(model)
+        )
+    except UserError as exc:
+        log.info("mm_moe.export cannot write it back: %s", str(exc).split(": ", 1)[1])

@@ -153,9 +153,16 @@ def _shard_files(folder: Path) -> list[Path]:
         return files
     if (folder / SINGLE).is_file():
         return [folder / SINGLE]
+    pickled = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+    hint = (
+        f"; it holds {pickled[0]}: convert it where you trust it, e.g. "
+        "AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(DST) with transformers"
+        if pickled
+        else ""
+    )
     raise UserError(
         f"source={folder}: neither {SINGLE} nor {INDEX} there (only safetensors checkpoints "
-        "are read: they cannot run code when loaded)"
+        f"are read: they cannot run code when loaded){hint}"
     )
 
 

@@ -153,7 +153,8 @@ def test_native_source_upcycles_exactly(tmp_path, hf, ids, capsys):
     assert (logits[..., :HF_VOCAB] - _hf_logits(ref, ids)).abs().max() <= 1e-5
 
 
-def test_expert_choice_verify_reports_why(tmp_path, hf, capsys):
+def test_expert_choice_verify_reports_why(tmp_path, hf, capsys, caplog):
+    caplog.set_level("INFO")
     src, _ = hf
     out = tmp_path / "ec"
     code = run(
@@ -168,6 +169,8 @@ def test_expert_choice_verify_reports_why(tmp_path, hf, capsys):
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
+    said = "mm_moe.export cannot write it back: experts grouped by modality (MoMa)"
+    assert said in caplog.text  # before training, not after it
     # a logit difference proves nothing here: never reported as passed
     assert "verify: not checked" in printed and "function preserved" not in printed
     assert "moe.router=expert_choice" in printed and "tokens processed by no expert" in printed
@@ -291,6 +294,21 @@ def test_bad_input_is_named(tmp_path, hf):
         (bad / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=f"config.json.*{match}"):
             hf_import.model_fields(json.loads((bad / "config.json").read_text()), bad)
+
+    # a pickled checkpoint is named with the way to convert it; a short context names the key
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"holds pytorch_model.bin: convert it .*save_pretrained"):
+        hf_import.load_tensors(pickled)
+    short = tmp_path / "short"
+    short.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 32}))
+    (short / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=r"source's max_position_embeddings=32 .*data.seq_len=32"):
+        run([f"source={short}", "source_format=hf", *DATA_VOCAB, f"out={tmp_path / 's'}"])
 
 
 @pytest.mark.parametrize(
