@@ -213,21 +213,6 @@ def run(argv: list[str]) -> int:
     return 1 if result.status == "FAILED" else 0
 
 
-def main() -> None:
-    setup_logging()
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__.strip() + "\n\n" + usage(UpcycleConfig, PROG))
-        print("  ... and any training-config key (model.*, moe.*, tokenizer.*, data.*)")
-        sys.exit(0)
-    with exits_on_failure(PROG):
-        code = run(sys.argv[1:])
-    sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()
-
-
 def _say_exportable(target: TrainConfig, vocab) -> None:
     """Whether mm_moe.export can write the result back as a Hugging Face model, said now: a
     user who upcycles to train and export back learns before training, not after it."""
@@ -243,3 +228,18 @@ def _say_exportable(target: TrainConfig, vocab) -> None:
         )
     except UserError as exc:
         log.info("mm_moe.export cannot write it back: %s", str(exc).split(": ", 1)[1])
+
+
+def main() -> None:
+    setup_logging()
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__.strip() + "\n\n" + usage(UpcycleConfig, PROG))
+        print("  ... and any training-config key (model.*, moe.*, tokenizer.*, data.*)")
+        sys.exit(0)
+    with exits_on_failure(PROG):
+        code = run(sys.argv[1:])
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
