@@ -2,8 +2,8 @@
 
 Two runs started into the same `trainer.run_dir` (a command run twice, two terminals) used to
 both report success while each replaced the other's metrics.jsonl and checkpoints; the same for
-a `checkpoint.dir` outside the run folder that two runs share (a sweep given one), which is
-locked too. The main
+a `checkpoint.dir` two runs share (a sweep given one, or another run's checkpoints/ named),
+which is locked too. The main
 rank now holds an advisory lock (`flock`) on `<run_dir>/.run.lock` from before it touches the
 folder until the run closes; the kernel drops it when the process dies, so a crash leaves no
 stale lock. The file names its holder. A file system without locks (Lustre mounted without
