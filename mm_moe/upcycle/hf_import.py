@@ -299,6 +299,13 @@ def source_layout(folder: str | Path, hf: dict, codebook_size: int):
     ids = {name: _first_id(hf, name, folder) for name in ("bos", "eos", "pad")}
     if has_tokenizer(folder):
         tok = HFTextTokenizer(folder)
+        if tok.vocab_size > hf["vocab_size"]:  # its last ids have no row: they would become
+            raise UserError(  # the appended begin/end-of-image and image-code ids
+                f"source={folder}: its tokenizer has {tok.vocab_size} ids (added tokens "
+                f"included), config.json's vocab_size is {hf['vocab_size']}: ids "
+                f"{hf['vocab_size']}..{tok.vocab_size - 1} have no embedding row. Use the "
+                "tokenizer the model was trained with, or resize the model's embeddings first"
+            )
         ids.update(
             {k: getattr(tok, k) for k in ("bos", "eos", "pad") if getattr(tok, k) is not None}
         )

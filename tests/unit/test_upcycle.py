@@ -295,6 +295,14 @@ def test_bad_input_is_named(tmp_path, hf):
         with pytest.raises(ValueError, match=f"config.json.*{match}"):
             hf_import.model_fields(json.loads((bad / "config.json").read_text()), bad)
 
+    # a tokenizer with ids beyond the embedding: they would become the appended image ids
+    with_tok = tmp_path / "with_tokenizer"
+    with_tok.mkdir()
+    size = tiny_hf.make_tokenizer(with_tok, 300, image_tokens=False).get_vocab_size(True)
+    hf_cfg = {**json.loads((src / "config.json").read_text()), "vocab_size": size - 2}
+    with pytest.raises(ValueError, match=rf"tokenizer has {size} ids .*vocab_size is {size - 2}"):
+        hf_import.source_layout(with_tok, hf_cfg, 64)
+    hf_import.source_layout(with_tok, {**hf_cfg, "vocab_size": size}, 64)  # the same: fine
     # a pickled checkpoint is named with the way to convert it; a short context names the key
     pickled = tmp_path / "pickled"
     pickled.mkdir()
