@@ -169,13 +169,17 @@ def read_config(step_dir: Path, required: bool = True) -> dict | None:
     return config
 
 
-_warned_incomplete: set[str] = set()  # each skipped step said once per process
+_warned_incomplete: set[str] = set()  # each skipped step (or bad pointer) said once per process
+
+
+def _warn_once(path: Path, message: str) -> None:
+    if str(path) not in _warned_incomplete:
+        _warned_incomplete.add(str(path))
+        log.warning(message)
 
 
 def _skipped(step_dir: Path, why: str) -> None:
-    if str(step_dir) not in _warned_incomplete:
-        _warned_incomplete.add(str(step_dir))
-        log.warning("skipping %s as incomplete: %s", step_dir, why)
+    _warn_once(step_dir, f"skipping {step_dir} as incomplete: {why}")
 
 
 def _is_complete(step_dir: Path) -> bool:
@@ -214,17 +218,6 @@ def _damaged_file(step_dir: Path, meta: dict) -> str | None:
     return None
 
 
-def complete_steps(root: Path) -> list[int]:
-    if not root.is_dir():
-        return []
-    steps = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and _is_complete(p):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
 def step_folders(root: Path) -> list[str]:
     """The names of every step folder in `root`, complete or not, in step order (a folder is
     published whole, so one that is not complete now was damaged after its save)."""
@@ -233,35 +226,32 @@ def step_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir())
 
 
+def complete_steps(root: Path) -> list[int]:
+    return [int(name[len("step_") :]) for name in step_folders(root) if _is_complete(root / name)]
+
+
 def latest_step_dir(root: Path) -> Path | None:
     """The checkpoint `latest` points at; falls back to the newest complete step directory
     when the pointer is missing or names something that is not there (said)."""
     pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
+    name = pointer.read_text().strip() if pointer.is_file() else None
+    if name is not None:
         target = root / name
         if _STEP_RE.match(name) and _is_complete(target):
             return target
+        newest = ": taking the newest complete step"
         if not _STEP_RE.match(name):
-            _said(pointer, f"{pointer} holds {name!r}, not a step folder's name")
+            _warn_once(pointer, f"{pointer} holds {name!r}, not a step folder's name{newest}")
         elif not target.is_dir():
-            _said(pointer, f"{pointer} names {name}, which is not there")
+            _warn_once(pointer, f"{pointer} names {name}, which is not there{newest}")
         elif not (target / META).is_file():
             _skipped(target, f"{LATEST} names it, but it holds no {META} (removed or unwritten)")
     steps = complete_steps(root)
-    if pointer.is_file() and (named := _STEP_RE.match(pointer.read_text().strip())):
+    if name and (named := _STEP_RE.match(name)):
         # Before the step `latest` named: its own line (a rewound run keeps an older line's
         # higher steps, which are not where it stood).
         steps = [s for s in steps if s <= int(named.group(1))] or steps
     return root / step_dir_name(steps[-1]) if steps else None
-
-
-def _said(path: Path, message: str) -> None:
-    """A pointer that names no step: said once per process, then the newest complete one
-    is taken."""
-    if str(path) not in _warned_incomplete:
-        _warned_incomplete.add(str(path))
-        log.warning("%s: taking the newest complete step", message)
 
 
 def prune(root: Path, keep_last: int, current: int | None = None) -> None:

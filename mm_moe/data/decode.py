@@ -41,6 +41,17 @@ def pillow_error(exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {text}"
 
 
+def size_problem(
+    width: int, height: int, min_side: int, max_aspect_ratio: float
+) -> tuple[str, str] | None:
+    """(skip reason, the key it breaks) for an image of this size, or None when it is used."""
+    if min(width, height) < min_side:
+        return "small_image", f"below data.min_image_side={min_side}"
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        return "aspect_ratio", f"beyond data.max_aspect_ratio={max_aspect_ratio}"
+    return None
+
+
 def decode_image(data: bytes, what: str, min_side: int, max_aspect_ratio: float) -> Image.Image:
     """An RGB image, or SampleError: corrupt_image, small_image or aspect_ratio."""
     # Pillow raises many exception types on hostile bytes; each one means "cannot decode".
@@ -51,15 +62,10 @@ def decode_image(data: bytes, what: str, min_side: int, max_aspect_ratio: float)
             width, height = image.size  # read from the header: cheap checks before decoding
         except Exception as exc:  # noqa: BLE001
             raise SampleError("corrupt_image", f"{what}: {pillow_error(exc)}") from exc
-        if min(width, height) < min_side:
-            raise SampleError(
-                "small_image", f"{what} is {width}x{height}, below data.min_image_side={min_side}"
-            )
-        if max(width, height) > max_aspect_ratio * min(width, height):
-            raise SampleError(
-                "aspect_ratio",
-                f"{what} is {width}x{height}, beyond data.max_aspect_ratio={max_aspect_ratio}",
-            )
+        problem = size_problem(width, height, min_side, max_aspect_ratio)
+        if problem is not None:
+            reason, key = problem
+            raise SampleError(reason, f"{what} is {width}x{height}, {key}")
         try:
             image.load()
             return to_rgb(image)

@@ -13,7 +13,13 @@ import io
 import logging
 
 from mm_moe.data.config import DataConfig
-from mm_moe.data.decode import IMAGE_EXTENSIONS, READ_IMAGE_EXTENSIONS, decode_image, pillow_error
+from mm_moe.data.decode import (
+    IMAGE_EXTENSIONS,
+    READ_IMAGE_EXTENSIONS,
+    decode_image,
+    pillow_error,
+    size_problem,
+)
 from mm_moe.data.defects import SampleError
 
 log = logging.getLogger(__name__)
@@ -41,11 +47,11 @@ class LoaderDefaults:
         self._pending.clear()
 
     def commit(self) -> None:
+        found = {"small_image": self.small, "aspect_ratio": self.elongated}
         for width, height, what in self._pending:
-            if min(width, height) < self.min_side:
-                self.small.append(f"{what} ({width}x{height})")
-            elif max(width, height) > self.max_aspect_ratio * min(width, height):
-                self.elongated.append(f"{what} ({width}x{height})")
+            problem = size_problem(width, height, self.min_side, self.max_aspect_ratio)
+            if problem is not None:
+                found[problem[0]].append(f"{what} ({width}x{height})")
         self.stored += len(self._pending)
         self._pending.clear()
 
