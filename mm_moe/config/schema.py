@@ -53,6 +53,7 @@ class TrainConfig:
             self.checkpoint.dir = f"{self.trainer.run_dir}/checkpoints"
         self.model.check_moe(self.moe)
         self.eval.check_data(self.data.source)
+        self.tokenizer.refuse_raw_text(self._shard_formats())
         if self.trainer.grad_accum_dtype == "fp32" and self.parallel.zero_stage >= 2:
             raise UserError(
                 "trainer.grad_accum_dtype=fp32 needs parallel.zero_stage 0 or 1 (DeepSpeed's "
@@ -64,6 +65,13 @@ class TrainConfig:
                 f"data.seq_len={self.data.seq_len} exceeds "
                 f"model.max_seq_len={self.model.max_seq_len}"
             )
+
+    def _shard_formats(self) -> list[tuple[str, str]]:
+        """(key, format) of every shard source the run reads, training and held-out."""
+        train = self.data.sources if self.data.source == "webdataset" else []
+        return [(f"data.sources[{i}].format", s.format) for i, s in enumerate(train)] + [
+            (f"eval.sources[{i}].format", s.format) for i, s in enumerate(self.eval.sources)
+        ]
 
     def for_world(self, world_size: int) -> TrainConfig:
         """This config with the sizes that follow the number of processes resolved:

@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 class TokenizerConfig:
     # utf8_bytes: the 256-id byte-level stand-in (no artifact needed);
     # sentencepiece: <path>/text.model, trained by `python -m mm_moe.tokenization.train_text`;
-    # hf: a published model's tokenizer.json or tokenizer.model in <path> (hf_text.py).
-    text: Literal["utf8_bytes", "sentencepiece", "hf"] = "utf8_bytes"
+    # hf: a published model's tokenizer.json or tokenizer.model in <path> (hf_text.py);
+    # none: no text tokenizer (an upcycled published model without its tokenizer files): text
+    # comes as ids (`format: tokens` shards) laid out by tokenizer.vocab.
+    text: Literal["utf8_bytes", "sentencepiece", "hf", "none"] = "utf8_bytes"
     # grid_quantizer: the colour-grid stand-in (no artifact needed);
     # vq: the VQ-VAE in <path>/vq.pt, trained by `python -m mm_moe.tokenization.train_image`;
     # chameleon: Chameleon's VQGAN encoder from <path> (chameleon_vq.py).
@@ -53,6 +55,11 @@ class TokenizerConfig:
                 f"tokenizer.image_size={self.image_size} must be a multiple of "
                 f"tokenizer.grid={self.grid}"
             )
+        if self.text == "none" and not self.vocab:
+            raise UserError(
+                "tokenizer.text=none needs tokenizer.vocab: the vocab.yaml that lays out the "
+                "model's ids (an upcycle writes one beside its checkpoint)"
+            )
         needs_path = self.text in ("sentencepiece", "hf") or self.image in ("vq", "chameleon")
         if needs_path and not self.path:
             raise UserError(
@@ -69,6 +76,10 @@ class TokenizerConfig:
             from mm_moe.tokenization.hf_text import HFTextTokenizer
 
             return HFTextTokenizer(self.path)
+        if self.text == "none":
+            from mm_moe.tokenization.stand_ins import NoTextTokenizer
+
+            return NoTextTokenizer()
         from mm_moe.tokenization.stand_ins import Utf8ByteTextTokenizer
 
         return Utf8ByteTextTokenizer()
@@ -85,6 +96,18 @@ class TokenizerConfig:
         from mm_moe.tokenization.stand_ins import GridQuantizerImageTokenizer
 
         return GridQuantizerImageTokenizer(self.image_size, self.grid, self.levels)
+
+    def refuse_raw_text(self, sources: list[tuple[str, str]]) -> None:
+        """Without a text tokenizer only pre-tokenized shards can be read: refuse the
+        `(format key, format)` sources that hold raw text."""
+        raw = [f"{key}={fmt}" for key, fmt in sources if fmt != "tokens"]
+        if self.text == "none" and raw:
+            raise UserError(
+                f"{', '.join(raw)}: tokenizer.text=none (the upcycle source had no tokenizer "
+                "files) cannot tokenize raw text or captions. Give shards of the model's ids "
+                "(format: tokens), or the source model's tokenizer with tokenizer.text=hf "
+                "tokenizer.path=FOLDER (its tokenizer.json or tokenizer.model)"
+            )
 
     def build(self) -> Tokenizers:
         text, image = self._text(), self._image()

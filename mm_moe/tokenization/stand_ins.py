@@ -2,6 +2,7 @@
 
 They need no artifacts and no training, so every test and the data pipeline can run anywhere:
 - `Utf8ByteTextTokenizer`: one id per UTF-8 byte (256 ids); exact round trip.
+- `NoTextTokenizer`: no text tokenizer at all (`tokenizer.text=none`): ids only.
 - `GridQuantizerImageTokenizer`: preprocess to a `image_size` square, average-pool to a
   `grid` x `grid` raster, quantize each cell's colour to `levels` levels per channel; the code
   is r * levels^2 + g * levels + b. Decoding paints each cell with its quantized colour.
@@ -24,6 +25,26 @@ class Utf8ByteTextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+
+class NoTextTokenizer:
+    """`tokenizer.text=none`: the model's text ids come from a vocabulary whose tokenizer is
+    not here (a published model upcycled without its tokenizer files). Its text arrives as
+    ids (`format: tokens` shards); text it is handed cannot be tokenized, and generated text
+    ids are shown as `<id>`."""
+
+    vocab_size = 0
+
+    def encode(self, text: str) -> list[int]:
+        raise UserError(
+            "tokenizer.text=none: this model has no text tokenizer (its upcycle source had no "
+            "tokenizer files), so text cannot be turned into its ids. Give "
+            "tokenizer.text=hf tokenizer.path=FOLDER with the source model's tokenizer.json "
+            "or tokenizer.model"
+        )
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
 
 
 class GridQuantizerImageTokenizer:

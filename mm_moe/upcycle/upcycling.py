@@ -141,10 +141,13 @@ def hf_layout(ucfg: UpcycleConfig, target: TrainConfig) -> Vocab:
             recorded_vocab.TOKENIZER_FILE,
         )
     else:
+        # Any stand-in would map text onto the source's unrelated ids without a word.
+        tok.text = "none"
         log.warning(
-            "source=%s has no tokenizer.json or tokenizer.model: training data must come "
-            "pre-tokenized (data.sources format tokens) or tokenized with a tokenizer of its "
-            "vocabulary (%d ids)",
+            "source=%s has no tokenizer.json or tokenizer.model: the overlay says "
+            "tokenizer.text=none, so training reads only shards of its ids (data.sources "
+            "format tokens, %d text ids); or add tokenizer.text=hf tokenizer.path=FOLDER "
+            "with the source's tokenizer",
             ucfg.source,
             hf["vocab_size"],
         )

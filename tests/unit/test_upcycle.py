@@ -387,3 +387,36 @@ def test_router_virtual_groups_and_expert_noise():
     noisy, _ = upcycle_experts(*w, 2, 1, gen, noise=0.01)
     assert not torch.equal(noisy[0], noisy[1])
     assert (noisy[0] - exact[0]).abs().max() < 0.1
+
+
+def test_a_source_without_a_tokenizer_trains_only_on_its_ids(tmp_path, hf):
+    """No tokenizer files: any stand-in would map text onto the source's unrelated ids, so the
+    overlay says tokenizer.text=none and raw-text shards are refused, tokens shards read."""
+    import yaml
+
+    from mm_moe.cli import compose
+    from mm_moe.errors import UserError
+
+    src, _ = hf
+    out = tmp_path / "up"
+    assert run([f"source={src}", "source_format=hf", f"out={out}", *DATA_VOCAB, *TC_TOP2]) == 0
+    overlay = yaml.safe_load((out / "experiment" / "upcycled.yaml").read_text())
+    assert overlay["tokenizer"]["text"] == "none"
+
+    def train_on(fmt, key="data.sources"):
+        data = [] if key == "eval.sources" else ["data=webdataset"]
+        return compose(
+            ["experiment=upcycled", *data, f"{key}=[{{urls: {tmp_path}/x.tar, format: {fmt}}}]"],
+            config_dir=str(out),
+        )
+
+    for fmt, key in (("text", "data.sources"), ("pairs", "data.sources"), ("text", "eval.sources")):
+        said = rf"{re.escape(key)}\[0\].format={fmt}: tokenizer.text=none"
+        with pytest.raises(UserError, match=said):
+            train_on(fmt, key)
+    cfg = train_on("tokens")
+    tokenizers = cfg.tokenizer.build()
+    assert tokenizers.vocab.size == load_pretrained(out).embed.weight.shape[0]
+    with pytest.raises(UserError, match="tokenizer.text=none: this model has no text tokenizer"):
+        tokenizers.text.encode("hello")
+    assert tokenizers.text.decode([5, 17]) == "<5><17>"

@@ -52,6 +52,7 @@ class PretokenizeConfig:
     def __post_init__(self) -> None:
         if self.processes < 1:
             raise UserError(f"processes={self.processes} must be >= 1")
+        self.tokenizer.refuse_raw_text([("format", self.format)])
 
 
 def pretokenize_shard(index: int, url: str, cfg: PretokenizeConfig, out: Path) -> dict[str, int]:
