@@ -233,6 +233,11 @@ def export(model, out: Path, max_shard_bytes: int = 5 * 2**30) -> str:
         for name in TOKENIZER_FILES:
             if (Path(tok_cfg.path) / name).is_file():
                 shutil.copy(Path(tok_cfg.path) / name, out / name)
+    if tok_cfg.path:  # the source's stopping ids (an eos list), kept by the upcycle
+        from mm_moe.upcycle.hf_import import GENERATION_CONFIG
+
+        if (Path(tok_cfg.path) / GENERATION_CONFIG).is_file():
+            shutil.copy(Path(tok_cfg.path) / GENERATION_CONFIG, out / GENERATION_CONFIG)
     if vocab is not None:  # the layout, so that an import of this folder keeps every id
         from mm_moe.upcycle import recorded_vocab
 

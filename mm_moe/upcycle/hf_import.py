@@ -25,6 +25,7 @@ imported model uses model.qk_norm=false (Qwen3: true, its q_norm / k_norm weight
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -319,6 +320,26 @@ def source_layout(folder: str | Path, hf: dict, codebook_size: int):
     return appended_vocab(hf["vocab_size"], specials, codebook_size, image_ids)
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def write_generation_config(folder: Path, out: Path) -> None:
+    """The source's generation_config.json into `out`, for the export to write back: Llama 3
+    stops generating at any of several eos ids (end of text, end of turn), which the
+    vocabulary's one eos cannot hold. Without the file, the ids config.json lists (what
+    transformers would derive), where it lists more than one eos."""
+    import shutil
+
+    if (folder / GENERATION_CONFIG).is_file():
+        read_json_object(folder / GENERATION_CONFIG, "generation settings")  # named now
+        shutil.copy(folder / GENERATION_CONFIG, out / GENERATION_CONFIG)
+        return
+    hf = read_config(folder)
+    if isinstance(hf.get("eos_token_id"), list):
+        ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+        (out / GENERATION_CONFIG).write_text(json.dumps(ids, indent=1))
+
+
 def copy_tokenizer(folder: str | Path, out: Path) -> bool:
     """The source's tokenizer files (and Chameleon's VQGAN) into `out`; False when it has
     no tokenizer file."""
@@ -328,6 +349,7 @@ def copy_tokenizer(folder: str | Path, out: Path) -> bool:
 
     folder = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
+    write_generation_config(folder, out)
     if read_config(folder).get("model_type") == "chameleon":
         from mm_moe.tokenization.chameleon_vq import extract
 

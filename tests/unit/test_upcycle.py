@@ -420,3 +420,23 @@ def test_a_source_without_a_tokenizer_trains_only_on_its_ids(tmp_path, hf):
     with pytest.raises(UserError, match="tokenizer.text=none: this model has no text tokenizer"):
         tokenizers.text.encode("hello")
     assert tokenizers.text.decode([5, 17]) == "<5><17>"
+
+
+@pytest.mark.parametrize("with_file", [True, False], ids=["generation_config", "config_only"])
+def test_an_eos_list_survives_upcycle_and_export(tmp_path, with_file):
+    """Llama 3 stops at any of several eos ids: the vocabulary keeps one (documents end with
+    it), the export writes the source's whole list back in generation_config.json."""
+    import transformers
+
+    from mm_moe.export import ExportConfig
+    from mm_moe.export import run as export
+
+    src = tmp_path / "src"
+    make_hf_llama(src, eos_token_id=[2, 7])
+    if not with_file:  # what transformers derives from config.json, written by the upcycle
+        (src / "generation_config.json").unlink()
+    out, hf_out = tmp_path / "up", tmp_path / "hf"
+    assert run([f"source={src}", "source_format=hf", f"out={out}", *DATA_VOCAB]) == 0
+    assert export(ExportConfig(str(out), str(hf_out))) == "llama"
+    assert transformers.GenerationConfig.from_pretrained(hf_out).eos_token_id == [2, 7]
+    assert json.loads((hf_out / "config.json").read_text())["eos_token_id"] == 2
