@@ -69,12 +69,14 @@ def _rope_theta(hf: dict, path: Path) -> float:
         # transformers >= 5: one dict (or one per layer type, which Llama does not use).
         if "rope_theta" not in params and all(isinstance(v, dict) for v in params.values()):
             _refuse(path, f"per-layer-type rope_parameters {sorted(params)} are not supported")
-        kind = params.get("rope_type", params.get("type", "default"))
+        scaling = params
         theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     else:
         scaling = hf.get("rope_scaling") or {}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
         theta = hf.get("rope_theta", 10000.0)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear" and scaling.get("factor") == 1.0:  # positions divided by 1: unscaled
+        kind = "default"
     if kind != "default":
         _refuse(
             path,

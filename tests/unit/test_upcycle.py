@@ -66,10 +66,14 @@ def _old_style_config(path, theta):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("variant", ["single", "sharded", "tied", "rope_theta_style"])
+@pytest.mark.parametrize(
+    "variant", ["single", "sharded", "tied", "rope_theta_style", "linear_factor_1"]
+)
 def test_dense_import_equals_transformers(tmp_path, ids, variant):
     src = tmp_path / "hf"
-    if variant == "rope_theta_style":
+    if variant == "linear_factor_1":  # scaling that changes nothing is unscaled RoPE
+        ref = make_hf_llama(src, rope_parameters={"rope_type": "linear", "factor": 1.0})
+    elif variant == "rope_theta_style":
         ref = make_hf_llama(src, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
         _old_style_config(src, 5e5)
     else:
@@ -283,12 +287,21 @@ def test_bad_input_is_named(tmp_path, hf):
         run([*base, f"out={out}"])
     assert run([*base, f"out={out}", "overwrite=true"]) == 0 and not (out / "keep").exists()
 
-    for change, match in [
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3"),
-        ({"attention_bias": True}, "attention_bias"),
-        ({"model_type": "gpt2"}, "model_type"),
-    ]:
-        bad = tmp_path / f"bad_{next(iter(change))}"
+    for i, (change, match) in enumerate(
+        [
+            (
+                {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
+                "llama3",
+            ),
+            (
+                {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
+                "linear",
+            ),
+            ({"attention_bias": True}, "attention_bias"),
+            ({"model_type": "gpt2"}, "model_type"),
+        ]
+    ):
+        bad = tmp_path / f"bad_{i}"
         bad.mkdir()
         cfg = json.loads((src / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps({**cfg, **change}))
