@@ -112,8 +112,14 @@ def model_fields(hf: dict, folder: str | Path) -> dict:
             _refuse(path, f"{flag}=true is not supported (this project's layers have no biases)")
     if hf.get("hidden_act", "silu") != "silu":
         _refuse(path, f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
-    if kind == "mistral" and hf.get("sliding_window") is not None:
-        _refuse(path, f"sliding_window={hf['sliding_window']} is not supported (global attention)")
+    window = hf.get("sliding_window") if kind == "mistral" else None
+    # A window at least as long as any sequence the model takes never limits attention.
+    if window is not None and window < hf.get("max_position_embeddings", window + 1):
+        _refuse(
+            path,
+            f"sliding_window={window} is not supported (global attention; a window of at "
+            f"least max_position_embeddings={hf.get('max_position_embeddings')} is)",
+        )
     sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
     if kind == "qwen3" and (hf.get("use_sliding_window") or sliding):
         _refuse(path, "a sliding window is not supported (use_sliding_window, layer_types)")
