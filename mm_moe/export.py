@@ -1,6 +1,7 @@
 """Export a run or checkpoint to a Hugging Face folder:
 
     python -m mm_moe.export source=RUN_OR_CHECKPOINT out=DIR [overwrite=true] [max_shard_mb=5000]
+        [dtype=float32|bfloat16|float16]
 
 Dense models become `llama`, `qwen3` (QK-norm) or `chameleon` (Chameleon's vocabulary and
 QK-norm); one-group token-choice softmax top-k renormalized MoE models become `mixtral`.
@@ -21,6 +22,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from mm_moe.cli import exits_on_failure, parse_args, setup_logging
 from mm_moe.errors import UserError
@@ -37,6 +39,9 @@ class ExportConfig:
     overwrite: bool = False
     # Largest safetensors shard; bigger models are split, with model.safetensors.index.json.
     max_shard_mb: float = 5000.0
+    # The weights' dtype in the folder (and config.json's torch_dtype): training keeps fp32
+    # masters; bfloat16 halves the folder, as published checkpoints usually are.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self) -> None:
         if self.max_shard_mb <= 0:
@@ -70,7 +75,7 @@ def run(cfg: ExportConfig) -> str:
     model = load_pretrained(cfg.source)
     tmp = sibling_dir(out, "export")
     try:
-        kind = export(model, tmp, int(cfg.max_shard_mb * 2**20))
+        kind = export(model, tmp, int(cfg.max_shard_mb * 2**20), cfg.dtype)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful publish

@@ -213,8 +213,9 @@ def _chameleon_extras(config: dict, tensors: dict, tokenizer_path: Path) -> None
         tensors[f"model.vqmodel.{name}"] = t.contiguous()
 
 
-def export(model, out: Path, max_shard_bytes: int = 5 * 2**30) -> str:
-    """Write `model` (from `load_pretrained`) as a Hugging Face folder; returns the type."""
+def export(model, out: Path, max_shard_bytes: int = 5 * 2**30, dtype: str = "float32") -> str:
+    """Write `model` (from `load_pretrained`) as a Hugging Face folder, its floating-point
+    tensors in `dtype`; returns the type."""
     kind = architecture(model)
     vocab = getattr(model, "vocab", None)
     tok_cfg = model.train_config.tokenizer
@@ -224,6 +225,9 @@ def export(model, out: Path, max_shard_bytes: int = 5 * 2**30) -> str:
     tensors = hf_tensors(model, kind)
     if kind == "chameleon":
         _chameleon_extras(config, tensors, Path(tok_cfg.path))
+    config["torch_dtype"] = dtype
+    to = getattr(torch, dtype)
+    tensors = {k: t.to(to) if t.is_floating_point() else t for k, t in tensors.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     write_shards(tensors, out, max_shard_bytes)

@@ -158,3 +158,19 @@ def test_export_from_the_latest_pointer_writes_files_others_can_read(tmp_path):
         os.umask(umask)
     assert (out / "config.json").stat().st_mode & 0o777 == 0o644
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_export_in_bfloat16_is_the_float32_export_rounded(tmp_path):
+    from safetensors.torch import load_file
+
+    source = _checkpoint(tmp_path / "src", {}, NO_QK_NORM)
+    export(ExportConfig(str(source), str(tmp_path / "fp32")))
+    export(ExportConfig(str(source), str(tmp_path / "bf16"), dtype="bfloat16"))
+    full = load_file(tmp_path / "fp32" / "model.safetensors")
+    half = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert full.keys() == half.keys()
+    for name, t in full.items():
+        assert t.dtype == torch.float32 and half[name].dtype == torch.bfloat16
+        assert torch.equal(half[name], t.to(torch.bfloat16)), name
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
