@@ -4,7 +4,8 @@
         [dtype=float32|bfloat16|float16]
 
 Dense models become `llama`, `qwen3` (QK-norm) or `chameleon` (Chameleon's vocabulary and
-QK-norm); one-group token-choice softmax top-k renormalized MoE models become `mixtral`.
+QK-norm); one-group token-choice softmax top-k MoE models become `mixtral` (renormalized, every
+layer) or, with QK-norm, `qwen3_moe`.
 MoMa, MoT, expert-choice and mixture-of-depths models are refused with the reason
 (mm_moe/upcycle/hf_export.py), and so is an option Mixtral cannot express (the key and the value
 it needs named). The folder loads with transformers' from_pretrained; beside config.json it

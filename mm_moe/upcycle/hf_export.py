@@ -10,13 +10,15 @@ What maps exactly onto a transformers architecture:
 - dense with Chameleon's per-head LayerNorm QK-norm and Chameleon's vocabulary (image tokens
   inside it, its VQGAN as the image tokenizer): `chameleon` (swin_norm for post-norm);
 - one `mixed` expert group, token choice, softmax scores, top-k renormalized, every layer, no
-  shared experts: `mixtral`.
+  shared experts: `mixtral`;
+- the same with QK-norm as RMSNorm over the head dim: `qwen3_moe` (Qwen3-MoE), which may also
+  keep the top-k unnormalized (`norm_topk_prob`) and some layers dense (`mlp_only_layers`).
 Everything else is refused with the reason: modality-grouped experts (MoMa), per-modality
 weights (MoT), expert choice and mixture-of-depths (they select over the batch and need the
 auxiliary routers at inference) have no Hugging Face architecture.
 
-Names are the hub's (Mixtral's experts as `block_sparse_moe.experts.<e>.w1/w2/w3`, the layout
-transformers itself writes).
+Names are the hub's (Mixtral's experts as `block_sparse_moe.experts.<e>.w1/w2/w3`, Qwen3-MoE's
+as `mlp.experts.<e>.gate_proj/up_proj/down_proj`, the layouts published checkpoints use).
 """
 
 from __future__ import annotations
@@ -29,29 +31,38 @@ from pathlib import Path
 import torch
 
 from mm_moe.errors import UserError
+from mm_moe.model.moe.layer import MoELayer
 
 INDEX = "model.safetensors.index.json"
 
 
-def _mixtral_mismatches(cfg, moe) -> list[str]:
-    """`key=value (Mixtral needs value)` for every option that changes what the model computes
-    in eval mode and that HF Mixtral cannot express (softmax over one group's linear router
-    logits, top-k renormalized, dropless, an MoE FFN in every layer, pre-norm, no QK-norm).
-    Training-only options (noise, capacity, losses, router lr and init) change nothing here."""
-    every_layer = moe.layers == "all" or sorted(moe.layers) == list(range(cfg.n_layers))
+def _moe_mismatches(cfg, moe) -> list[str]:
+    """`key=value (<architecture> needs value)` for every option that changes what the model
+    computes in eval mode and that the MoE architecture it maps to cannot express. Both route
+    by a softmax over one group's linear router logits, top-k, dropless, pre-norm; Mixtral
+    (no QK-norm) also renormalizes the top-k and has an MoE FFN in every layer, Qwen3-MoE
+    (RMSNorm QK-norm) says whether it renormalizes (`norm_topk_prob`) and which layers are
+    dense (`mlp_only_layers`). Training-only options (noise, capacity, losses, router lr and
+    init) change nothing here."""
+    qwen = cfg.qk_norm_kind == "rms"
     needs = [
         ("moe.router", moe.router, "token_choice"),
         ("moe.score", moe.score, "softmax"),
-        ("moe.renormalize", moe.renormalize, True),
         ("moe.router_logits", moe.router_logits, "linear"),
         ("moe.bias_update_rate", moe.bias_update_rate, 0.0),
         ("moe.shared_experts", moe.shared_experts, 0),
-        ("moe.layers", "all" if every_layer else moe.layers, "all"),
-        ("model.qk_norm", cfg.qk_norm, False),
         ("model.norm_placement", cfg.norm_placement, "pre"),
     ]
+    if not qwen:
+        every_layer = moe.layers == "all" or sorted(moe.layers) == list(range(cfg.n_layers))
+        needs += [
+            ("moe.renormalize", moe.renormalize, True),
+            ("moe.layers", "all" if every_layer else moe.layers, "all"),
+            ("model.qk_norm", cfg.qk_norm, False),
+        ]
+    name = "Qwen3-MoE" if qwen else "Mixtral"
     return [
-        f"{key}={_yaml(got)} (Mixtral needs {key}={_yaml(want)})"
+        f"{key}={_yaml(got)} ({name} needs {key}={_yaml(want)})"
         for key, got, want in needs
         if got != want
     ]
@@ -74,7 +85,7 @@ def architecture(model) -> str:
     if moe.enabled and moe.router != "token_choice":
         why.append("moe.router=expert_choice (selection over the batch, auxiliary routers)")
     if moe.enabled and not why:
-        why += _mixtral_mismatches(cfg, moe)
+        why += _moe_mismatches(cfg, moe)
     qk = cfg.qk_norm_kind
     chameleon = bool(getattr(getattr(model, "vocab", None), "image_ids", ()))
     if not why and not moe.enabled and qk == "head_layernorm" and not chameleon:
@@ -84,13 +95,19 @@ def architecture(model) -> str:
     if why:
         raise UserError("no Hugging Face architecture holds this model: " + "; ".join(why))
     if moe.enabled:
-        return "mixtral"
+        return "qwen3_moe" if qk == "rms" else "mixtral"
     return {"none": "llama", "rms": "qwen3", "head_layernorm": "chameleon"}[qk]
 
 
 def _config(model, kind: str, vocab) -> dict:
     cfg = model.cfg
-    names = {"llama": "Llama", "qwen3": "Qwen3", "chameleon": "Chameleon", "mixtral": "Mixtral"}
+    names = {
+        "llama": "Llama",
+        "qwen3": "Qwen3",
+        "chameleon": "Chameleon",
+        "mixtral": "Mixtral",
+        "qwen3_moe": "Qwen3Moe",
+    }
     arch = names[kind] + ("ForConditionalGeneration" if kind == "chameleon" else "ForCausalLM")
     out = {
         "architectures": [arch],
@@ -117,6 +134,18 @@ def _config(model, kind: str, vocab) -> dict:
         moe = model.moe_cfg
         out.update(num_local_experts=moe.groups()[0].num_experts, num_experts_per_tok=moe.k)
         out.update(sliding_window=None, router_jitter_noise=0.0, output_router_logits=False)
+    if kind == "qwen3_moe":
+        moe = model.moe_cfg
+        out.update(
+            intermediate_size=cfg.ffn_dim,  # the dense layers' (mlp_only_layers)
+            moe_intermediate_size=cfg.ffn_dim // moe.granularity,
+            num_experts=moe.groups()[0].num_experts,
+            num_experts_per_tok=moe.k,
+            norm_topk_prob=moe.renormalize,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(cfg.n_layers) if not moe.is_moe_layer(i)],
+            output_router_logits=False,
+        )
     if kind == "chameleon":
         out["swin_norm"] = cfg.norm_placement == "post"
     return out
@@ -135,19 +164,28 @@ def _layer_tensors(prefix: str, block, kind: str) -> dict[str, torch.Tensor]:
             if kind == "chameleon":
                 out[f"{prefix}self_attn.{norm}.bias"] = module.bias
     ffn = block.ffn
-    if kind != "mixtral":
+    if not isinstance(ffn, MoELayer):  # a dense model, or a dense layer of Qwen3-MoE
         for ours, theirs in (("w_gate", "gate"), ("w_up", "up"), ("w_down", "down")):
             out[f"{prefix}mlp.{theirs}_proj.weight"] = getattr(ffn, ours).weight
         return out
-    moe = f"{prefix}block_sparse_moe."
+    # The hub's per-expert names (transformers merges them into its 3-D tensors on load).
+    moe, (gate, up, down) = EXPERT_NAMES[kind]
+    moe = prefix + moe
     out[moe + "gate.weight"] = ffn.routers["mixed"].weight
-    gate_up, down = ffn.experts.w_gate_up, ffn.experts.w_down  # [E, d, 2h], [E, h, d]
-    h = down.shape[1]
-    for e in range(len(down)):
-        out[f"{moe}experts.{e}.w1.weight"] = gate_up[e, :, :h].t()
-        out[f"{moe}experts.{e}.w3.weight"] = gate_up[e, :, h:].t()
-        out[f"{moe}experts.{e}.w2.weight"] = down[e].t()
+    gate_up, w_down = ffn.experts.w_gate_up, ffn.experts.w_down  # [E, d, 2h], [E, h, d]
+    h = w_down.shape[1]
+    for e in range(len(w_down)):
+        out[f"{moe}experts.{e}.{gate}.weight"] = gate_up[e, :, :h].t()
+        out[f"{moe}experts.{e}.{up}.weight"] = gate_up[e, :, h:].t()
+        out[f"{moe}experts.{e}.{down}.weight"] = w_down[e].t()
     return out
+
+
+# kind: (the MoE block's prefix, the experts' gate, up and down names)
+EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe.", ("w1", "w3", "w2")),
+    "qwen3_moe": ("mlp.", ("gate_proj", "up_proj", "down_proj")),
+}
 
 
 def hf_tensors(model, kind: str) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ CANNOT_EXPRESS = [
     ({"moe": {"bias_update_rate": 0.01}}, "moe.bias_update_rate=0.01|0.0"),
     ({"moe": {"shared_experts": 1}}, "moe.shared_experts=1|0"),
     ({"moe": {"layers": [1]}}, "moe.layers=[1]|all"),
-    ({"model": {"qk_norm": True}}, "model.qk_norm=true|false"),
+    ({"model": {"qk_norm": "head_layernorm"}}, "model.qk_norm=head_layernorm|false"),
     ({"model": {"norm_placement": "post"}}, "model.norm_placement=post|pre"),
 ]
 
@@ -131,6 +132,28 @@ def test_mixtral_export_refuses_each_option_it_cannot_express(option, refused):
         architecture(cfg.model.build(cfg.moe))
     assert f"{setting} (Mixtral needs {key}={needed})" in str(info.value)
     assert str(info.value).count("Mixtral needs") == 1  # that key alone
+
+
+@pytest.mark.parametrize(
+    "option, refused",
+    [
+        ({"router_logits": "cosine"}, "moe.router_logits=cosine|linear"),
+        ({"shared_experts": 1}, "moe.shared_experts=1|0"),
+    ],
+)
+def test_qwen3_moe_export_refuses_what_it_cannot_express(option, refused):
+    from mm_moe.config import TrainConfig, from_dict
+    from mm_moe.upcycle.hf_export import architecture
+
+    setting, needed = refused.split("|")
+    model = {**TINY, "vocab_size": 64}  # qk_norm=true: RMSNorm over the head dim
+    cfg = from_dict(TrainConfig, {"model": model, "moe": {**MIXTRAL, **option}})
+    with pytest.raises(UserError, match=re.escape(f"{setting} (Qwen3-MoE needs ")):
+        architecture(cfg.model.build(cfg.moe))
+    # unnormalized top-k and dense layers Qwen3-MoE can express
+    ok = {**MIXTRAL, "renormalize": False, "layers": [1]}
+    cfg = from_dict(TrainConfig, {"model": model, "moe": ok})
+    assert architecture(cfg.model.build(cfg.moe)) == "qwen3_moe"
 
 
 def test_a_supported_mixtral_still_exports(tmp_path):

@@ -332,11 +332,13 @@ MIXTRAL_MOE = {
     [
         ("qwen3", {}, {}),  # qk_norm (RMSNorm over the head dim): Qwen3
         ("mixtral", MIXTRAL_MOE, {"qk_norm": False}),
+        # QK-norm, the top-k unnormalized, layer 0 dense (mlp_only_layers)
+        ("qwen3_moe", {**MIXTRAL_MOE, "renormalize": False, "layers": [1]}, {}),
     ],
 )
-def test_qwen3_and_mixtral_exports_give_transformers_our_logits(tmp_path, name, moe, model):
-    """transformers loads the exported folder as Qwen3ForCausalLM / MixtralForCausalLM and
-    computes our model's logits."""
+def test_dense_and_moe_exports_give_transformers_our_logits(tmp_path, name, moe, model):
+    """transformers loads the exported folder as Qwen3ForCausalLM / MixtralForCausalLM /
+    Qwen3MoeForCausalLM and computes our model's logits."""
     from mm_moe.export import ExportConfig
     from mm_moe.export import run as export
 
@@ -348,7 +350,8 @@ def test_qwen3_and_mixtral_exports_give_transformers_our_logits(tmp_path, name, 
     out = tmp_path / "hf"
     assert export(ExportConfig(str(source), str(out))) == name
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf).__name__ == {"qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}[name]
+    names = {"qwen3": "Qwen3", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe"}
+    assert type(hf).__name__ == names[name] + "ForCausalLM"
     ours = mm_moe.load_pretrained(source)
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
