@@ -125,11 +125,13 @@ def make_hf_llama(
     tokenizer: bool = True,
     tie: bool = False,
     shard: str | None = None,
+    family: str = "Llama",
     **kw,
 ):
     """A tiny LlamaForCausalLM (GQA) with random norms, saved (in shards of at most `shard`,
     e.g. "40KB"); with `tokenizer`, a trained tokenizer beside it whose specials the config
-    names, else Llama's own special ids (bos 1, eos 2, no pad)."""
+    names, else Llama's own special ids (bos 1, eos 2, no pad). `family="Mistral"`: the same
+    as a MistralForCausalLM."""
     import transformers
 
     specials = {}
@@ -137,7 +139,7 @@ def make_hf_llama(
         tok = make_tokenizer(path, vocab_size, image_tokens=False)
         vocab_size = tok.get_vocab_size(with_added_tokens=True)
         specials = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
-    cfg = transformers.LlamaConfig(
+    cfg = getattr(transformers, f"{family}Config")(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -151,7 +153,7 @@ def make_hf_llama(
         **kw,
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
     _randomize_norms(model, seed)
     model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     return model

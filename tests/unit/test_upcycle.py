@@ -456,24 +456,9 @@ def test_an_eos_list_survives_upcycle_and_export(tmp_path, with_file):
 
 
 def test_a_mistral_window_no_sequence_reaches_imports_exactly(tmp_path, ids):
-    import transformers
-
-    def mistral(window):
-        cfg = transformers.MistralConfig(
-            vocab_size=HF_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            sliding_window=window,
-            initializer_range=0.1,
-        )
-        torch.manual_seed(0)
-        model = transformers.MistralForCausalLM(cfg).eval()
-        model.save_pretrained(tmp_path / f"w{window}")
-        return tmp_path / f"w{window}", model
+    def mistral(window):  # max_position_embeddings=256
+        path = tmp_path / f"w{window}"
+        return path, make_hf_llama(path, family="Mistral", sliding_window=window)
 
     src, ref = mistral(256)
     _, model = hf_import.import_dense(src)
