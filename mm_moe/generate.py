@@ -14,6 +14,7 @@ text->image uses 3 at temperature 0.7: docs/evaluation.md); the n samples are dr
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -64,10 +65,10 @@ class GenerateConfig:
             ("temperature", self.temperature, 0, "0: greedy"),
             ("top_k", self.top_k, 0, "0: every allowed token"),
         ):
-            if value < least:
-                raise UserError(f"{key}={value} must be >= {least} ({meaning})")
-        if self.guidance < 1:
-            raise UserError(f"guidance={self.guidance} must be >= 1 (1: no guidance)")
+            if not value >= least or not math.isfinite(value):  # nan compares False
+                raise UserError(f"{key}={value} must be a number >= {least} ({meaning})")
+        if not 1 <= self.guidance < math.inf:
+            raise UserError(f"guidance={self.guidance} must be a number >= 1 (1: no guidance)")
         if self.guidance != 1 and self.mode != "image":
             raise UserError(f"guidance={self.guidance} needs mode=image (got mode={self.mode})")
         default = GenerateConfig.__dataclass_fields__["max_new_tokens"].default
@@ -122,7 +123,7 @@ def default_out(checkpoint: str, model) -> Path:
 def _room_for(cfg: GenerateConfig, model, tok, prompt: list[int]) -> int:
     """The tokens to sample: max_new_tokens (an image's codes and eoi in mode=image), at most
     what model.max_seq_len leaves after the prompt (said, rather than found after sampling);
-    a prompt that fills it is refused."""
+    a prompt that fills it, or leaves no room for mode=image's image, is refused."""
     wanted = cfg.max_new_tokens if cfg.mode != "image" else tok.image.tokens_per_image + 1
     room = model.cfg.max_seq_len - len(prompt)
     if room <= 0:
@@ -130,7 +131,14 @@ def _room_for(cfg: GenerateConfig, model, tok, prompt: list[int]) -> int:
             f"the prompt ({len(prompt)} tokens) fills model.max_seq_len={model.cfg.max_seq_len}; "
             "shorten the prompt"
         )
-    if wanted > room and cfg.mode != "image":
+    if wanted > room and cfg.mode == "image":
+        raise UserError(
+            f"the prompt ({len(prompt)} tokens) and an image ({tok.image.tokens_per_image} "
+            f"codes and its end) exceed model.max_seq_len={model.cfg.max_seq_len}; shorten "
+            "the prompt"
+        )
+    _say_if_untrained_positions(model, len(prompt) + min(wanted, room))
+    if wanted > room:
         log.warning(
             "max_new_tokens=%d is more than the %d tokens model.max_seq_len=%d leaves after the "
             "%d-token prompt: sampling at most %d",
@@ -142,6 +150,19 @@ def _room_for(cfg: GenerateConfig, model, tok, prompt: list[int]) -> int:
         )
         return room
     return wanted
+
+
+def _say_if_untrained_positions(model, length: int) -> None:
+    """Positions past the rows the model trained on (data.seq_len) were never trained: what it
+    samples there is said to be out of its training."""
+    trained = model.train_config.data.seq_len
+    if length > trained:
+        log.warning(
+            "the prompt and the tokens to sample reach position %d; the model trained on rows "
+            "of data.seq_len=%d: positions past it were never trained",
+            length,
+            trained,
+        )
 
 
 def _check_tokenizer_made_the_ids(model, tok, checkpoint) -> None:
@@ -207,6 +228,15 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
                 images.append(
                     str(_save_image(tok.image, values, out_dir, cfg.seed + i, len(images)))
                 )
+            else:  # begun too late: max_new_tokens ended it
+                log.warning(
+                    "sample %d: an image begun %d tokens before the end has %d of its %d codes "
+                    "and is left out; raise max_new_tokens",
+                    i,
+                    len(values) + 1,
+                    len(values),
+                    tok.image.tokens_per_image,
+                )
         results.append({"text": "".join(text), "images": images})
     return results
 
@@ -214,11 +244,7 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
 def _guided_images(cfg: GenerateConfig, model, tok, prompt: list[int], out_dir: Path) -> list:
     from mm_moe.eval.text_to_image import sample_image_codes
 
-    if len(prompt) + tok.image.tokens_per_image > model.cfg.max_seq_len:
-        raise UserError(
-            f"the prompt ({len(prompt)} tokens) and an image "
-            f"({tok.image.tokens_per_image}) exceed model.max_seq_len={model.cfg.max_seq_len}"
-        )
+    _room_for(cfg, model, tok, prompt)
     codes = sample_image_codes(
         model, tok, [prompt] * cfg.n, cfg.temperature, cfg.top_k, cfg.seed, cfg.guidance
     )

@@ -76,6 +76,12 @@ class Decoding:
         self.new += 1
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits divided by the temperature; 0 (greedy) by a tiny one, so that the softmax puts
+    all mass on the largest (a division by 0 would make inf - inf = nan)."""
+    return logits / max(temperature, 1e-5)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -114,7 +120,7 @@ def generate(
                 )
             logits = decoding.logits()[0]
             allowed = image_ok if remaining is not None else text_ok
-            logits = logits.masked_fill(~allowed, float("-inf")) / max(cfg.temperature, 1e-5)
+            logits = tempered(logits.masked_fill(~allowed, float("-inf")), cfg.temperature)
             if cfg.top_k:
                 kth = torch.topk(logits, min(cfg.top_k, int(allowed.sum()))).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from mm_moe.eval.zero_shot import caption_logprobs_batched, codes_prefix
-from mm_moe.sampling import Decoding, allowed_masks, modality_of
+from mm_moe.sampling import Decoding, allowed_masks, modality_of, tempered
 from mm_moe.tokenization.interface import decode_images
 
 
@@ -66,7 +66,7 @@ def sample_image_codes(
                 free_RV = _image_logprobs(free, image_ok_V)
                 logits_RV = free_RV + guidance * (logits_RV - free_RV)
                 logits_RV = logits_RV.masked_fill(~image_ok_V, float("-inf"))
-            logits_RV = logits_RV / temperature
+            logits_RV = tempered(logits_RV, temperature)
             if top_k:
                 kth_R1 = torch.topk(logits_RV, min(top_k, int(image_ok_V.sum())), -1).values[:, -1:]
                 logits_RV = logits_RV.masked_fill(logits_RV < kth_R1, float("-inf"))

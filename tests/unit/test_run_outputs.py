@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from mm_moe.trainer.hooks import EvalHook, MetricsHook
 
 
@@ -319,16 +321,57 @@ def test_generate_samples_at_most_what_max_seq_len_leaves(caplog):
     from mm_moe.errors import UserError
     from mm_moe.generate import GenerateConfig, _room_for
 
-    model = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=100))
+    trained = SimpleNamespace(data=SimpleNamespace(seq_len=60))
+    model = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=100), train_config=trained)
     tok = SimpleNamespace(image=SimpleNamespace(tokens_per_image=16))
     text = GenerateConfig(checkpoint="x", mode="text", max_new_tokens=3000)
     with caplog.at_level("WARNING", logger="mm_moe"):
         assert _room_for(text, model, tok, list(range(30))) == 70
     assert "max_new_tokens=3000 is more than the 70 tokens" in caplog.text
-    assert _room_for(GenerateConfig(checkpoint="x", max_new_tokens=8), model, tok, [1] * 30) == 8
-    assert _room_for(GenerateConfig(checkpoint="x", mode="image"), model, tok, [1] * 30) == 17
+    # positions the model never trained on (past data.seq_len) are said
+    assert "reach position 100; the model trained on rows of data.seq_len=60" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        short = GenerateConfig(checkpoint="x", max_new_tokens=8)
+        assert _room_for(short, model, tok, [1] * 30) == 8
+    assert not caplog.text
+    image = GenerateConfig(checkpoint="x", mode="image")
+    assert _room_for(image, model, tok, [1] * 30) == 17
     with pytest.raises(UserError, match=r"the prompt \(100 tokens\) fills model.max_seq_len=100"):
         _room_for(text, model, tok, [1] * 100)
+    # mode=image cannot sample fewer tokens: no room for an image is refused before sampling
+    with pytest.raises(UserError, match=r"the prompt \(90 tokens\) and an image \(16 codes"):
+        _room_for(image, model, tok, [1] * 90)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_refuses_a_temperature_that_is_not_a_number_at_least_0(value):
+    from mm_moe.errors import UserError
+    from mm_moe.generate import GenerateConfig
+
+    with pytest.raises(UserError, match=f"temperature={float(value)} must be a number >= 0"):
+        GenerateConfig(checkpoint="x", temperature=float(value))
+    with pytest.raises(UserError, match="guidance=.* must be a number >= 1"):
+        GenerateConfig(checkpoint="x", guidance=float(value))
+
+
+def test_guided_images_at_temperature_0_are_greedy():
+    """temperature=0 with guidance divided the logits by 0 (nan probabilities): now the
+    guided sampler is greedy, the same codes for every seed."""
+    import torch
+
+    from mm_moe.eval.text_to_image import sample_image_codes
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.tokenization.vocab import Vocab
+
+    vocab = Vocab.from_sizes(40, 16)
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=32)
+    torch.manual_seed(0)
+    model = cfg.with_vocab(vocab.size).build().eval()
+    tok = SimpleNamespace(vocab=vocab, image=SimpleNamespace(tokens_per_image=4))
+    prompt = [[vocab.bos, 5, 6, vocab.boi]]
+    runs = [sample_image_codes(model, tok, prompt, 0.0, 0, seed, guidance=3.0) for seed in (0, 1)]
+    assert runs[0] == runs[1] and len(runs[0][0]) == 4
 
 
 def test_generate_takes_the_prompt_as_the_text_typed():
