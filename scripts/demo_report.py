@@ -191,6 +191,13 @@ def _heldout_loss(rows: list[dict], step: int) -> dict:
     return {"step": last["step"], **{m: last[f"eval/loss_{m}"] for m in ("text", "image")}}
 
 
+def _heldout_text(held: dict) -> str:
+    """`; held-out loss at step N: text x, image y`, each modality the held-out set had (one
+    without images has no image loss: eval/loss_image is null)."""
+    losses = [f"{m} {held[m]:.3f}" for m in ("text", "image") if held.get(m) is not None]
+    return f"; held-out loss at step {held['step']}: {', '.join(losses)}" if losses else ""
+
+
 def main() -> None:
     args = _args()
     run_dir = Path(args.run_dir)
@@ -260,13 +267,7 @@ def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) ->
     n = report["num_heldout"]
     print("\n=== mm_moe demo ===")
     speed = f", {report['tokens_per_s']:.0f} tokens/s" if report["tokens_per_s"] else ""
-    held = report["heldout_loss"]
-    loss = (
-        f"; held-out loss at step {held['step']}: text {held['text']:.3f}, "
-        f"image {held['image']:.3f}"
-        if held
-        else ""
-    )
+    loss = _heldout_text(report["heldout_loss"])
     print(f"{report['steps']} steps{speed}{loss}")
     print(
         f"image -> text: zero-shot digit classification {100 * report['zero_shot_accuracy']:.1f}% "

@@ -201,6 +201,10 @@ def test_demo_report_takes_the_loss_of_its_checkpoint_and_runs_without_metrics(t
         "image": -4,
     }
     assert report._heldout_loss(rows, 1) == {}
+    # a held-out set without images: no image loss, said without it (a TypeError at the end)
+    text_only = {"step": 4, "text": 2.5, "image": None}
+    assert report._heldout_text(text_only) == "; held-out loss at step 4: text 2.500"
+    assert report._heldout_text({}) == ""
 
 
 def test_bench_step_profiles_a_case_and_counts_its_moe_layer_ops():
