@@ -125,7 +125,10 @@ class DataConfig:
         micro_batch_size: int,
         global_batch_size: int,
         tokenizer: TokenizerConfig | None = None,
+        sources_key: str = "data.sources",
     ):
+        """The loader; `sources_key`: the config key its sources are named by in messages
+        (eval.sources for the held-out reader, which is this config with those sources)."""
         tokenizer = tokenizer or getattr(self, "_tokenizer", None) or TokenizerConfig()
         if self.source == "synthetic_patterns":
             from mm_moe.data.loader import StepLoader
@@ -141,10 +144,10 @@ class DataConfig:
         from mm_moe.data.webdataset_loader import WebDatasetLoader
 
         vocab = tokenizer.build().vocab
-        spec = self.pipeline_spec(seed, tokenizer, vocab.pad)
+        spec = self.pipeline_spec(seed, tokenizer, vocab.pad, sources_key)
         for src in spec.sources:
             if src.format == "tokens":
-                check_tokens_vocab(list(src.shards), tokenizer, vocab, f"data.sources[{src.index}]")
+                check_tokens_vocab(list(src.shards), tokenizer, vocab, src.name)
         return WebDatasetLoader(
             spec,
             vocab,
@@ -166,7 +169,13 @@ class DataConfig:
             return SyntheticPatterns(self.synthetic, self.seq_len, 0, layout).vocab
         return tokenizer.build().vocab
 
-    def pipeline_spec(self, seed: int, tokenizer: TokenizerConfig, pad_id: int | None = None):
+    def pipeline_spec(
+        self,
+        seed: int,
+        tokenizer: TokenizerConfig,
+        pad_id: int | None = None,
+        sources_key: str = "data.sources",
+    ):
         """The picklable description of the webdataset pipeline (shards expanded here)."""
         from mm_moe.data.documents import DecodeOptions
         from mm_moe.data.shards import expand_urls
@@ -178,7 +187,11 @@ class DataConfig:
             pad_id = tokenizer.build().vocab.pad if self.whole_documents else 0
         sources = tuple(
             SourceSpec(
-                i, tuple(expand_urls(src.urls, f"data.sources[{i}].urls")), src.format, src.weight
+                i,
+                tuple(expand_urls(src.urls, f"{sources_key}[{i}].urls")),
+                src.format,
+                src.weight,
+                f"{sources_key}[{i}]",
             )
             for i, src in enumerate(self.sources)
         )

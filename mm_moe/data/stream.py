@@ -40,6 +40,12 @@ class SourceSpec:
     shards: tuple[str, ...]
     format: str
     weight: float
+    # The config key messages name it by: data.sources[i], or eval.sources[i] (held-out).
+    key: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.key or f"data.sources[{self.index}]"
 
 
 @dataclass(frozen=True)
@@ -137,15 +143,15 @@ class SourceReader:
                 else ": its shards hold no samples"
             )
             raise DataError(
-                f"data.sources[{self.source.index}] ({self.source.format}): a whole epoch of "
+                f"{self.source.name} ({self.source.format}): a whole epoch of "
                 f"its shards {shards[:3]}{' ...' if len(shards) > 3 else ''} without one "
                 f"usable sample (this stream skipped: {skipped or 'nothing'}){hint}"
             )
         if self.epoch_documents == 0:
             log.warning(
-                "data.sources[%d]: stream %d found no usable sample in its %d slice(s) of the "
+                "%s: stream %d found no usable sample in its %d slice(s) of the "
                 "shards; it reads from the whole source from now on",
-                self.source.index,
+                self.source.name,
                 self.stream,
                 len(self.own_units),
             )
@@ -159,14 +165,14 @@ class SourceReader:
         skipped = sum(self._unit_skips.values())
         if skipped < MOSTLY_SKIPPED_MIN or skipped <= self._unit_documents:
             return
-        if self.source.index in _MOSTLY_SKIPPED:
+        if self.source.name in _MOSTLY_SKIPPED:
             return
-        _MOSTLY_SKIPPED.add(self.source.index)
+        _MOSTLY_SKIPPED.add(self.source.name)
         reason = max(self._unit_skips, key=self._unit_skips.get)
         log.warning(
-            "data.sources[%d] (%s): shard %s: %d of its %d samples read here were skipped "
+            "%s (%s): shard %s: %d of its %d samples read here were skipped "
             "(%d %s): check the shard (the first skip of each kind is named above)",
-            self.source.index,
+            self.source.name,
             self.source.format,
             self._url(),
             skipped,
@@ -182,17 +188,17 @@ class SourceReader:
         if self.spec.on_error == "raise":
             raise DataError(
                 f"data.on_error=raise: {error.reason} in shard {self._url()}, {where} "
-                f"(data.sources[{self.source.index}], format {self.source.format}): {error.detail}"
+                f"({self.source.name}, format {self.source.format}): {error.detail}"
             )
         # The first skip of each reason per source in this process is named (the counters
         # data/skipped_<reason> count the rest), so a user sees what is wrong without a rerun.
-        first = (self.source.index, error.reason)
+        first = (self.source.name, error.reason)
         if first not in _NAMED_SKIPS:
             _NAMED_SKIPS.add(first)
             log.warning(
-                "data.sources[%d] (%s): skipped %s in shard %s, %s: %s. Further skips of this "
+                "%s (%s): skipped %s in shard %s, %s: %s. Further skips of this "
                 "kind are counted in data/skipped_%s; data.on_error=raise stops at the first",
-                self.source.index,
+                self.source.name,
                 self.source.format,
                 error.reason,
                 self._url(),

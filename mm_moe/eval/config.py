@@ -74,9 +74,10 @@ class EvalConfig:
     # Held-out shards in the form of data.sources ({urls, format, weight}); empty with the
     # synthetic source: fresh synthetic rows from `seed`.
     sources: list[SourceConfig] = field(default_factory=list)
-    # Micro-batches per rank per evaluation (the same rows each time).
+    # The held-out set: this many micro-batches as one process reads them (the same rows at
+    # every evaluation and every world size, dealt row by row to the ranks).
     num_batches: int = 4
-    # Rows per micro-batch; 0 takes trainer.micro_batch_size.
+    # Rows per micro-batch; 0 takes the trainer's (at world size 1 for the set's size).
     micro_batch_size: int = 0
     # Data seed of the held-out rows (fixed: every evaluation scores the same rows).
     seed: int = 1234

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
 
-from mm_moe.data.batch import Batch
+from mm_moe.data.batch import Batch, TokenProfile
 from mm_moe.eval.config import EvalConfig
 from mm_moe.modality import MODALITIES, NUM_MODALITIES
 from mm_moe.model.losses import per_token_losses
@@ -38,14 +38,23 @@ def heldout_batches(
     rank: int,
     dp_world_size: int,
     micro_batch_size: int,
+    set_micro_batch_size: int = 0,
 ) -> list[Batch]:
-    """This rank's held-out micro-batches: the same rows at every evaluation.
+    """This rank's held-out micro-batches: the same rows at every evaluation, and the same
+    held-out set at every world size (a run resumed on other ranks, or runs compared across
+    world sizes, score the same rows).
 
-    Read once, in the training process (no workers), from eval.sources with the training
-    data's packing and decoding; with the synthetic source and no eval.sources, fresh
-    synthetic rows from eval.seed."""
+    The set is `eval.num_batches` micro-batches of `set_micro_batch_size` rows (what one
+    process would score: eval.micro_batch_size, else the trainer's micro-batch size at world
+    size 1), read once in the training process by one stream (no workers) from eval.sources
+    with the training data's packing and decoding (the synthetic source without
+    eval.sources: fresh synthetic rows from eval.seed). Ranks take every dp_world_size-th row
+    and score them in micro-batches of their own size (eval.micro_batch_size, else the
+    trainer's), padded with empty rows to one count on every rank: expert parallelism runs
+    the forwards in lockstep."""
     micro = cfg.micro_batch_size or micro_batch_size
-    overrides = {"num_workers": 0, "num_streams": dp_world_size}
+    set_micro = cfg.micro_batch_size or set_micro_batch_size or micro
+    overrides = {"num_workers": 0, "num_streams": 1}
     if cfg.sources:
         overrides.update(source="webdataset", sources=list(cfg.sources))
     held = replace(data, **overrides)
@@ -53,23 +62,58 @@ def heldout_batches(
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         loader = held.build(
-            cfg.seed, rank, dp_world_size, micro, micro * dp_world_size * cfg.num_batches, tokenizer
+            cfg.seed,
+            0,
+            1,
+            set_micro,
+            set_micro * cfg.num_batches,
+            tokenizer,
+            "eval.sources" if cfg.sources else "data.sources",
         )
         batches = loader.next()
         if hasattr(loader, "close"):
             loader.close()
     random.setstate(py_state)
     np.random.set_state(np_state)
-    return batches
+    return _deal(batches, rank, dp_world_size, micro)
+
+
+def _deal(batches: list[Batch], rank: int, ranks: int, micro: int) -> list[Batch]:
+    """Rows rank, rank + ranks, ... of `batches`, in micro-batches of `micro` rows, the last
+    filled with empty rows (no loss, no valid token), as many micro-batches on every rank."""
+    rows = {f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in _TENSORS}
+    total = next(iter(rows.values())).shape[0]
+    count = math.ceil(math.ceil(total / ranks) / micro)
+    mine = {name: t[rank::ranks] for name, t in rows.items()}
+    padded = {}
+    for name, t in mine.items():
+        pad = t.new_zeros((count * micro - t.shape[0], *t.shape[1:]))
+        padded[name] = torch.cat([t, pad]).split(micro)
+    out = []
+    for i in range(count):
+        fields_ = {name: padded[name][i] for name in padded}
+        doc_BS, mod_BS, mask_BS = (
+            fields_[k].numpy() for k in ("doc_ids_BS", "modality_ids_BS", "loss_mask_BS")
+        )
+        one_doc = bool((doc_BS == doc_BS[:, :1]).all())
+        profile = TokenProfile.of(mod_BS, doc_BS, mask_BS)  # on the host: no device sync
+        out.append(Batch(**fields_, one_document_per_row=one_doc, profile=profile))
+    return out
+
+
+_TENSORS = [f for f in fields(Batch) if f.type in ("torch.Tensor", torch.Tensor)]
 
 
 @torch.no_grad()
-def _score(model, batches: list[Batch], device) -> tuple[list[float], dict[str, float]]:
+def _score(
+    model, batches: list[Batch], real: list[bool], device
+) -> tuple[list[float], dict[str, float]]:
     """[2M] summed cross-entropy and token counts per modality over the batches (all ranks),
-    and the routing statistics averaged over batches and ranks."""
+    and the routing statistics averaged over the `real` batches (not those of empty rows
+    only, which pad a rank to the others' count) of every rank."""
     sums = torch.zeros(2 * NUM_MODALITIES, dtype=torch.float64, device=device)
     stat_sums: dict[str, torch.Tensor] = {}
-    for b in batches:
+    for b, is_real in zip(batches, real):
         b = b.to(device)
         out = model(*b.model_inputs())
         ce_BS, _ = per_token_losses(out.logits, b.target_ids_BS, 0.0)
@@ -79,11 +123,12 @@ def _score(model, batches: list[Batch], device) -> tuple[list[float], dict[str, 
             sums[m] += (ce_BS.double() * sel_BS).sum()
             sums[NUM_MODALITIES + m] += sel_BS.sum()
         for name, value in stat_means.weighted(out.stats).items():
-            if value.dim() == 0:
+            if value.dim() == 0:  # every rank sums the same keys (an empty batch adds 0)
+                value = value.to(device, torch.float64) if is_real else value.new_zeros(())
                 stat_sums[name] = stat_sums.get(name, 0.0) + value.to(device, torch.float64)
     # The batch count rides in the same all-reduce (the sum over ranks is the divisor), and
     # everything comes to the host in one copy.
-    count = torch.full((), len(batches), dtype=torch.float64, device=device)  # no host copy
+    count = torch.full((), sum(real), dtype=torch.float64, device=device)  # no host copy
     totals = all_reduce_sum_to_host({**stat_sums, _SUMS: sums, _COUNT: count}, device)
     sums, (count,) = totals.pop(_SUMS), totals.pop(_COUNT)
     return sums, stat_means.means({name: v for name, (v,) in totals.items()}, count)
@@ -113,6 +158,9 @@ class HeldoutEval:
 
     def __init__(self, batches: list[Batch], device: torch.device):
         self.batches, self.device = batches, device
+        # Batches of empty rows only (their profile counts no token) pad this rank to the
+        # others' count (heldout_batches).
+        self.real = [b.profile is None or b.profile.tokens > 0 for b in batches]
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         was_training = model.training
@@ -127,7 +175,7 @@ class HeldoutEval:
         try:
             with torch.random.fork_rng(devices=devices):
                 model.eval()
-                sums, stats = _score(model, self.batches, self.device)
+                sums, stats = _score(model, self.batches, self.real, self.device)
                 out = _per_modality("eval/", sums)
                 out.update(
                     {
@@ -144,7 +192,7 @@ class HeldoutEval:
                 # Scored for dense models too: a gap there means training-mode forwards
                 # differ from inference ones for another reason (which would be a defect).
                 model.train()
-                sums, stats = _score(model, self.batches, self.device)
+                sums, stats = _score(model, self.batches, self.real, self.device)
                 train = _per_modality("eval/train_routing/", sums)
                 for name in ("aux_router_acc", "aux_router_baseline"):
                     value = _mean_of(stats, f"/{name}")

@@ -411,13 +411,31 @@ def _wandb_init(cfg: TrainConfig, config_dict: dict, run_id: str | None) -> dict
     }
 
 
-def _evaluator(cfg: TrainConfig, dist: DistInfo) -> HeldoutEval | None:
+def _flops_meter(cfg: TrainConfig, model_cfg, dist: DistInfo, cumulative) -> FlopsMeter:
+    return FlopsMeter(
+        model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe),
+        cumulative,
+        (model_cfg, cfg.moe, cfg.data.seq_len),
+        # FlexAttention skips the blocks a document mask hides; SDPA computes them.
+        skips_masked=model_cfg.document_masking
+        and resolve_backend(model_cfg.attention, dist.device) == "flex",
+    )
+
+
+def _evaluator(cfg: TrainConfig, dist: DistInfo, held_micro: int) -> HeldoutEval | None:
     """Held-out evaluation on every rank: under expert parallelism eval forwards are
-    collective."""
+    collective. `held_micro`: the held-out set's micro-batch size at world size 1 (the
+    configured trainer.micro_batch_for(1)), which makes it the same set at any world size."""
     if not cfg.eval.interval:
         return None
     batches = heldout_batches(
-        cfg.eval, cfg.data, cfg.tokenizer, dist.rank, dist.world_size, cfg.trainer.micro_batch_size
+        cfg.eval,
+        cfg.data,
+        cfg.tokenizer,
+        dist.rank,
+        dist.world_size,
+        cfg.trainer.micro_batch_size,
+        held_micro,
     )
     return HeldoutEval(batches, dist.device)
 
@@ -476,6 +494,7 @@ def _engine(cfg: TrainConfig, model_cfg, dist):
 
 def build_training(cfg: TrainConfig) -> Training:
     """Every part of the run; resumes when checkpoint.resume says so. Collective."""
+    held_micro = cfg.trainer.micro_batch_for(1)  # the held-out set's, as one process reads it
     cfg, dist = start_processes(cfg)
     lock = _lock_run_dir(cfg, dist)
     resume_dir = _resume_dir(cfg, dist)
@@ -497,7 +516,6 @@ def build_training(cfg: TrainConfig) -> Training:
     if dist.is_main:
         _describe(cfg, model_cfg, dist)
     wandb_init = _wandb_init(cfg, config_dict, meta.get("wandb_id")) if dist.is_main else None
-    per_token = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
     training = Training(
         cfg=cfg,
         dist=dist,
@@ -515,15 +533,8 @@ def build_training(cfg: TrainConfig) -> Training:
             wandb_init,
             lock=lock,
         ),
-        flops=FlopsMeter(
-            per_token,
-            meta.get("flops_cumulative"),
-            (model_cfg, cfg.moe, cfg.data.seq_len),
-            # FlexAttention skips the blocks a document mask hides; SDPA computes them.
-            skips_masked=model_cfg.document_masking
-            and resolve_backend(model_cfg.attention, dist.device) == "flex",
-        ),
-        evaluator=_evaluator(cfg, dist),
+        flops=_flops_meter(cfg, model_cfg, dist, meta.get("flops_cumulative")),
+        evaluator=_evaluator(cfg, dist, held_micro),
         config_dict=config_dict,
         start_step=meta["step"],
         # Kept through a resume with wandb off: the next one with wandb on continues the run.

@@ -322,3 +322,36 @@ def test_heldout_eval_of_a_dense_model_makes_one_host_sync():
         out = HeldoutEval(batches, torch.device("cpu"))(model)
     assert syncs.total == 2, dict(syncs.by_op)
     assert math.isfinite(out["eval/loss_image"]) and math.isfinite(out["eval/loss_text"])
+
+
+def test_the_heldout_set_is_the_same_at_every_world_size():
+    """The held-out set is what one process reads (eval.num_batches micro-batches of the
+    world-size-1 micro-batch size), dealt to the ranks: a run resumed on other ranks scored
+    other rows (4x the tokens at 4 ranks), so its eval curve jumped. Every rank runs as many
+    micro-batches (expert parallelism's lockstep); the padding rows hold no loss and their
+    batches no statistics: an MoE's held-out loss is the same whatever the world size."""
+    cfg = EvalConfig(interval=1, num_batches=3)
+    data = DataConfig(seq_len=32)
+    rows = lambda bs: sorted(  # noqa: E731
+        tuple(r.tolist())
+        for b in bs
+        for r, keep in zip(b.input_ids_BS, b.loss_mask_BS.any(1))
+        if keep
+    )
+    one = heldout_batches(cfg, data, TokenizerConfig(), 0, 1, 4, 4)
+    assert len(one) == 3 and all(b.input_ids_BS.shape[0] == 4 for b in one)
+    moe = MoEConfig(experts_per_modality={"text": 2, "image": 2})
+    torch.manual_seed(0)
+    vocab = max(int(b.input_ids_BS.max()) for b in one) + 1
+    model = TINY.with_vocab(vocab).build(moe)
+    want = HeldoutEval(one, torch.device("cpu"))(model)
+    for ranks, micro in ((2, 2), (3, 2), (5, 1)):  # 12 rows: 6, 4 and 2-3 per rank
+        dealt = [
+            heldout_batches(cfg, data, TokenizerConfig(), r, ranks, micro, 4) for r in range(ranks)
+        ]
+        assert len({len(d) for d in dealt}) == 1  # lockstep
+        assert rows(b for d in dealt for b in d) == rows(one)
+        # every rank's batches scored on one process: the sums of an all-reduce
+        got = HeldoutEval([b for d in dealt for b in d], torch.device("cpu"))(model)
+        for key in ("eval/loss_text", "eval/loss_image", "eval/tokens_text", "eval/unprocessed"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (ranks, key)
