@@ -355,3 +355,12 @@ def test_the_heldout_set_is_the_same_at_every_world_size():
         got = HeldoutEval([b for d in dealt for b in d], torch.device("cpu"))(model)
         for key in ("eval/loss_text", "eval/loss_image", "eval/tokens_text", "eval/unprocessed"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (ranks, key)
+
+
+def test_a_bad_heldout_source_is_named_as_eval_sources(tmp_path):
+    from mm_moe.errors import UserError
+
+    missing = SourceConfig(urls=str(tmp_path / "nowhere.tar"), format="pairs")
+    cfg = EvalConfig(interval=1, sources=[missing])
+    with pytest.raises(UserError, match=r"^eval\.sources\[0\]\.urls: shard .*nowhere.tar"):
+        heldout_batches(cfg, DataConfig(seq_len=32), TokenizerConfig(), 0, 1, 2)
