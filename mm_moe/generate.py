@@ -37,6 +37,9 @@ class GenerateTokenizer:
     # The tokenizer folder, where it is no longer where the checkpoint's config says (moved);
     # empty: the checkpoint's tokenizer.path.
     path: str = ""
+    # The vocabulary layout file (vocab.yaml) where the checkpoint's tokenizer.vocab has moved;
+    # empty: the checkpoint's, else the copy in its step folder.
+    vocab: str = ""
     # Use a tokenizer whose files changed since the checkpoint was made (refused otherwise).
     allow_changed: bool = False
 

@@ -94,6 +94,19 @@ def _launch_relative(step_dir: Path, cfg, path: str) -> str:
     return str(launched / path) if (launched / path).exists() else path
 
 
+def _vocab_file(step_dir: Path, cfg) -> str:
+    """tokenizer.vocab, the layout file a run read its ids by (an upcycle's OUT/vocab.yaml),
+    or where that has moved or gone, the copy every checkpoint keeps in its step folder."""
+    from mm_moe.checkpoint.layout import VOCAB
+
+    recorded = _launch_relative(step_dir, cfg, cfg.tokenizer.vocab)
+    own = step_dir / VOCAB
+    if recorded and not Path(recorded).is_file() and own.is_file():
+        log.info("tokenizer.vocab=%s is not there: reading the layout from %s", recorded, own)
+        return str(own)
+    return recorded
+
+
 def _train_config(step_dir: Path, tokenizer: dict | None):
     """The checkpoint's training config, its tokenizer keys overridden by `tokenizer`, and
     that tokenizer checked against the digest the checkpoint recorded."""
@@ -108,6 +121,8 @@ def _train_config(step_dir: Path, tokenizer: dict | None):
     cfg = from_dict(TrainConfig, upgrade_saved_config(saved))
     if not (tokenizer or {}).get("path"):
         cfg.tokenizer.path = _launch_relative(step_dir, cfg, cfg.tokenizer.path)
+    if not (tokenizer or {}).get("vocab"):
+        cfg.tokenizer.vocab = _vocab_file(step_dir, cfg)
     if tokenizer:
         merged = {**to_dict(cfg.tokenizer), **tokenizer}
         cfg.tokenizer = from_dict(TokenizerConfig, merged, "tokenizer")

@@ -88,11 +88,14 @@ def check(recorded: str | None, cfg, what: str, current: str | None = None) -> N
         return
     current = current if current is not None else tokenizer_digest(cfg)
     if current is None:
+        missing = [str(f) for f in tokenizer_files(cfg) if not f.is_file()]
         log.warning(
-            "%s: the tokenizer files of tokenizer.path=%s are not all there; the "
-            "tokenizer is not compared with the one it recorded",
+            "%s: %s of its tokenizer (tokenizer.path=%s) %s missing; the tokenizer is not "
+            "compared with the one it recorded",
             what,
+            ", ".join(missing),
             cfg.path,
+            "is" if len(missing) == 1 else "are",
         )
         return
     if current == recorded:

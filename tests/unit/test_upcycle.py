@@ -467,3 +467,24 @@ def test_a_mistral_window_no_sequence_reaches_imports_exactly(tmp_path, ids):
     src, _ = mistral(128)
     with pytest.raises(ValueError, match="sliding_window=128 is not supported"):
         hf_import.import_dense(src)
+
+
+def test_a_moved_upcycle_reads_its_own_vocabulary_copy(tmp_path, hf, caplog):
+    """The config records tokenizer.vocab as the upcycle's OUT/vocab.yaml: once that folder
+    moved (or a fine-tune of it outlived it), loading failed with FileNotFoundError. The step
+    folder's own copy is read instead, and the tokenizer is still checked by its digest."""
+    import shutil
+
+    import mm_moe
+
+    src, _ = hf
+    out = tmp_path / "up"
+    assert run([f"source={src}", "source_format=hf", f"out={out}", *DATA_VOCAB]) == 0
+    want = mm_moe.load_tokenizers(out).vocab
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    caplog.set_level("INFO")
+    assert mm_moe.load_tokenizers(moved).vocab == want
+    assert mm_moe.load_pretrained(moved).cfg.vocab_size == want.size
+    assert f"reading the layout from {moved / 'vocab.yaml'}" in caplog.text
+    assert "not compared" not in caplog.text  # the digest matched
