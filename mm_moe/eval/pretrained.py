@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from mm_moe.checkpoint.layout import META
+from mm_moe.errors import UserError
+
 log = logging.getLogger("mm_moe")
 
 
@@ -22,13 +25,24 @@ def load_pretrained(
     `tokenizer` overrides keys of the checkpoint's tokenizer config, e.g. {"path": folder}
     where its tokenizer has moved, {"allow_changed": True} to use one whose files changed
     since the checkpoint was made (refused otherwise: tokenization/digest.py)."""
-    from mm_moe.checkpoint.pretrained import find_step_dir, load_weights
+    from mm_moe.checkpoint.pretrained import find_step_dir
 
-    step_dir = find_step_dir(path)
-    cfg = _train_config(step_dir, tokenizer)
-    model = cfg.model.build(cfg.moe)
-    load_weights(step_dir, model)
-    model.train_config = cfg
+    for attempt in range(_ATTEMPTS):
+        step_dir = find_step_dir(path)
+        try:
+            model, cfg = _load(step_dir, tokenizer)
+            break
+        except (UserError, OSError) as exc:
+            if step_dir.is_dir() and (step_dir / META).is_file():
+                raise  # the checkpoint is there: the error is about it
+            # A running run pruned it (checkpoint.keep_last) after `latest` named it.
+            gone = f"{step_dir} was removed while it was being loaded ({exc.__class__.__name__})"
+            if attempt + 1 == _ATTEMPTS or Path(path).resolve() == step_dir.resolve():
+                raise UserError(
+                    f"{gone}: a run writing checkpoints there prunes old steps "
+                    "(checkpoint.keep_last); name a step it keeps, or try again"
+                ) from exc
+            log.info("%s; loading the run's latest step again", gone)
     vocab = _vocab(step_dir, cfg)
     if tokenizer and vocab is not None:
         _check_same_vocabulary(step_dir, cfg, vocab)
@@ -37,10 +51,22 @@ def load_pretrained(
     return model.to(device).eval()
 
 
+_ATTEMPTS = 3
+
+
+def _load(step_dir: Path, tokenizer: dict | None):
+    from mm_moe.checkpoint.pretrained import load_weights
+
+    cfg = _train_config(step_dir, tokenizer)
+    model = cfg.model.build(cfg.moe)
+    load_weights(step_dir, model)
+    model.train_config = cfg
+    return model, cfg
+
+
 def _vocab(step_dir: Path, cfg):
     """The vocabulary the checkpoint recorded; else the one its config's data builds."""
     from mm_moe.checkpoint.layout import VOCAB
-    from mm_moe.errors import UserError
     from mm_moe.tokenization.vocab import Vocab
 
     if (step_dir / VOCAB).is_file():
@@ -56,7 +82,6 @@ def _check_same_vocabulary(step_dir: Path, cfg, vocab) -> None:
     """A tokenizer given in place of the checkpoint's (moved, or changed files with
     tokenizer.allow_changed) must make the vocabulary the weights were trained on: another
     size is other ids for every row (sampling would fail on the shapes, or read garbage)."""
-    from mm_moe.errors import UserError
 
     try:
         size = cfg.data.vocab(cfg.tokenizer).size

@@ -197,3 +197,38 @@ def test_export_in_bfloat16_is_the_float32_export_rounded(tmp_path):
         assert torch.equal(half[name], t.to(torch.bfloat16)), name
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
+
+
+def test_loading_a_step_a_running_run_prunes_meanwhile_loads_the_new_latest(tmp_path, monkeypatch):
+    """generate beside a run with checkpoint.keep_last: `latest` named step 3, the run wrote
+    step 4 and removed step 3 before its model.pt was read. The load follows the new latest
+    (it failed with "the file is missing; resume from a complete step beside it")."""
+    import shutil
+
+    import mm_moe
+    from mm_moe.checkpoint import layout
+    from mm_moe.eval import pretrained
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    _checkpoint(checkpoints / "step_00000003", DENSE_QWEN3)
+    (checkpoints / layout.LATEST).write_text("step_00000003")
+    real_load, calls = pretrained._load, []
+
+    def pruned_meanwhile(step_dir, tokenizer):
+        calls.append(step_dir.name)
+        if step_dir.name == "step_00000003":  # the run publishes step 4, prunes step 3
+            shutil.copytree(step_dir, checkpoints / "step_00000004", dirs_exist_ok=True)
+            (checkpoints / layout.LATEST).write_text("step_00000004")
+            (step_dir / "model.pt").unlink()
+            shutil.rmtree(step_dir)
+        return real_load(step_dir, tokenizer)
+
+    monkeypatch.setattr(pretrained, "_load", pruned_meanwhile)
+    model = mm_moe.load_pretrained(tmp_path / "run")
+    assert calls == ["step_00000003", "step_00000004"] and model.cfg.n_layers == 2
+    # a step named explicitly is not replaced by another
+    (checkpoints / layout.LATEST).write_text("step_00000003")
+    _checkpoint(checkpoints / "step_00000003", DENSE_QWEN3)
+    calls.clear()
+    with pytest.raises(UserError, match="step_00000003 was removed while it was being loaded"):
+        mm_moe.load_pretrained(checkpoints / "step_00000003")
