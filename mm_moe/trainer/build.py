@@ -284,11 +284,8 @@ def _refuse_earlier_metrics(cfg: TrainConfig) -> None:
         )
 
 
-def _refuse_lost_checkpoints(cfg: TrainConfig, rows: Path) -> None:
-    """resume=auto found no checkpoint. Rows only before the first save: the run restarts at
-    step 0 (preempted before its first checkpoint), said. Rows past a step that saved: its
-    checkpoints are elsewhere (another checkpoint.dir) or gone, and restarting would replace
-    its metrics: refused."""
+def _last_logged_step(rows: Path) -> int:
+    """The highest step metrics.jsonl has a row of (0: none)."""
     last = 0
     if rows.is_file():
         for line in rows.read_text().splitlines():
@@ -296,6 +293,15 @@ def _refuse_lost_checkpoints(cfg: TrainConfig, rows: Path) -> None:
                 last = max(last, int(json.loads(line).get("step", 0)))
             except (ValueError, TypeError, AttributeError):
                 continue
+    return last
+
+
+def _refuse_lost_checkpoints(cfg: TrainConfig, rows: Path) -> None:
+    """resume=auto found no checkpoint. Rows only before the first save: the run restarts at
+    step 0 (preempted before its first checkpoint), said. Rows past a step that saved: its
+    checkpoints are elsewhere (another checkpoint.dir) or gone, and restarting would replace
+    its metrics: refused."""
+    last = _last_logged_step(rows)
     interval = cfg.checkpoint.interval
     if interval and last >= interval:
         raise UserError(
@@ -395,9 +401,24 @@ def _warn_short_warmup(cfg: TrainConfig) -> None:
         )
 
 
-def _wandb_init(cfg: TrainConfig, config_dict: dict, run_id: str | None) -> dict | None:
+def _wandb_init(cfg: TrainConfig, config_dict: dict, meta: dict) -> dict | None:
+    """wandb.init's arguments: the run id the checkpoint recorded (a resume continues its wandb
+    run), or a new one where the resume goes back behind what that run logged (a resume from
+    an earlier step): wandb drops the steps a run has logged already, so the new line would
+    not show there."""
     if cfg.logging.wandb.mode == "disabled":
         return None
+    run_id = meta.get("wandb_id")
+    logged = _last_logged_step(Path(cfg.trainer.run_dir) / METRICS_FILE)
+    if run_id and logged > meta["step"]:
+        log.warning(
+            "resuming at step %d, behind wandb run %s, which logged up to step %d and drops "
+            "the steps it has: this line logs to a new wandb run",
+            meta["step"],
+            run_id,
+            logged,
+        )
+        run_id = None
     return {
         "project": cfg.logging.wandb.project,
         "entity": cfg.logging.wandb.entity,
@@ -515,7 +536,7 @@ def build_training(cfg: TrainConfig) -> Training:
     meta = _resume(resume_dir, cfg, dist, engine, loader, guard, digest)
     if dist.is_main:
         _describe(cfg, model_cfg, dist)
-    wandb_init = _wandb_init(cfg, config_dict, meta.get("wandb_id")) if dist.is_main else None
+    wandb_init = _wandb_init(cfg, config_dict, meta) if dist.is_main else None
     training = Training(
         cfg=cfg,
         dist=dist,

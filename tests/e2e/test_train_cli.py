@@ -139,3 +139,14 @@ def test_a_resume_with_wandb_off_keeps_the_wandb_run_for_the_next(tmp_path):
     )
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{first}") for name in runs), runs
+    # a resume back at step 1 (behind the wandb run's step 3): a new wandb run, said
+    proc = train(
+        tmp_path,
+        "trainer.max_steps=2",
+        "checkpoint.interval=1",
+        f"checkpoint.resume={steps / 'step_00000001'}",
+        "logging.wandb.mode=offline",
+    )
+    assert f"behind wandb run {first}, which logged up to step 3" in proc.stdout
+    again = json.loads((steps / "step_00000002" / "meta.json").read_text())["wandb_id"]
+    assert again and again != first
