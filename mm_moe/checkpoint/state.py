@@ -297,11 +297,12 @@ def load(
         rng.restore(rng_states[rank])
     else:
         # Per-rank RNG streams cannot be mapped to another world size; reseed deterministically.
-        log.warning(
-            "checkpoint saved at world size %d, resuming at %d: RNG states reseeded",
-            meta["world_size"],
-            world_size,
-        )
+        if rank == 0:
+            log.warning(
+                "checkpoint saved at world size %d, resuming at %d: RNG states reseeded",
+                meta["world_size"],
+                world_size,
+            )
         rng.seed_all(meta["step"] * 1_000_003 + rank)
     engine.global_steps = meta["step"]
     return meta

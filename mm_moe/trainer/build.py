@@ -500,7 +500,7 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
             meta["step"],
             ", ".join(layout.step_dir_name(s) for s in newer),
         )
-    if not meta.get("weights_only"):
+    if not meta.get("weights_only") and dist.is_main:  # the same on every rank: said once
         _warn_schedule_changes(resume_dir, cfg, meta["step"])
         _warn_micro_batch_change(resume_dir, cfg)
     return meta
