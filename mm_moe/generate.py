@@ -56,6 +56,8 @@ class GenerateConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int = 0
+    # Nucleus sampling: among the most likely tokens whose probabilities sum to top_p (1: all).
+    top_p: float = 1.0
     seed: int = 0
     # Classifier-free guidance scale for mode=image (1: none).
     guidance: float = 1.0
@@ -70,6 +72,8 @@ class GenerateConfig:
         ):
             if not value >= least or not math.isfinite(value):  # nan compares False
                 raise UserError(f"{key}={value} must be a number >= {least} ({meaning})")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p={self.top_p} must be in (0, 1] (1: every allowed token)")
         if not 1 <= self.guidance < math.inf:
             raise UserError(f"guidance={self.guidance} must be a number >= 1 (1: no guidance)")
         if self.guidance != 1 and self.mode != "image":
@@ -208,12 +212,7 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
     results = []
     max_new = _room_for(cfg, model, tok, prompt)
     for i in range(cfg.n):
-        sample_cfg = SampleConfig(
-            max_new,
-            cfg.temperature,
-            cfg.top_k,
-            cfg.seed + i,
-        )
+        sample_cfg = SampleConfig(max_new, cfg.temperature, cfg.top_k, cfg.seed + i, cfg.top_p)
         new = generate(
             model,
             tok.vocab,
@@ -249,7 +248,14 @@ def _guided_images(cfg: GenerateConfig, model, tok, prompt: list[int], out_dir: 
 
     _room_for(cfg, model, tok, prompt)
     codes = sample_image_codes(
-        model, tok, [prompt] * cfg.n, cfg.temperature, cfg.top_k, cfg.seed, cfg.guidance
+        model,
+        tok,
+        [prompt] * cfg.n,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.seed,
+        cfg.guidance,
+        top_p=cfg.top_p,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     return [

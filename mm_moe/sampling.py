@@ -23,6 +23,8 @@ class SampleConfig:
     # Sample among the k most likely allowed tokens; 0 samples from all of them.
     top_k: int = 0
     seed: int = 0
+    # Nucleus sampling: among the most likely tokens whose probabilities sum to top_p (1: all).
+    top_p: float = 1.0
 
 
 def allowed_masks(
@@ -82,6 +84,22 @@ def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits / max(temperature, 1e-5)
 
 
+def truncated(logits_RV: torch.Tensor, top_k: int, top_p: float, allowed: int) -> torch.Tensor:
+    """Logits outside each row's `top_k` most likely (0: no limit) and outside the most likely
+    tokens whose probabilities first reach `top_p` (nucleus sampling; 1: no limit) set to
+    -inf; the most likely token always stays. `allowed`: how many ids may be sampled."""
+    if top_k:
+        kth_R1 = torch.topk(logits_RV, min(top_k, allowed), -1).values[:, -1:]
+        logits_RV = logits_RV.masked_fill(logits_RV < kth_R1, float("-inf"))
+    if top_p < 1:
+        sorted_RV, order_RV = logits_RV.sort(-1, descending=True)
+        probs_RV = sorted_RV.softmax(-1)
+        # a token is cut when the tokens more likely than it already reach top_p
+        cut_RV = probs_RV.cumsum(-1) - probs_RV >= top_p
+        logits_RV = logits_RV.masked_fill(cut_RV.scatter(-1, order_RV, cut_RV), float("-inf"))
+    return logits_RV
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -121,9 +139,7 @@ def generate(
             logits = decoding.logits()[0]
             allowed = image_ok if remaining is not None else text_ok
             logits = tempered(logits.masked_fill(~allowed, float("-inf")), cfg.temperature)
-            if cfg.top_k:
-                kth = torch.topk(logits, min(cfg.top_k, int(allowed.sum()))).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
+            logits = truncated(logits[None], cfg.top_k, cfg.top_p, int(allowed.sum()))[0]
             probs = torch.softmax(logits, -1).cpu()
             nxt = int(torch.multinomial(probs, 1, generator=gen))
             if remaining is not None:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from mm_moe.eval.zero_shot import caption_logprobs_batched, codes_prefix
-from mm_moe.sampling import Decoding, allowed_masks, modality_of, tempered
+from mm_moe.sampling import Decoding, allowed_masks, modality_of, tempered, truncated
 from mm_moe.tokenization.interface import decode_images
 
 
@@ -40,6 +40,7 @@ def sample_image_codes(
     seed: int,
     guidance: float = 1.0,
     cache: bool = True,
+    top_p: float = 1.0,
 ) -> list[list[int]]:
     """Image codes (in [0, codebook)) that follow each prompt (which ends with boi)."""
     vocab, tpi = tok.vocab, tok.image.tokens_per_image
@@ -67,9 +68,7 @@ def sample_image_codes(
                 logits_RV = free_RV + guidance * (logits_RV - free_RV)
                 logits_RV = logits_RV.masked_fill(~image_ok_V, float("-inf"))
             logits_RV = tempered(logits_RV, temperature)
-            if top_k:
-                kth_R1 = torch.topk(logits_RV, min(top_k, int(image_ok_V.sum())), -1).values[:, -1:]
-                logits_RV = logits_RV.masked_fill(logits_RV < kth_R1, float("-inf"))
+            logits_RV = truncated(logits_RV, top_k, top_p, int(image_ok_V.sum()))
             probs_RV = torch.softmax(logits_RV, -1).cpu()
             nxt_R1 = torch.multinomial(probs_RV, 1, generator=gen).to(device)
             for decoding in (cond, free) if free is not None else (cond,):

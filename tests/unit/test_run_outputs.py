@@ -556,3 +556,37 @@ def test_the_summary_counts_checkpoint_writes_that_failed_after_the_last_row():
         == "checkpoint writes that failed: 3 (2 after the last metrics row)"
     )
     assert write_errors_line(row, 1) == "checkpoint writes that failed: 1"
+
+
+def test_top_p_keeps_the_most_likely_tokens_that_reach_it():
+    """Nucleus sampling against a naive reference: per row, tokens by probability until
+    their sum reaches top_p; the most likely token always stays."""
+    import torch
+
+    from mm_moe.sampling import truncated
+
+    gen = torch.Generator().manual_seed(0)
+    logits_RV = torch.randn(6, 20, generator=gen) * 3
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        kept_RV = truncated(logits_RV, 0, top_p, 20) > float("-inf")
+        for logits_V, kept_V in zip(logits_RV, kept_RV):
+            probs = logits_V.softmax(-1).tolist()
+            order = sorted(range(20), key=lambda i: -probs[i])
+            want, total = set(), 0.0
+            for i in order:
+                want.add(i)
+                total += probs[i]
+                if total >= top_p:
+                    break
+            assert set(kept_V.nonzero().flatten().tolist()) == want, top_p
+    both = truncated(logits_RV, 2, 0.999, 20) > float("-inf")
+    assert (both.sum(-1) == 2).all()  # top_k then top_p
+
+
+def test_generate_refuses_a_top_p_outside_0_1():
+    from mm_moe.errors import UserError
+    from mm_moe.generate import GenerateConfig
+
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(UserError, match="must be in \\(0, 1\\]"):
+            GenerateConfig(checkpoint="x", top_p=bad)
