@@ -28,17 +28,20 @@ log = logging.getLogger("mm_moe")
 PROG = "mm_moe.tokenization.train_image"
 
 
-def load_images(urls: list[str], resolution: int, limit: int = 0) -> torch.Tensor:
+def load_images(
+    urls: list[str], resolution: int, limit: int = 0, key: str = "sources"
+) -> torch.Tensor:
+    """The images of the shards `urls` (the config key `key`), at most `limit` (0: all)."""
     from mm_moe.data.corpus import iter_images
     from mm_moe.tokenization.vq.train import images_to_tensor
 
     images = []
-    for image in iter_images(urls):
+    for image in iter_images(urls, key):
         images.append(image)
         if limit and len(images) >= limit:
             break
     if not images:
-        raise UserError(f"no decodable images in {urls}")
+        raise UserError(f"{key}: no decodable images in {urls}")
     return images_to_tensor(images, resolution)
 
 
@@ -51,6 +54,8 @@ def train(cfg: TrainImageConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_x = load_images(cfg.sources, cfg.vq.resolution, cfg.max_images)
+    # Read before training: a bad heldout= found after it would throw the training away.
+    heldout_x = load_images(cfg.heldout, cfg.vq.resolution, key="heldout") if cfg.heldout else None
     log.info(
         "training the VQ tokenizer on %d images (%dx%d, %d codes of %dx%d patches)",
         len(train_x),
@@ -62,8 +67,8 @@ def train(cfg: TrainImageConfig) -> dict:
     )
     model = train_vq(train_x, cfg.vq, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed)
     metrics = {"train": evaluate(model, train_x[:2000]), "config": asdict(cfg)}
-    if cfg.heldout:
-        metrics["heldout"] = evaluate(model, load_images(cfg.heldout, cfg.vq.resolution))
+    if heldout_x is not None:
+        metrics["heldout"] = evaluate(model, heldout_x)
     save(model, Path(cfg.output), metrics)
     report = metrics.get("heldout", metrics["train"])
     log.info(

@@ -12,6 +12,7 @@ which runs this entry point.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from pathlib import Path
 
@@ -23,22 +24,28 @@ log = logging.getLogger("mm_moe")
 PROG = "mm_moe.tokenization.train_text"
 
 
-def read_file(path: str) -> list[str]:
-    """The file's text (a UTF-8 byte order mark dropped); one that is not UTF-8 is left out
-    with a warning, as the data builders leave it out."""
+def read_file(path: str, left_out: list[str] | None = None) -> list[str]:
+    """The file's text: UTF-8 (its byte order mark dropped), or UTF-16 where a byte order mark
+    says so (what Windows tools write); any other is left out with a warning, as the data
+    builders leave it out, and added to `left_out`."""
+    data = Path(path).read_bytes()
     try:
-        return [Path(path).read_bytes().decode("utf-8-sig")]
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return [data.decode("utf-16")]
+        return [data.decode("utf-8-sig")]
     except UnicodeDecodeError:
         log.warning("files: %s is not UTF-8: left out", path)
+        if left_out is not None:
+            left_out.append(path)
         return []
 
 
-def texts(cfg: TrainTextConfig):
+def texts(cfg: TrainTextConfig, left_out: list[str] | None = None):
     from mm_moe.data.corpus import iter_texts
 
     total = 0
     streams = [iter_texts(cfg.sources)] if cfg.sources else []
-    streams += [iter(read_file(f)) for f in cfg.files]
+    streams += [iter(read_file(f, left_out)) for f in cfg.files]
     for stream in streams:
         for text in stream:
             if cfg.max_chars:  # the last text cut to what is left: at most max_chars in all
@@ -67,9 +74,16 @@ def train(cfg: TrainTextConfig) -> Path:
     check_files(cfg.files)
     given = {"sources": cfg.sources, "files": cfg.files}
     source = " ".join(f"{k}=[{','.join(v)}]" for k, v in given.items() if v)
-    path = train_sentencepiece(
-        texts(cfg), Path(cfg.output), cfg.vocab_size, cfg.model_type, source=source
-    )
+    source += f" (its first max_chars={cfg.max_chars} characters)" if cfg.max_chars else ""
+    left_out: list[str] = []
+    try:
+        path = train_sentencepiece(
+            texts(cfg, left_out), Path(cfg.output), cfg.vocab_size, cfg.model_type, source=source
+        )
+    except UserError as exc:
+        if left_out:  # the reason there was little or no text
+            raise UserError(f"{exc}; left out as not UTF-8: {', '.join(left_out)}") from None
+        raise
     log.info("sentencepiece %s (%d pieces) written to %s", cfg.model_type, cfg.vocab_size, path)
     return path
 

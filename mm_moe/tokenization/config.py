@@ -195,6 +195,10 @@ def check_layout(vocab: Vocab, text, image, where: str) -> None:
 
 # ---- The tokenizer trainers (`python -m mm_moe.tokenization.train_text` / `train_image`:
 # mm_moe/train_text_tokenizer.py, mm_moe/train_image_tokenizer.py). ----
+# 262 fixed pieces (256 bytes, 6 specials), then one per character the text needs.
+MIN_VOCAB_SIZE = 300
+
+
 @dataclass
 class TrainTextConfig:
     output: str = "tokenizers/demo"
@@ -212,7 +216,7 @@ class TrainTextConfig:
     def __post_init__(self) -> None:
         if not self.sources and not self.files:
             raise UserError("give text to train on: sources=[SHARDS...] and/or files=[...]")
-        if self.vocab_size < 300:
+        if self.vocab_size < MIN_VOCAB_SIZE:
             # 262 fixed pieces, then one per character the text needs: the text sets the real
             # minimum, which training names when vocab_size falls short of it.
             raise UserError(
@@ -254,6 +258,16 @@ class VQConfig:
         ):
             if value < least:
                 raise UserError(f"vq.{key}={value} must be >= {least}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(
+                f"vq.ema_decay={self.ema_decay} must be in [0, 1) (the weight of the codebook's "
+                "running average; 0.99 keeps 99% of it each step)"
+            )
+        if not self.commitment >= 0 or not self.restart_threshold >= 0:
+            raise UserError(
+                f"vq.commitment={self.commitment} and vq.restart_threshold="
+                f"{self.restart_threshold} must be >= 0"
+            )
         if self.channels % GROUP_NORM_GROUPS:
             raise UserError(
                 f"vq.channels={self.channels} must be a multiple of {GROUP_NORM_GROUPS} (the "
@@ -292,3 +306,8 @@ class TrainImageConfig:
             raise UserError("sources=[SHARDS...] must name the images to train on")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserError("steps and batch_size must be >= 1, lr > 0")
+        if self.max_images < 0 or self.threads < 0:
+            raise UserError(
+                f"max_images={self.max_images} and threads={self.threads} must be >= 0 "
+                "(0: every image, torch's default threads)"
+            )

@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mm_moe.errors import UserError
+from mm_moe.tokenization.config import MIN_VOCAB_SIZE
 
 BOI, EOI = "<boi>", "<eoi>"
 MODEL_FILE = "text.model"
@@ -86,7 +87,7 @@ def _explained(exc: RuntimeError, sentences: int, vocab_size: int, max_len: int,
     anything else stays the RuntimeError it is."""
     message = str(exc)
     if not sentences:
-        return UserError(f"no text to train on in {source}: it holds no non-blank line")
+        return UserError(f"no text to train on in {source}: no non-blank line was read from it")
     if "sentences_.empty()" in message:
         return UserError(
             f"no text to train on in {source}: every line is longer than {max_len} bytes"
@@ -98,7 +99,14 @@ def _explained(exc: RuntimeError, sentences: int, vocab_size: int, max_len: int,
             "sentencepiece keeps: those covering 99.95% of the text); set vocab_size to that "
             "or more"
         )
-    if large := _TOO_LARGE.search(message):
+    if (large := _TOO_LARGE.search(message)) and int(large.group(1)) < MIN_VOCAB_SIZE:
+        return UserError(
+            f"{source} is too little text for a tokenizer: it makes at most {large.group(1)} "
+            f"pieces, and vocab_size must be at least {MIN_VOCAB_SIZE} (256 byte pieces, 6 "
+            "special pieces and the text's own); give more text (model_type=bpe makes more "
+            "pieces of a short text than unigram)"
+        )
+    if large:
         return UserError(
             f"vocab_size={vocab_size} is more than {source} supports: it makes at most "
             f"{large.group(1)} pieces; set vocab_size to that or less, or give more text"

@@ -60,8 +60,19 @@ def test_input_mistakes_are_user_errors(doc_file, tmp_path, caplog):
     blank.write_text(" \n\t\n", encoding="utf-8")
     latin.write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
     for files in ([empty], [empty, blank], [latin]):
-        with pytest.raises(UserError, match="no text to train on"):
+        with pytest.raises(UserError, match="no text to train on") as err:
             _train(tmp_path, [str(f) for f in files], vocab_size=400)
+    # the reason there was none: said (it claimed the file held no non-blank line)
+    assert str(err.value).endswith(f"left out as not UTF-8: {latin}")
+    # UTF-16 with its byte order mark (what Windows tools write) is read
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes(doc_file.read_text(encoding="utf-8").encode("utf-16"))
+    assert _train(tmp_path, [str(utf16)], vocab_size=400, overwrite=True).is_file()
+    # too little text for any allowed vocab_size: "set vocab_size to <300>" was impossible
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("one line\nanother line\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"too little text .*at least 300.*give more text"):
+        _train(tmp_path, [str(tiny)], vocab_size=300, model_type="unigram", overwrite=True)
     # Shards with no text (a tokens shard's members) give the same message.
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -75,7 +86,9 @@ def test_input_mistakes_are_user_errors(doc_file, tmp_path, caplog):
     # A file that is not UTF-8 is left out with a warning naming it; the rest trains.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mm_moe"):
-        assert _train(tmp_path, [str(latin), str(doc_file)], vocab_size=400).is_file()
+        assert _train(
+            tmp_path, [str(latin), str(doc_file)], vocab_size=400, overwrite=True
+        ).is_file()
     assert any("latin1.txt" in r.getMessage() for r in caplog.records)
 
 
@@ -116,9 +129,37 @@ def test_vq_channels_must_suit_the_group_norm():
         ({"code_dim": 0}, "vq.code_dim=0 must be >= 1"),
         ({"downsample": 3}, "vq.downsample=3 must be a power of two"),
         ({"resolution": 30}, "vq.resolution=30 must be a multiple of vq.downsample=4"),
+        ({"ema_decay": 1.5}, r"vq.ema_decay=1.5 must be in \[0, 1\)"),
+        ({"commitment": -1.0}, "vq.commitment=-1.0 .* must be >= 0"),
+        ({"restart_threshold": -5.0}, "vq.restart_threshold=-5.0 must be >= 0"),
     ]:
         with pytest.raises(UserError, match=named):
             VQConfig(**bad)
+    for bad in ({"max_images": -1}, {"threads": -1}):  # -1 trained on one image / a traceback
+        with pytest.raises(UserError, match=f"{next(iter(bad))}=-1"):
+            TrainImageConfig(sources=["x"], **bad)
+
+
+def test_a_bad_heldout_is_named_before_the_vq_trains(tmp_path, monkeypatch):
+    """heldout= was read after training: a typo there threw the trained VQ away, and the
+    error said `sources`."""
+    import webdataset as wds
+    from PIL import Image
+
+    shards = tmp_path / "pairs-000000.tar"
+    with wds.TarWriter(str(shards)) as sink:
+        for i in range(3):
+            png = io.BytesIO()
+            Image.new("RGB", (32, 32), (80 * i, 40, 200)).save(png, format="PNG")
+            sink.write({"__key__": f"s{i}", "png": png.getvalue(), "txt": f"picture {i}"})
+    trained = []
+    monkeypatch.setattr("mm_moe.tokenization.vq.train.train_vq", lambda *a, **k: trained.append(1))
+    cfg = TrainImageConfig(
+        output=str(tmp_path / "vq"), sources=[str(shards)], heldout=[str(tmp_path / "typo")]
+    )
+    with pytest.raises(UserError, match=r"^heldout: shard .*typo does not exist"):
+        train_image.train(cfg)
+    assert not trained
 
 
 def test_train_text_command_help_and_exit_status(tmp_path):
