@@ -14,12 +14,24 @@
 # (default 180, torchrun's own is 30): enough for the checkpoint a preempted run writes at
 # its next step boundary. DRY_RUN=1 prints the command instead of running it.
 # PYTORCH_CUDA_ALLOC_CONF defaults to expandable_segments:True (less fragmentation: MoE
-# activations change shape every step).
+# activations change shape every step). The command runs in the caller's folder: relative
+# paths in the overrides (trainer.run_dir, tokenizer.path, data urls) are the caller's.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 
-PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
+PYTHON_BIN=${PYTHON_BIN:-$REPO/.venv/bin/python}
 NNODES=${NNODES:-1}
+MASTER_PORT=${MASTER_PORT:-29500}
+for knob in NNODES MASTER_PORT ${NPROC_PER_NODE:+NPROC_PER_NODE} ${NODE_RANK:+NODE_RANK}; do
+  if ! [[ "${!knob}" =~ ^[0-9]+$ ]] || { [[ $knob != NODE_RANK ]] && (( ${!knob} < 1 )); }; then
+    echo "[torchrun.sh] $knob=${!knob} must be a whole number (NODE_RANK >= 0, the others >= 1)" >&2
+    exit 2
+  fi
+done
+if (( MASTER_PORT > 65535 )); then
+  echo "[torchrun.sh] MASTER_PORT=$MASTER_PORT is not a port (1-65535)" >&2
+  exit 2
+fi
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-180}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 if ! "$PYTHON_BIN" -c 'import torch' >/dev/null 2>&1; then
@@ -44,11 +56,24 @@ if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
 elif [[ -n "${NODE_RANK:-}" ]]; then
   cmd=("$PYTHON_BIN" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
        --nproc_per_node="$NPROC_PER_NODE" --master_addr="${MASTER_ADDR:?set MASTER_ADDR}"
-       --master_port="${MASTER_PORT:-29500}")
+       --master_port="$MASTER_PORT")
 else
   cmd=("$PYTHON_BIN" -m torch.distributed.run --nnodes="$NNODES"
        --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d
-       --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
+       --rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:$MASTER_PORT")
+  # The rendezvous connects to whatever listens there and, if that is not a rendezvous, waits
+  # without a word for up to torchrun's join timeout (10 minutes): a taken port is said now.
+  if "$PYTHON_BIN" -c '
+import socket, sys
+with socket.socket() as s:
+    s.settimeout(2)
+    sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)
+' "$MASTER_ADDR" "$MASTER_PORT" 2>/dev/null; then
+    echo "[torchrun.sh] something already listens at MASTER_ADDR=$MASTER_ADDR" \
+      "MASTER_PORT=$MASTER_PORT: unless it is this job's rendezvous (another node of it on" \
+      "that host, started first), the rendezvous waits on it without a word; pick a free" \
+      "MASTER_PORT" >&2
+  fi
 fi
 cmd+=("${grace[@]}" -m mm_moe.train "$@")
 if [[ -n "${DRY_RUN:-}" && "${DRY_RUN}" != "0" ]]; then

@@ -95,6 +95,18 @@ def test_torchrun_launcher_gives_workers_time_to_checkpoint_after_sigterm():
     assert "--rdzv-endpoint=node0:29500" in joined and "node_rank" not in joined
     wrong = launch(PYTHON_BIN=str(REPO / "no_such_python"))
     assert wrong.returncode == 2 and "PYTHON_BIN=" in wrong.stderr and "torch" in wrong.stderr
+    for knob, bad in (("MASTER_PORT", "abc"), ("NPROC_PER_NODE", "0"), ("MASTER_PORT", "70000")):
+        refused = launch(**{knob: bad})
+        assert refused.returncode == 2 and f"{knob}={bad}" in refused.stderr, refused.stderr
+    # a port something else listens at: said (the c10d rendezvous waited on it silently)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        said = launch(MASTER_ADDR="127.0.0.1", MASTER_PORT=port).stderr
+    assert f"something already listens at MASTER_ADDR=127.0.0.1 MASTER_PORT={port}" in said
     sbatch = (REPO / "launch" / "slurm.sbatch").read_text()
     lead = int(sbatch.split("#SBATCH --signal=B:USR1@")[1].split()[0])
     default = int(sbatch.split("SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-")[1].split("}")[0])
