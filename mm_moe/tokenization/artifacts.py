@@ -13,7 +13,15 @@ from mm_moe.errors import UserError
 
 
 def refuse_to_replace(output: str, names: list[str], overwrite: bool) -> None:
-    """A UserError when `output` already holds one of `names` and `overwrite` is false."""
+    """A UserError when `output` already holds one of `names` and `overwrite` is false, or
+    cannot be a folder (it, or a folder above it, is a file): before training, which the
+    save would otherwise throw away."""
+    for folder in (Path(output), *Path(output).parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(
+                f"output={output}: {folder} is a file, not a folder; give output=FOLDER (made "
+                "if missing) for the tokenizer's files"
+            )
     present = [name for name in names if (Path(output) / name).exists()]
     if present and not overwrite:
         raise UserError(

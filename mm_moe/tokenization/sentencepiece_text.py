@@ -9,8 +9,9 @@ user-defined <boi> and <eoi> (begin and end of image) right after them.
 from __future__ import annotations
 
 import io
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -19,6 +20,7 @@ from mm_moe.errors import UserError
 from mm_moe.tokenization.config import MIN_VOCAB_SIZE
 
 BOI, EOI = "<boi>", "<eoi>"
+log = logging.getLogger("mm_moe")
 MODEL_FILE = "text.model"
 
 
@@ -32,25 +34,50 @@ def train_sentencepiece(
 ) -> Path:
     """Train on `texts` (one sample each; newlines split sentences) and write text.model.
     A text that cannot make `vocab_size` pieces, or no text at all, is a UserError naming
-    `source` (what the texts came from) and the vocab_size that would do."""
-    sentences = [0]  # how many the trainer was given: none is the user's mistake
+    `source` (what the texts came from) and the vocab_size that would do. Lines longer than
+    `max_sentence_length` bytes, which sentencepiece would skip without a word (paragraphs
+    of web text, documents without newlines), are cut into sentences that fit."""
+    sentences, long_lines = [0], [0]  # how many the trainer was given: none is the user's mistake
 
     def counted():
         for text in texts:
             for line in text.splitlines():
-                if line.strip():
-                    sentences[0] += 1
-                    yield line
+                if not line.strip():
+                    continue
+                parts = list(fitting(line, max_sentence_length))
+                long_lines[0] += len(parts) > 1
+                sentences[0] += len(parts)
+                yield from parts
 
     proto = io.BytesIO()
     try:
         _train(counted(), proto, vocab_size, model_type, max_sentence_length)
     except RuntimeError as exc:
         raise _explained(exc, sentences[0], vocab_size, max_sentence_length, source) from None
+    if long_lines[0]:
+        log.info(
+            "%d line(s) of %s longer than %d bytes were cut into sentences that fit",
+            long_lines[0],
+            source,
+            max_sentence_length,
+        )
     Path(out_dir).mkdir(parents=True, exist_ok=True)  # only once there is a model to write
     path = Path(out_dir) / MODEL_FILE
     path.write_bytes(proto.getvalue())
     return path
+
+
+def fitting(line: str, max_bytes: int) -> Iterator[str]:
+    """`line` in pieces of at most `max_bytes` UTF-8 bytes, each cut after the last
+    whitespace that fits (or, in a run without whitespace, at the last whole character)."""
+    while len(line.encode()) > max_bytes:
+        cut = len(line.encode()[:max_bytes].decode("utf-8", "ignore"))  # characters that fit
+        space = max(line.rfind(c, 0, cut) for c in " \t")
+        cut = space + 1 if space > 0 else cut
+        yield line[:cut]
+        line = line[cut:]
+    if line:
+        yield line
 
 
 def _train(sentences, proto, vocab_size: int, model_type: str, max_sentence_length: int):

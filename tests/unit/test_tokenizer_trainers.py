@@ -31,7 +31,8 @@ def doc_file(tmp_path_factory):
 
 
 def _train(tmp_path, files, **kw):
-    return train_text.train(TrainTextConfig(output=str(tmp_path / "tok"), files=files, **kw))
+    kw.setdefault("output", str(tmp_path / "tok"))
+    return train_text.train(TrainTextConfig(files=files, **kw))
 
 
 def test_vocab_size_below_what_the_text_needs_names_the_minimum(doc_file, tmp_path):
@@ -114,6 +115,14 @@ def test_a_trained_tokenizer_is_never_replaced_silently(doc_file, tmp_path):
     with pytest.raises(UserError) as err:
         train_image.train(TrainImageConfig(**image_cfg))
     assert "overwrite" not in str(err.value)
+    # output= a file (or below one): refused before training, which the save lost
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for output in (a_file, a_file / "sub"):
+        with pytest.raises(UserError, match=f"{a_file} is a file, not a folder"):
+            _train(tmp_path, [str(doc_file)], vocab_size=400, output=str(output))
+        with pytest.raises(UserError, match=f"{a_file} is a file, not a folder"):
+            train_image.train(TrainImageConfig(**{**image_cfg, "output": str(output)}))
 
 
 def test_vq_channels_must_suit_the_group_norm():
@@ -210,3 +219,18 @@ def test_max_chars_bounds_the_text_read(tmp_path):
     assert list(train_text.texts(cfg)) == ["a" * 1200]
     cfg.max_chars = 5004
     assert list(train_text.texts(cfg)) == ["a" * 5000, "b" * 4]
+
+
+def test_lines_longer_than_sentencepiece_takes_are_cut_not_dropped(tmp_path):
+    """sentencepiece skips sentences over 16,384 bytes without a word: a corpus of long
+    paragraphs trained a tokenizer on its short lines only. They are cut into sentences."""
+    from mm_moe.tokenization.sentencepiece_text import SentencePieceTextTokenizer, fitting
+
+    line = "alpha beta ωμέγα ζήτα " * 2000  # 56,000 bytes, one line
+    parts = list(fitting(line, 16384))
+    assert "".join(parts) == line and all(len(p.encode()) <= 16384 for p in parts)
+    assert all(p.endswith(" ") for p in parts[:-1])  # cut after whitespace
+    corpus = tmp_path / "long.txt"
+    corpus.write_text(line + "\nshort one\nand two\n", encoding="utf-8")
+    tok = SentencePieceTextTokenizer(_train(tmp_path, [str(corpus)], vocab_size=310))
+    assert len(tok.encode("alpha beta ωμέγα ζήτα")) <= 8  # its words learned, not bytes
