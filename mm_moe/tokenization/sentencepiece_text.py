@@ -188,7 +188,14 @@ class SentencePieceTextTokenizer:
                 "that holds text.model (the demo's, tokenizers/demo, is built by `make "
                 "train`), or train one with `python -m mm_moe.tokenization.train_text`"
             )
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as exc:
+            raise UserError(
+                f"{path} is not a readable sentencepiece model ({str(exc).strip()[:200]}): "
+                "an interrupted copy or another file; copy it again from where it was trained, "
+                "or train it again with `python -m mm_moe.tokenization.train_text`"
+            ) from None
         self.vocab_size = self.sp.get_piece_size()
         self.pad, self.bos, self.eos = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
         self.boi, self.eoi = self.sp.piece_to_id(BOI), self.sp.piece_to_id(EOI)

@@ -234,3 +234,36 @@ def test_lines_longer_than_sentencepiece_takes_are_cut_not_dropped(tmp_path):
     corpus.write_text(line + "\nshort one\nand two\n", encoding="utf-8")
     tok = SentencePieceTextTokenizer(_train(tmp_path, [str(corpus)], vocab_size=310))
     assert len(tok.encode("alpha beta ωμέγα ζήτα")) <= 8  # its words learned, not bytes
+
+
+def test_damaged_tokenizer_files_are_named_in_one_line(tmp_path, demo_assets):
+    """An interrupted copy of vq.pt, a vq.yaml of another VQ, an unreadable vq.yaml or a cut
+    text.model: one line naming the file (tracebacks, one advising weights_only=False)."""
+    import shutil
+
+    from mm_moe.tokenization.sentencepiece_text import SentencePieceTextTokenizer
+    from mm_moe.tokenization.vq.tokenizer import VQImageTokenizer
+
+    tok_dir, _ = demo_assets
+    weights, config = (tok_dir / "vq.pt").read_bytes(), (tok_dir / "vq.yaml").read_text()
+    other = config.replace("codebook_size: ", "codebook_size: 1")  # another VQ's shapes
+    cases = {
+        "cut_weights": (weights[: len(weights) // 3], config, "vq.pt"),
+        "garbage_weights": (b"garbage\n", config, "vq.pt"),
+        "other_config": (weights, other, "vq.pt"),
+        "bad_yaml": (weights, "{[: not yaml", "vq.yaml"),
+    }
+    for name, (w, c, named) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "vq.pt").write_bytes(w)
+        (folder / "vq.yaml").write_text(c)
+        with pytest.raises(UserError, match=f"{folder / named}: .*damaged") as err:
+            VQImageTokenizer(folder)
+        assert "\n" not in str(err.value) and "weights_only" not in str(err.value), name
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(tok_dir / "text.model", cut / "text.model")
+    (cut / "text.model").write_bytes((tok_dir / "text.model").read_bytes()[:3000])
+    with pytest.raises(UserError, match=f"{cut / 'text.model'} is not a readable sentencepiece"):
+        SentencePieceTextTokenizer(cut / "text.model")

@@ -8,6 +8,7 @@ tokenizers/<name>/metrics.json held-out PSNR and codebook usage, measured after 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def save(model: VQVAE, out_dir: Path, metrics: dict) -> None:
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=1))
 
 
+def _first_line(exc: Exception) -> str:
+    if isinstance(exc, pickle.UnpicklingError):  # its text advises loading code: never done
+        return "UnpicklingError: not tensors torch.save wrote"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+
+
 def load_model(path: str | Path) -> VQVAE:
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
@@ -51,8 +58,23 @@ def load_model(path: str | Path) -> VQVAE:
             "tokenizer.path to the folder that holds them (the demo's, tokenizers/demo, is "
             "built by `make train`), or train one with `python -m mm_moe.tokenization.train_image`"
         )
-    model = VQVAE(VQConfig(**yaml.safe_load((path / CONFIG).read_text())))
-    model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
+    damaged = (
+        f"the VQ tokenizer in {path} is damaged or its {WEIGHTS} and {CONFIG} do not belong "
+        "together (an interrupted copy, or files of two VQs): copy both again from where it "
+        "was trained, or train it again"
+    )
+    try:
+        fields = yaml.safe_load((path / CONFIG).read_text())
+        model = VQVAE(VQConfig(**fields))
+    except UserError as exc:  # values out of range: the config's own message
+        raise UserError(f"{path / CONFIG}: {exc}") from None
+    except (yaml.YAMLError, TypeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path / CONFIG}: {_first_line(exc)}; {damaged}") from None
+    try:
+        state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError) as exc:
+        raise UserError(f"{path / WEIGHTS}: {_first_line(exc)}; {damaged}") from None
     return model.eval()
 
 
