@@ -401,12 +401,26 @@ def _warn_short_warmup(cfg: TrainConfig) -> None:
         )
 
 
+def _wandb_mode(configured: str) -> str:
+    """logging.wandb.mode, or the mode the environment's WANDB_MODE sets (cluster scripts set
+    it, and wandb's own hints say to): passed to wandb.init, the key alone would override it.
+    Disabled by either is disabled."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    env = {"dryrun": "offline", "run": "online"}.get(env, env)
+    if configured == "disabled" or env not in ("online", "offline", "disabled"):
+        return configured
+    if env != configured:
+        log.info("WANDB_MODE=%s (environment) overrides logging.wandb.mode=%s", env, configured)
+    return env
+
+
 def _wandb_init(cfg: TrainConfig, config_dict: dict, meta: dict) -> dict | None:
     """wandb.init's arguments: the run id the checkpoint recorded (a resume continues its wandb
     run), or a new one where the resume goes back behind what that run logged (a resume from
     an earlier step): wandb drops the steps a run has logged already, so the new line would
     not show there."""
-    if cfg.logging.wandb.mode == "disabled":
+    mode = _wandb_mode(cfg.logging.wandb.mode)
+    if mode == "disabled":
         return None
     run_id = meta.get("wandb_id")
     logged = _last_logged_step(Path(cfg.trainer.run_dir) / METRICS_FILE)
@@ -424,7 +438,7 @@ def _wandb_init(cfg: TrainConfig, config_dict: dict, meta: dict) -> dict | None:
         "entity": cfg.logging.wandb.entity,
         "name": cfg.logging.wandb.name or cfg.name,
         "tags": cfg.logging.wandb.tags,
-        "mode": cfg.logging.wandb.mode,
+        "mode": mode,
         "dir": str(cfg.trainer.run_dir),
         "config": config_dict,
         "id": run_id or secrets.token_hex(4),

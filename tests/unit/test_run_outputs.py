@@ -590,3 +590,24 @@ def test_generate_refuses_a_top_p_outside_0_1():
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(UserError, match="must be in \\(0, 1\\]"):
             GenerateConfig(checkpoint="x", top_p=bad)
+
+
+def test_wandb_mode_follows_the_environment(monkeypatch):
+    """WANDB_MODE (set by cluster scripts, and named by wandb's own hints) was ignored: the
+    configured mode was always passed to wandb.init, which then overrides the environment."""
+    from mm_moe.trainer.build import _wandb_mode
+
+    for env, configured, want in [
+        (None, "offline", "offline"),
+        ("online", "offline", "online"),
+        ("offline", "online", "offline"),
+        ("disabled", "offline", "disabled"),
+        ("online", "disabled", "disabled"),  # disabled by either
+        ("dryrun", "online", "offline"),
+        ("nonsense", "online", "online"),
+    ]:
+        if env is None:
+            monkeypatch.delenv("WANDB_MODE", raising=False)
+        else:
+            monkeypatch.setenv("WANDB_MODE", env)
+        assert _wandb_mode(configured) == want, (env, configured)
