@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,10 +198,30 @@ def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                 root,
             )
             layout.remove_all(root)
+        if cfg.checkpoint.overwrite and dist.is_main:
+            _remove_replaced_wandb_runs(Path(cfg.trainer.run_dir))
     if dist.is_main:
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
     barrier()
     return resume_dir
+
+
+def _remove_replaced_wandb_runs(run_dir: Path) -> None:
+    """checkpoint.overwrite=true replaces the run: its wandb runs under <run_dir>/wandb go with
+    its checkpoints and metrics (`wandb sync <run_dir>/wandb/offline-run-*` uploaded them as
+    well, and `make train` piled one up per call)."""
+    old = sorted((run_dir / "wandb").glob("*run-*"))
+    if old:
+        log.warning(
+            "checkpoint.overwrite=true: removing the replaced run's %d wandb run(s) in %s",
+            len(old),
+            run_dir / "wandb",
+        )
+        for path in old:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _warn_schedule_changes(resume_dir: Path, cfg: TrainConfig, step: int) -> None:
