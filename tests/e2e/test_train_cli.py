@@ -151,6 +151,8 @@ def test_a_resume_with_wandb_off_keeps_the_wandb_run_for_the_next(tmp_path):
     again = json.loads((steps / "step_00000002" / "meta.json").read_text())["wandb_id"]
     assert again and again != first
     # checkpoint.overwrite=true replaces the run: its wandb runs go too (a sync uploaded them)
-    train(tmp_path, "trainer.max_steps=1", "checkpoint.overwrite=true", "logging.wandb.mode=offline")
+    train(
+        tmp_path, "trainer.max_steps=1", "checkpoint.overwrite=true", "logging.wandb.mode=offline"
+    )
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and first not in runs[0] and again not in runs[0], runs

@@ -99,6 +99,24 @@ def test_demo_corpus_overrides_are_the_ones_before_the_option():
     ]
 
 
+def test_the_demo_corpus_scores_the_heldout_set_the_runs_evaluate_on(tmp_path):
+    """--override eval.sources=... (a demo corpus built elsewhere) was honoured in training
+    but the whole-set scoring after it read the repository's data/demo/heldout, failing after
+    every run had trained; a missing held-out set is now named before any run trains."""
+    from mm_moe.errors import UserError
+    from mm_moe.eval.study.plan import check_heldout
+
+    elsewhere = tmp_path / "demo" / "heldout"
+    args = _args("--corpus=demo", f"--override=eval.sources=[{{urls:{elsewhere},format:pairs}}]")
+    corpus = corpus_for(args, REPO, "python")
+    assert corpus.heldout == {"heldout": elsewhere}
+    with pytest.raises(UserError, match=rf"held-out set 'heldout'.*{elsewhere} does not exist"):
+        check_heldout(corpus)
+    assert corpus_for(_args("--corpus=demo"), REPO, "python").heldout == {
+        "heldout": REPO / "data" / "demo" / "heldout"
+    }
+
+
 def test_study_corpus_reads_its_shards_and_is_built_where_missing(tmp_path):
     args = _args(f"--corpus-dir={tmp_path}", "--corpus-pairs=300", "--override=optim.lr=1e-3")
     assert args.corpus == "study"
@@ -143,6 +161,8 @@ def test_check_args_names_what_cannot_make_a_study():
     assert "must include dense" in error(("models", "moma"))[0]
     assert "--dense-steps must be >= --steps" in error(("dense_steps", 5))[0]
     assert error(("models", "routing"))[1].model_list[:3] == ["dense", "moma", "moma_tc"]
+    for key in ("jobs", "nproc"):  # --jobs 0 divided by zero; --nproc 0 started a study
+        assert "--jobs and --nproc must be >= 1" in error((key, 0))[0]
 
 
 def test_run_digests_follow_what_trains():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mm_moe.eval.study import markdown, plot, run, summarise
-from mm_moe.eval.study.plan import Planner, corpus_for, label
+from mm_moe.eval.study.plan import Planner, check_heldout, corpus_for, label
 
 
 def run_study(args, compose: Callable, repo: Path, python: str) -> Path:
@@ -26,6 +26,8 @@ def run_study(args, compose: Callable, repo: Path, python: str) -> Path:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.jobs)))
     run.ensure_corpus(corpus_for(args, repo, python), repo)
     corpus = corpus_for(args, repo, python)  # after the build: its pretokenized shards, if any
+    if getattr(args, "heldout_batches", 0):
+        check_heldout(corpus)
     planner = Planner(args, compose, corpus)
     labels = {m: label(args, m) for m in args.model_list}
     t0 = time.perf_counter()

@@ -109,6 +109,8 @@ def check_args(args) -> str | None:
         return "--models must include dense (the savings factor is measured against it)"
     if args.seeds < 1 or args.steps < 1 or args.eval_interval < 1:
         return "--seeds, --steps and --eval-interval must be >= 1"
+    if getattr(args, "jobs", 1) < 1 or getattr(args, "nproc", 1) < 1:
+        return "--jobs and --nproc must be >= 1"
     if getattr(args, "heldout_batches", 0) < 0:
         return "--heldout-batches must be >= 0"
     args.dense_steps = args.dense_steps or 2 * args.steps
@@ -141,6 +143,28 @@ def tokenizer_dir(args, repo: Path) -> Path:
     return Path(paths[-1]) if paths else repo / "tokenizers" / "demo"
 
 
+def _overridden_heldout(args) -> Path | None:
+    """The held-out shards of the last `--override eval.sources=[{urls: X, ...}]` (one
+    source): the set the runs evaluate on is the one scored whole after training."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [o for o in args.override if o.startswith("eval.sources=")]
+    if not given:
+        return None
+    sources = OverridesParser.create().parse_override(given[-1]).value()
+    if len(sources) == 1 and isinstance(sources[0].get("urls"), str):
+        return Path(sources[0]["urls"])
+    return None
+
+
+def check_heldout(corpus: Corpus) -> None:
+    """Every held-out set there before any run trains (they are scored after all of them)."""
+    from mm_moe.data.shards import expand_urls
+
+    for name, folder in corpus.heldout.items():
+        expand_urls(str(folder), f"the study's held-out set {name!r} ({corpus.name} corpus)")
+
+
 def corpus_for(args, repo: Path, python: str) -> Corpus:
     """`demo`: experiment=demo's own data (data/demo), as the study always read it, so its
     run digests are those of earlier studies. `study`: the corpus of
@@ -151,7 +175,8 @@ def corpus_for(args, repo: Path, python: str) -> Corpus:
     if args.corpus == "demo":
         demo = repo / "data" / "demo"
         built = [demo / "corpus.json", tokenizer_metrics]
-        return Corpus("demo", [], built, heldout={"heldout": demo / "heldout"})
+        heldout = _overridden_heldout(args) or demo / "heldout"
+        return Corpus("demo", [], built, heldout={"heldout": heldout})
     root = Path(args.corpus_dir)
     cmd = [python, str(repo / "data_pipelines" / "build_study_corpus.py"), f"output={root}"]
     cmd += [f"pairs={args.corpus_pairs}", f"seed={args.corpus_seed}", f"tokenizers={tokenizers}"]
