@@ -6,7 +6,8 @@
 mode=image continues `prompt` with an image (decoded to PNG by the VQ decoder, or saved as its
 codes, `.codes.npy`, where the image tokenizer has no decoder: Chameleon's), mode=text with
 text, mode=auto lets the model choose. Images go to `out` (default: `samples/` in the run folder
-the checkpoint sits in, <run>/checkpoints/step_N; beside a step folder that sits elsewhere).
+the checkpoint sits in, <run>/checkpoints/step_N; beside a step folder that sits elsewhere;
+inside a checkpoint folder a user named, such as an upcycle's OUT).
 With mode=image, `guidance` > 1 samples with classifier-free guidance (the demo report's
 text->image uses 3 at temperature 0.7: docs/evaluation.md); the n samples are drawn together.
 """
@@ -116,7 +117,10 @@ def open_image(path: str) -> Image.Image:
 def default_out(checkpoint: str, model) -> Path:
     """`samples/` where the checkpoint is now (not the run folder its config recorded, which
     may have moved or belong to another copy): <run>/samples for <run>/checkpoints/step_N,
-    else beside the step folder; the recorded run folder for a model given without a path."""
+    beside a step folder kept elsewhere, inside a checkpoint folder a user named (an upcycled
+    model's: beside it, every model in that folder would share one); the recorded run
+    folder for a model given without a path."""
+    from mm_moe.checkpoint.layout import is_step_dir_name
     from mm_moe.checkpoint.pretrained import find_step_dir
 
     if not checkpoint:
@@ -124,6 +128,8 @@ def default_out(checkpoint: str, model) -> Path:
     step_dir = find_step_dir(checkpoint).resolve()
     if step_dir.parent.name == "checkpoints":  # a run's checkpoint.dir default
         return step_dir.parent.parent / "samples"
+    if not is_step_dir_name(step_dir.name):
+        return step_dir / "samples"
     return step_dir.parent / "samples"
 
 

@@ -34,6 +34,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_step_dir_name(name: str) -> bool:
+    """Whether `name` is a run's step folder's (step_XXXXXXXX), not a folder named by a user
+    (an upcycled checkpoint's)."""
+    return _STEP_RE.match(name) is not None
+
+
 def step_of(step_dir: Path) -> int:
     """The step a step directory (`step_dir_name`) holds."""
     m = _STEP_RE.match(step_dir.name)

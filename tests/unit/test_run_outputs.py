@@ -64,10 +64,15 @@ def test_generated_samples_go_where_the_checkpoint_is_now(tmp_path):
     recorded = SimpleNamespace(train_config=SimpleNamespace(trainer=SimpleNamespace(run_dir="/r")))
     for given in (step, step.parent, step.parent / layout.LATEST, tmp_path / "moved_run"):
         assert default_out(str(given), recorded) == (tmp_path / "moved_run" / "samples").resolve()
-    lone = tmp_path / "copies" / "lone_step"
+    lone = tmp_path / "copies" / "step_00000009"
     lone.mkdir(parents=True)
     (lone / layout.META).write_text("{}")
     assert default_out(str(lone), recorded) == (tmp_path / "copies" / "samples").resolve()
+    # a folder a user named (an upcycled model): inside it, not shared with its neighbours
+    named = tmp_path / "models" / "llama_ec"
+    named.mkdir(parents=True)
+    (named / layout.META).write_text("{}")
+    assert default_out(str(named), recorded) == (named / "samples").resolve()
     assert str(default_out("", recorded)) == "/r/samples"  # a model given without a path
 
 
