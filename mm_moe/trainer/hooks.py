@@ -47,12 +47,18 @@ class EvalHook(Hook):
             missing = [m for m in MODALITIES if scores.get(f"eval/tokens_{m}", 1) == 0]
             if missing and not self.warned and trainer.training.dist.is_main:
                 self.warned = True  # the same batches at every evaluation: said once
+                formats = {s.format for s in trainer.training.cfg.eval.sources}
+                why = (
+                    "eval.sources are text only (format: text)"
+                    if formats == {"text"}
+                    else "a source's documents fill whole micro-batches (long text documents "
+                    "do): raise eval.num_batches, or give eval.sources a source with them"
+                )
                 log.warning(
-                    "the held-out batches hold no %s tokens: eval/loss_%s is not computed. "
-                    "A source's documents fill whole micro-batches (long text documents do): "
-                    "raise eval.num_batches, or give eval.sources a source with them",
+                    "the held-out batches hold no %s tokens: eval/loss_%s is not computed; %s",
                     " or ".join(missing),
                     missing[0],
+                    why,
                 )
 
 

@@ -35,19 +35,26 @@ def test_every_evaluation_is_logged_between_log_intervals():
 def test_held_out_batches_without_a_modality_are_said_once(caplog):
     """Held-out batches that hold no image tokens (long text documents fill the micro-batches)
     score text only: said once, not left to be found as a missing eval/loss_image."""
-    cfg = SimpleNamespace(trainer=SimpleNamespace(log_interval=1, max_steps=4))
-    trainer = SimpleNamespace(
-        training=SimpleNamespace(
-            cfg=cfg, engine=SimpleNamespace(module=None), dist=SimpleNamespace(is_main=True)
+    for formats, why in ((["pairs"], "raise eval.num_batches"), (["text"], "text only")):
+        sources = [SimpleNamespace(format=f) for f in formats]
+        cfg = SimpleNamespace(
+            trainer=SimpleNamespace(log_interval=1, max_steps=4),
+            eval=SimpleNamespace(sources=sources),
         )
-    )
-    scores = {"eval/loss_text": 2.0, "eval/tokens_text": 40, "eval/tokens_image": 0}
-    hook = EvalHook(lambda module: dict(scores), interval=1)
-    with caplog.at_level("WARNING", logger="mm_moe"):
-        for step in range(1, 5):
-            hook.after_step(trainer, step, {"step": step})
-    assert len(caplog.records) == 1
-    assert "hold no image tokens: eval/loss_image is not computed" in caplog.text
+        trainer = SimpleNamespace(
+            training=SimpleNamespace(
+                cfg=cfg, engine=SimpleNamespace(module=None), dist=SimpleNamespace(is_main=True)
+            )
+        )
+        scores = {"eval/loss_text": 2.0, "eval/tokens_text": 40, "eval/tokens_image": 0}
+        hook = EvalHook(lambda module, scores=scores: dict(scores), interval=1)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mm_moe"):
+            for step in range(1, 5):
+                hook.after_step(trainer, step, {"step": step})
+        assert len(caplog.records) == 1
+        assert "hold no image tokens: eval/loss_image is not computed" in caplog.text
+        assert why in caplog.text  # advice that fits: more batches cannot add images to text
 
 
 def test_generated_samples_go_where_the_checkpoint_is_now(tmp_path):
