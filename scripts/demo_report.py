@@ -121,14 +121,36 @@ def _judge_beside(tok, cfg, args, classes: int):
 
 
 def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
-    zs, t2i = cfg.eval.zero_shot, cfg.eval.text_to_image
+    """Image->text (zero-shot, captions) and, where the image tokenizer decodes (Chameleon's
+    does not: its decoder was never published), text->image judged by a classifier."""
+    zs = cfg.eval.zero_shot
     digits = zs.labels
-    wait_for_judge = _judge_beside(tok, cfg, args, len(digits))
+    decodes = getattr(tok.image, "can_decode", True)
+    wait_for_judge = _judge_beside(tok, cfg, args, len(digits)) if decodes else None
     zero_shot = zero_shot_classify(
         model, tok, heldout[: args.zero_shot], digits, zs.templates, zs.batch_images
     )
     names = [[d, WORDS[int(d)]] if d.isdigit() and int(d) < 10 else [d] for d in digits]
     captions = caption_accuracy(model, tok, heldout[: args.captions], names)
+    report = {
+        "zero_shot_accuracy": zero_shot["accuracy"],
+        "caption_accuracy": captions["accuracy"],
+        "captions": captions["captions"],
+        "caption_correct": captions["correct"],
+        "num_heldout": {
+            "zero_shot": zero_shot["num_images"],
+            "captions": len(captions["captions"]),
+        },
+        **dict.fromkeys(KEYS[1::2] + ("text_to_image_accuracy_single",)),  # not scored
+    }
+    if wait_for_judge is None:
+        return report
+    return {**report, **_text_to_image(model, tok, cfg, args, out, wait_for_judge)}
+
+
+def _text_to_image(model, tok, cfg, args, out: Path | None, wait_for_judge) -> dict:
+    zs, t2i = cfg.eval.zero_shot, cfg.eval.text_to_image
+    digits = zs.labels
     judge, judge_acc = wait_for_judge()
     guidance = args.guidance or t2i.guidance
     temperature = args.temperature or t2i.temperature
@@ -148,7 +170,6 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
         rerank=rerank,
     )
     return {
-        "zero_shot_accuracy": zero_shot["accuracy"],
         "text_to_image_accuracy": generated["accuracy"],
         "text_to_image_sampling": {
             "guidance": guidance,
@@ -157,14 +178,7 @@ def _evaluate(model, tok, cfg, heldout, args, out: Path | None) -> dict:
         },
         # The first candidate of each caption alone (plain sampling, no reranking).
         "text_to_image_accuracy_single": generated["accuracy_single"],
-        "caption_accuracy": captions["accuracy"],
         "judge_accuracy": judge_acc,
-        "captions": captions["captions"],
-        "caption_correct": captions["correct"],
-        "num_heldout": {
-            "zero_shot": zero_shot["num_images"],
-            "captions": len(captions["captions"]),
-        },
     }
 
 
@@ -260,7 +274,11 @@ def _steps_table(run_dir: Path, tok, cfg, heldout, args, out: Path) -> None:
     (out / "steps.json").write_text(json.dumps(rows, indent=1))
     print("\n| step | zero-shot | text -> image | captions |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['step']} | " + " | ".join(f"{100 * r[k]:.1f}%" for k in KEYS[:3]) + " |")
+        print(f"| {r['step']} | " + " | ".join(_percent(r[k]) for k in KEYS[:3]) + " |")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) -> None:
@@ -274,6 +292,24 @@ def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) ->
         f"of {n['zero_shot']} held-out digits (chance 10%); captions naming the right digit "
         f"{100 * report['caption_accuracy']:.1f}% of {n['captions']}"
     )
+    if report["text_to_image_accuracy"] is None:
+        print(
+            "text -> image: not scored (the image tokenizer has no decoder to show the judge "
+            "the generated images: Chameleon's was never published)"
+        )
+    else:
+        _print_text_to_image(report)
+    print("\n".join(lines[:5]))
+    if report["wall_s"]:
+        print(f"make train: {report['wall_s'] / 60:.1f} min wall")
+    losses = f", {out / 'losses.png'}" if report["tokens_per_s"] is not None else ""
+    print(f"samples: {out / 'digits.png'} (labelled columns: digits 0-9){losses}")
+    if routing is not None:
+        print(f"routing: {routing} (per layer and step, the tokens no expert processed)")
+    print(f"report: {out / 'report.json'}")
+
+
+def _print_text_to_image(report: dict) -> None:
     rerank = report["text_to_image_sampling"]["rerank"]
     print(
         f"text -> image: {100 * report['text_to_image_accuracy']:.1f}% of generated digits "
@@ -286,14 +322,6 @@ def _print(report: dict, lines: list[str], out: Path, run_dir: Path, routing) ->
             else ""
         )
     )
-    print("\n".join(lines[:5]))
-    if report["wall_s"]:
-        print(f"make train: {report['wall_s'] / 60:.1f} min wall")
-    losses = f", {out / 'losses.png'}" if report["tokens_per_s"] is not None else ""
-    print(f"samples: {out / 'digits.png'} (labelled columns: digits 0-9){losses}")
-    if routing is not None:
-        print(f"routing: {routing} (per layer and step, the tokens no expert processed)")
-    print(f"report: {out / 'report.json'}")
 
 
 if __name__ == "__main__":
