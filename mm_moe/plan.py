@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from mm_moe.cli import compose, exits_on_failure, usage
 from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.config.overrides import command_line, options_first
+from mm_moe.data.config import tokenizer_unread
 from mm_moe.errors import UserError
 from mm_moe.parallel.config import optimizer_zero_stage
 from mm_moe.plan_memory import activation_bytes, logits_bytes
@@ -67,6 +68,8 @@ def data_vocab_size(cfg: TrainConfig, cluster: ClusterConfig, warnings: list[str
     """The vocabulary a model with `vocab_size=0` gets from the configured data."""
     if cluster.data_vocab_size:
         return cluster.data_vocab_size
+    if cfg.data.source == "synthetic_patterns" and (unread := tokenizer_unread(cfg.tokenizer)):
+        warnings.append(unread)
     try:
         return cfg.data.vocab(cfg.tokenizer).size
     except (UserError, OSError) as e:

@@ -5,7 +5,8 @@
 Presets are configs/model/*.yaml (some select an MoE config too); counts are analytic
 (tests check them against built models). A preset whose vocabulary comes from the data
 (vocab_size 0, the tiny ones) is counted with the default data's, as `mm_moe.train
-model=PRESET` would build it.
+model=PRESET` would build it. For a config of your own (overrides, --config-dir), `python -m
+mm_moe.plan` prints the same counts with the memory plan.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ def main() -> None:
     parser.add_argument("presets", nargs="*", help="names in configs/model (default: all)")
     parser.add_argument("--seq-len", type=int, default=2048)
     args = parser.parse_args()
-    names = args.presets or sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+    known = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+    names = args.presets or known
+    if unknown := [n for n in names if n not in known]:
+        parser.error(f"unknown preset(s) {unknown}: configs/model holds {', '.join(known)}")
+    if args.seq_len < 1:
+        parser.error(f"--seq-len={args.seq_len} must be >= 1")
     print(
         f"{'preset':<22}{'total':>10}{'active text':>13}{'active image':>14}"
         f"{'GFLOPs/tok text':>17}{'image':>8}  (training, seq {args.seq_len})"

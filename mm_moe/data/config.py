@@ -214,19 +214,24 @@ class DataConfig:
         )
 
 
-def _warn_tokenizer_unread(tokenizer: TokenizerConfig) -> None:
+def tokenizer_unread(tokenizer: TokenizerConfig) -> str | None:
     """The synthetic source makes its own ids (the stand-in layout, or tokenizer.vocab's): a
-    chosen tokenizer is not used, yet the checkpoint records it (sampling would then read it)."""
+    chosen tokenizer is not used, yet the checkpoint records it (sampling would then read it).
+    What to say about it, or None."""
     unread = [
         f"tokenizer.{k}={getattr(tokenizer, k)}"
         for k, default in (("text", "utf8_bytes"), ("image", "grid_quantizer"), ("path", ""))
         if getattr(tokenizer, k) != default
     ]
-    if unread:
-        logging.getLogger("mm_moe").warning(
-            "data.source=synthetic_patterns makes its own token ids: %s %s not used (and the "
-            "checkpoint records it); to train with this tokenizer, give data.sources "
-            "(data=webdataset, docs/data.md)",
-            ", ".join(unread),
-            "is" if len(unread) == 1 else "are",
-        )
+    if not unread:
+        return None
+    return (
+        f"data.source=synthetic_patterns makes its own token ids: {', '.join(unread)} "
+        f"{'is' if len(unread) == 1 else 'are'} not used (and the checkpoint records it); to "
+        "train with this tokenizer, give data.sources (data=webdataset, docs/data.md)"
+    )
+
+
+def _warn_tokenizer_unread(tokenizer: TokenizerConfig) -> None:
+    if message := tokenizer_unread(tokenizer):
+        logging.getLogger("mm_moe").warning(message)

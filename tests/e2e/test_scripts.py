@@ -275,3 +275,9 @@ def test_demo_report_without_an_image_decoder_scores_image_to_text(capsys):
         "text -> image: not scored (the image tokenizer has no decoder" in capsys.readouterr().out
     )
     assert report._percent(None) == "-"
+
+
+def test_model_size_names_an_unknown_preset_in_one_line():
+    proc = _run(["scripts/model_size.py", "bogus"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown preset(s) ['bogus']: configs/model holds" in proc.stderr

@@ -117,6 +117,11 @@ def test_plan_takes_the_vocabulary_from_the_configured_data(tmp_path, capsys):
     given = main([*args, "cluster.data_vocab_size=1000"])
     assert given["vocab_size"] == 1000 and not given["warnings"]
     assert main(["model=tiny_moma", "data.synthetic.text_vocab_size=500"])["vocab_size"] == 569
+    # the synthetic source makes its own ids: a tokenizer given is said unread, as training does
+    unread = main(
+        ["experiment=tiny_moma", "tokenizer.text=sentencepiece", f"tokenizer.path={tmp_path}"]
+    )
+    assert any("synthetic_patterns makes its own token ids" in w for w in unread["warnings"])
 
 
 def test_plan_rejects_unknown_cluster_key(capsys):
