@@ -118,9 +118,8 @@ def test_plan_takes_the_vocabulary_from_the_configured_data(tmp_path, capsys):
     assert given["vocab_size"] == 1000 and not given["warnings"]
     assert main(["model=tiny_moma", "data.synthetic.text_vocab_size=500"])["vocab_size"] == 569
     # the synthetic source makes its own ids: a tokenizer given is said unread, as training does
-    unread = main(
-        ["experiment=tiny_moma", "tokenizer.text=sentencepiece", f"tokenizer.path={tmp_path}"]
-    )
+    tokenizer = ["tokenizer.text=sentencepiece", f"tokenizer.path={tmp_path}"]
+    unread = main(["experiment=tiny_moma", "cluster.gpus_per_node=1", *tokenizer])
     assert any("synthetic_patterns makes its own token ids" in w for w in unread["warnings"])
 
 
