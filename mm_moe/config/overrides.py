@@ -69,8 +69,8 @@ def check_syntax(overrides: list[str]) -> None:
             detail = " ".join(str(exc).split())
             raise ConfigError(
                 f"cannot parse the override {arg!r}: {detail} (Hydra's override grammar: "
-                "key=value, a list as key=[1,2], a string with brackets or spaces quoted: "
-                "key='a [b]')"
+                "key=value, a list as key=[1,2], a string with brackets, commas or "
+                "non-ASCII letters quoted: key='a [b]', files=['données.txt'])"
             ) from None
 
 
