@@ -114,6 +114,11 @@ def parse_interleaved(data: bytes, what: str) -> list[tuple[str, str]]:
         raise SampleError("bad_json", f"{what}: expected an object with 'content' (or 'texts')")
     if not entries:
         raise SampleError("empty_text", f"{what}: the document has no entries")
+    for i, (kind, value) in enumerate(entries):
+        try:  # JSON may escape half of a surrogate pair ("\ud800"): no UTF-8 text holds one
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SampleError("bad_utf8", f"{what}: entry {i} ({kind}): {exc.reason}") from None
     return entries
 
 

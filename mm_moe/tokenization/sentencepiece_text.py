@@ -69,15 +69,20 @@ def train_sentencepiece(
 
 def fitting(line: str, max_bytes: int) -> Iterator[str]:
     """`line` in pieces of at most `max_bytes` UTF-8 bytes, each cut after the last
-    whitespace that fits (or, in a run without whitespace, at the last whole character)."""
-    while len(line.encode()) > max_bytes:
-        cut = len(line.encode()[:max_bytes].decode("utf-8", "ignore"))  # characters that fit
-        space = max(line.rfind(c, 0, cut) for c in " \t")
-        cut = space + 1 if space > 0 else cut
-        yield line[:cut]
-        line = line[cut:]
-    if line:
-        yield line
+    whitespace that fits (or, in a run without whitespace, at the last whole character); one
+    pass over the bytes, however long the line."""
+    data = line.encode()
+    start = 0
+    while len(data) - start > max_bytes:
+        end = start + max_bytes
+        while (data[end] & 0xC0) == 0x80:  # a continuation byte: back to the character's start
+            end -= 1
+        space = max(data.rfind(b" ", start, end), data.rfind(b"\t", start, end))
+        cut = space + 1 if space > start else end
+        yield data[start:cut].decode()
+        start = cut
+    if start < len(data):
+        yield data[start:].decode()
 
 
 def _train(sentences, proto, vocab_size: int, model_type: str, max_sentence_length: int):

@@ -84,7 +84,9 @@ def test_interleaved_from_jsonl(tmp_path):
         {"content": [{"type": "image", "path": "img/missing.png"}]},
     ]
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    # half a surrogate pair, valid JSON: left out (training skipped it only after a crash fix)
+    half = '{"content": [{"type": "text", "text": "half \\ud800 emoji"}]}'
+    jsonl.write_text("\n".join([*(json.dumps(d) for d in docs), half]) + "\n")
     pattern = build_interleaved(
         BuildInterleavedConfig(input=str(jsonl), output=str(tmp_path / "out"), shuffle=False)
     )
@@ -98,7 +100,8 @@ def test_interleaved_from_jsonl(tmp_path):
     assert int((first == vocab.boi).sum()) == 2 and int((second == vocab.boi).sum()) == 1
     assert second[1] == vocab.boi  # the image came first
     assert bytes(t for t in first.tolist() if t < 256) == b"firstthen"
-    assert len(_samples(pattern)) == 2  # the document with a missing image was left out
+    assert len(_samples(pattern)) == 2  # the documents with a missing image or half an emoji
+    # were left out
     meta = json.loads(_samples(pattern)[0].members["json"])["meta"]
     assert meta == {"url": "https://example.org/a"}
 

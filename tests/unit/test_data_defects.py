@@ -212,6 +212,9 @@ def test_interleaved_and_tokens_defects(tmp_path):
             ("d2.json", json.dumps({"content": [{"type": "video"}]}).encode()),
             ("d3.0.png", image_bytes(1)),  # no json at all
             ("d4.json", json.dumps({"content": []}).encode()),
+            # valid JSON, but half a surrogate pair (scraped corpora hold them): it crashed
+            # training under data.on_error=skip with a UnicodeEncodeError
+            ("d4b.json", b'{"content": [{"type": "text", "text": "half \\ud800 emoji"}]}'),
             ("d5.json", json.dumps(good).encode()),
             ("d5.0.png", image_bytes(2)),
             ("d6.json", json.dumps(obelics).encode()),
@@ -226,6 +229,7 @@ def test_interleaved_and_tokens_defects(tmp_path):
         "missing_image": 1,
         "missing_text": 1,
         "empty_text": 1,
+        "bad_utf8": 1,
     }
 
     def npy(array) -> bytes:

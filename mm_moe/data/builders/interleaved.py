@@ -84,6 +84,10 @@ def to_sample(
     content = []
     for kind, value in _entries(doc):
         if kind == "text":
+            try:  # JSON may escape half of a surrogate pair ("\ud800"): no UTF-8 holds one
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise UserError(f"text {len(content)}: {exc.reason} (not UTF-8 text)") from None
             content.append({"type": "text", "text": value})
             continue
         path = Path(value) if Path(value).is_absolute() else image_root / value
