@@ -20,6 +20,7 @@ from mm_moe.errors import UserError
 from mm_moe.tokenization.config import MIN_VOCAB_SIZE
 
 BOI, EOI = "<boi>", "<eoi>"
+SPACE_PIECE = "\u2581"  # how sentencepiece writes a space
 log = logging.getLogger("mm_moe")
 MODEL_FILE = "text.model"
 
@@ -103,6 +104,10 @@ def _train(sentences, proto, vocab_size: int, model_type: str, max_sentence_leng
         bos_id=2,
         eos_id=3,
         user_defined_symbols=[BOI, EOI],
+        # The space's piece (sentencepiece writes spaces as U+2581) even where the text has no
+        # space (Chinese, Japanese): without it a space falls back to U+2581's bytes, which
+        # decode as "▁", not " ".
+        required_chars=SPACE_PIECE,
         max_sentence_length=max_sentence_length,
         num_threads=1,
         minloglevel=2,
@@ -167,6 +172,9 @@ class PlainEncoder:
 
     def __init__(self, sp: spm.SentencePieceProcessor):
         self.sp = sp
+        # A literal U+2581 in the text would be read as a space: its UTF-8 bytes as byte
+        # pieces instead, which decode as the character itself.
+        self._literal_space_piece = [sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_PIECE.encode()]
         symbols = user_defined_symbols(sp)
         longest_first = sorted((s for s in symbols if len(s) > 1), key=len, reverse=True)
         self._pattern = (
@@ -174,6 +182,15 @@ class PlainEncoder:
         )
 
     def encode(self, text: str) -> list[int]:
+        if SPACE_PIECE not in text:
+            return self._encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(SPACE_PIECE)):
+            ids += self._literal_space_piece if i else []
+            ids += self._encode(part) if part else []
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
         if self._pattern is None:
             return self.sp.encode(text)
         ids: list[int] = []

@@ -21,6 +21,8 @@ ROUND_TRIP = [
     "    leading spaces",
     "",
     "x" * 3000,
+    # a literal U+2581 (sparklines, logs) was read as a space: "x y" and "x▁y" collided
+    "sparkline ▁▂▃▅▇ and x▁y, x y, ▁▁ at the ends ▁",
 ]
 
 
@@ -38,6 +40,18 @@ def test_sentencepiece_round_trips_exactly(sp_model, text):
     ids = tok.encode(text)
     assert all(0 <= i < tok.vocab_size for i in ids)
     assert tok.decode(ids) == text
+
+
+def test_a_tokenizer_of_text_without_spaces_round_trips_spaces(tmp_path):
+    """Trained on Chinese (no spaces), sentencepiece had no piece for a space: spaces came back
+    as "▁". The space's piece is kept whatever the text."""
+    import random
+
+    rng = random.Random(0)
+    lines = ["".join(chr(0x4E00 + rng.randrange(400)) for _ in range(30)) for _ in range(3000)]
+    tok = SentencePieceTextTokenizer(train_sentencepiece(lines, tmp_path, vocab_size=700))
+    for text in ("a b", "一 丁", "x▁y and x y", "  two  spaces  "):
+        assert tok.decode(tok.encode(text)) == text
 
 
 def test_sentencepiece_training_is_deterministic(sp_model, tmp_path):
