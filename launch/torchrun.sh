@@ -22,17 +22,22 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON_BIN=${PYTHON_BIN:-$REPO/.venv/bin/python}
 NNODES=${NNODES:-1}
 MASTER_PORT=${MASTER_PORT:-29500}
-for knob in NNODES MASTER_PORT ${NPROC_PER_NODE:+NPROC_PER_NODE} ${NODE_RANK:+NODE_RANK}; do
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-180}
+for knob in NNODES MASTER_PORT SHUTDOWN_TIMEOUT ${NPROC_PER_NODE:+NPROC_PER_NODE} \
+    ${NODE_RANK:+NODE_RANK}; do
   if ! [[ "${!knob}" =~ ^[0-9]+$ ]] || { [[ $knob != NODE_RANK ]] && (( ${!knob} < 1 )); }; then
     echo "[torchrun.sh] $knob=${!knob} must be a whole number (NODE_RANK >= 0, the others >= 1)" >&2
     exit 2
   fi
 done
+if [[ -n "${NODE_RANK:-}" ]] && (( NODE_RANK >= NNODES )); then
+  echo "[torchrun.sh] NODE_RANK=$NODE_RANK must be below NNODES=$NNODES (nodes are 0..NNODES-1)" >&2
+  exit 2
+fi
 if (( MASTER_PORT > 65535 )); then
   echo "[torchrun.sh] MASTER_PORT=$MASTER_PORT is not a port (1-65535)" >&2
   exit 2
 fi
-SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-180}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 if ! "$PYTHON_BIN" -c 'import torch' >/dev/null 2>&1; then
   echo "[torchrun.sh] PYTHON_BIN=$PYTHON_BIN is not a python that imports torch: set PYTHON_BIN" \

@@ -101,7 +101,7 @@ def check(recorded: str | None, cfg, what: str, current: str | None = None) -> N
     if current == recorded:
         return
     message = (
-        f"{what} was made with the tokenizer {recorded}, but tokenizer.path={cfg.path} "
+        f"{what}: made with the tokenizer {recorded}, but tokenizer.path={cfg.path} "
         f"(tokenizer.text={cfg.text}, tokenizer.image={cfg.image}"
         f"{f', tokenizer.vocab={cfg.vocab}' if cfg.vocab else ''}) is {current}: other "
         "tokenizer files (another tokenizer, or this folder's rebuilt), so ids would mean other "

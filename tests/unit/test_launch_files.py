@@ -95,9 +95,16 @@ def test_torchrun_launcher_gives_workers_time_to_checkpoint_after_sigterm():
     assert "--rdzv-endpoint=node0:29500" in joined and "node_rank" not in joined
     wrong = launch(PYTHON_BIN=str(REPO / "no_such_python"))
     assert wrong.returncode == 2 and "PYTHON_BIN=" in wrong.stderr and "torch" in wrong.stderr
-    for knob, bad in (("MASTER_PORT", "abc"), ("NPROC_PER_NODE", "0"), ("MASTER_PORT", "70000")):
+    for knob, bad in (
+        ("MASTER_PORT", "abc"),
+        ("NPROC_PER_NODE", "0"),
+        ("MASTER_PORT", "70000"),
+        ("SHUTDOWN_TIMEOUT", "-5"),
+    ):
         refused = launch(**{knob: bad})
         assert refused.returncode == 2 and f"{knob}={bad}" in refused.stderr, refused.stderr
+    beyond = launch(NNODES="2", NODE_RANK="5", MASTER_ADDR="node0")
+    assert beyond.returncode == 2 and "NODE_RANK=5 must be below NNODES=2" in beyond.stderr
     # a port something else listens at: said (the c10d rendezvous waited on it silently)
     import socket
 
