@@ -124,7 +124,7 @@ def _score(
             sums[NUM_MODALITIES + m] += sel_BS.sum()
         for name, value in stat_means.weighted(out.stats).items():
             if value.dim() == 0:  # every rank sums the same keys (an empty batch adds 0)
-                value = value.to(device, torch.float64) if is_real else value.new_zeros(())
+                value = value if is_real else torch.zeros_like(value)
                 stat_sums[name] = stat_sums.get(name, 0.0) + value.to(device, torch.float64)
     # The batch count rides in the same all-reduce (the sum over ranks is the divisor), and
     # everything comes to the host in one copy.

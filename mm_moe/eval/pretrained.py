@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mm_moe.checkpoint.layout import META
+from mm_moe.checkpoint.layout import META, VOCAB
 from mm_moe.errors import UserError
 
 log = logging.getLogger("mm_moe")
@@ -66,7 +66,6 @@ def _load(step_dir: Path, tokenizer: dict | None):
 
 def _vocab(step_dir: Path, cfg):
     """The vocabulary the checkpoint recorded; else the one its config's data builds."""
-    from mm_moe.checkpoint.layout import VOCAB
     from mm_moe.tokenization.vocab import Vocab
 
     if (step_dir / VOCAB).is_file():
@@ -82,7 +81,6 @@ def _check_same_vocabulary(step_dir: Path, cfg, vocab) -> None:
     """A tokenizer given in place of the checkpoint's (moved, or changed files with
     tokenizer.allow_changed) must make the vocabulary the weights were trained on: another
     size is other ids for every row (sampling would fail on the shapes, or read garbage)."""
-
     try:
         size = cfg.data.vocab(cfg.tokenizer).size
     except (UserError, OSError):
@@ -122,8 +120,6 @@ def _launch_relative(step_dir: Path, cfg, path: str) -> str:
 def _vocab_file(step_dir: Path, cfg) -> str:
     """tokenizer.vocab, the layout file a run read its ids by (an upcycle's OUT/vocab.yaml),
     or where that has moved or gone, the copy every checkpoint keeps in its step folder."""
-    from mm_moe.checkpoint.layout import VOCAB
-
     recorded = _launch_relative(step_dir, cfg, cfg.tokenizer.vocab)
     own = step_dir / VOCAB
     if recorded and not Path(recorded).is_file() and own.is_file():
