@@ -254,3 +254,39 @@ def test_dockerfile_copies_what_make_train_reads():
     assert top - copied <= NOT_FOR_TRAIN, top - copied
     assert re.search(r"^FROM \S+$", dockerfile, re.M)
     assert "torch==2.13.0" in dockerfile and "startswith('2.13.')" in dockerfile
+
+
+def test_a_job_submitted_outside_the_checkout_finds_its_python(tmp_path):
+    """PYTHON_BIN defaulted to <submit folder>/.venv/bin/python: a job submitted from any
+    other folder died with exit 127. The checkout the submitted script lies in (Slurm's
+    `Command=`) is looked in too; neither is one line, exit 2."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record.txt"
+    bin_dir.mkdir()
+    _tool(bin_dir, "srun", _record_env_and_args(record))
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(tmp_path),  # no .venv here
+        "SLURM_JOB_ID": "78",
+        "SLURM_JOB_NODELIST": "node0",
+        "NPROC_PER_NODE": "1",
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
+    env.pop("PYTHON_BIN", None)
+    for script, found in ((REPO / "launch" / "slurm.sbatch", True), (Path("/nowhere/x"), False)):
+        show = f'[[ "$1" == show && "$2" == job ]] && echo "   Command={script} x=1" || echo node0'
+        _tool(bin_dir, "scontrol", show)
+        proc = subprocess.run(
+            ["bash", str(REPO / "launch" / "slurm.sbatch"), "experiment=tiny_dense"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if found:
+            assert proc.returncode == 0, proc.stderr
+            assert f"{REPO}/.venv/bin/python -m torch.distributed.run" in record.read_text()
+        else:
+            assert (
+                proc.returncode == 2 and "no .venv/bin/python in the submit folder" in proc.stderr
+            )
