@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,14 @@ def expand_urls(urls: str | list[str], key: str) -> list[str]:
             elif os.path.isdir(url):
                 found = _folder_shards(url, key)
                 if not found:
+                    loose = sorted(e.name for e in os.scandir(url) if e.is_file())
                     raise UserError(
                         f"{key}: directory {url} holds no shards ({', '.join(SHARD_SUFFIXES)})"
+                        + (
+                            f" but {len(loose)} loose file(s) (e.g. {loose[0]}){BUILD}"
+                            if loose
+                            else ""
+                        )
                     )
                 shards += found
             elif any(c in url for c in "*?["):
@@ -56,6 +63,8 @@ def expand_urls(urls: str | list[str], key: str) -> list[str]:
                 shards += found
             elif not os.path.isfile(url):
                 raise UserError(f"{key}: shard {url} does not exist")
+            elif not _is_shard(url) and not tarfile.is_tarfile(url):
+                raise UserError(f"{key}: {url} is not a shard (a tar file){BUILD}")
             else:
                 shards.append(url)
     unique = list(dict.fromkeys(shards))  # a shard named twice (a folder and a glob) once
@@ -71,6 +80,10 @@ def expand_urls(urls: str | list[str], key: str) -> list[str]:
 
 # What a folder url reads (any case): plain and gzipped tars.
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+BUILD = (
+    ": shards are webdataset tar files, built from images, captions, text files or JSONL "
+    "with data_pipelines/build_pairs.py, build_text.py or build_interleaved.py (docs/data.md)"
+)
 
 
 def _is_shard(name: str) -> bool:

@@ -463,3 +463,26 @@ def test_upper_case_captions_and_images_the_loader_would_skip(tmp_path, caplog):
     assert "1 of 2 stored images have a shorter side below 16 pixels" in caplog.text
     assert "image photos/tiny.png (8x8)" in caplog.text
     assert "longer side" not in caplog.text
+
+
+def test_loose_files_given_as_shards_say_how_to_build_shards(tmp_path):
+    """A folder of loose images (to train_image) or a plain text file (to train_text's
+    sources) were refused as "holds no shards" / "broken (unreadable_shard)"."""
+    from mm_moe.data.shards import expand_urls
+    from mm_moe.errors import UserError
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "0.png").write_bytes(image_bytes(0))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(
+        UserError, match=r"holds no shards .* but 1 loose file\(s\) \(e.g. 0.png\).*build_pairs"
+    ):
+        expand_urls(str(tmp_path / "images"), "sources")
+    with pytest.raises(UserError, match=r"notes.txt is not a shard \(a tar file\).*build_text"):
+        expand_urls(str(tmp_path / "notes.txt"), "sources")
+    # a tar named otherwise is still a shard
+    import tarfile
+
+    with tarfile.open(tmp_path / "data.shard", "w") as tar:
+        tar.add(tmp_path / "notes.txt", arcname="a.txt")
+    assert expand_urls(str(tmp_path / "data.shard"), "sources") == [str(tmp_path / "data.shard")]
