@@ -165,6 +165,20 @@ def _room_for(cfg: GenerateConfig, model, tok, prompt: list[int]) -> int:
     return wanted
 
 
+def stop_ids(tokenizer_cfg, vocab) -> frozenset[int]:
+    """The end ids of a published model besides eos: its generation_config.json's eos list,
+    which the upcycle keeps beside its tokenizer (Llama 3 ends a turn with <|eot_id|>)."""
+    from mm_moe.upcycle.hf_import import GENERATION_CONFIG
+    from mm_moe.utils.json_files import read_json_object
+
+    path = Path(tokenizer_cfg.path) / GENERATION_CONFIG if tokenizer_cfg.path else None
+    if path is None or not path.is_file():
+        return frozenset()
+    eos = read_json_object(path, "generation settings").get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return frozenset(i for i in ids if isinstance(i, int) and 0 <= i < vocab.size)
+
+
 def _say_if_untrained_positions(model, length: int) -> None:
     """Positions past the rows the model trained on (data.seq_len) were never trained: what it
     samples there is said to be out of its training."""
@@ -226,6 +240,7 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
             tok.image.tokens_per_image,
             sample_cfg,
             stop_after_image=cfg.mode == "image",
+            stop_ids=stop_ids(model.train_config.tokenizer, tok.vocab),
         )
         text, images = [], []
         for kind, values in split_output(new, tok.vocab):

@@ -109,8 +109,11 @@ def generate(
     cfg: SampleConfig,
     stop_after_image: bool = False,
     cache: bool = True,
+    stop_ids: frozenset[int] = frozenset(),
 ) -> list[int]:
-    """Continue `prompt` (ids in the unified vocabulary); returns only the new ids."""
+    """Continue `prompt` (ids in the unified vocabulary); returns only the new ids. Stops at
+    eos, and at any of `stop_ids` (a published model's other end ids: Llama 3's end of turn)."""
+    stops = {vocab.eos, *stop_ids}
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     text_ok, image_ok = allowed_masks(vocab, device, model.cfg.vocab_size)
@@ -152,7 +155,7 @@ def generate(
             torch.tensor([[nxt]], device=device),
             torch.tensor([modality_of([nxt], vocab)], device=device),
         )
-        if nxt == vocab.eos or (stop_after_image and nxt == vocab.eoi):
+        if nxt in stops or (stop_after_image and nxt == vocab.eoi):
             break
     return new
 

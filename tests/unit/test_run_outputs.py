@@ -623,3 +623,29 @@ def test_wandb_mode_follows_the_environment(monkeypatch):
         else:
             monkeypatch.setenv("WANDB_MODE", env)
         assert _wandb_mode(configured) == want, (env, configured)
+
+
+def test_sampling_stops_at_a_published_models_other_end_ids(tmp_path):
+    """Llama 3 ends a turn with <|eot_id|>, not eos: the upcycle keeps generation_config.json's
+    eos list beside the tokenizer, and mm_moe.generate stops at any of its ids."""
+    import json
+
+    import torch
+
+    from mm_moe.generate import stop_ids
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.sampling import SampleConfig, generate
+    from mm_moe.tokenization.vocab import Vocab
+
+    vocab = Vocab.from_sizes(40, 16)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 9999]}))
+    assert stop_ids(SimpleNamespace(path=str(tmp_path)), vocab) == {2, 7}  # ids it has
+    assert stop_ids(SimpleNamespace(path=""), vocab) == frozenset()
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=32)
+    torch.manual_seed(0)
+    model = cfg.with_vocab(vocab.size).build().eval()
+    greedy = SampleConfig(max_new_tokens=6, temperature=0.0)
+    free = generate(model, vocab, [vocab.bos, 5, 6], 4, greedy)
+    assert len(free) > 1 and free[0] != vocab.eos
+    stopped = generate(model, vocab, [vocab.bos, 5, 6], 4, greedy, stop_ids=frozenset({free[0]}))
+    assert stopped == free[:1]
