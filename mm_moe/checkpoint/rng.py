@@ -24,7 +24,10 @@ def capture() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only: its generator is what the rank draws from; every
+        # visible GPU's (get_rng_state_all) restored by index would put another rank's state
+        # on this one after a resume with another number of GPUs per node, or fail on fewer.
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -36,8 +39,13 @@ def restore(state: dict) -> None:
         (np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss)
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state and device < len(state["cuda"]):  # saved before: every visible GPU's
+        torch.cuda.set_rng_state(state["cuda"][device], device)
 
 
 def seed_all(seed: int) -> None:

@@ -184,3 +184,22 @@ def test_prefetched_batches_are_pinned_and_reach_the_gpu_non_blocking(monkeypatc
                 assert getattr(moved, name).device.type == "cuda"
                 torch.testing.assert_close(getattr(moved, name).cpu(), getattr(want_batch, name))
     assert copies and all(copies)  # every tensor's copy was non_blocking
+
+
+def test_the_rng_state_saved_is_this_ranks_own_gpus_and_restores_it(monkeypatch):
+    """A checkpoint held every visible GPU's RNG state and put them back by index: after a
+    resume with another number of GPUs per node a rank got another rank's state (or an
+    IndexError with fewer GPUs). It holds the current device's only."""
+    from mm_moe.checkpoint import rng
+
+    torch.cuda.init()
+    state = rng.capture()
+    assert "cuda" not in state and state["cuda_device"].dtype == torch.uint8
+    want = torch.rand(4, device="cuda")
+    rng.restore(state)
+    assert torch.equal(torch.rand(4, device="cuda"), want)
+    # a checkpoint of before (every GPU's, by index) still restores this device's
+    older = {k: v for k, v in state.items() if k != "cuda_device"}
+    older["cuda"] = [state["cuda_device"]] * (torch.cuda.current_device() + 1)
+    rng.restore(older)
+    assert torch.equal(torch.rand(4, device="cuda"), want)
