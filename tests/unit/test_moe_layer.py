@@ -430,6 +430,12 @@ def test_grouped_mm_auto_on_gpus_by_capability_dtype_and_alignment(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     path, why = choose_gemm("auto", cuda, torch.bfloat16, 4096, 1408)
     assert path == "padded" and "Hopper" in why
+    # Blackwell: the grouped kernel's backward mishandles empty experts (pytorch#172439):
+    # auto takes the padded GEMMs, said; forced, it runs
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    path, why = choose_gemm("auto", cuda, torch.bfloat16, 4096, 1408)
+    assert path == "padded" and "172439" in why
+    assert choose_gemm("grouped_mm", cuda, torch.bfloat16, 4096, 1408)[0] == "grouped_mm"
 
 
 BATCHED_CASES = {

@@ -66,6 +66,17 @@ def choose_gemm(gemm: str, device: torch.device, dtype: torch.dtype, d_model: in
         return "grouped_mm", "moe.gemm=grouped_mm"
     if gemm != "auto":
         return gemm, f"moe.gemm={gemm}"
+    if (
+        device.type == "cuda"
+        and problem is None
+        and torch.cuda.get_device_capability(device)[0] > 9
+    ):
+        # pytorch/pytorch#172439: on Blackwell (B200) the grouped kernel's backward gives
+        # experts that received no token non-zero weight gradients. Chosen by hand only.
+        problem = (
+            "newer than Hopper: its grouped GEMM backward gives empty experts non-zero "
+            "gradients (pytorch/pytorch#172439); moe.gemm=grouped_mm forces it"
+        )
     if device.type == "cuda" and problem is None:
         return "grouped_mm", "moe.gemm=auto: torch._grouped_mm on a Hopper GPU in bf16"
     if device.type == "cuda":
