@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,19 +42,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd: list[str], timeout: int, env: dict | None = None) -> dict:
+    """One step of the check in its own process group: on a timeout the whole group goes
+    (the ranks a test or torchrun started would hold GPU memory through every later step),
+    and both streams' tails are kept (mm_moe.train logs to stderr)."""
     t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            cmd,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        code, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, out = "timeout", (exc.stdout or b"").decode(errors="replace")
+        stdout, stderr = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        code = "timeout"
+    out = (stdout or "") + (stderr or "")
     return {
         "command": " ".join(cmd),
         "exit": code,

@@ -11,6 +11,8 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -290,3 +292,22 @@ def test_a_job_submitted_outside_the_checkout_finds_its_python(tmp_path):
             assert (
                 proc.returncode == 2 and "no .venv/bin/python in the submit folder" in proc.stderr
             )
+
+
+def test_a_gpu_check_step_that_times_out_takes_its_children_along(tmp_path):
+    """A step past its limit killed only its direct child: ranks it had started kept GPU
+    memory through every later step. The whole process group goes, both streams' tails kept."""
+    gpu_check = _gpu_check()
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+        "print('to stderr', file=sys.stderr, flush=True); time.sleep(60)"
+    )
+    result = gpu_check._run([sys.executable, "-c", script], timeout=3)
+    assert result["exit"] == "timeout" and "to stderr" in result["tail"]
+    child = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    time.sleep(0.5)
+    # gone, or a zombie nobody reaped yet (a container's init may not): no longer running
+    assert not child.exists() or child.read_text().split(")")[-1].split()[0] == "Z"

@@ -294,3 +294,15 @@ def test_the_clip_uses_the_norm_the_step_fetched(real_training):
     assert len(norms) == 1 and norms[0] is not None
     assert stats["grad_norm"] == float(norms[0]) == float(engine._global_grad_norm)
     assert "norm_for_clip" not in engine.__dict__  # used once, never by a later step
+
+
+def test_the_padded_expert_gemms_make_no_host_sync():
+    """moe.gemm=padded (GPUs without the grouped kernel): repeat_interleave without its
+    output size read the counts' sum on the host, one more sync per MoE layer."""
+    from mm_moe.model.moe.experts import _padded_swiglu
+
+    counts_E = torch.tensor([3, 0, 5])
+    x_Nd, w_gu, w_down = torch.randn(8, 4), torch.randn(3, 4, 12), torch.randn(3, 6, 4)
+    with HostSyncCounter() as syncs:
+        _padded_swiglu(x_Nd, w_gu, w_down, counts_E, max_count=5)
+    assert syncs.total == 0, dict(syncs.by_op)

@@ -231,7 +231,7 @@ def _padded_swiglu(x_Nd, w_gate_up_Ed2h, w_down_Ehd, counts_E: torch.Tensor, max
     of computing on padding (bounded by the caller's imbalance check)."""
     E, N = counts_E.numel(), x_Nd.shape[0]
     starts_E = torch.cumsum(counts_E, 0) - counts_E
-    expert_N = torch.repeat_interleave(torch.arange(E, device=x_Nd.device), counts_E)
+    expert_N = torch.repeat_interleave(torch.arange(E, device=x_Nd.device), counts_E, output_size=N)
     slot_N = expert_N * max_count + (torch.arange(N, device=x_Nd.device) - starts_E[expert_N])
     x_EMd = x_Nd.new_zeros(E * max_count, x_Nd.shape[1]).index_copy(0, slot_N, x_Nd)
     x_EMd = x_EMd.view(E, max_count, -1)
