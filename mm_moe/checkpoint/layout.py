@@ -221,6 +221,24 @@ def _damaged_file(step_dir: Path, meta: dict) -> str | None:
             return f"its {name} is missing"
         if not zipfile.is_zipfile(path):
             return f"its {name} is damaged or truncated (not a whole torch.save archive)"
+    return _damaged_config(step_dir) if "scheduler" in meta else None
+
+
+def _damaged_config(step_dir: Path) -> str | None:
+    """Why a training save's config.yaml cannot be the one it wrote (missing, not YAML, or cut
+    short: a cut file can still parse, into values the model config refuses), or None. Resume
+    compares the model with it: without it, another model would train on without a word."""
+    from mm_moe.config.legacy import upgrade_saved_config
+    from mm_moe.config.validate import from_dict
+    from mm_moe.model.config import ModelConfig  # a leaf: no model code
+
+    try:
+        model = upgrade_saved_config(read_config(step_dir)).get("model")
+        if not isinstance(model, dict):
+            return f"its {CONFIG} holds no model config"
+        from_dict(ModelConfig, model, "model")
+    except UserError as exc:
+        return f"its {CONFIG} is missing or damaged ({str(exc).splitlines()[0][:200]})"
     return None
 
 

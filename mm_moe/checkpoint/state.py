@@ -202,10 +202,17 @@ def _check_same_architecture(step_dir: Path, module, written: dict | None = None
     if written is None:
         written = layout.read_config(step_dir)
     written = upgrade_saved_config(written)  # keys renamed since, or dropped as no-ops
-    saved = {
-        **function_fields(from_dict(ModelConfig, written.get("model", {}), "model"), "model"),
-        **function_fields(from_dict(MoEConfig, written.get("moe", {}), "moe"), "moe"),
-    }
+    try:
+        saved = {
+            **function_fields(from_dict(ModelConfig, written.get("model", {}), "model"), "model"),
+            **function_fields(from_dict(MoEConfig, written.get("moe", {}), "moe"), "moe"),
+        }
+    except UserError as exc:  # a cut file can parse, into values nobody saved
+        raise UserError(
+            f"{step_dir / layout.CONFIG} is damaged ({exc}): it must be the config the save "
+            "wrote. Resume from another step (checkpoint.resume=PATH of a step_XXXXXXXX "
+            "directory)"
+        ) from None
     run = {
         **function_fields(module.cfg, "model"),
         **function_fields(module.moe_cfg, "moe"),
@@ -243,6 +250,13 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     written = _written_config(step_dir)
     if isinstance(written, dict) and "model" in written:
         _check_same_architecture(step_dir, engine.module, written)
+    else:
+        log.warning(
+            "%s has no %s (a training save writes one): the model is not compared with this "
+            "run's, so a changed model key would train another function",
+            step_dir,
+            layout.CONFIG,
+        )
     weights = tensors.read(step_dir, engine.module, optimizer=False)
     full_state.load_local_state(engine, weights, str(step_dir))
     log.info(
@@ -287,6 +301,13 @@ def load(
     written = _written_config(step_dir)
     if isinstance(written, dict) and "model" in written:
         _check_same_architecture(step_dir, engine.module, written)
+    else:
+        log.warning(
+            "%s has no %s (a training save writes one): the model is not compared with this "
+            "run's, so a changed model key would train another function",
+            step_dir,
+            layout.CONFIG,
+        )
     saved = tensors.read(step_dir, engine.module)
     rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     # The one hand-over to parallel/: every file is read before the engine changes.

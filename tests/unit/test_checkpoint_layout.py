@@ -112,6 +112,7 @@ def _training_save(root, step):
     tmp = layout.new_tmp_dir(root, step)
     for name in ("model.pt", "optimizer.pt", "rng.pt"):
         torch.save({"w": torch.full((64, 64), float(step))}, tmp / name)
+    (tmp / layout.CONFIG).write_text("model:\n  d_model: 64\n  document_masking: true\n")
     (tmp / layout.META).write_text(json.dumps({"format_version": 2, "step": step, "scheduler": {}}))
     return layout.publish(root, tmp, step)
 
@@ -138,6 +139,21 @@ def test_auto_resume_skips_a_step_with_a_truncated_or_missing_file_and_says_why(
     with caplog.at_level("WARNING"):
         assert layout.resolve_resume("auto", tmp_path) == tmp_path / "step_00000008"
     assert "its rng.pt is missing" in caplog.text
+    # config.yaml (resume compares the model with it): missing, or cut into values nobody
+    # saved, the step resumed without the check, or stopped on a key the user never set
+    torch_rng = twelve / "rng.pt"
+    torch_rng.write_bytes((tmp_path / "step_00000008" / "rng.pt").read_bytes())
+    config = (twelve / layout.CONFIG).read_text()
+    for broken, said in ((None, "missing"), (config[: config.index("true")], "damaged")):
+        if broken is None:
+            (twelve / layout.CONFIG).unlink()
+        else:
+            (twelve / layout.CONFIG).write_text(broken)  # ends in `document_masking:` (null)
+        layout._warned_incomplete.clear()
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert layout.resolve_resume("auto", tmp_path) == tmp_path / "step_00000008"
+        assert "its config.yaml is missing or damaged" in caplog.text, said
 
 
 def test_pruning_keeps_the_step_just_written_below_an_older_line(tmp_path, caplog):

@@ -232,6 +232,10 @@ def test_a_full_resume_refuses_a_config_that_changes_the_function(tmp_path):
     with pytest.raises(Exception) as err:
         state.load(step, engine, loader=None, rank=0, world_size=1)
     assert "differs from this run's" not in str(err.value)
+    # a config.yaml cut short parses into values nobody saved: named, not the bare key
+    (step / "config.yaml").write_text("model:\n  document_masking:\n")
+    with pytest.raises(UserError, match=r"config.yaml is damaged \(model.document_masking=None"):
+        state.load(step, engine, loader=None, rank=0, world_size=1)
 
 
 def test_dense_weights_into_an_moe_run_point_at_the_upcycle(tmp_path):
