@@ -42,22 +42,30 @@ STATE_KIND = "webdataset"
 STATE_VERSION = 1
 
 
-def fingerprint(spec: PipelineSpec) -> str:
+def _names(shards: tuple[str, ...], paths: bool) -> list[str]:
+    """The shards as a saved position knows them: local ones by file name (shards moved or
+    copied elsewhere, to a node's local disk, are the same shards: `contents` compares what
+    they hold), remote urls whole (their contents are not read); with `paths`, every url
+    whole (how checkpoints before this named them)."""
+    return [u if paths or is_remote(u) else os.path.basename(u) for u in shards]
+
+
+def fingerprint(spec: PipelineSpec, paths: bool = False) -> str:
     """What a saved stream position is only valid for: sources, seed, number of streams."""
     what = [
         spec.seed,
         spec.num_streams,
-        [[list(s.shards), s.format, s.weight] for s in spec.sources],
+        [[_names(s.shards, paths), s.format, s.weight] for s in spec.sources],
     ]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def described(spec: PipelineSpec) -> dict[str, object]:
     """What `fingerprint` covers, key by key, so that a refused resume can name what changed
-    (a source's shards by count and digest: meta.json stays small)."""
+    (a source's shards by count and digest of their names: meta.json stays small)."""
     out: dict[str, object] = {"trainer.seed": spec.seed, "data.num_streams": spec.num_streams}
     for i, s in enumerate(spec.sources):
-        shards = hashlib.sha256(json.dumps(list(s.shards)).encode()).hexdigest()[:12]
+        shards = hashlib.sha256(json.dumps(_names(s.shards, False)).encode()).hexdigest()[:12]
         out[f"data.sources[{i}].format"] = s.format
         out[f"data.sources[{i}].weight"] = s.weight
         out[f"data.sources[{i}].urls"] = f"{len(s.shards)} shards, sha256 {shards}"
@@ -271,10 +279,9 @@ class WebDatasetLoader:
             )
         if state["version"] != STATE_VERSION:
             raise UserError(f"data state version {state['version']} is not {STATE_VERSION}")
-        if (
-            state["num_streams"] != self.spec.num_streams
-            or state["fingerprint"] != self.fingerprint
-        ):
+        # Checkpoints from before shards were named by file name carry the paths' fingerprint.
+        known = (self.fingerprint, fingerprint(self.spec, paths=True))
+        if state["num_streams"] != self.spec.num_streams or state["fingerprint"] not in known:
             saved = state.get("described")  # checkpoints from before it: no detail
             what = f" ({changed_keys(saved, described(self.spec))})" if saved else ""
             raise UserError(

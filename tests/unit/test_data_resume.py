@@ -214,6 +214,16 @@ def test_shards_rebuilt_in_place_refuse_an_exact_resume_and_copies_do_not(tmp_pa
     time.sleep(1.1)  # tar headers record whole seconds
     write_shards(folder, pairs(12), 4)  # the same samples written again: other mtimes, fine
     _loader(source).load_state_dict(state)
+    # the same shards at another path (moved, or copied to a node's local disk) resume too;
+    # a checkpoint from before shards were named by file name (its fingerprint of the paths) too
+    moved = [SourceConfig(str(tmp_path / "kept"), "pairs", 1.0)]
+    _loader(moved).load_state_dict(state)
+    from mm_moe.data.webdataset_loader import fingerprint
+
+    older = {**state, "fingerprint": fingerprint(_loader(source).spec, paths=True)}
+    _loader(source).load_state_dict(older)
+    with pytest.raises(ValueError, match="data position was saved for other data.sources"):
+        _loader(moved).load_state_dict(older)  # the paths it named are not these
     del state["contents"]  # a checkpoint from before the digest: not compared
     write_shards(folder, pairs(12)[::-1], 4)
     _loader(source).load_state_dict(state)
