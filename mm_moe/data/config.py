@@ -148,6 +148,8 @@ class DataConfig:
         for src in spec.sources:
             if src.format == "tokens":
                 check_tokens_vocab(list(src.shards), tokenizer, vocab, src.name)
+            if rank == 0:
+                _warn_uneven_share(src, self.num_streams)
         return WebDatasetLoader(
             spec,
             vocab,
@@ -212,6 +214,31 @@ class DataConfig:
             whole_documents=self.whole_documents,
             pad_id=pad_id,
         )
+
+
+def _warn_uneven_share(src, num_streams: int) -> None:
+    """A source whose shards do not deal evenly over the streams: the streams with the smaller
+    share read their samples more often (up to most/fewest times), which is said."""
+    from mm_moe.data.shards import source_units, uneven_share
+
+    share = uneven_share(len(src.shards), num_streams)
+    if share is None or share[0] / share[1] <= 1.1:  # 1000 shards on 64 streams: 16 or 15
+        return
+    most, fewest = share
+    parts = source_units(len(src.shards), num_streams)[0].parts
+    logging.getLogger("mm_moe").warning(
+        "%s: its %d shard(s)%s deal unevenly over data.num_streams=%d (%d or %d each): the "
+        "samples of the smaller shares are read up to %.2gx as often as the others. A shard "
+        "count that is a multiple of data.num_streams (or a num_streams dividing it) reads "
+        "every sample equally",
+        src.name,
+        len(src.shards),
+        f" ({parts} slices each)" if parts > 1 else "",
+        num_streams,
+        most,
+        fewest,
+        most / fewest,
+    )
 
 
 def tokenizer_unread(tokenizer: TokenizerConfig) -> str | None:

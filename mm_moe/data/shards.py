@@ -150,6 +150,15 @@ def assign_units(num_shards: int, num_streams: int, seed: int, source: int) -> l
     return [[units[i] for i in order[j::num_streams]] for j in range(num_streams)]
 
 
+def uneven_share(num_shards: int, num_streams: int) -> tuple[int, int] | None:
+    """(most, fewest) units a stream of a source reads, where they differ: every stream gives
+    the same number of rows a step, so a stream with fewer units (a smaller share of the
+    source's samples) repeats its samples more often. None where the share is even."""
+    units = len(source_units(num_shards, num_streams))
+    most, fewest = -(-units // num_streams), units // num_streams
+    return (most, fewest) if most != fewest else None
+
+
 def epoch_order(num_units: int, seed: int, source: int, stream: int, epoch: int) -> list[int]:
     """The order in which a stream walks its units in `epoch`."""
     rng = np.random.default_rng([seed, source, stream, epoch, _EPOCH_TAG])

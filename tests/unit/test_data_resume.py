@@ -294,3 +294,18 @@ def test_a_source_without_one_usable_sample_fails_naming_it(tmp_path):
     write_raw_tar(tmp_path / "empty.tar", [])
     with pytest.raises(DataError, match=r"skipped: nothing\): its shards hold no samples"):
         _loader([SourceConfig(str(tmp_path / "empty.tar"), "pairs")], streams=2).next()
+
+
+def test_a_source_dealt_unevenly_over_the_streams_is_said(tmp_path, caplog):
+    """3 shards over 8 streams (3 slices each, 9 units): one stream reads two units, the
+    others one, so its samples came half as often, without a word."""
+    from mm_moe.data.shards import uneven_share
+
+    assert uneven_share(3, 8) == (2, 1) and uneven_share(10, 8) == (2, 1)
+    assert uneven_share(16, 8) is None and uneven_share(2, 8) is None
+    source = [SourceConfig(write_shards(tmp_path / "p", pairs(12), 4), "pairs", 1.0)]
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        _loader(source)
+    # _loader's 4 streams: 2 slices each, 6 units, two streams read 2, two read 1
+    assert "its 3 shard(s) (2 slices each) deal unevenly over data.num_streams=4" in caplog.text
+    assert "read up to 2x as often" in caplog.text
