@@ -72,11 +72,11 @@ class GenerateConfig:
             ("top_k", self.top_k, 0, "0: every allowed token"),
         ):
             if not value >= least or not math.isfinite(value):  # nan compares False
-                raise UserError(f"{key}={value} must be a number >= {least} ({meaning})")
+                raise UserError(f"{key}={value} must be >= {least}, a finite number ({meaning})")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p={self.top_p} must be in (0, 1] (1: every allowed token)")
         if not 1 <= self.guidance < math.inf:
-            raise UserError(f"guidance={self.guidance} must be a number >= 1 (1: no guidance)")
+            raise UserError(f"guidance={self.guidance} must be >= 1, a finite number (1: none)")
         if self.guidance != 1 and self.mode != "image":
             raise UserError(f"guidance={self.guidance} needs mode=image (got mode={self.mode})")
         default = GenerateConfig.__dataclass_fields__["max_new_tokens"].default

@@ -361,9 +361,9 @@ def test_generate_refuses_a_temperature_that_is_not_a_number_at_least_0(value):
     from mm_moe.errors import UserError
     from mm_moe.generate import GenerateConfig
 
-    with pytest.raises(UserError, match=f"temperature={float(value)} must be a number >= 0"):
+    with pytest.raises(UserError, match=f"temperature={float(value)} must be >= 0, a finite"):
         GenerateConfig(checkpoint="x", temperature=float(value))
-    with pytest.raises(UserError, match="guidance=.* must be a number >= 1"):
+    with pytest.raises(UserError, match="guidance=.* must be >= 1, a finite number"):
         GenerateConfig(checkpoint="x", guidance=float(value))
 
 
