@@ -126,9 +126,7 @@ class MetricsLogger:
         record = {**{k: _clean(v) for k, v in metrics.items()}, **facts}
         self._write(record)
         if self.wandb_run is not None:
-            if facts:
-                self.wandb_run.config.update(facts, allow_val_change=True)
-            self.wandb_run.log(metrics, step=metrics["step"])
+            self._to_wandb(metrics, facts)
         short = (
             f"step {metrics['step']} loss {metrics['loss']:.4f} "
             f"text {loss_text(metrics['loss_text'])} image {loss_text(metrics['loss_image'])} "
@@ -141,6 +139,25 @@ class MetricsLogger:
         else:
             log.info(short)
 
+    def _to_wandb(self, metrics: dict, facts: dict) -> None:
+        """The row to wandb; a wandb that fails (its service process killed, by the OOM killer
+        or a crash of its own) is said once and dropped: training and metrics.jsonl go on, as
+        for a row that cannot be written."""
+        try:
+            if facts:
+                self.wandb_run.config.update(facts, allow_val_change=True)
+            self.wandb_run.log(metrics, step=metrics["step"])
+        except Exception as exc:  # noqa: BLE001 - any failure of an auxiliary logger
+            log.error(
+                "wandb stopped at step %s (%s: %s): training goes on without it; %s keeps "
+                "every row",
+                metrics.get("step"),
+                type(exc).__name__,
+                exc,
+                self.path,
+            )
+            self.wandb_run = None
+
     def close(self) -> None:
         run_lock.release(self.lock)
         self.lock = None
@@ -150,7 +167,10 @@ class MetricsLogger:
             self.bar.close()
         self.file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            try:
+                self.wandb_run.finish()
+            except Exception as exc:  # noqa: BLE001 - the run's end must not fail on it
+                log.error("wandb could not finish (%s: %s)", type(exc).__name__, exc)
 
 
 def loss_text(loss: float, digits: int = 4) -> str:

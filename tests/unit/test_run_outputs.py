@@ -649,3 +649,33 @@ def test_sampling_stops_at_a_published_models_other_end_ids(tmp_path):
     assert len(free) > 1 and free[0] != vocab.eos
     stopped = generate(model, vocab, [vocab.bos, 5, 6], 4, greedy, stop_ids=frozenset({free[0]}))
     assert stopped == free[:1]
+
+
+def test_a_wandb_that_fails_is_dropped_and_training_goes_on(tmp_path, caplog):
+    """wandb's service process killed (the OOM killer, a crash of its own) ended training with
+    a traceback, losing the steps since the last checkpoint; it is said once and dropped."""
+    from mm_moe.cli import compose
+    from mm_moe.trainer.metrics import MetricsLogger
+
+    cfg = compose([f"trainer.run_dir={tmp_path}"])
+    logger = MetricsLogger(tmp_path, True, 10, 0, cfg.logging, None)
+    calls = []
+
+    class Dead:
+        def log(self, metrics, step):
+            calls.append(step)
+            raise ConnectionResetError("Connection lost")
+
+        def finish(self):
+            raise ConnectionResetError("Connection lost")
+
+    logger.wandb_run = Dead()
+    row = {"step": 1, "loss": 2.0, "loss_text": 2.0, "loss_image": 2.0, "lr": 1e-3,
+           "grad_norm": 1.0, "tokens_per_s": 10.0}  # fmt: skip
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        logger.log(row)
+        logger.log({**row, "step": 2})
+        logger.close()
+    assert calls == [1] and caplog.text.count("wandb stopped at step 1") == 1
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
