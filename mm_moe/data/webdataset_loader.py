@@ -142,7 +142,7 @@ class WebDatasetLoader:
         ]
         if shared and rank == 0:
             log.warning(
-                "data.num_streams=%d over %d data-parallel ranks: %d streams are run by several "
+                "data.num_streams=%d over %d data-parallel ranks: %d stream(s) are run by several "
                 "ranks (correct, but duplicated work); use a multiple of the rank count",
                 num_streams,
                 dp_world_size,
@@ -178,7 +178,17 @@ class WebDatasetLoader:
             self._start()
         rows = {}
         for _ in range(self._items_per_step):
-            step, payload = next(self._iter)
+            try:
+                step, payload = next(self._iter)
+            except RuntimeError as exc:
+                if "exited unexpectedly" not in str(exc):
+                    raise
+                self.close()  # killed (the OOM killer): its streams' positions are gone
+                raise DataError(
+                    f"a data worker stopped ({exc}): often memory, from data.num_workers "
+                    "or data.image_cache_size; checkpoint.resume=auto continues exactly from "
+                    "the last checkpoint"
+                ) from None
             if step == "error":
                 self.close()
                 raise DataError(payload)

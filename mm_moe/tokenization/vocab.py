@@ -116,8 +116,12 @@ class Vocab:
     def load(cls, path: str | Path) -> Vocab:
         try:
             return cls(**yaml.safe_load(Path(path).read_text()))
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"invalid vocabulary file {path}: {exc}") from exc
+        except (TypeError, ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(
+                f"invalid vocabulary file {path} ({type(exc).__name__}: {first}): damaged or not "
+                "a vocab.yaml; copy it again from where it was written"
+            ) from None
 
     def save(self, path: str | Path) -> None:
         fields = asdict(self)

@@ -309,3 +309,31 @@ def test_a_source_dealt_unevenly_over_the_streams_is_said(tmp_path, caplog):
     # _loader's 4 streams: 2 slices each, 6 units, two streams read 2, two read 1
     assert "its 3 shard(s) (2 slices each) deal unevenly over data.num_streams=4" in caplog.text
     assert "read up to 2x as often" in caplog.text
+
+
+def test_a_killed_data_worker_is_one_line_that_says_what_continues(tmp_path):
+    """A worker killed by the OOM killer ended the run with torch's traceback."""
+    from mm_moe.data.defects import DataError
+
+    source = [SourceConfig(write_shards(tmp_path / "p", pairs(8), 4), "pairs", 1.0)]
+    loader = _loader(source)
+    loader.next()
+
+    def killed():
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+        yield  # a generator
+
+    loader._iter = killed()
+    with pytest.raises(DataError, match=r"a data worker stopped .*checkpoint.resume=auto"):
+        loader.next()
+
+
+def test_a_damaged_vocab_file_is_named(tmp_path):
+    from mm_moe.errors import UserError
+    from mm_moe.tokenization.vocab import Vocab
+
+    path = tmp_path / "vocab.yaml"
+    Vocab.from_sizes(40, 16).save(path)
+    path.write_text(path.read_text()[:20] + "\n  : [")
+    with pytest.raises(UserError, match=rf"invalid vocabulary file {path} \(\w+Error"):
+        Vocab.load(path)
