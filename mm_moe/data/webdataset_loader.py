@@ -60,12 +60,12 @@ def fingerprint(spec: PipelineSpec, paths: bool = False) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
-def described(spec: PipelineSpec) -> dict[str, object]:
+def described(spec: PipelineSpec, paths: bool = False) -> dict[str, object]:
     """What `fingerprint` covers, key by key, so that a refused resume can name what changed
     (a source's shards by count and digest of their names: meta.json stays small)."""
     out: dict[str, object] = {"trainer.seed": spec.seed, "data.num_streams": spec.num_streams}
     for i, s in enumerate(spec.sources):
-        shards = hashlib.sha256(json.dumps(_names(s.shards, False)).encode()).hexdigest()[:12]
+        shards = hashlib.sha256(json.dumps(_names(s.shards, paths)).encode()).hexdigest()[:12]
         out[f"data.sources[{i}].format"] = s.format
         out[f"data.sources[{i}].weight"] = s.weight
         out[f"data.sources[{i}].urls"] = f"{len(s.shards)} shards, sha256 {shards}"
@@ -293,7 +293,10 @@ class WebDatasetLoader:
         known = (self.fingerprint, fingerprint(self.spec, paths=True))
         if state["num_streams"] != self.spec.num_streams or state["fingerprint"] not in known:
             saved = state.get("described")  # checkpoints from before it: no detail
-            what = f" ({changed_keys(saved, described(self.spec))})" if saved else ""
+            # against the naming of the save (its shards' paths, before file names)
+            differ = lambda d: sum(saved.get(k) != d.get(k) for k in {**saved, **d})  # noqa: E731
+            now = min((described(self.spec, paths) for paths in (False, True)), key=differ)
+            what = f" ({changed_keys(saved, now)})" if saved else ""
             raise UserError(
                 "the checkpoint's data position was saved for other data.sources, "
                 f"data.num_streams (it had {state['num_streams']}) or trainer.seed{what}; resuming "

@@ -218,12 +218,19 @@ def test_shards_rebuilt_in_place_refuse_an_exact_resume_and_copies_do_not(tmp_pa
     # a checkpoint from before shards were named by file name (its fingerprint of the paths) too
     moved = [SourceConfig(str(tmp_path / "kept"), "pairs", 1.0)]
     _loader(moved).load_state_dict(state)
-    from mm_moe.data.webdataset_loader import fingerprint
+    from mm_moe.data.webdataset_loader import described, fingerprint
 
     older = {**state, "fingerprint": fingerprint(_loader(source).spec, paths=True)}
     _loader(source).load_state_dict(older)
     with pytest.raises(ValueError, match="data position was saved for other data.sources"):
         _loader(moved).load_state_dict(older)  # the paths it named are not these
+    # such an older save refused for another reason names that reason, not every source's urls
+    older["described"] = described(_loader(source).spec, paths=True)
+    reweighted = [replace(source[0], weight=2.0)]
+    with pytest.raises(
+        ValueError, match=r"\(data.sources\[0\].weight: checkpoint 1.0, this run 2.0\)"
+    ):
+        _loader(reweighted).load_state_dict(older)
     del state["contents"]  # a checkpoint from before the digest: not compared
     write_shards(folder, pairs(12)[::-1], 4)
     _loader(source).load_state_dict(state)
