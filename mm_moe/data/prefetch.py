@@ -29,10 +29,13 @@ from dataclasses import fields
 import torch
 
 from mm_moe.data.batch import Batch
+from mm_moe.data.defects import DataError
 
 log = logging.getLogger(__name__)
 # How long close() waits for a loader call in flight (a stalled `pipe:` source) to return.
 JOIN_TIMEOUT_S = 30.0
+# How often a wait for the next batches looks whether the loader's workers are alive.
+WATCH_S = 5.0
 
 
 def pin(batches: list[Batch]) -> list[Batch]:
@@ -105,12 +108,31 @@ class Prefetcher:
             return pin(batches) if self.pin_memory else batches
         if self._thread is None:
             self._start()
-        item = self._queue.get()
+        item = self._wait()
         if isinstance(item, BaseException):
             self._thread = None
             raise item
         batches, self._taken = item
         return batches
+
+    def _wait(self):
+        """The thread's next item. A data worker killed mid-message (the OOM killer) can leave
+        the loader's read blocked for good, where torch's own dead-worker check never runs:
+        the workers' liveness is looked at while waiting, and a dead one ends the wait."""
+        while True:
+            try:
+                return self._queue.get(timeout=WATCH_S)
+            except queue.Empty:
+                dead = self.loader.dead_workers() if hasattr(self.loader, "dead_workers") else []
+                if dead:
+                    self._stop.set()  # the thread is stuck in the loader: left behind
+                    self._thread = self._queue = None
+                    return DataError(
+                        f"a data worker stopped (pid(s) {', '.join(map(str, dead))} died, the "
+                        "loader waiting on it): often memory, from data.num_workers or "
+                        "data.image_cache_size; checkpoint.resume=auto continues exactly from "
+                        "the last checkpoint"
+                    )
 
     def _halt(self) -> None:
         """Stop the thread and drop what it fetched ahead (the loader is then at or past the

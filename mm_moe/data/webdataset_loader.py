@@ -173,6 +173,11 @@ class WebDatasetLoader:
         )
         self._iter, self._items_per_step = iter(loader), workers
 
+    def dead_workers(self) -> list[int]:
+        """The pids of this loader's dataloader workers that died (none without workers)."""
+        workers = getattr(self._iter, "_workers", None) or []
+        return [w.pid for w in workers if not w.is_alive()]
+
     def _step_rows(self) -> dict[int, tuple[dict, dict]]:
         if self._iter is None:
             self._start()

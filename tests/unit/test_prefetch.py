@@ -132,3 +132,40 @@ def test_the_trainers_step_loop_overlaps_loading_with_the_step(tmp_path, monkeyp
     assert len(history) == steps
     assert elapsed < steps * (load_s + step_s) * 0.75, elapsed  # not the sum
     assert elapsed > steps * max(load_s, step_s)
+
+
+def test_a_wait_on_a_dead_worker_ends_with_a_message(monkeypatch):
+    """A data worker killed mid-message left the loader's read blocked for good, and a
+    1-process run hung without a word: the wait now looks at the workers' liveness."""
+    import threading
+
+    import pytest
+
+    from mm_moe.data import prefetch
+    from mm_moe.data.defects import DataError
+
+    monkeypatch.setattr(prefetch, "WATCH_S", 0.05)
+    blocked = threading.Event()
+
+    class Stuck:
+        prefetch_safe = True
+        dead = []
+
+        def next(self):
+            blocked.wait()  # a read that never returns
+
+        def state_dict(self):
+            return {}
+
+        def dead_workers(self):
+            return self.dead
+
+    loader = Stuck()
+    fetcher = Prefetcher(loader)
+    fetcher._start()
+    threading.Timer(0.3, lambda: loader.dead.append(4242)).start()
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"a data worker stopped \(pid\(s\) 4242 died"):
+        fetcher.next()
+    assert time.perf_counter() - start < 5
+    blocked.set()
