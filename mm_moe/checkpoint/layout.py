@@ -271,6 +271,12 @@ def latest_step_dir(root: Path) -> Path | None:
         elif not (target / META).is_file():
             _skipped(target, f"{LATEST} names it, but it holds no {META} (removed or unwritten)")
     steps = complete_steps(root)
+    if name is None and steps:  # a save writes it: removed, or a copy without it
+        _warn_once(
+            pointer,
+            f"{root} has no {LATEST} pointer: taking the newest complete step, "
+            f"{step_dir_name(steps[-1])} (after a rollback that may be the abandoned line's)",
+        )
     if name and (named := _STEP_RE.match(name)):
         # Before the step `latest` named: its own line (a rewound run keeps an older line's
         # higher steps, which are not where it stood).
