@@ -173,13 +173,13 @@ def test_pruning_keeps_the_step_just_written_below_an_older_line(tmp_path, caplo
     (tmp_path / "latest").write_text("")
     with caplog.at_level("WARNING"):
         assert layout.latest_step_dir(tmp_path) == tmp_path / "step_00000012"
+    assert "holds '', not a step folder's name: taking the newest complete step" in caplog.text
     (tmp_path / "latest").unlink()  # gone: taking the newest is said too (it was silent)
     layout._warned_incomplete.clear()
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert layout.latest_step_dir(tmp_path) == tmp_path / "step_00000012"
     assert "has no latest pointer: taking the newest complete step, step_00000012" in caplog.text
-    assert "holds '', not a step folder's name: taking the newest complete step" in caplog.text
 
 
 def _train_cfg(run_dir, *overrides):
