@@ -528,7 +528,9 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
     if newer and dist.is_main:
         log.warning(
             "%s holds steps after the resumed step %d (%s): a line of this run from before "
-            "this resume. They stay as they are, outside checkpoint.keep_last; this run's saves "
+            "this resume (or a save the run stopped on before moving `latest` to it: "
+            "checkpoint.resume=PATH takes it). They stay as they are, outside "
+            "checkpoint.keep_last; this run's saves "
             "replace those of the same step, and `latest` names this run's newest. Remove them "
             "when they are no longer needed",
             cfg.checkpoint.dir,
