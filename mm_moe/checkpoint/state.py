@@ -187,6 +187,21 @@ def _written_config(step_dir: Path):
     return layout.read_config(step_dir, required=False)
 
 
+def _compare_with_written(step_dir: Path, module) -> None:
+    """The step's model against this run's (`_check_same_architecture`); a step without its
+    config.yaml (every save writes one) is said: a changed model key would go unnoticed."""
+    written = _written_config(step_dir)
+    if isinstance(written, dict) and "model" in written:
+        _check_same_architecture(step_dir, module, written)
+        return
+    log.warning(
+        "%s has no %s (every save writes one): the model is not compared with this run's, so "
+        "a changed model key would train another function",
+        step_dir,
+        layout.CONFIG,
+    )
+
+
 def _check_same_architecture(step_dir: Path, module, written: dict | None = None) -> None:
     """Name the config keys in which a checkpoint's model differs from this run's, in shape
     or in function (rope_theta, norm_eps, moe.top_k, ...: every model and moe
@@ -247,16 +262,7 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     (checkpoint.weights_only): load the weights at any expert-parallel size and start
     training from step 0 with this run's fresh optimizer, LR schedule, data position and step
     guard (nothing else of the source's meta: its wandb run, its FLOPs)."""
-    written = _written_config(step_dir)
-    if isinstance(written, dict) and "model" in written:
-        _check_same_architecture(step_dir, engine.module, written)
-    else:
-        log.warning(
-            "%s has no %s (a training save writes one): the model is not compared with this "
-            "run's, so a changed model key would train another function",
-            step_dir,
-            layout.CONFIG,
-        )
+    _compare_with_written(step_dir, engine.module)
     weights = tensors.read(step_dir, engine.module, optimizer=False)
     full_state.load_local_state(engine, weights, str(step_dir))
     log.info(
@@ -298,16 +304,7 @@ def load(
     # A resumed run that changed what the weights compute (moe.score, rope_theta, ...) would
     # go on training another function without a word; training-only keys may change. (A
     # step without the run's config, made by hand or by a test, has nothing to compare.)
-    written = _written_config(step_dir)
-    if isinstance(written, dict) and "model" in written:
-        _check_same_architecture(step_dir, engine.module, written)
-    else:
-        log.warning(
-            "%s has no %s (a training save writes one): the model is not compared with this "
-            "run's, so a changed model key would train another function",
-            step_dir,
-            layout.CONFIG,
-        )
+    _compare_with_written(step_dir, engine.module)
     saved = tensors.read(step_dir, engine.module)
     rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     # The one hand-over to parallel/: every file is read before the engine changes.
