@@ -458,7 +458,7 @@ class Liveness:
             parts.append(self._lost_message(lost, time.monotonic() - start))
         failed = [r for r in silent if exits[r] == "error"]
         if failed:
-            parts.append(f"rank {', '.join(map(str, failed))} stopped with an error (see its log)")
+            parts.append(f"rank {', '.join(map(str, failed))} {ERRORED}")
         return "; ".join(parts) or None
 
     def mark_exit(self, ok: bool) -> None:
@@ -483,6 +483,7 @@ class Liveness:
 
 
 _LIVENESS: Liveness | None = None  # one per process, like the default process group
+ERRORED = "stopped with an error (see its log)"
 
 
 def names_lost_ranks(fn):
@@ -502,10 +503,18 @@ def names_lost_ranks(fn):
             live.mark_exit(ok=False)
             if verdict is None:
                 raise
+            # A rank gone (killed, its node lost) is what a restart mends; a rank's own error
+            # (bad data under data.on_error=raise, a full disk) would stop the restart again.
+            errored = verdict.endswith(ERRORED) and ";" not in verdict
+            hint = (
+                " That error (in its log) would stop a restart at the same place: fix it, "
+                "then resume with checkpoint.resume=auto."
+                if errored
+                else " Under torchrun --max-restarts=N with checkpoint.resume=auto the job "
+                "restarts from the last complete checkpoint."
+            )
             raise RankLostError(
-                f"{verdict}. Rank {live.rank} stops too; under torchrun --max-restarts=N with "
-                "checkpoint.resume=auto the job restarts from the last complete checkpoint."
-                + _waiting_in(exc)
+                f"{verdict}. Rank {live.rank} stops too.{hint}" + _waiting_in(exc)
             ) from exc
 
     return wrapper

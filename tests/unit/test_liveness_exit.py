@@ -36,3 +36,31 @@ def test_the_heartbeat_thread_is_stopped_before_finalization():
     )
     assert done.returncode == 0, done.stderr
     assert "heartbeat thread alive at exit: False" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_restart_hint_is_for_lost_ranks_not_for_a_ranks_own_error(monkeypatch):
+    """A peer that stopped on its own error (bad data under data.on_error=raise) would stop a
+    torchrun restart at the same place: rank 0 no longer recommends restarts for it."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from mm_moe.parallel import distributed
+
+    @distributed.names_lost_ranks
+    def collective():
+        raise RuntimeError("Connection closed by peer")
+
+    for verdict, said, not_said in [
+        (
+            f"rank 1 {distributed.ERRORED}",
+            "would stop a restart at the same place",
+            "--max-restarts",
+        ),
+        ("lost rank 1: its process is gone", "--max-restarts=N", "would stop a restart"),
+    ]:
+        live = SimpleNamespace(rank=0, diagnose=lambda v=verdict: v, mark_exit=lambda ok: None)
+        monkeypatch.setattr(distributed, "_LIVENESS", live)
+        with pytest.raises(distributed.RankLostError) as err:
+            collective()
+        assert said in str(err.value) and not_said not in str(err.value), str(err.value)
