@@ -279,6 +279,41 @@ def _warn_micro_batch_change(resume_dir: Path, cfg: TrainConfig) -> None:
         )
 
 
+# What the rows a step trains on are made of, beyond the data position (which is checked):
+# a resume may change them, and is then told that the data differ from the checkpoint's run.
+_ROWS_KEYS = {
+    "trainer": ("global_batch_size",),
+    "data": (
+        "seq_len",
+        "whole_documents",
+        "pair_order",
+        "caption_first_prob",
+        "min_image_side",
+        "max_aspect_ratio",
+    ),
+}
+
+
+def _say_rows_change(resume_dir: Path, cfg: TrainConfig) -> None:
+    """The keys that make a step's rows and differ from the checkpoint's config: the data
+    continue from the same documents, packed or decoded otherwise."""
+    written = layout.read_config(resume_dir, required=False) or {}
+    changed = []
+    for group, keys in _ROWS_KEYS.items():
+        saved = written.get(group) if isinstance(written.get(group), dict) else {}
+        now = getattr(cfg, group)
+        changed += [
+            f"{group}.{k}: checkpoint {saved[k]!r}, this run {getattr(now, k)!r}"
+            for k in keys
+            if k in saved and saved[k] != getattr(now, k)
+        ]
+    if changed:
+        log.info(
+            "the resumed data continue from the same documents, but make other rows: %s",
+            "; ".join(changed),
+        )
+
+
 def restart_count() -> int:
     """How many times the scheduler has restarted this job: Slurm's requeue (launch/slurm.sbatch,
     Hydra's submitit launcher) or torchrun's --max-restarts; 0 on a first start."""
@@ -540,6 +575,7 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
     if not meta.get("weights_only") and dist.is_main:  # the same on every rank: said once
         _warn_schedule_changes(resume_dir, cfg, meta["step"])
         _warn_micro_batch_change(resume_dir, cfg)
+        _say_rows_change(resume_dir, cfg)
     return meta
 
 

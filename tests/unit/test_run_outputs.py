@@ -679,3 +679,24 @@ def test_a_wandb_that_fails_is_dropped_and_training_goes_on(tmp_path, caplog):
     assert calls == [1] and caplog.text.count("wandb stopped at step 1") == 1
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_a_resume_that_makes_other_rows_says_which_keys(tmp_path, caplog):
+    """data.seq_len, trainer.global_batch_size or a decode key changed at a webdataset resume
+    were taken without a word (the data position stays valid; the rows are not the same)."""
+    import yaml
+
+    from mm_moe.cli import compose
+    from mm_moe.config.validate import to_dict
+    from mm_moe.trainer.build import _say_rows_change
+
+    step = tmp_path / "step_00000004"
+    step.mkdir()
+    (step / "config.yaml").write_text(yaml.safe_dump(to_dict(compose(["experiment=tiny_dense"]))))
+    with caplog.at_level("INFO", logger="mm_moe"):
+        _say_rows_change(step, compose(["experiment=tiny_dense"]))
+        assert "make other rows" not in caplog.text
+        changed = ["experiment=tiny_dense", "data.seq_len=64", "data.pair_order=image_first"]
+        _say_rows_change(step, compose(changed))
+    assert "data.seq_len: checkpoint 128, this run 64" in caplog.text
+    assert "data.pair_order: checkpoint 'random', this run 'image_first'" in caplog.text
