@@ -47,3 +47,13 @@ class SampleError(Exception):
 
 class DataError(UserError):
     """Bad data under data.on_error=raise, or a source that yields nothing usable."""
+
+
+def worker_stopped(detail: str) -> DataError:
+    """A dataloader worker died (the OOM killer, most often): its streams' positions are gone,
+    and the run stops saying what likely killed it and what continues it."""
+    return DataError(
+        f"a data worker stopped ({detail}): often memory, from data.num_workers or "
+        "data.image_cache_size; checkpoint.resume=auto continues exactly from the last "
+        "checkpoint"
+    )

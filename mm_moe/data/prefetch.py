@@ -29,7 +29,7 @@ from dataclasses import fields
 import torch
 
 from mm_moe.data.batch import Batch
-from mm_moe.data.defects import DataError
+from mm_moe.data.defects import worker_stopped
 
 log = logging.getLogger(__name__)
 # How long close() waits for a loader call in flight (a stalled `pipe:` source) to return.
@@ -127,12 +127,8 @@ class Prefetcher:
                 if dead:
                     self._stop.set()  # the thread is stuck in the loader: left behind
                     self._thread = self._queue = None
-                    return DataError(
-                        f"a data worker stopped (pid(s) {', '.join(map(str, dead))} died, the "
-                        "loader waiting on it): often memory, from data.num_workers or "
-                        "data.image_cache_size; checkpoint.resume=auto continues exactly from "
-                        "the last checkpoint"
-                    )
+                    pids = ", ".join(map(str, dead))
+                    return worker_stopped(f"pid(s) {pids} died, the loader waiting on it")
 
     def _halt(self) -> None:
         """Stop the thread and drop what it fetched ahead (the loader is then at or past the

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mm_moe.data.batch import Batch
-from mm_moe.data.defects import REASONS, DataError, counter_key
+from mm_moe.data.defects import REASONS, DataError, counter_key, worker_stopped
 from mm_moe.data.loader import WEIGHTS_ONLY, changed_keys
 from mm_moe.data.shards import is_remote
 from mm_moe.data.stream import PipelineSpec
@@ -189,11 +189,7 @@ class WebDatasetLoader:
                 if "exited unexpectedly" not in str(exc):
                     raise
                 self.close()  # killed (the OOM killer): its streams' positions are gone
-                raise DataError(
-                    f"a data worker stopped ({exc}): often memory, from data.num_workers "
-                    "or data.image_cache_size; checkpoint.resume=auto continues exactly from "
-                    "the last checkpoint"
-                ) from None
+                raise worker_stopped(str(exc)) from None
             if step == "error":
                 self.close()
                 raise DataError(payload)

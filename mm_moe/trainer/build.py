@@ -224,7 +224,7 @@ def _remove_replaced_wandb_runs(run_dir: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _warn_schedule_changes(resume_dir: Path, cfg: TrainConfig, step: int) -> None:
+def _warn_schedule_changes(written: dict, cfg: TrainConfig, step: int) -> None:
     """A resume rebuilds the learning-rate schedule from this run's keys: a changed
     trainer.max_steps (or optim.*) moves the LR at once, and max_steps at or below the
     checkpoint's step trains nothing. Both are said, not left to be found in the metrics."""
@@ -235,7 +235,6 @@ def _warn_schedule_changes(resume_dir: Path, cfg: TrainConfig, step: int) -> Non
             step,
             cfg.trainer.max_steps,
         )
-    written = layout.read_config(resume_dir, required=False) or {}
     try:
         was_optim = from_dict(type(cfg.optim), written["optim"], "optim")
         was_max = int(written["trainer"]["max_steps"])
@@ -255,11 +254,10 @@ def _warn_schedule_changes(resume_dir: Path, cfg: TrainConfig, step: int) -> Non
         )
 
 
-def _warn_micro_batch_change(resume_dir: Path, cfg: TrainConfig) -> None:
+def _warn_micro_batch_change(written: dict, cfg: TrainConfig) -> None:
     """MoE routing that is computed over each micro-batch continues otherwise at another
     micro-batch size (trainer.micro_batch_size=0 follows the world size): said, with the
     size that continues the run as it was."""
-    written = layout.read_config(resume_dir, required=False) or {}
     try:
         was = int(written["trainer"]["micro_batch_size"])
     except (KeyError, TypeError, ValueError):
@@ -294,10 +292,9 @@ _ROWS_KEYS = {
 }
 
 
-def _say_rows_change(resume_dir: Path, cfg: TrainConfig) -> None:
+def _say_rows_change(written: dict, cfg: TrainConfig) -> None:
     """The keys that make a step's rows and differ from the checkpoint's config: the data
     continue from the same documents, packed or decoded otherwise."""
-    written = layout.read_config(resume_dir, required=False) or {}
     changed = []
     for group, keys in _ROWS_KEYS.items():
         saved = written.get(group) if isinstance(written.get(group), dict) else {}
@@ -573,9 +570,11 @@ def _resume(resume_dir, cfg: TrainConfig, dist: DistInfo, engine, loader, guard,
             ", ".join(layout.step_dir_name(s) for s in newer),
         )
     if not meta.get("weights_only") and dist.is_main:  # the same on every rank: said once
-        _warn_schedule_changes(resume_dir, cfg, meta["step"])
-        _warn_micro_batch_change(resume_dir, cfg)
-        _say_rows_change(resume_dir, cfg)
+        # The checkpoint's config as its run wrote it ({}: none, an upcycled checkpoint's)
+        written = layout.read_config(resume_dir, required=False) or {}
+        _warn_schedule_changes(written, cfg, meta["step"])
+        _warn_micro_batch_change(written, cfg)
+        _say_rows_change(written, cfg)
     return meta
 
 

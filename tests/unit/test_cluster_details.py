@@ -55,6 +55,30 @@ def test_the_slurm_script_run_by_hand_says_how_to_submit_it_and_makes_nothing(tm
     assert not (tmp_path / "logs").exists()
 
 
+def _slurm_job(tmp_path, bin_dir, submit_dir, **extra) -> subprocess.CompletedProcess:
+    """launch/slurm.sbatch as a job submitted from `submit_dir` would run it, with the stand-in
+    Slurm tools in `bin_dir` and `extra` environment (a key given as None is unset)."""
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(submit_dir),
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "node0",
+        "LOG_DIR": str(tmp_path / "logs"),
+        **{k: v for k, v in extra.items() if v is not None},
+    }
+    for key in ("SLURM_CPUS_PER_TASK", "PYTORCH_CUDA_ALLOC_CONF", *extra):
+        if extra.get(key) is None:
+            env.pop(key, None)
+    return subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "experiment=tiny_dense"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_slurm_job_gives_the_task_every_cpu_of_the_node(tmp_path):
     sbatch = (REPO / "launch" / "slurm.sbatch").read_text()
     assert re.search(r"^#SBATCH --exclusive$", sbatch, re.M)
@@ -62,27 +86,8 @@ def test_slurm_job_gives_the_task_every_cpu_of_the_node(tmp_path):
     bin_dir.mkdir()
     _tool(bin_dir, "srun", _record_env_and_args(record))  # stands in for Slurm's srun
     _tool(bin_dir, "scontrol", 'echo "node0"')
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_SUBMIT_DIR": str(REPO),
-        "SLURM_JOB_ID": "77",
-        "SLURM_JOB_NUM_NODES": "1",
-        "SLURM_JOB_NODELIST": "node0",
-        "SLURM_CPUS_ON_NODE": "96",
-        "NPROC_PER_NODE": "8",
-        "PYTHON_BIN": "/bin/true",
-        "LOG_DIR": str(tmp_path / "logs"),
-    }
-    env.pop("SLURM_CPUS_PER_TASK", None)
-    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-    proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "slurm.sbatch"), "experiment=tiny_dense"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    extra = {"SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_ON_NODE": "96", "NPROC_PER_NODE": "8"}
+    proc = _slurm_job(tmp_path, bin_dir, REPO, PYTHON_BIN="/bin/true", **extra)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = record.read_text()
     assert "SRUN_CPUS_PER_TASK=96" in got and "--cpus-per-task=96" in got
@@ -265,26 +270,11 @@ def test_a_job_submitted_outside_the_checkout_finds_its_python(tmp_path):
     bin_dir, record = tmp_path / "bin", tmp_path / "record.txt"
     bin_dir.mkdir()
     _tool(bin_dir, "srun", _record_env_and_args(record))
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_SUBMIT_DIR": str(tmp_path),  # no .venv here
-        "SLURM_JOB_ID": "78",
-        "SLURM_JOB_NODELIST": "node0",
-        "NPROC_PER_NODE": "1",
-        "LOG_DIR": str(tmp_path / "logs"),
-    }
-    env.pop("PYTHON_BIN", None)
     for script, found in ((REPO / "launch" / "slurm.sbatch", True), (Path("/nowhere/x"), False)):
         show = f'[[ "$1" == show && "$2" == job ]] && echo "   Command={script} x=1" || echo node0'
         _tool(bin_dir, "scontrol", show)
-        proc = subprocess.run(
-            ["bash", str(REPO / "launch" / "slurm.sbatch"), "experiment=tiny_dense"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        # submitted from a folder without .venv, PYTHON_BIN unset
+        proc = _slurm_job(tmp_path, bin_dir, tmp_path, NPROC_PER_NODE="1", PYTHON_BIN=None)
         if found:
             assert proc.returncode == 0, proc.stderr
             assert f"{REPO}/.venv/bin/python -m torch.distributed.run" in record.read_text()

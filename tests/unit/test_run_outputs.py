@@ -83,6 +83,13 @@ def test_generated_samples_go_where_the_checkpoint_is_now(tmp_path):
     assert str(default_out("", recorded)) == "/r/samples"  # a model given without a path
 
 
+def _written(step_dir):
+    """A step's config.yaml as the resume reads it once for its notices."""
+    from mm_moe.checkpoint import layout
+
+    return layout.read_config(step_dir, required=False) or {}
+
+
 def test_a_resume_says_when_the_learning_rate_schedule_moves(tmp_path, caplog):
     """A resume rebuilds the LR schedule from this run's keys: a trainer.max_steps that moves
     the next step's LR is named with both rates; one that does not (optim.decay_steps fixes
@@ -100,16 +107,20 @@ def test_a_resume_says_when_the_learning_rate_schedule_moves(tmp_path, caplog):
     step.mkdir()
     (step / "config.yaml").write_text(yaml.safe_dump(to_dict(config("trainer.max_steps=20"))))
     with caplog.at_level("WARNING", logger="mm_moe"):
-        _warn_schedule_changes(step, config("trainer.max_steps=40"), 10)
+        _warn_schedule_changes(_written(step), config("trainer.max_steps=40"), 10)
     assert "the learning rate at step 11 is" in caplog.text
     caplog.clear()
     (step / "config.yaml").write_text(
         yaml.safe_dump(to_dict(config("trainer.max_steps=20", "optim.decay_steps=30")))
     )
     with caplog.at_level("WARNING", logger="mm_moe"):
-        _warn_schedule_changes(step, config("trainer.max_steps=40", "optim.decay_steps=30"), 10)
+        _warn_schedule_changes(
+            _written(step), config("trainer.max_steps=40", "optim.decay_steps=30"), 10
+        )
         assert not caplog.text
-        _warn_schedule_changes(step, config("trainer.max_steps=10", "optim.decay_steps=30"), 10)
+        _warn_schedule_changes(
+            _written(step), config("trainer.max_steps=10", "optim.decay_steps=30"), 10
+        )
     assert "nothing to train" in caplog.text
 
 
@@ -138,16 +149,16 @@ def test_a_resume_at_another_micro_batch_size_says_when_routing_follows_it(tmp_p
         (step / "config.yaml").write_text(yaml.safe_dump(to_dict(config(moe, 0, 2))))
         caplog.clear()
         with caplog.at_level("WARNING", logger="mm_moe"):
-            _warn_micro_batch_change(step, config(moe, 0, 2))
-            _warn_micro_batch_change(step, config(moe, 8, 1))
+            _warn_micro_batch_change(_written(step), config(moe, 0, 2))
+            _warn_micro_batch_change(_written(step), config(moe, 8, 1))
             assert not caplog.text
-            _warn_micro_batch_change(step, config(moe, 0, 1))
+            _warn_micro_batch_change(_written(step), config(moe, 0, 1))
         assert "micro-batches of 8 sequences per rank, this run takes 16" in caplog.text
         assert said in caplog.text and "trainer.micro_batch_size=8 continues it" in caplog.text
     (step / "config.yaml").write_text(yaml.safe_dump(to_dict(config("none", 0, 2))))
     caplog.clear()
     with caplog.at_level("WARNING", logger="mm_moe"):
-        _warn_micro_batch_change(step, config("none", 0, 1))
+        _warn_micro_batch_change(_written(step), config("none", 0, 1))
     assert not caplog.text
 
 
@@ -694,9 +705,9 @@ def test_a_resume_that_makes_other_rows_says_which_keys(tmp_path, caplog):
     step.mkdir()
     (step / "config.yaml").write_text(yaml.safe_dump(to_dict(compose(["experiment=tiny_dense"]))))
     with caplog.at_level("INFO", logger="mm_moe"):
-        _say_rows_change(step, compose(["experiment=tiny_dense"]))
+        _say_rows_change(_written(step), compose(["experiment=tiny_dense"]))
         assert "make other rows" not in caplog.text
         changed = ["experiment=tiny_dense", "data.seq_len=64", "data.pair_order=image_first"]
-        _say_rows_change(step, compose(changed))
+        _say_rows_change(_written(step), compose(changed))
     assert "data.seq_len: checkpoint 128, this run 64" in caplog.text
     assert "data.pair_order: checkpoint 'random', this run 'image_first'" in caplog.text
