@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from mm_moe.cli import exits_on_failure, parse_args
+from mm_moe.data.decode import size_problem
 from mm_moe.errors import UserError
 from mm_moe.sampling import SampleConfig, generate, split_output
 
@@ -192,6 +193,20 @@ def _say_if_untrained_positions(model, length: int) -> None:
         )
 
 
+def _say_if_training_skips(image: Image.Image, path: str, data_cfg) -> None:
+    """A prompt image of a size the run's data keys skip (1x1, a long strip) is still
+    tokenized, resized: the model saw none like it in training, so it is said."""
+    problem = size_problem(*image.size, data_cfg.min_image_side, data_cfg.max_aspect_ratio)
+    if problem is not None:
+        log.warning(
+            "image=%s is %dx%d, %s: training skipped images like it, so the model saw none "
+            "like it; it is tokenized all the same",
+            path,
+            *image.size,
+            problem[1],
+        )
+
+
 def _check_tokenizer_made_the_ids(model, tok, checkpoint) -> None:
     """The tokenizer must make the vocabulary the model was trained on (the one its checkpoint
     recorded): a run on the synthetic data records its tokenizer config but trains on the
@@ -223,6 +238,8 @@ def run(cfg: GenerateConfig, model=None, tokenizers=None) -> list[dict]:
         model = load_pretrained(cfg.checkpoint, tokenizer=overrides)
     tok = tokenizers if tokenizers is not None else model.train_config.tokenizer.build()
     _check_tokenizer_made_the_ids(model, tok, cfg.checkpoint)
+    if image is not None:
+        _say_if_training_skips(image, cfg.image, model.train_config.data)
     prompt = prompt_ids(tok, cfg.prompt, image, cfg.mode)
     out_dir = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, model)
     if out_dir.exists() and not out_dir.is_dir():

@@ -39,10 +39,11 @@ def counter_key(reason: str) -> str:
 class SampleError(Exception):
     """One sample (or the rest of one shard) is unusable, for `reason` (one of REASONS)."""
 
-    def __init__(self, reason: str, detail: str, key: str | None = None):
+    def __init__(self, reason: str, detail: str, key: str | None = None, index: int | None = None):
         assert reason in REASONS, reason
         super().__init__(detail)
         self.reason, self.detail, self.key = reason, detail, key
+        self.index = index  # a broken shard's: the raw sample index the break cost
 
 
 class DataError(UserError):

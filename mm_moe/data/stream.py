@@ -220,7 +220,10 @@ class SourceReader:
                 self._next_unit(counters)
                 continue
             except SampleError as error:
-                self._defect(error, counters)
+                # Every stream reading a slice of a broken shard meets the break: the one whose
+                # slice holds the sample it cost counts it (once per epoch, not once a slice).
+                if error.index is None or error.index % unit.parts == unit.part:
+                    self._defect(error, counters)
                 self._next_unit(counters)
                 continue
             if raw.index < self.offset:

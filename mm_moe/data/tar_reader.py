@@ -151,6 +151,7 @@ def iter_raw_samples(url: str) -> Iterator[RawSample]:
             reason,
             f"{cause.__class__.__name__}: {cause} ({where}, {index} samples started)",
             key=base_plus_ext(broken)[0] if broken else current.key if current else None,
+            index=current.index if current is not None else index,
         ) from exc
     if current is not None:
         yield current

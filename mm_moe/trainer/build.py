@@ -590,6 +590,14 @@ def build_training(cfg: TrainConfig) -> Training:
     held_micro = cfg.trainer.micro_batch_for(1)  # the held-out set's, as one process reads it
     cfg, dist = start_processes(cfg)
     lock = _lock_run_dir(cfg, dist)
+    try:
+        return _build(cfg, dist, lock, held_micro)
+    except BaseException:
+        run_lock.release(lock, tidy=True)  # a failed start leaves no empty run folder
+        raise
+
+
+def _build(cfg: TrainConfig, dist: DistInfo, lock, held_micro: int) -> Training:
     resume_dir = _resume_dir(cfg, dist)
     seed_all(cfg.trainer.seed)  # same initial weights on every rank
     t = cfg.trainer

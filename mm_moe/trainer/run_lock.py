@@ -13,6 +13,7 @@ benchmarks) share the process's lock.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -24,7 +25,9 @@ from mm_moe.errors import UserError
 
 log = logging.getLogger("mm_moe")
 LOCK_FILE = ".run.lock"
-_HELD: dict[Path, list] = {}  # resolved run folder -> [open lock file, holders in this process]
+# resolved run folder -> [open lock file, holders in this process, what acquire made: None,
+# "file" (the lock file) or "folder" (the folder and its lock file)]
+_HELD: dict[Path, list] = {}
 
 
 def acquire(run_dir: str | Path, key_name: str = "trainer.run_dir") -> Path:
@@ -32,6 +35,7 @@ def acquire(run_dir: str | Path, key_name: str = "trainer.run_dir") -> Path:
     the config key that chose the folder) when another process has it. Returns the key to
     `release`."""
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -41,6 +45,7 @@ def acquire(run_dir: str | Path, key_name: str = "trainer.run_dir") -> Path:
         _HELD[key][1] += 1
         return key
     path = run_dir / LOCK_FILE
+    made = "folder" if created else "file" if not path.exists() else None
     handle = open(path, "a+")  # noqa: SIM115 - held open for the run's lifetime
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,19 +63,27 @@ def acquire(run_dir: str | Path, key_name: str = "trainer.run_dir") -> Path:
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
     handle.flush()
-    _HELD[key] = [handle, 1]
+    _HELD[key] = [handle, 1, made]
     return key
 
 
-def release(key: Path | list[Path] | None) -> None:
-    """Drop this process's hold on the folder(s) (the lock goes with the last holder)."""
+def release(key: Path | list[Path] | None, tidy: bool = False) -> None:
+    """Drop this process's hold on the folder(s) (the lock goes with the last holder). `tidy`
+    (a run that failed to start) also removes a folder that `acquire` made, when nothing but
+    the lock file is in it: a refused start leaves nothing behind."""
     if isinstance(key, list):
-        for one in key:
-            release(one)
+        for one in reversed(key):  # inner folders (checkpoint.dir) first
+            release(one, tidy)
         return
     if key is None or key not in _HELD:
         return
     _HELD[key][1] -= 1
     if _HELD[key][1] == 0:
-        handle, _ = _HELD.pop(key)
+        handle, _, made = _HELD.pop(key)
+        if tidy and made:
+            # Unlinked while still held: a run starting now cannot lock the old file.
+            (key / LOCK_FILE).unlink(missing_ok=True)
         handle.close()  # closing the file releases the flock
+        if tidy and made == "folder":
+            with contextlib.suppress(OSError):
+                key.rmdir()  # only when empty

@@ -390,6 +390,28 @@ def test_a_tar_without_its_end_of_archive_blocks_is_truncated(tmp_path, kind, wh
     assert got == keys_read
 
 
+def test_a_broken_shard_read_in_slices_is_counted_once_an_epoch(tmp_path):
+    """With more streams than shards each stream reads a slice of the shard and meets its
+    break: it used to be counted by every slice (4 streams: 4 skips for one lost sample)."""
+    whole = _tar_bytes(_SIX_TEXTS)
+    (tmp_path / "cut.tar").write_bytes(whole[: _cut_points(whole)["before_end_blocks"][0]])
+    cfg = DataConfig(
+        source="webdataset",
+        sources=[SourceConfig(str(tmp_path / "cut.tar"), "text")],
+        num_streams=4,
+    )
+    spec = cfg.pipeline_spec(0, TOKENIZER)
+    builder = DocumentBuilder(TOKENIZER.build(), spec.decode)
+    streams = [Stream(i, spec, builder) for i in range(4)]
+    for stream in streams:  # past the break: into each stream's second epoch
+        for _ in range(3):
+            stream._next_document()
+    epochs = [stream.readers[0].epoch for stream in streams]
+    skips = [stream.skipped["truncated_tar"] for stream in streams]
+    owner = 5 % 4  # t5's slice: the sample the break cost
+    assert skips[owner] == epochs[owner] >= 1 and sum(skips) == skips[owner]
+
+
 def test_a_cut_gzip_stream_is_truncated(tmp_path):
     import gzip
 

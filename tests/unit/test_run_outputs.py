@@ -711,3 +711,40 @@ def test_a_resume_that_makes_other_rows_says_which_keys(tmp_path, caplog):
         _say_rows_change(_written(step), compose(changed))
     assert "data.seq_len: checkpoint 128, this run 64" in caplog.text
     assert "data.pair_order: checkpoint 'random', this run 'image_first'" in caplog.text
+
+
+def test_a_start_that_fails_while_building_leaves_no_empty_run_folder(tmp_path):
+    """The lock makes the run folder (and checkpoints/) before the build reads data and
+    tokenizers: a start refused there removes what it made, and only that."""
+    import pytest
+
+    from mm_moe.cli import compose
+    from mm_moe.errors import UserError
+    from mm_moe.trainer.build import build_training
+
+    missing = tmp_path / "shards" / "missing-000000.tar"
+    bad_data = ["data=webdataset", f"data.sources=[{{urls: '{missing}', format: tokens}}]"]
+    new, kept = tmp_path / "runs" / "new", tmp_path / "kept"
+    (kept / "notes").mkdir(parents=True)
+    for run_dir in (new, kept):
+        cfg = compose(["experiment=tiny_dense", f"trainer.run_dir={run_dir}", *bad_data])
+        with pytest.raises(UserError, match="missing-000000.tar"):
+            build_training(cfg)
+    assert not new.exists() and (tmp_path / "runs").is_dir()
+    assert sorted(p.name for p in kept.iterdir()) == ["notes"]  # its checkpoints/ went
+
+
+def test_generate_says_when_training_would_have_skipped_the_prompt_image(caplog):
+    """A 1x1 or strip-shaped prompt image is tokenized (resized) all the same, while training
+    skipped its like under data.min_image_side / data.max_aspect_ratio: said, not silent."""
+    from PIL import Image
+
+    from mm_moe.data.config import DataConfig
+    from mm_moe.generate import _say_if_training_skips
+
+    data = DataConfig()
+    for size, said in (((1, 1), "min_image_side"), ((200, 20), "max_aspect_ratio"), ((32, 24), "")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mm_moe"):
+            _say_if_training_skips(Image.new("RGB", size), "p.png", data)
+        assert (said in caplog.text and "p.png" in caplog.text) if said else not caplog.text
