@@ -23,6 +23,11 @@ log = logging.getLogger("mm_moe")
 COUNTERS = ("skipped_steps", "nonfinite_steps", "loss_spikes", "rollbacks")
 
 
+# Non-finite gradients on every data-parallel rank with finite losses everywhere: one rank's,
+# spread by the gradient reduction, and which one is not known.
+SPREAD_GRADIENTS = "gradients on every rank"
+
+
 class TrainingHalted(RuntimeError):
     """The run cannot go on; raised on every rank at the same step."""
 
@@ -43,7 +48,8 @@ class StepGuard:
         self, step: int, loss: float, bad_ranks: list[int], what: str = "loss or gradients"
     ) -> str:
         """The update of this step: "apply", "skip" or "rollback". May raise TrainingHalted.
-        `what` the bad ranks saw non-finite."""
+        `what` the bad ranks saw non-finite (SPREAD_GRADIENTS: every rank's gradients, every
+        loss finite)."""
         self.last_action = self._decide(step, loss, bad_ranks, what)
         return self.last_action
 
@@ -51,6 +57,12 @@ class StepGuard:
         if bad_ranks:
             self.counts["nonfinite_steps"] += 1
             where = f"non-finite {what} on rank(s) {', '.join(map(str, bad_ranks))}"
+            if what == SPREAD_GRADIENTS:
+                where = (
+                    f"non-finite gradients with finite losses on all {len(bad_ranks)} ranks: the "
+                    "data-parallel reduction spreads one rank's to every rank, so which rank "
+                    "made them is not known"
+                )
             if self.cfg.on_nonfinite == "stop":
                 raise TrainingHalted(
                     f"step {step}: {where}; trainer.on_nonfinite=stop: stopping before the "

@@ -33,6 +33,7 @@ from mm_moe.parallel.checkpointing import backward_group
 from mm_moe.parallel.deepspeed_fixes import last_grad_norm, local_grads_finite, skip_optimizer_step
 from mm_moe.parallel.distributed import all_reduce_sum, flatten_fp64
 from mm_moe.parallel.parallelize import unsharded_grad_norm
+from mm_moe.trainer.guard import SPREAD_GRADIENTS
 
 
 def loss_token_counts(batches: list[Batch], device: torch.device) -> torch.Tensor:
@@ -225,6 +226,8 @@ def train_step(
     own = [r for r, bad in enumerate(host["bad"]) if bad >= 2]
     bad_ranks = own or [r for r, bad in enumerate(host["bad"]) if bad > 0]
     what = "loss" if own else "gradients"
+    if not own and 1 < world == len(bad_ranks):
+        what = SPREAD_GRADIENTS
     action = guard.decide(step, loss, bad_ranks, what) if guard is not None else "apply"
     grad_norm, grad_norm_aux = _finish(engine, action, host, world)
     stats = {"loss": loss, "grad_norm": grad_norm, "tokens_loss": int(n_global)}

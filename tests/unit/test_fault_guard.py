@@ -50,6 +50,20 @@ def test_on_nonfinite_stop_and_consecutive_skips():
     assert skip.counters()["skipped_steps"] == 2 and skip.counters()["nonfinite_steps"] == 3
 
 
+def test_gradients_spread_to_every_rank_do_not_blame_every_rank(caplog):
+    """A NaN gradient of one rank reaches every rank through the reduction: with finite
+    losses everywhere the warning says the rank is not known, rather than naming all."""
+    from mm_moe.trainer.guard import SPREAD_GRADIENTS
+
+    guard = StepGuard(TrainerConfig())
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        assert guard.decide(3, 5.0, [0, 1, 2, 3], SPREAD_GRADIENTS) == "skip"
+        assert guard.decide(4, 5.0, [2], "gradients") == "skip"
+    spread, one = caplog.records[0].getMessage(), caplog.records[1].getMessage()
+    assert "finite losses on all 4 ranks" in spread and "rank(s)" not in spread
+    assert "non-finite gradients on rank(s) 2" in one
+
+
 def test_spike_zscore_and_actions():
     losses = [5.0, 5.1, 4.9, 5.05, 4.95]
     detector = SpikeDetector(SpikeConfig(window=5, min_steps=5, zscore=6.0))
