@@ -41,15 +41,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The launchers' allocator setting (launch/torchrun.sh, launch/slurm.sbatch), so that memory and
+# speed are measured as real runs have them; a value in the environment wins, as there.
+ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def _run(cmd: list[str], timeout: int, env: dict | None = None) -> dict:
     """One step of the check in its own process group: on a timeout the whole group goes
     (the ranks a test or torchrun started would hold GPU memory through every later step),
     and both streams' tails are kept (mm_moe.train logs to stderr)."""
     t0 = time.perf_counter()
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": ALLOC_CONF, **(env or {})}
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env={**os.environ, **(env or {})},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -65,6 +71,7 @@ def _run(cmd: list[str], timeout: int, env: dict | None = None) -> dict:
     out = (stdout or "") + (stderr or "")
     return {
         "command": " ".join(cmd),
+        "alloc_conf": env["PYTORCH_CUDA_ALLOC_CONF"],
         "exit": code,
         "seconds": time.perf_counter() - t0,
         "tail": out[-3000:],

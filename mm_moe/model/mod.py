@@ -25,6 +25,18 @@ if TYPE_CHECKING:  # annotations only: the config's one import path is its confi
     from mm_moe.model.config import MoDConfig
 
 
+# Slot counts an inference forward of length S may take: its longest row's selection rounded up
+# to a multiple of S / EVAL_SLOT_SIZES. A compiled block then meets a few shapes, not one per
+# count (Dynamo recompiles for each new one, and past its limit runs FlexAttention unfused).
+EVAL_SLOT_SIZES = 8
+
+
+def eval_slots(selected: int, S: int) -> int:
+    """K for an inference forward whose longest row selects `selected` of its S positions."""
+    step = -(-S // EVAL_SLOT_SIZES)
+    return min(S, max(1, -(-selected // step)) * step)
+
+
 class MoDBlock(nn.Module):
     # Its keys exist only for the tokens its router took, a different set per row: sampling
     # decodes without a KV cache (kv_cache.supports_kv_cache).
@@ -66,13 +78,14 @@ class MoDBlock(nn.Module):
 
         # Selected positions first, in their original order (stable sort), padded to K slots
         # with invalid ones. Training selects at most k per row: K = k, a static shape (no
-        # host sync); at inference the auxiliary router's count decides (the longest row).
+        # host sync); at inference the auxiliary router's count decides (the longest row,
+        # rounded up: `eval_slots`).
         # At least one slot keeps every rank's stats aligned.
         counts_B = selected_BS.sum(1)
         if self.training:
             K = max(1, int(self.cfg.capacity * S))
         else:
-            K = max(1, int(counts_B.max()))
+            K = eval_slots(int(counts_B.max()), S)
         idx_BK = torch.argsort((~selected_BS).to(torch.int8), dim=1, stable=True)[:, :K]
         slot_ok_BK = torch.arange(K, device=x_BSd.device) < counts_B.unsqueeze(1)
         gather = lambda t: t.gather(1, idx_BK)
