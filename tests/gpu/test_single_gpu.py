@@ -62,6 +62,24 @@ def test_moe_layer_bf16_on_gpu_equals_the_naive_reference(name):
     assert gpu.experts.last_path == (expected if DEVICE == "cuda" else "loop")  # bf16 on CPU
 
 
+def test_grouped_mm_takes_padded_gemms_for_weights_off_a_16_byte_boundary():
+    """On Hopper torch._grouped_mm raises on weights not 16-byte aligned (ZeRO's flat buffer
+    can leave them so): the experts take the padded GEMMs, with the same result."""
+    from mm_moe.model.moe.experts import GroupedExperts
+    from tests.unit.test_moe_layer import misalign
+
+    if not _hopper():
+        pytest.skip("torch._grouped_mm runs on Hopper only")
+    experts = GroupedExperts(4, 64, 128, "grouped_mm").to(DEVICE).bfloat16()
+    x = torch.randn(40, 64, device=DEVICE, dtype=torch.bfloat16)
+    counts = torch.tensor([9, 0, 21, 10], device=DEVICE)
+    want = experts(x, counts)
+    misalign(experts)
+    got = experts(x, counts)
+    assert experts.last_path == "padded"
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
 def _packed(B, S, docs, device):
     g = torch.Generator().manual_seed(S + docs)
     doc = torch.sort(torch.randint(0, docs, (B, S), generator=g), dim=1).values

@@ -419,6 +419,39 @@ def test_grouped_mm_path_is_guarded_and_runs_where_it_can():
         GroupedExperts(3, 12, 32, "grouped_mm").bfloat16()(x[:, :12].bfloat16(), counts)
 
 
+def misalign(experts) -> None:
+    """The expert weights as views into one flat buffer, 1 element past a 16-byte boundary
+    (as ZeRO's flat buffer leaves them after a parameter of an odd size)."""
+    weights = (experts.w_gate_up, experts.w_down)
+    flat = torch.zeros(1 + sum(w.numel() for w in weights), dtype=weights[0].dtype)
+    flat = flat.to(weights[0].device)
+    offset = 1
+    for w in weights:
+        view = flat[offset : offset + w.numel()].view_as(w)
+        view.copy_(w.data)
+        w.data = view
+        offset += w.numel()
+
+
+def test_grouped_mm_falls_back_on_weights_off_a_16_byte_boundary(caplog):
+    """torch._grouped_mm refuses (on CUDA) weights whose address is not 16-byte aligned: the
+    experts take the loop (padded on CUDA) and say why, once."""
+    from mm_moe.model.moe.experts import GroupedExperts
+
+    x, counts = torch.randn(10, 16), torch.tensor([3, 0, 7])
+    grouped = GroupedExperts(3, 16, 32, "grouped_mm")
+    want = grouped(x, counts)
+    assert grouped.last_path == "grouped_mm"
+    misalign(grouped)
+    assert grouped.w_down.data_ptr() % 16
+    with caplog.at_level("WARNING", logger="mm_moe"):
+        got = grouped(x, counts)
+        grouped(x, counts)
+    assert grouped.last_path == "loop"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert caplog.text.count("past a 16-byte boundary") == 1
+
+
 def test_grouped_mm_auto_on_gpus_by_capability_dtype_and_alignment(monkeypatch):
     from mm_moe.model.moe.experts import choose_gemm
 

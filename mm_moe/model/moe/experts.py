@@ -6,6 +6,7 @@ Shape legend: E experts, d width, h expert hidden, N rows sorted by expert.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import torch
@@ -15,6 +16,8 @@ from torch.autograd.graph import get_gradient_edge
 
 from mm_moe.errors import UserError
 from mm_moe.utils.host_to_device import host_to_device
+
+log = logging.getLogger("mm_moe")
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -255,6 +258,7 @@ class GroupedExperts(nn.Module):
         # (torch.autograd.grad) gets its gradients returned as always.
         self.accumulate_grads = False
         self._paths: dict = {}
+        self._said_misaligned = False
         self.last_path: str | None = None  # the path the last forward took (tests, logs)
         # Gate and up projections side by side: one GEMM per expert instead of two.
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
@@ -263,12 +267,28 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(w, std=1 / math.sqrt(w.shape[1]))
 
     def path(self, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-        """(GEMM path, why) for inputs on this device and dtype; cached."""
+        """(GEMM path, why) for inputs on this device and dtype; cached, but for the weights'
+        alignment, which is checked each time (an optimizer may move them)."""
         key = (device, dtype)
         if key not in self._paths:
             _, hidden, d_model = self.w_down.shape
             self._paths[key] = choose_gemm(self.gemm, device, dtype, d_model, hidden)
-        return self._paths[key]
+        path, why = self._paths[key]
+        misaligned = [w.data_ptr() % 16 for w in (self.w_gate_up, self.w_down)]
+        if path == "grouped_mm" and any(misaligned):
+            # torch._grouped_mm refuses (on CUDA) weights that do not start on a 16-byte
+            # boundary: ZeRO makes the parameters views into one flat buffer, where a
+            # parameter of an odd size before them (a QK-norm of head_dim 100) shifts them.
+            path = "padded" if device.type == "cuda" else "loop"
+            why = (
+                f"{why}, but the expert weights start {misaligned[0] or misaligned[1]} bytes "
+                "past a 16-byte boundary (views into the optimizer's flat buffer), which "
+                f"torch._grouped_mm refuses: {path} GEMMs instead"
+            )
+            if not self._said_misaligned:
+                self._said_misaligned = True
+                log.warning("moe.gemm: %s", why)
+        return path, why
 
     def forward_runs(self, x_Nd: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
         """Rows sorted by expert in runs of (experts, rows per expert), counts the host knows
