@@ -56,19 +56,28 @@ def split_experts(state: dict, keys: dict[str, list[str]]) -> dict:
     return out
 
 
-def stack_experts(state: dict, keys: dict[str, list[str]], path: str) -> dict:
-    """One entry per expert -> stacked entries (the inverse of `split_experts`)."""
+def stack_experts(
+    state: dict, keys: dict[str, list[str]], path: str, rows: dict[str, list[int]] | None = None
+) -> dict:
+    """One entry per expert -> stacked entries (the inverse of `split_experts`). `rows`: for
+    a stacked name, the global expert ids to stack (a rank's own under expert parallelism),
+    so that no rank builds every expert's copy; all of them otherwise."""
     out = dict(state)
+    rows = rows or {}
     for name, per_expert in keys.items():
         missing = [k for k in per_expert if k not in out]
         if missing:
             if name in out:  # already stacked
+                if name in rows:
+                    out[name] = _map_tensors(out[name], lambda t, r=rows[name]: t[r])
                 continue
             raise UserError(
                 f"{path}: no entry for experts {missing[:3]}{'...' if len(missing) > 3 else ''}; "
                 "was it saved with other moe.experts_per_modality / moe.granularity?"
             )
         values = [out.pop(k) for k in per_expert]
+        if name in rows:
+            values = [values[e] for e in rows[name]]
         if isinstance(values[0], dict):
             out[name] = {k: torch.stack([v[k] for v in values]) for k in values[0]}
         else:

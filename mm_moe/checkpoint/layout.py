@@ -94,11 +94,12 @@ def publish(root: Path, tmp: Path, step: int) -> Path:
 
 
 def read_tensors(path: Path):
-    """A checkpoint file, read without running code: tensors and plain values only."""
+    """A checkpoint file, read without running code: tensors and plain values only. Mapped,
+    not read: the ranks of a node share its pages, and each reads only what it takes."""
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
             why = (

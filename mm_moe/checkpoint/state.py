@@ -79,7 +79,8 @@ class TrainState:
 def stage(state: TrainState) -> StagedCheckpoint | None:
     """Collective: copy the whole training state to CPU memory on rank 0 (None elsewhere)."""
     engine = state.engine
-    local = full_state.local_state(engine)  # fresh CPU copies (`.cpu().clone()`)
+    # Fresh CPU copies (`.cpu().clone()`) on rank 0, the writer; the others only take part.
+    local = full_state.local_state(engine, keep=state.rank == 0)
     rng_states = _gather_to_main(rng.capture(), state.world_size, state.rank)
     # Collective too: the webdataset loader gathers its streams' positions to rank 0.
     data_state = state.loader.state_dict()
@@ -263,7 +264,8 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     training from step 0 with this run's fresh optimizer, LR schedule, data position and step
     guard (nothing else of the source's meta: its wandb run, its FLOPs)."""
     _compare_with_written(step_dir, engine.module)
-    weights = tensors.read(step_dir, engine.module, optimizer=False)
+    rows = full_state.expert_rows(engine)  # this rank's experts only
+    weights = tensors.read(step_dir, engine.module, optimizer=False, rows=rows)
     full_state.load_local_state(engine, weights, str(step_dir))
     log.info(
         "loaded the weights-only checkpoint %s: fresh optimizer, LR schedule and data "
@@ -305,7 +307,7 @@ def load(
     # go on training another function without a word; training-only keys may change. (A
     # step without the run's config, made by hand or by a test, has nothing to compare.)
     _compare_with_written(step_dir, engine.module)
-    saved = tensors.read(step_dir, engine.module)
+    saved = tensors.read(step_dir, engine.module, rows=full_state.expert_rows(engine))
     rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     # The one hand-over to parallel/: every file is read before the engine changes.
     full_state.load_local_state(engine, saved, str(step_dir))

@@ -51,9 +51,21 @@ def _gather_experts(local: torch.Tensor, layer: ExpertParallelMoELayer) -> torch
     return whole
 
 
-def _local_experts(whole: torch.Tensor, layer: ExpertParallelMoELayer) -> torch.Tensor:
-    ids = layer.placement.local_experts(layer.expert_parallel.ep_rank)
-    return whole[ids]
+def _local_experts(value: torch.Tensor, layer: ExpertParallelMoELayer) -> torch.Tensor:
+    """This rank's rows of a whole stack; a stack of this rank's experts (read with
+    `expert_rows`) as it is (at EP > 1 it has fewer rows than the whole)."""
+    if value.shape[0] != layer.placement.num_experts:
+        return value
+    return value[layer.placement.local_experts(layer.expert_parallel.ep_rank)]
+
+
+def expert_rows(engine) -> dict[str, list[int]]:
+    """{stacked expert parameter name: the global expert ids this rank holds}, for reading
+    only those from a checkpoint; empty without expert parallelism."""
+    return {
+        name: layer.placement.local_experts(layer.expert_parallel.ep_rank)
+        for name, layer in sharded_experts(engine.module).items()
+    }
 
 
 def _is_sharded(param: torch.nn.Parameter) -> bool:
@@ -72,25 +84,26 @@ def _optimizer_step(engine) -> int:
     return 0
 
 
-def gather_model(engine) -> dict[str, torch.Tensor]:
-    """fp32 master weights (or the module's own when unsharded), on CPU."""
+def gather_model(engine, keep: bool = True) -> dict[str, torch.Tensor]:
+    """fp32 master weights (or the module's own when unsharded), on CPU; with `keep` false
+    this rank only takes part in the collectives and keeps nothing (not the writer)."""
     out = {}
     experts = sharded_experts(engine.module)
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p) if _is_sharded(p) else p.detach().float()
         if name in experts:
             full = _gather_experts(full, experts[name])
-            if full is None:
-                continue
-        out[name] = full.detach().cpu().clone()
+        if full is not None and keep:
+            out[name] = full.detach().cpu().clone()
     for name, buf in engine.module.named_buffers():
-        if name in engine.module.state_dict():
+        if name in engine.module.state_dict() and keep:
             out[name] = buf.detach().cpu().clone()
     return out
 
 
-def gather_optimizer(engine) -> dict:
-    """Adam moments of every parameter, whole, plus the step count; empty before any step."""
+def gather_optimizer(engine, keep: bool = True) -> dict:
+    """Adam moments of every parameter, whole, plus the step count; empty before any step.
+    With `keep` false: the collectives only, no moments kept."""
     step = _optimizer_step(engine)
     if step == 0:
         return {}
@@ -107,9 +120,8 @@ def gather_optimizer(engine) -> dict:
             full = safe_get_full_optimizer_state(p, k) if _is_sharded(p) else base.state[p][k]
             if name in experts:
                 full = _gather_experts(full.float(), experts[name])
-                if full is None:
-                    continue
-            per_key[k] = full.detach().float().cpu().clone()
+            if full is not None and keep:
+                per_key[k] = full.detach().float().cpu().clone()
         if per_key:
             moments[name] = per_key
     return {"step": step, "moments": moments}
@@ -184,11 +196,13 @@ def load_optimizer(engine, state: dict, path: str = "checkpoint") -> None:
                 base.state[p][k] = value.to(device=p.device, dtype=p.dtype, copy=True)
 
 
-def local_state(engine) -> dict[str, torch.Tensor]:
+def local_state(engine, keep: bool = True) -> dict[str, torch.Tensor]:
     """The engine's model and optimizer state as one {name: tensor} dict (state_names.py),
-    fresh CPU copies that alias nothing live. Collective; expert rows land on rank 0 only."""
-    out = {MODEL + name: value for name, value in gather_model(engine).items()}
-    optim = gather_optimizer(engine)
+    fresh CPU copies that alias nothing live. Collective; expert rows land on rank 0 only.
+    `keep` false (a rank that writes nothing): the collectives only, no host copy of the
+    model (every rank holding one would take a node's memory times its GPUs)."""
+    out = {MODEL + name: value for name, value in gather_model(engine, keep).items()}
+    optim = gather_optimizer(engine, keep)
     if optim:
         out[STEP] = torch.tensor(optim["step"], dtype=torch.int64)
         for name, per_key in optim["moments"].items():

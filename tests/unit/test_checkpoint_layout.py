@@ -306,6 +306,13 @@ def test_engine_state_round_trips_through_the_files_with_experts_one_entry_each(
     torch.save(optimizer, tmp_path / "optimizer.pt")
     back = tensors.read(tmp_path, engine.module)
     assert back.keys() == local.keys() and all(torch.equal(back[k], local[k]) for k in local)
+    # A rank of an expert-parallel run reads its own experts only (not a copy of every one)
+    rows = {f"{experts}.w_gate_up": [1, 3], f"{experts}.w_down": [1, 3]}
+    mine = tensors.read(tmp_path, engine.module, rows=rows)
+    for key in (f"model/{experts}.w_down", f"optimizer/{experts}.w_gate_up/exp_avg"):
+        assert torch.equal(mine[key], local[key][[1, 3]])
+    # A rank that writes nothing keeps no host copy of the model (the collectives only)
+    assert not any(k.startswith("model/") for k in full_state.local_state(engine, keep=False))
     stacked = {k.removeprefix("model/"): v for k, v in local.items() if k.startswith("model/")}
     torch.save(stacked, tmp_path / "model.pt")  # format 1
     back = tensors.read(tmp_path, engine.module, optimizer=False)
