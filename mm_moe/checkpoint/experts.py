@@ -37,6 +37,18 @@ def expert_keys(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
+def expert_rows(model: nn.Module) -> dict[str, list[int]]:
+    """{stacked parameter name: the global expert ids of its rows} where a layer holds only
+    some experts (expert parallelism sets `GroupedExperts.global_ids`); a rank then reads only
+    those from a checkpoint, not a copy of every expert."""
+    out = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, MoELayer) and m.experts.global_ids is not None:
+            for w in EXPERT_PARAMS:
+                out[f"{prefix}.experts.{w}"] = list(m.experts.global_ids)
+    return out
+
+
 def _map_tensors(value, fn):
     """Apply fn to a tensor, or to each tensor of a {name: tensor} dict (Adam moments)."""
     if isinstance(value, dict):

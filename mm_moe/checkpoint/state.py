@@ -264,8 +264,7 @@ def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     training from step 0 with this run's fresh optimizer, LR schedule, data position and step
     guard (nothing else of the source's meta: its wandb run, its FLOPs)."""
     _compare_with_written(step_dir, engine.module)
-    rows = full_state.expert_rows(engine)  # this rank's experts only
-    weights = tensors.read(step_dir, engine.module, optimizer=False, rows=rows)
+    weights = tensors.read(step_dir, engine.module, optimizer=False)
     full_state.load_local_state(engine, weights, str(step_dir))
     log.info(
         "loaded the weights-only checkpoint %s: fresh optimizer, LR schedule and data "
@@ -307,7 +306,7 @@ def load(
     # go on training another function without a word; training-only keys may change. (A
     # step without the run's config, made by hand or by a test, has nothing to compare.)
     _compare_with_written(step_dir, engine.module)
-    saved = tensors.read(step_dir, engine.module, rows=full_state.expert_rows(engine))
+    saved = tensors.read(step_dir, engine.module)
     rng_states = layout.read_tensors(step_dir / "rng.pt")["ranks"]
     # The one hand-over to parallel/: every file is read before the engine changes.
     full_state.load_local_state(engine, saved, str(step_dir))

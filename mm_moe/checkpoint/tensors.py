@@ -38,34 +38,31 @@ def to_files(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict, di
     return experts.split_experts(weights, keys), optimizer
 
 
-def read_model(step_dir: Path, model: nn.Module, rows=None) -> dict[str, torch.Tensor]:
-    """model.pt in `model`'s names and shapes: experts stacked (those of `rows` only, see
-    `experts.stack_experts`), older layouts upgraded."""
+def read_model(step_dir: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """model.pt in `model`'s names and shapes: experts stacked (under expert parallelism the
+    rank's own only: `experts.expert_rows`), older layouts upgraded."""
     saved = layout.read_tensors(Path(step_dir) / "model.pt")
-    weights = experts.stack_experts(saved, experts.expert_keys(model), str(step_dir), rows)
+    keys, rows = experts.expert_keys(model), experts.expert_rows(model)
+    weights = experts.stack_experts(saved, keys, str(step_dir), rows)
     return compat.upgrade_model_state(weights, model)
 
 
-def read_moments(step_dir: Path, model: nn.Module, rows=None) -> tuple[int, dict] | None:
+def read_moments(step_dir: Path, model: nn.Module) -> tuple[int, dict] | None:
     """optimizer.pt as (step, {parameter name: {exp_avg, exp_avg_sq}}) in `model`'s shapes;
     None when it was saved before the first optimizer step."""
     saved = layout.read_tensors(Path(step_dir) / "optimizer.pt")
     if not saved:
         return None
-    keys = experts.expert_keys(model)
+    keys, rows = experts.expert_keys(model), experts.expert_rows(model)
     moments = experts.stack_experts(saved["moments"], keys, str(step_dir), rows)
     return int(saved["step"]), compat.upgrade_moments(moments, model)
 
 
-def read(
-    step_dir: Path, model: nn.Module, optimizer: bool = True, rows=None
-) -> dict[str, torch.Tensor]:
+def read(step_dir: Path, model: nn.Module, optimizer: bool = True) -> dict[str, torch.Tensor]:
     """A step's tensors as the engine's state of `model` (for `load_local_state`): its weights
-    and, with `optimizer`, its Adam moments and step count when it has them. `rows`
-    ({stacked expert name: global ids}, `full_state.expert_rows`): the experts to read."""
-    weights = read_model(step_dir, model, rows)
-    state = {MODEL + name: value for name, value in weights.items()}
-    found = read_moments(step_dir, model, rows) if optimizer else None
+    and, with `optimizer`, its Adam moments and step count when it has them."""
+    state = {MODEL + name: value for name, value in read_model(step_dir, model).items()}
+    found = read_moments(step_dir, model) if optimizer else None
     if found is not None:
         step, moments = found
         state[STEP] = torch.tensor(step, dtype=torch.int64)

@@ -150,6 +150,7 @@ class ExpertParallelMoELayer(MoELayer, DeepSpeedExpertLayer):
             shard = nn.Parameter(whole.detach().index_select(0, local_ids).clone())
             setattr(experts, name, shard)
         experts.num_experts = placement.experts_per_rank
+        experts.global_ids = placement.local_experts(ep.ep_rank)
         layer.dispatcher = AllToAllDispatcher(placement, ep.ep_group, device)
         layer.placement, layer.expert_parallel = placement, ep
         layer.__class__ = cls

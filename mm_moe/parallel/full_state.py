@@ -52,20 +52,11 @@ def _gather_experts(local: torch.Tensor, layer: ExpertParallelMoELayer) -> torch
 
 
 def _local_experts(value: torch.Tensor, layer: ExpertParallelMoELayer) -> torch.Tensor:
-    """This rank's rows of a whole stack; a stack of this rank's experts (read with
-    `expert_rows`) as it is (at EP > 1 it has fewer rows than the whole)."""
+    """This rank's rows of a whole stack; a stack of this rank's experts alone (as checkpoint/
+    reads them, by `GroupedExperts.global_ids`) as it is: at EP > 1 it has fewer rows."""
     if value.shape[0] != layer.placement.num_experts:
         return value
     return value[layer.placement.local_experts(layer.expert_parallel.ep_rank)]
-
-
-def expert_rows(engine) -> dict[str, list[int]]:
-    """{stacked expert parameter name: the global expert ids this rank holds}, for reading
-    only those from a checkpoint; empty without expert parallelism."""
-    return {
-        name: layer.placement.local_experts(layer.expert_parallel.ep_rank)
-        for name, layer in sharded_experts(engine.module).items()
-    }
 
 
 def _is_sharded(param: torch.nn.Parameter) -> bool:

@@ -33,7 +33,6 @@ from mm_moe.model.moe.experts import gemm_paths
 from mm_moe.parallel.distributed import (
     DistInfo,
     adopt_slurm_env,
-    barrier,
     gather_objects,
     init_distributed,
 )
@@ -202,8 +201,10 @@ def _resume_dir(cfg: TrainConfig, dist: DistInfo) -> Path | None:
             _remove_replaced_wandb_runs(Path(cfg.trainer.run_dir))
     if dist.is_main:
         Path(cfg.trainer.run_dir).mkdir(parents=True, exist_ok=True)
-    barrier()
-    return resume_dir
+    # Rank 0's choice for all (a collective, so also the barrier after its removals): a
+    # listing cached per node (NFS) could show a rank another newest step.
+    agreed = gather_objects(None if resume_dir is None else str(resume_dir))[0]
+    return None if agreed is None else Path(agreed)
 
 
 def _remove_replaced_wandb_runs(run_dir: Path) -> None:

@@ -14,6 +14,7 @@ import logging
 
 from mm_moe.checkpoint import layout
 from mm_moe.checkpoint import state as ckpt_state
+from mm_moe.parallel.distributed import gather_objects
 
 log = logging.getLogger("mm_moe")
 
@@ -36,7 +37,10 @@ def rollback(guard, checkpointer, step: int, engine, loader, rank: int, world: i
     (the offending step's update was dropped all the same)."""
     checkpointer.wait()  # an async save in flight may be the checkpoint to return to
     root = checkpointer.root
-    steps = [s for s in layout.complete_steps(root) if s < step]
+    # Rank 0's listing decides for all: a file system that caches listings per node (NFS)
+    # could show other ranks an older newest step, or none (a rank skipping the load hangs).
+    steps = [s for s in layout.complete_steps(root) if s < step][-1:]
+    steps = gather_objects(steps)[0]
     if not steps:
         guard.counts["skipped_steps"] += 1
         log.warning(

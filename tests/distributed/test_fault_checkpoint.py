@@ -164,3 +164,30 @@ def _check_both(rank: int, world: int, root: str) -> None:
 def test_async_save_holds_save_time_state_and_failed_write_keeps_previous(tmp_path):
     """One pair of processes for both checks: starting DeepSpeed is most of the cost."""
     run_distributed(_check_both, str(tmp_path), world_size=2)
+
+
+def _rollback_with_listings_that_differ(rank: int, world: int, root: str, out: str) -> None:
+    """Rank 1 lists an older newest step (a per-node listing cache): both load rank 0's."""
+    from types import SimpleNamespace
+
+    from mm_moe.checkpoint import layout
+    from mm_moe.trainer import rollback
+
+    listed = {0: [4, 8], 1: [4]}[rank]
+    layout.complete_steps = lambda root: listed  # this process's view only
+    loaded = []
+    rollback.ckpt_state.load = lambda target, *args: loaded.append(Path(target).name)
+    guard = SimpleNamespace(counts={"rollbacks": 0, "skipped_steps": 0})
+    checkpointer = SimpleNamespace(root=Path(root), wait=lambda: None)
+    engine = SimpleNamespace(global_steps=0)
+    got = rollback.rollback(guard, checkpointer, 10, engine, None, rank, world)
+    Path(out, f"rank{rank}").write_text(f"{got} {loaded}")
+
+
+def test_a_rollback_loads_the_step_rank_0_lists_on_every_rank(tmp_path):
+    """Each rank used to pick the step from its own directory listing: on a file system that
+    caches listings per node (NFS) ranks could load different steps, or one skip the load and
+    leave the others waiting in its collectives."""
+    run_distributed(_rollback_with_listings_that_differ, str(tmp_path), str(tmp_path))
+    said = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
+    assert said == ["8 ['step_00000008']"] * 2

@@ -251,6 +251,9 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, hidden: int, gemm: str = "auto"):
         super().__init__()
         self.num_experts, self.hidden, self.gemm = num_experts, hidden, gemm
+        # The global ids of these experts where they are some of a layer's (expert
+        # parallelism, set from outside); None: all of them, in order.
+        self.global_ids: list[int] | None = None
         # Set from outside (mm_moe/parallel) where the weights' gradients go to `.grad` and
         # nowhere else (ZeRO-0 with a torch optimizer: no hook watches AccumulateGrad): the
         # backward then adds them into `.grad` in its GEMMs (Megatron-LM's gradient
