@@ -42,8 +42,10 @@ class TokenIndex:
             return
         self._gather, self._peer = gather, peer
         if self._done:  # computed already (MoT's rows): the sizes the host has, gathered
-            valid = torch.tensor(self.valid_M, device=self.modality_ids_BS.device)
-            self._peer_valid = gather(valid).tolist()
+            # [valid_M, all_M] as `compute` gathers them: the collective's size must not
+            # depend on which of the two a peer took.
+            sizes = torch.tensor(self.valid_M + self.all_M, device=self.modality_ids_BS.device)
+            self._peer_valid = [row[: self.num_modalities] for row in gather(sizes).tolist()]
 
     def compute(self) -> None:
         """Now (before compiled code that must not break on the sync); idempotent."""

@@ -78,7 +78,9 @@ class AllToAllDispatcher:
     def _gather_sizes(self, sizes_K: torch.Tensor) -> torch.Tensor:
         """[R, K]: every EP rank's group sizes (a collective, no host sync of its own)."""
         out_RK = sizes_K.new_empty((self.ep_size * sizes_K.numel(),))
-        dist.all_gather_single(out_RK, sizes_K.contiguous(), group=self.group)
+        # all_gather_single is the newer name of all_gather_into_tensor (deprecated since).
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out_RK, sizes_K.contiguous(), group=self.group)
         return out_RK.view(self.ep_size, -1)
 
     def prepare(self, tokens) -> None:

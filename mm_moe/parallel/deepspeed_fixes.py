@@ -54,6 +54,28 @@ def check_version() -> None:
         )
 
 
+def float_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's fp32 buffers (RoPE frequencies, the experts' bias and load
+    counts), for `restore_float_buffers` after `deepspeed.initialize`."""
+    return {
+        name: buf.detach().clone()
+        for name, buf in model.named_buffers()
+        if buf.dtype == torch.float32
+    }
+
+
+def restore_float_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> list[str]:
+    """DeepSpeed before 0.19.2 casts buffers with the parameters to bf16 (`module.bfloat16()`):
+    aux-loss-free balancing then loses its bias updates (1e-3 below bf16's spacing past 0.5)
+    and RoPE its precision. Puts back the fp32 values; returns the names it restored."""
+    restored = []
+    for name, buf in model.named_buffers():
+        if name in saved and buf.dtype != torch.float32:
+            buf.data = saved[name].to(buf.device)
+            restored.append(name)
+    return restored
+
+
 def skip_shm_build() -> None:
     """DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce for CPUs on
     start-up: a C++ build on the first run, under a file lock in ~/.cache/torch_extensions

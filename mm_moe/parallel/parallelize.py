@@ -114,9 +114,11 @@ def parallelize(model: torch.nn.Module, cfg, dist: DistInfo):
     ds_config = deepspeed_config_for(cfg, dist)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    buffers = deepspeed_fixes.float_buffers(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    deepspeed_fixes.restore_float_buffers(model, buffers)
     deepspeed_fixes.skip_lone_allreduce(engine)
     deepspeed_fixes.run_backward_prologue(engine)
     fuse_expert_grad_accumulation(model, engine)

@@ -306,3 +306,27 @@ def test_the_padded_expert_gemms_make_no_host_sync():
     with HostSyncCounter() as syncs:
         _padded_swiglu(x_Nd, w_gu, w_down, counts_E, max_count=5)
     assert syncs.total == 0, dict(syncs.by_op)
+
+
+def test_the_size_gather_has_one_shape_whichever_branch_a_peer_takes():
+    """MoT computes the token index before expert parallelism asks for the sizes; a plain
+    MoMa forward after: both gather [valid_M, all_M], so peers that took different branches
+    still meet in one collective of one size."""
+    from mm_moe.model.modality_ops import TokenIndex
+
+    modality_BS = torch.tensor([[0, 1, 1, 0, 1]])
+    valid_BS = torch.tensor([[True, True, False, True, True]])
+    shapes = []
+
+    def gather(sizes_K):
+        shapes.append(tuple(sizes_K.shape))
+        return torch.stack([sizes_K, sizes_K + 1])
+
+    early, late = TokenIndex(modality_BS, valid_BS, 2), TokenIndex(modality_BS, valid_BS, 2)
+    early.compute()
+    early.share_sizes(gather, 0)
+    late.share_sizes(gather, 0)
+    assert shapes == [(4,)]  # `early` at once; `late` in its compute's one host sync
+    late.compute()
+    assert shapes == [(4,), (4,)]
+    assert early.peer_sizes((0,)) == late.peer_sizes((0,)) == [2, 3]

@@ -300,6 +300,9 @@ def test_expert_choice_capacity_formula():
     assert router.expert_capacity(10, 2, 4.0, 1) == 10  # never more than the group
     assert router.expert_capacity(3, 4, 1.0, 1) == 1  # fewer tokens than experts: not 0
     assert router.expert_capacity(0, 4, 1.0, 1) == 0
+    # capacity_factor * k * T / E in floats is 62.99999999999999 here: still 63
+    assert router.expert_capacity(180, 2, 0.7, 1) == 63
+    assert router.token_capacity(50, 1, 1.1, 1) == 55  # 55.00000000000001 in floats
 
 
 def test_a_group_with_fewer_tokens_than_experts_is_processed_in_training():
@@ -346,6 +349,27 @@ def test_zero_token_group_is_fine():
     out = layer(x, ctx)
     assert not out.any()
     assert ctx.stats["moe/l0/image/load"].tolist() == [0.0, 0.0]
+
+
+def test_fp32_buffers_survive_a_deepspeed_that_casts_buffers_to_bf16():
+    """DeepSpeed < 0.19.2 (in the pinned range) runs `module.bfloat16()`, buffers included:
+    the experts' bias and load counts and RoPE's frequencies are put back in fp32."""
+    from mm_moe.model.config import ModelConfig
+    from mm_moe.parallel.deepspeed_fixes import float_buffers, restore_float_buffers
+
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=64)
+    model = cfg.with_vocab(50).build(MOMA_TC)
+    with torch.no_grad():
+        for buf in model.buffers():
+            if buf.is_floating_point():
+                buf.add_(torch.rand_like(buf) / 3)
+    saved = float_buffers(model)
+    model.bfloat16()  # what the older DeepSpeed does
+    restored = restore_float_buffers(model, saved)
+    assert any("expert_bias" in n for n in restored) and any("load_accum" in n for n in restored)
+    for name, buf in model.named_buffers():
+        if name in saved:
+            assert buf.dtype == torch.float32 and torch.equal(buf, saved[name]), name
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_group"])
@@ -450,6 +474,17 @@ def test_grouped_mm_falls_back_on_weights_off_a_16_byte_boundary(caplog):
     assert grouped.last_path == "loop"
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert caplog.text.count("past a 16-byte boundary") == 1
+
+
+def test_grouped_mm_backward_takes_no_rows_with_an_expanded_gradient():
+    """A rank or group with no rows gets `y.sum()`'s zero-stride gradient: the kernel's
+    backward refused it ("Invalid strides/sizes"); now zero gradients."""
+    from mm_moe.model.moe.experts import GroupedExperts
+
+    experts = GroupedExperts(2, 8, 8, "grouped_mm")
+    x = torch.zeros(0, 8, requires_grad=True)
+    experts(x, torch.zeros(2, dtype=torch.long)).sum().backward()
+    assert x.grad.shape == (0, 8) and not experts.w_down.grad.any()
 
 
 def test_grouped_mm_auto_on_gpus_by_capability_dtype_and_alignment(monkeypatch):

@@ -30,7 +30,13 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        # An empty tensor counts as contiguous whatever its strides, and the kernel still
+        # rejects zero strides: a fresh one for no rows.
+        return (
+            grad.contiguous()
+            if grad.numel()
+            else torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+        )
 
 
 def grouped_mm_problem(

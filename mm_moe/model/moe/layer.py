@@ -36,6 +36,7 @@ class LocalDispatcher:
     """
 
     slot_of_expert: torch.Tensor | None = None
+    rank = 0  # this process's index among the peers whose rows it exchanges (none here)
 
     def __call__(self, x_Nd: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts):
         return experts(x_Nd, counts_E)
@@ -221,7 +222,8 @@ class MoELayer(nn.Module):
             ]
             for r in range(len(sizes_GR[0]))
         ]
-        assert runs in runs_R, (runs, runs_R)  # this process's own capacities among them
+        # The dispatcher splits these rows by this process's entry: they must be its own.
+        assert runs == runs_R[self.dispatcher.rank], (runs, runs_R, self.dispatcher.rank)
         x_Nd = x_Td.index_select(0, token_idx_N)
         y_Nd = self.dispatcher.runs(x_Nd, runs_R, self.experts)
         weighted_Nd = y_Nd * gate_N.unsqueeze(1).to(y_Nd.dtype)

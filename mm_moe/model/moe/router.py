@@ -41,7 +41,17 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k
     """Tokens each expert takes under expert choice: capacity_factor * k * T / E rounded down,
     at least 1 (a group with fewer tokens than experts still has every token processed, as
     the auxiliary routers may route it at inference) and at most T."""
-    return min(num_tokens, max(1, int(capacity_factor * k * num_tokens / num_experts)))
+    return min(
+        num_tokens, max(1, math.floor(_per_expert(num_tokens, num_experts, capacity_factor, k)))
+    )
+
+
+def _per_expert(num_tokens: int, num_experts: int, capacity_factor: float, k: int) -> float:
+    """capacity_factor * k * T / E, nudged off the float error that would take an exact
+    integer one below (0.7 * 180 / 2 is 62.99999999999999) or one above when rounded."""
+    x = capacity_factor * k * num_tokens / num_experts
+    nearest = round(x)
+    return float(nearest) if abs(x - nearest) < 1e-9 * max(1.0, x) else x
 
 
 def expert_choice(
@@ -138,4 +148,4 @@ def token_choice(
 
 def token_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int) -> int:
     """Token-choice capacity per expert: ceil(capacity_factor * k * T / E)."""
-    return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
+    return max(1, math.ceil(_per_expert(num_tokens, num_experts, capacity_factor, k)))
