@@ -257,6 +257,38 @@ def _check_same_architecture(step_dir: Path, module, written: dict | None = None
         )
 
 
+def _layout(vocab) -> str:
+    image = (
+        f"image codes {vocab.image_offset}..{vocab.image_offset + vocab.image_size - 1}"
+        if not vocab.image_ids
+        else f"{vocab.image_size} image codes at the ids of its tokenizer"
+    )
+    return (
+        f"text 0..{vocab.text_size - 1}, bos/eos/pad/boi/eoi {vocab.bos}/{vocab.eos}/"
+        f"{vocab.pad}/{vocab.boi}/{vocab.eoi}, {image}, {vocab.size} ids"
+    )
+
+
+def check_vocabulary(step_dir: Path, vocab) -> None:
+    """The run's data must make the ids the checkpoint's weights were trained on (its
+    vocab.yaml): other data or tokenizer keys move text and image ids, and the model would
+    go on training on ids that mean other tokens (an upcycled checkpoint pins
+    model.vocab_size, so nothing else notices while the size does not grow)."""
+    from mm_moe.tokenization.vocab import Vocab
+
+    path = Path(step_dir) / layout.VOCAB
+    if not path.is_file() or vocab is None:
+        return
+    saved = Vocab.load(path)
+    if saved != vocab:
+        raise UserError(
+            f"checkpoint.resume={step_dir}: its weights were trained on the vocabulary "
+            f"{_layout(saved)}; this run's data make {_layout(vocab)}. The ids would mean "
+            f"other tokens: give the data and tokenizer keys it was made with (the `data` and "
+            f"`tokenizer` of {Path(step_dir) / layout.CONFIG}, e.g. data.synthetic.*)"
+        )
+
+
 def _load_weights_only(step_dir: Path, meta: dict, engine) -> dict:
     """A checkpoint with model weights but no optimizer, schedule, RNG or data state (an
     upcycled or imported model), or a whole one asked for its weights alone

@@ -607,6 +607,8 @@ def _build(cfg: TrainConfig, dist: DistInfo, lock, held_micro: int) -> Training:
     )
     # The next step's batches are built while this one runs (pinned for async copies on CUDA).
     loader = Prefetcher(loader, pin_memory=dist.device.type == "cuda", device=dist.device)
+    if resume_dir is not None:  # before the sizes are compared: the layout says more
+        ckpt_state.check_vocabulary(resume_dir, loader.vocab)
     model_cfg = cfg.model.with_vocab(loader.vocab.size)
     engine = _engine(cfg, model_cfg, dist)
     seed_all(t.seed * 100_003 + dist.rank)  # randomness in training differs across ranks

@@ -169,3 +169,19 @@ def test_a_rewound_run_keeps_its_own_checkpoints_under_an_older_line(tmp_path):
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000008", "step_00000012"]
     train(tmp_path, "trainer.max_steps=10", "checkpoint.interval=4", "checkpoint.resume=auto")
     assert sorted(losses(tmp_path)) == list(range(1, 11))
+
+
+def test_a_resume_whose_data_move_the_ids_is_refused(tmp_path):
+    """Other synthetic vocabulary keys of the same total size (6 text ids fewer, 6 image codes
+    more) move every image id: the weights would go on training on ids that mean other tokens
+    while the model's size check sees nothing. Refused, weights-only too, naming both."""
+    run_dir = tmp_path / "run"
+    train(run_dir, "trainer.max_steps=1", "checkpoint.interval=1")
+    step = run_dir / "checkpoints" / "step_00000001"
+    moved = ["data.synthetic.text_vocab_size=250", "data.synthetic.image_codebook_size=70"]
+    for weights_only in ("true", "false"):
+        how = f"checkpoint.weights_only={weights_only}"
+        proc = train(tmp_path / weights_only, f"checkpoint.resume={step}", how, *moved, check=False)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and "image codes 261..324, 325 ids" in said, said[-2000:]
+        assert "this run's data make text 0..249" in said and "data.synthetic" in said
