@@ -55,6 +55,13 @@ def _is_hydra_user_error(exc: BaseException) -> bool:
     return isinstance(exc, HydraException)
 
 
+def _is_yaml_error(exc: BaseException) -> bool:
+    """A YAML syntax error while Hydra composes the config (a config file the user wrote):
+    omegaconf lets PyYAML's error through, with the file and line it names."""
+    yaml = sys.modules.get("yaml")
+    return yaml is not None and isinstance(exc, yaml.YAMLError)
+
+
 def failure(prog: str, exc: BaseException) -> int:
     """Print why `prog` stopped and return its exit status: 2 for a UserError or a Hydra
     error (configuration or input: the message alone), 1 for anything else (with its
@@ -64,6 +71,8 @@ def failure(prog: str, exc: BaseException) -> int:
 
     if isinstance(exc, UserError) or _is_hydra_user_error(exc):
         text, code = _hydra_brief(str(exc).strip()), 2
+    elif _is_yaml_error(exc):  # a config file a user wrote (its path and line are in it)
+        text, code = f"a YAML file cannot be read: {' '.join(str(exc).split())}", 2
     elif getattr(exc, "brief", False):
         text, code = f"{exc.__class__.__name__}: {exc}", 1
     else:

@@ -27,6 +27,7 @@ from mm_moe.data.config import tokenizer_unread
 from mm_moe.errors import UserError
 from mm_moe.parallel.config import optimizer_zero_stage
 from mm_moe.plan_memory import activation_bytes, logits_bytes
+from mm_moe.utils import units
 
 # 65,536 text ids, 5 specials and Chameleon's 8,192 image codes.
 FALLBACK_DATA_VOCAB = 65536 + 5 + 8192
@@ -181,23 +182,25 @@ def plan(cfg: TrainConfig, cluster: ClusterConfig) -> dict:
 def _print(name: str, p: dict) -> None:
     print(f"plan for {name} on {p['world_size']} GPUs")
     print(
-        f"  parameters: {p['params_total'] / 1e9:.3f}B total "
-        f"({p['params_expert'] / 1e9:.3f}B in experts); active per token: "
-        + ", ".join(f"{m} {v / 1e9:.3f}B" for m, v in p["params_active"].items())
+        f"  parameters: {units.count(p['params_total'])} total "
+        f"({units.count(p['params_expert'])} in experts); active per token: "
+        + ", ".join(f"{m} {units.count(v)}" for m, v in p["params_active"].items())
     )
     print(f"  vocabulary: {p['vocab_size']:,} ids")
     print(
         "  training FLOPs per token: "
-        + ", ".join(f"{m} {v / 1e9:.2f} GFLOP" for m, v in p["flops_per_token"].items())
+        + ", ".join(f"{m} {units.flop(v)}" for m, v in p["flops_per_token"].items())
     )
     print(f"  tokens per step: {p['tokens_per_step']:,}")
     print(
         "  memory per GPU: "
-        + ", ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in p["memory_per_gpu"].items())
+        + ", ".join(
+            f"{k.removesuffix('_gib')} {units.gib(v)}" for k, v in p["memory_per_gpu"].items()
+        )
     )
     ep = p["expert_parallel_size"]
     print(
-        f"  all-to-all per GPU per step: {p['all_to_all_gib_per_gpu_per_step']:.2f} GiB "
+        f"  all-to-all per GPU per step: {units.gib(p['all_to_all_gib_per_gpu_per_step'])} "
         f"(parallel.expert_parallel_size={ep}"
         + ("; every rank holds every expert: none" if ep == 1 else "")
         + ")"

@@ -26,6 +26,7 @@ from mm_moe.config.validate import did_you_mean, valid_keys
 from mm_moe.upcycle.config import UpcycleConfig
 
 PROG = "mm_moe.upcycle"
+DELETE = object()  # a `~key` override's value: the key goes
 log = logging.getLogger("mm_moe")
 
 
@@ -42,8 +43,14 @@ def split_args(argv: list[str]) -> tuple[dict, list[str], list[tuple[str, object
     options, choices, train = {}, [], []
     for arg, o in zip(argv, parsed):
         key = o.key_or_group
+        if o.is_delete() and "." in key and key not in upcycle_keys:
+            _check_used(arg, key.split(".", 1)[0])
+            train.append((key, DELETE))  # as training takes it: ~moe.experts_per_modality.mixed
+            continue
         if o.is_delete() or o.package or o.is_sweep_override():
-            raise ConfigError(f"{arg!r}: only key=value overrides are supported here")
+            raise ConfigError(
+                f"{arg!r}: only key=value (and ~key deletion) overrides are taken here"
+            )
         if key in upcycle_keys:
             options[key] = o.value()
         elif key in ENTRY_GROUPS and isinstance(o.value(), str):
@@ -111,10 +118,17 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
                 base[group] = composed[group]
     conf = OmegaConf.create(base)
     for key, value in train:
-        OmegaConf.update(conf, key, value, merge=False, force_add=True)
+        if value is DELETE:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(conf, parent)
+            if node is None or leaf not in node:
+                raise ConfigError(f"~{key}: the target's config has no {key} to delete")
+            del node[leaf]
+        else:
+            OmegaConf.update(conf, key, value, merge=False, force_add=True)
     if ucfg.untie is not None:
         given = dict(train).get("model.untie")
-        if given is not None and sorted(given) != sorted(ucfg.untie):
+        if given is not None and given is not DELETE and sorted(given) != sorted(ucfg.untie):
             raise ConfigError(f"untie={ucfg.untie} and model.untie={given} disagree")
         conf.model.untie = list(ucfg.untie)
     container = OmegaConf.to_container(conf, resolve=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from mm_moe.train import CONFIG_DIR, build_config
+from mm_moe.utils import units
 
 
 def main() -> None:
@@ -43,10 +44,10 @@ def main() -> None:
             params = model.num_params(cfg.moe)
             flops = model.flops_per_token(args.seq_len, cfg.moe)
             print(
-                f"{name:<22}{params['total'] / 1e6:>9.0f}M"
-                f"{params['active']['text'] / 1e6:>12.0f}M"
-                f"{params['active']['image'] / 1e6:>13.0f}M"
-                f"{flops['text'] / 1e9:>17.2f}{flops['image'] / 1e9:>8.2f}"
+                f"{name:<22}{units.count(params['total']):>10}"
+                f"{units.count(params['active']['text']):>13}"
+                f"{units.count(params['active']['image']):>14}"
+                f"{flops['text'] / 1e9:>17.3g}{flops['image'] / 1e9:>8.3g}"
             )
 
 

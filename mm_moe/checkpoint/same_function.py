@@ -99,8 +99,13 @@ def differences(saved: dict[str, object], run: dict[str, object]) -> list[str]:
             continue
         was, now = _as(key, saved.get(key)), _as(key, run.get(key))
         if was != now and not (key in _ONE_WAY and _ONE_WAY[key](was, now)):
-            out.append(f"{key}: checkpoint {saved.get(key)!r}, this run {run.get(key)!r}")
+            out.append(f"{key}: checkpoint {_shown(saved, key)}, this run {_shown(run, key)}")
     return out
+
+
+def _shown(config: dict, key: str) -> str:
+    # A key one side leaves out is unused there (top_k under expert choice), not None.
+    return repr(config[key]) if key in config else "(not used)"
 
 
 def _as(key: str, value):

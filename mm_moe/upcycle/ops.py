@@ -110,9 +110,16 @@ def upcycle_experts(
     return w_gate_up_Ed2h, w_down_Ehd
 
 
-def virtual_group_router(copies: int, granularity: int, d: int, std: float, gen) -> torch.Tensor:
-    """Router weight [E, d]: one N(0, std^2) row per copy, shared by its G shards."""
+def virtual_group_router(
+    copies: int, granularity: int, d: int, std: float, gen, orthogonal: bool = False
+) -> torch.Tensor:
+    """Router weight [E, d]: one N(0, std^2) row per copy, shared by its G shards; with
+    `orthogonal` (moe.router_init=orthogonal) the copies' rows are orthogonal, each with a
+    normal row's norm (std * sqrt(d)), as `MoELayer.init_routers` makes them."""
     base_Cd = torch.randn(copies, d, generator=gen) * std
+    if orthogonal and copies <= d:
+        q_dC, r_CC = torch.linalg.qr(torch.randn(d, copies, generator=gen))
+        base_Cd = (q_dC * torch.sign(torch.diagonal(r_CC))).T * (std * math.sqrt(d))
     return base_Cd.repeat_interleave(granularity, dim=0)
 
 
@@ -243,7 +250,9 @@ def _moe_layer(layer: MoELayer, prefix: str, ffn_src, opts: UpcycleOptions, gen,
         down.append(w_d)
         put(
             f"{prefix}routers.{name}.weight",
-            virtual_group_router(copies, G, d, opts.router_init_std, gen),
+            virtual_group_router(
+                copies, G, d, opts.router_init_std, gen, layer.cfg.router_init == "orthogonal"
+            ),
         )
         if name in layer.shared:
             # Shared experts start with a zero output projection: they add nothing at first

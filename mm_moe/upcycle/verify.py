@@ -41,6 +41,8 @@ class VerifyResult:
     # written layout differs from the source's recorded one (non-empty: FAILED).
     vocabulary: str = ""
     layout_problems: list[str] = field(default_factory=list)
+    # What differs in training mode only (evaluation, which is compared, is unaffected).
+    training_only: list[str] = field(default_factory=list)
 
     @property
     def within_tolerance(self) -> bool:
@@ -81,6 +83,9 @@ class VerifyResult:
             out += [f"  - {r}" for r in self.reasons]
         elif not self.within_tolerance:
             out.append("verify: FAILED: expected exact")
+        elif not self.layout_problems and self.training_only:
+            out.append("verify: function preserved in eval mode; training mode differs:")
+            out += [f"  - {r}" for r in self.training_only]
         elif not self.layout_problems:
             out.append("verify: function preserved")
         return out
@@ -172,6 +177,20 @@ def expected_differences(
     return reasons
 
 
+def training_only_differences(target: TrainConfig) -> list[str]:
+    """What makes training start from another function than the verified (eval-mode) one."""
+    moe, out = target.moe, []
+    if moe.enabled and moe.router == "token_choice" and (moe.capacity_factor or 0) > 0:
+        out.append(
+            f"moe.capacity_factor={moe.capacity_factor}: in training an expert takes at most "
+            "that many tokens and the rest get no FFN output (evaluation is dropless); "
+            "moe.capacity_factor=0 starts training from the dense model's function"
+        )
+    if moe.enabled and moe.router_noise > 0:
+        out.append(f"moe.router_noise={moe.router_noise}: noise on the training-time selection")
+    return out
+
+
 def _unprocessed(stats: dict[str, torch.Tensor], images: bool) -> str:
     """Each group's share of its tokens that no expert took, per layer (image groups only
     where the input held images)."""
@@ -220,6 +239,7 @@ def verify(
         images=images,
         vocabulary=vocabulary,
         layout_problems=problems,
+        training_only=training_only_differences(target),
     )
 
 

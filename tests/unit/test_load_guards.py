@@ -249,3 +249,11 @@ def test_dense_weights_into_an_moe_run_point_at_the_upcycle(tmp_path):
     # the switch alone, not every MoE field the dense side lacks ("checkpoint None")
     assert "moe.experts_per_modality: checkpoint {}" in str(e.value)
     assert "checkpoint None" not in str(e.value)
+
+
+def test_a_key_one_side_does_not_use_is_shown_as_not_used():
+    """moe.top_k is left out under expert choice: it showed as `this run None`."""
+    from mm_moe.checkpoint.same_function import differences
+
+    said = differences({"moe.router": "token_choice", "moe.top_k": 1}, {"moe.router": "x"})
+    assert "moe.top_k: checkpoint 1, this run (not used)" in said

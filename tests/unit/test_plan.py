@@ -10,6 +10,7 @@ import torch
 
 from mm_moe.plan import main
 from mm_moe.train import CONFIG_DIR
+from mm_moe.utils import units
 
 MODELS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 
@@ -35,7 +36,9 @@ def test_plan_counts_equal_built_model(preset, capsys):
         if ".ffn.experts." in n and "ffn.experts.0." not in n and "ffn.experts.1." not in n
     )
     assert result["params_expert"] == expert
-    assert "parameters:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"parameters: {units.count(result['params_total'])} total" in printed
+    assert "0.000B" not in printed and " 0.00 GiB" not in printed.split("all-to-all")[0]
 
 
 def test_plan_warns_and_shards_experts():
@@ -229,3 +232,15 @@ def test_plan_reads_the_users_own_config_dir(tmp_path):
     assert (
         got["params_total"] == builtin["params_total"] != main(["model=tiny_moma"])["params_total"]
     )
+
+
+def test_units_read_at_every_scale():
+    """Tiny configs printed as 0.000B parameters and 0.00 GiB of memory."""
+    assert [units.count(n) for n in (512, 871_000, 279_700_000, 1_371_000_000)] == [
+        "512",
+        "871K",
+        "279.7M",
+        "1.371B",
+    ]
+    assert units.flop(5.36e6) == "5.36 MFLOP" and units.flop(2.13e9) == "2.13 GFLOP"
+    assert units.gib(25.67) == "25.67 GiB" and units.gib(26.43 / 1024) == "26.43 MiB"

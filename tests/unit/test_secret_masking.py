@@ -101,3 +101,13 @@ def test_hydra_multirun_yaml_holds_no_secret(tmp_path):
     )
     assert proc.returncode == 2 and (failed / "multirun.yaml").is_file()
     assert _leaks(failed) == []
+
+
+def test_a_config_file_that_is_not_yaml_exits_2_naming_file_and_line(tmp_path):
+    """A YAML syntax error in a config file a user wrote is the file form of a malformed
+    override: one line with the file and line (it was a traceback of Hydra's frames)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("model:\n  d_model: [\n")
+    proc = _run("mm_moe.train", "--config-dir", str(tmp_path), "model=mine")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "a YAML file cannot be read" in proc.stderr and 'mine.yaml", line 3' in proc.stderr

@@ -402,6 +402,56 @@ def test_router_virtual_groups_and_expert_noise():
     assert (noisy[0] - exact[0]).abs().max() < 0.1
 
 
+def test_an_orthogonal_router_init_is_what_the_upcycle_writes(tmp_path, hf, ids, capsys):
+    """moe.router_init=orthogonal was recorded in the upcycled config while its routers got
+    the normal rows: now each group's rows are orthogonal, with a normal row's norm, and the
+    function is still preserved."""
+    src, ref = hf
+    out = tmp_path / "up"
+    args = [f"source={src}", "source_format=hf", f"out={out}", "verify=true", *DATA_VOCAB]
+    assert run([*args, *TC_TOP2, "moe.router_init=orthogonal"]) == 0
+    assert "verify: function preserved" in capsys.readouterr().out
+    model, _ = _ours(out, ids)
+    for router in model.layers[0].ffn.routers.values():
+        w = router.weight.double()
+        gram = w @ w.T
+        norm = 0.02 * w.shape[1] ** 0.5  # the upcycle's router_init_std
+        off_diagonal = gram - torch.diag(torch.diagonal(gram))
+        assert off_diagonal.abs().max() < 1e-6 and torch.allclose(
+            w.norm(dim=1), torch.full((w.shape[0],), norm, dtype=w.dtype)
+        )
+
+
+def test_verify_says_when_training_starts_from_another_function(tmp_path, hf, capsys):
+    """Token choice with a capacity drops tokens in training only: the eval-mode logits the
+    upcycle compares are the source's, the first training step's are not. Said, not left
+    to be found in the first loss."""
+    src, _ = hf
+    args = [f"source={src}", "source_format=hf", "verify=true", *DATA_VOCAB, *TC_TOP2]
+    assert run([*args, f"out={tmp_path / 'cap'}", "moe.capacity_factor=0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify: function preserved in eval mode; training mode differs:" in printed
+    assert "moe.capacity_factor=0.5: in training" in printed
+    assert run([*args, f"out={tmp_path / 'dropless'}"]) == 0
+    assert "training mode differs" not in capsys.readouterr().out
+
+
+def test_the_upcycle_takes_deletions_as_training_does(tmp_path, hf):
+    """The groups' dict merges preset and overrides; the advice names `~key` deletions, which
+    the upcycle refused ("only key=value overrides")."""
+    src, _ = hf
+    args = [f"source={src}", "source_format=hf", *DATA_VOCAB, *TC_TOP2]
+    mixed = "moe.experts_per_modality.mixed=4"
+    with pytest.raises(ConfigError, match=r"delete the modality groups .*~moe"):
+        run([*args, f"out={tmp_path / 'a'}", mixed])
+    drop = ["~moe.experts_per_modality.text", "~moe.experts_per_modality.image"]
+    assert run([*args, f"out={tmp_path / 'b'}", mixed, *drop]) == 0
+    model, _ = _ours(tmp_path / "b", torch.zeros(1, 4, dtype=torch.long))
+    assert model.moe_cfg.experts_per_modality == {"mixed": 4}
+    with pytest.raises(ConfigError, match=r"has no moe.experts_per_modality.audio to delete"):
+        run([*args, f"out={tmp_path / 'c'}", "~moe.experts_per_modality.audio"])
+
+
 def test_a_source_without_a_tokenizer_trains_only_on_its_ids(tmp_path, hf):
     """No tokenizer files: any stand-in would map text onto the source's unrelated ids, so the
     overlay says tokenizer.text=none and raw-text shards are refused, tokens shards read."""
