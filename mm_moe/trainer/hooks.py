@@ -66,14 +66,19 @@ class MetricsHook(Hook):
     """metrics.jsonl, wandb and the console, every trainer.log_interval steps (and at the
     last step and after an evaluation). A logged record also carries the training loss over
     every step since the previous logged one (in this process), weighted by loss tokens:
-    `loss_interval`, `loss_<m>_interval` and `steps_interval`, less noisy than one step's."""
+    `loss_interval`, `loss_<m>_interval` and `steps_interval`, less noisy than one step's;
+    and the throughput over those steps, `tokens_per_s_interval` (their tokens over their
+    time: one step's rate says little when step times vary)."""
 
     def __init__(self):
         self._sums: dict[str, list[float]] = {}  # name: [loss x tokens, tokens]
         self._steps = 0
+        self._tokens_time = [0.0, 0.0]
 
     def _add(self, record: dict) -> None:
         self._steps += 1
+        self._tokens_time[0] += record["tokens_per_s"] * record["step_time_s"]
+        self._tokens_time[1] += record["step_time_s"]
         pairs = [("loss", "tokens_loss")]
         pairs += [(f"loss_{m}", f"tokens_{m}") for m in MODALITIES]
         for loss, tokens in pairs:
@@ -95,7 +100,9 @@ class MetricsHook(Hook):
             for loss, (total, count) in self._sums.items():
                 record[f"{loss}_interval"] = total / count
             record["steps_interval"] = self._steps
-            self._sums, self._steps = {}, 0
+            tokens, seconds = self._tokens_time
+            record["tokens_per_s_interval"] = tokens / seconds if seconds > 0 else 0.0
+            self._sums, self._steps, self._tokens_time = {}, 0, [0.0, 0.0]
             trainer.training.metrics.log(record)
 
 
@@ -244,7 +251,10 @@ class CheckpointHook(Hook):
 
 def summary(history: list[dict], training) -> None:
     first, last = history[0], history[-1]
-    tok_s = sum(r["tokens_per_s"] for r in history) / len(history)
+    # Tokens over time (a mean of the steps' rates over-weights the fast steps).
+    seconds = sum(r["step_time_s"] for r in history)
+    tok_s = sum(r["tokens_per_s"] * r["step_time_s"] for r in history) / max(seconds, 1e-9)
+    evals = [r for r in history if r.get("eval/loss") is not None]
     cfg = training.cfg
     trained = (
         f"{len(history)} steps ({first['step']}-{last['step']}, resumed from step "
@@ -258,7 +268,12 @@ def summary(history: list[dict], training) -> None:
     )
     lines = [
         f"done: {trained}; loss {first['loss']:.3f} -> {last['loss']:.3f} ({losses}); "
-        f"{tok_s:.0f} tokens/s",
+        + (
+            f"held-out loss {evals[-1]['eval/loss']:.3f} at step {evals[-1]['step']}; "
+            if evals
+            else ""
+        )
+        + f"{tok_s:.0f} tokens/s",
         f"metrics: {training.metrics.path}",
     ]
     root = training.checkpointer.root

@@ -131,7 +131,8 @@ class MetricsLogger:
             f"step {metrics['step']} loss {metrics['loss']:.4f} "
             f"text {loss_text(metrics['loss_text'])} image {loss_text(metrics['loss_image'])} "
             f"lr {metrics['lr']:.2e} gnorm {metrics['grad_norm']:.3f} "
-            f"tok/s {metrics['tokens_per_s']:.0f}"
+            f"tok/s {metrics.get('tokens_per_s_interval', metrics['tokens_per_s']):.0f}"
+            + (f" eval {metrics['eval/loss']:.4f}" if metrics.get("eval/loss") is not None else "")
         )
         if self.bar is not None:
             self.bar.update(metrics["step"] - self.bar.n)

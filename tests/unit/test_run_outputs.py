@@ -748,3 +748,35 @@ def test_generate_says_when_training_would_have_skipped_the_prompt_image(caplog)
         with caplog.at_level("WARNING", logger="mm_moe"):
             _say_if_training_skips(Image.new("RGB", size), "p.png", data)
         assert (said in caplog.text and "p.png" in caplog.text) if said else not caplog.text
+
+
+def test_throughput_is_tokens_over_time_in_the_rows_and_the_summary(tmp_path, caplog):
+    """A mean of the steps' rates over-weights fast steps (a contended run: 2.75x too high);
+    the logged row carries its interval's tokens over time, and the summary the run's, with
+    the last held-out loss."""
+    from mm_moe.trainer.hooks import MetricsHook, summary
+
+    logged = []
+    cfg = SimpleNamespace(
+        trainer=SimpleNamespace(log_interval=2, max_steps=4, run_dir=str(tmp_path)),
+        checkpoint=SimpleNamespace(interval=0),
+        logging=SimpleNamespace(wandb=SimpleNamespace(mode="disabled")),
+    )
+    training = SimpleNamespace(
+        cfg=cfg,
+        metrics=SimpleNamespace(log=lambda r: logged.append(dict(r)), path="m.jsonl"),
+        checkpointer=SimpleNamespace(root=tmp_path / "none", write_errors=0),
+    )
+    trainer = SimpleNamespace(training=training)
+    hook, history = MetricsHook(), []
+    for step, seconds in zip(range(1, 5), (0.1, 1.9, 1.0, 1.0)):
+        record = {"step": step, "loss": 1.0, "tokens_per_s": 1000 / seconds}
+        record.update(step_time_s=seconds, loss_text=1.0, loss_image=float("nan"))
+        if step == 4:
+            record["eval/loss"] = 2.5
+        history.append(record)
+        hook.after_step(trainer, step, record)
+    assert [r["tokens_per_s_interval"] for r in logged] == [1000.0, 1000.0]  # not 5263, 1000
+    with caplog.at_level("INFO", logger="mm_moe"):
+        summary(history, training)
+    assert "held-out loss 2.500 at step 4; 1000 tokens/s" in caplog.text
