@@ -51,3 +51,16 @@ def warn_if_beyond_host_memory(model: nn.Module, device: torch.device) -> None:
             processes,
             free / gib,
         )
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """What this process has held at most so far, for the metrics: host RSS, and on CUDA the
+    allocator's peak allocated and reserved bytes (host-side counters: no device sync), in
+    GiB. Compare with `mm_moe.plan`'s estimate."""
+    import resource
+
+    out = {"memory/host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        out["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["memory/gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return out

@@ -30,6 +30,7 @@ from mm_moe.trainer.hooks import (
     raw_sigmoid_gates,
     summary,
 )
+from mm_moe.trainer.host_memory import peak_memory
 from mm_moe.trainer.profiler import ProfileHook
 from mm_moe.trainer.step import train_step
 
@@ -111,6 +112,7 @@ class Trainer:
             "tokens_per_s_padded": padded / seconds,
         }
         record.update(counters)
+        record.update(peak_memory(t.dist.device))
         record.update(t.guard.counters(), **t.checkpointer.counters())
         record.update(t.flops.update(stats, profile))
         if t.peak_flops and "flops_step" in record:

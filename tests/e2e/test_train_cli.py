@@ -36,6 +36,12 @@ def test_tiny_dense_loss_falls_and_metrics_are_written(tmp_path):
         assert r["mfu"] == pytest.approx(r["flops_step"] / r["step_time_s"] / 1e9, rel=1e-6)
         assert r["tokens_per_s"] <= r["tokens_per_s_padded"]
         assert r["tokens_per_s"] * r["step_time_s"] > r["tokens_loss"]
+        # Measured memory beside the plan's estimate: this process's peak RSS (a tiny run
+        # with torch loaded holds at least 100 MiB), never falling
+        assert 0.1 < r["memory/host_peak_gib"] < 64
+    assert [r["memory/host_peak_gib"] for r in rows] == sorted(
+        r["memory/host_peak_gib"] for r in rows
+    )
     first, last = rows[0], rows[-1]
     # Both modalities learn: the synthetic source has structure in text and images.
     assert last["loss"] < first["loss"] - 1.0

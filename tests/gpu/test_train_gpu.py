@@ -27,6 +27,9 @@ def test_bf16_training_on_gpu_learns(tmp_path):
     )
     rows = metrics(tmp_path)
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    if DEVICE == "cuda":  # the allocator's peaks, measured beside the plan's estimate
+        peak = rows[-1]["memory/gpu_peak_allocated_gib"]
+        assert 0 < peak <= rows[-1]["memory/gpu_peak_reserved_gib"]
     if DEVICE == "cuda" and any(
         name in torch.cuda.get_device_name() for name in ("H100", "H200", "A100")
     ):
