@@ -50,7 +50,7 @@ class MetricsLogger:
         self._truncate(start_step)
         self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run
         progress = logging_cfg.progress
-        if progress == "bar" or (progress == "auto" and sys.stderr.isatty()):
+        if progress == "bar" or (progress == "auto" and _bar_fits()):
             from tqdm import tqdm
 
             self.bar = tqdm(
@@ -172,6 +172,17 @@ class MetricsLogger:
                 self.wandb_run.finish()
             except Exception as exc:  # noqa: BLE001 - the run's end must not fail on it
                 log.error("wandb could not finish (%s: %s)", type(exc).__name__, exc)
+
+
+def _bar_fits() -> bool:
+    """A terminal that shows a bar: a pseudo-terminal that reports no width (some CI and
+    `docker exec -t` ttys) would draw it 0 wide, and the bar replaces the step lines."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except OSError:
+        return False
 
 
 def loss_text(loss: float, digits: int = 4) -> str:

@@ -780,3 +780,25 @@ def test_throughput_is_tokens_over_time_in_the_rows_and_the_summary(tmp_path, ca
     with caplog.at_level("INFO", logger="mm_moe"):
         summary(history, training)
     assert "held-out loss 2.500 at step 4; 1000 tokens/s" in caplog.text
+
+
+def test_the_progress_bar_needs_a_terminal_with_a_width(monkeypatch):
+    """A pseudo-terminal that reports 0 columns drew the bar 0 wide, and the bar replaces the
+    step lines: the run showed nothing between its start and `done`. Lines there."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+
+    from mm_moe.trainer.metrics import _bar_fits
+
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+        assert not _bar_fits()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        assert _bar_fits()
+    os.close(leader)
