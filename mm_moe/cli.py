@@ -111,10 +111,11 @@ def exits_on_failure(prog: str, interrupted: str = "") -> Iterator[None]:
     except KeyboardInterrupt:
         if os.environ.get("MM_MOE_TRACEBACK"):
             raise
-        print(
-            f"{prog}: interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}",
-            file=sys.stderr,
-        )
+        if os.environ.get("RANK", "0") == "0":  # Ctrl-C reaches every rank: one line, not N
+            print(
+                f"{prog}: interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}",
+                file=sys.stderr,
+            )
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - reported by failure(), secrets masked
         if os.environ.get("MM_MOE_TRACEBACK"):

@@ -111,3 +111,18 @@ def test_a_config_file_that_is_not_yaml_exits_2_naming_file_and_line(tmp_path):
     proc = _run("mm_moe.train", "--config-dir", str(tmp_path), "model=mine")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "a YAML file cannot be read" in proc.stderr and 'mine.yaml", line 3' in proc.stderr
+
+
+def test_ctrl_c_is_said_once_for_all_ranks(monkeypatch, capsys):
+    """Ctrl-C reaches every rank of a torchrun job: rank 0 says it, every rank exits 130."""
+    import pytest
+
+    from mm_moe.cli import exits_on_failure
+
+    monkeypatch.delenv("MM_MOE_TRACEBACK", raising=False)
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as end, exits_on_failure("prog", "what next"):
+            raise KeyboardInterrupt
+        assert end.value.code == 130
+        assert ("prog: interrupted (Ctrl-C); what next" in capsys.readouterr().err) is said
