@@ -21,7 +21,7 @@ import yaml
 from mm_moe.cli import CONFIG_DIR, ENTRY_GROUPS, compose, exits_on_failure, setup_logging, usage
 from mm_moe.config import ConfigError, TrainConfig, from_dict
 from mm_moe.config.legacy import upgrade_saved_config
-from mm_moe.config.overrides import check_overrides
+from mm_moe.config.overrides import check_overrides, command_line, options_first
 from mm_moe.config.validate import did_you_mean, valid_keys
 from mm_moe.upcycle.config import UpcycleConfig
 
@@ -88,7 +88,9 @@ def _check_used(arg: str, group: str) -> None:
         )
 
 
-def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> TrainConfig:
+def target_config(
+    ucfg: UpcycleConfig, choices: list[str], train: list, config_dir: str | None = None
+) -> TrainConfig:
     """The target's training config: the base (see module doc), group choices, overrides."""
     from omegaconf import OmegaConf
 
@@ -97,7 +99,7 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
     from mm_moe.upcycle import hf_import, recorded_vocab
 
     if ucfg.source_format == "hf":
-        base = compose(choices, schema=None)
+        base = compose(choices, schema=None, config_dir=config_dir)
         fields = hf_import.model_fields(hf_import.read_config(ucfg.source), ucfg.source)
         base["model"].update(fields)
         if not any(c.startswith("tokenizer=") for c in choices):  # an mm_moe export's
@@ -112,7 +114,7 @@ def target_config(ucfg: UpcycleConfig, choices: list[str], train: list) -> Train
                 "target starts from the source's config: give model.* / moe.* keys or groups"
             )
         if choices:
-            composed = compose(choices, schema=None)
+            composed = compose(choices, schema=None, config_dir=config_dir)
             for choice in choices:
                 group = choice.split("=", 1)[0]
                 base[group] = composed[group]
@@ -179,10 +181,12 @@ def run(argv: list[str]) -> int:
     from mm_moe.upcycle import upcycling
     from mm_moe.upcycle.verify import verify
 
-    options, choices, train = split_args(argv)
+    # Hydra's flags as training takes them: --config-dir DIR with the user's own presets
+    args = command_line(options_first(argv))
+    options, choices, train = split_args(args.overrides)
     defaults = yaml.safe_load((Path(CONFIG_DIR) / "upcycle.yaml").read_text())
     ucfg = from_dict(UpcycleConfig, {**defaults, **options})
-    target = target_config(ucfg, choices, train)
+    target = target_config(ucfg, choices, train, args.config_dir)
     source_cfg, source_state = upcycling.load_source(ucfg.source, ucfg.source_format)
     vq_dir = target.tokenizer.path  # hf_layout points it at the output
     if ucfg.source_format == "hf":

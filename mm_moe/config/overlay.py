@@ -127,10 +127,28 @@ def check_config_dir(
         return
     if not is_checkpoint_dir(folder):
         _refuse_hidden(folder, Path(main_dir))
+        _refuse_unpackaged_experiment(folder, overrides)
         return
     for rel in _chosen_files(overrides, config_name, folder):
         if (folder / rel).is_file() and not (Path(main_dir) / rel).is_file():  # main wins
             read_overlay(folder / rel)
+
+
+def _refuse_unpackaged_experiment(folder: Path, overrides: list[str]) -> None:
+    """An experiment overlay sets keys of every group: without its first line
+    `# @package _global_` Hydra nests them under `experiment`, and the errors that follow
+    ("unknown config key 'experiment'") do not say why."""
+    for override in overrides:
+        key, _, name = override.partition("=")
+        path = folder / "experiment" / f"{name}.yaml"
+        if key.lstrip("+") != "experiment" or not path.is_file():
+            continue
+        if not re.search(r"^#\s*@package\s+_global_\s*$", path.read_text(), re.MULTILINE):
+            raise UserError(
+                f"{path}: an experiment overlay sets keys of every group, so it must begin "
+                "with the line `# @package _global_` (as configs/experiment/*.yaml do); "
+                "without it Hydra puts its keys under `experiment`"
+            )
 
 
 def _refuse_hidden(folder: Path, main_dir: Path) -> None:

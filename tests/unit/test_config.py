@@ -379,3 +379,20 @@ def test_a_dense_model_warns_about_moe_keys_but_not_the_kernel_choice(caplog):
         MoEConfig(gemm="loop", top_k=2)
     assert "moe.top_k=2 set, but moe.experts_per_modality is empty" in caplog.text
     assert "gemm" not in caplog.text
+
+
+def test_an_experiment_overlay_without_its_package_line_is_named(tmp_path):
+    """Without `# @package _global_` Hydra nests the overlay under `experiment` and the error
+    said "unknown config key 'experiment'": the missing line is named."""
+    from mm_moe.cli import compose
+    from mm_moe.errors import UserError
+
+    (tmp_path / "experiment").mkdir()
+    body = "defaults:\n  - override /model: tiny_dense\nname: mine\n"
+    (tmp_path / "experiment" / "mine.yaml").write_text(body)
+    with pytest.raises(
+        UserError, match=r"mine.yaml: .*must begin with the line `# @package _global_`"
+    ):
+        compose(["experiment=mine"], config_dir=str(tmp_path))
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + body)
+    assert compose(["experiment=mine"], config_dir=str(tmp_path)).name == "mine"

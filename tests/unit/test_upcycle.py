@@ -452,6 +452,23 @@ def test_the_upcycle_takes_deletions_as_training_does(tmp_path, hf):
         run([*args, f"out={tmp_path / 'c'}", "~moe.experts_per_modality.audio"])
 
 
+def test_the_upcycle_reads_the_users_own_presets_from_config_dir(tmp_path, hf, ids, capsys):
+    """`--config-dir DIR moe=mine`, as training takes it (a Hydra lexer error before)."""
+    src, ref = hf
+    (tmp_path / "cfg" / "moe").mkdir(parents=True)
+    (tmp_path / "cfg" / "moe" / "mine.yaml").write_text(
+        "experts_per_modality: {text: 3, image: 5}\nrouter: token_choice\nscore: softmax\n"
+        "top_k: 2\nrenormalize: true\n"
+    )
+    out = tmp_path / "up"
+    args = [f"source={src}", "source_format=hf", f"out={out}", "verify=true", *DATA_VOCAB]
+    assert run([*args, "moe=mine", "--config-dir", str(tmp_path / "cfg")]) == 0
+    assert "verify: function preserved" in capsys.readouterr().out
+    model, logits = _ours(out, ids)
+    assert model.moe_cfg.experts_per_modality == {"text": 3, "image": 5}
+    assert (logits[..., :HF_VOCAB] - _hf_logits(ref, ids)).abs().max() <= 1e-5
+
+
 def test_a_source_without_a_tokenizer_trains_only_on_its_ids(tmp_path, hf):
     """No tokenizer files: any stand-in would map text onto the source's unrelated ids, so the
     overlay says tokenizer.text=none and raw-text shards are refused, tokens shards read."""
