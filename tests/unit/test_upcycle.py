@@ -430,10 +430,11 @@ def test_verify_says_when_training_starts_from_another_function(tmp_path, hf, ca
     args = [f"source={src}", "source_format=hf", "verify=true", *DATA_VOCAB, *TC_TOP2]
     assert run([*args, f"out={tmp_path / 'cap'}", "moe.capacity_factor=0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "verify: function preserved in eval mode; training mode differs:" in printed
+    assert "function preserved (eval-mode logits over the source's ids); what" in printed
     assert "moe.capacity_factor=0.5: in training" in printed
+    assert "the vocabulary grows by 67 ids (300 -> 367)" in printed  # the image rows are new
     assert run([*args, f"out={tmp_path / 'dropless'}"]) == 0
-    assert "training mode differs" not in capsys.readouterr().out
+    assert "moe.capacity_factor" not in capsys.readouterr().out
 
 
 def test_the_upcycle_takes_deletions_as_training_does(tmp_path, hf):
