@@ -123,7 +123,10 @@ class EvalConfig:
         if self.interval and not self.sources and data_source != "synthetic_patterns":
             raise UserError(
                 f"eval.interval={self.interval} needs eval.sources (held-out shards, e.g. "
-                "[{urls: data/demo/heldout, format: pairs}]) with data.source=" + data_source
+                "[{urls: data/demo/heldout, format: pairs}]) with data.source="
+                + data_source
+                + "; eval.interval=0 turns evaluation off (an experiment overlay may set the "
+                "interval after eval=none)"
             )
 
     def labelled_urls(self) -> str | list[str]:

@@ -24,6 +24,7 @@ DeepSpeed versions it was written and tested for (`check_version` warns at start
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch
@@ -94,7 +95,7 @@ def zero_stage_for(zero_stage: int, bf16: bool) -> int:
     apart from the parameters and leaves expert gradients out of its clipping norm; its ZeRO-1
     optimizer has neither problem and, at one rank per data-parallel group, shards nothing."""
     stage = optimizer_zero_stage(zero_stage, bf16)
-    if stage != zero_stage:
+    if stage != zero_stage and int(os.environ.get("RANK", "0")) == 0:  # once, not per rank
         log.warning(
             "trainer.precision=bf16 with parallel.zero_stage=0: using DeepSpeed's ZeRO-1 bf16 "
             "optimizer (fp32 master weights, optimizer state sharded over data-parallel ranks)"

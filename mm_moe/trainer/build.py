@@ -30,6 +30,7 @@ from mm_moe.model.attention_mask import check_backend, resolve_backend, sdpa_cal
 from mm_moe.model.config import ModelConfig
 from mm_moe.model.flops import FlopsMeter
 from mm_moe.model.moe.experts import gemm_paths
+from mm_moe.parallel.config import optimizer_zero_stage
 from mm_moe.parallel.distributed import (
     DistInfo,
     adopt_slurm_env,
@@ -394,10 +395,12 @@ def _kernels(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.devic
 def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
     params = model_cfg.num_params(cfg.moe)
     flops = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
+    bf16, t = uses_bf16(cfg.trainer.precision, dist.device), cfg.trainer
     log.info(
         "model: %.2fM parameters (%.2fM embedding; active text %.2fM, image %.2fM), "
         "%.3g training FLOPs/token; world size %d, expert parallel %d, ZeRO-%d, "
-        "grad accumulation %d, %s, %s",
+        "%s, %s; %d sequences of %d tokens a step (%s tokens; micro-batches of %d, "
+        "grad accumulation %d)",
         params["total"] / 1e6,
         params["embedding"] / 1e6,
         params["active"]["text"] / 1e6,
@@ -405,10 +408,14 @@ def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
         flops["text"],
         dist.world_size,
         cfg.parallel.expert_parallel_size,
-        cfg.parallel.zero_stage,
-        cfg.trainer.grad_accumulation_steps(dist.world_size),
-        "bf16" if uses_bf16(cfg.trainer.precision, dist.device) else "fp32",
+        optimizer_zero_stage(cfg.parallel.zero_stage, bf16),  # the stage that runs
+        "bf16" if bf16 else "fp32",
         dist.device,
+        t.global_batch_size,
+        cfg.data.seq_len,
+        f"{t.global_batch_size * cfg.data.seq_len:,}",
+        t.micro_batch_size,
+        t.grad_accumulation_steps(dist.world_size),
     )
     _warn_short_warmup(cfg)
     _warn_untrained_routers(cfg)

@@ -144,7 +144,8 @@ class TrainerConfig:
             raise UserError(
                 f"trainer.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"trainer.micro_batch_size={self.micro_batch_size} x {dp_world_size} "
-                "data-parallel ranks"
+                "data-parallel ranks (trainer.micro_batch_size=0 takes the global batch over "
+                "the ranks, accumulating none)"
             )
         return self.global_batch_size // per_step
 

@@ -253,7 +253,8 @@ def summary(history: list[dict], training) -> None:
     first, last = history[0], history[-1]
     # Tokens over time (a mean of the steps' rates over-weights the fast steps).
     seconds = sum(r["step_time_s"] for r in history)
-    tok_s = sum(r["tokens_per_s"] * r["step_time_s"] for r in history) / max(seconds, 1e-9)
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in history)
+    tok_s = tokens / max(seconds, 1e-9)
     evals = [r for r in history if r.get("eval/loss") is not None]
     cfg = training.cfg
     trained = (
@@ -273,7 +274,8 @@ def summary(history: list[dict], training) -> None:
             if evals
             else ""
         )
-        + f"{tok_s:.0f} tokens/s",
+        + f"{tokens:,.0f} tokens in {seconds:.1f} s of steps (evaluations and saves "
+        f"apart), {tok_s:.0f} tokens/s",
         f"metrics: {training.metrics.path}",
     ]
     root = training.checkpointer.root

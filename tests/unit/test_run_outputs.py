@@ -779,7 +779,8 @@ def test_throughput_is_tokens_over_time_in_the_rows_and_the_summary(tmp_path, ca
     assert [r["tokens_per_s_interval"] for r in logged] == [1000.0, 1000.0]  # not 5263, 1000
     with caplog.at_level("INFO", logger="mm_moe"):
         summary(history, training)
-    assert "held-out loss 2.500 at step 4; 1000 tokens/s" in caplog.text
+    said = "held-out loss 2.500 at step 4; 4,000 tokens in 4.0 s of steps (evaluations and "
+    assert said in caplog.text and "apart), 1000 tokens/s" in caplog.text
 
 
 def test_the_progress_bar_needs_a_terminal_with_a_width(monkeypatch):
