@@ -43,7 +43,7 @@ from mm_moe.tokenization.digest import check as check_tokenizer
 from mm_moe.tokenization.digest import tokenizer_digest
 from mm_moe.trainer import fault_injection, run_lock
 from mm_moe.trainer.guard import StepGuard
-from mm_moe.trainer.host_memory import warn_if_beyond_host_memory
+from mm_moe.trainer.host_memory import warn_if_beyond_host_memory, warn_if_cpu_busy
 from mm_moe.trainer.metrics import METRICS_FILE, MetricsLogger
 from mm_moe.trainer.peak import device_name, peak_flops
 from mm_moe.utils.scrub import install_log_scrubber, scrub
@@ -103,6 +103,8 @@ def start_processes(cfg: TrainConfig) -> tuple[TrainConfig, DistInfo]:
     check_same_config(cfg)  # before the first collective that assumes it (expert groups)
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
+    if dist.device.type == "cpu" and dist.is_main:
+        warn_if_cpu_busy(torch.get_num_threads(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cfg.trainer.grad_accumulation_steps(dist.world_size)  # validates divisibility
     return cfg, dist
 

@@ -803,3 +803,18 @@ def test_the_progress_bar_needs_a_terminal_with_a_width(monkeypatch):
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
         assert _bar_fits()
     os.close(leader)
+
+
+def test_a_busy_cpu_is_said_when_the_run_would_spin_its_threads(monkeypatch, caplog):
+    """Two threads a process on cores other jobs fill: steps 40-60x slower (a trial)."""
+    import os
+
+    from mm_moe.trainer.host_memory import warn_if_cpu_busy
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, threads, said in ((6.0, 2, True), (6.0, 1, False), (0.3, 2, False)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mm_moe"):
+            warn_if_cpu_busy(threads, processes=1)
+        assert ("trainer.cpu_threads=1" in caplog.text) is said
