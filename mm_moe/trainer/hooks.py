@@ -77,8 +77,9 @@ class MetricsHook(Hook):
 
     def _add(self, record: dict) -> None:
         self._steps += 1
-        self._tokens_time[0] += record["tokens_per_s"] * record["step_time_s"]
-        self._tokens_time[1] += record["step_time_s"]
+        seconds = record.get("step_time_s", 0.0)
+        self._tokens_time[0] += record.get("tokens_per_s", 0.0) * seconds
+        self._tokens_time[1] += seconds
         pairs = [("loss", "tokens_loss")]
         pairs += [(f"loss_{m}", f"tokens_{m}") for m in MODALITIES]
         for loss, tokens in pairs:
