@@ -196,6 +196,8 @@ def _say_if_untrained_positions(model, length: int) -> None:
 def _say_if_training_skips(image: Image.Image, path: str, data_cfg) -> None:
     """A prompt image of a size the run's data keys skip (1x1, a long strip) is still
     tokenized, resized: the model saw none like it in training, so it is said."""
+    if data_cfg.source == "synthetic_patterns":  # made its own images: nothing was skipped
+        return
     problem = size_problem(*image.size, data_cfg.min_image_side, data_cfg.max_aspect_ratio)
     if problem is not None:
         log.warning(

@@ -43,6 +43,8 @@ def split_args(argv: list[str]) -> tuple[dict, list[str], list[tuple[str, object
     options, choices, train = {}, [], []
     for arg, o in zip(argv, parsed):
         key = o.key_or_group
+        if o.is_delete() and "=" in arg:
+            raise ConfigError(f"{arg!r}: a deletion takes the key alone: ~{key}")
         if o.is_delete() and "." in key and key not in upcycle_keys:
             _check_used(arg, key.split(".", 1)[0])
             train.append((key, DELETE))  # as training takes it: ~moe.experts_per_modality.mixed
@@ -123,7 +125,7 @@ def target_config(
         if value is DELETE:
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(conf, parent)
-            if node is None or leaf not in node:
+            if not OmegaConf.is_dict(node) or leaf not in node:
                 raise ConfigError(f"~{key}: the target's config has no {key} to delete")
             del node[leaf]
         else:
@@ -183,6 +185,13 @@ def run(argv: list[str]) -> int:
 
     # Hydra's flags as training takes them: --config-dir DIR with the user's own presets
     args = command_line(options_first(argv))
+    others = [
+        f for f in ("config_name", "config_path", "cfg", "info", "package") if getattr(args, f)
+    ]
+    if others or args.multirun or args.run:
+        raise ConfigError(
+            f"mm_moe.upcycle takes Hydra's --config-dir only (not {', '.join(others) or '-m/-r'})"
+        )
     options, choices, train = split_args(args.overrides)
     defaults = yaml.safe_load((Path(CONFIG_DIR) / "upcycle.yaml").read_text())
     ucfg = from_dict(UpcycleConfig, {**defaults, **options})

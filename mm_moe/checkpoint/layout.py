@@ -99,7 +99,12 @@ def read_tensors(path: Path):
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # torch's legacy (not zip) format cannot be mapped
+            if "mmap" not in str(exc) or not Path(path).is_file():
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
             why = (

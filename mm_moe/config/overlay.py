@@ -143,11 +143,18 @@ def _refuse_unpackaged_experiment(folder: Path, overrides: list[str]) -> None:
         path = folder / "experiment" / f"{name}.yaml"
         if key.lstrip("+") != "experiment" or not path.is_file():
             continue
-        if not re.search(r"^#\s*@package\s+_global_\s*$", path.read_text(), re.MULTILINE):
+        from hydra.plugins.config_source import ConfigSource
+
+        try:  # Hydra's own reading: the `# @...` lines before any other line
+            package = ConfigSource._get_header_dict(path.read_text()).get("package")
+        except Exception:  # noqa: BLE001 - a header Hydra cannot parse is no package line
+            package = None
+        if package != "_global_":
             raise UserError(
                 f"{path}: an experiment overlay sets keys of every group, so it must begin "
-                "with the line `# @package _global_` (as configs/experiment/*.yaml do); "
-                "without it Hydra puts its keys under `experiment`"
+                "with the line `# @package _global_` (first, before any other comment; as "
+                "configs/experiment/*.yaml do); without it Hydra puts its keys under "
+                "`experiment`"
             )
 
 

@@ -103,6 +103,8 @@ def gather_optimizer(engine, keep: bool = True) -> dict:
     experts = sharded_experts(engine.module)
     aux = getattr(engine, "aux_routers", None)
     moments = aux.moments() if aux is not None else {}
+    if not keep:
+        moments = {}  # the collectives below still run: fragments are reduced on every rank
     for name, p in engine.module.named_parameters():
         if name in moments:  # the auxiliary routers' own optimizer holds them
             continue

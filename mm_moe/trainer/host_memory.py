@@ -71,7 +71,10 @@ def warn_if_cpu_busy(threads: int, processes: int) -> None:
     """Torch's CPU threads spin while they wait for each other: on cores that other jobs keep
     busy a step takes 40-60x as long (a trial: 11-20 s against 0.3 s at one thread). Said at
     the start when other work already fills the cores."""
-    cores = os.cpu_count() or 1
+    try:  # the cores this process may use (a cgroup's or taskset's share), else all
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except OSError:

@@ -4,20 +4,27 @@ and 2.13 GFLOP, 12.5 MiB and 25.67 GiB (a fixed unit printed tiny configs as 0.0
 from __future__ import annotations
 
 
+def _scaled(n: float, units: tuple[tuple[float, str], ...], digits: int) -> tuple[str, str]:
+    """(mantissa, unit): the largest unit whose rounded mantissa is at least 1 (999,999 is
+    1M, not 1000K)."""
+    for factor, unit in units:
+        text = f"{n / factor:.{digits}g}"
+        if abs(float(text)) >= 1:
+            return text, unit
+    return f"{n:.{digits}g}", ""
+
+
 def count(n: float) -> str:
     """Parameters and the like: 1.371B, 280M, 870K, 512."""
-    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= factor:
-            return f"{n / factor:.4g}{suffix}"
-    return f"{n:.4g}"
+    text, unit = _scaled(n, ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")), 4)
+    return text + unit
 
 
 def flop(n: float) -> str:
     """2.13 GFLOP, 5.36 MFLOP."""
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= factor:
-            return f"{n / factor:.3g} {prefix}FLOP"
-    return f"{n:.3g} FLOP"
+    prefixes = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+    text, prefix = _scaled(n, prefixes, 3)
+    return f"{text} {prefix}FLOP"
 
 
 def gib(size_gib: float) -> str:

@@ -341,3 +341,13 @@ def test_a_save_that_fails_inside_torch_save_says_how_full_the_disk_is(tmp_path)
     with pytest.raises(OSError, match=r"MiB free on the disk of .*a full disk.*optimizer.pt"):
         state.write(staged, tmp_path, keep_last=3, save=full)
     assert layout.step_folders(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_file_in_torchs_legacy_format_is_read_unmapped(tmp_path):
+    """Checkpoint files are memory-mapped; torch's pre-zip format cannot be, and was then
+    called damaged: it is read whole instead."""
+    import torch
+
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(layout.read_tensors(path)["w"], torch.arange(3.0))

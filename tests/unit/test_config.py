@@ -394,5 +394,9 @@ def test_an_experiment_overlay_without_its_package_line_is_named(tmp_path):
         UserError, match=r"mine.yaml: .*must begin with the line `# @package _global_`"
     ):
         compose(["experiment=mine"], config_dir=str(tmp_path))
+    # Hydra reads the header from the first lines only: after another comment it is none
+    (tmp_path / "experiment" / "mine.yaml").write_text("# mine\n# @package _global_\n" + body)
+    with pytest.raises(UserError, match=r"first, before any other comment"):
+        compose(["experiment=mine"], config_dir=str(tmp_path))
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\n" + body)
     assert compose(["experiment=mine"], config_dir=str(tmp_path)).name == "mine"

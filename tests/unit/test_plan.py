@@ -243,4 +243,5 @@ def test_units_read_at_every_scale():
         "1.371B",
     ]
     assert units.flop(5.36e6) == "5.36 MFLOP" and units.flop(2.13e9) == "2.13 GFLOP"
+    assert units.count(999_999) == "1M" and units.flop(999.9e6) == "1 GFLOP"  # not 1000K
     assert units.gib(25.67) == "25.67 GiB" and units.gib(26.43 / 1024) == "26.43 MiB"

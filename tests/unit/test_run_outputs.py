@@ -742,12 +742,15 @@ def test_generate_says_when_training_would_have_skipped_the_prompt_image(caplog)
     from mm_moe.data.config import DataConfig
     from mm_moe.generate import _say_if_training_skips
 
-    data = DataConfig()
+    data = SimpleNamespace(**{**vars(DataConfig()), "source": "webdataset"})
     for size, said in (((1, 1), "min_image_side"), ((200, 20), "max_aspect_ratio"), ((32, 24), "")):
         caplog.clear()
         with caplog.at_level("WARNING", logger="mm_moe"):
             _say_if_training_skips(Image.new("RGB", size), "p.png", data)
         assert (said in caplog.text and "p.png" in caplog.text) if said else not caplog.text
+    caplog.clear()  # synthetic data make their own images: nothing was skipped to say
+    _say_if_training_skips(Image.new("RGB", (1, 1)), "p.png", DataConfig())
+    assert not caplog.text
 
 
 def test_throughput_is_tokens_over_time_in_the_rows_and_the_summary(tmp_path, caplog):
@@ -811,7 +814,7 @@ def test_a_busy_cpu_is_said_when_the_run_would_spin_its_threads(monkeypatch, cap
 
     from mm_moe.trainer.host_memory import warn_if_cpu_busy
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     for load, threads, said in ((6.0, 2, True), (6.0, 1, False), (0.3, 2, False)):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         caplog.clear()

@@ -451,6 +451,12 @@ def test_the_upcycle_takes_deletions_as_training_does(tmp_path, hf):
     assert model.moe_cfg.experts_per_modality == {"mixed": 4}
     with pytest.raises(ConfigError, match=r"has no moe.experts_per_modality.audio to delete"):
         run([*args, f"out={tmp_path / 'c'}", "~moe.experts_per_modality.audio"])
+    with pytest.raises(ConfigError, match=r"has no moe.top_k.x to delete"):  # a scalar parent
+        run([*args, f"out={tmp_path / 'c'}", "~moe.top_k.x"])
+    with pytest.raises(ConfigError, match=r"a deletion takes the key alone"):
+        run([*args, f"out={tmp_path / 'c'}", "~moe.top_k=2"])
+    with pytest.raises(ConfigError, match=r"takes Hydra's --config-dir only \(not config_name"):
+        run([*args, f"out={tmp_path / 'c'}", "--config-name", "x"])
 
 
 def test_the_upcycle_reads_the_users_own_presets_from_config_dir(tmp_path, hf, ids, capsys):

@@ -250,6 +250,7 @@ def _padded_swiglu(x_Nd, w_gate_up_Ed2h, w_down_Ehd, counts_E: torch.Tensor, max
 
 
 class GroupedExperts(nn.Module):
+    _said_misaligned = False  # the alignment fallback, said once a process
     # auto on a GPU without grouped GEMMs pads to the busiest expert while that costs at most
     # this much extra compute.
     MAX_PADDING = 2.0
@@ -267,7 +268,6 @@ class GroupedExperts(nn.Module):
         # (torch.autograd.grad) gets its gradients returned as always.
         self.accumulate_grads = False
         self._paths: dict = {}
-        self._said_misaligned = False
         self.last_path: str | None = None  # the path the last forward took (tests, logs)
         # Gate and up projections side by side: one GEMM per expert instead of two.
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
@@ -294,9 +294,9 @@ class GroupedExperts(nn.Module):
                 "past a 16-byte boundary (views into the optimizer's flat buffer), which "
                 f"torch._grouped_mm refuses: {path} GEMMs instead"
             )
-            if not self._said_misaligned:
-                self._said_misaligned = True
-                log.warning("moe.gemm: %s", why)
+            if not GroupedExperts._said_misaligned:  # once a process, not a layer
+                GroupedExperts._said_misaligned = True
+                log.warning("moe.gemm: %s (said once for every layer)", why)
         return path, why
 
     def forward_runs(self, x_Nd: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
