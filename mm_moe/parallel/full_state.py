@@ -102,11 +102,10 @@ def gather_optimizer(engine, keep: bool = True) -> dict:
     base = _base_optimizer(engine)
     experts = sharded_experts(engine.module)
     aux = getattr(engine, "aux_routers", None)
-    moments = aux.moments() if aux is not None else {}
-    if not keep:
-        moments = {}  # the collectives below still run: fragments are reduced on every rank
+    aux_moments = aux.moments() if aux is not None else {}
+    moments = aux_moments if keep else {}  # the collectives below run on every rank all the same
     for name, p in engine.module.named_parameters():
-        if name in moments:  # the auxiliary routers' own optimizer holds them
+        if name in aux_moments:  # the auxiliary routers' own optimizer holds them
             continue
         per_key = {}
         for k in ADAM_KEYS:
