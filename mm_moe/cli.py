@@ -111,7 +111,7 @@ def exits_on_failure(prog: str, interrupted: str = "") -> Iterator[None]:
     except KeyboardInterrupt:
         if os.environ.get("MM_MOE_TRACEBACK"):
             raise
-        if os.environ.get("RANK", "0") == "0":  # Ctrl-C reaches every rank: one line, not N
+        if _launched_rank() == 0:  # Ctrl-C reaches every rank: one line, not N
             print(
                 f"{prog}: interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}",
                 file=sys.stderr,
@@ -148,10 +148,14 @@ def fail(prog: str, message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def _launched_rank() -> int:
+    """This process's rank as the launcher (torchrun, Slurm via adopt_slurm_env) set it."""
+    return int(os.environ.get("RANK", 0))
+
+
 def setup_logging(level: str = "INFO", fmt: str = "%(message)s") -> None:
-    rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(
-        level=getattr(logging, level) if rank == 0 else logging.WARNING,
+        level=getattr(logging, level) if _launched_rank() == 0 else logging.WARNING,
         format=fmt,
         datefmt="%H:%M:%S",
         stream=sys.stdout,

@@ -138,13 +138,12 @@ def _refuse_unpackaged_experiment(folder: Path, overrides: list[str]) -> None:
     """An experiment overlay sets keys of every group: without its first line
     `# @package _global_` Hydra nests them under `experiment`, and the errors that follow
     ("unknown config key 'experiment'") do not say why."""
-    for override in overrides:
-        key, _, name = override.partition("=")
-        path = folder / "experiment" / f"{name}.yaml"
-        if key.lstrip("+") != "experiment" or not path.is_file():
-            continue
-        from hydra.plugins.config_source import ConfigSource
+    from hydra.plugins.config_source import ConfigSource
 
+    for rel in _chosen_files(overrides, None, folder):
+        path = folder / rel
+        if rel.parts[0] != "experiment" or not path.is_file():
+            continue
         try:  # Hydra's own reading: the `# @...` lines before any other line
             package = ConfigSource._get_header_dict(path.read_text()).get("package")
         except Exception:  # noqa: BLE001 - a header Hydra cannot parse is no package line

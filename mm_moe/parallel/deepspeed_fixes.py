@@ -24,7 +24,6 @@ DeepSpeed versions it was written and tested for (`check_version` warns at start
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import torch
@@ -93,14 +92,9 @@ def skip_shm_build() -> None:
 def zero_stage_for(zero_stage: int, bf16: bool) -> int:
     """DeepSpeed 0.19's ZeRO-0 bf16 path (FP16_UnfusedOptimizer) keeps its fp32 master weights
     apart from the parameters and leaves expert gradients out of its clipping norm; its ZeRO-1
-    optimizer has neither problem and, at one rank per data-parallel group, shards nothing."""
-    stage = optimizer_zero_stage(zero_stage, bf16)
-    if stage != zero_stage and int(os.environ.get("RANK", "0")) == 0:  # once, not per rank
-        log.warning(
-            "trainer.precision=bf16 with parallel.zero_stage=0: using DeepSpeed's ZeRO-1 bf16 "
-            "optimizer (fp32 master weights, optimizer state sharded over data-parallel ranks)"
-        )
-    return stage
+    optimizer has neither problem and, at one rank per data-parallel group, shards nothing.
+    The run's description says it (trainer/build.py `_describe`, once for all ranks)."""
+    return optimizer_zero_stage(zero_stage, bf16)
 
 
 # ---- the MoE class swap ----

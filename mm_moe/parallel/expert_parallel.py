@@ -141,7 +141,8 @@ class ExpertParallelMoELayer(MoELayer, DeepSpeedExpertLayer):
     @classmethod
     def convert(cls, layer: MoELayer, ep: ExpertParallel, device: torch.device) -> None:
         placement = placement_for(layer.cfg, ep.ep_size)
-        local_ids = torch.tensor(placement.local_experts(ep.ep_rank), device=device)
+        global_ids = placement.local_experts(ep.ep_rank)
+        local_ids = torch.tensor(global_ids, device=device)
         experts = layer.experts
         for name in EXPERT_PARAMS:
             # Sliced from the whole initialisation (same seed on every rank): the same weights
@@ -150,7 +151,7 @@ class ExpertParallelMoELayer(MoELayer, DeepSpeedExpertLayer):
             shard = nn.Parameter(whole.detach().index_select(0, local_ids).clone())
             setattr(experts, name, shard)
         experts.num_experts = placement.experts_per_rank
-        experts.global_ids = placement.local_experts(ep.ep_rank)
+        experts.global_ids = global_ids
         layer.dispatcher = AllToAllDispatcher(placement, ep.ep_group, device)
         layer.placement, layer.expert_parallel = placement, ep
         layer.__class__ = cls

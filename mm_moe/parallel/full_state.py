@@ -56,7 +56,7 @@ def _local_experts(value: torch.Tensor, layer: ExpertParallelMoELayer) -> torch.
     reads them, by `GroupedExperts.global_ids`) as it is: at EP > 1 it has fewer rows."""
     if value.shape[0] != layer.placement.num_experts:
         return value
-    return value[layer.placement.local_experts(layer.expert_parallel.ep_rank)]
+    return value[layer.experts.global_ids]
 
 
 def _is_sharded(param: torch.nn.Parameter) -> bool:

@@ -398,6 +398,12 @@ def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
     params = model_cfg.num_params(cfg.moe)
     flops = model_cfg.flops_per_token(cfg.data.seq_len, cfg.moe)
     bf16, t = uses_bf16(cfg.trainer.precision, dist.device), cfg.trainer
+    stage = optimizer_zero_stage(cfg.parallel.zero_stage, bf16)
+    if stage != cfg.parallel.zero_stage:
+        log.warning(
+            "trainer.precision=bf16 with parallel.zero_stage=0: using DeepSpeed's ZeRO-1 bf16 "
+            "optimizer (fp32 master weights, optimizer state sharded over data-parallel ranks)"
+        )
     log.info(
         "model: %.2fM parameters (%.2fM embedding; active text %.2fM, image %.2fM), "
         "%.3g training FLOPs/token; world size %d, expert parallel %d, ZeRO-%d, "
@@ -410,7 +416,7 @@ def _describe(cfg: TrainConfig, model_cfg: ModelConfig, dist: DistInfo) -> None:
         flops["text"],
         dist.world_size,
         cfg.parallel.expert_parallel_size,
-        optimizer_zero_stage(cfg.parallel.zero_stage, bf16),  # the stage that runs
+        stage,  # the stage that runs
         "bf16" if bf16 else "fp32",
         dist.device,
         t.global_batch_size,

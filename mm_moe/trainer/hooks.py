@@ -71,16 +71,13 @@ class MetricsHook(Hook):
     time: one step's rate says little when step times vary)."""
 
     def __init__(self):
-        self._sums: dict[str, list[float]] = {}  # name: [loss x tokens, tokens]
+        self._sums: dict[str, list[float]] = {}  # name: [value x weight, weight]
         self._steps = 0
-        self._tokens_time = [0.0, 0.0]
 
     def _add(self, record: dict) -> None:
         self._steps += 1
-        seconds = record.get("step_time_s", 0.0)
-        self._tokens_time[0] += record.get("tokens_per_s", 0.0) * seconds
-        self._tokens_time[1] += seconds
-        pairs = [("loss", "tokens_loss")]
+        # Losses weighted by their tokens, the throughput by its steps' time.
+        pairs = [("loss", "tokens_loss"), ("tokens_per_s", "step_time_s")]
         pairs += [(f"loss_{m}", f"tokens_{m}") for m in MODALITIES]
         for loss, tokens in pairs:
             value, count = record.get(loss), record.get(tokens, 0)
@@ -101,9 +98,7 @@ class MetricsHook(Hook):
             for loss, (total, count) in self._sums.items():
                 record[f"{loss}_interval"] = total / count
             record["steps_interval"] = self._steps
-            tokens, seconds = self._tokens_time
-            record["tokens_per_s_interval"] = tokens / seconds if seconds > 0 else 0.0
-            self._sums, self._steps, self._tokens_time = {}, 0, [0.0, 0.0]
+            self._sums, self._steps = {}, 0
             trainer.training.metrics.log(record)
 
 
